@@ -1,0 +1,287 @@
+"""Image I/O with explicit geometry, and atomic file writing.
+
+Arrays follow SimpleITK's numpy layout: a 3D volume is ``(slices, rows, cols)``,
+i.e. ``(z, y, x)``, while :class:`Geometry` holds size, spacing and origin in
+ITK's ``(x, y, z)`` order, spacing in mm. Axis 0 of the array is the axial slice
+index used everywhere in the project (``slices.csv``, ``z_first``/``z_last``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from analysis.errors import InputError
+
+#: Tolerances used when two images must share a geometry. Spacing is compared
+#: relatively, origin in mm, direction cosines absolutely. They are loose enough
+#: to absorb float32 round trips through NIfTI headers and tight enough to catch
+#: any real resampling or mis-export (which shifts by a fraction of a voxel or more).
+SPACING_RTOL = 1e-4
+ORIGIN_ATOL_MM = 1e-3
+DIRECTION_ATOL = 1e-4
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+READABLE_MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Physical geometry of an image, in ITK ``(x, y, z)`` order.
+
+    Attributes:
+        size: voxels along x, y, z.
+        spacing: voxel size in mm along x, y, z.
+        origin: physical position in mm of the first voxel's centre.
+        direction: row-major direction cosine matrix (9 values for 3D).
+    """
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Geometry":
+        """Geometry of a SimpleITK image."""
+        return cls(
+            size=tuple(int(s) for s in image.GetSize()),
+            spacing=tuple(float(s) for s in image.GetSpacing()),
+            origin=tuple(float(o) for o in image.GetOrigin()),
+            direction=tuple(float(d) for d in image.GetDirection()),
+        )
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in ml (mm^3 / 1000)."""
+        return float(np.prod(self.spacing)) / 1000.0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Numpy array shape ``(slices, rows, cols)`` of an image with this geometry."""
+        return tuple(reversed(self.size))
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        """Copy spacing, origin and direction onto ``image`` (in place) and return it."""
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def mismatch(self, other: "Geometry") -> str | None:
+        """Describe the first difference from ``other``, or None when they agree.
+
+        Sizes must be equal; spacing agrees within ``SPACING_RTOL`` (relative),
+        origin within ``ORIGIN_ATOL_MM`` mm, direction within ``DIRECTION_ATOL``.
+        """
+        if self.size != other.size:
+            return f"size {other.size} differs from {self.size}"
+        if not np.allclose(other.spacing, self.spacing, rtol=SPACING_RTOL, atol=0):
+            return f"spacing {_fmt(other.spacing)} differs from {_fmt(self.spacing)}"
+        if not np.allclose(other.origin, self.origin, rtol=0, atol=ORIGIN_ATOL_MM):
+            return f"origin {_fmt(other.origin)} differs from {_fmt(self.origin)}"
+        if not np.allclose(other.direction, self.direction, rtol=0, atol=DIRECTION_ATOL):
+            return f"direction {_fmt(other.direction)} differs from {_fmt(self.direction)}"
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": list(self.size), "spacing": list(self.spacing),
+                "origin": list(self.origin), "direction": list(self.direction)}
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+def read_image(path: str | os.PathLike, *, ndim: int | None = 3) -> sitk.Image:
+    """Read an image file, turning every failure into a one-line :class:`InputError`.
+
+    Args:
+        path: NIfTI (``.nii``/``.nii.gz``), NRRD or MetaImage file.
+        ndim: required dimension (3 for volumes); None accepts any.
+
+    Raises:
+        InputError: missing, empty, truncated or unreadable file, or wrong dimension.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: file not found")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: file is empty, expected a NIfTI image")
+    try:
+        image = sitk.ReadImage(str(p))
+    except RuntimeError as exc:  # SimpleITK reports every read failure as RuntimeError
+        reason = _first_line(str(exc))
+        raise InputError(f"{p}: not a readable image ({reason}); expected a NIfTI file") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{p}: has {image.GetNumberOfComponentsPerPixel()} components per voxel, expected a scalar image")
+    if ndim is not None and image.GetDimension() != ndim:
+        raise InputError(f"{p}: is a {image.GetDimension()}D image, expected {ndim}D")
+    return image
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    # SimpleITK's messages end with the useful part; keep it short.
+    useful = [ln for ln in lines if "ERROR" not in ln.upper()[:8]] or lines
+    msg = useful[-1] if useful else "unknown error"
+    return msg[:200]
+
+
+def read_array(path: str | os.PathLike, *, ndim: int | None = 3) -> tuple[np.ndarray, Geometry]:
+    """Read an image as a numpy array ``(slices, rows, cols)`` and its :class:`Geometry`.
+
+    Raises:
+        InputError: see :func:`read_image`; also when the pixel data cannot be decoded
+            (a truncated compressed file often fails only here).
+    """
+    image = read_image(path, ndim=ndim)
+    try:
+        array = sitk.GetArrayFromImage(image)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: pixel data cannot be decoded ({_first_line(str(exc))})") from None
+    return array, Geometry.of(image)
+
+
+def read_header(path: str | os.PathLike) -> Geometry:
+    """Geometry of an image file without decoding its voxels (fast).
+
+    Raises:
+        InputError: missing, empty or unreadable file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: file not found")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: file is empty, expected a NIfTI image")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"{p}: not a readable image ({_first_line(str(exc))}); expected a NIfTI file") from None
+    return Geometry(
+        size=tuple(int(s) for s in reader.GetSize()),
+        spacing=tuple(float(s) for s in reader.GetSpacing()),
+        origin=tuple(float(o) for o in reader.GetOrigin()),
+        direction=tuple(float(d) for d in reader.GetDirection()),
+    )
+
+
+def array_to_image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """Wrap ``array`` ``(slices, rows, cols)`` as a SimpleITK image with ``geometry``.
+
+    Raises:
+        ValueError: the array's shape does not match the geometry's size.
+    """
+    if tuple(array.shape) != geometry.shape:
+        raise ValueError(f"array shape {array.shape} does not match geometry size {geometry.size} (x, y, z)")
+    image = sitk.GetImageFromArray(array)
+    return geometry.apply_to(image)
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, *, compress: bool = True) -> Path:
+    """Write a SimpleITK image atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=compress)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_array(array: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> Path:
+    """Write ``array`` ``(slices, rows, cols)`` with exactly ``geometry``, atomically."""
+    return write_image(array_to_image(array, geometry), path)
+
+
+def write_mask(mask: np.ndarray, reference: Geometry, path: str | os.PathLike) -> Path:
+    """Write a binary mask as uint8 0/1 with the reference image's exact geometry."""
+    return write_array((np.asarray(mask) != 0).astype(np.uint8), reference, path)
+
+
+# --- atomic text / folder outputs -------------------------------------------------
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text to ``path`` via a temporary file and rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
+    """Read a JSON file, raising a one-line :class:`InputError` on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: {what} not found")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{p}: malformed {what} ({exc})") from None
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build an output folder in a temporary sibling and move it into place on success.
+
+    On any exception the temporary folder is removed and ``final`` is untouched, so a
+    failed or interrupted command leaves no partial output.
+
+    Args:
+        final: the folder to produce.
+        overwrite: replace an existing non-empty ``final``; otherwise refuse.
+
+    Raises:
+        InputError: ``final`` exists, is not empty, and ``overwrite`` is False.
+    """
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise InputError(f"{final}: exists and is not a folder")
+    if final.is_dir() and any(final.iterdir()) and not overwrite:
+        raise InputError(f"{final}: output folder exists and is not empty; pass --overwrite to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
