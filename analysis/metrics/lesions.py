@@ -1,0 +1,258 @@
+"""Lesion instances and their attributes: extent, volume, neighbours, matching,
+bone identity, and diffuse versus focal involvement.
+
+Lesions are 3D connected components of a binary mask ``(slices, rows, cols)``
+(26-connectivity by default, as in BraTS 2023 and panoptica; autoPET uses 18).
+Lesion ids are the component labels ``1..N`` in cc3d's raster order, so they are
+deterministic for a given mask.
+
+Everything here works on whole label volumes with vectorised numpy (``bincount``,
+``unique`` over label pairs, ``find_objects`` bounding boxes); per-lesion work only
+touches a lesion's bounding box.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cc3d
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["LesionTable", "lesion_instances", "lesion_table", "count_neighbours", "match_lesions",
+           "bone_identity", "diffuse_fractions", "BONE_NAMES", "WEIGHT_BEARING_CODES",
+           "LOCATION_CATEGORIES", "DEFAULT_BONE_HU", "IN_PLANE_DILATION"]
+
+#: Paper's words for the ``bonesTr`` codes (see ``analysis.cohort.BONE_CODES``).
+#: Upper and lower extremity (5, 6) are both "extremity"; 7 is "other".
+BONE_NAMES: dict[int, str] = {1: "skull", 2: "spine", 3: "rib", 4: "pelvis", 5: "extremity",
+                              6: "extremity", 7: "other"}
+UNKNOWN = "unknown"
+#: Location categories of the clinical task (one-vs-rest), in the paper's words.
+LOCATION_CATEGORIES = ("skull", "spine", "rib", "pelvis", "extremity")
+#: Weight-bearing bones: spine, pelvis, lower extremity.
+WEIGHT_BEARING_CODES = frozenset({2, 4, 6})
+#: Without a ``bonesTr`` map, voxels with CT >= this many HU count as bone for the
+#: diffuse/focal rule. 150 HU sits below aged trabecular bone (~226 HU at < 30 y down to
+#: ~89 HU at 90 y, Jang/Pickhardt, Radiology 2019: the lowest values are missed) and
+#: above soft tissue (+40 to +80 HU); cortical bone is +400 to +1000 HU.
+DEFAULT_BONE_HU = 150.0
+#: Fallback for bone identity: chessboard (8-neighbour) dilation by this many voxels in-plane.
+IN_PLANE_DILATION = 2
+
+
+def lesion_instances(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """Split a binary mask into 3D connected components.
+
+    Args:
+        mask: ``(slices, rows, cols)``, non-zero is lesion.
+        connectivity: 6, 18 or 26 (face, edge, corner neighbours).
+
+    Returns:
+        ``(labels, n)``: an unsigned integer volume of the mask's shape with 0 for
+        background and ``1..n`` for the lesions, and the lesion count.
+
+    Raises:
+        ValueError: a mask that is not 3D or an unsupported connectivity.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise ValueError(f"expected a (slices, rows, cols) mask, got shape {mask.shape}")
+    if connectivity not in (6, 18, 26):
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+    labels, n = cc3d.connected_components(mask != 0, connectivity=connectivity, return_N=True)
+    return labels, int(n)
+
+
+@dataclass
+class LesionTable:
+    """Per-lesion attributes of one mask, one entry per lesion id ``1..n`` (index ``id - 1``).
+
+    Attributes:
+        z_first, z_last: first and last axial slice index (axis 0) of each lesion.
+        voxels: voxel count; ``volume_ml`` = voxels x voxel volume (mm^3) / 1000.
+        boxes: bounding boxes as tuples of slices (``scipy.ndimage.find_objects``).
+    """
+
+    z_first: np.ndarray
+    z_last: np.ndarray
+    voxels: np.ndarray
+    volume_ml: np.ndarray
+    boxes: list[tuple[slice, slice, slice]]
+
+    @property
+    def n(self) -> int:
+        return len(self.voxels)
+
+
+def lesion_table(labels: np.ndarray, n: int, *, spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> LesionTable:
+    """Extent and size of each lesion of a label volume.
+
+    Args:
+        labels: ``(slices, rows, cols)`` labels ``0..n`` from :func:`lesion_instances`.
+        n: number of lesions.
+        spacing_mm: voxel size in mm (any order: only the product is used).
+
+    Returns:
+        The :class:`LesionTable`.
+    """
+    boxes = ndimage.find_objects(labels, max_label=n) if n else []
+    voxels = np.bincount(labels.ravel(), minlength=n + 1)[1:n + 1].astype(np.int64) if n else np.zeros(0, np.int64)
+    z_first = np.array([b[0].start for b in boxes], dtype=np.int64)
+    z_last = np.array([b[0].stop - 1 for b in boxes], dtype=np.int64)
+    volume = voxels * (float(np.prod(spacing_mm)) / 1000.0)
+    return LesionTable(z_first, z_last, voxels, volume, list(boxes))
+
+
+def count_neighbours(z_first: np.ndarray, z_last: np.ndarray, cluster_slices: int = 10) -> np.ndarray:
+    """Spatial clustering: for each lesion, the number of other lesions within ``cluster_slices``.
+
+    Two lesions are neighbours when the gap between their slice ranges,
+    ``max(0, other.z_first - this.z_last, this.z_first - other.z_last)``, is at most
+    ``cluster_slices`` (so overlapping ranges have gap 0). The relation is symmetric.
+
+    Args:
+        z_first, z_last: per-lesion first and last slice indices (same length).
+        cluster_slices: largest gap, in slices, that still counts as a neighbour.
+
+    Returns:
+        int64 array of neighbour counts.
+    """
+    a = np.asarray(z_first, dtype=np.int64)
+    b = np.asarray(z_last, dtype=np.int64)
+    gap = np.maximum(0, np.maximum(a[None, :] - b[:, None], a[:, None] - b[None, :]))
+    near = gap <= cluster_slices
+    np.fill_diagonal(near, False)
+    return near.sum(axis=1).astype(np.int64)
+
+
+def match_lesions(gt_labels: np.ndarray, n_gt: int, pred_labels: np.ndarray, n_pred: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Match predicted to ground-truth lesions by shared voxels.
+
+    A predicted lesion matches a ground-truth lesion when they share at least one voxel
+    (the BraTS/autoPET/MedPy hit rule). A ground-truth lesion's match is the overlapping
+    predicted lesion with the most shared voxels, and a predicted lesion's is the
+    overlapping ground-truth lesion with the most shared voxels; ties go to the lower id.
+
+    Args:
+        gt_labels, pred_labels: label volumes of one shape (0 = background).
+        n_gt, n_pred: their lesion counts.
+
+    Returns:
+        ``(gt_match, gt_shared, pred_match)``: for each ground-truth lesion the id of its
+        predicted match (0 = none) and the shared voxel count; for each predicted lesion
+        the id of its ground-truth match (0 = overlaps no ground-truth lesion).
+    """
+    both = (gt_labels != 0) & (pred_labels != 0)
+    g = gt_labels[both].astype(np.int64)
+    p = pred_labels[both].astype(np.int64)
+    gt_match = np.zeros(n_gt, np.int64)
+    gt_shared = np.zeros(n_gt, np.int64)
+    pred_match = np.zeros(n_pred, np.int64)
+    if g.size == 0:
+        return gt_match, gt_shared, pred_match
+    pairs, counts = np.unique(g * (n_pred + 1) + p, return_counts=True)
+    pg, pp = pairs // (n_pred + 1), pairs % (n_pred + 1)
+    # best partner per gt lesion: sort by (gt, -count, pred) and keep the first of each gt
+    order = np.lexsort((pp, -counts, pg))
+    first = order[np.r_[True, pg[order][1:] != pg[order][:-1]]]
+    gt_match[pg[first] - 1] = pp[first]
+    gt_shared[pg[first] - 1] = counts[first]
+    order = np.lexsort((pg, -counts, pp))
+    first = order[np.r_[True, pp[order][1:] != pp[order][:-1]]]
+    pred_match[pp[first] - 1] = pg[first]
+    return gt_match, gt_shared, pred_match
+
+
+def _argmax_codes(lesion_ids: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
+    """Most frequent non-zero code per lesion id (ties: lower code); 0 where none."""
+    keep = codes != 0
+    ids, codes = lesion_ids[keep].astype(np.int64), codes[keep].astype(np.int64)
+    out = np.zeros(n, np.int64)
+    if ids.size == 0:
+        return out
+    ncode = int(codes.max()) + 1
+    pairs, counts = np.unique(ids * ncode + codes, return_counts=True)
+    pid, pcode = pairs // ncode, pairs % ncode
+    order = np.lexsort((pcode, -counts, pid))
+    first = order[np.r_[True, pid[order][1:] != pid[order][:-1]]]
+    out[pid[first] - 1] = pcode[first]
+    return out
+
+
+def bone_identity(labels: np.ndarray, table: LesionTable, bones: np.ndarray | None) -> tuple[list[str], np.ndarray]:
+    """The bone each lesion lies in, in the paper's words, and whether it is weight-bearing.
+
+    Rule: the most frequent non-zero ``bonesTr`` code under the lesion (ties: lower code);
+    if there is none, the most frequent non-zero code under the lesion dilated by
+    :data:`IN_PLANE_DILATION` voxels in-plane (8-neighbour steps within each slice, never
+    across slices); otherwise ``unknown``. Without a bone map every lesion is ``unknown``.
+    Names: skull (1), spine (2), rib (3), pelvis (4), extremity (5 upper, 6 lower),
+    other (7). Weight-bearing: spine, pelvis or lower extremity (codes 2, 4, 6).
+
+    Args:
+        labels: ``(slices, rows, cols)`` lesion labels.
+        table: the lesions' :class:`LesionTable` (bounding boxes).
+        bones: ``(slices, rows, cols)`` integer bone codes, or None.
+
+    Returns:
+        ``(names, weight_bearing)``: one name and one bool per lesion.
+    """
+    n = table.n
+    if bones is None or n == 0:
+        return [UNKNOWN] * n, np.zeros(n, bool)
+    inside = labels != 0
+    codes = _argmax_codes(labels[inside], bones[inside], n)
+    r = IN_PLANE_DILATION
+    structure = np.zeros((1, 2 * r + 1, 2 * r + 1), bool)
+    structure[0] = True
+    for i in np.flatnonzero(codes == 0):
+        zs, ys, xs = table.boxes[i]
+        ys = slice(max(ys.start - r, 0), ys.stop + r)
+        xs = slice(max(xs.start - r, 0), xs.stop + r)
+        grown = ndimage.binary_dilation(labels[zs, ys, xs] == i + 1, structure=structure)
+        found = bones[zs, ys, xs][grown]
+        found = found[found != 0]
+        if found.size:
+            vals, counts = np.unique(found, return_counts=True)
+            codes[i] = vals[np.argmax(counts)]
+    names = [BONE_NAMES.get(int(c), UNKNOWN) for c in codes]
+    return names, np.isin(codes, list(WEIGHT_BEARING_CODES))
+
+
+def diffuse_fractions(labels: np.ndarray, n: int, bone: np.ndarray) -> np.ndarray:
+    """Largest per-slice fraction of its bone region that each lesion occupies.
+
+    In every slice, the bone region a lesion touches is the union of the 8-connected 2D
+    components of (bone or any lesion) pixels that contain pixels of that lesion; the
+    slice's fraction is the lesion's pixels there divided by that region's pixels. A
+    lesion is diffuse when its largest fraction reaches the threshold (0.6 by default,
+    see :func:`analysis.analyze.run_analysis`), focal otherwise.
+
+    Args:
+        labels: ``(slices, rows, cols)`` lesion labels ``0..n``.
+        n: lesion count.
+        bone: ``(slices, rows, cols)`` bool bone pixels (from ``bonesTr`` or a HU threshold).
+
+    Returns:
+        float64 array, one largest fraction in ``(0, 1]`` per lesion.
+    """
+    best = np.zeros(n, np.float64)
+    if n == 0:
+        return best
+    lesion_slices = np.flatnonzero((labels != 0).any(axis=(1, 2)))
+    for z in lesion_slices:
+        lab = labels[z]
+        comps = cc3d.connected_components((lab != 0) | bone[z], connectivity=8)
+        on = lab != 0
+        ids = lab[on].astype(np.int64)
+        cs = comps[on].astype(np.int64)
+        lesion_px = np.bincount(ids, minlength=n + 1)
+        comp_px = np.bincount(comps.ravel())
+        ncomp = comp_px.size
+        pairs = np.unique(ids * ncomp + cs)
+        pid, pc = pairs // ncomp, pairs % ncomp
+        region = np.bincount(pid, weights=comp_px[pc], minlength=n + 1)
+        present = np.flatnonzero(lesion_px[1:]) + 1
+        frac = lesion_px[present] / region[present]
+        best[present - 1] = np.maximum(best[present - 1], frac)
+    return best
