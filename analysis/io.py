@@ -8,8 +8,11 @@ index used everywhere in the project (``slices.csv``, ``z_first``/``z_last``).
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
+import struct
+import zlib
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -101,6 +104,73 @@ def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Bytes a complete NIfTI-1/2 file holds (vox_offset + voxel data), from its header."""
+    for endian in ("<", ">"):
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            vox_offset = struct.unpack(endian + "f", header[108:112])[0]
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    n = 1
+    for d in dims[1:ndim + 1]:
+        n *= max(int(d), 1)
+    return int(vox_offset) + n * bitpix // 8
+
+
+def check_nifti_complete(path: Path) -> None:
+    """Refuse a truncated NIfTI file.
+
+    ITK reads a truncated ``.nii.gz`` without complaint and fills the missing voxels, so
+    completeness is checked here: the gzip trailer's uncompressed size (or, for multi-member
+    or very large files, a full decompression) must match the size the header promises.
+
+    Raises:
+        InputError: the file is shorter than its header says, or its gzip stream is cut.
+    """
+    name = path.name.lower()
+    if name.endswith(".nii"):
+        with open(path, "rb") as fh:
+            expected = _nifti_expected_bytes(fh.read(540))
+        if expected is not None and path.stat().st_size < expected:
+            raise InputError(f"{path}: truncated NIfTI file ({path.stat().st_size} bytes, header promises {expected})")
+        return
+    if not name.endswith(".nii.gz"):
+        return
+    try:
+        with gzip.open(path, "rb") as fh:
+            expected = _nifti_expected_bytes(fh.read(540))
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: truncated or not a gzip-compressed NIfTI file ({exc})") from None
+    if expected is None:
+        return  # not a NIfTI header: let ITK report what it is
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        isize = struct.unpack("<I", fh.read(4))[0]
+    if isize == expected % 2**32:
+        return
+    total = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        raise InputError(f"{path}: truncated or corrupt gzip stream; expected a complete .nii.gz file "
+                         f"(an interrupted download or copy?)") from None
+    if total < expected:
+        raise InputError(f"{path}: truncated NIfTI file ({total} bytes uncompressed, header promises {expected})")
+
+
 def read_image(path: str | os.PathLike, *, ndim: int | None = 3) -> sitk.Image:
     """Read an image file, turning every failure into a one-line :class:`InputError`.
 
@@ -116,6 +186,7 @@ def read_image(path: str | os.PathLike, *, ndim: int | None = 3) -> sitk.Image:
         raise InputError(f"{p}: file not found")
     if p.stat().st_size == 0:
         raise InputError(f"{p}: file is empty, expected a NIfTI image")
+    check_nifti_complete(p)
     try:
         image = sitk.ReadImage(str(p))
     except RuntimeError as exc:  # SimpleITK reports every read failure as RuntimeError
@@ -136,14 +207,46 @@ def _first_line(text: str) -> str:
     return msg[:200]
 
 
-def read_array(path: str | os.PathLike, *, ndim: int | None = 3) -> tuple[np.ndarray, Geometry]:
+def count_nonfinite(path: str | os.PathLike) -> int:
+    """Number of NaN or infinite voxels stored in a floating-point NIfTI file (0 for integer files).
+
+    ITK's NIfTI reader silently turns NaN into 0, so the stored values are read with
+    nibabel instead. Only floating-point files are decoded a second time.
+    """
+    import nibabel as nib  # local: only needed for float NIfTI files
+
+    p = Path(path)
+    if not p.name.lower().endswith((".nii", ".nii.gz")):
+        return 0
+    try:
+        img = nib.load(str(p))
+        if not np.issubdtype(img.get_data_dtype(), np.floating):
+            return 0
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise InputError(f"{p}: pixel data cannot be decoded ({_first_line(str(exc))})") from None
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
+
+
+def read_array(path: str | os.PathLike, *, ndim: int | None = 3,
+               require_finite: bool = True) -> tuple[np.ndarray, Geometry]:
     """Read an image as a numpy array ``(slices, rows, cols)`` and its :class:`Geometry`.
 
+    Args:
+        path: image file.
+        ndim: required dimension (None accepts any).
+        require_finite: refuse floating-point files holding NaN or infinite values
+            (ITK would silently read NaN as 0).
+
     Raises:
-        InputError: see :func:`read_image`; also when the pixel data cannot be decoded
-            (a truncated compressed file often fails only here).
+        InputError: see :func:`read_image`; NaN/infinite values; pixel data that cannot
+            be decoded.
     """
     image = read_image(path, ndim=ndim)
+    if require_finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        bad = count_nonfinite(path)
+        if bad:
+            raise InputError(f"{path}: {bad} voxel(s) are NaN or infinite; expected finite values (HU)")
     try:
         array = sitk.GetArrayFromImage(image)
     except RuntimeError as exc:
@@ -162,6 +265,7 @@ def read_header(path: str | os.PathLike) -> Geometry:
         raise InputError(f"{p}: file not found")
     if p.stat().st_size == 0:
         raise InputError(f"{p}: file is empty, expected a NIfTI image")
+    check_nifti_complete(p)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:

@@ -1,0 +1,201 @@
+"""Strict checks of a cohort: everything later steps rely on.
+
+Each problem is one line naming the file and saying what was expected and what was
+found. Checks run case by case, so memory does not grow with the cohort.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from analysis.cohort import (
+    FILE_ENDING,
+    IMAGE_SUFFIX,
+    MAX_BONE_CODE,
+    Cohort,
+    dataset_json_problems,
+    splits_problems,
+)
+from analysis.errors import InputError
+from analysis.io import read_array, read_json
+
+#: A CT in HU has air near -1000. An image whose minimum is at or above this value was
+#: probably stored without its DICOM rescale intercept; reported as a warning, not an error.
+HU_MIN_WARN = 0.0
+
+
+@dataclass
+class CaseSummary:
+    """One row of the validation summary."""
+
+    case: str
+    slices: int
+    rows: int
+    cols: int
+    spacing: tuple[float, float, float]
+    lesion_voxels: int
+    has_bones: bool
+
+
+@dataclass
+class ValidationReport:
+    """Result of :func:`validate_dataset`."""
+
+    root: str
+    cases: list[CaseSummary] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def table(self) -> str:
+        """A plain-text summary table (one row per case, then totals)."""
+        head = f"{'case':<20} {'slices':>6} {'rows':>5} {'cols':>5} {'spacing x,y,z (mm)':>22} {'lesion voxels':>13} {'bones':>5}"
+        lines = [head, "-" * len(head)]
+        for c in self.cases:
+            sp = ",".join(f"{s:.3g}" for s in c.spacing)
+            lines.append(f"{c.case:<20} {c.slices:>6} {c.rows:>5} {c.cols:>5} {sp:>22} {c.lesion_voxels:>13} {'yes' if c.has_bones else 'no':>5}")
+        n_les = sum(1 for c in self.cases if c.lesion_voxels > 0)
+        lines.append("-" * len(head))
+        lines.append(f"{len(self.cases)} cases, {sum(c.slices for c in self.cases)} slices, "
+                     f"{sum(c.lesion_voxels for c in self.cases)} lesion voxels, {n_les} cases with lesions")
+        return "\n".join(lines)
+
+
+def validate_dataset(dataset: str | os.PathLike) -> ValidationReport:
+    """Check a cohort folder in the project's layout.
+
+    Checks: dataset.json fields; every image has a label and vice versa; images are 3D
+    and scalar with finite HU; labels share their image's geometry (see
+    :meth:`analysis.io.Geometry.mismatch` for tolerances) and hold only 0/1; bone maps
+    (optional) share the geometry and hold codes 0..7; splits.json (optional) names only
+    known cases, with disjoint folds free of test cases.
+
+    Args:
+        dataset: the cohort folder.
+
+    Returns:
+        A :class:`ValidationReport`; ``problems`` is empty when the cohort is usable.
+
+    Raises:
+        InputError: the folder does not exist.
+    """
+    cohort = Cohort(dataset)
+    if not cohort.root.is_dir():
+        raise InputError(f"{cohort.root}: dataset folder not found")
+    report = ValidationReport(root=str(cohort.root))
+    p = report.problems
+
+    if cohort.dataset_json_path.exists():
+        try:
+            data = read_json(cohort.dataset_json_path, what="dataset.json")
+            p.extend(f"{cohort.dataset_json_path}: {msg}" for msg in dataset_json_problems(data))
+        except InputError as exc:
+            p.append(str(exc))
+            data = None
+    else:
+        p.append(f"{cohort.dataset_json_path}: missing; expected the cohort's dataset.json")
+        data = None
+
+    if not cohort.images_dir.is_dir():
+        p.append(f"{cohort.images_dir}: missing; expected CT images as imagesTr/<case>{IMAGE_SUFFIX}")
+    if not cohort.labels_dir.is_dir():
+        p.append(f"{cohort.labels_dir}: missing; expected lesion masks as labelsTr/<case>{FILE_ENDING}")
+    _check_stray_files(cohort, p)
+
+    images, labels = set(cohort.image_cases()), set(cohort.label_cases())
+    for case in sorted(images - labels):
+        p.append(f"{cohort.image_path(case)}: image without a label; expected {cohort.label_path(case)}")
+    for case in sorted(labels - images):
+        p.append(f"{cohort.label_path(case)}: label without an image; expected {cohort.image_path(case)}")
+    if cohort.bones_dir.is_dir():
+        for f in sorted(cohort.bones_dir.iterdir()):
+            if f.name.endswith(FILE_ENDING) and f.name[: -len(FILE_ENDING)] not in images:
+                p.append(f"{f}: bone map without an image")
+
+    cases = sorted(images & labels)
+    if not cases and cohort.images_dir.is_dir():
+        p.append(f"{cohort.root}: no case has both an image and a label")
+    for case in cases:
+        summary = _check_case(cohort, case, p, report.warnings)
+        if summary is not None:
+            report.cases.append(summary)
+
+    if isinstance(data, dict) and isinstance(data.get("numTraining"), int) and data["numTraining"] != len(cases) and cases:
+        p.append(f"{cohort.dataset_json_path}: numTraining is {data['numTraining']} but {len(cases)} cases are present")
+
+    if cohort.splits_path.exists():
+        try:
+            splits = read_json(cohort.splits_path, what="splits.json")
+            p.extend(f"{cohort.splits_path}: {msg}" for msg in splits_problems(splits, cases))
+        except InputError as exc:
+            p.append(str(exc))
+    return report
+
+
+def _check_stray_files(cohort: Cohort, problems: list[str]) -> None:
+    if cohort.images_dir.is_dir():
+        for f in sorted(cohort.images_dir.iterdir()):
+            if f.name.startswith("."):
+                continue
+            if not f.name.endswith(IMAGE_SUFFIX):
+                problems.append(f"{f}: unexpected file name; expected <case>{IMAGE_SUFFIX}")
+    if cohort.labels_dir.is_dir():
+        for f in sorted(cohort.labels_dir.iterdir()):
+            if f.name.startswith("."):
+                continue
+            if not f.name.endswith(FILE_ENDING) or f.name.endswith(IMAGE_SUFFIX):
+                problems.append(f"{f}: unexpected file name; expected <case>{FILE_ENDING}")
+
+
+def _check_case(cohort: Cohort, case: str, problems: list[str], warnings: list[str]) -> CaseSummary | None:
+    img_path, lab_path = cohort.image_path(case), cohort.label_path(case)
+    try:
+        ct, geom = read_array(img_path)
+    except InputError as exc:
+        problems.append(str(exc))
+        return None
+    lo, hi = float(ct.min()), float(ct.max())
+    if lo >= HU_MIN_WARN:
+        warnings.append(f"{img_path}: HU range [{lo:g}, {hi:g}] has no air (about -1000 HU); "
+                        f"was the rescale slope/intercept applied?")
+    del ct
+
+    lesion_voxels = 0
+    try:
+        label, lgeom = read_array(lab_path)
+    except InputError as exc:
+        problems.append(str(exc))
+        label = None
+    if label is not None:
+        mismatch = geom.mismatch(lgeom)
+        if mismatch:
+            problems.append(f"{lab_path}: {mismatch} of its image")
+        values = np.unique(label)
+        extra = [v for v in values.tolist() if v not in (0, 1)]
+        if extra:
+            shown = ", ".join(f"{v:g}" for v in extra[:8])
+            problems.append(f"{lab_path}: label values {{{shown}}} found; expected only 0 and 1 "
+                            f"(a multi-label or probability mask? binarise it first)")
+        lesion_voxels = int(np.count_nonzero(label == 1))
+        del label
+
+    has_bones = cohort.has_bones(case)
+    if has_bones:
+        bp = cohort.bones_path(case)
+        try:
+            bones, bgeom = read_array(bp)
+            mismatch = geom.mismatch(bgeom)
+            if mismatch:
+                problems.append(f"{bp}: {mismatch} of its image")
+            bad = np.unique(bones[(bones < 0) | (bones > MAX_BONE_CODE) | (bones != np.round(bones))])
+            if bad.size:
+                problems.append(f"{bp}: bone codes {bad[:8].tolist()} out of range; expected integers 0..{MAX_BONE_CODE}")
+        except InputError as exc:
+            problems.append(str(exc))
+    return CaseSummary(case=case, slices=geom.size[2], rows=geom.size[1], cols=geom.size[0],
+                       spacing=geom.spacing, lesion_voxels=lesion_voxels, has_bones=has_bones)
