@@ -81,10 +81,92 @@ main.params[-1].version = _version()  # type: ignore[attr-defined]
 # ---- END phantom ----
 
 # ---- BEGIN validate/split/import ----
+@main.command()
+@click.argument("dataset", type=click.Path(file_okay=False, path_type=str))
+def validate(dataset: str) -> None:
+    """Check a cohort folder and print a summary table (exit 2 on any problem)."""
+    from analysis.validate import validate_dataset
+
+    report = validate_dataset(dataset)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if report.cases:
+        click.echo(report.table())
+    if not report.ok:
+        raise DataProblems(report.problems)
+    click.echo(f"{dataset}: OK")
+
+
+@main.command()
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--test-fraction", default=0.2, show_default=True, type=float, help="Share of patients held out for testing.")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(min=1), help="Cross-validation folds over the rest.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def split(dataset: str, test_fraction: float, folds: int, seed: int) -> None:
+    """Write DATASET/splits.json: a patient-level test set plus k folds."""
+    from analysis.splits import write_splits
+
+    path = write_splits(dataset, test_fraction=test_fraction, folds=folds, seed=seed)
+    click.echo(f"wrote {path}")
+
+
+@main.command("import-dicom")
+@click.argument("dicom_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--dataset", required=True, type=click.Path(path_type=str), help="Cohort folder (created when missing).")
+@click.option("--case", "case", required=True, help="Case id for the imported series.")
+@click.option("--label", type=click.Path(exists=True, dir_okay=False, path_type=str), help="Lesion mask (NIfTI/NRRD) with the CT's geometry.")
+@click.option("--series", help="SeriesInstanceUID to pick when the folder holds several series.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing case of the same id.")
+def import_dicom_cmd(dicom_dir: str, dataset: str, case: str, label: str | None, series: str | None, overwrite: bool) -> None:
+    """Import a CT DICOM series (HU) as imagesTr/ID_0000.nii.gz, with an optional mask."""
+    from analysis.imports import import_dicom
+
+    path = import_dicom(dicom_dir, dataset, case, label=label, series=series, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
+@main.command("import-bones")
+@click.argument("seg", type=click.Path(exists=True, dir_okay=False, path_type=str))
+@click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--case", "case", required=True, help="Case id whose CT the map belongs to.")
+def import_bones_cmd(seg: str, dataset: str, case: str) -> None:
+    """Map a TotalSegmentator v2 "total" multilabel map to bonesTr/ID.nii.gz."""
+    from analysis.imports import import_bones
+
+    path = import_bones(seg, dataset, case)
+    click.echo(f"wrote {path}")
 # ---- END validate/split/import ----
 
 # ==== analysis ======================================================================
 # ---- BEGIN analyze ----
+@main.command("analyze")
+@click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False), help="Cohort folder (imagesTr, labelsTr, optional bonesTr).")
+@click.option("--predictions", "predictions", required=True, type=click.Path(exists=True, file_okay=False),
+              help="PRED folder: PRED/<model>/<case>.nii.gz masks and/or PRED/<model>/slices.csv.")
+@click.option("--out", required=True, type=click.Path(), help="Output folder (written atomically).")
+@click.option("--cases", default="test", show_default=True, help=CASES_HELP)
+@click.option("--no-radiomics", is_flag=True, help="Skip the pyradiomics ICC analysis.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Processes for radiomics.")
+@click.option("--connectivity", default="26", show_default=True, type=click.Choice(["6", "18", "26"]), help="3D lesion connectivity.")
+@click.option("--cluster-slices", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Lesions whose slice ranges are at most this many slices apart are neighbours.")
+@click.option("--diffuse-fraction", default=0.6, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="A lesion is diffuse when it covers at least this fraction of its 2D bone region in some slice.")
+@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="A detector's slice is positive when its probability is >= this.")
+@click.option("--bone-hu", default=None, type=float, help="Without bonesTr, CT >= this many HU is bone (default 150).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUT.")
+def analyze_cmd(dataset: str, predictions: str, out: str, cases: str, no_radiomics: bool, jobs: int, connectivity: str,
+                cluster_slices: int, diffuse_fraction: float, threshold: float, bone_hu: float | None, overwrite: bool) -> None:
+    """Segmentation, detection, clinical lesion metrics, t-tests and radiomics ICC into OUT."""
+    from analysis.analyze import run_analysis
+    from analysis.metrics.lesions import DEFAULT_BONE_HU
+
+    path = run_analysis(dataset, predictions, out, cases=cases, radiomics=not no_radiomics, jobs=jobs,
+                        connectivity=int(connectivity), cluster_slices=cluster_slices,
+                        diffuse_fraction=diffuse_fraction, threshold=threshold,
+                        bone_hu=DEFAULT_BONE_HU if bone_hu is None else bone_hu, overwrite=overwrite)
+    click.echo(f"wrote {path / 'report.md'}")
 # ---- END analyze ----
 
 # ==== Keras / TensorFlow (bonemets_tf) ==============================================
