@@ -78,6 +78,48 @@ main.params[-1].version = _version()  # type: ignore[attr-defined]
 
 # ==== foundation: data commands =====================================================
 # ---- BEGIN phantom ----
+def _triple(kind: type, name: str, order: str):
+    """Click callback parsing 'A,B,C' into a tuple of three ``kind`` values."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None):
+        if value is None:
+            return None
+        parts = [p.strip() for p in value.split(",")]
+        try:
+            values = tuple(kind(p) for p in parts)
+        except ValueError:
+            values = ()
+        if len(values) != 3 or any(v <= 0 for v in values):
+            raise click.BadParameter(f"{value!r}: expected three positive {kind.__name__}s {order}", param_hint=name)
+        return values
+
+    return parse
+
+
+@main.command()
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Dataset folder to create.")
+@click.option("--cases", default=8, show_default=True, type=click.IntRange(min=1), help="Number of patients.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Cohort seed (same seed, same bytes).")
+@click.option("--shape", callback=_triple(int, "--shape", "Z,Y,X (slices,rows,cols)"), metavar="Z,Y,X",
+              help="Voxels per case [default: 48,128,128].")
+@click.option("--spacing", callback=_triple(float, "--spacing", "X,Y,Z in mm"), metavar="X,Y,Z",
+              help="Voxel size in mm [default: 1,1,3].")
+@click.option("--scale", type=click.Choice(["paper"]), default=None,
+              help="paper: 512x512 in-plane, 385 slices of 2.5 mm (replaces --shape/--spacing).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output folder.")
+def phantom(out: str, cases: int, seed: int, shape, spacing, scale: str | None, overwrite: bool) -> None:
+    """Write a synthetic CT cohort with lesion masks and bone maps (no patient data needed)."""
+    from analysis.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, generate_cohort
+
+    if scale and (shape or spacing):
+        raise click.BadParameter("--scale paper sets the grid; drop --shape/--spacing", param_hint="--scale")
+
+    def progress(done: int, total: int, case: str) -> None:
+        log.info("phantom: wrote %s (%d/%d)", case, done, total)
+
+    root = generate_cohort(out, cases=cases, seed=seed, shape=shape or DEFAULT_SHAPE,
+                           spacing=spacing or DEFAULT_SPACING, scale=scale, overwrite=overwrite, progress=progress)
+    click.echo(f"wrote {cases} cases (imagesTr, labelsTr, bonesTr, dataset.json) to {root}")
 # ---- END phantom ----
 
 # ---- BEGIN validate/split/import ----
@@ -172,6 +214,9 @@ def analyze_cmd(dataset: str, predictions: str, out: str, cases: str, no_radiomi
 # ==== Keras / TensorFlow (bonemets_tf) ==============================================
 # ---- BEGIN tf ----
 # ---- END tf ----
+
+# ---- BEGIN tf-infer ----
+# ---- END tf-infer ----
 
 # ==== nnU-Net / PyTorch (nnunet_bridge) =============================================
 # ---- BEGIN nnunet ----

@@ -1,0 +1,593 @@
+"""The ``analyze`` command: masks and slice probabilities in, the paper's analyses out.
+
+Inputs:
+
+* a cohort ``DATASET`` (:mod:`analysis.cohort`; ``bonesTr`` optional);
+* ``PRED/<model>/<case>.nii.gz``: binary masks with their CT's geometry (a segmenter);
+* ``PRED/<model>/slices.csv`` with columns ``case,slice,probability`` (a detector;
+  ``slice`` is the axial index, axis 0 of the ``(slices, rows, cols)`` array).
+  A folder may be both.
+
+Every input is checked before anything is written: presence, geometry against the CT
+(headers), ``slices.csv``, and the voxel values of every mask (one extra decode per mask,
+one at a time). Output is then built inside :func:`analysis.io.atomic_directory`, so even
+an unexpected failure leaves no ``OUT``. Cases are read one at a time, so memory does not
+grow with the number of cases.
+
+Definitions live with the metrics: :mod:`analysis.metrics.overlap`,
+:mod:`analysis.metrics.lesions`, :mod:`analysis.metrics.clinical`,
+:mod:`analysis.metrics.detection`, :mod:`analysis.stats`, :mod:`analysis.radiomics`.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.metadata
+import io
+import itertools
+import logging
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from analysis import __version__
+from analysis.cohort import Cohort
+from analysis.errors import InputError
+from analysis.io import Geometry, atomic_directory, atomic_write_json, read_array, read_header
+from analysis.metrics import clinical as clin
+from analysis.metrics.detection import slice_detection
+from analysis.metrics.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone_identity, count_neighbours,
+                                      diffuse_fractions, lesion_instances, lesion_table, match_lesions)
+from analysis.metrics.overlap import case_overlap, slice_overlap
+from analysis.stats import holm, paired_ttest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AnalysisConfig", "run_analysis", "discover_models", "read_slices_csv", "CSV_COLUMNS"]
+
+SLICES_CSV = "slices.csv"
+SLICES_COLUMNS = ("case", "slice", "probability")
+
+#: Output files and their columns (other tools read these: do not rename).
+CSV_COLUMNS: dict[str, tuple[str, ...]] = {
+    "segmentation_cases.csv": ("model", "case", "dice", "precision", "recall", "gt_voxels", "pred_voxels"),
+    "segmentation_slices.csv": ("model", "case", "slice", "dice", "precision", "recall"),
+    "segmentation_summary.csv": ("model", "n_slices", "dice_mean", "dice_sd", "precision_mean", "recall_mean"),
+    "ttests.csv": ("model_a", "model_b", "n", "mean_diff", "sd_diff", "t", "dof", "p_val", "p_holm"),
+    "lesions.csv": ("source", "case", "lesion_id", "z_first", "z_last", "voxels", "volume_ml", "n_neighbours",
+                    "diffuse", "bone", "weight_bearing", "matched_gt_id", "diffuse_fraction"),
+    "clinical.csv": ("model", "task", "category", "tp", "fp", "fn", "tn", "sensitivity", "specificity"),
+    "detection.csv": ("model", "threshold", "accuracy", "precision", "recall", "f1", "auc", "n_slices"),
+    "radiomics_features.csv": ("model", "case", "gt_lesion_id", "feature", "gt_value", "pred_value"),
+    "radiomics_icc.csv": ("model", "feature_class", "n_pairs", "n_features", "icc", "icc_low", "icc_high",
+                          "n_constant", "n_skipped_pairs"),
+}
+
+#: Clinical tasks in report order: (task, category).
+CLINICAL_TASKS: tuple[tuple[str, str], ...] = (
+    ("detection", "lesion"), ("detection", "slice"), ("diffuse", "diffuse"),
+    ("weight_bearing", "weight_bearing"), ("clustering", "clustered"),
+    *(("location", c) for c in LOCATION_CATEGORIES),
+)
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Settings of one analysis, written to ``config.json`` next to the results.
+
+    Attributes:
+        cases: ``test``, ``all`` or ``ID,ID,...`` (see :meth:`analysis.cohort.Cohort.select`).
+        radiomics: run the pyradiomics agreement analysis.
+        jobs: processes for radiomics.
+        connectivity: 3D connectivity of lesions (6, 18 or 26).
+        cluster_slices: largest slice gap between neighbouring lesions.
+        diffuse_fraction: a lesion is diffuse when its largest per-slice bone-region fraction is >= this.
+        threshold: a detector's slice is positive when its probability is >= this.
+        bone_hu: without ``bonesTr``, CT voxels >= this many HU are bone (diffuse/focal rule only).
+    """
+
+    cases: str = "test"
+    radiomics: bool = True
+    jobs: int = 1
+    connectivity: int = 26
+    cluster_slices: int = 10
+    diffuse_fraction: float = 0.6
+    threshold: float = 0.5
+    bone_hu: float = DEFAULT_BONE_HU
+
+    def check(self) -> None:
+        """Raise :class:`InputError` for out-of-range settings."""
+        if self.connectivity not in (6, 18, 26):
+            raise InputError(f"--connectivity: expected 6, 18 or 26, got {self.connectivity}")
+        if self.jobs < 1:
+            raise InputError(f"--jobs: expected >= 1, got {self.jobs}")
+        if self.cluster_slices < 0:
+            raise InputError(f"--cluster-slices: expected >= 0, got {self.cluster_slices}")
+        if not 0 < self.diffuse_fraction <= 1:
+            raise InputError(f"--diffuse-fraction: expected a value in (0, 1], got {self.diffuse_fraction}")
+        if not 0 <= self.threshold <= 1:
+            raise InputError(f"--threshold: expected a value in [0, 1], got {self.threshold}")
+        if not math.isfinite(self.bone_hu):
+            raise InputError(f"bone_hu: expected a finite HU value, got {self.bone_hu}")
+
+
+# --- input discovery and validation ---------------------------------------------------
+
+
+def discover_models(predictions: Path) -> tuple[list[str], list[str]]:
+    """Model folders of ``PRED``: segmenters (hold ``*.nii.gz``) and detectors (hold ``slices.csv``).
+
+    Raises:
+        InputError: ``PRED`` is missing or holds no model folder, or a folder holds neither.
+    """
+    if not predictions.is_dir():
+        raise InputError(f"{predictions}: predictions folder not found")
+    segmenters, detectors = [], []
+    for folder in sorted(p for p in predictions.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        seg = any(f.name.endswith(".nii.gz") and not f.name.startswith(".") for f in folder.iterdir())
+        det = (folder / SLICES_CSV).is_file()
+        if not (seg or det):
+            raise InputError(f"{folder}: holds neither <case>.nii.gz masks nor {SLICES_CSV}; "
+                             f"expected one folder per model")
+        if seg:
+            segmenters.append(folder.name)
+        if det:
+            detectors.append(folder.name)
+    if not segmenters and not detectors:
+        raise InputError(f"{predictions}: no model folders; expected PRED/<model>/<case>.nii.gz or PRED/<model>/{SLICES_CSV}")
+    return segmenters, detectors
+
+
+def read_slices_csv(path: Path, n_slices: dict[str, int], known_cases: Iterable[str]) -> dict[str, np.ndarray]:
+    """Read and check a detector's ``slices.csv``.
+
+    Args:
+        path: the file, columns ``case,slice,probability`` (extra columns ignored).
+        n_slices: slice count of each analysed case; rows of other known cases are ignored.
+        known_cases: every case of the cohort.
+
+    Returns:
+        Per analysed case, the probability of each slice ``0..n-1`` (float64).
+
+    Raises:
+        InputError: missing columns, unknown case ids, slices out of range or repeated,
+            probabilities not finite or outside [0, 1], or slices without a probability.
+    """
+    known = set(known_cases)
+    probs = {case: np.full(n, np.nan) for case, n in n_slices.items()}
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot be read as UTF-8 CSV ({exc})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in SLICES_COLUMNS if c not in header]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected columns "
+                         f"{','.join(SLICES_COLUMNS)}, found {','.join(header) or 'none'}")
+    reader.fieldnames = header
+    for line, row in enumerate(reader, start=2):
+        case = (row.get("case") or "").strip()
+        if case not in known:
+            raise InputError(f"{path}: line {line}: unknown case {case!r}; expected a case of the dataset")
+        if case not in probs:
+            continue
+        try:
+            z = int((row.get("slice") or "").strip())
+        except ValueError:
+            raise InputError(f"{path}: line {line}: slice {row.get('slice')!r} is not an integer") from None
+        if not 0 <= z < n_slices[case]:
+            raise InputError(f"{path}: line {line}: slice {z} out of range for case {case}; expected 0..{n_slices[case] - 1}")
+        try:
+            p = float((row.get("probability") or "").strip())
+        except ValueError:
+            raise InputError(f"{path}: line {line}: probability {row.get('probability')!r} is not a number") from None
+        if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+            raise InputError(f"{path}: line {line}: probability {p} outside [0, 1]")
+        if not math.isnan(probs[case][z]):
+            raise InputError(f"{path}: line {line}: case {case} slice {z} appears twice")
+        probs[case][z] = p
+    for case, values in probs.items():
+        gaps = np.flatnonzero(np.isnan(values))
+        if gaps.size:
+            shown = ", ".join(str(int(g)) for g in gaps[:5]) + (" ..." if gaps.size > 5 else "")
+            raise InputError(f"{path}: case {case} has no probability for {gaps.size} slice(s) ({shown}); "
+                             f"expected one row per slice 0..{values.size - 1}")
+    return probs
+
+
+@dataclass
+class _Inputs:
+    cohort: Cohort
+    cases: list[str]
+    segmenters: list[str]
+    detectors: list[str]
+    geometry: dict[str, Geometry]
+    probabilities: dict[str, dict[str, np.ndarray]]
+    predictions: Path
+
+
+def _validate(dataset: Path, predictions: Path, config: AnalysisConfig) -> _Inputs:
+    cohort = Cohort(dataset)
+    cohort.require_exists()
+    cases = cohort.select(config.cases)
+    segmenters, detectors = discover_models(predictions)
+    geometry: dict[str, Geometry] = {}
+    for case in cases:
+        image = cohort.image_path(case)
+        geo = read_header(image)
+        geometry[case] = geo
+        for path in (cohort.label_path(case), cohort.bones_path(case) if cohort.has_bones(case) else None):
+            if path is None:
+                continue
+            problem = geo.mismatch(read_header(path))
+            if problem:
+                raise InputError(f"{path}: {problem} of its image {image.name}")
+        for model in segmenters:
+            path = predictions / model / f"{case}.nii.gz"
+            if not path.is_file():
+                raise InputError(f"{path}: missing prediction of model {model} for case {case}")
+            problem = geo.mismatch(read_header(path))
+            if problem:
+                raise InputError(f"{path}: {problem} of its CT {image}")
+    n_slices = {case: geometry[case].shape[0] for case in cases}
+    probabilities = {m: read_slices_csv(predictions / m / SLICES_CSV, n_slices, cohort.cases()) for m in detectors}
+    inputs = _Inputs(cohort, cases, segmenters, detectors, geometry, probabilities, predictions)
+    _check_masks(inputs)
+    return inputs
+
+
+def _read_binary(path: Path) -> np.ndarray:
+    """Read a mask ``(slices, rows, cols)`` as bool, refusing values other than 0 and 1."""
+    array, _ = read_array(path)
+    if array.dtype != bool:
+        bad = (array != 0) & (array != 1)
+        if bad.any():
+            found = np.unique(array[bad])[:5]
+            raise InputError(f"{path}: not a binary mask; expected values 0 and 1, found "
+                             f"{', '.join(f'{v:g}' for v in found)}")
+    return array != 0
+
+
+def _check_masks(inputs: _Inputs) -> None:
+    """Decode every label and prediction once and check that it is binary (before any output)."""
+    for case in inputs.cases:
+        _read_binary(inputs.cohort.label_path(case))
+        for model in inputs.segmenters:
+            _read_binary(inputs.predictions / model / f"{case}.nii.gz")
+
+
+# --- per-case analysis ------------------------------------------------------------------
+
+
+@dataclass
+class _LesionSet:
+    """One mask's lesions with their attributes (index ``id - 1``)."""
+
+    labels: np.ndarray
+    n: int
+    table: Any
+    neighbours: np.ndarray
+    fraction: np.ndarray
+    diffuse: np.ndarray
+    bone: list[str]
+    weight_bearing: np.ndarray
+
+
+def _lesion_set(mask: np.ndarray, bone_px: np.ndarray, bones: np.ndarray | None, geo: Geometry,
+                config: AnalysisConfig) -> _LesionSet:
+    labels, n = lesion_instances(mask, config.connectivity)
+    table = lesion_table(labels, n, spacing_mm=geo.spacing)
+    fraction = diffuse_fractions(labels, n, bone_px)
+    names, wb = bone_identity(labels, table, bones)
+    return _LesionSet(labels, n, table, count_neighbours(table.z_first, table.z_last, config.cluster_slices),
+                      fraction, fraction >= config.diffuse_fraction, names, wb)
+
+
+def _lesion_rows(source: str, case: str, s: _LesionSet, matched: np.ndarray | None) -> list[tuple]:
+    rows = []
+    for i in range(s.n):
+        rows.append((source, case, i + 1, int(s.table.z_first[i]), int(s.table.z_last[i]), int(s.table.voxels[i]),
+                     float(s.table.volume_ml[i]), int(s.neighbours[i]), bool(s.diffuse[i]), s.bone[i],
+                     bool(s.weight_bearing[i]), (int(matched[i]) or None) if matched is not None else None,
+                     float(s.fraction[i])))
+    return rows
+
+
+def _clinical_counts(gt: _LesionSet, pred: _LesionSet, gt_match: np.ndarray, pred_match: np.ndarray,
+                     gt_slices: np.ndarray, pred_slices: np.ndarray) -> dict[tuple[str, str], clin.Counts]:
+    hit = gt_match > 0
+    out = {
+        ("detection", "lesion"): clin.Counts(tp=int(hit.sum()), fn=int((~hit).sum()),
+                                             fp=int((pred_match == 0).sum()), tn=None),
+        ("detection", "slice"): clin.binary_counts(gt_slices, pred_slices),
+    }
+
+    def answer(values: Sequence | np.ndarray, negative: object = False) -> np.ndarray:
+        return clin.anchored_answers(np.asarray(values, dtype=object), gt_match, negative)
+
+    out[("diffuse", "diffuse")] = clin.binary_counts(gt.diffuse, answer(pred.diffuse).astype(bool))
+    out[("weight_bearing", "weight_bearing")] = clin.binary_counts(gt.weight_bearing, answer(pred.weight_bearing).astype(bool))
+    out[("clustering", "clustered")] = clin.binary_counts(gt.neighbours >= 1, answer(pred.neighbours >= 1).astype(bool))
+    pred_bone = answer(pred.bone, negative="")
+    for cat in LOCATION_CATEGORIES:
+        out[("location", cat)] = clin.binary_counts(np.array([b == cat for b in gt.bone], bool),
+                                                    np.array([b == cat for b in pred_bone], bool))
+    return out
+
+
+@dataclass
+class _Results:
+    seg_cases: list[tuple] = field(default_factory=list)
+    seg_slices: list[tuple] = field(default_factory=list)
+    lesions: list[tuple] = field(default_factory=list)
+    clinical: dict[str, dict[tuple[str, str], clin.Counts]] = field(default_factory=dict)
+    slice_truth: dict[str, np.ndarray] = field(default_factory=dict)
+    roi_tasks: list = field(default_factory=list)
+    pairs: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
+    figure: dict[str, Any] | None = None
+    bone_source: dict[str, str] = field(default_factory=dict)
+
+
+def _analyse_case(case: str, inputs: _Inputs, config: AnalysisConfig, res: _Results) -> None:
+    cohort = inputs.cohort
+    geo = inputs.geometry[case]
+    gt = _read_binary(cohort.label_path(case))
+    bones = None
+    if cohort.has_bones(case):
+        bones, _ = read_array(cohort.bones_path(case))
+        bones = bones.astype(np.int16, copy=False)
+    need_ct = config.radiomics or bones is None
+    ct = read_array(cohort.image_path(case))[0] if need_ct else None
+    if bones is not None:
+        bone_px = bones > 0
+        res.bone_source[case] = "bonesTr"
+    else:
+        bone_px = ct >= config.bone_hu
+        res.bone_source[case] = f"CT >= {config.bone_hu:g} HU"
+    gt_set = _lesion_set(gt, bone_px, bones, geo, config)
+    res.lesions += _lesion_rows("gt", case, gt_set, None)
+    gt_slices = gt.any(axis=(1, 2))
+    res.slice_truth[case] = gt_slices
+    area = gt.sum(axis=(1, 2))
+    best_z = int(np.argmax(area))
+    take_figure = area[best_z] > 0 and (res.figure is None or area[best_z] > res.figure["area"])
+    if take_figure:
+        res.figure = {"case": case, "slice": best_z, "area": int(area[best_z]), "gt": gt[best_z].copy(),
+                      "ct": None if ct is None else ct[best_z].copy(), "pred": {}, "spacing": geo.spacing}
+    gt_for_radiomics: set[int] = set()
+    for model in inputs.segmenters:
+        pred = _read_binary(inputs.predictions / model / f"{case}.nii.gz")
+        res.seg_cases.append((model, case, *case_overlap(pred, gt).values()))
+        zs, d, p, r = slice_overlap(pred, gt)
+        res.seg_slices += [(model, case, int(z), float(a), float(b), float(c)) for z, a, b, c in zip(zs, d, p, r)]
+        pred_set = _lesion_set(pred, bone_px, bones, geo, config)
+        gt_match, _, pred_match = match_lesions(gt_set.labels, gt_set.n, pred_set.labels, pred_set.n)
+        res.lesions += _lesion_rows(model, case, pred_set, pred_match)
+        counts = _clinical_counts(gt_set, pred_set, gt_match, pred_match, gt_slices, pred.any(axis=(1, 2)))
+        total = res.clinical.setdefault(model, {})
+        for key, c in counts.items():
+            if key in total:
+                total[key] += c
+            else:
+                total[key] = c
+        if take_figure:
+            res.figure["pred"][model] = pred[best_z].copy()
+        if config.radiomics:
+            from analysis.radiomics import RoiTask, crop_roi
+
+            spacing = tuple(float(s) for s in geo.spacing)
+            for gi in np.flatnonzero(gt_match):
+                pid = int(gt_match[gi])
+                res.pairs.setdefault(model, []).append((case, int(gi) + 1, pid))
+                gt_for_radiomics.add(int(gi) + 1)
+                c_ct, c_mask = crop_roi(ct, pred_set.labels, pred_set.table.boxes[pid - 1], pid)
+                res.roi_tasks.append(RoiTask((model, case, pid), c_ct, c_mask, spacing))
+        del pred, pred_set
+    if config.radiomics:
+        from analysis.radiomics import RoiTask, crop_roi
+
+        spacing = tuple(float(s) for s in geo.spacing)
+        for gid in sorted(gt_for_radiomics):
+            c_ct, c_mask = crop_roi(ct, gt_set.labels, gt_set.table.boxes[gid - 1], gid)
+            res.roi_tasks.append(RoiTask(("gt", case, gid), c_ct, c_mask, spacing))
+
+
+# --- summaries ----------------------------------------------------------------------------
+
+
+def _summary_rows(seg_slices: list[tuple], segmenters: list[str]) -> tuple[list[tuple], dict[str, np.ndarray]]:
+    rows, dice = [], {}
+    for model in segmenters:
+        vals = np.array([r[3:6] for r in seg_slices if r[0] == model], np.float64).reshape(-1, 3)
+        dice[model] = vals[:, 0]
+        n = len(vals)
+        rows.append((model, n, float(vals[:, 0].mean()) if n else math.nan,
+                     float(vals[:, 0].std(ddof=1)) if n > 1 else math.nan,
+                     float(vals[:, 1].mean()) if n else math.nan, float(vals[:, 2].mean()) if n else math.nan))
+    return rows, dice
+
+
+def _ttest_rows(dice: dict[str, np.ndarray]) -> list[tuple]:
+    tests = [(a, b, paired_ttest(dice[a], dice[b])) for a, b in itertools.combinations(sorted(dice), 2)]
+    adjusted = holm([t["p_val"] for _, _, t in tests])
+    return [(a, b, t["n"], t["mean_diff"], t["sd_diff"], t["t"], t["dof"], t["p_val"], float(ph))
+            for (a, b, t), ph in zip(tests, adjusted)]
+
+
+def _clinical_rows(clinical: dict[str, dict[tuple[str, str], clin.Counts]]) -> list[tuple]:
+    rows = []
+    for model in sorted(clinical):
+        for key in CLINICAL_TASKS:
+            c = clinical[model][key]
+            rows.append((model, key[0], key[1], c.tp, c.fp, c.fn, c.tn, c.sensitivity, c.specificity))
+    return rows
+
+
+def _detection_rows(inputs: _Inputs, res: _Results, threshold: float) -> list[tuple]:
+    rows = []
+    for model in inputs.detectors:
+        truth = np.concatenate([res.slice_truth[c] for c in inputs.cases])
+        probs = np.concatenate([inputs.probabilities[model][c] for c in inputs.cases])
+        m = slice_detection(truth, probs, threshold)
+        rows.append((model, threshold, m["accuracy"], m["precision"], m["recall"], m["f1"], m["auc"], m["n_slices"]))
+    return rows
+
+
+def _radiomics_rows(res: _Results, segmenters: list[str], jobs: int) -> tuple[list[tuple], list[tuple]]:
+    from analysis.radiomics import extract_all, icc_by_class
+
+    features = extract_all(res.roi_tasks, jobs=jobs)
+    res.roi_tasks = []
+    feature_rows, icc_rows = [], []
+    for model in segmenters:
+        pairs, skipped = [], 0
+        for case, gid, pid in res.pairs.get(model, []):
+            g, p = features.get(("gt", case, gid)), features.get((model, case, pid))
+            if g is None or p is None:
+                skipped += 1
+                continue
+            pairs.append((g, p))
+            feature_rows += [(model, case, gid, name, g[name], p[name]) for name in sorted(set(g) & set(p))]
+        if skipped:
+            log.info("radiomics: %s: %d pair(s) too small for pyradiomics, skipped", model, skipped)
+        _, per_class = icc_by_class(pairs)
+        icc_rows += [(model, c["feature_class"], len(pairs), c["n_features"], c["icc"], c["icc_low"], c["icc_high"],
+                      c["n_constant"], skipped) for c in per_class]
+    feature_rows.sort(key=lambda r: r[:4])
+    return feature_rows, icc_rows
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return "" if math.isnan(value) else format(float(value), ".10g")
+    return str(value)
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write rows as CSV with fixed formatting (NaN/None empty, booleans true/false, 10 significant digits)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_fmt(v) for v in row])
+    path.write_text(buf.getvalue(), encoding="utf-8")
+    return path
+
+
+def _versions() -> dict[str, str]:
+    out = {"bonemets": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "scipy", "connected-components-3d", "SimpleITK", "pyradiomics-bhklab", "pyradiomics",
+                 "matplotlib", "pandas"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _is_synthetic(cohort: Cohort) -> bool:
+    """Whether the cohort says it is a synthetic phantom (dataset.json mentions phantom/synthetic)."""
+    try:
+        text = cohort.dataset_json_path.read_text(encoding="utf-8").lower()
+    except OSError:
+        return False
+    return "phantom" in text or "synthetic" in text
+
+
+def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out: str | os.PathLike, *,
+                 cases: str = "test", radiomics: bool = True, jobs: int = 1, connectivity: int = 26,
+                 cluster_slices: int = 10, diffuse_fraction: float = 0.6, threshold: float = 0.5,
+                 bone_hu: float = DEFAULT_BONE_HU, overwrite: bool = False) -> Path:
+    """Run every analysis of the paper on one set of predictions and write ``OUT``.
+
+    Args:
+        dataset: cohort folder.
+        predictions: ``PRED`` with one folder per model.
+        out: output folder (created atomically).
+        cases, radiomics, jobs, connectivity, cluster_slices, diffuse_fraction, threshold,
+            bone_hu: see :class:`AnalysisConfig`.
+        overwrite: replace an existing non-empty ``out``.
+
+    Returns:
+        The output folder, holding the CSVs of :data:`CSV_COLUMNS`, ``report.md``,
+        ``figures/*.png`` and ``config.json``.
+
+    Raises:
+        InputError: any bad input (one line naming the file); nothing is written then.
+    """
+    config = AnalysisConfig(cases=cases, radiomics=radiomics, jobs=jobs, connectivity=connectivity,
+                            cluster_slices=cluster_slices, diffuse_fraction=diffuse_fraction,
+                            threshold=threshold, bone_hu=bone_hu)
+    config.check()
+    dataset, predictions, out = Path(dataset), Path(predictions), Path(out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out}: output folder exists and is not empty; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    inputs = _validate(dataset, predictions, config)
+    log.info("analyze: %d case(s), segmenters %s, detectors %s", len(inputs.cases),
+             ", ".join(inputs.segmenters) or "none", ", ".join(inputs.detectors) or "none")
+    res = _Results()
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        for i, case in enumerate(inputs.cases, 1):
+            log.info("analyze: case %s (%d/%d)", case, i, len(inputs.cases))
+            _analyse_case(case, inputs, config, res)
+        tables = _write_tables(tmp, inputs, config, res)
+        if res.figure is not None and res.figure["ct"] is None:
+            ct, _ = read_array(inputs.cohort.image_path(res.figure["case"]))
+            res.figure["ct"] = ct[res.figure["slice"]].copy()
+        from analysis.report import write_report
+
+        write_report(tmp, tables, figure=res.figure, synthetic=_is_synthetic(inputs.cohort),
+                     settings=dataclasses.asdict(config), bone_source=res.bone_source)
+        atomic_write_json(tmp / "config.json", {
+            "settings": dataclasses.asdict(config),
+            "radiomics_settings": _radiomics_settings() if config.radiomics else None,
+            "dataset": str(dataset.resolve()), "predictions": str(predictions.resolve()),
+            "cases": inputs.cases, "split_seed": (inputs.cohort.splits() or {}).get("seed"),
+            "segmenters": inputs.segmenters, "detectors": inputs.detectors,
+            "bone_source": res.bone_source, "versions": _versions(),
+        })
+    log.info("analyze: wrote %s", out)
+    return out
+
+
+def _radiomics_settings() -> dict[str, Any]:
+    from analysis.radiomics import EXTRACTOR_SETTINGS, FEATURE_CLASSES
+
+    return {**EXTRACTOR_SETTINGS, "image_types": ["Original"], "feature_classes": list(FEATURE_CLASSES)}
+
+
+def _write_tables(tmp: Path, inputs: _Inputs, config: AnalysisConfig, res: _Results) -> dict[str, list[tuple]]:
+    summary, dice = _summary_rows(res.seg_slices, inputs.segmenters)
+    tables: dict[str, list[tuple]] = {
+        "segmentation_cases.csv": sorted(res.seg_cases, key=lambda r: r[:2]),
+        "segmentation_slices.csv": sorted(res.seg_slices, key=lambda r: r[:3]),
+        "segmentation_summary.csv": summary,
+        "ttests.csv": _ttest_rows(dice),
+        "lesions.csv": sorted(res.lesions, key=lambda r: (r[0] != "gt", r[0], r[1], r[2])),
+        "clinical.csv": _clinical_rows(res.clinical),
+        "detection.csv": _detection_rows(inputs, res, config.threshold),
+    }
+    if config.radiomics:
+        tables["radiomics_features.csv"], tables["radiomics_icc.csv"] = _radiomics_rows(res, inputs.segmenters, config.jobs)
+    else:
+        tables["radiomics_features.csv"], tables["radiomics_icc.csv"] = [], []
+    for name, rows in tables.items():
+        write_csv(tmp / name, CSV_COLUMNS[name], rows)
+    return tables

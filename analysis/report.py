@@ -1,0 +1,287 @@
+"""``report.md`` and ``figures/*.png`` from the analysis tables, with the paper's values alongside.
+
+Figures (matplotlib, Agg backend, no display needed):
+
+* ``fig4a_detection.png``: detectors' precision, recall, F1 and AUC (like the paper's Fig. 4a);
+* ``fig4b_segmentation.png``: segmenters' per-slice Dice, precision and recall (Fig. 4b);
+* ``fig5_clinical.png``: sensitivity and specificity per clinical task and model (Fig. 5);
+* ``supp_fig1_qualitative.png``: CT slice in a bone window, ground truth, each model (Supp. Fig. 1).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from analysis import paper
+from analysis.metrics.lesions import DEFAULT_BONE_HU
+
+__all__ = ["write_report", "BONE_WINDOW"]
+
+#: Display window for CT panels (level, width) in HU.
+BONE_WINDOW = (400.0, 1800.0)
+SYNTHETIC_NOTE = ("**Synthetic data.** This cohort is a computer-generated phantom, not patient CT. "
+                  "Its numbers test the software end to end; they say nothing about clinical performance "
+                  "and are not comparable with the paper's.")
+
+
+def _f(x: Any, pct: bool = False, digits: int = 2) -> str:
+    """Format a table cell: NaN/None as '–', percentages with ``pct``, tiny values in e-notation."""
+    if x is None:
+        return "–"
+    if isinstance(x, str):
+        return x
+    if isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)):
+        return str(int(x))
+    x = float(x)
+    if math.isnan(x):
+        return "–"
+    if pct:
+        return f"{100 * x:.{digits}f}"
+    if x != 0 and abs(x) < 10 ** -digits:
+        return f"{x:.2e}"
+    return f"{x:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _paper(model: str, table: dict, key: str) -> str:
+    name = paper.paper_name(model)
+    return f"{table[name][key]:.2f}" if name in table else "–"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bars(path: Path, title: str, groups: list[str], series: dict[str, list[float]], ylabel: str,
+          paper_series: dict[str, list[float]] | None = None, caption: str | None = None) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) + 2), 3.6), dpi=110)
+    names = list(series)
+    width = 0.8 / max(len(names), 1)
+    x = np.arange(len(groups))
+    for i, name in enumerate(names):
+        vals = np.array(series[name], float)
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, np.nan_to_num(vals), width, label=name)
+        if paper_series and name in paper_series:
+            pv = np.array(paper_series[name], float)
+            ax.scatter(x + (i - (len(names) - 1) / 2) * width, pv, marker="_", s=200, color="black", zorder=3,
+                       label="paper" if i == 0 else None)
+    ax.set_xticks(x, groups)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7, color="firebrick")
+    fig.tight_layout(rect=(0, 0.05 if caption else 0, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fig_detection(fig_dir: Path, rows: list[tuple], caption: str | None) -> str | None:
+    if not rows:
+        return None
+    metrics = ["precision", "recall", "f1", "auc"]
+    idx = {"precision": 3, "recall": 4, "f1": 5, "auc": 6}
+    series = {r[0]: [100 * r[idx[m]] for m in metrics] for r in rows}
+    paper_s = {r[0]: [paper.DETECTION[paper.paper_name(r[0])][m] for m in metrics]
+               for r in rows if paper.paper_name(r[0]) in paper.DETECTION}
+    _bars(fig_dir / "fig4a_detection.png", "Slice detection (cf. paper Fig. 4a)", ["Precision", "Recall", "F1", "AUC"],
+          series, "%", paper_s, caption)
+    return "figures/fig4a_detection.png"
+
+
+def _fig_segmentation(fig_dir: Path, rows: list[tuple], caption: str | None) -> str | None:
+    if not rows:
+        return None
+    series = {r[0]: [100 * np.nan_to_num(r[2]), 100 * np.nan_to_num(r[4]), 100 * np.nan_to_num(r[5])] for r in rows}
+    paper_s = {r[0]: [paper.SEGMENTATION[paper.paper_name(r[0])][m] for m in ("dice", "precision", "recall")]
+               for r in rows if paper.paper_name(r[0]) in paper.SEGMENTATION}
+    _bars(fig_dir / "fig4b_segmentation.png", "Segmentation, per slice (cf. paper Fig. 4b)",
+          ["Dice", "Precision", "Recall"], series, "%", paper_s, caption)
+    return "figures/fig4b_segmentation.png"
+
+
+def _fig_clinical(fig_dir: Path, rows: list[tuple], caption: str | None) -> str | None:
+    if not rows:
+        return None
+    plt = _plt()
+    models = sorted({r[0] for r in rows})
+    labels = [f"{r[1]}/{r[2]}" for r in rows if r[0] == models[0]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharey=True)
+    width = 0.8 / len(models)
+    x = np.arange(len(labels))
+    for ax, col, name in ((axes[0], 7, "Sensitivity"), (axes[1], 8, "Specificity")):
+        for i, m in enumerate(models):
+            vals = [r[col] for r in rows if r[0] == m]
+            ax.bar(x + (i - (len(models) - 1) / 2) * width, [0 if math.isnan(v) else 100 * v for v in vals],
+                   width, label=m)
+        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{name} (GT lesions as anchors)")
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("%")
+    axes[1].legend(fontsize=7)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7, color="firebrick")
+    fig.tight_layout(rect=(0, 0.04 if caption else 0, 1, 1))
+    fig.savefig(fig_dir / "fig5_clinical.png")
+    plt.close(fig)
+    return "figures/fig5_clinical.png"
+
+
+def _fig_qualitative(fig_dir: Path, figure: dict[str, Any] | None, caption: str | None) -> str | None:
+    if figure is None or figure.get("ct") is None:
+        return None
+    plt = _plt()
+    level, width = BONE_WINDOW
+    ct = np.clip((figure["ct"].astype(float) - (level - width / 2)) / width, 0, 1)
+    panels = [("CT (bone window)", None), ("Ground truth", figure["gt"])] + [(m, p) for m, p in sorted(figure["pred"].items())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), dpi=110, squeeze=False)
+    sx, sy = figure["spacing"][0], figure["spacing"][1]
+    for ax, (name, mask) in zip(axes[0], panels):
+        ax.imshow(ct, cmap="gray", vmin=0, vmax=1, aspect=sy / sx, interpolation="nearest")
+        if mask is not None:
+            ax.imshow(np.ma.masked_where(~mask, mask.astype(float)), cmap="autumn", alpha=0.55, vmin=0, vmax=1,
+                      aspect=sy / sx, interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"case {figure['case']}, slice {figure['slice']} (cf. paper Supp. Fig. 1)", fontsize=9)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7, color="firebrick")
+    fig.tight_layout()
+    fig.savefig(fig_dir / "supp_fig1_qualitative.png")
+    plt.close(fig)
+    return "figures/supp_fig1_qualitative.png"
+
+
+def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str, Any] | None = None,
+                 synthetic: bool = False, settings: dict[str, Any] | None = None,
+                 bone_source: dict[str, str] | None = None) -> Path:
+    """Write ``out/report.md`` and ``out/figures/*.png``.
+
+    Args:
+        out: output folder (exists).
+        tables: rows by CSV name, as produced by :func:`analysis.analyze.run_analysis`
+            (columns in :data:`analysis.analyze.CSV_COLUMNS`).
+        figure: the qualitative panel's data: ``case``, ``slice``, ``ct`` (rows, cols) HU,
+            ``gt`` and ``pred`` {model: mask} (rows, cols) bool, ``spacing`` (x, y, z) mm.
+        synthetic: the cohort is a phantom; say so in the text and on every figure.
+        settings: analysis settings to list.
+        bone_source: per case, where bone pixels came from.
+
+    Returns:
+        Path of ``report.md``.
+    """
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    caption = "Synthetic phantom data: not patient CT." if synthetic else None
+    settings = settings or {}
+    md: list[str] = ["# bonemets analysis report", ""]
+    if synthetic:
+        md += [SYNTHETIC_NOTE, ""]
+    md += [f"Reference: {paper.CITATION}. Paper values are the published test-set results; "
+           "ours are computed from the masks and probabilities in this run.", ""]
+
+    det = tables.get("detection.csv", [])
+    md += ["## Slice detection", "",
+           f"A slice is positive when the ground truth has any lesion voxel in it; a detector calls it positive "
+           f"when its probability is >= {settings.get('threshold', 0.5)}. AUC is rank-based (ties count 1/2). Values in %.", ""]
+    if det:
+        md += [_table(["model", "n slices", "accuracy", "precision (paper)", "recall (paper)", "F1 (paper)", "AUC (paper)"],
+                      [(r[0], r[7], _f(r[2], True), f"{_f(r[3], True)} ({_paper(r[0], paper.DETECTION, 'precision')})",
+                        f"{_f(r[4], True)} ({_paper(r[0], paper.DETECTION, 'recall')})",
+                        f"{_f(r[5], True)} ({_paper(r[0], paper.DETECTION, 'f1')})",
+                        f"{_f(r[6], True)} ({_paper(r[0], paper.DETECTION, 'auc')})") for r in det]), ""]
+    else:
+        md += ["No detector (no `slices.csv`) in this run.", ""]
+
+    summ = tables.get("segmentation_summary.csv", [])
+    cases = tables.get("segmentation_cases.csv", [])
+    md += ["## Segmentation", "",
+           "Per slice: over the slices where the ground truth has lesion voxels (the same slices for every model; "
+           "an empty prediction there scores 0). Per case: 3D over the whole volume, left empty for a case with no "
+           "ground-truth lesion. Values in %; per-slice Dice also as mean ± sd.", ""]
+    if summ:
+        rows = []
+        for r in summ:
+            case_vals = np.array([c[2] for c in cases if c[0] == r[0]], float)
+            case_mean = float(np.nanmean(case_vals)) if np.isfinite(case_vals).any() else math.nan
+            pname = paper.paper_name(r[0])
+            pd = f"{paper.SLICE_DICE[pname][0]:.2f} ± {paper.SLICE_DICE[pname][1]:.2f}" if pname in paper.SLICE_DICE else "–"
+            rows.append((r[0], r[1], f"{_f(r[2], True)} ({_paper(r[0], paper.SEGMENTATION, 'dice')})",
+                         f"{_f(r[4], True)} ({_paper(r[0], paper.SEGMENTATION, 'precision')})",
+                         f"{_f(r[5], True)} ({_paper(r[0], paper.SEGMENTATION, 'recall')})",
+                         f"{_f(r[2])} ± {_f(r[3])} ({pd})", _f(case_mean, True)))
+        md += [_table(["model", "n slices", "Dice (paper)", "precision (paper)", "recall (paper)",
+                       "slice Dice mean ± sd (paper)", "case Dice"], rows), ""]
+        tt = tables.get("ttests.csv", [])
+        md += ["### Paired t-tests on per-slice Dice", "",
+               f"Two-sided paired t-tests on the common slices, Holm correction across pairs (paper: {paper.TTEST_NOTE}).", ""]
+        md += [_table(["model A", "model B", "n", "mean diff", "sd diff", "t", "dof", "p", "p (Holm)"],
+                      [(r[0], r[1], r[2], _f(r[3], digits=3), _f(r[4], digits=3), _f(r[5]), r[6], _f(r[7]), _f(r[8]))
+                       for r in tt]) if tt else "Fewer than two segmenters: no tests.", ""]
+    else:
+        md += ["No segmenter (no `<case>.nii.gz` masks) in this run.", ""]
+
+    icc = tables.get("radiomics_icc.csv", [])
+    md += ["## Radiomics agreement (ICC)", "",
+           "pyradiomics on the CT inside each ground-truth lesion and its matched predicted lesion (binWidth 25, "
+           "no normalisation, original image). ICC(A,1): two-way random, absolute agreement, single rater, per "
+           "feature over the pairs; per class, the mean ICC and the means of the 95% CI bounds. Features constant "
+           "over all pairs have no ICC and are counted, not averaged. Bands (Koo & Li 2016): < 0.5 poor, "
+           "0.5-0.75 moderate, 0.75-0.9 good, > 0.9 excellent.", ""]
+    if icc:
+        rows = []
+        for r in icc:
+            pname = paper.paper_name(r[0])
+            pv = paper.ICC.get(pname, {}).get(r[1])
+            rows.append((r[0], r[1], r[2], r[8], r[3], r[7], f"{_f(r[4], digits=3)} [{_f(r[5], digits=3)}, {_f(r[6], digits=3)}]",
+                         "–" if pv is None else f"{pv:.2f}"))
+        md += [_table(["model", "class", "pairs", "skipped pairs", "features", "constant", "ICC [95% CI]", "paper"], rows), ""]
+    else:
+        md += ["Not run (`--no-radiomics`) or no matched lesion pairs.", ""]
+
+    cl = tables.get("clinical.csv", [])
+    md += ["## Clinical lesion tasks", "",
+           "Ground-truth lesions are the anchors: for each one, the model's answer is the attribute of its matched "
+           "predicted lesion (most shared voxels; computed on the prediction's own lesions), and an unmatched lesion "
+           "is a negative answer. One category versus the rest. `detection/lesion`: tp matched, fn unmatched "
+           "ground-truth lesions, fp predicted lesions that touch none; no true negatives exist, so specificity is "
+           "undefined. `detection/slice`: every analysed slice, positive when it holds any lesion voxel. "
+           f"Diffuse: the lesion covers >= {settings.get('diffuse_fraction', 0.6)} of the 2D bone region it touches "
+           f"in some slice. Clustered: another lesion within {settings.get('cluster_slices', 10)} slices. "
+           "Weight-bearing: spine, pelvis or lower extremity. Sensitivity = tp/(tp+fn), specificity = tn/(tn+fp); "
+           "– where the denominator is 0.", ""]
+    if cl:
+        md += [_table(["model", "task", "category", "tp", "fp", "fn", "tn", "sensitivity %", "specificity %"],
+                      [(r[0], r[1], r[2], r[3], r[4], r[5], _f(r[6]), _f(r[7], True), _f(r[8], True)) for r in cl]), ""]
+    sources = sorted(set((bone_source or {}).values()))
+    if sources:
+        md += [f"Bone pixels for the diffuse/focal rule came from: {', '.join(sources)} "
+               f"(without `bonesTr`, CT >= {settings.get('bone_hu', DEFAULT_BONE_HU):g} HU; bone identity is then unknown).", ""]
+
+    figs = [f for f in (_fig_detection(fig_dir, det, caption), _fig_segmentation(fig_dir, summ, caption),
+                        _fig_clinical(fig_dir, cl, caption), _fig_qualitative(fig_dir, figure, caption)) if f]
+    if figs:
+        md += ["## Figures", ""]
+        if synthetic:
+            md += ["All figures show synthetic phantom data.", ""]
+        md += [f"![{Path(f).stem}]({f})" for f in figs] + [""]
+    if settings:
+        md += ["## Settings", "", _table(["setting", "value"], [(k, v) for k, v in settings.items()]), ""]
+    path = out / "report.md"
+    path.write_text("\n".join(md), encoding="utf-8")
+    return path

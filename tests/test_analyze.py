@@ -1,0 +1,225 @@
+"""End to end: `analyze` on a tiny cohort written in tmp_path; bad inputs exit 2 with no OUT."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from analysis.analyze import CSV_COLUMNS, run_analysis
+from analysis.cohort import write_dataset_json
+from analysis.errors import InputError
+from analysis.io import Geometry, write_array, write_mask
+
+GEO = Geometry(size=(16, 16, 8), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0),
+               direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _case(seed: int):
+    """CT (z, y, x) with a spine block and a rib block, two lesions, and the bone map."""
+    rng = np.random.default_rng(seed)
+    ct = rng.normal(40, 10, GEO.shape).astype(np.int16)
+    bones = np.zeros(GEO.shape, np.uint8)
+    bones[:, 2:8, 2:8] = 2                       # spine block 6x6 in every slice
+    bones[:, 10:14, 10:15] = 3                   # rib block 4x5
+    ct[bones > 0] = rng.normal(300, 30, (bones > 0).sum())
+    gt = np.zeros(GEO.shape, np.uint8)
+    gt[1:4, 3:6, 3:7] = 1                        # lesion 1 in the spine: 3 slices, 36 voxels, 12/36 of the block
+    gt[5:7, 10:14, 10:15] = 1                    # lesion 2 fills the rib block: diffuse, 40 voxels
+    ct[gt > 0] = rng.normal(700, 60, (gt > 0).sum())
+    return ct, gt, bones
+
+
+def make_cohort(root: Path, n: int = 2) -> tuple[Path, Path]:
+    ds, pred = root / "DATASET", root / "PRED"
+    for i in range(n):
+        case = f"case_{i:02d}"
+        ct, gt, bones = _case(i)
+        write_array(ct, GEO, ds / "imagesTr" / f"{case}_0000.nii.gz")
+        write_mask(gt, GEO, ds / "labelsTr" / f"{case}.nii.gz")
+        write_array(bones, GEO, ds / "bonesTr" / f"{case}.nii.gz")
+        write_mask(gt, GEO, pred / "perfect" / f"{case}.nii.gz")
+        partial = gt.copy()
+        partial[5:7] = 0                         # misses the rib lesion
+        partial[0, 14, 0] = 1                    # one false-positive voxel
+        write_mask(partial, GEO, pred / "partial" / f"{case}.nii.gz")
+    write_dataset_json(ds, n)
+    rows = ["case,slice,probability"]
+    for i in range(n):
+        probs = [0.1, 0.9, 0.8, 0.4, 0.2, 0.7, 0.6, 0.55]   # truth: slices 1,2,3,5,6 positive
+        rows += [f"case_{i:02d},{z},{p}" for z, p in enumerate(probs)]
+    (pred / "detector").mkdir(parents=True)
+    (pred / "detector" / "slices.csv").write_text("\n".join(rows) + "\n")
+    return ds, pred
+
+
+def read(out: Path, name: str) -> list[dict[str, str]]:
+    with open(out / name, newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames[: len(CSV_COLUMNS[name])]) == CSV_COLUMNS[name]
+        return list(reader)
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analyze")
+    ds, pred = make_cohort(root)
+    out = run_analysis(ds, pred, root / "OUT", cases="all", radiomics=True, jobs=1)
+    return root, ds, pred, out
+
+
+def test_outputs_exist_with_columns(analysed):
+    _, _, _, out = analysed
+    for name in CSV_COLUMNS:
+        assert (out / name).is_file(), name
+        read(out, name)
+    assert (out / "report.md").is_file()
+    figs = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert figs == ["fig4a_detection.png", "fig4b_segmentation.png", "fig5_clinical.png", "supp_fig1_qualitative.png"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["segmenters"] == ["partial", "perfect"] and config["detectors"] == ["detector"]
+    assert config["settings"]["connectivity"] == 26 and "numpy" in config["versions"]
+
+
+def test_segmentation_values(analysed):
+    out = analysed[3]
+    cases = {(r["model"], r["case"]): r for r in read(out, "segmentation_cases.csv")}
+    assert float(cases[("perfect", "case_00")]["dice"]) == 1.0
+    p = cases[("partial", "case_00")]
+    assert (int(p["gt_voxels"]), int(p["pred_voxels"])) == (76, 37)
+    assert float(p["dice"]) == pytest.approx(2 * 36 / (76 + 37))
+    assert float(p["recall"]) == pytest.approx(36 / 76)
+    slices = [r for r in read(out, "segmentation_slices.csv") if r["model"] == "partial" and r["case"] == "case_00"]
+    assert [int(r["slice"]) for r in slices] == [1, 2, 3, 5, 6]
+    assert [float(r["dice"]) for r in slices] == [1.0, 1.0, 1.0, 0.0, 0.0]
+    summary = {r["model"]: r for r in read(out, "segmentation_summary.csv")}
+    assert int(summary["partial"]["n_slices"]) == 10
+    assert float(summary["partial"]["dice_mean"]) == pytest.approx(0.6)
+    assert float(summary["partial"]["dice_sd"]) == pytest.approx(np.std([1, 1, 1, 0, 0] * 2, ddof=1))
+    (t,) = read(out, "ttests.csv")
+    assert (t["model_a"], t["model_b"], int(t["n"]), int(t["dof"])) == ("partial", "perfect", 10, 9)
+    assert float(t["mean_diff"]) == pytest.approx(-0.4)
+    from scipy.stats import ttest_rel
+
+    ref = ttest_rel([1, 1, 1, 0, 0] * 2, [1.0] * 10)
+    assert float(t["t"]) == pytest.approx(ref.statistic, rel=1e-8) and float(t["p_holm"]) == pytest.approx(ref.pvalue, rel=1e-8)
+
+
+def test_lesions_and_clinical(analysed):
+    out = analysed[3]
+    les = read(out, "lesions.csv")
+    gt = [r for r in les if r["source"] == "gt" and r["case"] == "case_00"]
+    assert [(r["z_first"], r["z_last"], r["voxels"], r["bone"], r["diffuse"], r["weight_bearing"]) for r in gt] == [
+        ("1", "3", "36", "spine", "false", "true"), ("5", "6", "40", "rib", "true", "false")]
+    assert float(gt[0]["volume_ml"]) == pytest.approx(36 * 2 / 1000)
+    assert [r["n_neighbours"] for r in gt] == ["1", "1"]          # gap 2 slices <= 10
+    assert all(r["matched_gt_id"] == "" for r in gt)
+    partial = [r for r in les if r["source"] == "partial" and r["case"] == "case_00"]
+    assert sorted(r["matched_gt_id"] for r in partial) == ["", "1"]   # the FP voxel matches nothing
+    cl = {(r["model"], r["task"], r["category"]): r for r in read(out, "clinical.csv")}
+    det = cl[("partial", "detection", "lesion")]
+    assert (det["tp"], det["fp"], det["fn"], det["tn"], det["specificity"]) == ("2", "2", "2", "", "")
+    assert float(det["sensitivity"]) == 0.5
+    rib = cl[("partial", "location", "rib")]
+    assert (rib["tp"], rib["fn"], rib["tn"]) == ("0", "2", "2")
+    assert float(cl[("perfect", "diffuse", "diffuse")]["sensitivity"]) == 1.0
+    sl = cl[("partial", "detection", "slice")]                     # FP voxel on slice 0 of each case
+    assert (sl["tp"], sl["fp"], sl["fn"], sl["tn"]) == ("6", "2", "4", "4")
+
+
+def test_detection_and_radiomics(analysed):
+    out = analysed[3]
+    (d,) = read(out, "detection.csv")
+    # per case: positives 1,2,3,5,6; >= 0.5 predicted: 1,2,5,6,7 -> tp 4, fp 1, fn 1, tn 2
+    assert float(d["precision"]) == pytest.approx(0.8) and float(d["recall"]) == pytest.approx(0.8)
+    assert float(d["accuracy"]) == pytest.approx(6 / 8) and int(d["n_slices"]) == 16
+    icc = {(r["model"], r["feature_class"]): r for r in read(out, "radiomics_icc.csv")}
+    first = icc[("perfect", "firstorder")]
+    assert int(first["n_pairs"]) == 4 and float(first["icc"]) == 1.0
+    assert int(icc[("partial", "firstorder")]["n_pairs"]) == 2
+    feats = read(out, "radiomics_features.csv")
+    perfect = [r for r in feats if r["model"] == "perfect"]
+    assert perfect and all(r["gt_value"] == r["pred_value"] for r in perfect)
+
+
+def test_identical_inputs_give_identical_csvs(analysed, tmp_path):
+    root, ds, pred, out = analysed
+    again = run_analysis(ds, pred, tmp_path / "again", cases="all", radiomics=True, jobs=2)
+    for name in CSV_COLUMNS:
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("geometry", "perfect/case_01.nii.gz: spacing"),
+    ("missing", "partial/case_00.nii.gz: missing prediction"),
+    ("csv_column", "slices.csv: missing column(s) probability"),
+    ("csv_range", "slices.csv: line 2: probability 1.5 outside [0, 1]"),
+    ("csv_slice", "slices.csv: case case_01 has no probability for 1 slice(s) (7)"),
+    ("nonbinary", "perfect/case_00.nii.gz: not a binary mask"),
+])
+def test_bad_inputs_exit_2_and_write_nothing(tmp_path, damage, needle):
+    ds, pred = make_cohort(tmp_path)
+    if damage == "geometry":
+        g = Geometry(GEO.size, (1.0, 1.0, 3.0), GEO.origin, GEO.direction)
+        write_mask(np.zeros(GEO.shape), g, pred / "perfect" / "case_01.nii.gz")
+    elif damage == "missing":
+        (pred / "partial" / "case_00.nii.gz").unlink()
+    elif damage == "csv_column":
+        (pred / "detector" / "slices.csv").write_text("case,slice,prob\ncase_00,0,0.5\n")
+    elif damage == "csv_range":
+        (pred / "detector" / "slices.csv").write_text("case,slice,probability\ncase_00,0,1.5\n")
+    elif damage == "csv_slice":
+        lines = (pred / "detector" / "slices.csv").read_text().splitlines()
+        (pred / "detector" / "slices.csv").write_text("\n".join(lines[:-1]) + "\n")
+    elif damage == "nonbinary":
+        write_array(np.full(GEO.shape, 2, np.uint8), GEO, pred / "perfect" / "case_00.nii.gz")
+    out = tmp_path / "OUT"
+    r = _cli("analyze", "--dataset", str(ds), "--predictions", str(pred), "--out", str(out), "--cases", "all",
+             "--no-radiomics")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".OUT")]
+
+
+def test_refuses_non_empty_out_without_overwrite(tmp_path):
+    ds, pred = make_cohort(tmp_path, n=1)
+    out = tmp_path / "OUT"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="--overwrite"):
+        run_analysis(ds, pred, out, cases="all", radiomics=False)
+    assert (out / "keep.txt").read_text() == "x"
+    run_analysis(ds, pred, out, cases="all", radiomics=False, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "lesions.csv").is_file()
+
+
+def test_cli_runs_and_connectivity_option(tmp_path):
+    ds, pred = make_cohort(tmp_path, n=1)
+    from cli import main
+
+    result = CliRunner().invoke(main, ["analyze", "--dataset", str(ds), "--predictions", str(pred), "--out",
+                                       str(tmp_path / "OUT"), "--cases", "all", "--no-radiomics", "--connectivity", "6"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "OUT" / "config.json").read_text())["settings"]["connectivity"] == 6
+    assert len(read(tmp_path / "OUT", "radiomics_icc.csv")) == 0
+
+
+def test_analysis_imports_no_framework():
+    code = ("import sys, analysis.analyze, analysis.report, analysis.radiomics, analysis.stats, analysis.paper, "
+            "analysis.metrics.overlap, analysis.metrics.lesions, analysis.metrics.clinical, analysis.metrics.detection; "
+            "bad = [m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
