@@ -754,10 +754,9 @@ class _Slab:
             body |= leg
             inner |= leg & (d <= leg_r - p.fat * 0.7)
         for s in (-1, 1):  # arms at the sides, shoulders
-            arm_in, _ = _Capsule((s * 168.0, 12.0, 700.0), (s * 176.0, 20.0, 380.0), (42.0, 42.0, 42.0)).eval(Z, Y, X)
-            body |= arm_in
+            body |= self._mask(_Capsule((s * 168.0, 12.0, 700.0), (s * 176.0, 20.0, 380.0), (42.0, 42.0, 42.0)))
         if p.include_head:
-            head, _ = _Ellipsoid((0.0, 5.0, 955.0), (78.0, 98.0, 110.0)).eval(Z, Y, X)
+            head = self._mask(_Ellipsoid((0.0, 5.0, 955.0), (78.0, 98.0, 110.0)))
             body |= head
             inner |= head
         soft = p.textures["soft"](Z, Y, X)
@@ -771,11 +770,19 @@ class _Slab:
         self.ct[...] = np.where(abdomen & (gut < -1.6), -950.0, self.ct)
         # lungs: two ellipsoids above domed diaphragms
         for s in (-1, 1):
-            lung, _ = _Ellipsoid((s * 68.0, 8.0, 600.0), (58.0, 82.0, 150.0)).eval(Z, Y, X)
+            lung = self._mask(_Ellipsoid((s * 68.0, 8.0, 600.0), (58.0, 82.0, 150.0)))
             dome = 480.0 + 28.0 * (1.0 - ((X - s * 68.0) / 60.0) ** 2) + (6.0 if s < 0 else 0.0)
             lung &= (Z > dome) & ~((np.abs(X) < 30 + 15 * (Z < 560)) & (Y < 40))  # mediastinum
             self.lung |= lung
         self.ct[...] = np.where(self.lung, p.hu["lung"] + 25.0 * gut, self.ct)
+
+    def _mask(self, prim: Primitive) -> np.ndarray:
+        """Inside mask of ``prim`` over the whole slab, evaluated only within its bounding box."""
+        mask = np.zeros(self.ct.shape, bool)
+        reg = self.region(prim.bbox())
+        if reg is not None:
+            mask[reg[0]] = prim.eval(*reg[1])[0]
+        return mask
 
     def _bone_hu(self) -> None:
         p = self.plan
