@@ -1,0 +1,111 @@
+"""Reading a RUN folder written by ``train`` (see :mod:`bonemets_tf.train` for its layout).
+
+:func:`read_run` checks the folder and its ``config.json`` without importing TensorFlow,
+so commands can validate every input before any heavy work or output;
+:meth:`RunInfo.load_model` then loads ``model.keras`` with the project's custom layers
+and losses registered.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from analysis.errors import InputError
+from analysis.io import read_json
+from bonemets_tf.models.catalog import CATALOG, DETECT, SEGMENT
+
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a RUN folder says about its model.
+
+    Attributes:
+        path: the RUN folder (resolved).
+        config: the whole ``config.json`` (``settings``, ``split``, ``versions``, ...).
+        arch: registry name.
+        task: ``"detect"`` or ``"segment"``.
+        context: adjacent slices per input (odd); channel ``context // 2`` is the centre slice.
+        image_size: detector resize side (detectors resize inside the model) / segmenter
+            training crop side (segmenters run on whole slices).
+        stride: total downsampling of a segmenter (the model pads to it internally).
+    """
+
+    path: Path
+    config: dict[str, Any]
+    arch: str
+    task: str
+    context: int
+    image_size: int
+    stride: int
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    def describe(self) -> dict[str, Any]:
+        """Summary for provenance records (``predict.json``, exports)."""
+        settings = self.config.get("settings", {})
+        return {"run": str(self.path), "arch": self.arch, "task": self.task, "context": self.context,
+                "image_size": self.image_size, "width": settings.get("width"),
+                "fold": settings.get("fold"), "seed": settings.get("seed")}
+
+    def load_model(self):
+        """Load ``model.keras`` (uncompiled) as a ``keras.Model``.
+
+        Raises:
+            InputError: the file cannot be loaded as a Keras model.
+        """
+        import keras
+
+        import bonemets_tf.layers  # noqa: F401  registers the custom layers
+        import bonemets_tf.losses  # noqa: F401  registers the custom losses/metrics
+
+        try:
+            return keras.models.load_model(self.model_path, compile=False)
+        except Exception as exc:  # Keras raises many types for corrupt or foreign files
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise InputError(f"{self.model_path}: cannot be loaded as a Keras model ({first})") from None
+
+
+def read_run(path: str | os.PathLike, *, task: str | None = None, option: str = "--model") -> RunInfo:
+    """Check a RUN folder and read its ``config.json`` (no TensorFlow import).
+
+    Args:
+        path: the RUN folder.
+        task: required task (``"detect"``/``"segment"``), or None for either.
+        option: the command-line option that named it, for error messages.
+
+    Returns:
+        The run's :class:`RunInfo`.
+
+    Raises:
+        InputError: not a folder with ``model.keras`` and ``config.json``, a config
+            without the needed settings, an unknown arch, or the wrong task.
+    """
+    p = Path(path)
+    if not (p.is_dir() and (p / MODEL_FILE).is_file() and (p / CONFIG_FILE).is_file()):
+        raise InputError(f"{p}: not a RUN folder (expected {MODEL_FILE} and {CONFIG_FILE} from `train`)")
+    config = read_json(p / CONFIG_FILE, what="run config")
+    settings = config.get("settings") if isinstance(config, dict) else None
+    if not isinstance(settings, dict):
+        raise InputError(f"{p / CONFIG_FILE}: no 'settings' object; expected the config.json written by `train`")
+    missing = [k for k in ("arch", "task", "context", "image_size") if k not in settings]
+    if missing:
+        raise InputError(f"{p / CONFIG_FILE}: settings lack {', '.join(missing)}; expected the config.json written by `train`")
+    arch = settings["arch"]
+    if arch not in CATALOG:
+        raise InputError(f"{p / CONFIG_FILE}: unknown arch {arch!r}; expected one of {', '.join(CATALOG)}")
+    run_task = CATALOG[arch].task
+    if task is not None and run_task != task:
+        wanted = {DETECT: "a detector", SEGMENT: "a segmenter"}[task]
+        raise InputError(f"{option} {p}: is a {run_task} run ({arch}); expected {wanted}")
+    context = settings["context"]
+    if not isinstance(context, int) or context < 1 or context % 2 == 0:
+        raise InputError(f"{p / CONFIG_FILE}: context {context!r}; expected an odd integer >= 1")
+    return RunInfo(path=p.resolve(), config=config, arch=arch, task=run_task, context=context,
+                   image_size=int(settings["image_size"]), stride=CATALOG[arch].stride)
