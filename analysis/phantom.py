@@ -81,7 +81,7 @@ class PhantomCase:
         bones: uint8 bone codes of :data:`analysis.cohort.BONE_CODES`, same shape.
         geometry: size/spacing/origin in ITK ``(x, y, z)`` order.
         include_head: the scan reaches the skull vertex.
-        lesion_free: no lesions were placed.
+        lesion_free: the label is empty (no lesion placed, or none inside the scanned slices).
     """
 
     ct: np.ndarray
@@ -565,7 +565,10 @@ def _plan_pelvis_limbs(plan: _Plan, rng: np.random.Generator) -> None:
             plan.sites.append((w, LOWER, bone))
 
 
-def _site_point(prim: Primitive, rng: np.random.Generator, spread: float = 0.55) -> tuple[tuple[float, float, float], float]:
+Point = tuple[float, float, float]
+
+
+def _site_point(prim: Primitive, rng: np.random.Generator, spread: float = 0.55) -> tuple[Point, float]:
     """A random point well inside ``prim`` and the largest lesion radius that fits there."""
     if isinstance(prim, _Capsule):
         t = rng.random()
@@ -578,7 +581,8 @@ def _site_point(prim: Primitive, rng: np.random.Generator, spread: float = 0.55)
     if isinstance(prim, _Ring):
         a = rng.uniform(0, 2 * math.pi)
         d = (prim.r_in + prim.r_out) / 2
-        return (prim.c[0] + d * math.cos(a), prim.c[1] + d * math.sin(a), rng.uniform(prim.z0, prim.z1)), prim.r_out - prim.r_in
+        point = (prim.c[0] + d * math.cos(a), prim.c[1] + d * math.sin(a), rng.uniform(prim.z0, prim.z1))
+        return point, prim.r_out - prim.r_in
     if isinstance(prim, _Shell):
         v = rng.normal(size=3)
         v[2] = abs(v[2]) + 0.3
@@ -601,7 +605,8 @@ def _blob(plan: _Plan, rng: np.random.Generator, centre: tuple[float, float, flo
         rr = np.array([radius, radius, rz]) * scale * rng.uniform(0.75, 1.25, 3)
         prims.append(_Ellipsoid(tuple(float(c + o) for c, o in zip(centre, offset)),  # type: ignore[arg-type]
                                 _lesion_r(plan, rr), angle=float(rng.uniform(0, math.pi)),
-                                wobble=(float(rng.uniform(0.1, 0.25)), float(rng.uniform(0, 6.3)), int(rng.integers(2, 5)))))
+                                wobble=(float(rng.uniform(0.1, 0.25)), float(rng.uniform(0, 6.3)),
+                                        int(rng.integers(2, 5)))))
     return prims
 
 
@@ -616,10 +621,18 @@ def _pick(rng: np.random.Generator, weighted: Sequence[tuple]) -> tuple:
     return weighted[int(rng.choice(len(weighted), p=w / w.sum()))]
 
 
+def _in_scan(plan: _Plan, prim: Primitive) -> bool:
+    """Whether a primitive's z range meets the scanned slices (so its lesions are visible)."""
+    box = prim.bbox()
+    return box[1] > plan.frame.z[0] and box[0] < plan.frame.z[-1]
+
+
 def _plan_lesions(plan: _Plan, rng: np.random.Generator) -> None:
+    sites = [site for site in plan.sites if _in_scan(plan, site[2])]
+    diffuse_sites = [site for site in plan.diffuse_sites if _in_scan(plan, site[1])]
     n_focal = int(rng.integers(3, 13))
     for _ in range(n_focal):
-        _, code, bone = _pick(rng, plan.sites)
+        _, code, bone = _pick(rng, sites)
         centre, fit = _site_point(bone, rng)
         # 3-20 mm diameter on the output grid; wider than a thin bone it fills that bone's section
         radius_mm = float(rng.uniform(1.5, 10.0))
@@ -627,8 +640,9 @@ def _plan_lesions(plan: _Plan, rng: np.random.Generator) -> None:
         rz = radius * plan.frame.mm_xy / plan.frame.mm_z
         hu = float(np.clip(rng.normal(690, 130), 480, 1000))
         plan.lesions.append(_Lesion(_blob(plan, rng, centre, radius, rz), hu, diffuse=False))
-    for _ in range(int(rng.random() < 0.7) + int(rng.random() < 0.25)):  # diffuse: most of a vertebral body (1-2 levels) or an iliac cross-section
-        _, bone = _pick(rng, plan.diffuse_sites)
+    # diffuse lesions: most of a vertebral body (1-2 levels) or of an iliac cross-section
+    for _ in range(int(rng.random() < 0.7) + int(rng.random() < 0.25)):
+        _, bone = _pick(rng, diffuse_sites)
         hu = float(np.clip(rng.normal(640, 80), 500, 850))
         wob = (float(rng.uniform(0.08, 0.18)), float(rng.uniform(0, 6.3)), int(rng.integers(3, 6)))
         if isinstance(bone, _Cylinder):
@@ -647,10 +661,12 @@ def _plan_lesions(plan: _Plan, rng: np.random.Generator) -> None:
 def _plan_lookalikes(plan: _Plan, rng: np.random.Generator) -> None:
     # bone islands (enostoses): small, very dense, inside trabecular bone; not labelled
     for _ in range(int(rng.integers(1, 5))):
-        _, code, bone = _pick(rng, [s for s in plan.sites if s[1] in (SPINE, PELVIS, LOWER, UPPER)])
+        hosts = [s for s in plan.sites if s[1] in (SPINE, PELVIS, LOWER, UPPER) and _in_scan(plan, s[2])]
+        _, code, bone = _pick(rng, hosts)
         centre, fit = _site_point(bone, rng, spread=0.45)
         r = float(min(rng.uniform(1.5, 4.5), max(fit * 0.6, 1.5)))
-        plan.islands.append((_Ellipsoid(centre, _r(plan, r, r * rng.uniform(0.7, 1.0), r)), float(rng.uniform(1000, 1400))))
+        island = _Ellipsoid(centre, _r(plan, r, r * rng.uniform(0.7, 1.0), r))
+        plan.islands.append((island, float(rng.uniform(1000, 1400))))
     # aortic and iliac wall calcifications: small bright plaques on the vessel wall
     for _ in range(int(rng.integers(3, 16))):
         cap = plan.aorta[int(rng.integers(len(plan.aorta)))]
@@ -792,8 +808,8 @@ class _Slab:
         tex = p.textures["bone"](self.Z, self.Y, self.X)
         cortex = bone & (self.depth < self.cortex)
         trab = np.float32(p.hu["trabecular"]) + 30.0 * tex
-        marrow_hu = np.select([self.marrow == FATTY, self.marrow == CARTILAGE], [-20.0 + 25.0 * tex, 150.0 + 25.0 * tex],
-                              trab)
+        marrow_hu = np.select([self.marrow == FATTY, self.marrow == CARTILAGE],
+                              [-20.0 + 25.0 * tex, 150.0 + 25.0 * tex], trab)
         cort = np.clip(p.hu["cortex"] + 110.0 * tex, 600.0, 1200.0)
         self.ct[...] = np.where(cortex, cort, np.where(bone, marrow_hu, self.ct))
 
@@ -848,7 +864,7 @@ def _render(plan: _Plan, ct: np.ndarray, label: np.ndarray, bones: np.ndarray) -
 # ---------------------------------------------------------------------------------------
 
 
-def _check_grid(shape: Sequence[int], spacing: Sequence[float]) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+def _check_grid(shape: Sequence[int], spacing: Sequence[float]) -> tuple[tuple[int, int, int], Point]:
     if len(shape) != 3 or any(int(s) != s or s < 8 for s in shape):
         raise InputError(f"shape {tuple(shape)}: expected three integers Z,Y,X, each at least 8")
     if len(spacing) != 3 or any(not (0 < float(s) < 100) or not math.isfinite(float(s)) for s in spacing):
@@ -881,7 +897,7 @@ def generate_case(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, spacing: Sequ
     bones = np.empty(shape_, np.uint8)
     _render(plan, ct, label, bones)
     return PhantomCase(ct=ct, label=label, bones=bones, geometry=plan.geometry,
-                       include_head=plan.include_head, lesion_free=not plan.lesions)
+                       include_head=plan.include_head, lesion_free=not label.any())
 
 
 def case_seed(seed: int, index: int) -> int:
