@@ -254,6 +254,22 @@ def _read_binary(path: Path) -> np.ndarray:
     return array != 0
 
 
+def _read_slice(path: Path, z: int) -> np.ndarray:
+    """Axial slice ``z`` of a validated image as ``(rows, cols)``, without decoding the rest into memory."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    size = reader.GetSize()
+    reader.SetExtractIndex([0, 0, int(z)])
+    reader.SetExtractSize([size[0], size[1], 1])
+    try:
+        return sitk.GetArrayFromImage(reader.Execute())[0]
+    except RuntimeError as exc:
+        raise InputError(f"{path}: pixel data cannot be decoded ({str(exc).strip().splitlines()[-1][:200]})") from None
+
+
 def _check_masks(inputs: _Inputs) -> None:
     """Decode every label and prediction once and check that it is binary (before any output)."""
     for case in inputs.cases:
@@ -512,7 +528,7 @@ def _is_synthetic(cohort: Cohort) -> bool:
 def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out: str | os.PathLike, *,
                  cases: str = "test", radiomics: bool = True, jobs: int = 1, connectivity: int = 26,
                  cluster_slices: int = 10, diffuse_fraction: float = 0.6, threshold: float = 0.5,
-                 bone_hu: float = DEFAULT_BONE_HU, overwrite: bool = False) -> Path:
+                 bone_hu: float = DEFAULT_BONE_HU, overwrite: bool = False, synthetic: bool | None = None) -> Path:
     """Run every analysis of the paper on one set of predictions and write ``OUT``.
 
     Args:
@@ -522,6 +538,9 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
         cases, radiomics, jobs, connectivity, cluster_slices, diffuse_fraction, threshold,
             bone_hu: see :class:`AnalysisConfig`.
         overwrite: replace an existing non-empty ``out``.
+        synthetic: the cohort is a phantom, so the report and every figure say it is not
+            patient data; None decides from ``dataset.json`` (a ``name`` or ``description``
+            mentioning "phantom" or "synthetic").
 
     Returns:
         The output folder, holding the CSVs of :data:`CSV_COLUMNS`, ``report.md``,
@@ -543,17 +562,17 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
     log.info("analyze: %d case(s), segmenters %s, detectors %s", len(inputs.cases),
              ", ".join(inputs.segmenters) or "none", ", ".join(inputs.detectors) or "none")
     res = _Results()
+    is_synthetic = _is_synthetic(inputs.cohort) if synthetic is None else bool(synthetic)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         for i, case in enumerate(inputs.cases, 1):
             log.info("analyze: case %s (%d/%d)", case, i, len(inputs.cases))
             _analyse_case(case, inputs, config, res)
         tables = _write_tables(tmp, inputs, config, res)
         if res.figure is not None and res.figure["ct"] is None:
-            ct, _ = read_array(inputs.cohort.image_path(res.figure["case"]))
-            res.figure["ct"] = ct[res.figure["slice"]].copy()
+            res.figure["ct"] = _read_slice(inputs.cohort.image_path(res.figure["case"]), res.figure["slice"])
         from analysis.report import write_report
 
-        write_report(tmp, tables, figure=res.figure, synthetic=_is_synthetic(inputs.cohort),
+        write_report(tmp, tables, figure=res.figure, synthetic=is_synthetic,
                      settings=dataclasses.asdict(config), bone_source=res.bone_source)
         atomic_write_json(tmp / "config.json", {
             "settings": dataclasses.asdict(config),
@@ -561,7 +580,8 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
             "dataset": str(dataset.resolve()), "predictions": str(predictions.resolve()),
             "cases": inputs.cases, "split_seed": (inputs.cohort.splits() or {}).get("seed"),
             "segmenters": inputs.segmenters, "detectors": inputs.detectors,
-            "bone_source": res.bone_source, "versions": _versions(),
+            "bone_source": res.bone_source, "synthetic": is_synthetic,
+            "versions": _versions(),
         })
     log.info("analyze: wrote %s", out)
     return out

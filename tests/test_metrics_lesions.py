@@ -142,3 +142,13 @@ def test_diffuse_fraction_golden():
     bone[1, 2, 3] = True
     np.testing.assert_allclose(diffuse_fractions(labels, n, bone), [4 / 7])
     assert diffuse_fractions(*lesion_instances(np.zeros_like(lesion)), bone).size == 0
+
+
+def test_lesion_table_boxes_match_find_objects():
+    m = np.random.default_rng(7).random((9, 14, 15)) > 0.75
+    labels, n = lesion_instances(m, 6)
+    t = lesion_table(labels, n)
+    assert t.boxes == ndimage.find_objects(labels)
+    np.testing.assert_array_equal(t.voxels, np.bincount(labels.ravel())[1:])
+    empty = lesion_table(*lesion_instances(np.zeros((2, 2, 2), bool)))
+    assert empty.n == 0 and empty.boxes == []
