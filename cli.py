@@ -213,13 +213,208 @@ def analyze_cmd(dataset: str, predictions: str, out: str, cases: str, no_radiomi
 
 # ==== Keras / TensorFlow (bonemets_tf) ==============================================
 # ---- BEGIN tf ----
+def _arch_names() -> list[str]:
+    from bonemets_tf.models.catalog import names  # plain data: no TensorFlow import
+
+    return names()
+
+
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def models_cmd(as_json: bool) -> None:
+    """List the registered Keras models with task and parameter count (full width, 1 channel).
+
+    Builds each model to count its parameters (a few seconds).
+    """
+    import json as _json
+
+    from bonemets_tf.models.summary import model_table
+
+    rows = model_table()
+    if as_json:
+        click.echo(_json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'name':<13}{'task':<9}{'params':>12}{'paper':>12}  description")
+    for r in rows:
+        paper = f"{r['paper_params']:,}" if r["paper_params"] else "-"
+        click.echo(f"{r['name']:<13}{r['task']:<9}{r['params']:>12,}{paper:>12}  {r['description']}")
+
+
+@main.command("train")
+@click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False), help="Cohort folder.")
+@click.option("--task", required=True, type=click.Choice(["detect", "segment"]), help="Detection or segmentation.")
+@click.option("--arch", required=True, type=click.Choice(_arch_names()), help="Registered model (see `models`).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="RUN folder to write.")
+@click.option("--fold", default=0, show_default=True, type=click.IntRange(min=0), help="Fold of splits.json.")
+@click.option("--epochs", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps-per-epoch", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1), help="Global batch size.")
+@click.option("--image-size", default=256, show_default=True, type=click.IntRange(min=32),
+              help="Detector resize side / segmenter crop side (segmenters: a multiple of 8).")
+@click.option("--width", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Filter-count multiplier (segmenters and resnet34).")
+@click.option("--context", default=1, show_default=True, type=click.IntRange(min=1), help="Adjacent slices as channels (odd).")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Adam learning rate.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--jit/--no-jit", default=None, help="XLA-compile the train step [default: on when a GPU is visible].")
+@click.option("--precision", default="float32", show_default=True,
+              type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]))
+@click.option("--strategy", default="auto", show_default=True, type=click.Choice(["auto", "mirrored", "multiworker"]),
+              help="auto: one device; mirrored: all local GPUs; multiworker: TF_CONFIG cluster (chief writes RUN).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out after its last completed epoch.")
+@click.option("--deterministic", is_flag=True, help="Enable TensorFlow op determinism (slower).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local weights file to start from.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
+              help="Slice cache folder [default: ~/.cache/bonemets/slices].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+def train_cmd(out: str, resume: bool, overwrite: bool, cache_dir: str | None, **settings) -> None:
+    """Train a Keras detector or segmenter and write a RUN folder (model.keras, config.json,
+    history.csv, checkpoints/, logs/)."""
+    from bonemets_tf.train import TrainConfig, train
+
+    path = train(TrainConfig(**settings), out, resume=resume, overwrite=overwrite, cache_dir=cache_dir)
+    click.echo(f"wrote {path}")
 # ---- END tf ----
 
 # ---- BEGIN tf-infer ----
+@main.command("predict")
+@click.option("--model", "model", required=True, type=click.Path(path_type=str), help="RUN folder from `train` (segmenter or detector).")
+@click.option("--dataset", required=True, type=click.Path(path_type=str), help="Cohort folder (imagesTr, labelsTr).")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="PRED/NAME folder to write (atomically).")
+@click.option("--cases", default="test", show_default=True, help=CASES_HELP)
+@click.option("--threshold", default=0.5, show_default=True, type=float, help="A pixel is lesion when its probability is >= this.")
+@click.option("--min-size", default=0, show_default=True, type=int, metavar="VOXELS",
+              help="Remove 3D components (26-connected) smaller than this; 0 keeps all.")
+@click.option("--detector", type=click.Path(path_type=str), default=None,
+              help="Detector RUN for the cascade: only slices it marks are segmented.")
+@click.option("--detector-threshold", default=0.5, show_default=True, type=float,
+              help="Cascade: segment slices whose detector probability is >= this.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Slices per network call.")
+@click.option("--shard", default=None, metavar="I/N", help="Only sorted(cases)[I::N] (I is 0-based), e.g. 0/4.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+def predict_cmd(model: str, dataset: str, out: str, cases: str, threshold: float, min_size: int, detector: str | None,
+                detector_threshold: float, batch_size: int, shard: str | None, overwrite: bool) -> None:
+    """Segment volumes to PRED/NAME/<case>.nii.gz, or score slices to PRED/NAME/slices.csv."""
+    from bonemets_tf.predict import PredictOptions, parse_shard, predict
+
+    options = PredictOptions(cases=cases, threshold=threshold, min_size=min_size, detector_threshold=detector_threshold,
+                             batch_size=batch_size, shard=parse_shard(shard))
+    path = predict(model, dataset, out, options=options, detector=detector, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
+@main.command("gradcam")
+@click.option("--model", "model", required=True, type=click.Path(path_type=str), help="Detector RUN folder from `train`.")
+@click.option("--dataset", required=True, type=click.Path(path_type=str), help="Cohort folder.")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Output folder (written atomically).")
+@click.option("--cases", default="test", show_default=True, help=CASES_HELP)
+@click.option("--max-slices", default=4, show_default=True, type=int, help="Overlays per case (its most confident slices).")
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(["gradcam", "gradcam++"]))
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Slices per network call.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+def gradcam_cmd(model: str, dataset: str, out: str, cases: str, max_slices: int, method: str, batch_size: int,
+                overwrite: bool) -> None:
+    """Grad-CAM overlays (PNG), heat-map volumes (NIfTI) and gradcam.csv for a detector."""
+    from bonemets_tf.gradcam import gradcam
+
+    path = gradcam(model, dataset, out, cases=cases, max_slices=max_slices, method=method, batch_size=batch_size,
+                   overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
+@main.command("export")
+@click.option("--model", "model", required=True, type=click.Path(path_type=str), help="RUN folder from `train`.")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="SavedModel folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+def export_cmd(model: str, out: str, overwrite: bool) -> None:
+    """Export a RUN as a TensorFlow SavedModel: ct_hu (HU) -> lesion_probability."""
+    from bonemets_tf.export import export_savedmodel
+
+    path = export_savedmodel(model, out, overwrite=overwrite)
+    click.echo(f"wrote {path} (signature serving_default: ct_hu -> lesion_probability)")
 # ---- END tf-infer ----
 
 # ==== nnU-Net / PyTorch (nnunet_bridge) =============================================
 # ---- BEGIN nnunet ----
+NNUNET_DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _nnunet_folds(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    """Parse --folds 0,1,2 into a tuple of distinct non-negative ints."""
+    if value is None:
+        return None
+    try:
+        folds = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected fold numbers like 0,1,2,3,4") from None
+    if not folds or min(folds) < 0 or len(set(folds)) != len(folds):
+        raise click.BadParameter(f"{value!r}: expected distinct fold numbers like 0,1,2,3,4")
+    return folds
+
+
+def _nnunet_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    """Parse --shard i/n (0-based)."""
+    if value is None:
+        return None
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise click.BadParameter(f"{value!r}: expected i/n with 0 <= i < n")
+    return i, n
+
+
+@main.group("nnunet")
+def nnunet_group() -> None:
+    """nnU-Net v2 (PyTorch, 2d configuration) on the cohort's patients and splits."""
+
+
+@nnunet_group.command("train")
+@click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False), help="Cohort folder with splits.json.")
+@click.option("--work", required=True, type=click.Path(file_okay=False), help="Work folder for every nnU-Net file.")
+@click.option("--folds", default="0,1,2,3,4", show_default=True, callback=_nnunet_folds, help="Folds to train.")
+@click.option("--epochs", type=int, default=None, help="Epochs (nnU-Net default 1000).")
+@click.option("--iterations", type=int, default=None, help="Training iterations per epoch (nnU-Net default 250).")
+@click.option("--val-iterations", type=int, default=None, help="Validation iterations per epoch (nnU-Net default 50).")
+@click.option("--device", type=click.Choice(NNUNET_DEVICES), default="auto", show_default=True,
+              help="auto: CUDA when available, else CPU.")
+@click.option("--num-gpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="GPUs per fold (nnU-Net DDP when > 1).")
+@click.option("--resume", is_flag=True, help="Continue each fold from nnU-Net's latest checkpoint.")
+def nnunet_train_cmd(dataset: str, work: str, folds: tuple[int, ...], epochs: int | None, iterations: int | None,
+                     val_iterations: int | None, device: str, num_gpus: int, resume: bool) -> None:
+    """Convert the training patients to 2D slices, plan/preprocess, and train nnU-Net folds."""
+    from nnunet_bridge.train import TrainOptions, train
+
+    report = train(dataset, work, TrainOptions(folds=folds, epochs=epochs, iterations=iterations,
+                                               val_iterations=val_iterations, device=device, num_gpus=num_gpus,
+                                               resume=resume))
+    click.echo(f"trained fold(s) {','.join(map(str, report.folds))} in {work}; "
+               f"network parameters {report.parameters:,} (paper 30.6M)")
+
+
+@nnunet_group.command("predict")
+@click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False), help="Cohort folder.")
+@click.option("--work", required=True, type=click.Path(exists=True, file_okay=False), help="Work folder of `nnunet train`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder, e.g. PRED/nnunet.")
+@click.option("--cases", default="test", show_default=True, help=CASES_HELP)
+@click.option("--folds", default=None, callback=_nnunet_folds, help="Folds to ensemble (default: every trained fold).")
+@click.option("--device", type=click.Choice(NNUNET_DEVICES), default="auto", show_default=True,
+              help="auto: CUDA when available, else CPU.")
+@click.option("--no-mirroring", is_flag=True, help="Disable mirroring test-time augmentation (4x faster in 2D).")
+@click.option("--shard", default=None, callback=_nnunet_shard, metavar="I/N",
+              help="Predict only every N-th case starting at I (0-based), to split a run across processes.")
+@click.option("--overwrite", is_flag=True, help="Replace existing predictions of the selected cases.")
+def nnunet_predict_cmd(dataset: str, work: str, out: str, cases: str, folds: tuple[int, ...] | None, device: str,
+                       no_mirroring: bool, shard: tuple[int, int] | None, overwrite: bool) -> None:
+    """Predict lesion masks OUT/<case>.nii.gz (uint8, the CT's geometry) with the trained folds."""
+    from nnunet_bridge.predict import PredictOptions, predict
+
+    written = predict(dataset, work, out, PredictOptions(cases=cases, folds=folds, device=device,
+                                                         mirroring=not no_mirroring, overwrite=overwrite,
+                                                         shard=shard))
+    click.echo(f"wrote {len(written)} mask(s) to {out}")
 # ---- END nnunet ----
 
 # ==== whole study ===================================================================

@@ -42,7 +42,7 @@ import numpy as np
 
 from analysis.cohort import Cohort
 from analysis.errors import InputError
-from analysis.io import Geometry, atomic_directory, atomic_write_json, atomic_write_text, read_array, read_header, write_mask
+from analysis.io import Geometry, atomic_directory, count_nonfinite, atomic_write_json, atomic_write_text, read_array, read_header, write_mask
 from bonemets_tf.models.catalog import DETECT, SEGMENT
 from bonemets_tf.run import RunInfo, read_run
 
@@ -325,6 +325,9 @@ def _plan(model: str | os.PathLike, dataset: str | os.PathLike, out: Path, detec
         g = read_header(path)
         if len(g.size) != 3:
             raise InputError(f"{path}: is a {len(g.size)}D image, expected a 3D CT")
+        bad = count_nonfinite(path)  # decodes float files only; integer CTs are finite
+        if bad:
+            raise InputError(f"{path}: {bad} voxel(s) are NaN or infinite; expected finite values (HU)")
         geometries[case] = g
     seg, det_run = (run, det) if run.task == SEGMENT else (None, run)
     return _Plan(seg=seg, det=det_run, cohort=cohort, cases=cases, geometries=geometries)
@@ -386,7 +389,7 @@ def _run_cases(plan: _Plan, seg: Predictor | None, det: Predictor | None, option
     per_case: dict[str, dict[str, int]] = {}
     network_slices, network_seconds = 0, 0.0
     for case in tqdm(plan.cases, desc="predict", unit="case", file=sys.stderr, disable=None):
-        volume, geometry = read_array(plan.cohort.image_path(case))
+        volume, geometry = read_array(plan.cohort.image_path(case), require_finite=False)  # checked in _plan
         volume = volume.astype(np.float32, copy=False)
         n = volume.shape[0]
         t = time.perf_counter()

@@ -113,11 +113,10 @@ class TrainConfig:
         for name in ("epochs", "steps_per_epoch", "batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected >= 1")
-        if self.image_size < 32 or self.image_size % CATALOG[self.arch].stride and self.task != DETECT:
+        stride = CATALOG[self.arch].stride
+        if self.image_size < 32 or (self.task != DETECT and self.image_size % stride):
             raise InputError(f"--image-size {self.image_size}: expected >= 32 and, for segmenters, "
-                             f"a multiple of {CATALOG[self.arch].stride}")
-        if self.image_size < 32:
-            raise InputError(f"--image-size {self.image_size}: expected >= 32")
+                             f"a multiple of {stride}")
         if not 0.0 <= self.positive_fraction <= 1.0:
             raise InputError(f"positive_fraction {self.positive_fraction}: expected a value in [0, 1]")
         if self.precision not in PRECISIONS:
@@ -238,7 +237,8 @@ def _fit(config, run, record, cached_train, cached_val, strategy, tf, data) -> N
     log.info("training %s (%s) for epochs %d..%d, %d steps of %d", config.arch, config.task,
              state.epoch + 1, config.epochs, config.steps_per_epoch, config.batch_size)
     model.fit(train_ds, epochs=config.epochs, initial_epoch=state.epoch, steps_per_epoch=config.steps_per_epoch,
-              validation_data=val_ds, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+              validation_data=val_ds, callbacks=callbacks, shuffle=False,
+              verbose=1 if sys.stdout.isatty() else 2)
 
 
 # --- run state ----------------------------------------------------------------------

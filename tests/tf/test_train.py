@@ -1,0 +1,78 @@
+"""Training writes a complete RUN folder and resumes where it stopped."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from click.testing import CliRunner  # noqa: E402
+
+import cli  # noqa: E402
+from analysis.errors import InputError  # noqa: E402
+from bonemets_tf.train import TrainConfig, train  # noqa: E402
+
+
+def _config(dataset: Path, **kw) -> TrainConfig:
+    base = dict(dataset=str(dataset), task="segment", arch="unet", epochs=1, steps_per_epoch=2, batch_size=2,
+                image_size=32, width=0.25, seed=3, deterministic=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def _history(run: Path) -> list[dict[str, str]]:
+    with open(run / "history.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cli_one_epoch_writes_every_artefact(cohort_dir, tmp_path):
+    run = tmp_path / "RUN"
+    args = ["train", "--dataset", str(cohort_dir), "--task", "segment", "--arch", "unet", "--out", str(run),
+            "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--image-size", "32",
+            "--width", "0.25", "--cache", str(tmp_path / "cache")]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    assert (run / "model.keras").is_file() and (run / "checkpoints" / "epoch-0001.weights.h5").is_file()
+    config = json.loads((run / "config.json").read_text())
+    assert config["settings"]["arch"] == "unet" and config["settings"]["seed"] == 0
+    assert config["split"]["test"] == ["case_04"] and "case_04" not in config["split"]["train"] + config["split"]["val"]
+    assert set(config["versions"]) >= {"tensorflow", "keras", "numpy"} and len(config["dataset_fingerprint"]) == 16
+    rows = _history(run)
+    assert [r["epoch"] for r in rows] == ["1"] and {"loss", "val_loss", "val_dice"} <= set(rows[0])
+    model = keras.models.load_model(run / "model.keras")
+    assert model(np.zeros((1, 40, 48, 1), np.float32)).shape == (1, 40, 48, 1)
+    # an existing run is never overwritten silently
+    again = CliRunner().invoke(cli.main, args)
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_resume_equals_uninterrupted_run(cohort_dir, tmp_path):
+    cache = tmp_path / "cache"
+    straight = train(_config(cohort_dir, epochs=2), tmp_path / "A", cache_dir=cache)
+    first = train(_config(cohort_dir, epochs=1), tmp_path / "B", cache_dir=cache)
+    saved_epoch1 = _history(first)
+    train(_config(cohort_dir, epochs=2), tmp_path / "B", cache_dir=cache, resume=True)
+    resumed = _history(tmp_path / "B")
+    assert [r["epoch"] for r in resumed] == ["1", "2"]
+    assert resumed[0] == saved_epoch1[0]  # epoch 1 kept, not retrained
+    # epoch 2 started from the saved weights, optimizer state and data stream
+    for key in ("loss", "val_loss"):
+        assert float(resumed[1][key]) == pytest.approx(float(_history(straight)[1][key]), rel=1e-4)
+    assert json.loads((tmp_path / "B" / "config.json").read_text())["settings"]["epochs"] == 2
+
+
+def test_resume_refuses_changed_settings(cohort_dir, tmp_path):
+    cache = tmp_path / "cache"
+    train(_config(cohort_dir), tmp_path / "R", cache_dir=cache)
+    with pytest.raises(InputError, match="width"):
+        train(replace(_config(cohort_dir, epochs=2), width=0.5), tmp_path / "R", cache_dir=cache, resume=True)
+
+
+def test_task_must_match_arch(cohort_dir, tmp_path):
+    with pytest.raises(InputError, match="unet is a segment model"):
+        train(_config(cohort_dir, task="detect"), tmp_path / "X")
+    assert not (tmp_path / "X").exists()
