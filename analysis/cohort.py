@@ -175,9 +175,25 @@ class Cohort:
         return chosen
 
 
-def write_dataset_json(root: str | os.PathLike, num_training: int) -> Path:
-    """Write the cohort's ``dataset.json`` atomically."""
-    return atomic_write_json(Path(root) / "dataset.json", dataset_json_content(num_training))
+def write_dataset_json(root: str | os.PathLike, num_training: int, *, description: str | None = None) -> Path:
+    """Write the cohort's ``dataset.json`` atomically.
+
+    Extra keys of an existing file (a ``name`` or ``description``, say) are kept; the
+    required fields are (re)set. A ``description`` mentioning "synthetic" or "phantom"
+    makes reports say the data are not patients'.
+    """
+    path = Path(root) / "dataset.json"
+    content: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            old = read_json(path, what="dataset.json")
+            content = old if isinstance(old, dict) else {}
+        except InputError:
+            content = {}
+    content.update(dataset_json_content(num_training))
+    if description is not None:
+        content["description"] = description
+    return atomic_write_json(path, content)
 
 
 def dataset_json_problems(data: Any) -> list[str]:

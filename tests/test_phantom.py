@@ -165,3 +165,13 @@ def test_importing_the_phantom_imports_no_framework():
 
     code = "import analysis.phantom, sys; assert not {'torch', 'tensorflow'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_phantom_cohort_says_it_is_synthetic(tmp_path):
+    from analysis.analyze import _is_synthetic
+    from analysis.cohort import Cohort
+    from analysis.phantom import generate_cohort
+
+    out = generate_cohort(tmp_path / "ds", cases=1, shape=(8, 32, 32))
+    assert "synthetic" in Cohort(out).dataset_json()["description"]
+    assert _is_synthetic(Cohort(out))
