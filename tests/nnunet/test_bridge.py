@@ -1,0 +1,253 @@
+"""nnunet_bridge: environment scoping, 2D conversion, patient-grouped splits, CLI errors, and
+(slow) a real 1-epoch nnU-Net training of one fold with prediction back to the CT's geometry."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from click.testing import CliRunner
+
+from analysis.cohort import Cohort
+from analysis.errors import InputError
+from analysis.io import Geometry, read_array, read_image, write_array
+from analysis.splits import write_splits
+from cli import main
+from nnunet_bridge.convert import convert_patients, nnunet_splits, slice_case_id
+from nnunet_bridge.env import DATASET_NAME, SCHEDULE_ENV, TRAINERS_DIR, WorkLayout, nnunet_environment
+from nnunet_bridge.predict import predict_volume, select_cases
+from nnunet_bridge.train import TrainOptions, _schedule
+from tests.conftest import make_geometry, write_tiny_cohort
+
+ROOT = Path(__file__).resolve().parents[2]
+#: rotated 90 degrees about z, anisotropic spacing: a wrong axis order or flip cannot go unnoticed
+ROTATED = dict(spacing=(0.7, 1.1, 3.0), origin=(12.0, -30.0, 7.5),
+               direction=(0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_def_n_proc",
+               "nnUNet_n_proc_DA", SCHEDULE_ENV)
+
+
+def test_importing_the_bridge_imports_neither_tensorflow_nor_torch():
+    code = ("import sys, nnunet_bridge, nnunet_bridge.env, nnunet_bridge.convert, nnunet_bridge.train, "
+            "nnunet_bridge.predict, nnunet_bridge.device; "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'torch', 'nnunetv2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_trainer_module_imports_torch_but_never_tensorflow():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import bonemets_nnunet_trainer as t; "
+            "print(t.nnUNetTrainerBonemets.__name__, t.SCHEDULE_ENV, 'tensorflow' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(TRAINERS_DIR)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-4:] == ["nnUNetTrainerBonemets", SCHEDULE_ENV, "False", "True"]
+
+
+def test_environment_is_scoped_and_restored(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_raw", "/somewhere/else")
+    for name in NNUNET_VARS[1:]:
+        monkeypatch.delenv(name, raising=False)
+    with nnunet_environment(tmp_path / "w", augmentation_workers=0, schedule={"num_epochs": 3}) as layout:
+        assert os.environ["nnUNet_raw"] == str(layout.raw) == str((tmp_path / "w" / "nnUNet_raw").absolute())
+        assert os.environ["nnUNet_results"] == str(layout.results)
+        assert os.environ["nnUNet_extTrainer"] == str(TRAINERS_DIR)
+        assert os.environ["nnUNet_n_proc_DA"] == "0"
+        assert json.loads(os.environ[SCHEDULE_ENV]) == {"num_epochs": 3}
+        assert layout.preprocessed.is_dir()
+    assert os.environ["nnUNet_raw"] == "/somewhere/else"
+    assert not [name for name in NNUNET_VARS[1:] if name in os.environ]
+    with pytest.raises(RuntimeError), nnunet_environment(tmp_path / "w"):
+        raise RuntimeError("boom")
+    assert os.environ["nnUNet_raw"] == "/somewhere/else" and "nnUNet_results" not in os.environ
+
+
+def test_user_process_counts_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "5")
+    with nnunet_environment(tmp_path, augmentation_workers=0):
+        assert os.environ["nnUNet_n_proc_DA"] == "5"
+    assert os.environ["nnUNet_n_proc_DA"] == "5"
+
+
+def test_conversion_writes_true_2d_slices_in_array_order(tmp_path):
+    geom = make_geometry((5, 12, 10), **ROTATED)
+    ds = write_tiny_cohort(tmp_path / "ds", n_cases=3, shape=(5, 12, 10), geometry=geom)
+    cohort = Cohort(ds)
+    raw = tmp_path / "raw" / DATASET_NAME
+    slices = convert_patients(cohort, ["case_000", "case_002"], raw)
+    assert slices == {"case_000": [f"case_000_{z:04d}" for z in range(5)],
+                      "case_002": [f"case_002_{z:04d}" for z in range(5)]}
+    assert sorted(p.name for p in (raw / "imagesTr").iterdir())[:2] == ["case_000_0000_0000.nii.gz",
+                                                                        "case_000_0001_0000.nii.gz"]
+    assert len(list((raw / "labelsTr").iterdir())) == 10
+    assert not list((raw / "imagesTr").glob("case_001_*")), "an unlisted (e.g. test) patient was converted"
+    ct, _ = read_array(cohort.image_path("case_000"))
+    lab, _ = read_array(cohort.label_path("case_000"))
+    for z in (0, 2, 4):
+        img = read_image(raw / "imagesTr" / f"case_000_{z:04d}_0000.nii.gz", ndim=2)
+        assert img.GetSpacing() == pytest.approx((0.7, 1.1))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(img), ct[z])
+        seg = read_image(raw / "labelsTr" / f"case_000_{z:04d}.nii.gz", ndim=2)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), lab[z])
+    ds_json = json.loads((raw / "dataset.json").read_text())
+    assert ds_json["channel_names"] == {"0": "CT"}
+    assert ds_json["labels"] == {"background": 0, "lesion": 1}
+    assert ds_json["numTraining"] == 10 and ds_json["file_ending"] == ".nii.gz"
+
+
+def test_conversion_rejects_non_binary_labels(tmp_path):
+    ds = write_tiny_cohort(tmp_path / "ds", n_cases=2)
+    geom = make_geometry()
+    lab = np.zeros((6, 16, 20), np.uint8)
+    lab[0, 0, 0] = 2
+    write_array(lab, geom, Cohort(ds).label_path("case_001"))
+    with pytest.raises(InputError, match=r"case_001\.nii\.gz: label values \[0, 2\]"):
+        convert_patients(Cohort(ds), ["case_000", "case_001"], tmp_path / "raw" / DATASET_NAME)
+    assert not (tmp_path / "raw" / DATASET_NAME).exists(), "no partial dataset may be left behind"
+
+
+def test_splits_are_grouped_by_patient_and_fold_k_is_ours():
+    splits = {"test": ["p9"], "folds": [{"train": ["p1", "p2"], "val": ["p3"]},
+                                        {"train": ["p2", "p3"], "val": ["p1"]}]}
+    slices = {p: [slice_case_id(p, z) for z in range(3)] for p in ("p1", "p2", "p3")}
+    folds = nnunet_splits(splits, slices)
+    assert len(folds) == 2
+    assert folds[0]["val"] == ["p3_0000", "p3_0001", "p3_0002"]
+    assert folds[1]["val"] == ["p1_0000", "p1_0001", "p1_0002"]
+    assert folds[0]["train"] == slices["p1"] + slices["p2"]
+    for fold in folds:
+        patients = {c.rsplit("_", 1)[0] for part in ("train", "val") for c in fold[part]}
+        assert "p9" not in patients
+        assert not {c.rsplit("_", 1)[0] for c in fold["train"]} & {c.rsplit("_", 1)[0] for c in fold["val"]}
+    with pytest.raises(InputError, match="p9"):
+        nnunet_splits({"test": [], "folds": [{"train": ["p9"], "val": ["p1"]}]}, slices)
+
+
+def test_resume_reuses_the_recorded_schedule_unless_overridden(tmp_path):
+    layout = WorkLayout(tmp_path)
+    (tmp_path / "train_settings.json").write_text(json.dumps(
+        {"schedule": {"num_epochs": 7, "num_iterations_per_epoch": 11}}))
+    assert _schedule(TrainOptions(resume=True, epochs=9), layout) == {"num_epochs": 9, "num_iterations_per_epoch": 11}
+    assert _schedule(TrainOptions(resume=False), layout) == {}
+    assert _schedule(TrainOptions(iterations=4, val_iterations=2), layout) == {
+        "num_iterations_per_epoch": 4, "num_val_iterations_per_epoch": 2}
+
+
+class _ThresholdPredictor:
+    """Stands in for nnUNetPredictor: 'lesion' wherever the input exceeds 500 HU."""
+
+    def predict_single_npy_array(self, image, properties):
+        assert image.ndim == 4 and image.shape[0] == 1
+        self.spacing = properties["spacing"]
+        return (image[0] > 500).astype(np.uint8)
+
+
+def test_predicted_volume_keeps_array_order_and_geometry(tmp_path):
+    geom = make_geometry((5, 12, 10), **ROTATED)
+    ct = np.full((5, 12, 10), -1000, np.int16)
+    ct[1:3, 2:5, 6:9] = 900
+    fake = _ThresholdPredictor()
+    mask = predict_volume(fake, ct, geom)
+    assert fake.spacing == [3.0, 1.1, 0.7]  # (z, y, x), the order of the array axes
+    from analysis.io import write_mask
+    write_mask(mask, geom, tmp_path / "m.nii.gz")
+    back, g = read_array(tmp_path / "m.nii.gz")
+    assert g.mismatch(geom) is None and back.dtype == np.uint8
+    np.testing.assert_array_equal(np.argwhere(back), np.argwhere(ct > 500))
+
+
+def test_shards_partition_the_cases(tiny_cohort):
+    cohort = Cohort(tiny_cohort)
+    shards = [select_cases(cohort, "all", (i, 2)) for i in range(2)]
+    assert sorted(shards[0] + shards[1]) == cohort.cases() and not set(shards[0]) & set(shards[1])
+    with pytest.raises(InputError, match="--shard 2/2"):
+        select_cases(cohort, "all", (2, 2))
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, tiny_cohort):
+    runner = CliRunner()
+    r = runner.invoke(main, ["nnunet", "train", "--dataset", str(tiny_cohort), "--work", str(tmp_path / "w")])
+    assert r.exit_code == 2 and "splits.json: not found" in r.output
+    write_splits(tiny_cohort, test_fraction=0.0, folds=2)
+    r = runner.invoke(main, ["nnunet", "train", "--dataset", str(tiny_cohort), "--work", str(tmp_path / "w"),
+                             "--folds", "0,5", "--device", "cpu"])
+    assert r.exit_code == 2 and "--folds 0,5: splits.json has folds 0..1" in r.output
+    (tmp_path / "w").mkdir(exist_ok=True)
+    r = runner.invoke(main, ["nnunet", "predict", "--dataset", str(tiny_cohort), "--work", str(tmp_path / "w"),
+                             "--out", str(tmp_path / "pred"), "--device", "cpu", "--cases", "all"])
+    assert r.exit_code == 2 and "no trained nnU-Net fold" in r.output
+    assert not (tmp_path / "pred").exists()
+    r = runner.invoke(main, ["nnunet", "predict", "--dataset", str(tiny_cohort), "--work", str(tmp_path / "w"),
+                             "--out", str(tmp_path / "pred"), "--shard", "3/2"])
+    assert r.exit_code == 2 and "0 <= i < n" in r.output
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine, multi-threaded torch is many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_train_one_fold_and_predict_back_to_the_ct_geometry(tmp_path, one_thread):
+    geom = make_geometry((4, 32, 32), **ROTATED)
+    ds = write_tiny_cohort(tmp_path / "ds", n_cases=4, shape=(4, 32, 32), geometry=geom)
+    splits = json.loads(write_splits(ds, test_fraction=0.25, folds=2, seed=0).read_text())
+    test_case = splits["test"][0]
+    work, pred = tmp_path / "work", tmp_path / "pred"
+    runner = CliRunner()
+    r = runner.invoke(main, ["nnunet", "train", "--dataset", str(ds), "--work", str(work), "--folds", "0",
+                             "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--device", "cpu"],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    layout = WorkLayout(work)
+    assert layout.trained_folds() == [0]
+    assert not list((layout.raw_dataset / "imagesTr").glob(f"{test_case}_*")), "a test patient reached nnU-Net"
+    final = json.loads((layout.preprocessed_dataset / "splits_final.json").read_text())
+    assert sorted({c.rsplit("_", 1)[0] for c in final[0]["val"]}) == splits["folds"][0]["val"]
+    debug = json.loads((layout.fold_folder(0) / "debug.json").read_text())
+    assert (debug["num_epochs"], debug["num_iterations_per_epoch"], debug["num_val_iterations_per_epoch"]) == \
+        ("1", "2", "1")
+    params = json.loads(layout.params_json.read_text())
+    assert params["parameters"] > 100_000 and params["paper_parameters"] == 30_600_000
+    assert "nnUNet_raw" not in os.environ
+
+    r = runner.invoke(main, ["nnunet", "predict", "--dataset", str(ds), "--work", str(work), "--out", str(pred),
+                             "--device", "cpu", "--no-mirroring"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    mask, g = read_array(pred / f"{test_case}.nii.gz")
+    assert g.mismatch(geom) is None, g.mismatch(geom)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    r = runner.invoke(main, ["nnunet", "predict", "--dataset", str(ds), "--work", str(work), "--out", str(pred),
+                             "--device", "cpu", "--folds", "1"])
+    assert r.exit_code == 2 and "fold 1 is not trained" in r.output
+
+    # The volume path must equal predicting the 2D slice images nnU-Net was trained on.
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    with nnunet_environment(work):
+        predictor = nnUNetPredictor(device=torch.device("cpu"), use_mirroring=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(layout.model_folder), use_folds=(0,))
+        ct, _ = read_array(Cohort(ds).image_path(test_case))
+        logits_volume = _logits(predictor, ct[None].astype(np.float32), [3.0, 1.1, 0.7])
+        for z in range(ct.shape[0]):
+            logits_slice = _logits(predictor, ct[None, z:z + 1].astype(np.float32), [999.0, 1.1, 0.7])
+            np.testing.assert_allclose(logits_volume[:, z], logits_slice[:, 0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(predict_volume(predictor, ct, geom), mask)
+
+
+def _logits(predictor, image: np.ndarray, spacing: list[float]) -> np.ndarray:
+    _, probabilities = predictor.predict_single_npy_array(image, {"spacing": spacing}, None, None, True)
+    return np.asarray(probabilities)
