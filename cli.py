@@ -419,6 +419,26 @@ def nnunet_predict_cmd(dataset: str, work: str, out: str, cases: str, folds: tup
 
 # ==== whole study ===================================================================
 # ---- BEGIN demo ----
+@main.command()
+@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False, path_type=str),
+              help="Demo folder; rerunning skips finished stages.")
+@click.option("--quick", is_flag=True, help="Tiny budgets: the whole study in at most 10 minutes (smoke test).")
+@click.option("--cases", type=click.IntRange(min=6), help="Phantom patients (default: 6 quick, 12 full).")
+@click.option("--seed", default=0, show_default=True, type=int)
+def demo(out: str, quick: bool, cases: int | None, seed: int) -> None:
+    """The whole study on a phantom: 7 models, masks, analysis and a report.
+
+    Each framework stage runs as its own `python cli.py` process.
+    """
+    from study.demo import StageFailed, run_demo
+
+    try:
+        report = run_demo(out, quick=quick, cases=cases, seed=seed)
+    except StageFailed as exc:
+        click.echo(f"error: {exc}; rerun the same command to resume", err=True)
+        sys.exit(1)
+    click.echo(f"report: {report}")
+    click.echo(f"report (HTML, figures embedded): {report.with_suffix('.html')}")
 # ---- END demo ----
 
 
