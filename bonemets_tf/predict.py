@@ -275,13 +275,11 @@ def estimate_case_bytes(shape: Sequence[int], *, task: str, context: int, batch_
 
 
 def check_memory(needed: int, what: str) -> None:
-    """Raise :class:`InputError` when ``needed`` bytes exceed the available memory."""
-    import psutil
+    """Raise :class:`InputError` when ``needed`` bytes exceed the available memory
+    (:func:`analysis.resources.require_memory`)."""
+    from analysis.resources import require_memory
 
-    available = int(psutil.virtual_memory().available)
-    if needed > available:
-        raise InputError(f"{what}: needs about {needed / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB "
-                         f"is available; use a smaller --batch-size")
+    require_memory(needed, what, hint="use a smaller --batch-size")
 
 
 # --- the command ----------------------------------------------------------------------
