@@ -44,6 +44,7 @@ from analysis.metrics.detection import slice_detection
 from analysis.metrics.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone_identity, count_neighbours,
                                       diffuse_fractions, lesion_instances, lesion_table, match_lesions)
 from analysis.metrics.overlap import case_overlap, slice_overlap
+from analysis.resources import ANALYZE_BYTES_PER_VOXEL, require_memory, voxels
 from analysis.stats import holm, paired_ttest
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,10 @@ def _validate(dataset: Path, predictions: Path, config: AnalysisConfig) -> _Inpu
     n_slices = {case: geometry[case].shape[0] for case in cases}
     probabilities = {m: read_slices_csv(predictions / m / SLICES_CSV, n_slices, cohort.cases()) for m in detectors}
     inputs = _Inputs(cohort, cases, segmenters, detectors, geometry, probabilities, predictions)
+    biggest = max(cases, key=lambda c: voxels(geometry[c].shape))
+    require_memory(ANALYZE_BYTES_PER_VOXEL * voxels(geometry[biggest].shape),
+                   f"{cohort.image_path(biggest)}: analysing {geometry[biggest].shape} voxels (slices, rows, cols)",
+                   hint="run on a machine with more memory")
     _check_masks(inputs)
     return inputs
 

@@ -11,6 +11,8 @@ import contextlib
 import gzip
 import json
 import os
+import re
+import socket
 import struct
 import zlib
 import shutil
@@ -356,6 +358,44 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
         raise InputError(f"{p}: malformed {what} ({exc})") from None
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_partials(final: str | os.PathLike) -> list[Path]:
+    """Remove hidden ``.NAME.<host>.<pid>.*.partial`` siblings of ``final`` left by killed runs.
+
+    :func:`atomic_directory` builds ``final`` in such a sibling. A process killed by SIGKILL
+    (or a power cut) cannot remove it; the next run for the same output removes those whose
+    process no longer exists on this host. Partials of live processes (a concurrent run) and
+    of other hosts (a shared file system) are left alone; every reader in the project
+    ignores hidden files and folders, so a leftover is never mistaken for output.
+
+    Returns:
+        The folders removed.
+    """
+    final = Path(final)
+    pattern = re.compile(re.escape(f".{final.name}.") + r"(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\..*partial$")
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for p in final.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Build an output folder in a temporary sibling and move it into place on success.
@@ -376,14 +416,15 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
     if final.is_dir() and any(final.iterdir()) and not overwrite:
         raise InputError(f"{final}: output folder exists and is not empty; pass --overwrite to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    remove_stale_partials(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_HOST}.{os.getpid()}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        trash = final.with_name(f".{final.name}.{_HOST}.{os.getpid()}.old.partial")
         os.replace(final, trash)
         os.replace(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)

@@ -47,6 +47,7 @@ from scipy import ndimage
 from analysis.cohort import Cohort, write_dataset_json
 from analysis.errors import InputError
 from analysis.io import Geometry, atomic_directory, write_array
+from analysis.resources import PHANTOM_BYTES_PER_VOXEL, require_memory, voxels
 
 log = logging.getLogger(__name__)
 
@@ -953,6 +954,8 @@ def generate_cohort(out: str | os.PathLike, *, cases: int = 8, seed: int = 0, sh
     shape_, spacing_ = _check_grid(shape, spacing)
     if int(cases) != cases or cases < 1:
         raise InputError(f"cases {cases!r}: expected a positive number of cases")
+    require_memory(PHANTOM_BYTES_PER_VOXEL * voxels(shape_), f"{out}: a phantom case of {shape_} voxels (slices, rows, cols)",
+                   hint="use a smaller --shape" if scale is None else "use --shape instead of --scale paper")
     design = cohort_design(seed, int(cases))
     with atomic_directory(out, overwrite=overwrite) as tmp:
         cohort = Cohort(tmp)
