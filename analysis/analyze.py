@@ -255,7 +255,8 @@ def _read_binary(path: Path) -> np.ndarray:
         if bad.any():
             found = np.unique(array[bad])[:5]
             raise InputError(f"{path}: not a binary mask; expected values 0 and 1, found "
-                             f"{', '.join(f'{v:g}' for v in found)}")
+                             f"{', '.join(f'{v:g}' for v in found)} (a multi-label or probability mask? "
+                             f"binarise it first)")
     return array != 0
 
 

@@ -93,11 +93,24 @@ class Cohort:
 
     # --- contents ------------------------------------------------------------
     def require_exists(self) -> None:
-        """Raise :class:`InputError` unless the folder looks like a cohort."""
+        """Raise :class:`InputError` unless the folder is a usable cohort.
+
+        Checks the folders, ``dataset.json`` (see :meth:`dataset_json`) and that every
+        image has a label and every label an image, so that no command silently drops a
+        case. Voxel-level checks are ``validate``'s (and each command's) job.
+        """
         if not self.root.is_dir():
             raise InputError(f"{self.root}: dataset folder not found")
         if not self.images_dir.is_dir():
             raise InputError(f"{self.images_dir}: missing; expected CT images as imagesTr/<case>_0000.nii.gz")
+        if not self.labels_dir.is_dir():
+            raise InputError(f"{self.labels_dir}: missing; expected lesion masks as labelsTr/<case>{FILE_ENDING}")
+        self.dataset_json()
+        images, labels = set(self.image_cases()), set(self.label_cases())
+        for case in sorted(images - labels):
+            raise InputError(f"{self.image_path(case)}: image without a label; expected {self.label_path(case)}")
+        for case in sorted(labels - images):
+            raise InputError(f"{self.label_path(case)}: label without an image; expected {self.image_path(case)}")
 
     def image_cases(self) -> list[str]:
         """Case ids that have an image, sorted."""

@@ -172,7 +172,8 @@ def import_dicom(dicom_dir: str | os.PathLike, dataset: str | os.PathLike, case:
             raise InputError(f"{label}: {mismatch} of the DICOM series in {dicom_dir}")
         values = [v for v in np.unique(mask_arr).tolist() if v not in (0, 1)]
         if values:
-            raise InputError(f"{label}: label values {values[:8]} found; expected only 0 and 1")
+            raise InputError(f"{label}: label values {values[:8]} found; expected only 0 and 1 "
+                             f"(a multi-label or probability mask? binarise it first)")
 
     write_image(out, img_path)
     if mask_arr is not None:

@@ -256,11 +256,16 @@ def read_array(path: str | os.PathLike, *, ndim: int | None = 3,
     return array, Geometry.of(image)
 
 
-def read_header(path: str | os.PathLike) -> Geometry:
+def read_header(path: str | os.PathLike, *, ndim: int | None = 3) -> Geometry:
     """Geometry of an image file without decoding its voxels (fast).
 
+    Args:
+        path: image file.
+        ndim: required dimension (3 for volumes); None accepts any.
+
     Raises:
-        InputError: missing, empty or unreadable file.
+        InputError: missing, empty, truncated or unreadable file, a vector image, or
+            the wrong dimension.
     """
     p = Path(path)
     if not p.is_file():
@@ -274,6 +279,10 @@ def read_header(path: str | os.PathLike) -> Geometry:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise InputError(f"{p}: not a readable image ({_first_line(str(exc))}); expected a NIfTI file") from None
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(f"{p}: has {reader.GetNumberOfComponents()} components per voxel, expected a scalar image")
+    if ndim is not None and reader.GetDimension() != ndim:
+        raise InputError(f"{p}: is a {reader.GetDimension()}D image, expected {ndim}D")
     return Geometry(
         size=tuple(int(s) for s in reader.GetSize()),
         spacing=tuple(float(s) for s in reader.GetSpacing()),

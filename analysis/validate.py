@@ -125,8 +125,10 @@ def validate_dataset(dataset: str | os.PathLike) -> ValidationReport:
         if summary is not None:
             report.cases.append(summary)
 
-    if isinstance(data, dict) and isinstance(data.get("numTraining"), int) and data["numTraining"] != len(cases) and cases:
-        p.append(f"{cohort.dataset_json_path}: numTraining is {data['numTraining']} but {len(cases)} cases are present")
+    # count every case id seen, so that an unpaired image or label is reported once (above), not twice
+    n_ids = len(images | labels)
+    if isinstance(data, dict) and isinstance(data.get("numTraining"), int) and data["numTraining"] != n_ids and cases:
+        p.append(f"{cohort.dataset_json_path}: numTraining is {data['numTraining']} but {n_ids} cases are present")
 
     if cohort.splits_path.exists():
         try:
