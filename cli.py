@@ -295,12 +295,15 @@ def train_cmd(out: str, resume: bool, overwrite: bool, cache_dir: str | None, **
 def predict_cmd(model: str, dataset: str, out: str, cases: str, threshold: float, min_size: int, detector: str | None,
                 detector_threshold: float, batch_size: int, shard: str | None, overwrite: bool) -> None:
     """Segment volumes to PRED/NAME/<case>.nii.gz, or score slices to PRED/NAME/slices.csv."""
+    from analysis.io import read_json
     from bonemets_tf.predict import PredictOptions, parse_shard, predict
 
     options = PredictOptions(cases=cases, threshold=threshold, min_size=min_size, detector_threshold=detector_threshold,
                              batch_size=batch_size, shard=parse_shard(shard))
     path = predict(model, dataset, out, options=options, detector=detector, overwrite=overwrite)
-    click.echo(f"wrote {path}")
+    timing = read_json(path / "predict.json", what="predict record")["timing"]
+    click.echo(f"wrote {path} ({timing['network_slices']} slices through the networks, "
+               f"{timing['slices_per_s']} slices/s)")
 
 
 @main.command("gradcam")

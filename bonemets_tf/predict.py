@@ -180,6 +180,10 @@ class Predictor:
         out = self._fn(batch).numpy()
         return out[:, 0] if self.run.task == DETECT else out[..., 0]
 
+    def warm_up(self) -> None:
+        """Trace the function once on a small batch, so timings measure steady-state inference."""
+        self._fn(np.zeros((1, 32, 32, self.run.context), np.float32))
+
     def first_filters(self) -> int:
         """Filters of the model's first convolution (a scale for memory estimates)."""
         import keras
@@ -367,6 +371,9 @@ def predict(model: str | os.PathLike, dataset: str | os.PathLike, out: str | os.
                                    batch_size=options.batch_size, first_filters=p.first_filters(),
                                    image_size=p.run.image_size, stride=p.run.stride, params=p.model.count_params())
         check_memory(need, f"case {biggest[0]} {tuple(biggest[1].shape)} with {p.run.arch}")
+    for p in (seg, det):
+        if p is not None:
+            p.warm_up()
     log.info("predict: %d case(s) with %s%s (tensorflow %s)", len(plan.cases), (seg or det).run.arch,
              f" after detector {det.run.arch}" if seg and det else "", tf.__version__)
     with atomic_directory(out, overwrite=overwrite) as tmp:
