@@ -247,6 +247,44 @@ def test_train_one_fold_and_predict_back_to_the_ct_geometry(tmp_path, one_thread
             np.testing.assert_allclose(logits_volume[:, z], logits_slice[:, 0], rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(predict_volume(predictor, ct, geom), mask)
 
+    _resume_then_interrupt(ds, work, layout)
+
+
+def _resume_then_interrupt(ds: Path, work: Path, layout: WorkLayout) -> None:
+    """``--resume`` continues from the checkpoint (prepared data reused); Ctrl-C during training
+    ends the command promptly with exit code 130 and leaves no worker process behind."""
+    import signal
+    import time
+
+    import psutil
+
+    logs_before = set(layout.fold_folder(0).glob("training_log_*.txt"))
+    # a new session, so that SIGINT reaches exactly the command's process group, as Ctrl-C does
+    proc = subprocess.Popen([sys.executable, "cli.py", "nnunet", "train", "--dataset", str(ds), "--work", str(work),
+                             "--folds", "0", "--epochs", "1000", "--resume", "--device", "cpu"],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        new_logs: set[Path] = set()
+        while not new_logs and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+            new_logs = set(layout.fold_folder(0).glob("training_log_*.txt")) - logs_before
+        assert new_logs and proc.poll() is None, f"training did not start: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}"
+        time.sleep(3)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 130, proc.stderr.read()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"orphaned workers: {alive}"
+    log_text = next(iter(new_logs)).read_text()
+    assert "Epoch 1" in log_text and "Epoch 0\n" not in log_text, "--resume did not continue after epoch 0"
+    assert layout.trained_folds() == [0]  # the interrupted run destroyed nothing
+
 
 def _logits(predictor, image: np.ndarray, spacing: list[float]) -> np.ndarray:
     _, probabilities = predictor.predict_single_npy_array(image, {"spacing": spacing}, None, None, True)
