@@ -63,7 +63,8 @@ def main(debug: bool, verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # our own progress messages are INFO; show them by default
     logging.getLogger("bonemets").setLevel(min(level, logging.INFO))
-    logging.getLogger("analysis").setLevel(min(level, logging.INFO))
+    for name in ("analysis", "bonemets_tf", "nnunet_bridge", "study"):
+        logging.getLogger(name).setLevel(min(level, logging.INFO))
 
 
 def _version() -> str:
