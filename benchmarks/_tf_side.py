@@ -1,0 +1,210 @@
+"""TensorFlow side of the benchmarks: one case per process, one JSON line on stdout.
+
+Run by ``benchmarks/run.py`` (never imports torch). Cases:
+
+* ``pipeline``: slices/s of the real training pipeline (``bonemets_tf.data.training_dataset``,
+  lesion-biased crops and augmentation on) from a slice cache, alternated in rounds with a
+  raw ``np.memmap`` read of the same kind of samples (3 context slices + mask) from the same
+  cache files: the read limit.
+* ``train``: images/s of a ``train_on_batch`` step of the registry UNet (full width) on one
+  fixed batch, for float32, float32 + XLA and mixed precision (bfloat16 on CPU, float16 on
+  GPU), modes alternated in rounds; also the parameter counts.
+* ``make-runs``: RUN folders (random init, ``model.keras`` + ``config.json``) for the
+  segmenters and one detector, so inference goes through the real ``predict`` path.
+* ``infer``: seconds of :func:`bonemets_tf.predict.predict` (NIfTI in, masks out) over a
+  cohort, for each segmenter and for the detector-gated cascade.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SEGMENTERS = ("unet", "resunet", "resattunet")
+DETECTOR = "resnet34"
+
+
+def _emit(metrics: dict, **info) -> None:
+    print(json.dumps({"metrics": metrics, "info": info}), flush=True)
+
+
+def _gpu(tf) -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def pipeline(args) -> None:
+    import tensorflow as tf
+
+    from analysis.cohort import Cohort
+    from bonemets_tf import data
+    from bonemets_tf.cache import ensure_cached
+
+    cohort = Cohort(args.dataset)
+    cached = ensure_cached(cohort, cohort.cases(), args.cache)
+    store = data.SliceStore(cached, context=args.context)
+    sampling = data.Sampling("segment", image_size=args.size)
+    it = iter(data.training_dataset(store, sampling, batch_size=args.batch, seed=0))
+    for _ in range(3):
+        next(it)  # warm-up: tracing and autotune
+    arrays = [(c.ct(), c.mask()) for c in cached]
+    rng = np.random.default_rng(0)
+    half = args.context // 2
+
+    def raw_batch() -> float:
+        total = 0.0
+        for _ in range(args.batch):
+            ct, mask = arrays[rng.integers(len(arrays))]
+            z = int(rng.integers(half, ct.shape[0] - half))
+            image = np.array(ct[z - half:z + half + 1], dtype=np.float32)  # copy out of the page cache
+            m = np.array(mask[z], dtype=np.float32)
+            total += float(image[0, 0, 0]) + float(m[0, 0])
+        return total
+
+    raw_batch()
+    pipe, raw = [], []
+    for _ in range(args.rounds):
+        t = time.perf_counter()
+        for _ in range(args.batches):
+            next(it)
+        pipe.append(args.batches * args.batch / (time.perf_counter() - t))
+        t = time.perf_counter()
+        for _ in range(args.batches * 4):
+            raw_batch()
+        raw.append(args.batches * 4 * args.batch / (time.perf_counter() - t))
+    _emit({"pipeline_slices_s": statistics.median(pipe), "raw_read_slices_s": statistics.median(raw)},
+          store=store.mode, slices=store.num_slices, crop=args.size, batch=args.batch, context=args.context,
+          threads=os.cpu_count(), tensorflow=tf.__version__)
+
+
+def train(args) -> None:
+    import keras
+    import tensorflow as tf
+
+    from bonemets_tf.losses import DiceBCELoss
+    from bonemets_tf.models import unet as unet_module
+    from bonemets_tf.models.registry import build_model
+    from unet_flops import FILTERS
+
+    if tuple(unet_module.FILTERS) != tuple(FILTERS):
+        raise SystemExit(f"benchmarks/unet_flops.py FILTERS {FILTERS} != bonemets_tf UNet {unet_module.FILTERS}")
+    gpu = _gpu(tf)
+    mixed = "mixed_float16" if gpu else "mixed_bfloat16"
+    modes = {"keras_f32": ("float32", False), "keras_xla": ("float32", True), "keras_mixed": (mixed, False),
+             "keras_xla_mixed": (mixed, True)}
+    wanted = args.modes.split(",")
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1000, 1500, (args.batch, args.size, args.size, 1)).astype(np.float32)
+    y = (rng.uniform(size=(args.batch, args.size, args.size, 1)) > 0.9).astype(np.float32)
+    models, info = {}, {}
+    for name in wanted:
+        policy, jit = modes[name]
+        keras.mixed_precision.set_global_policy(policy)
+        keras.utils.set_random_seed(0)
+        model = build_model("unet")
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=DiceBCELoss(), jit_compile=jit)
+        t = time.perf_counter()
+        for _ in range(2):
+            model.train_on_batch(x, y)  # trace / compile
+        info[f"{name}_warmup_s"] = round(time.perf_counter() - t, 2)
+        info["params"] = model.count_params()
+        info["trainable_params"] = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+        models[name] = model
+    keras.mixed_precision.set_global_policy("float32")
+    rates: dict[str, list[float]] = {n: [] for n in wanted}
+    for _ in range(args.rounds):
+        for name in wanted:
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                loss = models[name].train_on_batch(x, y)
+            rates[name].append(args.steps * args.batch / (time.perf_counter() - t))
+            info[f"{name}_loss"] = round(float(np.asarray(loss).ravel()[0]), 4)
+    _emit({f"{n}_img_s": statistics.median(r) for n, r in rates.items()}, size=args.size, batch=args.batch,
+          device="gpu" if gpu else "cpu", mixed=mixed, tensorflow=tf.__version__, keras=keras.__version__, **info)
+
+
+def make_runs(args) -> None:
+    import keras
+
+    from bonemets_tf.models.registry import build_model
+    from bonemets_tf.train import TrainConfig
+
+    out = Path(args.out)
+    # unet_w8: UNet at 1/8 width, for the memory benchmark (volume handling, not the network)
+    for name, arch, width in (*((a, a, 1.0) for a in (*SEGMENTERS, DETECTOR)), ("unet_w8", "unet", 0.125)):
+        run = out / name
+        if (run / "config.json").is_file():
+            continue
+        keras.utils.set_random_seed(0)
+        task = "detect" if arch == DETECTOR else "segment"
+        size = 256
+        model = build_model(arch, width=width, image_size=size)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None))
+        model.save(tmp / "model.keras")
+        config = TrainConfig(dataset=str(out), task=task, arch=arch, image_size=size, width=width)
+        (tmp / "config.json").write_text(json.dumps({"settings": asdict(config), "note": "random init (benchmark)"}))
+        run.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, run)
+    _emit({}, runs=str(out))
+
+
+def infer(args) -> None:
+    import tensorflow as tf
+
+    from analysis.io import read_json
+    from bonemets_tf.predict import PredictOptions, predict
+
+    runs = Path(args.runs)
+    options = PredictOptions(cases="all", batch_size=args.batch)
+    metrics, info = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = [(arch, runs / arch, None) for arch in args.models.split(",") if arch != "cascade"]
+        if "cascade" in args.models.split(","):
+            jobs.append(("cascade", runs / "unet", runs / DETECTOR))
+        for name, model, detector in jobs:
+            out = Path(tmp) / name
+            t = time.perf_counter()
+            predict(model, args.dataset, out, options=options, detector=detector, overwrite=True)
+            seconds = time.perf_counter() - t
+            timing = read_json(out / "predict.json", what="predict.json").get("timing", {})
+            metrics[f"{name}_s"] = seconds
+            metrics[f"{name}_network_s"] = float(timing.get("seconds_network", float("nan")))
+            info[f"{name}_timing"] = timing
+    _emit(metrics, device="gpu" if _gpu(tf) else "cpu", tensorflow=tf.__version__, **info)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--case", required=True, choices=("pipeline", "train", "make-runs", "infer"))
+    p.add_argument("--dataset")
+    p.add_argument("--cache")
+    p.add_argument("--runs")
+    p.add_argument("--out")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--context", type=int, default=3)
+    p.add_argument("--batches", type=int, default=10)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--modes", default="keras_f32,keras_xla,keras_mixed")
+    p.add_argument("--models", default="unet,resunet,resattunet,cascade")
+    args = p.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    {"pipeline": pipeline, "train": train, "make-runs": make_runs, "infer": infer}[args.case](args)
+
+
+if __name__ == "__main__":
+    main()
