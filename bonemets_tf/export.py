@@ -85,6 +85,11 @@ def export_savedmodel(model: str | os.PathLike, out: str | os.PathLike, *, overw
             return {OUTPUT_NAME: tf.cast(probability, tf.float32)}
 
         module.serve = serve
+        try:
+            serve.get_concrete_function()
+        except Exception as exc:  # a layer that needs static rows/cols (e.g. bilinear UpSampling2D)
+            raise InputError(f"{run.model_path}: {run.arch} cannot be traced for any rows/cols "
+                             f"({type(exc).__name__} in the model graph); it cannot be exported yet") from None
         tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: serve})
     log.info("exported %s (%s) to %s", run.arch, run.task, out)
     return out

@@ -34,7 +34,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,7 +42,9 @@ import numpy as np
 
 from analysis.cohort import Cohort
 from analysis.errors import InputError
-from analysis.io import Geometry, atomic_directory, count_nonfinite, atomic_write_json, atomic_write_text, read_array, read_header, write_mask
+from analysis.io import (Geometry, atomic_directory, atomic_write_json, atomic_write_text, count_nonfinite, read_array,
+                         read_header, write_mask)
+from analysis.shards import parse_shard, shard_cases  # noqa: F401  (re-exported: the CLI and tests use them here)
 from bonemets_tf.models.catalog import DETECT, SEGMENT
 from bonemets_tf.run import RunInfo, read_run
 
@@ -59,37 +61,6 @@ ACTIVATION_FACTOR = 8
 
 
 # --- options ------------------------------------------------------------------------
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """Parse ``--shard i/n`` (0-based ``i``, ``0 <= i < n``); None stays None.
-
-    Raises:
-        InputError: not of the form ``i/n`` with integers ``0 <= i < n``.
-    """
-    if text is None:
-        return None
-    parts = text.split("/")
-    try:
-        i, n = (int(p) for p in parts)
-    except ValueError:
-        raise InputError(f"--shard {text!r}: expected i/n with integers, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise InputError(f"--shard {text!r}: expected 0 <= i < n (i is 0-based), e.g. 0/4 .. 3/4")
-    return i, n
-
-
-def shard_cases(cases: Sequence[str], shard: tuple[int, int] | None) -> list[str]:
-    """The deterministic share ``sorted(cases)[i::n]`` of shard ``(i, n)``.
-
-    The shards of one ``n`` are disjoint and their union is ``cases``, whatever the order
-    the cases were listed in.
-    """
-    ordered = sorted(cases)
-    if shard is None:
-        return ordered
-    i, n = shard
-    return ordered[i::n]
 
 
 @dataclass(frozen=True)
@@ -173,6 +144,12 @@ class Predictor:
         self.model = model if model is not None else run.load_model()
         self._fn = tf.function(lambda x: self.model(x, training=False),
                                input_signature=[tf.TensorSpec([None, None, None, run.context], tf.float32)])
+        try:
+            self._fn.get_concrete_function()
+        except Exception as exc:  # a layer that needs static rows/cols (e.g. bilinear UpSampling2D)
+            log.warning("%s does not trace with unknown rows/cols (%s); tracing per slice size instead",
+                        run.arch, type(exc).__name__)
+            self._fn = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for ``batch`` ``(B, rows, cols, context)`` HU: ``(B,)`` for a
@@ -298,7 +275,6 @@ class _Plan:
     cohort: Cohort
     cases: list[str]
     geometries: dict[str, Geometry]
-    timing: dict[str, float] = field(default_factory=dict)
 
 
 def _plan(model: str | os.PathLike, dataset: str | os.PathLike, out: Path, detector: str | os.PathLike | None,

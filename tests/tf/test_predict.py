@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.cohort import Cohort
+from analysis.cohort import Cohort, write_dataset_json
 from analysis.errors import InputError
 from analysis.io import read_array, read_header, write_array
 from bonemets_tf.predict import (PredictOptions, Predictor, check_memory, context_batch, context_indices,
@@ -209,6 +209,7 @@ def test_nan_ct_leaves_no_output(runs, tmp_path):
             ct[1, 2, 3] = np.nan
         write_array(ct, geometry, cohort.image_path(f"c{i}"))
         write_array(np.zeros((3, 16, 16), np.uint8), geometry, cohort.label_path(f"c{i}"))
+    write_dataset_json(ds, 2)
     with pytest.raises(InputError, match="NaN"):
         predict(runs.detector, ds, tmp_path / "PRED" / "x", options=PredictOptions(cases="all"))
     assert not (tmp_path / "PRED").exists()  # refused while validating: nothing created, not even a temp folder
