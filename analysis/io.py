@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import math
 import os
 import re
 import socket
@@ -130,6 +131,34 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
     return int(vox_offset) + n * bitpix // 8
 
 
+#: Floating-point geometry fields of a NIfTI header: (NIfTI-1 offset, format), (NIfTI-2 offset, format).
+_GEOMETRY_FIELDS = {
+    "pixdim": ((76, "8f"), (104, "8d")),
+    "quatern/qoffset": ((256, "6f"), (352, "6d")),
+    "srow": ((280, "12f"), (400, "12d")),
+    "vox_offset": ((108, "f"), (168, "q")),
+    "scl_slope/scl_inter": ((112, "2f"), (176, "2d")),
+}
+
+
+def _nifti_header_problem(header: bytes) -> str | None:
+    """A problem with a NIfTI header's geometry fields that ITK does not catch, or None.
+
+    ITK's reader hangs (not fails) on a non-finite sform, and turns non-finite pixdims
+    into nonsense spacings, so the geometry, offset and scaling fields are checked here first.
+    """
+    for endian in ("<", ">"):
+        for version, size in ((0, 348), (1, 540)):
+            if len(header) >= size and struct.unpack(endian + "i", header[:4])[0] == size:
+                for name, fields in _GEOMETRY_FIELDS.items():
+                    offset, fmt = fields[version]
+                    values = struct.unpack(endian + fmt, header[offset:offset + struct.calcsize(fmt)])
+                    if not all(math.isfinite(v) for v in values):
+                        return f"header field {name} holds non-finite values {_fmt(values)}"
+                return None
+    return None
+
+
 def check_nifti_complete(path: Path) -> None:
     """Refuse a truncated NIfTI file.
 
@@ -143,7 +172,11 @@ def check_nifti_complete(path: Path) -> None:
     name = path.name.lower()
     if name.endswith(".nii"):
         with open(path, "rb") as fh:
-            expected = _nifti_expected_bytes(fh.read(540))
+            header = fh.read(540)
+        problem = _nifti_header_problem(header)
+        if problem:
+            raise InputError(f"{path}: corrupt NIfTI header ({problem}); expected a valid NIfTI file")
+        expected = _nifti_expected_bytes(header)
         if expected is not None and path.stat().st_size < expected:
             raise InputError(f"{path}: truncated NIfTI file ({path.stat().st_size} bytes, header promises {expected})")
         return
@@ -151,9 +184,13 @@ def check_nifti_complete(path: Path) -> None:
         return
     try:
         with gzip.open(path, "rb") as fh:
-            expected = _nifti_expected_bytes(fh.read(540))
+            header = fh.read(540)
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: truncated or not a gzip-compressed NIfTI file ({exc})") from None
+    problem = _nifti_header_problem(header)
+    if problem:
+        raise InputError(f"{path}: corrupt NIfTI header ({problem}); expected a valid NIfTI file")
+    expected = _nifti_expected_bytes(header)
     if expected is None:
         return  # not a NIfTI header: let ITK report what it is
     with open(path, "rb") as fh:
