@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_analyze import SPACING, build  # noqa: E402  (the case builder of the analysis benchmark)
+import bench_analyze  # noqa: E402  (the case builder of the analysis benchmark)
+from bench_analyze import SPACING, build  # noqa: E402
 
 STRUCTURE_26 = np.ones((3, 3, 3), bool)
 
@@ -125,7 +126,9 @@ def main() -> None:
     p.add_argument("--lesions", type=int, default=30)
     p.add_argument("--radiomics-lesions", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--slices", type=int, default=385, help="slices of the 512 x 512 case (385: paper-sized)")
     args = p.parse_args()
+    bench_analyze.SHAPE = (args.slices, 512, 512)  # build() reads it
     {"metrics": metrics, "radiomics": radiomics}[args.case](args)
 
 

@@ -141,8 +141,8 @@ def make_runs(args) -> None:
     from bonemets_tf.train import TrainConfig
 
     out = Path(args.out)
-    # unet_w8: UNet at 1/8 width, for the memory benchmark (volume handling, not the network)
-    for name, arch, width in (*((a, a, 1.0) for a in (*SEGMENTERS, DETECTOR)), ("unet_w8", "unet", 0.125)):
+    # unet_tiny: UNet at 1/16 width, for the memory benchmark (volume handling, not the network)
+    for name, arch, width in (*((a, a, 1.0) for a in (*SEGMENTERS, DETECTOR)), ("unet_tiny", "unet", 0.0625)):
         run = out / name
         if (run / "config.json").is_file():
             continue

@@ -70,21 +70,26 @@ class Settings:
     infer_batch: int
     lesions: int
     radiomics_lesions: int
+    infer_rounds: int = 1        # alternations Keras/nnU-Net (a 512^2 slice takes seconds on a CPU)
+    analysis_slices: int = 385   # slices of the 512 x 512 analysis case pair
+    analysis_rounds: int = 1     # alternations project/baseline (each is slow on a CPU)
     memory_cases: tuple[int, int] = (1, 2)
-    phantom_cases: tuple[int, int] = (1, 3)
+    phantom_cases: tuple[int, int] = (1, 2)
     torch_modes: str = "torch_eager,torch_compile"
     keras_modes: str = "keras_f32,keras_xla,keras_mixed"
 
 
-QUICK = Settings("quick", rounds=2, inner_rounds=2, size=64, batch=2, steps=2, batches=8, slab=2, infer_batch=2,
-                 lesions=20, radiomics_lesions=4)
-FULL = Settings("full", rounds=2, inner_rounds=3, size=128, batch=4, steps=3, batches=10, slab=6, infer_batch=2,
-                lesions=30, radiomics_lesions=8)
-GPU = Settings("gpu", rounds=2, inner_rounds=3, size=256, batch=16, steps=10, batches=20, slab=0, infer_batch=16,
+QUICK = Settings("quick", rounds=2, inner_rounds=2, size=64, batch=2, steps=2, batches=8, slab=1, infer_batch=1,
+                 torch_modes="torch_eager", keras_modes="keras_f32,keras_mixed",
+                 lesions=20, radiomics_lesions=4, analysis_slices=96)
+FULL = Settings("full", rounds=2, inner_rounds=2, size=128, batch=4, steps=2, batches=8, slab=2, infer_batch=2,
+                torch_modes="torch_eager",  # torch.compile: see BENCHMARKS.md (minutes of compilation here)
+                lesions=30, radiomics_lesions=6)
+GPU = Settings("gpu", rounds=2, inner_rounds=3, size=256, batch=16, steps=10, batches=20, slab=0, infer_batch=16, infer_rounds=2,
                lesions=30, radiomics_lesions=8, keras_modes="keras_f32,keras_xla,keras_mixed,keras_xla_mixed",
                torch_modes="torch_eager,torch_compile,torch_eager_amp,torch_compile_amp")
 TINY = Settings("tiny", rounds=2, inner_rounds=1, size=32, batch=1, steps=1, batches=2, slab=1, infer_batch=1,
-                lesions=5, radiomics_lesions=2, keras_modes="keras_f32,keras_xla,keras_mixed,keras_xla_mixed",
+                lesions=5, radiomics_lesions=2, analysis_slices=16, keras_modes="keras_f32,keras_xla,keras_mixed,keras_xla_mixed",
                 torch_modes="torch_eager,torch_compile,torch_eager_amp")
 
 
@@ -185,6 +190,8 @@ def ensure_slab(n: int) -> Path:
 
 def ensure_runs() -> Path:
     out = CACHE / "runs"
+    if all((out / n / "config.json").is_file() for n in ("unet", "resunet", "resattunet", "resnet34", "unet_tiny")):
+        return out
     run_side([PY, str(HERE / "_tf_side.py"), "--case", "make-runs", "--out", str(out)])
     return out
 
@@ -242,15 +249,16 @@ def case_infer(s: Settings) -> dict[str, Any]:
     work = ensure_nnunet()
     res = alternate({"keras": tf_side("--case", "infer", "--dataset", slab, "--runs", runs, "--batch", s.infer_batch),
                      "nnunet": torch_side("--case", "nnunet", "--dataset", slab, "--work", work, "--rounds", 1)},
-                    s.rounds)
+                    s.infer_rounds)
     res["slices"] = s.slab or 385
     return res
 
 
 def case_analysis(s: Settings) -> dict[str, Any]:
-    an = [PY, str(HERE / "_analysis_side.py"), "--lesions", str(s.lesions), "--rounds", str(s.inner_rounds)]
-    res = alternate({"metrics": [*an, "--case", "metrics"]}, s.rounds)
-    res.update(alternate({"radiomics": [*an, "--case", "radiomics", "--radiomics-lesions", str(s.radiomics_lesions)]},
+    an = [PY, str(HERE / "_analysis_side.py"), "--lesions", str(s.lesions), "--slices", str(s.analysis_slices)]
+    res = alternate({"metrics": [*an, "--case", "metrics", "--rounds", str(s.analysis_rounds)]}, 1)
+    res.update(alternate({"radiomics": [*an, "--case", "radiomics", "--rounds", "1",
+                                         "--radiomics-lesions", str(s.radiomics_lesions)]},
                          1))
     return res
 
@@ -278,8 +286,8 @@ def case_memory(s: Settings) -> dict[str, Any]:
                     f"c = Cohort(sys.argv[1]); ensure_cached(c, c.cases()[:{n}], sys.argv[2])")
             rss, sec = time_rss([PY, "-c", code, str(mem), tmp])
             res["cache"][n] = {"rss_mib": rss, "s": sec}
-            out = Path(tmp) / "pred" / "unet_w8"
-            rss, sec = time_rss(cli("predict", "--model", str(runs / "unet_w8"), "--dataset", str(mem), "--out",
+            out = Path(tmp) / "pred" / "unet_tiny"
+            rss, sec = time_rss(cli("predict", "--model", str(runs / "unet_tiny"), "--dataset", str(mem), "--out",
                                     str(out), "--cases", sel, "--batch-size", "8"))
             res["predict"][n] = {"rss_mib": rss, "s": sec}
             shutil.rmtree(pred, ignore_errors=True)
@@ -362,17 +370,18 @@ def build_rows(res: dict[str, Any], s: Settings) -> list[Row]:
         n = res["infer"]["slices"]
         nn = _m(res, "infer", "nnunet", "nnunet_nomirror_s")
         nm = _m(res, "infer", "nnunet", "nnunet_mirror_s")
-        note = f"{n} slices of 512x512" + ("" if n == 385 else " (slab; s/volume = x385/slices)")
+        note = (f"{n} slices of 512x512" + ("" if n == 385 else " (slab; s/volume = x385/slices)")
+                + "; keras: network time of predict(), nnU-Net: predict_volume()")
         for arch in ("unet", "resunet", "resattunet"):
-            sec = _m(res, "infer", "keras", f"{arch}_s")
+            sec = _m(res, "infer", "keras", f"{arch}_network_s")
             rows.append(Row(f"infer: keras {arch} slices/s vs nnU-Net no mirroring", n / sec if sec else None,
                             n / nn if nn else None, "slices/s", note))
-        unet = _m(res, "infer", "keras", "unet_s")
+        unet = _m(res, "infer", "keras", "unet_network_s")
         rows.append(Row("infer: keras unet slices/s vs nnU-Net mirroring", n / unet if unet else None,
                         n / nm if nm else None, "slices/s"))
         rows.append(Row("infer: nnU-Net mirroring vs no mirroring (s/volume)", nm * 385 / n if nm else None,
                         nn * 385 / n if nn else None, "s/vol"))
-        casc = _m(res, "infer", "keras", "cascade_s")
+        casc = _m(res, "infer", "keras", "cascade_network_s")
         timing = res["infer"]["keras"]["info"].get("cascade_timing", {})
         rows.append(Row("infer: cascade (detector-gated unet) vs plain unet (s/volume)",
                         casc * 385 / n if casc else None, unet * 385 / n if unet else None, "s/vol",
@@ -381,7 +390,7 @@ def build_rows(res: dict[str, Any], s: Settings) -> list[Row]:
         p = _m(res, "analysis", "metrics", "project_s")
         b = _m(res, "analysis", "metrics", "scipy_baseline_s")
         rows.append(Row("analysis: scipy baseline s vs project s (speed-up)", b, p, "s",
-                        "385x512x512 case pair, GT + prediction"))
+                        f"{s.analysis_slices}x512x512 case pair, GT + prediction"))
         j1 = _m(res, "analysis", "radiomics", "radiomics_jobs1_s_per_lesion")
         j2 = _m(res, "analysis", "radiomics", "radiomics_jobs2_s_per_lesion")
         rows.append(Row("radiomics: s/lesion jobs 1 vs jobs 2 (speed-up)", j1, j2, "s/lesion",
@@ -443,9 +452,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="size preset (default: full, or quick with --quick; gpu.sh uses gpu, its dry run tiny)")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(CASES)}")
     p.add_argument("--rounds", type=int, default=None, help="process-level alternations (default per mode)")
+    p.add_argument("--table-from", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="print the table of earlier results files (merged) instead of running")
     p.add_argument("--json", type=Path, default=RESULTS, help=f"results file (default {RESULTS.relative_to(ROOT)})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.table_from:
+        merged: dict[str, Any] = {}
+        for f in args.table_from:
+            saved = json.loads(f.read_text())
+            merged.update(saved["results"])
+            s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["settings"].items()})
+        print(format_table(build_rows(merged, s)))
+        return 0
     mode = args.mode or ("quick" if args.quick else "full")
     s = {"quick": QUICK, "full": FULL, "gpu": GPU, "tiny": TINY}[mode]
     if args.rounds:
