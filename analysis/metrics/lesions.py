@@ -59,7 +59,14 @@ def lesion_instances(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarr
         raise ValueError(f"expected a (slices, rows, cols) mask, got shape {mask.shape}")
     if connectivity not in (6, 18, 26):
         raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
-    labels, n = cc3d.connected_components(mask != 0, connectivity=connectivity, return_N=True)
+    binary = mask != 0
+    if min(binary.shape) < 2:
+        # cc3d 4.1 raises "maximum length exception" at 26-connectivity when two axes have
+        # length 1 (e.g. shape (1, 1, 3)); zero padding to length 2 keeps the components.
+        padded = np.pad(binary, [(0, 1 if d < 2 else 0) for d in binary.shape])
+        labels, n = cc3d.connected_components(padded, connectivity=connectivity, return_N=True)
+        return np.ascontiguousarray(labels[tuple(slice(0, d) for d in binary.shape)]), int(n)
+    labels, n = cc3d.connected_components(binary, connectivity=connectivity, return_N=True)
     return labels, int(n)
 
 
