@@ -82,7 +82,7 @@ class Settings:
 QUICK = Settings("quick", rounds=2, inner_rounds=2, size=64, batch=2, steps=2, batches=8, slab=1, infer_batch=1,
                  torch_modes="torch_eager", keras_modes="keras_f32,keras_mixed",
                  lesions=20, radiomics_lesions=4, analysis_slices=96)
-FULL = Settings("full", rounds=2, inner_rounds=2, size=128, batch=4, steps=2, batches=8, slab=2, infer_batch=2,
+FULL = Settings("full", rounds=2, inner_rounds=2, size=128, batch=4, steps=2, batches=8, slab=1, infer_batch=1,
                 torch_modes="torch_eager",  # torch.compile: see BENCHMARKS.md (minutes of compilation here)
                 lesions=30, radiomics_lesions=6)
 GPU = Settings("gpu", rounds=2, inner_rounds=3, size=256, batch=16, steps=10, batches=20, slab=0, infer_batch=16, infer_rounds=2,
@@ -445,6 +445,19 @@ def machine() -> dict[str, Any]:
             "load_avg": os.getloadavg(), "versions": versions}
 
 
+def save(path: Path, mode: str, s: Settings, results: dict[str, Any], errors: dict[str, str],
+         start: float) -> list[Row]:
+    """Write the results file atomically; return the table rows."""
+    from analysis.io import atomic_write_json
+
+    rows = build_rows(results, s)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"mode": mode, "settings": s.__dict__, "machine": machine(),
+                             "seconds": round(time.perf_counter() - start, 1),
+                             "rows": [r.__dict__ for r in rows], "results": results, "errors": errors})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="bonemets benchmark suite (ratios measured side by side in one run)")
     p.add_argument("--quick", action="store_true", help="reduced sizes of pipeline/train/infer/analysis (< 5 min)")
@@ -477,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     CACHE.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
+    rows: list[Row] = []
     start = time.perf_counter()
     for case in cases:
         t = time.perf_counter()
@@ -487,17 +501,10 @@ def main(argv: list[str] | None = None) -> int:
             errors[case] = f"{type(exc).__name__}: {exc}"
             log.error("%s failed: %s", case, errors[case])
         log.info("== %s done in %.0f s", case, time.perf_counter() - t)
-    rows = build_rows(results, s)
-    table = format_table(rows)
-    print(table)
+        rows = save(args.json, mode, s, results, errors, start)  # after every case: a killed run keeps its numbers
+    print(format_table(rows))
     for case, err in errors.items():
         print(f"FAILED {case}: {err.splitlines()[0]}")
-    from analysis.io import atomic_write_json
-
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.json, {"mode": mode, "settings": s.__dict__, "machine": machine(),
-                                  "seconds": round(time.perf_counter() - start, 1),
-                                  "rows": [r.__dict__ for r in rows], "results": results, "errors": errors})
     print(f"wrote {args.json} ({time.perf_counter() - start:.0f} s)")
     return 1 if errors else 0
 
