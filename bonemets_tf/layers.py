@@ -109,3 +109,36 @@ class CropLike(keras.layers.Layer):
     def compute_output_shape(self, input_shapes):
         x, reference = input_shapes
         return (x[0], reference[1], reference[2], x[3])
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ResizeLike(keras.layers.Layer):
+    """Resize ``inputs[0]`` to the rows and cols of ``inputs[1]`` (bilinear by default).
+
+    Unlike ``UpSampling2D(interpolation="bilinear")``, this traces with unknown rows and
+    cols, so a model using it exports to a SavedModel that takes any slice size. Used to
+    bring attention coefficients back onto the skip connection's grid (Oktay et al. 2018).
+
+    Args:
+        interpolation: ``"bilinear"`` or ``"nearest"``.
+    """
+
+    def __init__(self, interpolation: str = "bilinear", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if interpolation not in ("bilinear", "nearest"):
+            raise ValueError(f"interpolation {interpolation!r}: expected 'bilinear' or 'nearest'")
+        self.interpolation = interpolation
+
+    def call(self, inputs):
+        import tensorflow as tf  # bonemets_tf is the TensorFlow wing; the op needs dynamic sizes
+
+        x, reference = inputs
+        out = tf.image.resize(x, tf.shape(reference)[1:3], method=self.interpolation)
+        return tf.cast(out, x.dtype)
+
+    def compute_output_shape(self, input_shapes):
+        x, reference = input_shapes
+        return (x[0], reference[1], reference[2], x[3])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "interpolation": self.interpolation}

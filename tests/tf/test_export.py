@@ -85,3 +85,23 @@ def test_export_refuses_bad_run_and_existing_output(exported, tmp_path):
     with pytest.raises(InputError, match="--overwrite"):
         export_savedmodel(runs.detector, tmp_path / "busy")
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["f"]
+
+
+def test_every_segmenter_traces_with_unknown_slice_size():
+    """A SavedModel signature has unknown rows/cols; every segmenter must trace that way
+    (bilinear UpSampling2D in the attention gates did not)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from bonemets_tf.models.registry import REGISTRY, build_model
+
+    x = np.random.default_rng(0).uniform(-1000, 1500, size=(2, 40, 56, 1)).astype("float32")
+    for name, spec in REGISTRY.items():
+        if spec.task != "segment":
+            continue
+        model = build_model(name, width=0.125)
+        fn = tf.function(lambda t, m=model: m(t, training=False),
+                         input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)])
+        out = fn(tf.constant(x)).numpy()
+        assert out.shape == (2, 40, 56, 1), name
+        np.testing.assert_allclose(out, model.predict_on_batch(x), atol=1e-5)
