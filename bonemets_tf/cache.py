@@ -135,6 +135,11 @@ def _build(cohort: Cohort, case: str, key: str, folder: Path) -> None:
     problem = geometry.mismatch(mask_geometry)
     if problem:
         raise InputError(f"{cohort.label_path(case)}: {problem} of its image")
+    bad = (mask != 0) & (mask != 1)
+    if bad.any():  # never binarise silently: a multi-label or probability mask is a user error
+        found = ", ".join(f"{v:g}" for v in np.unique(mask[bad])[:5])
+        raise InputError(f"{cohort.label_path(case)}: label values {{{found}}} found; expected only 0 and 1 "
+                         f"(a multi-label or probability mask? binarise it first)")
     ct = np.clip(np.rint(ct), -32768, 32767).astype(np.int16) if ct.dtype != np.int16 else ct
     mask = (mask > 0).astype(np.uint8)
     positive = mask.reshape(mask.shape[0], -1).any(axis=1)
