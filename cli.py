@@ -297,7 +297,8 @@ def predict_cmd(model: str, dataset: str, out: str, cases: str, threshold: float
                 detector_threshold: float, batch_size: int, shard: str | None, overwrite: bool) -> None:
     """Segment volumes to PRED/NAME/<case>.nii.gz, or score slices to PRED/NAME/slices.csv."""
     from analysis.io import read_json
-    from bonemets_tf.predict import PredictOptions, parse_shard, predict
+    from analysis.shards import parse_shard
+    from bonemets_tf.predict import PredictOptions, predict
 
     options = PredictOptions(cases=cases, threshold=threshold, min_size=min_size, detector_threshold=detector_threshold,
                              batch_size=batch_size, shard=parse_shard(shard))
@@ -357,16 +358,13 @@ def _nnunet_folds(ctx: click.Context, param: click.Parameter, value: str | None)
 
 
 def _nnunet_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
-    """Parse --shard i/n (0-based)."""
-    if value is None:
-        return None
+    """Parse --shard i/n (0-based) with the definition shared with `predict`."""
+    from analysis.shards import parse_shard
+
     try:
-        i, n = (int(v) for v in value.split("/"))
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected i/n, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise click.BadParameter(f"{value!r}: expected i/n with 0 <= i < n")
-    return i, n
+        return parse_shard(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @main.group("nnunet")

@@ -151,16 +151,17 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
     out = Path(out)
     if resume and overwrite:
         raise InputError("--resume and --overwrite exclude each other")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-        raise InputError(f"{out}: run folder exists and is not empty; pass --resume to continue it "
-                         f"or --overwrite to replace it")
+    chief = is_chief(config.strategy)
+    if chief:  # other workers never touch RUN (with a shared RUN path, the chief may already be writing it)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+            raise InputError(f"{out}: run folder exists and is not empty; pass --resume to continue it "
+                             f"or --overwrite to replace it")
 
     import tensorflow as tf  # heavy: only when training
 
     strategy = _make_strategy(config.strategy, tf)  # first TF call (multi-worker needs that)
-    chief = _is_chief(strategy)
     cohort = Cohort(config.dataset)
     cohort.require_exists()
     splits = cohort.splits()
@@ -176,7 +177,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
     cached_val = cache.ensure_cached(cohort, val_cases, cache_dir)
     record = _record(config, splits, train_cases, val_cases, cached_train + cached_val, strategy, tf)
 
-    run = out if chief else Path(tempfile.mkdtemp(prefix="bonemets-worker-"))
+    run = out if chief else worker_scratch(out, resume=resume)
     try:
         if chief:
             _prepare_run(run, record, resume=resume, overwrite=overwrite)
@@ -205,15 +206,18 @@ def _fit(config, run, record, cached_train, cached_val, strategy, tf, data) -> N
     if config.batch_size % (strategy.num_replicas_in_sync) != 0:
         raise InputError(f"--batch-size {config.batch_size}: must be a multiple of the "
                          f"{strategy.num_replicas_in_sync} replicas")
-    worker_batch = config.batch_size // workers
+    # tf.distribute splits each batch of every worker's pipeline into num_replicas_in_sync
+    # pieces and a worker takes its replicas' share per step: every pipeline yields global
+    # batches, and a worker consumes batch_size / workers of its stream per step.
+    worker_share = config.batch_size // workers
     sampling = data.Sampling(config.task, image_size=config.image_size,
                              positive_fraction=config.positive_fraction, lesion_crop_p=config.lesion_crop_p)
     train_store = data.SliceStore(cached_train, context=config.context)
     val_store = data.SliceStore(cached_val, context=config.context)
-    start = state.epoch * config.steps_per_epoch * worker_batch
-    train_ds = data.training_dataset(train_store, sampling, batch_size=worker_batch, seed=config.seed,
+    start = state.epoch * config.steps_per_epoch * worker_share
+    train_ds = data.training_dataset(train_store, sampling, batch_size=config.batch_size, seed=config.seed,
                                      stream=_worker_index(strategy), start=start)
-    val_ds = data.validation_dataset(val_store, config.task, batch_size=worker_batch,
+    val_ds = data.validation_dataset(val_store, config.task, batch_size=config.batch_size,
                                      image_size=config.image_size, max_slices=config.val_max_slices)
     with strategy.scope():
         model = build_model(config.arch, context=config.context, width=config.width,
@@ -236,9 +240,50 @@ def _fit(config, run, record, cached_train, cached_val, strategy, tf, data) -> N
         log.warning("TensorBoard logs skipped: the tensorboard package is not installed")
     log.info("training %s (%s) for epochs %d..%d, %d steps of %d", config.arch, config.task,
              state.epoch + 1, config.epochs, config.steps_per_epoch, config.batch_size)
-    model.fit(train_ds, epochs=config.epochs, initial_epoch=state.epoch, steps_per_epoch=config.steps_per_epoch,
-              validation_data=val_ds, callbacks=callbacks, shuffle=False,
-              verbose=1 if sys.stdout.isatty() else 2)
+    with _keras_multiworker_fixes(model, train_ds) if workers > 1 else contextlib.nullcontext():
+        model.fit(train_ds, epochs=config.epochs, initial_epoch=state.epoch, steps_per_epoch=config.steps_per_epoch,
+                  validation_data=val_ds, callbacks=callbacks, shuffle=False,
+                  verbose=1 if sys.stdout.isatty() else 2)
+
+
+@contextlib.contextmanager
+def _keras_multiworker_fixes(model, train_ds) -> Iterator[None]:
+    """Work around two Keras 3 bugs that stop ``fit`` under MultiWorkerMirroredStrategy
+    (keras-team/keras#20585; present in the pinned Keras 3.15.1), for this fit only.
+
+    1. ``fit``/``evaluate`` first reduce a distributed data batch across workers to build
+       the model symbolically ("Attempt to convert a value (PerReplica...)"). The model,
+       loss and metrics are built here from one batch of this worker's own undistributed
+       pipeline instead (the pipeline is indexed by element: reading it does not shift
+       what training reads), and the symbolic build in ``fit`` is skipped.
+    2. Each step reduces its scalar logs (loss, metrics) across workers with ``axis=0``
+       ("Invalid reduction dimension 0 for input with 0 dimensions"). Scalars are reduced
+       with ``axis=None`` (the mean over replicas); other values as Keras does.
+    """
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    x, y = next(iter(train_ds))
+    model._maybe_symbolic_build(data_batch=(x, y, None))
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None  # built above
+    original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction="auto"):
+        if reduction not in ("auto", "mean") or not tf_trainer._collective_all_reduce_multi_worker(strategy):
+            return original(values, strategy, reduction=reduction)
+
+        def mean(v):
+            rank = strategy.experimental_local_results(v)[0].shape.rank
+            return strategy.reduce("MEAN", v, axis=0 if rank else None)
+
+        return tree.map_structure(mean, values)
+
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    try:
+        yield
+    finally:
+        tf_trainer.reduce_per_replica = original
+        del model._maybe_symbolic_build
 
 
 # --- run state ----------------------------------------------------------------------
@@ -396,7 +441,7 @@ def _record(config: TrainConfig, splits, train_cases, val_cases, cached, strateg
                   "test": sorted(splits["test"]) if splits else [], "splits_seed": splits.get("seed") if splits else None},
         "dataset_fingerprint": fingerprint(cached),
         "case_keys": {c.case: c.key for c in cached},
-        "runtime": {"jit_compile": jit, "strategy": type(strategy).__name__,
+        "runtime": {"jit_compile": jit, "strategy": _strategy_name(strategy),
                     "replicas": int(strategy.num_replicas_in_sync), "workers": _num_workers(strategy),
                     "gpus": len(tf.config.list_physical_devices("GPU"))},
         "model": {"stride": CATALOG[config.arch].stride, "input": "raw HU (batch, rows, cols, context)",
@@ -419,18 +464,28 @@ def _precision(policy: str) -> Iterator[None]:
 
 
 def _make_strategy(name: str, tf):
+    """The tf.distribute strategy for ``--strategy`` (``TF_CONFIG`` was checked by :func:`is_chief`).
+
+    ``mirrored`` replicates over every local GPU; on a machine without GPUs it uses the
+    logical CPU devices (one, unless a caller split the CPU with
+    ``tf.config.set_logical_device_configuration`` before any TF op, as the tests do).
+    """
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or \
+            [d.name for d in tf.config.list_logical_devices("CPU")]
+        log.info("mirrored strategy over %d device(s): %s", len(devices), ", ".join(devices))
+        return tf.distribute.MirroredStrategy(devices)
     if name == "multiworker":
-        if not os.environ.get("TF_CONFIG"):
-            raise InputError("--strategy multiworker: TF_CONFIG is not set; it must describe the cluster "
-                             "and this worker's task (see tf.distribute.MultiWorkerMirroredStrategy)")
-        try:
-            json.loads(os.environ["TF_CONFIG"])
-        except json.JSONDecodeError as exc:
-            raise InputError(f"--strategy multiworker: TF_CONFIG is not valid JSON ({exc})") from None
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def _strategy_name(strategy) -> str:
+    """tf.distribute's public name of ``strategy`` (MultiWorkerMirroredStrategy's class is
+    CollectiveAllReduceStrategy; the default strategy's is private)."""
+    name = type(strategy).__name__
+    return {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy",
+            "_DefaultDistributionStrategy": "default"}.get(name, name)
 
 
 def _num_workers(strategy) -> int:
@@ -450,11 +505,67 @@ def _worker_index(strategy) -> int:
     return offset + int(resolver.task_id or 0)
 
 
-def _is_chief(strategy) -> bool:
-    """True unless this is a non-chief multi-worker process (which must not write RUN)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
+def is_chief(strategy: str) -> bool:
+    """Whether this process writes the RUN folder: always, except a non-chief multi-worker process.
+
+    For ``multiworker`` this reads ``TF_CONFIG`` (no TensorFlow import), with TensorFlow's
+    rule: the chief is the task of type ``chief``, or ``worker`` 0 when the cluster has no
+    ``chief`` entry.
+
+    Args:
+        strategy: ``auto``, ``mirrored`` or ``multiworker``.
+
+    Raises:
+        InputError: ``multiworker`` with ``TF_CONFIG`` unset, not JSON, or without a task
+            that belongs to its cluster.
+    """
+    if strategy != "multiworker":
         return True
-    if resolver.task_type == "chief":
-        return True
-    return resolver.task_type == "worker" and int(resolver.task_id or 0) == 0 and "chief" not in resolver.cluster_spec().as_dict()
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise InputError("--strategy multiworker: TF_CONFIG is not set; it must describe the cluster "
+                         "and this worker's task (see tf.distribute.MultiWorkerMirroredStrategy)")
+    try:
+        tf_config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--strategy multiworker: TF_CONFIG is not valid JSON ({exc})") from None
+    cluster = tf_config.get("cluster") if isinstance(tf_config, dict) else None
+    task = tf_config.get("task") if isinstance(tf_config, dict) else None
+    kind = task.get("type") if isinstance(task, dict) else None
+    index = task.get("index", 0) if isinstance(task, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(cluster.get(kind), list) or not isinstance(index, int) \
+            or not 0 <= index < len(cluster[kind]):
+        raise InputError(f"--strategy multiworker: TF_CONFIG {raw!r}: expected "
+                         f'{{"cluster": {{"worker": ["host:port", ...]}}, "task": {{"type": "worker", "index": i}}}} '
+                         f"with the task's type listed in the cluster and 0 <= index < its length")
+    return kind == "chief" or (kind == "worker" and index == 0 and "chief" not in cluster)
+
+
+def worker_scratch(out: Path, *, resume: bool) -> Path:
+    """A fresh scratch folder standing in for RUN on a non-chief worker (removed after training).
+
+    With ``resume``, the chief's last committed state (``checkpoints/state.json`` and that
+    epoch's weights) is copied in when ``out`` is visible here (a filesystem shared by the
+    workers), so every worker restores the same epoch; the chief's files are only read.
+
+    Args:
+        out: the RUN folder named on the command line (written by the chief only).
+        resume: the run continues after its last completed epoch.
+
+    Returns:
+        The scratch folder.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="bonemets-worker-"))
+    state = out / "checkpoints" / "state.json"
+    if resume and state.is_file():
+        epoch = int(read_json(state, what="checkpoint state")["epoch"])
+        source, target = RunState(run=out), RunState(run=scratch)
+        target.folder.mkdir()
+        if epoch > 0:
+            shutil.copy2(source.weights_path(epoch), target.weights_path(epoch))
+        shutil.copy2(state, target.folder / "state.json")
+        log.info("worker resumes from the chief's epoch %d (%s)", epoch, state)
+    elif resume:
+        log.warning("%s is not visible on this worker: it starts from epoch 0; resuming a multi-worker run "
+                    "needs RUN on a filesystem shared by all workers", state)
+    return scratch

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from analysis.cohort import FILE_ENDING, Cohort
 from analysis.errors import InputError
 from analysis.io import Geometry, atomic_write_json, read_array, write_mask
+from analysis.shards import shard_cases
 from nnunet_bridge.device import resolve_device
 from nnunet_bridge.env import CHECKPOINT, WorkLayout, nnunet_environment
 
@@ -52,18 +53,13 @@ class PredictOptions:
 
 
 def select_cases(cohort: Cohort, spec: str, shard: tuple[int, int] | None) -> list[str]:
-    """The cases of ``--cases``, restricted to shard ``(i, n)`` (cases ``i, i+n, i+2n, ...``).
+    """The cases of ``--cases``, restricted to shard ``(i, n)`` by :func:`analysis.shards.shard_cases`
+    (``sorted(cases)[i::n]``, the same partition as the Keras ``predict``).
 
     Raises:
         InputError: unknown cases, or a shard outside ``0 <= i < n``.
     """
-    cases = cohort.select(spec)
-    if shard is None:
-        return cases
-    i, n = shard
-    if n < 1 or not 0 <= i < n:
-        raise InputError(f"--shard {i}/{n}: expected i/n with 0 <= i < n")
-    return cases[i::n]
+    return shard_cases(cohort.select(spec), shard)
 
 
 def check_folds(layout: WorkLayout, folds: Sequence[int] | None) -> list[int]:
