@@ -149,7 +149,9 @@ class Predictor:
         except Exception as exc:  # a layer that needs static rows/cols (e.g. bilinear UpSampling2D)
             log.warning("%s does not trace with unknown rows/cols (%s); tracing per slice size instead",
                         run.arch, type(exc).__name__)
-            self._fn = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+            # exact shapes: reduce_retracing would relax rows/cols to None on the second shape
+            # and hit the same error (found by benchmarks/run.py: warm-up 32^2, then 512^2)
+            self._fn = tf.function(lambda x: self.model(x, training=False))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for ``batch`` ``(B, rows, cols, context)`` HU: ``(B,)`` for a
