@@ -101,7 +101,7 @@ def train(args) -> None:
                 loss = steps[name]()
             _sync(device)
             rates[name].append(args.steps * args.batch / (time.perf_counter() - t))
-            info[f"{name}_loss"] = round(float(loss), 4)
+            info[f"{name}_loss"] = round(float(loss.detach()), 4)
         peaks.append(matmul_peak(device, torch.float32, 2048))
     metrics = {f"{n}_img_s": statistics.median(r) for n, r in rates.items()}
     metrics["matmul_f32_flops"] = max(peaks)

@@ -80,7 +80,7 @@ class Settings:
 
 
 QUICK = Settings("quick", rounds=2, inner_rounds=2, size=64, batch=2, steps=2, batches=8, slab=1, infer_batch=1,
-                 torch_modes="torch_eager", keras_modes="keras_f32,keras_mixed",
+                 torch_modes="torch_eager", keras_modes="keras_f32,keras_xla,keras_mixed",
                  lesions=20, radiomics_lesions=4, analysis_slices=96)
 FULL = Settings("full", rounds=2, inner_rounds=2, size=128, batch=4, steps=2, batches=8, slab=1, infer_batch=1,
                 torch_modes="torch_eager",  # torch.compile: see BENCHMARKS.md (minutes of compilation here)
