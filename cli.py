@@ -396,6 +396,17 @@ def nnunet_train_cmd(dataset: str, work: str, folds: tuple[int, ...], epochs: in
                f"network parameters {report.parameters:,} (paper 30.6M)")
 
 
+@nnunet_group.command("prepare")
+@click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False), help="Cohort folder with splits.json.")
+@click.option("--work", required=True, type=click.Path(file_okay=False), help="Work folder for every nnU-Net file.")
+def nnunet_prepare_cmd(dataset: str, work: str) -> None:
+    """Only convert, plan and preprocess into WORK (run once before training folds in parallel)."""
+    from nnunet_bridge.train import prepare_work
+
+    layout = prepare_work(dataset, work)
+    click.echo(f"prepared {layout.work}; train folds with `nnunet train --work {work} --folds K`")
+
+
 @nnunet_group.command("predict")
 @click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False), help="Cohort folder.")
 @click.option("--work", required=True, type=click.Path(exists=True, file_okay=False), help="Work folder of `nnunet train`.")

@@ -13,16 +13,20 @@ Stages, all through nnU-Net's Python API inside :func:`nnunet_bridge.env.nnunet_
 
 Stages 1-2 are skipped when ``WORK/prepared.json`` shows they were built from the same
 cohort files and splits. ``resume`` continues each fold from nnU-Net's latest checkpoint.
+:func:`prepare_work` runs stages 1-2 alone: after it, folds can train in parallel
+processes on the same work folder (one per GPU, each with its own ``CUDA_VISIBLE_DEVICES``),
+since each fold writes only its own ``fold_K`` folder.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from analysis.cohort import Cohort
 from analysis.errors import InputError
@@ -31,6 +35,9 @@ from nnunet_bridge.convert import convert_patients, nnunet_splits, write_splits_
 from nnunet_bridge.device import resolve_device
 from nnunet_bridge.env import (CONFIGURATION, DATASET_ID, PLANS, TRAINER, WorkLayout, default_processes,
                                nnunet_environment)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +84,12 @@ def train(dataset: str | Path, work: str | Path, options: TrainOptions) -> Train
         InputError: missing cohort or splits, bad folds or options, unavailable device,
             or ``--resume`` on a work folder prepared from other data.
     """
-    cohort = Cohort(dataset)
-    cohort.require_exists()
-    cohort.dataset_json()
-    splits = cohort.splits()
-    if splits is None:
-        raise InputError(f"{cohort.splits_path}: not found; nnU-Net needs the cohort's patient-level splits "
-                         f"(run `python cli.py split --dataset {cohort.root}` first)")
+    cohort, splits = _cohort_and_splits(dataset)
     _check_options(options, len(splits["folds"]))
     layout = WorkLayout(work)
     schedule = _schedule(options, layout)
     device = resolve_device(options.device)
-    if options.num_gpus > 1 and device.type != "cuda":
-        raise InputError(f"--num-gpus {options.num_gpus}: multi-GPU training needs --device cuda, got {device.type}")
+    _check_gpus(options.num_gpus, device)
 
     timings: dict[str, float] = {}
     with nnunet_environment(layout.work):
@@ -112,6 +112,57 @@ def train(dataset: str | Path, work: str | Path, options: TrainOptions) -> Train
     report = TrainReport(folds=list(options.folds), parameters=parameters, timings_s=timings, schedule=schedule)
     atomic_write_json(layout.work / "train_report.json", asdict(report))
     return report
+
+
+def prepare_work(dataset: str | Path, work: str | Path) -> WorkLayout:
+    """Only convert, plan and preprocess (stages 1-2) into ``work``, training nothing.
+
+    Run it once before training folds in parallel processes on the same work folder
+    (e.g. one per GPU): each ``train`` then finds the prepared data up to date and only
+    reads them, instead of several processes building them at once.
+
+    Args:
+        dataset: cohort folder with ``splits.json`` (read only).
+        work: work folder.
+
+    Returns:
+        The work folder's layout.
+
+    Raises:
+        InputError: missing cohort or splits, or a test patient in a fold.
+    """
+    cohort, splits = _cohort_and_splits(dataset)
+    layout = WorkLayout(work)
+    timings: dict[str, float] = {}
+    with nnunet_environment(layout.work):
+        prepare(cohort, splits, layout, timings=timings)
+    log.info("prepared %s for nnU-Net (%s)", layout.work, timings or "already up to date")
+    return layout
+
+
+def _cohort_and_splits(dataset: str | Path) -> tuple[Cohort, dict[str, Any]]:
+    cohort = Cohort(dataset)
+    cohort.require_exists()
+    cohort.dataset_json()
+    splits = cohort.splits()
+    if splits is None:
+        raise InputError(f"{cohort.splits_path}: not found; nnU-Net needs the cohort's patient-level splits "
+                         f"(run `python cli.py split --dataset {cohort.root}` first)")
+    return cohort, splits
+
+
+def _check_gpus(num_gpus: int, device: "torch.device") -> None:
+    """``--num-gpus N`` > 1 runs nnU-Net's DDP (one process per GPU): it needs N visible CUDA devices."""
+    if num_gpus <= 1:
+        return
+    if device.type != "cuda":
+        raise InputError(f"--num-gpus {num_gpus}: multi-GPU training needs --device cuda, got {device.type}")
+    import torch
+
+    available = torch.cuda.device_count()
+    if num_gpus > available:
+        raise InputError(f"--num-gpus {num_gpus}: only {available} CUDA device(s) are visible "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
 
 
 def _check_options(options: TrainOptions, n_folds: int) -> None:
