@@ -7,7 +7,7 @@ configuration nnU-Net predicts it slice by slice with 2D tiles, and resamples on
 (the preprocessor keeps the slice spacing), so this equals predicting each axial slice as
 the 2D images it was trained on. The predicted ``(slices, rows, cols)`` mask is in the CT's
 array order and is written with the CT's exact geometry (uint8 0/1), one file per case,
-atomically: ``OUT/<case>.nii.gz``.
+atomically and all-or-nothing (staged, then moved into place): ``OUT/<case>.nii.gz``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from analysis.cohort import FILE_ENDING, Cohort
 from analysis.errors import InputError
-from analysis.io import Geometry, atomic_write_json, read_array, write_mask
+from analysis.io import Geometry, atomic_write_json, count_nonfinite, read_array, read_header, staged_files, write_mask
 from analysis.shards import shard_cases
 from nnunet_bridge.device import resolve_device
 from nnunet_bridge.env import CHECKPOINT, WorkLayout, nnunet_environment
@@ -127,9 +127,15 @@ def predict(dataset: str | Path, work: str | Path, out: str | Path, options: Pre
     if existing and not options.overwrite:
         raise InputError(f"{existing[0]}: prediction exists ({len(existing)} of {len(cases)} selected cases); "
                          f"pass --overwrite to replace")
+    for case in cases:  # every input is checked before the first mask is written
+        path = cohort.image_path(case)
+        read_header(path)
+        bad = count_nonfinite(path)
+        if bad:
+            raise InputError(f"{path}: {bad} voxel(s) are NaN or infinite; expected finite values (HU)")
     device = resolve_device(options.device)
     written: list[Path] = []
-    with nnunet_environment(layout.work):
+    with nnunet_environment(layout.work), staged_files(out) as staging:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=options.mirroring,
@@ -140,7 +146,8 @@ def predict(dataset: str | Path, work: str | Path, out: str | Path, options: Pre
                  "on" if options.mirroring else "off", device)
         for case in tqdm(cases, desc="nnU-Net prediction", unit="case"):
             ct, geometry = read_array(cohort.image_path(case))
-            written.append(write_mask(predict_volume(predictor, ct, geometry), geometry, targets[case]))
+            write_mask(predict_volume(predictor, ct, geometry), geometry, staging / targets[case].name)
+            written.append(targets[case])
     name = "prediction_settings.json" if options.shard is None else \
         f"prediction_settings.shard{options.shard[0]}of{options.shard[1]}.json"
     atomic_write_json(out / name, {
