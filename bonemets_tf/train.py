@@ -232,6 +232,7 @@ def _fit(config, run, record, cached_train, cached_val, strategy, tf, data) -> N
                       jit_compile=record["runtime"]["jit_compile"])
         if state.epoch > 0:
             state.restore(model)
+    _record_params(run, model)
     monitor = "val_auc" if config.task == DETECT else "val_dice"
     callbacks = [RunCheckpoint(run, state, monitor)]
     if importlib.util.find_spec("tensorboard") is not None:
@@ -408,6 +409,17 @@ def _save_atomic(save, path: Path) -> None:
 
 
 # --- setup helpers ------------------------------------------------------------------
+
+
+def _record_params(run: Path, model) -> None:
+    """Add the built model's parameter count (at this run's width) to ``config.json["model"]``."""
+    config_path = run / "config.json"
+    if not config_path.is_file():  # a non-chief worker's scratch folder
+        return
+    saved = read_json(config_path, what="run config")
+    params = int(model.count_params())
+    if saved.get("model", {}).get("params") != params:
+        atomic_write_json(config_path, {**saved, "model": {**saved.get("model", {}), "params": params}})
 
 
 def _prepare_run(run: Path, record: dict[str, Any], *, resume: bool, overwrite: bool) -> None:

@@ -45,6 +45,7 @@ def test_cli_one_epoch_writes_every_artefact(cohort_dir, tmp_path):
     assert [r["epoch"] for r in rows] == ["1"] and {"loss", "val_loss", "val_dice"} <= set(rows[0])
     model = keras.models.load_model(run / "model.keras")
     assert model(np.zeros((1, 40, 48, 1), np.float32)).shape == (1, 40, 48, 1)
+    assert config["model"]["params"] == model.count_params()
     # an existing run is never overwritten silently
     again = CliRunner().invoke(cli.main, args)
     assert again.exit_code == 2 and "--resume" in again.output

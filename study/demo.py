@@ -1,0 +1,328 @@
+"""The whole study from one command: phantom -> seven models -> masks -> analysis -> report.
+
+Every stage is one ``python cli.py ...`` command run as its own process, so TensorFlow and
+PyTorch never share a process (TensorFlow before triton segfaults; they would also fight
+over GPU memory). A finished stage leaves a marker ``DIR/.stages/<stage>.json`` holding its
+command and wall time; rerunning the demo skips finished stages, so an interrupted demo
+resumes where it stopped (a training stage interrupted mid-way resumes with ``--resume``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+from analysis.errors import InputError
+from analysis.io import atomic_write_json
+
+log = logging.getLogger("bonemets.demo")
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = ROOT / "cli.py"
+
+DETECTORS = ("efficientnet", "resnet34", "densenet")
+SEGMENTERS = ("unet", "resunet", "resattunet")
+
+
+@dataclass(frozen=True)
+class TrainBudget:
+    """Training settings of one Keras model in the demo."""
+
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    image_size: int
+    width: float = 1.0
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Everything the demo spends, sized for a 2-core CPU without a GPU.
+
+    Attributes:
+        cases: phantom patients; shape and spacing: phantom volume (z, y, x) and mm (x, y, z).
+        detector / segmenter: per-model Keras budgets (overrides per architecture allowed).
+        nnunet_*: nnU-Net 2D training length (one fold) and whether to mirror at prediction.
+        radiomics: run the radiomics agreement in ``analyze``.
+    """
+
+    name: str
+    cases: int
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    detector: TrainBudget
+    segmenter: TrainBudget
+    overrides: dict[str, TrainBudget] = field(default_factory=dict)
+    nnunet_epochs: int = 1
+    nnunet_iterations: int = 10
+    nnunet_val_iterations: int = 2
+    nnunet_mirroring: bool = False
+    radiomics: bool = True
+    gradcam_slices: int = 4
+    test_fraction: float = 0.25
+
+    def train_budget(self, arch: str) -> TrainBudget:
+        if arch in self.overrides:
+            return self.overrides[arch]
+        return self.detector if arch in DETECTORS else self.segmenter
+
+
+#: At most 10 minutes on 2 cores: tiny models and cohort, a smoke test of every stage.
+QUICK = Budget(
+    name="quick", cases=6, shape=(24, 96, 96), spacing=(1.25, 1.25, 3.0),
+    detector=TrainBudget(epochs=1, steps_per_epoch=3, batch_size=8, image_size=64, width=1.0),
+    segmenter=TrainBudget(epochs=1, steps_per_epoch=3, batch_size=8, image_size=64, width=0.25),
+    overrides={"resnet34": TrainBudget(epochs=1, steps_per_epoch=3, batch_size=8, image_size=64, width=0.25)},
+    nnunet_epochs=1, nnunet_iterations=3, nnunet_val_iterations=1, radiomics=True, gradcam_slices=2,
+    test_fraction=0.2,
+)
+
+#: At most 30 minutes on 2 cores. Full-width segmenters; detectors at reduced width and
+#: image size (their full-width ImageNet-scale backbones do not train from scratch on a
+#: CPU in minutes); the demo says so when it runs.
+DEFAULT = Budget(
+    name="default", cases=12, shape=(48, 128, 128), spacing=(1.0, 1.0, 3.0),
+    detector=TrainBudget(epochs=6, steps_per_epoch=25, batch_size=16, image_size=128, width=1.0, lr=1e-3),
+    segmenter=TrainBudget(epochs=8, steps_per_epoch=30, batch_size=8, image_size=96, width=1.0, lr=1e-3),
+    nnunet_epochs=4, nnunet_iterations=40, nnunet_val_iterations=5, nnunet_mirroring=False,
+)
+
+BUDGETS = {"quick": QUICK, "default": DEFAULT}
+
+
+class Stage:
+    """One resumable step of the demo: a CLI command and the output it produces."""
+
+    def __init__(self, name: str, args: Sequence[str], output: Path, *, resumable: bool = False) -> None:
+        self.name, self.args, self.output, self.resumable = name, list(args), output, resumable
+
+
+class Demo:
+    """Runs the stages in order, skipping the finished ones.
+
+    Args:
+        out: the demo folder.
+        budget: what to spend (:data:`QUICK` or :data:`DEFAULT`).
+        seed: seed of the phantom, the split and every training run.
+        python: interpreter for the stage processes (this one by default).
+    """
+
+    def __init__(self, out: Path, budget: Budget, seed: int = 0, python: str | None = None) -> None:
+        self.out, self.budget, self.seed = Path(out), budget, seed
+        self.python = python or sys.executable
+        self.dataset = self.out / "dataset"
+        self.runs = self.out / "runs"
+        self.preds = self.out / "predictions"
+        self.stages_dir = self.out / ".stages"
+        self.timings: dict[str, float] = {}
+
+    # --- running ------------------------------------------------------------------
+    def _marker(self, name: str) -> Path:
+        return self.stages_dir / f"{name}.json"
+
+    def done(self, name: str) -> bool:
+        return self._marker(name).is_file()
+
+    def run(self, stage: Stage, index: int, total: int) -> None:
+        tag = f"[{index}/{total}] {stage.name}"
+        if self.done(stage.name):
+            info = json.loads(self._marker(stage.name).read_text())
+            self.timings[stage.name] = info.get("seconds", 0.0)
+            log.info("%s: done earlier (%.0f s), skipped", tag, info.get("seconds", 0.0))
+            return
+        args = list(stage.args)
+        if stage.output.exists() and not stage.resumable:
+            # an interrupted stage leaves no partial output (atomic writes); anything here is stale
+            shutil.rmtree(stage.output) if stage.output.is_dir() else stage.output.unlink()
+        if stage.resumable and stage.output.is_dir() and any(stage.output.iterdir()):
+            args.append("--resume")
+        cmd = [self.python, str(CLI), *args]
+        log.info("%s: %s", tag, " ".join(_short(a, self.out) for a in cmd[1:]))
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise StageFailed(stage.name, proc.returncode, cmd)
+        self.timings[stage.name] = seconds
+        atomic_write_json(self._marker(stage.name), {"stage": stage.name, "command": cmd, "seconds": round(seconds, 2)})
+        log.info("%s: finished in %.0f s", tag, seconds)
+
+    # --- the plan ---------------------------------------------------------------------
+    def data_stages(self) -> list[Stage]:
+        b = self.budget
+        shape = ",".join(str(v) for v in b.shape)
+        spacing = ",".join(f"{v:g}" for v in b.spacing)
+        return [
+            Stage("phantom", ["phantom", "--out", str(self.dataset), "--cases", str(b.cases), "--seed", str(self.seed),
+                              "--shape", shape, "--spacing", spacing], self.dataset),
+            Stage("split", ["split", str(self.dataset), "--test-fraction", f"{b.test_fraction:g}", "--folds", "5", "--seed", str(self.seed)],
+                  self.dataset / "splits.json"),
+        ]
+
+    def train_stage(self, arch: str) -> Stage:
+        t = self.budget.train_budget(arch)
+        task = "detect" if arch in DETECTORS else "segment"
+        return Stage(f"train-{arch}", [
+            "train", "--dataset", str(self.dataset), "--task", task, "--arch", arch, "--out", str(self.runs / arch),
+            "--fold", "0", "--epochs", str(t.epochs), "--steps-per-epoch", str(t.steps_per_epoch),
+            "--batch-size", str(t.batch_size), "--image-size", str(t.image_size), "--width", f"{t.width:g}",
+            "--lr", f"{t.lr:g}", "--seed", str(self.seed)], self.runs / arch, resumable=True)
+
+    def nnunet_stages(self) -> list[Stage]:
+        b = self.budget
+        work = self.out / "nnunet_work"
+        predict = ["nnunet", "predict", "--dataset", str(self.dataset), "--work", str(work),
+                   "--out", str(self.preds / "nnunet"), "--cases", "test", "--folds", "0", "--device", "auto"]
+        if not b.nnunet_mirroring:
+            predict.append("--no-mirroring")
+        return [
+            Stage("train-nnunet", ["nnunet", "train", "--dataset", str(self.dataset), "--work", str(work), "--folds", "0",
+                                   "--epochs", str(b.nnunet_epochs), "--iterations", str(b.nnunet_iterations),
+                                   "--val-iterations", str(b.nnunet_val_iterations), "--device", "auto"],
+                  work, resumable=True),
+            Stage("predict-nnunet", predict, self.preds / "nnunet"),
+        ]
+
+    def predict_stage(self, arch: str) -> Stage:
+        return Stage(f"predict-{arch}", ["predict", "--model", str(self.runs / arch), "--dataset", str(self.dataset),
+                                         "--out", str(self.preds / arch), "--cases", "test"], self.preds / arch)
+
+    def cascade_name(self, detector: str, segmenter: str) -> str:
+        return f"cascade-{detector}-{segmenter}"
+
+    def late_stages(self, best_det: str, best_seg: str) -> list[Stage]:
+        name = self.cascade_name(best_det, best_seg)
+        stages = [Stage(f"predict-{name}", ["predict", "--model", str(self.runs / best_seg), "--dataset", str(self.dataset),
+                                            "--out", str(self.preds / name), "--cases", "test",
+                                            "--detector", str(self.runs / best_det), "--detector-threshold", "0.5"],
+                        self.preds / name),
+                  Stage("gradcam", ["gradcam", "--model", str(self.runs / best_det), "--dataset", str(self.dataset),
+                                    "--out", str(self.out / "gradcam"), "--cases", "test",
+                                    "--max-slices", str(self.budget.gradcam_slices)], self.out / "gradcam")]
+        for det in DETECTORS:
+            stages.append(Stage(f"export-{det}", ["export", "--model", str(self.runs / det),
+                                                  "--out", str(self.out / "savedmodels" / det)],
+                                self.out / "savedmodels" / det))
+        analyze = ["analyze", "--dataset", str(self.dataset), "--predictions", str(self.preds),
+                   "--out", str(self.out / "analysis"), "--cases", "test", "--jobs", "2"]
+        if not self.budget.radiomics:
+            analyze.append("--no-radiomics")
+        stages.append(Stage("analyze", analyze, self.out / "analysis"))
+        return stages
+
+    def execute(self) -> Path:
+        """Run every stage (skipping finished ones) and write the report.
+
+        Returns:
+            Path of ``report/report.md``.
+
+        Raises:
+            StageFailed: a stage's process exited non-zero.
+        """
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out / "demo.json", {"budget": _jsonable(asdict(self.budget)), "seed": self.seed})
+        self._say_scaled_models()
+        early = self.data_stages() + [self.train_stage(a) for a in DETECTORS + SEGMENTERS] + self.nnunet_stages()
+        early += [self.predict_stage(a) for a in DETECTORS + SEGMENTERS]
+        total = len(early) + 3 + len(DETECTORS) + 1
+        for i, stage in enumerate(early, 1):
+            self.run(stage, i, total)
+        best_det = best_run(self.runs, DETECTORS, "val_auc")
+        best_seg = best_run(self.runs, SEGMENTERS, "val_dice")
+        log.info("best detector on validation: %s; best Keras segmenter: %s", best_det, best_seg)
+        for i, stage in enumerate(self.late_stages(best_det, best_seg), len(early) + 1):
+            self.run(stage, i, total)
+        from study.report import write_study_report
+
+        start = time.perf_counter()
+        report = write_study_report(self.out, best_detector=best_det, cascade=self.cascade_name(best_det, best_seg),
+                                    budget=self.budget, timings=self.timings)
+        self.timings["report"] = time.perf_counter() - start
+        log.info("[%d/%d] report: %s", total, total, report)
+        return report
+
+    def _say_scaled_models(self) -> None:
+        scaled = [f"{a} (width {self.budget.train_budget(a).width:g})" for a in DETECTORS + SEGMENTERS
+                  if self.budget.train_budget(a).width != 1.0]
+        if scaled:
+            log.info("scaled down to fit the %s budget on this CPU: %s; `train --width 1` trains them at full size",
+                     self.budget.name, ", ".join(scaled))
+
+
+class StageFailed(RuntimeError):
+    """A stage's process failed; its own error message was already shown."""
+
+    def __init__(self, stage: str, code: int, cmd: Sequence[str]) -> None:
+        self.stage, self.code = stage, code
+        super().__init__(f"demo stage {stage!r} failed with exit code {code}: {' '.join(cmd[1:])}")
+
+
+def best_run(runs: Path, archs: Sequence[str], monitor: str) -> str:
+    """The architecture whose RUN reached the highest ``monitor`` in ``history.csv``."""
+    scores = {}
+    for arch in archs:
+        path = runs / arch / "history.csv"
+        best = -math.inf
+        if path.is_file():
+            with open(path, newline="") as fh:
+                for row in csv.DictReader(fh):
+                    try:
+                        value = float(row.get(monitor, "nan"))
+                    except ValueError:
+                        continue
+                    if math.isfinite(value):
+                        best = max(best, value)
+        scores[arch] = best
+    return max(archs, key=lambda a: (scores[a], -archs.index(a)))
+
+
+def run_demo(out: str | os.PathLike, *, quick: bool = False, cases: int | None = None, seed: int = 0) -> Path:
+    """Run the whole study on a phantom cohort; see the module docstring.
+
+    Args:
+        out: demo folder (created; rerunning resumes).
+        quick: the 10-minute smoke-test budget instead of the default 30-minute one.
+        cases: phantom patients (default from the budget; at least 6).
+        seed: seed for the phantom, split and training.
+
+    Returns:
+        Path of ``out/report/report.md``.
+
+    Raises:
+        InputError: bad arguments or a demo folder made with other settings.
+        StageFailed: a stage failed.
+    """
+    budget = QUICK if quick else DEFAULT
+    if cases is not None:
+        if cases < 6:
+            raise InputError(f"--cases {cases}: the demo needs at least 6 phantom patients (test set and 5 folds)")
+        budget = replace(budget, cases=cases)
+    out = Path(out)
+    previous = out / "demo.json"
+    if previous.is_file():
+        prev = json.loads(previous.read_text())
+        if prev.get("budget") != _jsonable(asdict(budget)) or prev.get("seed") != seed:
+            raise InputError(f"{out}: holds a demo run with other settings ({prev.get('budget', {}).get('name')}, "
+                             f"seed {prev.get('seed')}); use another --out or delete it")
+    return Demo(out, budget, seed).execute()
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _short(arg: str, out: Path) -> str:
+    try:
+        return str(Path(arg).relative_to(out)) if arg.startswith(str(out)) else arg
+    except ValueError:
+        return arg

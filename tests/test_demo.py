@@ -1,0 +1,61 @@
+"""The whole study end to end: `demo --quick` on a small phantom (every stage runs: phantom,
+split, six Keras trainings, nnU-Net training, every prediction, the cascade, Grad-CAM,
+SavedModel export, analyze, report). Slow (minutes): it is the project's smoke test."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from study.demo import DETECTORS, SEGMENTERS, best_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TABLE_HEADINGS = ("## Model sizes", "## Slice detection", "## Segmentation", "### Paired t-tests",
+                  "## Radiomics agreement", "## Clinical lesion tasks", "## Grad-CAM")
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_and_reports_every_model(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "report" / "report.md").read_text()
+    for heading in TABLE_HEADINGS:
+        assert heading in report, heading
+    cascade = next(p.name for p in (out / "predictions").iterdir() if p.name.startswith("cascade-"))
+    for model in (*DETECTORS, *SEGMENTERS, "nnunet", cascade):
+        assert re.search(rf"\|\s*{re.escape(model)}\s*\|", report), f"{model} missing from the report tables"
+    assert "synthetic" in report.lower()
+    html = (out / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3 and "<table>" in html
+    for det in DETECTORS:
+        assert (out / "savedmodels" / det / "saved_model.pb").is_file()
+    assert list((out / "gradcam").glob("*.png"))
+    # rerunning skips every finished stage and leaves the results as they were
+    before = (out / "analysis" / "segmentation_summary.csv").read_bytes()
+    again = subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--quick", "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count("skipped") >= 20
+    assert (out / "analysis" / "segmentation_summary.csv").read_bytes() == before
+
+
+def test_best_run_reads_the_monitor_from_history(tmp_path):
+    for arch, values in {"unet": [0.1, 0.5], "resunet": [0.6, 0.2], "resattunet": []}.items():
+        (tmp_path / arch).mkdir()
+        rows = "".join(f"{i + 1},{v}\n" for i, v in enumerate(values))
+        (tmp_path / arch / "history.csv").write_text("epoch,val_dice\n" + rows)
+    assert best_run(tmp_path, SEGMENTERS, "val_dice") == "resunet"
+
+
+def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
+    (tmp_path / "demo.json").write_text(json.dumps({"budget": {"name": "default"}, "seed": 3}))
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "other settings" in proc.stderr
