@@ -80,7 +80,7 @@ class Settings:
 
 
 QUICK = Settings("quick", rounds=2, inner_rounds=2, size=64, batch=2, steps=2, batches=8, slab=1, infer_batch=1,
-                 torch_modes="torch_eager", keras_modes="keras_f32,keras_xla,keras_mixed",
+                 torch_modes="torch_eager", keras_modes="keras_f32,keras_mixed",
                  lesions=20, radiomics_lesions=4, analysis_slices=96)
 FULL = Settings("full", rounds=2, inner_rounds=2, size=128, batch=4, steps=2, batches=8, slab=1, infer_batch=1,
                 torch_modes="torch_eager",  # torch.compile: see BENCHMARKS.md (minutes of compilation here)
@@ -106,7 +106,8 @@ def run_side(cmd: list[str], timeout: float = 1800) -> dict[str, Any]:
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
         raise RuntimeError(f"{' '.join(cmd[1:4])} failed (exit {proc.returncode}):\n{tail}")
     out = json.loads(lines[-1])
-    log.info("  %s: %.0f s", " ".join(a for a in cmd[1:4] if not a.startswith("/")), time.perf_counter() - t)
+    log.info("  %s: %.0f s %s", " ".join(a for a in cmd[1:4] if not a.startswith("/")), time.perf_counter() - t,
+             json.dumps(out["metrics"]))
     return out
 
 
@@ -136,7 +137,9 @@ def time_rss(cmd: list[str], timeout: float = 3600) -> tuple[float, float]:
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
             raise RuntimeError(f"{' '.join(cmd[:5])} failed (exit {proc.returncode}):\n{tail}")
-        return int(f.read().strip().splitlines()[-1]) / 1024.0, seconds
+        rss = int(f.read().strip().splitlines()[-1]) / 1024.0
+        log.info("  peak RSS %.0f MiB in %.0f s: %s", rss, seconds, " ".join(Path(a).name for a in cmd[1:4]))
+        return rss, seconds
 
 
 # --- inputs (generated once into benchmarks/.cache) --------------------------------------
