@@ -210,6 +210,17 @@ def check_nifti_complete(path: Path) -> None:
         raise InputError(f"{path}: truncated NIfTI file ({total} bytes uncompressed, header promises {expected})")
 
 
+def _require_complete_file(path: str | os.PathLike) -> Path:
+    """The path, after checking the file exists, is not empty and is not a truncated NIfTI."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: file not found")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: file is empty, expected a NIfTI image")
+    check_nifti_complete(p)
+    return p
+
+
 def read_image(path: str | os.PathLike, *, ndim: int | None = 3) -> sitk.Image:
     """Read an image file, turning every failure into a one-line :class:`InputError`.
 
@@ -220,12 +231,7 @@ def read_image(path: str | os.PathLike, *, ndim: int | None = 3) -> sitk.Image:
     Raises:
         InputError: missing, empty, truncated or unreadable file, or wrong dimension.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: file not found")
-    if p.stat().st_size == 0:
-        raise InputError(f"{p}: file is empty, expected a NIfTI image")
-    check_nifti_complete(p)
+    p = _require_complete_file(path)
     try:
         image = sitk.ReadImage(str(p))
     except RuntimeError as exc:  # SimpleITK reports every read failure as RuntimeError
@@ -304,12 +310,7 @@ def read_header(path: str | os.PathLike, *, ndim: int | None = 3) -> Geometry:
         InputError: missing, empty, truncated or unreadable file, a vector image, or
             the wrong dimension.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: file not found")
-    if p.stat().st_size == 0:
-        raise InputError(f"{p}: file is empty, expected a NIfTI image")
-    check_nifti_complete(p)
+    p = _require_complete_file(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
