@@ -474,12 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.table_from:
-        merged: dict[str, Any] = {}
-        for f in args.table_from:
+        rows = []
+        for f in args.table_from:  # each file's rows with that file's own settings
             saved = json.loads(f.read_text())
-            merged.update(saved["results"])
-            s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["settings"].items()})
-        print(format_table(build_rows(merged, s)))
+            fs = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["settings"].items()})
+            rows += build_rows(saved["results"], fs)
+        print(format_table(rows))
         return 0
     mode = args.mode or ("quick" if args.quick else "full")
     s = {"quick": QUICK, "full": FULL, "gpu": GPU, "tiny": TINY}[mode]
