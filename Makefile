@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bonemets-installed
 
-.PHONY: setup demo test test-core test-tf test-nnunet lock clean
+.PHONY: setup demo test test-core test-tf test-nnunet bench bench-quick bench-gpu lock clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,14 @@ test-tf: setup
 	$(PY) -m pytest tests/tf -q
 test-nnunet: setup
 	$(PY) -m pytest tests/nnunet -q
+
+# Benchmarks (BENCHMARKS.md): ratios measured side by side in one run.
+bench: setup
+	$(PY) benchmarks/run.py
+bench-quick: setup
+	$(PY) benchmarks/run.py --quick
+bench-gpu: setup
+	bash benchmarks/gpu.sh
 
 # Regenerate the lock from the current venv (after a deliberate upgrade).
 lock:
