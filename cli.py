@@ -265,6 +265,8 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out after its last completed epoch.")
 @click.option("--deterministic", is_flag=True, help="Enable TensorFlow op determinism (slower).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local weights file to start from.")
+@click.option("--bn-momentum", default=0.9, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="BatchNormalization momentum while training (Keras's own default is 0.99).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
               help="Slice cache folder [default: ~/.cache/bonemets/slices].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")

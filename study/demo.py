@@ -97,7 +97,7 @@ DEFAULT = Budget(
     segmenter=TrainBudget(epochs=6, steps_per_epoch=40, batch_size=8, image_size=96, width=0.25, lr=2e-3),
     overrides={
         "resnet34": TrainBudget(epochs=5, steps_per_epoch=20, batch_size=16, image_size=128, width=0.5, lr=1e-3),
-        "densenet": TrainBudget(epochs=5, steps_per_epoch=20, batch_size=16, image_size=128, width=1.0, lr=1e-3),
+        "densenet": TrainBudget(epochs=5, steps_per_epoch=20, batch_size=16, image_size=96, width=1.0, lr=1e-3),
     },
     nnunet_epochs=2, nnunet_iterations=40, nnunet_val_iterations=4, nnunet_mirroring=False,
 )

@@ -46,6 +46,8 @@ def test_cli_one_epoch_writes_every_artefact(cohort_dir, tmp_path):
     model = keras.models.load_model(run / "model.keras")
     assert model(np.zeros((1, 40, 48, 1), np.float32)).shape == (1, 40, 48, 1)
     assert config["model"]["params"] == model.count_params()
+    assert config["settings"]["bn_momentum"] == 0.9
+    assert {layer.momentum for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)} == {0.9}
     # an existing run is never overwritten silently
     again = CliRunner().invoke(cli.main, args)
     assert again.exit_code == 2 and "--resume" in again.output
