@@ -202,7 +202,9 @@ def ensure_runs() -> Path:
 def ensure_nnunet() -> Path:
     """A tiny trained nnU-Net 2d (fold 0, 1 epoch x 1 iteration) on paper-spacing phantoms."""
     work = CACHE / "nnunet_work"
-    if list(work.glob("nnUNet_results/*/*/fold_0/checkpoint_final.pth")):
+    from nnunet_bridge.env import WorkLayout  # paths only: imports no torch
+
+    if (WorkLayout(work).model_folder / "fold_0" / "checkpoint_final.pth").is_file():
         return work
     ds = CACHE / "nnunet_ds"
     log.info("setup: tiny nnU-Net training (a few minutes on a CPU)")
