@@ -188,17 +188,6 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, tiny_cohort):
     assert r.exit_code == 2 and "0 <= i < n" in r.output
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a shared 2-core machine, multi-threaded torch is many times slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_train_one_fold_and_predict_back_to_the_ct_geometry(tmp_path, one_thread):
     geom = make_geometry((4, 32, 32), **ROTATED)

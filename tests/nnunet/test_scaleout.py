@@ -60,14 +60,6 @@ def test_num_gpus_passes_through_to_nnunet_ddp(split_cohort, tmp_path, monkeypat
     assert settings["num_gpus"] == 2 and settings["device"] == "cuda"
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_prepare_once_then_sharded_predictions_equal_an_unsharded_run(tmp_path, one_thread):
     ds = write_tiny_cohort(tmp_path / "ds", n_cases=5, shape=(3, 32, 32))
