@@ -23,7 +23,7 @@ TABLE_HEADINGS = ("## Model sizes", "## Slice detection", "## Segmentation", "##
 def test_quick_demo_runs_every_stage_and_reports_every_model(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+                          cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report" / "report.md").read_text()
     for heading in TABLE_HEADINGS:
@@ -40,7 +40,7 @@ def test_quick_demo_runs_every_stage_and_reports_every_model(tmp_path):
     # rerunning skips every finished stage and leaves the results as they were
     before = (out / "analysis" / "segmentation_summary.csv").read_bytes()
     again = subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--quick", "--out", str(out)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stderr.count("skipped") >= 20
     assert (out / "analysis" / "segmentation_summary.csv").read_bytes() == before
@@ -57,5 +57,5 @@ def test_best_run_reads_the_monitor_from_history(tmp_path):
 def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
     (tmp_path / "demo.json").write_text(json.dumps({"budget": {"name": "default"}, "seed": 3}))
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert proc.returncode == 2 and "other settings" in proc.stderr
