@@ -137,7 +137,7 @@ def nnunet(args) -> None:
             ct, geo = volumes[0]
             predict_volume(p, ct[:1], geo)  # warm-up
             predictors[name] = p
-        plans = json.loads((layout.model_folder / "plans.json").read_text())
+        plans = json.loads((layout.model_folder / "plans.json").read_text(encoding="utf-8"))
         conf = plans["configurations"]["2d"]
         for _ in range(args.rounds):
             for name, p in predictors.items():

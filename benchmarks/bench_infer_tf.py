@@ -61,7 +61,7 @@ def main() -> None:
                 run.mkdir()
                 model.save(run / "model.keras")
                 config = TrainConfig(dataset=tmp, task=REGISTRY[name].task, arch=name, image_size=args.size)
-                (run / "config.json").write_text(json.dumps({"settings": asdict(config)}))
+                (run / "config.json").write_text(json.dumps({"settings": asdict(config)}), encoding="utf-8")
                 sm = export_savedmodel(run, Path(tmp) / "sm")
                 fn = tf.saved_model.load(str(sm)).signatures["serving_default"]
                 probe = rng.uniform(-1000, 1500, (4, 100, 116, 1)).astype(np.float32)

@@ -100,7 +100,7 @@ def run_side(cmd: list[str], timeout: float = 1800) -> dict[str, Any]:
     """Run one side's process; return its last JSON line (``metrics``, ``info``)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "TF_CPP_MIN_LOG_LEVEL": "2"}
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, encoding="utf-8", errors="replace")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
@@ -128,11 +128,11 @@ def alternate(sides: dict[str, list[str]], rounds: int) -> dict[str, dict[str, A
 
 def time_rss(cmd: list[str], timeout: float = 3600) -> tuple[float, float]:
     """(peak RSS in MiB, wall seconds) of one command, via ``/usr/bin/time -f %M``."""
-    with tempfile.NamedTemporaryFile("r", suffix=".rss") as f:
+    with tempfile.NamedTemporaryFile("r", suffix=".rss", encoding="utf-8") as f:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         t = time.perf_counter()
         proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", f.name, *cmd], capture_output=True, text=True,
-                              timeout=timeout, env=env, cwd=ROOT)
+                              timeout=timeout, env=env, cwd=ROOT, encoding="utf-8", errors="replace")
         seconds = time.perf_counter() - t
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
@@ -434,9 +434,9 @@ def format_table(rows: list[Row]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    mem = next((int(ln.split()[1]) // 1024 for ln in Path("/proc/meminfo").read_text().splitlines()
+    mem = next((int(ln.split()[1]) // 1024 for ln in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines()
                 if ln.startswith("MemTotal")), None) if Path("/proc/meminfo").exists() else None
     from importlib import metadata
 
@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_from:
         rows = []
         for f in args.table_from:  # each file's rows with that file's own settings
-            saved = json.loads(f.read_text())
+            saved = json.loads(f.read_text(encoding="utf-8"))
             fs = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["settings"].items()})
             rows += build_rows(saved["results"], fs)
         print(format_table(rows))

@@ -141,7 +141,7 @@ class Demo:
     def run(self, stage: Stage, index: int, total: int) -> None:
         tag = f"[{index}/{total}] {stage.name}"
         if self.done(stage.name):
-            info = json.loads(self._marker(stage.name).read_text())
+            info = json.loads(self._marker(stage.name).read_text(encoding="utf-8"))
             self.timings[stage.name] = info.get("seconds", 0.0)
             log.info("%s: done earlier (%.0f s), skipped", tag, info.get("seconds", 0.0))
             return
@@ -279,7 +279,7 @@ def best_run(runs: Path, archs: Sequence[str], monitor: str) -> str:
         path = runs / arch / "history.csv"
         best = -math.inf
         if path.is_file():
-            with open(path, newline="") as fh:
+            with open(path, newline="", encoding="utf-8") as fh:
                 for row in csv.DictReader(fh):
                     try:
                         value = float(row.get(monitor, "nan"))
@@ -315,7 +315,7 @@ def run_demo(out: str | os.PathLike, *, quick: bool = False, cases: int | None =
     out = Path(out)
     previous = out / "demo.json"
     if previous.is_file():
-        prev = json.loads(previous.read_text())
+        prev = json.loads(previous.read_text(encoding="utf-8"))
         if prev.get("budget") != _jsonable(asdict(budget)) or prev.get("seed") != seed:
             raise InputError(f"{out}: holds a demo run with other settings ({prev.get('budget', {}).get('name')}, "
                              f"seed {prev.get('seed')}); use another --out or delete it")

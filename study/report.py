@@ -28,7 +28,7 @@ SYNTHETIC = ("**The cohort is synthetic.** Every number below comes from a compu
 def _read_csv(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -55,12 +55,12 @@ def model_sizes(out: Path, models: list[str]) -> list[list[Any]]:
         trained, width = None, None
         cfg = out / "runs" / model / "config.json"
         if cfg.is_file():
-            data = json.loads(cfg.read_text())
+            data = json.loads(cfg.read_text(encoding="utf-8"))
             trained, width = data.get("model", {}).get("params"), data.get("settings", {}).get("width")
         if model == "nnunet":
             pj = out / "nnunet_work" / "params.json"
             if pj.is_file():
-                trained, width = json.loads(pj.read_text()).get("parameters"), 1.0
+                trained, width = json.loads(pj.read_text(encoding="utf-8")).get("parameters"), 1.0
         pname = paper.paper_name(model)
         pparams = paper.SEGMENTATION.get(pname, {}).get("parameters") if pname else None
         rows.append([model, "–" if trained is None else f"{trained / 1e6:.2f}M",

@@ -55,12 +55,12 @@ def make_cohort(root: Path, n: int = 2) -> tuple[Path, Path]:
         probs = [0.1, 0.9, 0.8, 0.4, 0.2, 0.7, 0.6, 0.55]   # truth: slices 1,2,3,5,6 positive
         rows += [f"case_{i:02d},{z},{p}" for z, p in enumerate(probs)]
     (pred / "detector").mkdir(parents=True)
-    (pred / "detector" / "slices.csv").write_text("\n".join(rows) + "\n")
+    (pred / "detector" / "slices.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return ds, pred
 
 
 def read(out: Path, name: str) -> list[dict[str, str]]:
-    with open(out / name, newline="") as fh:
+    with open(out / name, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         assert tuple(reader.fieldnames[: len(CSV_COLUMNS[name])]) == CSV_COLUMNS[name]
         return list(reader)
@@ -82,7 +82,7 @@ def test_outputs_exist_with_columns(analysed):
     assert (out / "report.md").is_file()
     figs = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert figs == ["fig4a_detection.png", "fig4b_segmentation.png", "fig5_clinical.png", "supp_fig1_qualitative.png"]
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert config["segmenters"] == ["partial", "perfect"] and config["detectors"] == ["detector"]
     assert config["settings"]["connectivity"] == 26 and "numpy" in config["versions"]
 
@@ -156,7 +156,7 @@ def test_identical_inputs_give_identical_csvs(analysed, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, cwd=REPO)
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, cwd=REPO, encoding="utf-8", errors="replace")
 
 
 @pytest.mark.parametrize("damage,needle", [
@@ -175,12 +175,12 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, damage, needle):
     elif damage == "missing":
         (pred / "partial" / "case_00.nii.gz").unlink()
     elif damage == "csv_column":
-        (pred / "detector" / "slices.csv").write_text("case,slice,prob\ncase_00,0,0.5\n")
+        (pred / "detector" / "slices.csv").write_text("case,slice,prob\ncase_00,0,0.5\n", encoding="utf-8")
     elif damage == "csv_range":
-        (pred / "detector" / "slices.csv").write_text("case,slice,probability\ncase_00,0,1.5\n")
+        (pred / "detector" / "slices.csv").write_text("case,slice,probability\ncase_00,0,1.5\n", encoding="utf-8")
     elif damage == "csv_slice":
-        lines = (pred / "detector" / "slices.csv").read_text().splitlines()
-        (pred / "detector" / "slices.csv").write_text("\n".join(lines[:-1]) + "\n")
+        lines = (pred / "detector" / "slices.csv").read_text(encoding="utf-8").splitlines()
+        (pred / "detector" / "slices.csv").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
     elif damage == "nonbinary":
         write_array(np.full(GEO.shape, 2, np.uint8), GEO, pred / "perfect" / "case_00.nii.gz")
     out = tmp_path / "OUT"
@@ -206,10 +206,10 @@ def test_refuses_non_empty_out_without_overwrite(tmp_path):
     ds, pred = make_cohort(tmp_path, n=1)
     out = tmp_path / "OUT"
     out.mkdir()
-    (out / "keep.txt").write_text("x")
+    (out / "keep.txt").write_text("x", encoding="utf-8")
     with pytest.raises(InputError, match="--overwrite"):
         run_analysis(ds, pred, out, cases="all", radiomics=False)
-    assert (out / "keep.txt").read_text() == "x"
+    assert (out / "keep.txt").read_text(encoding="utf-8") == "x"
     run_analysis(ds, pred, out, cases="all", radiomics=False, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "lesions.csv").is_file()
 
@@ -221,7 +221,7 @@ def test_cli_runs_and_connectivity_option(tmp_path):
     result = CliRunner().invoke(main, ["analyze", "--dataset", str(ds), "--predictions", str(pred), "--out",
                                        str(tmp_path / "OUT"), "--cases", "all", "--no-radiomics", "--connectivity", "6"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "OUT" / "config.json").read_text())["settings"]["connectivity"] == 6
+    assert json.loads((tmp_path / "OUT" / "config.json").read_text(encoding="utf-8"))["settings"]["connectivity"] == 6
     assert len(read(tmp_path / "OUT", "radiomics_icc.csv")) == 0
 
 
@@ -229,7 +229,7 @@ def test_analysis_imports_no_framework():
     code = ("import sys, analysis.analyze, analysis.report, analysis.radiomics, analysis.stats, analysis.paper, "
             "analysis.metrics.overlap, analysis.metrics.lesions, analysis.metrics.clinical, analysis.metrics.detection; "
             "bad = [m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules]; assert not bad, bad")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, encoding="utf-8", errors="replace")
     assert r.returncode == 0, r.stderr
 
 
@@ -243,6 +243,6 @@ def test_without_bone_map_uses_hu_threshold_and_marks_synthetic(tmp_path):
     assert [(r["bone"], r["diffuse"], r["weight_bearing"]) for r in gt] == [
         ("unknown", "false", "false"), ("unknown", "true", "false")]
     assert float(gt[0]["diffuse_fraction"]) == pytest.approx(12 / 36)
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert config["bone_source"] == {"case_00": "CT >= 150 HU"} and config["synthetic"] is True
-    assert "Synthetic data" in (out / "report.md").read_text()
+    assert "Synthetic data" in (out / "report.md").read_text(encoding="utf-8")

@@ -133,7 +133,7 @@ def seg(w, array=None, geometry=GEO):
 
 
 def splits(w, content):
-    (w["ds"] / "splits.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    (w["ds"] / "splits.json").write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
 
 
 def dataset_json(w, content):
@@ -141,7 +141,7 @@ def dataset_json(w, content):
     if content is None:
         p.unlink()
     else:
-        p.write_text(content)
+        p.write_text(content, encoding="utf-8")
 
 
 def low_memory(monkeypatch, n_bytes):
@@ -227,7 +227,7 @@ CASES = [
     ("analyze-test", "splits.json unknown cases", lambda w: splits(w, {**GOOD_SPLITS, "test": ["case_999"]}),
      ["ds/splits.json", "unknown case(s) case_999"]),
     # DICOM
-    ("import-dicom", "no series", lambda w: (w["dicom"].mkdir(), (w["dicom"] / "notes.txt").write_text("x")),
+    ("import-dicom", "no series", lambda w: (w["dicom"].mkdir(), (w["dicom"] / "notes.txt").write_text("x", encoding="utf-8")),
      ["dicom", "no DICOM series found"]),
     ("import-dicom", "several series", lambda w: two_series(w),
      ["dicom", "holds 2 DICOM series", "1.2.3.99", "--series"]),
@@ -283,9 +283,9 @@ def test_debug_shows_a_traceback(world):
     import sys
 
     cli = Path(__file__).resolve().parents[1] / "cli.py"
-    plain = subprocess.run([sys.executable, str(cli), "split", str(world["ds"])], capture_output=True, text=True)
+    plain = subprocess.run([sys.executable, str(cli), "split", str(world["ds"])], capture_output=True, text=True, encoding="utf-8", errors="replace")
     debug = subprocess.run([sys.executable, str(cli), "--debug", "split", str(world["ds"])], capture_output=True,
-                           text=True)
+                           text=True, encoding="utf-8", errors="replace")
     assert plain.returncode == 2 and "Traceback" not in plain.stderr
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "InputError" in debug.stderr
 
@@ -295,7 +295,7 @@ def test_debug_shows_a_traceback(world):
 @pytest.mark.parametrize("command", ["phantom", "analyze"])
 def test_existing_output_is_not_clobbered(world, command):
     world["out"].mkdir()
-    (world["out"] / "keep.txt").write_text("mine")
+    (world["out"] / "keep.txt").write_text("mine", encoding="utf-8")
     before = snapshot(world["tmp"])
     assert_clean_error(invoke(ARGS[command](world)), ["OUT", "not empty", "--overwrite"])
     assert snapshot(world["tmp"]) == before

@@ -17,7 +17,7 @@ def test_help_runs_without_frameworks():
     code = ("import sys, runpy; sys.argv = ['run.py', '--help']\n"
             "try:\n    runpy.run_path('benchmarks/run.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "assert 'tensorflow' not in sys.modules and 'torch' not in sys.modules, 'framework imported'")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, encoding="utf-8", errors="replace")
     assert out.returncode == 0, out.stderr
     assert "--quick" in out.stdout and "--only" in out.stdout
 

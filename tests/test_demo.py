@@ -25,14 +25,14 @@ def test_quick_demo_runs_every_stage_and_reports_every_model(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--quick", "--out", str(out)],
                           cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = (out / "report" / "report.md").read_text()
+    report = (out / "report" / "report.md").read_text(encoding="utf-8")
     for heading in TABLE_HEADINGS:
         assert heading in report, heading
     cascade = next(p.name for p in (out / "predictions").iterdir() if p.name.startswith("cascade-"))
     for model in (*DETECTORS, *SEGMENTERS, "nnunet", cascade):
         assert re.search(rf"\|\s*{re.escape(model)}\s*\|", report), f"{model} missing from the report tables"
     assert "synthetic" in report.lower()
-    html = (out / "report" / "report.html").read_text()
+    html = (out / "report" / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") >= 3 and "<table>" in html
     for det in DETECTORS:
         assert (out / "savedmodels" / det / "saved_model.pb").is_file()
@@ -50,12 +50,12 @@ def test_best_run_reads_the_monitor_from_history(tmp_path):
     for arch, values in {"unet": [0.1, 0.5], "resunet": [0.6, 0.2], "resattunet": []}.items():
         (tmp_path / arch).mkdir()
         rows = "".join(f"{i + 1},{v}\n" for i, v in enumerate(values))
-        (tmp_path / arch / "history.csv").write_text("epoch,val_dice\n" + rows)
+        (tmp_path / arch / "history.csv").write_text("epoch,val_dice\n" + rows, encoding="utf-8")
     assert best_run(tmp_path, SEGMENTERS, "val_dice") == "resunet"
 
 
 def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
-    (tmp_path / "demo.json").write_text(json.dumps({"budget": {"name": "default"}, "seed": 3}))
+    (tmp_path / "demo.json").write_text(json.dumps({"budget": {"name": "default"}, "seed": 3}), encoding="utf-8")
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--quick", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert proc.returncode == 2 and "other settings" in proc.stderr

@@ -17,7 +17,7 @@ def test_both_images_exist():
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_installs_lock_and_copies_the_cli(dockerfile):
-    text = dockerfile.read_text()
+    text = dockerfile.read_text(encoding="utf-8")
     assert re.search(r"^COPY requirements\.lock ", text, re.M)
     assert re.search(r"pip install -r requirements\.lock", text)
     copied = set()
@@ -46,12 +46,12 @@ def _installed_packages() -> set[str]:
 
 
 def test_dockerignore_keeps_the_venv_and_outputs_out():
-    ignored = (ROOT / ".dockerignore").read_text().split()
+    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
     for entry in (".venv", ".git", "demo_out"):
         assert entry in ignored
 
 
 def test_gpu_image_adds_tensorflow_cuda_libraries_of_the_locked_version():
-    text = (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    text = (ROOT / "docker" / "Dockerfile.gpu").read_text(encoding="utf-8")
     assert "tensorflow[and-cuda]==" in text
-    assert re.search(r"^tensorflow==", (ROOT / "requirements.lock").read_text(), re.M | re.I)
+    assert re.search(r"^tensorflow==", (ROOT / "requirements.lock").read_text(encoding="utf-8"), re.M | re.I)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _modules_after(code: str) -> set[str]:
     out = subprocess.run([sys.executable, "-c", code + "\nimport sys\nprint('\\n'.join(sys.modules))"],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
+                         cwd=ROOT, capture_output=True, text=True, check=True, encoding="utf-8", errors="replace")
     return set(out.stdout.split())
 
 

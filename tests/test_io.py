@@ -65,18 +65,18 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
         with atomic_directory(out) as tmp:
-            (tmp / "a.csv").write_text("x")
+            (tmp / "a.csv").write_text("x", encoding="utf-8")
             raise RuntimeError("boom")
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
     with atomic_directory(out) as tmp:
-        (tmp / "a.csv").write_text("x")
-    assert (out / "a.csv").read_text() == "x"
+        (tmp / "a.csv").write_text("x", encoding="utf-8")
+    assert (out / "a.csv").read_text(encoding="utf-8") == "x"
     with pytest.raises(InputError, match="--overwrite"):
         with atomic_directory(out):
             pass
     with atomic_directory(out, overwrite=True) as tmp:
-        (tmp / "b.csv").write_text("y")
+        (tmp / "b.csv").write_text("y", encoding="utf-8")
     assert sorted(p.name for p in out.iterdir()) == ["b.csv"]
 
 
@@ -109,10 +109,10 @@ def test_staged_files_are_all_or_nothing(tmp_path):
     out = tmp_path / "pred"
     with pytest.raises(RuntimeError):
         with staged_files(out) as st:
-            (st / "a.nii.gz").write_text("a")
+            (st / "a.nii.gz").write_text("a", encoding="utf-8")
             raise RuntimeError("killed")
     assert list(out.iterdir()) == []
-    (out / "keep.nii.gz").write_text("other shard")
+    (out / "keep.nii.gz").write_text("other shard", encoding="utf-8")
     with staged_files(out) as st:
-        (st / "b.nii.gz").write_text("b")
+        (st / "b.nii.gz").write_text("b", encoding="utf-8")
     assert sorted(p.name for p in out.iterdir()) == ["b.nii.gz", "keep.nii.gz"]

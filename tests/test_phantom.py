@@ -129,10 +129,10 @@ def test_bad_arguments_are_input_errors(tmp_path):
     with pytest.raises(InputError, match="scale"):
         generate_cohort(tmp_path / "x", scale="huge")
     (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "keep.txt").write_text("x")
+    (tmp_path / "full" / "keep.txt").write_text("x", encoding="utf-8")
     with pytest.raises(InputError, match="not empty"):
         generate_cohort(tmp_path / "full", cases=1, shape=SMALL)
-    assert (tmp_path / "full" / "keep.txt").read_text() == "x"
+    assert (tmp_path / "full" / "keep.txt").read_text(encoding="utf-8") == "x"
 
 
 def test_cli_phantom_writes_a_cohort_and_refuses_a_non_empty_folder(tmp_path):

@@ -46,5 +46,5 @@ def test_too_few_cases():
 def test_split_cli_writes_splits_json(tiny_cohort):
     r = CliRunner().invoke(main, ["split", str(tiny_cohort), "--test-fraction", "0", "--folds", "2", "--seed", "3"])
     assert r.exit_code == 0, r.output
-    s = json.loads((tiny_cohort / "splits.json").read_text())
+    s = json.loads((tiny_cohort / "splits.json").read_text(encoding="utf-8"))
     assert s["seed"] == 3 and s["test"] == [] and len(s["folds"]) == 2

@@ -46,13 +46,13 @@ def _break_label(ds, case, arr=None, geom=None):
     (lambda ds: (ds / "imagesTr" / "case_001_0000.nii.gz").write_bytes(
         (ds / "imagesTr" / "case_001_0000.nii.gz").read_bytes()[:200]),
      "imagesTr/case_001_0000.nii.gz:"),
-    (lambda ds: (ds / "dataset.json").write_text("{not json"), "dataset.json: malformed dataset.json"),
+    (lambda ds: (ds / "dataset.json").write_text("{not json", encoding="utf-8"), "dataset.json: malformed dataset.json"),
     (lambda ds: (ds / "dataset.json").unlink(), "dataset.json: missing"),
-    (lambda ds: (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1}, "numTraining": 3, "file_ending": ".nii"})),
+    (lambda ds: (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1}, "numTraining": 3, "file_ending": ".nii"}), encoding="utf-8"),
      "'file_ending' must be '.nii.gz'"),
-    (lambda ds: (ds / "splits.json").write_text(json.dumps({"seed": 0, "test": ["case_009"], "folds": [{"train": ["case_000"], "val": ["case_001"]}]})),
+    (lambda ds: (ds / "splits.json").write_text(json.dumps({"seed": 0, "test": ["case_009"], "folds": [{"train": ["case_000"], "val": ["case_001"]}]}), encoding="utf-8"),
      "splits.json: names unknown case(s) case_009"),
-    (lambda ds: (ds / "splits.json").write_text(json.dumps({"seed": 0, "test": ["case_000"], "folds": [{"train": ["case_000"], "val": ["case_001"]}]})),
+    (lambda ds: (ds / "splits.json").write_text(json.dumps({"seed": 0, "test": ["case_000"], "folds": [{"train": ["case_000"], "val": ["case_001"]}]}), encoding="utf-8"),
      "fold 0: test cases used for training/validation: case_000"),
 ])
 def test_each_problem_is_one_line_naming_the_file(tiny_cohort, breaker, expected):

@@ -37,7 +37,7 @@ ARGS = {
 
 
 def splits(w, content):
-    (w["ds"] / "splits.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    (w["ds"] / "splits.json").write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
 
 
 def multilabel(w):
@@ -57,7 +57,7 @@ CASES = [
     ("train-fold", "fold out of range", lambda w: None, ["--folds 0,4", "folds 0..1"]),
     ("predict", "work folder without a trained fold", lambda w: None, ["work", "no trained nnU-Net fold"]),
     ("predict", "label without image", lambda w: (w["ds"] / I).unlink(), [L, "label without an image"]),
-    ("predict", "malformed dataset.json", lambda w: (w["ds"] / "dataset.json").write_text("{"), ["dataset.json", "malformed"]),
+    ("predict", "malformed dataset.json", lambda w: (w["ds"] / "dataset.json").write_text("{", encoding="utf-8"), ["dataset.json", "malformed"]),
 ]
 
 

@@ -36,7 +36,7 @@ def test_importing_the_bridge_imports_neither_tensorflow_nor_torch():
     code = ("import sys, nnunet_bridge, nnunet_bridge.env, nnunet_bridge.convert, nnunet_bridge.train, "
             "nnunet_bridge.predict, nnunet_bridge.device; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'torch', 'nnunetv2') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, encoding="utf-8", errors="replace")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -45,7 +45,7 @@ def test_the_trainer_module_imports_torch_but_never_tensorflow():
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import bonemets_nnunet_trainer as t; "
             "print(t.nnUNetTrainerBonemets.__name__, t.SCHEDULE_ENV, 'tensorflow' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(TRAINERS_DIR)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, encoding="utf-8", errors="replace")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-4:] == ["nnUNetTrainerBonemets", SCHEDULE_ENV, "False", "True"]
 
@@ -95,7 +95,7 @@ def test_conversion_writes_true_2d_slices_in_array_order(tmp_path):
         np.testing.assert_array_equal(sitk.GetArrayFromImage(img), ct[z])
         seg = read_image(raw / "labelsTr" / f"case_000_{z:04d}.nii.gz", ndim=2)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), lab[z])
-    ds_json = json.loads((raw / "dataset.json").read_text())
+    ds_json = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
     assert ds_json["channel_names"] == {"0": "CT"}
     assert ds_json["labels"] == {"background": 0, "lesion": 1}
     assert ds_json["numTraining"] == 10 and ds_json["file_ending"] == ".nii.gz"
@@ -132,7 +132,7 @@ def test_splits_are_grouped_by_patient_and_fold_k_is_ours():
 def test_resume_reuses_the_recorded_schedule_unless_overridden(tmp_path):
     layout = WorkLayout(tmp_path)
     (tmp_path / "train_settings.json").write_text(json.dumps(
-        {"schedule": {"num_epochs": 7, "num_iterations_per_epoch": 11}}))
+        {"schedule": {"num_epochs": 7, "num_iterations_per_epoch": 11}}), encoding="utf-8")
     assert _schedule(TrainOptions(resume=True, epochs=9), layout) == {"num_epochs": 9, "num_iterations_per_epoch": 11}
     assert _schedule(TrainOptions(resume=False), layout) == {}
     assert _schedule(TrainOptions(iterations=4, val_iterations=2), layout) == {
@@ -192,7 +192,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, tiny_cohort):
 def test_train_one_fold_and_predict_back_to_the_ct_geometry(tmp_path, one_thread):
     geom = make_geometry((4, 32, 32), **ROTATED)
     ds = write_tiny_cohort(tmp_path / "ds", n_cases=4, shape=(4, 32, 32), geometry=geom)
-    splits = json.loads(write_splits(ds, test_fraction=0.25, folds=2, seed=0).read_text())
+    splits = json.loads(write_splits(ds, test_fraction=0.25, folds=2, seed=0).read_text(encoding="utf-8"))
     test_case = splits["test"][0]
     work, pred = tmp_path / "work", tmp_path / "pred"
     runner = CliRunner()
@@ -203,12 +203,12 @@ def test_train_one_fold_and_predict_back_to_the_ct_geometry(tmp_path, one_thread
     layout = WorkLayout(work)
     assert layout.trained_folds() == [0]
     assert not list((layout.raw_dataset / "imagesTr").glob(f"{test_case}_*")), "a test patient reached nnU-Net"
-    final = json.loads((layout.preprocessed_dataset / "splits_final.json").read_text())
+    final = json.loads((layout.preprocessed_dataset / "splits_final.json").read_text(encoding="utf-8"))
     assert sorted({c.rsplit("_", 1)[0] for c in final[0]["val"]}) == splits["folds"][0]["val"]
-    debug = json.loads((layout.fold_folder(0) / "debug.json").read_text())
+    debug = json.loads((layout.fold_folder(0) / "debug.json").read_text(encoding="utf-8"))
     assert (debug["num_epochs"], debug["num_iterations_per_epoch"], debug["num_val_iterations_per_epoch"]) == \
         ("1", "2", "1")
-    params = json.loads(layout.params_json.read_text())
+    params = json.loads(layout.params_json.read_text(encoding="utf-8"))
     assert params["parameters"] > 100_000 and params["paper_parameters"] == 30_600_000
     assert "nnUNet_raw" not in os.environ
 
@@ -252,7 +252,7 @@ def _resume_then_interrupt(ds: Path, work: Path, layout: WorkLayout) -> None:
     proc = subprocess.Popen([sys.executable, "cli.py", "nnunet", "train", "--dataset", str(ds), "--work", str(work),
                              "--folds", "0", "--epochs", "1000", "--resume", "--device", "cpu"],
                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, encoding="utf-8", errors="replace")
     try:
         deadline = time.monotonic() + 180
         new_logs: set[Path] = set()
@@ -270,7 +270,7 @@ def _resume_then_interrupt(ds: Path, work: Path, layout: WorkLayout) -> None:
     assert rc == 130, proc.stderr.read()
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, f"orphaned workers: {alive}"
-    log_text = next(iter(new_logs)).read_text()
+    log_text = next(iter(new_logs)).read_text(encoding="utf-8")
     assert "Epoch 1" in log_text and "Epoch 0\n" not in log_text, "--resume did not continue after epoch 0"
     assert layout.trained_folds() == [0]  # the interrupted run destroyed nothing
 

@@ -56,7 +56,7 @@ def test_num_gpus_passes_through_to_nnunet_ddp(split_cohort, tmp_path, monkeypat
     assert r.exit_code == 0, r.output
     assert [a[2] for a, _ in calls] == [0, 1]
     assert all(k["num_gpus"] == 2 and k["device"].type == "cuda" for _, k in calls)
-    settings = json.loads((tmp_path / "w" / "train_settings.json").read_text())
+    settings = json.loads((tmp_path / "w" / "train_settings.json").read_text(encoding="utf-8"))
     assert settings["num_gpus"] == 2 and settings["device"] == "cuda"
 
 
@@ -87,7 +87,7 @@ def test_prepare_once_then_sharded_predictions_equal_an_unsharded_run(tmp_path, 
     whole = predict(tmp_path / "whole")
     shards = [predict(tmp_path / "shards", "--shard", f"{i}/2") for i in range(2)]  # one folder, shard by shard
     assert len(whole) == 5 and [p.name for p in shards[1]] == [p.name for p in whole]
-    assert sorted(json.loads((tmp_path / "shards" / f"prediction_settings.shard{i}of2.json").read_text())["cases"]
+    assert sorted(json.loads((tmp_path / "shards" / f"prediction_settings.shard{i}of2.json").read_text(encoding="utf-8"))["cases"]
                   for i in range(2)) == [["case_000", "case_002", "case_004"], ["case_001", "case_003"]]
     for ref in whole:
         mask, geometry = read_array(tmp_path / "shards" / ref.name)

@@ -34,7 +34,7 @@ def make_cohort(root: Path, *, cases: int = 5, shape=(6, 40, 48), seed: int = 0,
     rest = [c for c in ids if c not in test]
     splits = {"seed": 0, "test": list(test),
               "folds": [{"train": rest[1:], "val": rest[:1]}, {"train": rest[:-1], "val": rest[-1:]}]}
-    (root / "splits.json").write_text(json.dumps(splits))
+    (root / "splits.json").write_text(json.dumps(splits), encoding="utf-8")
     return root
 
 

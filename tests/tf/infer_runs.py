@@ -70,7 +70,7 @@ def _detector_run(path: Path, dataset: Path) -> Path:
     model = build_model(config.arch, context=config.context, width=config.width, image_size=config.image_size)
     path.mkdir(parents=True)
     model.save(path / "model.keras")
-    (path / "config.json").write_text(json.dumps({"settings": asdict(config)}, indent=2))
+    (path / "config.json").write_text(json.dumps({"settings": asdict(config)}, indent=2), encoding="utf-8")
     return path
 
 
@@ -94,5 +94,5 @@ def shared_runs(tmp_path_factory) -> Runs:
     write_oblique_cohort(runs.oblique_dataset)
     _segmenter_run(runs.segmenter, runs.train_dataset, base / "cache")
     _detector_run(runs.detector, runs.train_dataset)
-    (base / "done").write_text("ok")
+    (base / "done").write_text("ok", encoding="utf-8")
     return runs

@@ -82,7 +82,7 @@ def notrun_empty(w):
 def notrun_config(w):
     w["notrun"].mkdir()
     (w["notrun"] / "model.keras").write_bytes(b"PK\x03\x04 not really a keras file")
-    (w["notrun"] / "config.json").write_text("{\"settings\": ")
+    (w["notrun"] / "config.json").write_text("{\"settings\": ", encoding="utf-8")
 
 
 def nan_ct(w):
@@ -105,7 +105,7 @@ def two_d(path: Path) -> None:
 
 
 def splits(w, content):
-    (w["ds"] / "splits.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    (w["ds"] / "splits.json").write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
 
 
 I, L = f"imagesTr/{CASE}_0000.nii.gz", f"labelsTr/{CASE}.nii.gz"
@@ -170,7 +170,7 @@ def test_predict_refuses_a_volume_too_large_for_memory(world, monkeypatch):
 @pytest.mark.parametrize("command", ["predict", "export", "gradcam"])
 def test_existing_output_is_not_clobbered(world, command):
     world["out"].mkdir()
-    (world["out"] / "keep.txt").write_text("mine")
+    (world["out"] / "keep.txt").write_text("mine", encoding="utf-8")
     before = snapshot(world["tmp"])
     assert_clean_error(invoke(ARGS[command](world)), ["OUT", "exists", "--overwrite"])
     assert snapshot(world["tmp"]) == before
@@ -209,7 +209,7 @@ def test_predict_never_modifies_inputs_and_a_killed_predict_leaves_nothing(world
 # --- training: SIGKILL and --resume; determinism ---------------------------------------------
 
 def _history(run: Path) -> list[dict[str, str]]:
-    with open(run / "history.csv", newline="") as fh:
+    with open(run / "history.csv", newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -228,20 +228,20 @@ def test_train_killed_mid_run_resumes_after_the_last_completed_epoch(tmp_path):
                             stderr=subprocess.DEVNULL, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        if state.is_file() and json.loads(state.read_text())["epoch"] >= 1:
+        if state.is_file() and json.loads(state.read_text(encoding="utf-8"))["epoch"] >= 1:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "training finished (or failed) before it could be killed"
     time.sleep(0.3)  # into the next epoch
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
-    committed = json.loads(state.read_text())["epoch"]
+    committed = json.loads(state.read_text(encoding="utf-8"))["epoch"]
     assert 1 <= committed < epochs
     before = _history(run)
     assert [int(r["epoch"]) for r in before] == list(range(1, committed + 1))
 
     resumed = subprocess.run([*_train_cmd(ds, run, cache, epochs), "--resume"], cwd=REPO, capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=300, encoding="utf-8", errors="replace")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"epoch {committed})" in resumed.stderr  # "resumed from ...epoch-000k.weights.h5 (epoch k)"
     after = _history(run)

@@ -69,7 +69,7 @@ def _train_args(ds: Path, out: Path, cache: Path, strategy: str) -> list[str]:
 
 
 def _history(run: Path) -> list[dict[str, str]]:
-    with open(run / "history.csv", newline="") as f:
+    with open(run / "history.csv", newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -83,16 +83,16 @@ def test_two_cpu_workers_train_and_only_the_chief_writes_run(phantom, tmp_path):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
         env = {**os.environ, **QUIET, "TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(scratch[i])}
         logs.append(tmp_path / f"worker{i}.log")
-        with open(logs[-1], "w") as log:  # same command and the same --out on both, as on a cluster
+        with open(logs[-1], "w", encoding="utf-8") as log:  # same command and the same --out on both, as on a cluster
             procs.append(subprocess.Popen([sys.executable, *_train_args(phantom, run, cache, "multiworker")],
                                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True))
     codes = _wait_all(procs, TIMEOUT_S)
-    assert codes == [0, 0], "\n".join(f"--- worker {i} (exit {c})\n{logs[i].read_text()[-3000:]}"
+    assert codes == [0, 0], "\n".join(f"--- worker {i} (exit {c})\n{logs[i].read_text(encoding='utf-8')[-3000:]}"
                                       for i, c in enumerate(codes))
 
     assert {"model.keras", "config.json", "history.csv"} <= {p.name for p in run.iterdir()}
-    runtime = json.loads((run / "config.json").read_text())["runtime"]
+    runtime = json.loads((run / "config.json").read_text(encoding="utf-8"))["runtime"]
     assert runtime["strategy"] == "MultiWorkerMirroredStrategy"
     assert runtime["workers"] == 2 and runtime["replicas"] == 2
     assert [row["epoch"] for row in _history(run)] == ["1"]
@@ -102,7 +102,7 @@ def test_two_cpu_workers_train_and_only_the_chief_writes_run(phantom, tmp_path):
     assert not any(f".{procs[1].pid}." in p.name for p in run.rglob("*"))
     # the other worker trained in a scratch folder (under its TMPDIR) and removed it
     assert not any(p.name.startswith("bonemets-worker-") for p in scratch[1].iterdir())
-    assert "val_dice:" in logs[1].read_text()  # it trained and validated too
+    assert "val_dice:" in logs[1].read_text(encoding="utf-8")  # it trained and validated too
 
 
 def test_mirrored_strategy_uses_every_logical_device(phantom, tmp_path):
@@ -118,13 +118,13 @@ def test_mirrored_strategy_uses_every_logical_device(phantom, tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(TINY), str(phantom), str(run),
                              str(tmp_path / "cache")], cwd=ROOT, env={**os.environ, **QUIET},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, encoding="utf-8", errors="replace")
     try:
         output, _ = proc.communicate(timeout=TIMEOUT_S)
     finally:
         _wait_all([proc], 1)
     assert proc.returncode == 0, output[-3000:]
-    runtime = json.loads((run / "config.json").read_text())["runtime"]
+    runtime = json.loads((run / "config.json").read_text(encoding="utf-8"))["runtime"]
     assert runtime["strategy"] == "MirroredStrategy" and runtime["replicas"] == 2 and runtime["workers"] == 1
     assert [row["epoch"] for row in _history(run)] == ["1"] and (run / "model.keras").is_file()
 

@@ -45,7 +45,7 @@ def test_savedmodel_matches_keras_without_the_project(exported, tmp_path):
     x = np.random.default_rng(1).uniform(-1100, 1600, (3, 37, 45, 3)).astype(np.float32)  # 37, 45: not multiples of 8
     np.save(tmp_path / "x.npy", x)
     seg, det = read_run(runs.segmenter), read_run(runs.detector)
-    (tmp_path / "load.py").write_text(LOADER)
+    (tmp_path / "load.py").write_text(LOADER, encoding="utf-8")
     subprocess.run([sys.executable, "-I", "load.py", str(paths["segmenter"]), str(paths["detector"]),
                     str(seg.context), str(det.context)], check=True, cwd=tmp_path, timeout=300)
     want_seg = seg.load_model()(x[..., :seg.context], training=False).numpy()[..., 0]
@@ -58,10 +58,10 @@ def test_savedmodel_matches_keras_without_the_project(exported, tmp_path):
 
 def test_config_travels_as_an_asset(exported):
     runs, paths = exported
-    config = json.loads((paths["segmenter"] / "assets" / "bonemets_config.json").read_text())
+    config = json.loads((paths["segmenter"] / "assets" / "bonemets_config.json").read_text(encoding="utf-8"))
     assert config["settings"]["arch"] == "unet" and config["export"]["task"] == "segment"
     assert config["export"]["output"] == {"lesion_probability": "float32 [batch, rows, cols]"}
-    assert config["split"] == json.loads((runs.segmenter / "config.json").read_text())["split"]
+    assert config["split"] == json.loads((runs.segmenter / "config.json").read_text(encoding="utf-8"))["split"]
 
 
 @pytest.mark.skipif(shutil.which("saved_model_cli", path=str(Path(sys.executable).parent)) is None,
@@ -70,7 +70,7 @@ def test_saved_model_cli_lists_the_signature(exported):
     _, paths = exported
     cli = shutil.which("saved_model_cli", path=str(Path(sys.executable).parent))
     proc = subprocess.run([cli, "show", "--dir", str(paths["detector"]), "--tag_set", "serve",
-                           "--signature_def", "serving_default"], capture_output=True, text=True, timeout=300)
+                           "--signature_def", "serving_default"], capture_output=True, text=True, timeout=300, encoding="utf-8", errors="replace")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "inputs['ct_hu']" in proc.stdout and "shape: (-1, -1, -1, 1)" in proc.stdout
     assert "outputs['lesion_probability']" in proc.stdout and "shape: (-1)" in proc.stdout
@@ -81,7 +81,7 @@ def test_export_refuses_bad_run_and_existing_output(exported, tmp_path):
     with pytest.raises(InputError, match="not a RUN folder"):
         export_savedmodel(tmp_path, tmp_path / "sm")
     (tmp_path / "busy").mkdir()
-    (tmp_path / "busy" / "f").write_text("x")
+    (tmp_path / "busy" / "f").write_text("x", encoding="utf-8")
     with pytest.raises(InputError, match="--overwrite"):
         export_savedmodel(runs.detector, tmp_path / "busy")
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["f"]

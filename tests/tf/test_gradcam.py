@@ -60,7 +60,7 @@ def test_gradcam_writes_overlays_volumes_and_csv(runs, tmp_path):
     out = gradcam(runs.detector, runs.oblique_dataset, tmp_path / "cam", cases="all", max_slices=2,
                   method="gradcam++")
     cohort = Cohort(runs.oblique_dataset)
-    rows = list(csv.DictReader((out / "gradcam.csv").open()))
+    rows = list(csv.DictReader((out / "gradcam.csv").open(encoding="utf-8")))
     assert [list(r) for r in rows[:1]] == [["case", "slice", "probability", "png"]]
     for case in cohort.cases():
         mine = [r for r in rows if r["case"] == case]
@@ -73,7 +73,7 @@ def test_gradcam_writes_overlays_volumes_and_csv(runs, tmp_path):
         assert not np.delete(heat, chosen, axis=0).any()
         for r in mine:
             assert (out / r["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "gradcam.json").read_text())["implementation"] == ["tf-keras-vis"]
+    assert json.loads((out / "gradcam.json").read_text(encoding="utf-8"))["implementation"] == ["tf-keras-vis"]
 
 
 def test_gradcam_needs_a_detector(runs, tmp_path):

@@ -116,7 +116,7 @@ def test_segmenter_masks_keep_the_ct_geometry_and_match_the_model(runs, seg, tmp
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
         expected = seg(context_batch(volume, range(volume.shape[0]), 3)) >= 0.5
         np.testing.assert_array_equal(mask, expected)
-    record = json.loads((out / "predict.json").read_text())
+    record = json.loads((out / "predict.json").read_text(encoding="utf-8"))
     assert record["mode"] == "segment" and record["model"]["arch"] == "unet" and record["model"]["context"] == 3
     assert record["slices"] == {"total": 10, "skipped": 0, "skipped_fraction": 0.0}
     assert record["timing"]["network_slices"] == 10 and record["timing"]["slices_per_s"] > 0
@@ -137,7 +137,7 @@ def test_threshold_and_min_size_shape_the_mask(runs, seg, tmp_path):
 def test_detector_slices_csv_covers_every_slice(runs, det, tmp_path):
     out = predict(runs.detector, runs.oblique_dataset, tmp_path / "PRED" / "resnet34",
                   options=PredictOptions(cases="all", batch_size=4))
-    rows = list(csv.DictReader((out / "slices.csv").open()))
+    rows = list(csv.DictReader((out / "slices.csv").open(encoding="utf-8")))
     volumes = _volumes(runs.oblique_dataset)
     assert list(rows[0]) == ["case", "slice", "probability"]
     assert sorted((r["case"], int(r["slice"])) for r in rows) == sorted(
@@ -162,7 +162,7 @@ def test_cascade_segments_only_detected_slices(runs, seg, det, tmp_path):
         assert mask[detected].all() and not mask[~detected].any()
         skipped += int((~detected).sum())
     assert 0 < skipped < 10
-    record = json.loads((out / "predict.json").read_text())
+    record = json.loads((out / "predict.json").read_text(encoding="utf-8"))
     assert record["mode"] == "cascade" and record["detector"]["arch"] == "resnet34"
     assert record["detector_threshold"] == cut and record["slices"]["skipped"] == skipped
     assert (out / "detector_slices.csv").is_file() and not (out / "slices.csv").exists()
@@ -170,15 +170,15 @@ def test_cascade_segments_only_detected_slices(runs, seg, det, tmp_path):
     none = predict(runs.segmenter, runs.oblique_dataset, tmp_path / "none", detector=runs.detector,
                    options=PredictOptions(detector_threshold=1.5, **common))
     assert all(read_array(none / f"{c}.nii.gz")[0].sum() == 0 for c in volumes)
-    assert json.loads((none / "predict.json").read_text())["slices"]["skipped_fraction"] == 1.0
+    assert json.loads((none / "predict.json").read_text(encoding="utf-8"))["slices"]["skipped_fraction"] == 1.0
 
 
 def test_shard_writes_only_its_cases(runs, tmp_path):
     out = predict(runs.detector, runs.oblique_dataset, tmp_path / "s1",
                   options=PredictOptions(cases="all", shard=(1, 2)))
-    rows = list(csv.DictReader((out / "slices.csv").open()))
+    rows = list(csv.DictReader((out / "slices.csv").open(encoding="utf-8")))
     assert {r["case"] for r in rows} == {"obl_01"}
-    assert json.loads((out / "predict.json").read_text())["shard"] == {"index": 1, "count": 2}
+    assert json.loads((out / "predict.json").read_text(encoding="utf-8"))["shard"] == {"index": 1, "count": 2}
 
 
 def test_refuses_bad_inputs_before_writing(runs, tmp_path):
@@ -193,7 +193,7 @@ def test_refuses_bad_inputs_before_writing(runs, tmp_path):
         predict(runs.segmenter, runs.oblique_dataset, out, options=PredictOptions(cases="nope"))
     assert not out.exists()
     out.mkdir()
-    (out / "keep.txt").write_text("x")
+    (out / "keep.txt").write_text("x", encoding="utf-8")
     with pytest.raises(InputError, match="--overwrite"):
         predict(runs.detector, runs.oblique_dataset, out, options=PredictOptions(cases="all"))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
@@ -218,7 +218,7 @@ def test_nan_ct_leaves_no_output(runs, tmp_path):
 def test_cli_bad_run_folder_is_one_line_exit_2(runs, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "predict", "--model", str(tmp_path),
                            "--dataset", str(runs.oblique_dataset), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, encoding="utf-8", errors="replace")
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path}: not a RUN folder (expected model.keras and config.json from `train`)"
     assert not (tmp_path / "o").exists()

@@ -35,7 +35,7 @@ def _sha(path: Path) -> str:
 
 
 def _rows(folder: Path) -> list[list[str]]:
-    with open(folder / "slices.csv", newline="") as f:
+    with open(folder / "slices.csv", newline="", encoding="utf-8") as f:
         return list(csv.reader(f))
 
 

@@ -25,7 +25,7 @@ def _config(dataset: Path, **kw) -> TrainConfig:
 
 
 def _history(run: Path) -> list[dict[str, str]]:
-    with open(run / "history.csv", newline="") as fh:
+    with open(run / "history.csv", newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -37,7 +37,7 @@ def test_cli_one_epoch_writes_every_artefact(cohort_dir, tmp_path):
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
     assert (run / "model.keras").is_file() and (run / "checkpoints" / "epoch-0001.weights.h5").is_file()
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
     assert config["settings"]["arch"] == "unet" and config["settings"]["seed"] == 0
     assert config["split"]["test"] == ["case_04"] and "case_04" not in config["split"]["train"] + config["split"]["val"]
     assert set(config["versions"]) >= {"tensorflow", "keras", "numpy"} and len(config["dataset_fingerprint"]) == 16
@@ -65,7 +65,7 @@ def test_resume_equals_uninterrupted_run(cohort_dir, tmp_path):
     # epoch 2 started from the saved weights, optimizer state and data stream
     for key in ("loss", "val_loss"):
         assert float(resumed[1][key]) == pytest.approx(float(_history(straight)[1][key]), rel=1e-4)
-    assert json.loads((tmp_path / "B" / "config.json").read_text())["settings"]["epochs"] == 2
+    assert json.loads((tmp_path / "B" / "config.json").read_text(encoding="utf-8"))["settings"]["epochs"] == 2
 
 
 def test_resume_refuses_changed_settings(cohort_dir, tmp_path):
