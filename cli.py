@@ -256,6 +256,12 @@ def models_cmd(as_json: bool) -> None:
               help="Filter-count multiplier (segmenters and resnet34).")
 @click.option("--context", default=1, show_default=True, type=click.IntRange(min=1), help="Adjacent slices as channels (odd).")
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Adam learning rate.")
+@click.option("--lr-schedule", default="constant", show_default=True, type=click.Choice(["constant", "cosine"]),
+              help="cosine: decay from --lr to 1% of it over all training steps.")
+@click.option("--positive-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of lesion slices among the training samples.")
+@click.option("--lesion-crop-p", default=0.7, show_default=True, type=click.FloatRange(0, 1),
+              help="Segmenters: probability of centring a lesion slice's crop on lesion.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--jit/--no-jit", default=None, help="XLA-compile the train step [default: on when a GPU is visible].")
 @click.option("--precision", default="float32", show_default=True,

@@ -83,8 +83,7 @@ QUICK = Settings("quick", rounds=2, inner_rounds=2, size=64, batch=2, steps=2, b
                  torch_modes="torch_eager", keras_modes="keras_f32,keras_mixed",
                  lesions=20, radiomics_lesions=4, analysis_slices=96)
 FULL = Settings("full", rounds=2, inner_rounds=2, size=128, batch=4, steps=2, batches=8, slab=1, infer_batch=1,
-                torch_modes="torch_eager",  # torch.compile: see BENCHMARKS.md (minutes of compilation here)
-                lesions=30, radiomics_lesions=6)
+                lesions=30, radiomics_lesions=6, memory_cases=(1, 3), phantom_cases=(1, 3))
 GPU = Settings("gpu", rounds=2, inner_rounds=3, size=256, batch=16, steps=10, batches=20, slab=0, infer_batch=16, infer_rounds=2,
                lesions=30, radiomics_lesions=8, keras_modes="keras_f32,keras_xla,keras_mixed,keras_xla_mixed",
                torch_modes="torch_eager,torch_compile,torch_eager_amp,torch_compile_amp")

@@ -79,3 +79,22 @@ def test_task_must_match_arch(cohort_dir, tmp_path):
     with pytest.raises(InputError, match="unet is a segment model"):
         train(_config(cohort_dir, task="detect"), tmp_path / "X")
     assert not (tmp_path / "X").exists()
+
+
+def test_cosine_schedule_decays_to_one_percent_and_is_recorded(cohort_dir, tmp_path):
+    from bonemets_tf.train import _learning_rate
+
+    config = _config(cohort_dir, epochs=2, steps_per_epoch=5, lr=1e-3, lr_schedule="cosine")
+    schedule = _learning_rate(config)
+    assert float(schedule(0)) == pytest.approx(1e-3)
+    assert float(schedule(5)) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5), rel=1e-4)  # half-way
+    assert float(schedule(10)) == pytest.approx(1e-5, rel=1e-4)  # the end of training: 1% of lr
+    assert _learning_rate(replace(config, lr_schedule="constant")) == 1e-3
+    with pytest.raises(InputError, match="--lr-schedule step"):
+        replace(config, lr_schedule="step").check()
+    run = train(replace(config, epochs=1, steps_per_epoch=2), tmp_path / "RUN", cache_dir=tmp_path / "cache")
+    saved = json.loads((run / "config.json").read_text(encoding="utf-8"))["settings"]
+    assert saved["lr_schedule"] == "cosine"
+    with pytest.raises(InputError, match="lr_schedule"):  # resuming under another schedule is refused
+        train(replace(config, epochs=2, steps_per_epoch=2, lr_schedule="constant"), run,
+              cache_dir=tmp_path / "cache", resume=True)
