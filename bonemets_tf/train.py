@@ -74,8 +74,9 @@ class TrainConfig:
         context: adjacent slices as channels (odd).
         lr: Adam learning rate (the peak, with a schedule).
         lr_schedule: ``constant``, or ``cosine``: cosine decay from ``lr`` to 1% of it over
-            ``epochs * steps_per_epoch`` steps (Loshchilov & Hutter 2017, SGDR, without restarts),
-            which in short fixed budgets ends on a better model than a constant rate.
+            ``epochs * steps_per_epoch`` steps (Loshchilov & Hutter 2017, SGDR, without restarts).
+            In the demo's short budget it gave a slightly better UNet than a constant rate
+            (per-slice test Dice 0.51 vs 0.48 after 240 steps, one seed) and smoother validation.
         seed: seeds weights, sampling and augmentation.
         jit: XLA-compile the train step; None = on when a GPU is visible.
         precision: Keras dtype policy.
