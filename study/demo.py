@@ -84,6 +84,7 @@ class Budget:
 #: in 20 stage processes (three steps per model), not training.
 QUICK = Budget(
     name="quick", cases=6, shape=(24, 96, 96), spacing=(1.25, 1.25, 3.0),
+    # detectors use the cosine schedule, segmenters the constant rate: the CI smoke test covers both paths
     detector=TrainBudget(epochs=1, steps_per_epoch=3, batch_size=8, image_size=64, width=1.0, lr_schedule="cosine"),
     segmenter=TrainBudget(epochs=1, steps_per_epoch=3, batch_size=8, image_size=64, width=0.25),
     overrides={"resnet34": TrainBudget(epochs=1, steps_per_epoch=3, batch_size=8, image_size=64, width=0.25)},
