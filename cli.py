@@ -270,6 +270,9 @@ def models_cmd(as_json: bool) -> None:
               help="auto: one device; mirrored: all local GPUs; multiworker: TF_CONFIG cluster (chief writes RUN).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out after its last completed epoch.")
 @click.option("--deterministic", is_flag=True, help="Enable TensorFlow op determinism (slower).")
+@click.option("--run-eagerly", is_flag=True,
+              help="Run steps eagerly, without tracing (slower per step; saves the trace of big "
+                   "models: worth it for a few steps only).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local weights file to start from.")
 @click.option("--bn-momentum", default=0.9, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="BatchNormalization momentum while training (Keras's own default is 0.99).")
@@ -286,12 +289,23 @@ def train_cmd(out: str, resume: bool, overwrite: bool, cache_dir: str | None, **
 # ---- END tf ----
 
 # ---- BEGIN tf-infer ----
+def _threshold_or_auto(ctx, param, value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a probability in [0, 1] or 'auto'") from None
+
+
 @main.command("predict")
 @click.option("--model", "model", required=True, type=click.Path(path_type=str), help="RUN folder from `train` (segmenter or detector).")
 @click.option("--dataset", required=True, type=click.Path(path_type=str), help="Cohort folder (imagesTr, labelsTr).")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="PRED/NAME folder to write (atomically).")
 @click.option("--cases", default="test", show_default=True, help=CASES_HELP)
-@click.option("--threshold", default=0.5, show_default=True, type=float, help="A pixel is lesion when its probability is >= this.")
+@click.option("--threshold", default="0.5", show_default=True, callback=_threshold_or_auto, metavar="P|auto",
+              help="A pixel is lesion when its probability is >= this; 'auto': the segmenter RUN's "
+                   "validation-calibrated threshold (RUN/calibration.json, written by `train`).")
 @click.option("--min-size", default=0, show_default=True, type=int, metavar="VOXELS",
               help="Remove 3D components (26-connected) smaller than this; 0 keeps all.")
 @click.option("--detector", type=click.Path(path_type=str), default=None,
@@ -444,12 +458,12 @@ def nnunet_predict_cmd(dataset: str, work: str, out: str, cases: str, folds: tup
 @click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False, path_type=str),
               help="Demo folder; rerunning skips finished stages.")
 @click.option("--quick", is_flag=True, help="Tiny budgets: the whole study in at most 10 minutes (smoke test).")
-@click.option("--cases", type=click.IntRange(min=6), help="Phantom patients (default: 6 quick, 12 full).")
+@click.option("--cases", type=click.IntRange(min=6), help="Phantom patients (default: 6 quick, 20 full).")
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo(out: str, quick: bool, cases: int | None, seed: int) -> None:
     """The whole study on a phantom: 7 models, masks, analysis and a report.
 
-    Each framework stage runs as its own `python cli.py` process.
+    Each stage is a `python cli.py` command; TensorFlow and PyTorch stages never share a process.
     """
     from study.demo import StageFailed, run_demo
 

@@ -123,26 +123,53 @@ def extract_roi(task: RoiTask) -> tuple[Hashable, dict[str, float] | None]:
     return task.key, {k: float(v) for k, v in result.items() if k.startswith("original_")}
 
 
+#: Regions extracted inline before deciding whether worker processes pay off.
+PROBE_REGIONS = 4
+#: Start workers only when the remaining regions are expected to take at least this long
+#: per worker inline: a worker costs about a second to start and import pyradiomics, so for
+#: a few small lesions ``--jobs 2`` was slower than one process (0.66x, BENCHMARKS.md).
+MIN_SECONDS_PER_WORKER = 2.0
+
+
 def extract_all(tasks: Iterable[RoiTask], jobs: int = 1) -> dict[Hashable, dict[str, float] | None]:
-    """Run :func:`extract_roi` on every task, in ``jobs`` processes (inline when 1).
+    """Run :func:`extract_roi` on every task, in up to ``jobs`` processes.
+
+    The first :data:`PROBE_REGIONS` regions run inline and time the rest: workers start only
+    when the remaining work is worth at least :data:`MIN_SECONDS_PER_WORKER` per worker
+    (fewer workers, or none, otherwise). Results do not depend on the number of processes.
 
     Returns:
         Features (or None) by task key.
     """
+    import time
+
     tasks = list(tasks)
     out: dict[Hashable, dict[str, float] | None] = {}
     if not tasks:
         return out
-    log.info("radiomics: %d regions, %d job(s)", len(tasks), jobs)
-    if jobs <= 1:
-        for i, task in enumerate(tasks, 1):
+    probe = tasks if jobs <= 1 else tasks[:PROBE_REGIONS]
+    start = time.perf_counter()
+    for i, task in enumerate(probe, 1):
+        key, feats = extract_roi(task)
+        out[key] = feats
+        if i % 50 == 0:
+            log.info("radiomics: %d/%d regions", i, len(tasks))
+    rest = tasks[len(probe):]
+    if not rest:
+        return out
+    per_region = (time.perf_counter() - start) / len(probe)
+    workers = jobs if MIN_SECONDS_PER_WORKER <= 0 else min(jobs, int(per_region * len(rest) // MIN_SECONDS_PER_WORKER))
+    log.info("radiomics: %d regions, %.2f s each inline; %d more in %d process(es)", len(tasks), per_region,
+             len(rest), max(workers, 1))
+    if workers <= 1:
+        for i, task in enumerate(rest, len(probe) + 1):
             key, feats = extract_roi(task)
             out[key] = feats
             if i % 50 == 0:
                 log.info("radiomics: %d/%d regions", i, len(tasks))
         return out
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_quiet_radiomics) as pool:
-        for i, (key, feats) in enumerate(pool.map(extract_roi, tasks, chunksize=4), 1):
+    with ProcessPoolExecutor(max_workers=workers, initializer=_quiet_radiomics) as pool:
+        for i, (key, feats) in enumerate(pool.map(extract_roi, rest, chunksize=4), len(probe) + 1):
             out[key] = feats
             if i % 50 == 0:
                 log.info("radiomics: %d/%d regions", i, len(tasks))

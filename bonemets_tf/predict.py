@@ -34,7 +34,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -69,7 +69,9 @@ class PredictOptions:
 
     Attributes:
         cases: ``--cases`` value (``test``, ``all`` or ``ID,ID,...``).
-        threshold: a pixel is lesion when its probability is >= this.
+        threshold: a pixel is lesion when its probability is >= this; ``"auto"``: the
+            segmenter RUN's validation-calibrated threshold (``RUN/calibration.json``, see
+            :mod:`bonemets_tf.calibrate`).
         min_size: remove 3D components (26-connectivity) smaller than this many voxels;
             0 keeps everything.
         detector_threshold: cascade: a slice is segmented when the detector's
@@ -79,7 +81,7 @@ class PredictOptions:
     """
 
     cases: str = "test"
-    threshold: float = 0.5
+    threshold: float | str = 0.5
     min_size: int = 0
     detector_threshold: float = 0.5
     batch_size: int = 8
@@ -87,7 +89,10 @@ class PredictOptions:
 
     def check(self) -> None:
         """Raise :class:`InputError` for out-of-range values."""
-        if not 0.0 <= self.threshold <= 1.0:
+        if isinstance(self.threshold, str):
+            if self.threshold != "auto":
+                raise InputError(f"--threshold {self.threshold}: expected a probability in [0, 1] or 'auto'")
+        elif not 0.0 <= self.threshold <= 1.0:
             raise InputError(f"--threshold {self.threshold}: expected a probability in [0, 1]")
         if self.min_size < 0:
             raise InputError(f"--min-size {self.min_size}: expected >= 0 voxels (0 disables it)")
@@ -336,6 +341,17 @@ def predict(model: str | os.PathLike, dataset: str | os.PathLike, out: str | os.
     """
     out = Path(out)
     plan = _plan(model, dataset, out, detector, options, overwrite)
+    source = "option"
+    if options.threshold == "auto":
+        source = "auto"
+        threshold = 0.5
+        if plan.seg:
+            from bonemets_tf.calibrate import calibrated_threshold
+
+            threshold = calibrated_threshold(plan.seg.path)
+            source = f"auto: {plan.seg.path / 'calibration.json'}"
+            log.info("predict: validation-calibrated threshold %.2f", threshold)
+        options = replace(options, threshold=threshold)
     import tensorflow as tf  # heavy: only after the cheap checks
 
     t0 = time.perf_counter()
@@ -356,6 +372,7 @@ def predict(model: str | os.PathLike, dataset: str | os.PathLike, out: str | os.
              f" after detector {det.run.arch}" if seg and det else "", tf.__version__)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         record = _run_cases(plan, seg, det, options, tmp)
+        record["threshold_source"] = source if seg else None
         record["timing"]["seconds_total"] = round(time.perf_counter() - t0, 3)
         atomic_write_json(tmp / RECORD, record)
     log.info("predict: %d slices through the networks in %.1f s (%.1f slices/s); wrote %s",

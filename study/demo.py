@@ -1,10 +1,14 @@
 """The whole study from one command: phantom -> seven models -> masks -> analysis -> report.
 
-Every stage is one ``python cli.py ...`` command run as its own process, so TensorFlow and
-PyTorch never share a process (TensorFlow before triton segfaults; they would also fight
-over GPU memory). A finished stage leaves a marker ``DIR/.stages/<stage>.json`` holding its
-command and wall time; rerunning the demo skips finished stages, so an interrupted demo
-resumes where it stopped (a training stage interrupted mid-way resumes with ``--resume``).
+Every stage is one ``python cli.py ...`` command. TensorFlow and PyTorch never share a
+process (TensorFlow before triton segfaults; they would also fight over GPU memory): the
+stages run in one process per framework group, in order: data (phantom, split), Keras
+training, nnU-Net (PyTorch: training and prediction), Keras inference (predictions, the
+cascade, Grad-CAM, SavedModel exports), analysis. Consecutive stages of one group share
+an interpreter (:mod:`study.batch`), so TensorFlow starts twice instead of seventeen
+times. A finished stage leaves a marker ``DIR/.stages/<stage>.json`` holding its command
+and wall time; rerunning the demo skips finished stages, so an interrupted demo resumes
+where it stopped (a training stage interrupted mid-way resumes with ``--resume``).
 """
 from __future__ import annotations
 
@@ -157,28 +161,63 @@ class Demo:
         return self._marker(name).is_file()
 
     def run(self, stage: Stage, index: int, total: int) -> None:
-        tag = f"[{index}/{total}] {stage.name}"
-        if self.done(stage.name):
+        """Run one stage in a process of its own (skipped when finished)."""
+        self.run_group([stage], index, total)
+
+    def run_group(self, stages: Sequence[Stage], index: int, total: int) -> None:
+        """Run consecutive stages of one framework in ONE process (:mod:`study.batch`), so
+        TensorFlow or PyTorch starts once for the group; finished stages are skipped.
+
+        Args:
+            stages: the stages, in order; index: the first one's number; total: stages in all.
+        """
+        pending = []
+        for i, stage in enumerate(stages, index):
+            if self.done(stage.name):
+                info = json.loads(self._marker(stage.name).read_text(encoding="utf-8"))
+                self.timings[stage.name] = info.get("seconds", 0.0)
+                log.info("[%d/%d] %s: done earlier (%.0f s), skipped", i, total, stage.name, info.get("seconds", 0.0))
+                continue
+            args = list(stage.args)
+            if stage.output.exists() and not stage.resumable:
+                # an interrupted stage leaves no partial output (atomic writes); anything here is stale
+                shutil.rmtree(stage.output) if stage.output.is_dir() else stage.output.unlink()
+            if stage.resumable and stage.output.is_dir() and any(stage.output.iterdir()):
+                args.append("--resume")
+            pending.append((i, stage, args))
+        if not pending:
+            return
+        if len(pending) == 1:
+            i, stage, args = pending[0]
+            cmd = [self.python, str(CLI), *args]
+            log.info("[%d/%d] %s: %s", i, total, stage.name, " ".join(_short(a, self.out) for a in cmd[1:]))
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT)
+            seconds = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise StageFailed(stage.name, proc.returncode, cmd)
+            self.timings[stage.name] = seconds
+            atomic_write_json(self._marker(stage.name), {"stage": stage.name, "command": cmd, "seconds": round(seconds, 2)})
+            log.info("[%d/%d] %s: finished in %.0f s", i, total, stage.name, seconds)
+            return
+        plan = {"total": total, "stages": [
+            {"name": stage.name, "index": i, "args": args, "shown": [_short(a, self.out) for a in args],
+             "command": [self.python, str(CLI), *args], "marker": str(self._marker(stage.name))}
+            for i, stage, args in pending]}
+        plan_path = self.stages_dir / f"group-{pending[0][1].name}.plan.json"
+        atomic_write_json(plan_path, plan)
+        log.info("stages %d-%d (%s) share one process", pending[0][0], pending[-1][0],
+                 ", ".join(stage.name for _, stage, _ in pending))
+        cmd = [self.python, "-m", "study.batch", str(plan_path)]
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT)
+        finally:
+            plan_path.unlink(missing_ok=True)
+        for _, stage, args in pending:
+            if not self.done(stage.name):
+                raise StageFailed(stage.name, proc.returncode or 1, [self.python, str(CLI), *args])
             info = json.loads(self._marker(stage.name).read_text(encoding="utf-8"))
             self.timings[stage.name] = info.get("seconds", 0.0)
-            log.info("%s: done earlier (%.0f s), skipped", tag, info.get("seconds", 0.0))
-            return
-        args = list(stage.args)
-        if stage.output.exists() and not stage.resumable:
-            # an interrupted stage leaves no partial output (atomic writes); anything here is stale
-            shutil.rmtree(stage.output) if stage.output.is_dir() else stage.output.unlink()
-        if stage.resumable and stage.output.is_dir() and any(stage.output.iterdir()):
-            args.append("--resume")
-        cmd = [self.python, str(CLI), *args]
-        log.info("%s: %s", tag, " ".join(_short(a, self.out) for a in cmd[1:]))
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT)
-        seconds = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise StageFailed(stage.name, proc.returncode, cmd)
-        self.timings[stage.name] = seconds
-        atomic_write_json(self._marker(stage.name), {"stage": stage.name, "command": cmd, "seconds": round(seconds, 2)})
-        log.info("%s: finished in %.0f s", tag, seconds)
 
     # --- the plan ---------------------------------------------------------------------
     def data_stages(self) -> list[Stage]:
@@ -218,8 +257,10 @@ class Demo:
         ]
 
     def predict_stage(self, arch: str) -> Stage:
+        # segmenters cut their probabilities at the threshold calibrated on validation cases by `train`
+        auto = ["--threshold", "auto"] if arch in SEGMENTERS else []
         return Stage(f"predict-{arch}", ["predict", "--model", str(self.runs / arch), "--dataset", str(self.dataset),
-                                         "--out", str(self.preds / arch), "--cases", "test"], self.preds / arch)
+                                         "--out", str(self.preds / arch), "--cases", "test", *auto], self.preds / arch)
 
     def cascade_name(self, detector: str, segmenter: str) -> str:
         return f"cascade-{detector}-{segmenter}"
@@ -227,7 +268,7 @@ class Demo:
     def late_stages(self, best_det: str, best_seg: str) -> list[Stage]:
         name = self.cascade_name(best_det, best_seg)
         stages = [Stage(f"predict-{name}", ["predict", "--model", str(self.runs / best_seg), "--dataset", str(self.dataset),
-                                            "--out", str(self.preds / name), "--cases", "test",
+                                            "--out", str(self.preds / name), "--cases", "test", "--threshold", "auto",
                                             "--detector", str(self.runs / best_det), "--detector-threshold", "0.5"],
                         self.preds / name),
                   Stage("gradcam", ["gradcam", "--model", str(self.runs / best_det), "--dataset", str(self.dataset),
@@ -256,16 +297,25 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out / "demo.json", {"budget": _jsonable(asdict(self.budget)), "seed": self.seed})
         self._say_scaled_models()
-        early = self.data_stages() + [self.train_stage(a) for a in DETECTORS + SEGMENTERS] + self.nnunet_stages()
-        early += [self.predict_stage(a) for a in DETECTORS + SEGMENTERS]
-        total = len(early) + 3 + len(DETECTORS) + 1
-        for i, stage in enumerate(early, 1):
-            self.run(stage, i, total)
+        # one process per framework group: data (no framework), Keras training, nnU-Net
+        # (PyTorch), Keras inference/Grad-CAM/export, analysis (no framework)
+        data = self.data_stages()
+        training = [self.train_stage(a) for a in DETECTORS + SEGMENTERS]
+        nnunet = self.nnunet_stages()
+        n_infer = len(DETECTORS + SEGMENTERS) + 2 + len(DETECTORS)
+        total = len(data) + len(training) + len(nnunet) + n_infer + 2
+        index = 1
+        for group in (data, training, nnunet):
+            self.run_group(group, index, total)
+            index += len(group)
         best_det = best_run(self.runs, DETECTORS, "val_auc")
         best_seg = best_run(self.runs, SEGMENTERS, "val_dice")
         log.info("best detector on validation: %s; best Keras segmenter: %s", best_det, best_seg)
-        for i, stage in enumerate(self.late_stages(best_det, best_seg), len(early) + 1):
-            self.run(stage, i, total)
+        late = self.late_stages(best_det, best_seg)
+        inference = [self.predict_stage(a) for a in DETECTORS + SEGMENTERS] + late[:-1]
+        self.run_group(inference, index, total)
+        index += len(inference)
+        self.run(late[-1], index, total)
         from study.report import write_study_report
 
         start = time.perf_counter()

@@ -68,6 +68,35 @@ def model_sizes(out: Path, models: list[str]) -> list[list[Any]]:
     return rows
 
 
+def thresholds_section(out: Path, models: list[str]) -> list[str]:
+    """Which probability threshold cut each Keras segmenter's masks (``predict.json``) and,
+    for a calibrated one, its validation per-slice Dice there and at 0.5 (``calibration.json``)."""
+    rows = []
+    for model in models:
+        record_path = out / "predictions" / model / "predict.json"
+        if not record_path.is_file():
+            continue
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record.get("threshold") is None:
+            continue
+        source = str(record.get("threshold_source") or "option")
+        run = Path(record.get("model", {}).get("run", ""))
+        cal = run / "calibration.json"
+        val_t = val_half = ""
+        if source.startswith("auto") and cal.is_file():
+            c = json.loads(cal.read_text(encoding="utf-8"))
+            val_t, val_half = _num(c.get("dice_at_threshold"), 3), _num(c.get("dice_at_0.5"), 3)
+        rows.append([model, f"{record['threshold']:g}", "validation-calibrated" if source.startswith("auto") else "fixed",
+                     val_t, val_half])
+    if not rows:
+        return []
+    return ["## Segmentation thresholds", "",
+            "Keras segmenters cut their probabilities at the threshold with the best per-slice Dice on the "
+            "run's validation patients (`runs/<model>/calibration.json`, chosen by `train`; never on test "
+            "patients); `predict --threshold auto` applies it.", "",
+            *_table(["model", "threshold", "chosen", "validation Dice there", "validation Dice at 0.5"], rows), ""]
+
+
 def gradcam_panel(gradcam_dir: Path, fig_path: Path, max_panels: int = 6) -> bool:
     """Tile the Grad-CAM overlay PNGs of ``gradcam`` into one Fig. 2-like figure."""
     pngs = sorted(gradcam_dir.glob("*.png"))[:max_panels]
@@ -120,6 +149,7 @@ def write_study_report(out: Path, *, best_detector: str, cascade: str, budget: A
               f"`{best_detector}`, calls negative are left empty, the rest segmented).", ""]
         md += ["## Model sizes (Table 2, parameters)", ""]
         md += _table(["model", "parameters trained here", "width", "paper"], model_sizes(out, det + seg))
+        md += thresholds_section(out, seg)
         analysis_md = (analysis_dir / "report.md").read_text(encoding="utf-8") if (analysis_dir / "report.md").is_file() else ""
         # the analysis report's title is replaced by ours; its sections follow as they are
         analysis_md = re.sub(r"\A# .*\n", "", analysis_md)

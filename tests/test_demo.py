@@ -37,6 +37,13 @@ def test_quick_demo_runs_every_stage_and_reports_every_model(tmp_path):
     for det in DETECTORS:
         assert (out / "savedmodels" / det / "saved_model.pb").is_file()
     assert list((out / "gradcam").glob("*.png"))
+    for seg in SEGMENTERS:  # masks cut at the validation-calibrated threshold
+        t = json.loads((out / "runs" / seg / "calibration.json").read_text(encoding="utf-8"))["threshold"]
+        assert json.loads((out / "predictions" / seg / "predict.json").read_text(encoding="utf-8"))["threshold"] == t
+    assert "## Segmentation thresholds" in report
+    # Keras inference stages shared one TensorFlow process
+    shared = [json.loads(m.read_text(encoding="utf-8")).get("shared_process") for m in (out / ".stages").glob("predict-*.json")]
+    assert len(shared) == 8 and sum(bool(x) for x in shared) == 7  # nnU-Net's predict runs with its training
     # rerunning skips every finished stage and leaves the results as they were
     before = (out / "analysis" / "segmentation_summary.csv").read_bytes()
     again = subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--quick", "--out", str(out)],
@@ -59,3 +66,22 @@ def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--quick", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert proc.returncode == 2 and "other settings" in proc.stderr
+
+
+def test_a_group_of_stages_shares_one_process_stops_at_a_failure_and_resumes(tmp_path):
+    from study.demo import QUICK, Demo, Stage, StageFailed
+
+    demo = Demo(tmp_path / "demo", QUICK)
+    demo.stages_dir.mkdir(parents=True)
+    good = demo.data_stages()  # phantom, split: no framework, seconds
+    bad = Stage("split-again", ["split", str(tmp_path / "missing")], tmp_path / "nothing")
+    with pytest.raises(StageFailed) as failure:
+        demo.run_group([good[0], bad, good[1]], 1, 3)
+    assert failure.value.stage == "split-again"
+    assert demo.done("phantom") and not demo.done("split-again") and not demo.done("split")
+    assert json.loads(demo._marker("phantom").read_text(encoding="utf-8"))["shared_process"] is True
+    phantom_bytes = sorted(p.read_bytes() for p in (demo.dataset / "imagesTr").iterdir())
+    demo.run_group(good, 1, 2)  # the phantom is skipped, the split runs
+    assert demo.done("split") and (demo.dataset / "splits.json").is_file()
+    assert sorted(p.read_bytes() for p in (demo.dataset / "imagesTr").iterdir()) == phantom_bytes
+    assert not list(demo.stages_dir.glob("*.plan.json"))

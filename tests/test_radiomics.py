@@ -68,3 +68,20 @@ def test_disagreeing_masks_give_icc_below_one():
     assert first["feature_class"] == "firstorder" and first["icc"] < 1.0
     assert first["icc_low"] <= first["icc"] <= first["icc_high"]
     assert not math.isnan(first["icc"])
+
+
+def test_jobs_fork_only_when_the_work_pays_for_it_and_never_change_results(monkeypatch):
+    import analysis.radiomics as rad
+
+    tasks = [_roi(s) for s in range(7)]
+    inline = extract_all(tasks, jobs=1)
+
+    class NoPool:
+        def __init__(self, *a, **k):
+            raise AssertionError("a pool was started for a few tiny regions")
+
+    monkeypatch.setattr(rad, "ProcessPoolExecutor", NoPool)
+    assert extract_all(tasks, jobs=2) == inline      # ~0.03 s of work: stays in this process
+    monkeypatch.undo()
+    monkeypatch.setattr(rad, "MIN_SECONDS_PER_WORKER", 0.0)
+    assert extract_all(tasks, jobs=2) == inline      # forced into 2 workers: same features

@@ -98,3 +98,16 @@ def test_cosine_schedule_decays_to_one_percent_and_is_recorded(cohort_dir, tmp_p
     with pytest.raises(InputError, match="lr_schedule"):  # resuming under another schedule is refused
         train(replace(config, epochs=2, steps_per_epoch=2, lr_schedule="constant"), run,
               cache_dir=tmp_path / "cache", resume=True)
+
+
+def test_eager_steps_compute_what_traced_steps_compute(cohort_dir, tmp_path):
+    cache = tmp_path / "cache"
+    traced = train(_config(cohort_dir), tmp_path / "G", cache_dir=cache)
+    eager = train(_config(cohort_dir, run_eagerly=True), tmp_path / "E", cache_dir=cache)
+    for key in ("loss", "val_loss", "val_dice"):
+        assert float(_history(eager)[0][key]) == pytest.approx(float(_history(traced)[0][key]), rel=1e-3, abs=1e-6)
+    saved = json.loads((eager / "config.json").read_text(encoding="utf-8"))
+    assert saved["settings"]["run_eagerly"] is True and saved["runtime"]["jit_compile"] is False
+    assert (eager / "calibration.json").is_file()
+    with pytest.raises(InputError, match="--run-eagerly and --jit"):
+        _config(cohort_dir, run_eagerly=True, jit=True).check()
