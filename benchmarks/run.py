@@ -357,7 +357,8 @@ def build_rows(res: dict[str, Any], s: Settings) -> list[Row]:
                             _m(res, "train", "torch", f"{mode}_img_s"), "img/s", note))
         for mode in s.keras_modes.split(",")[1:]:
             rows.append(Row(f"train: {mode.replace('_', ' ')} vs keras f32 (images/s)",
-                            _m(res, "train", "keras", f"{mode}_img_s"), f32, "img/s", k["info"].get("mixed", "")))
+                            _m(res, "train", "keras", f"{mode}_img_s"), f32, "img/s",
+                            k["info"].get("mixed", "") if "mixed" in mode else ""))
         peak = _m(res, "train", "torch", "matmul_f32_flops")
         flops = 3 * unet_forward_flops(s.size)
         for side, mode in (("keras", "keras_f32"), ("keras", "keras_xla"), ("torch", "torch_eager"),

@@ -69,8 +69,8 @@ def model_sizes(out: Path, models: list[str]) -> list[list[Any]]:
 
 
 def thresholds_section(out: Path, models: list[str]) -> list[str]:
-    """Which probability threshold cut each Keras segmenter's masks (``predict.json``) and,
-    for a calibrated one, its validation per-slice Dice there and at 0.5 (``calibration.json``)."""
+    """The probability threshold that cut each Keras segmenter's masks (``predict.json``)
+    beside the one ``train`` calibrated on the validation patients (``calibration.json``)."""
     rows = []
     for model in models:
         record_path = out / "predictions" / model / "predict.json"
@@ -79,22 +79,18 @@ def thresholds_section(out: Path, models: list[str]) -> list[str]:
         record = json.loads(record_path.read_text(encoding="utf-8"))
         if record.get("threshold") is None:
             continue
-        source = str(record.get("threshold_source") or "option")
-        run = Path(record.get("model", {}).get("run", ""))
-        cal = run / "calibration.json"
-        val_t = val_half = ""
-        if source.startswith("auto") and cal.is_file():
-            c = json.loads(cal.read_text(encoding="utf-8"))
-            val_t, val_half = _num(c.get("dice_at_threshold"), 3), _num(c.get("dice_at_0.5"), 3)
-        rows.append([model, f"{record['threshold']:g}", "validation-calibrated" if source.startswith("auto") else "fixed",
-                     val_t, val_half])
+        cal_path = Path(record.get("model", {}).get("run", "")) / "calibration.json"
+        cal = json.loads(cal_path.read_text(encoding="utf-8")) if cal_path.is_file() else {}
+        rows.append([model, f"{record['threshold']:g}", _num(cal.get("threshold"), 2),
+                     _num(cal.get("dice_at_threshold"), 3), _num(cal.get("dice_at_0.5"), 3)])
     if not rows:
         return []
     return ["## Segmentation thresholds", "",
-            "Keras segmenters cut their probabilities at the threshold with the best per-slice Dice on the "
-            "run's validation patients (`runs/<model>/calibration.json`, chosen by `train`; never on test "
-            "patients); `predict --threshold auto` applies it.", "",
-            *_table(["model", "threshold", "chosen", "validation Dice there", "validation Dice at 0.5"], rows), ""]
+            "Masks are cut at the threshold in column 2. `train` also scores every threshold on the run's "
+            "validation patients (never the test patients; `runs/<model>/calibration.json`); "
+            "`predict --threshold auto` would apply the best of them.", "",
+            *_table(["model", "threshold used", "validation-calibrated threshold", "validation Dice there",
+                     "validation Dice at 0.5"], rows), ""]
 
 
 def gradcam_panel(gradcam_dir: Path, fig_path: Path, max_panels: int = 6) -> bool:

@@ -37,9 +37,9 @@ def test_quick_demo_runs_every_stage_and_reports_every_model(tmp_path):
     for det in DETECTORS:
         assert (out / "savedmodels" / det / "saved_model.pb").is_file()
     assert list((out / "gradcam").glob("*.png"))
-    for seg in SEGMENTERS:  # masks cut at the validation-calibrated threshold
+    for seg in SEGMENTERS:  # train calibrated a threshold on the validation patients; the report shows it
         t = json.loads((out / "runs" / seg / "calibration.json").read_text(encoding="utf-8"))["threshold"]
-        assert json.loads((out / "predictions" / seg / "predict.json").read_text(encoding="utf-8"))["threshold"] == t
+        assert re.search(rf"\|\s*{seg}\s*\|\s*0\.5\s*\|\s*{t:.2f}\s*\|", report), seg
     assert "## Segmentation thresholds" in report
     # Keras inference stages shared one TensorFlow process
     shared = [json.loads(m.read_text(encoding="utf-8")).get("shared_process") for m in (out / ".stages").glob("predict-*.json")]
