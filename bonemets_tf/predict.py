@@ -411,6 +411,10 @@ def _run_cases(plan: _Plan, seg: Predictor | None, det: Predictor | None, option
             network_seconds += time.perf_counter() - t
             per_case[case] = {"slices": n}
         log.info("predict: %s done (%d slices)", case, n)
+        # release this case before the next is read: otherwise its CT (float32) and mask stay
+        # bound while the next case loads, and the peak grows from the second case on
+        del volume, probs
+        mask = None
     if det is not None:
         atomic_write_text(tmp / (SLICES_CSV if seg is None else DETECTOR_CSV), _slices_csv(rows))
     return _record(plan, seg, det, options, per_case, network_slices, network_seconds)
