@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Hashable, Iterable
@@ -141,19 +142,20 @@ def extract_all(tasks: Iterable[RoiTask], jobs: int = 1) -> dict[Hashable, dict[
     Returns:
         Features (or None) by task key.
     """
-    import time
-
     tasks = list(tasks)
     out: dict[Hashable, dict[str, float] | None] = {}
     if not tasks:
         return out
+
+    def collect(results, first: int) -> None:
+        for i, (key, feats) in enumerate(results, first):
+            out[key] = feats
+            if i % 50 == 0:
+                log.info("radiomics: %d/%d regions", i, len(tasks))
+
     probe = tasks if jobs <= 1 else tasks[:PROBE_REGIONS]
     start = time.perf_counter()
-    for i, task in enumerate(probe, 1):
-        key, feats = extract_roi(task)
-        out[key] = feats
-        if i % 50 == 0:
-            log.info("radiomics: %d/%d regions", i, len(tasks))
+    collect(map(extract_roi, probe), 1)
     rest = tasks[len(probe):]
     if not rest:
         return out
@@ -162,17 +164,10 @@ def extract_all(tasks: Iterable[RoiTask], jobs: int = 1) -> dict[Hashable, dict[
     log.info("radiomics: %d regions, %.2f s each inline; %d more in %d process(es)", len(tasks), per_region,
              len(rest), max(workers, 1))
     if workers <= 1:
-        for i, task in enumerate(rest, len(probe) + 1):
-            key, feats = extract_roi(task)
-            out[key] = feats
-            if i % 50 == 0:
-                log.info("radiomics: %d/%d regions", i, len(tasks))
-        return out
-    with ProcessPoolExecutor(max_workers=workers, initializer=_quiet_radiomics) as pool:
-        for i, (key, feats) in enumerate(pool.map(extract_roi, rest, chunksize=4), len(probe) + 1):
-            out[key] = feats
-            if i % 50 == 0:
-                log.info("radiomics: %d/%d regions", i, len(tasks))
+        collect(map(extract_roi, rest), len(probe) + 1)
+    else:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_quiet_radiomics) as pool:
+            collect(pool.map(extract_roi, rest, chunksize=4), len(probe) + 1)
     return out
 
 
