@@ -252,7 +252,11 @@ def _resume_then_interrupt(ds: Path, work: Path, layout: WorkLayout) -> None:
     proc = subprocess.Popen([sys.executable, "cli.py", "nnunet", "train", "--dataset", str(ds), "--work", str(work),
                              "--folds", "0", "--epochs", "1000", "--resume", "--device", "cpu"],
                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, encoding="utf-8", errors="replace")
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, encoding="utf-8", errors="replace",
+                            # a terminal's Ctrl-C meets SIGINT's default action; a suite started in the
+                            # background (`make test &`) would hand SIG_IGN down, and Python then never
+                            # raises KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180
         new_logs: set[Path] = set()
