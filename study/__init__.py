@@ -1,5 +1,6 @@
 """Whole-study orchestration above the three packages: the demo and its report.
 
-It starts every framework stage (Keras, nnU-Net) as its own process through
-``python cli.py ...`` so TensorFlow and PyTorch never share one.
+Every stage is a ``python cli.py ...`` command; the stages of one framework (Keras training,
+nnU-Net, Keras inference) run in a process of their own (:mod:`study.batch`), so TensorFlow
+and PyTorch never share one.
 """
