@@ -26,7 +26,7 @@ import numpy as np
 
 from analysis.errors import InputError
 from analysis.io import atomic_write_json, read_json
-from analysis.metrics.overlap import OverlapCounts, dice_from_counts
+from analysis.metrics.overlap import slice_overlap
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,9 @@ def dice_curve(prob: np.ndarray, truth: np.ndarray, thresholds: Sequence[float] 
         ``(sums, n)``: the sum over the ``n`` slices with lesion of each threshold's Dice
         (``(len(thresholds),)`` float64), so several volumes combine by adding.
     """
-    truth = np.asarray(truth) > 0
-    keep = truth.any(axis=(1, 2))
-    prob, truth = prob[keep], truth[keep]
-    sums = np.zeros(len(thresholds), np.float64)
-    n_ref = truth.sum(axis=(1, 2)).astype(np.int64)
-    for i, t in enumerate(thresholds):
-        pred = prob >= t
-        counts = OverlapCounts((pred & truth).sum(axis=(1, 2)).astype(np.int64), pred.sum(axis=(1, 2)).astype(np.int64), n_ref)
-        sums[i] = dice_from_counts(counts).sum()
-    return sums, int(keep.sum())
+    truth = (np.asarray(truth) > 0).astype(np.uint8)
+    sums = np.array([slice_overlap((prob >= t).astype(np.uint8), truth)[1].sum() for t in thresholds], np.float64)
+    return sums, int(truth.any(axis=(1, 2)).sum())
 
 
 def choose_threshold(thresholds: Sequence[float], dice: Sequence[float]) -> float:

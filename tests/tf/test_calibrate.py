@@ -26,18 +26,13 @@ def runs(tmp_path_factory):
     return shared_runs(tmp_path_factory)
 
 
-def test_dice_curve_matches_the_analysis_per_slice_dice():
-    rng = np.random.default_rng(1)
-    prob = rng.random((7, 12, 10)).astype(np.float32)
-    truth = np.zeros((7, 12, 10), np.uint8)
-    truth[1, 2:6, 3:7] = 1
-    truth[4, 5:11, 1:4] = 1
-    truth[5, 0, 0] = 1  # slices 0, 2, 3, 6 have no lesion: not scored
-    sums, n = dice_curve(prob, truth, (0.3, 0.5, 0.9))
-    assert n == 3
-    for s, t in zip(sums, (0.3, 0.5, 0.9)):
-        _, dice, _, _ = slice_overlap((prob >= t).astype(np.uint8), truth)
-        assert s == pytest.approx(dice.sum())
+def test_dice_curve_scores_only_lesion_slices_golden():
+    prob = np.array([[[0.9, 0.4], [0.6, 0.1]], [[0.8, 0.8], [0.8, 0.8]]], np.float32)
+    truth = np.array([[[1, 1], [0, 0]], [[0, 0], [0, 0]]], np.uint8)  # slice 1 has no lesion: not scored
+    sums, n = dice_curve(prob, truth, (0.3, 0.5, 0.95))
+    assert n == 1
+    # t=0.3: P = 3 pixels, 2 true -> 4/5; t=0.5: P = 2 pixels, 1 true -> 2/4; t=0.95: empty -> 0
+    np.testing.assert_allclose(sums, [0.8, 0.5, 0.0])
 
 
 def test_choose_threshold_prefers_the_best_then_the_nearest_to_half():
