@@ -1,0 +1,381 @@
+"""Per-lesion and per-patient tables for new patients (a model's prediction, no ground truth).
+
+``lesions.csv`` has one row per predicted lesion, ``patients.csv`` one row per case
+(:data:`LESION_COLUMNS`, :data:`PATIENT_COLUMNS`). Definitions are those of
+``analyze`` (:func:`analysis.analyze.run_analysis`), computed with the same functions of
+:mod:`analysis.metrics.lesions`:
+
+* lesions are 26-connected components of the mask, ids ``1..N`` in
+  :func:`~analysis.metrics.lesions.lesion_instances` order on the stored array;
+* ``n_neighbours``: other lesions whose slice range lies within ``cluster_slices``
+  slices (:func:`~analysis.metrics.lesions.count_neighbours`);
+* ``diffuse``: the lesion's largest per-slice fraction of its bone region is at least
+  ``diffuse_fraction`` (:func:`~analysis.metrics.lesions.diffuse_fractions`), bone
+  pixels from the bone map when one is given, else CT >= ``bone_hu``;
+* ``bone``, ``weight_bearing``: :func:`~analysis.metrics.lesions.bone_identity` on the
+  bone map (project codes, :data:`analysis.cohort.BONE_CODES`); empty without one.
+
+Everything is computed on the arrays in the stored file's order, as ``analyze`` does,
+so ``z_first``/``z_last`` and the slice-based definitions (neighbours, diffuse) follow
+the file's third index (array axis 0), which is axial for CT as scanners store it.
+Centroids are in patient coordinates: ITK physical space (LPS, mm), independent of the
+storage order.
+
+Resumable runs: each finished case writes its rows to part files
+(:func:`write_case_parts`; the patient part is written last and marks the case as
+done), and :func:`merge_parts` rebuilds both tables from all parts.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+
+from analysis.analyze import _fmt
+from analysis.cohort import MAX_BONE_CODE, check_case_id
+from analysis.errors import InputError
+from analysis.imports import totalseg_lookup
+from analysis.io import Geometry, atomic_write_text, read_array
+from analysis.metrics.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone_identity, count_neighbours,
+                                      diffuse_fractions, lesion_instances, lesion_table)
+
+__all__ = ["LESION_COLUMNS", "PATIENT_COLUMNS", "REGION_COLUMNS", "lesion_rows", "patient_row", "bones_from",
+           "write_rows", "read_rows", "write_case_parts", "finished_cases", "merge_parts", "write_tables",
+           "LESIONS_CSV", "PATIENTS_CSV"]
+
+LESIONS_CSV = "lesions.csv"
+PATIENTS_CSV = "patients.csv"
+
+#: Columns of ``lesions.csv`` (other tools read these: do not rename).
+LESION_COLUMNS: tuple[str, ...] = ("case", "lesion_id", "voxels", "volume_ml", "x_mm", "y_mm", "z_mm", "z_first",
+                                   "z_last", "hu_mean", "hu_max", "score", "n_neighbours", "diffuse", "bone",
+                                   "weight_bearing")
+#: Bone regions counted per patient (``bone`` values of :data:`LESION_COLUMNS`).
+REGION_COLUMNS: tuple[str, ...] = (*LOCATION_CATEGORIES, "other", "unknown")
+#: Columns of ``patients.csv``.
+PATIENT_COLUMNS: tuple[str, ...] = ("case", "lesions", "volume_ml", "largest_ml", "weight_bearing", "diffuse",
+                                    *REGION_COLUMNS)
+
+_INT = {"lesion_id", "voxels", "z_first", "z_last", "n_neighbours", "lesions", *REGION_COLUMNS}
+_FLOAT = {"volume_ml", "x_mm", "y_mm", "z_mm", "hu_mean", "hu_max", "score", "largest_ml"}
+_BOOL_LESION = {"diffuse", "weight_bearing"}          # bools in lesions.csv, counts in patients.csv
+
+BoneKind = Literal["project", "totalsegmentator"]
+
+
+def _check_shapes(geometry: Geometry, **arrays: np.ndarray | None) -> None:
+    for name, arr in arrays.items():
+        if arr is not None and tuple(np.shape(arr)) != geometry.shape:
+            raise ValueError(f"{name}: shape {np.shape(arr)} differs from the geometry's (slices, rows, cols) "
+                             f"{geometry.shape}")
+
+
+def _centroids_mm(coords: tuple[np.ndarray, ...], ids: np.ndarray, voxels: np.ndarray,
+                  geometry: Geometry) -> np.ndarray:
+    """Centroids ``(n, 3)`` in ITK physical ``(x, y, z)`` mm from lesion voxel indices."""
+    n = len(voxels)
+    mean_zyx = np.stack([np.bincount(ids, weights=c.astype(np.float64), minlength=n + 1)[1:n + 1] for c in coords],
+                        axis=1) / np.maximum(voxels, 1)[:, None]
+    index_xyz = mean_zyx[:, ::-1]
+    d = np.asarray(geometry.direction, np.float64).reshape(3, 3)
+    return np.asarray(geometry.origin, np.float64)[None, :] + (index_xyz * np.asarray(geometry.spacing)) @ d.T
+
+
+def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry, *,
+                probability: np.ndarray | None = None, bones: np.ndarray | None = None,
+                cluster_slices: int = 10, diffuse_fraction: float = 0.6,
+                bone_hu: float = DEFAULT_BONE_HU) -> list[dict[str, Any]]:
+    """One row per lesion of a predicted mask, columns :data:`LESION_COLUMNS`.
+
+    Args:
+        case: case id (first column).
+        mask: ``(slices, rows, cols)`` in the stored file's order; non-zero is lesion.
+        ct: ``(slices, rows, cols)`` HU, same order.
+        geometry: the stored file's geometry (ITK ``(x, y, z)`` order).
+        probability: ``(slices, rows, cols)`` voxel probabilities; ``score`` is each
+            lesion's highest one. None leaves ``score`` empty.
+        bones: ``(slices, rows, cols)`` project bone codes 0..7 (``bonesTr``,
+            :func:`bones_from`); None leaves ``bone`` and ``weight_bearing`` empty and
+            takes bone pixels for the diffuse rule from ``ct >= bone_hu``.
+        cluster_slices: largest slice gap between neighbouring lesions.
+        diffuse_fraction: a lesion is diffuse when its largest per-slice bone-region
+            fraction is at least this.
+        bone_hu: HU threshold for bone pixels without a bone map.
+
+    Returns:
+        Dicts keyed by :data:`LESION_COLUMNS` in that order, lesion ids ``1..N``:
+        ``voxels`` count, ``volume_ml`` ml, ``x_mm, y_mm, z_mm`` the centroid (mean voxel
+        index mapped to ITK physical space: LPS mm), ``z_first``/``z_last`` array axis 0
+        indices, ``hu_mean``/``hu_max`` HU over the lesion's voxels, ``score`` float or
+        None, ``n_neighbours`` int, ``diffuse`` bool, ``bone`` str or None,
+        ``weight_bearing`` bool or None. An empty mask gives no rows.
+
+    Raises:
+        ValueError: an array whose shape differs from the geometry's.
+    """
+    _check_shapes(geometry, mask=mask, ct=ct, probability=probability, bones=bones)
+    labels, n = lesion_instances(mask, 26)
+    if n == 0:
+        return []
+    table = lesion_table(labels, n, spacing_mm=geometry.spacing)
+    flat = np.flatnonzero(labels)
+    ids = labels.ravel()[flat].astype(np.int64)
+    order = np.argsort(ids, kind="stable")
+    starts = np.r_[0, np.cumsum(table.voxels)[:-1]]
+    sorted_flat = flat[order]
+    centroids = _centroids_mm(np.unravel_index(flat, labels.shape), ids, table.voxels, geometry)
+    hu = np.asarray(ct).ravel()[sorted_flat].astype(np.float64)
+    hu_mean = np.add.reduceat(hu, starts) / table.voxels
+    hu_max = np.maximum.reduceat(hu, starts)
+    score = None
+    if probability is not None:
+        score = np.maximum.reduceat(np.asarray(probability).ravel()[sorted_flat].astype(np.float64), starts)
+    bone_px = (bones > 0) if bones is not None else (np.asarray(ct) >= bone_hu)
+    diffuse = diffuse_fractions(labels, n, bone_px) >= diffuse_fraction
+    neighbours = count_neighbours(table.z_first, table.z_last, cluster_slices)
+    names, wb = bone_identity(labels, table, bones) if bones is not None else (None, None)
+    rows = []
+    for i in range(n):
+        rows.append({
+            "case": case, "lesion_id": i + 1, "voxels": int(table.voxels[i]),
+            "volume_ml": float(table.volume_ml[i]),
+            "x_mm": float(centroids[i, 0]), "y_mm": float(centroids[i, 1]), "z_mm": float(centroids[i, 2]),
+            "z_first": int(table.z_first[i]), "z_last": int(table.z_last[i]),
+            "hu_mean": float(hu_mean[i]), "hu_max": float(hu_max[i]),
+            "score": None if score is None else float(score[i]),
+            "n_neighbours": int(neighbours[i]), "diffuse": bool(diffuse[i]),
+            "bone": None if names is None else names[i],
+            "weight_bearing": None if wb is None else bool(wb[i]),
+        })
+    return rows
+
+
+def patient_row(case: str, lesion_rows: Sequence[dict[str, Any]], *, has_bones: bool | None = None) -> dict[str, Any]:
+    """One row of ``patients.csv`` from a case's lesion rows, columns :data:`PATIENT_COLUMNS`.
+
+    Args:
+        case: case id.
+        lesion_rows: the case's rows from :func:`lesion_rows` (or read back from a CSV).
+        has_bones: whether a bone map was used. None infers it from the rows (a lesion
+            with a ``bone`` value), which a case without lesions cannot tell: pass it
+            explicitly so that such a case gets zero region counts instead of empty ones.
+
+    Returns:
+        ``lesions`` count, ``volume_ml`` total ml, ``largest_ml`` ml (0 without lesions),
+        ``diffuse`` number of diffuse lesions, ``weight_bearing`` number of lesions in
+        weight-bearing bone, and one count per region of :data:`REGION_COLUMNS`;
+        ``weight_bearing`` and the region counts are None without a bone map.
+
+    Raises:
+        ValueError: rows of another case, or ``has_bones`` contradicting the rows.
+    """
+    rows = list(lesion_rows)
+    others = sorted({r["case"] for r in rows} - {case})
+    if others:
+        raise ValueError(f"patient_row({case!r}): lesion rows of other cases {others[:3]}")
+    with_bone = [r["bone"] is not None for r in rows]
+    if any(with_bone) and not all(with_bone):
+        raise ValueError(f"case {case}: some lesion rows have a bone, others do not")
+    inferred = bool(rows) and all(with_bone)
+    if has_bones is None:
+        has_bones = inferred
+    elif rows and has_bones != inferred:
+        raise ValueError(f"case {case}: has_bones={has_bones} but the lesion rows "
+                         f"{'have' if inferred else 'lack'} bone values")
+    volumes = [float(r["volume_ml"]) for r in rows]
+    out: dict[str, Any] = {
+        "case": case, "lesions": len(rows), "volume_ml": float(sum(volumes)),
+        "largest_ml": float(max(volumes, default=0.0)),
+        "weight_bearing": sum(bool(r["weight_bearing"]) for r in rows) if has_bones else None,
+        "diffuse": sum(bool(r["diffuse"]) for r in rows),
+    }
+    for region in REGION_COLUMNS:
+        out[region] = sum(r["bone"] == region for r in rows) if has_bones else None
+    return out
+
+
+def bones_from(path: str | os.PathLike, kind: BoneKind, geometry: Geometry) -> np.ndarray:
+    """Read a case's bone map as project codes, checked against its CT's geometry.
+
+    Args:
+        path: the bone map file (e.g. ``DIR/<case>.nii.gz``).
+        kind: ``"project"`` for project codes 0..7 (``bonesTr``, see
+            :data:`analysis.cohort.BONE_CODES`); ``"totalsegmentator"`` for a
+            TotalSegmentator v2 "total" multilabel map (mapped through
+            :func:`analysis.imports.totalseg_lookup`; non-bone classes become 0).
+        geometry: the CT's geometry.
+
+    Returns:
+        uint8 ``(slices, rows, cols)`` bone codes in the stored file's order.
+
+    Raises:
+        InputError: unreadable file, geometry unlike the CT's, non-integer or negative
+            labels, codes above 7 in a project map, or an unknown ``kind``.
+    """
+    if kind not in ("project", "totalsegmentator"):
+        raise InputError(f"bone map kind {kind!r}: expected 'project' or 'totalsegmentator'")
+    labels, geom = read_array(path)
+    mismatch = geometry.mismatch(geom)
+    if mismatch:
+        raise InputError(f"{path}: {mismatch} of the case's CT")
+    if np.issubdtype(labels.dtype, np.floating) and not np.array_equal(labels, np.round(labels)):
+        raise InputError(f"{path}: holds non-integer values; expected integer bone labels")
+    if labels.size == 0:
+        return labels.astype(np.uint8)
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise InputError(f"{path}: holds negative labels (min {low}); expected bone labels >= 0")
+    if kind == "project":
+        if high > MAX_BONE_CODE:
+            raise InputError(f"{path}: holds code {high}; expected project bone codes 0..{MAX_BONE_CODE} "
+                             f"(a TotalSegmentator map? pass kind 'totalsegmentator')")
+        return labels.astype(np.uint8, copy=False)
+    return totalseg_lookup(high)[labels.astype(np.int64, copy=False)]
+
+
+# --- CSV tables and per-case parts ---------------------------------------------------------
+
+
+def _csv_text(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_fmt(row[c]) for c in columns])
+    return buf.getvalue()
+
+
+def write_rows(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> Path:
+    """Write dict rows as CSV atomically, formatted as :func:`analysis.analyze.write_csv` does.
+
+    Empty for None/NaN, ``true``/``false`` for booleans, floats with 10 significant digits.
+    """
+    return atomic_write_text(path, _csv_text(columns, rows))
+
+
+def _parse(path: Path, column: str, text: str, lesion_table: bool) -> Any:
+    if text == "":
+        return None
+    try:
+        if column in _BOOL_LESION and lesion_table:
+            if text not in ("true", "false"):
+                raise ValueError(text)
+            return text == "true"
+        if column in _INT or column in _BOOL_LESION:
+            return int(text)
+        if column in _FLOAT:
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError(text)
+            return value
+    except ValueError:
+        raise InputError(f"{path}: column {column}: {text!r} is not a valid value") from None
+    return text
+
+
+def read_rows(path: str | os.PathLike, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """Read a table written by :func:`write_rows` back into typed dict rows.
+
+    Args:
+        path: ``lesions.csv``, ``patients.csv`` or one of their part files.
+        columns: :data:`LESION_COLUMNS` or :data:`PATIENT_COLUMNS`.
+
+    Returns:
+        Rows with the types :func:`lesion_rows` / :func:`patient_row` give (empty cells None).
+
+    Raises:
+        InputError: missing file, or a header or value that does not fit ``columns``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: not found")
+    lesion = tuple(columns) == LESION_COLUMNS
+    with open(p, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None or tuple(header) != tuple(columns):
+            raise InputError(f"{p}: header {header} differs from the expected columns {','.join(columns)}")
+        rows = []
+        for line_no, cells in enumerate(reader, 2):
+            if len(cells) != len(columns):
+                raise InputError(f"{p}: line {line_no} has {len(cells)} fields, expected {len(columns)}")
+            rows.append({c: _parse(p, c, v, lesion) for c, v in zip(columns, cells)})
+    return rows
+
+
+def _part_paths(parts: Path, case: str) -> tuple[Path, Path]:
+    check_case_id(case)
+    return parts / f"{case}.lesions.csv", parts / f"{case}.patient.csv"
+
+
+def write_case_parts(parts: str | os.PathLike, case: str, lesions: Sequence[dict[str, Any]],
+                     patient: dict[str, Any]) -> tuple[Path, Path]:
+    """Write one finished case's rows to ``PARTS/<case>.lesions.csv`` and ``PARTS/<case>.patient.csv``.
+
+    Each file is written atomically, the patient part last: a case counts as finished
+    (:func:`finished_cases`) only once both exist, so an interrupted run redoes it.
+
+    Returns:
+        The two paths (lesions, patient).
+    """
+    parts = Path(parts)
+    lesion_path, patient_path = _part_paths(parts, case)
+    if any(r["case"] != case for r in lesions) or patient["case"] != case:
+        raise ValueError(f"write_case_parts({case!r}): rows of another case")
+    write_rows(lesion_path, LESION_COLUMNS, lesions)
+    write_rows(patient_path, PATIENT_COLUMNS, [patient])
+    return lesion_path, patient_path
+
+
+def finished_cases(parts: str | os.PathLike) -> set[str]:
+    """Cases whose parts are complete in ``PARTS`` (both files present); empty when the folder is missing."""
+    parts = Path(parts)
+    if not parts.is_dir():
+        return set()
+    done = {p.name[:-len(".patient.csv")] for p in parts.glob("*.patient.csv") if not p.name.startswith(".")}
+    return {c for c in done if (parts / f"{c}.lesions.csv").is_file()}
+
+
+def merge_parts(parts: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Both tables rebuilt from every finished case's parts, cases sorted by id.
+
+    Returns:
+        ``(lesion_rows, patient_rows)``: lesions sorted by (case, lesion_id).
+
+    Raises:
+        InputError: a malformed part, or a part holding rows of another case.
+    """
+    parts = Path(parts)
+    lesions: list[dict[str, Any]] = []
+    patients: list[dict[str, Any]] = []
+    for case in sorted(finished_cases(parts)):
+        lesion_path, patient_path = _part_paths(parts, case)
+        case_lesions = read_rows(lesion_path, LESION_COLUMNS)
+        case_patient = read_rows(patient_path, PATIENT_COLUMNS)
+        if len(case_patient) != 1:
+            raise InputError(f"{patient_path}: holds {len(case_patient)} rows, expected 1")
+        if any(r["case"] != case for r in case_lesions + case_patient):
+            raise InputError(f"{parts}: part files of case {case} hold rows of another case")
+        if case_patient[0]["lesions"] != len(case_lesions):
+            raise InputError(f"{patient_path}: counts {case_patient[0]['lesions']} lesions, "
+                             f"{lesion_path.name} holds {len(case_lesions)}")
+        lesions += sorted(case_lesions, key=lambda r: r["lesion_id"])
+        patients += case_patient
+    return lesions, patients
+
+
+def write_tables(parts: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Path]:
+    """Rebuild ``OUT/lesions.csv`` and ``OUT/patients.csv`` from the parts in ``PARTS``.
+
+    Returns:
+        The two paths (lesions, patients).
+    """
+    lesions, patients = merge_parts(parts)
+    out = Path(out)
+    return (write_rows(out / LESIONS_CSV, LESION_COLUMNS, lesions),
+            write_rows(out / PATIENTS_CSV, PATIENT_COLUMNS, patients))
