@@ -1,19 +1,18 @@
 """Bringing a user's data into the cohort layout: DICOM CT series and TotalSegmentator bone maps."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from analysis.cohort import Cohort, check_case_id, write_dataset_json
+from analysis.dicom import read_dicom
 from analysis.errors import InputError
 from analysis.io import Geometry, read_array, read_image, write_array, write_image
 
-#: Relative deviation of slice gaps from their median that counts as a missing or
-#: misplaced slice (uneven spacing) in a DICOM series.
-SLICE_GAP_RTOL = 0.05
+log = logging.getLogger(__name__)
 
 # TotalSegmentator v2, task "total" class ids -> bonesTr codes (see analysis.cohort.BONE_CODES).
 # Ids from TotalSegmentator's class map (map_to_binary.py, "total" task, v2):
@@ -69,74 +68,33 @@ def import_bones(seg: str | os.PathLike, dataset: str | os.PathLike, case: str) 
     return write_array(bones, ct_geom, cohort.bones_path(case))
 
 
-def _choose_series(dicom_dir: Path, series: str | None) -> list[str]:
-    if not dicom_dir.is_dir():
-        raise InputError(f"{dicom_dir}: not a folder; expected a folder holding one DICOM CT series")
-    ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(dicom_dir)) or [])
-    if not ids:
-        raise InputError(f"{dicom_dir}: no DICOM series found; expected .dcm files of one CT series")
-    if series is None:
-        if len(ids) > 1:
-            raise InputError(f"{dicom_dir}: holds {len(ids)} DICOM series ({', '.join(ids)}); "
-                             f"pick one with --series SERIES_UID")
-        series = ids[0]
-    elif series not in ids:
-        raise InputError(f"--series {series}: not in {dicom_dir}; found {', '.join(ids)}")
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(dicom_dir), series))
-
-
-def _check_slice_positions(dicom_dir: Path, files: list[str]) -> None:
-    """Refuse series with missing or duplicated slices (uneven gaps along the slice normal)."""
-    if len(files) < 2:
-        raise InputError(f"{dicom_dir}: the series has {len(files)} slice; expected a 3D CT volume")
-    positions = []
-    normal = None
-    for f in files:
-        r = sitk.ImageFileReader()
-        r.SetFileName(f)
-        r.LoadPrivateTagsOff()
-        try:
-            r.ReadImageInformation()
-        except RuntimeError:
-            raise InputError(f"{f}: unreadable DICOM file") from None
-        direction = np.array(r.GetDirection()).reshape(3, 3)
-        if normal is None:
-            normal = direction[:, 2]
-        positions.append(float(np.dot(np.array(r.GetOrigin()), normal)))
-    pos = np.sort(np.array(positions))
-    gaps = np.diff(pos)
-    median = float(np.median(gaps))
-    if median <= 0:
-        raise InputError(f"{dicom_dir}: slices share one position; expected distinct slice positions")
-    bad = np.flatnonzero(np.abs(gaps - median) > SLICE_GAP_RTOL * median)
-    if bad.size:
-        i = int(bad[0])
-        raise InputError(f"{dicom_dir}: uneven slice spacing (gap {gaps[i]:.3g} mm after position {pos[i]:.4g} mm, "
-                         f"expected {median:.3g} mm); slices are missing or duplicated")
-
-
 def import_dicom(dicom_dir: str | os.PathLike, dataset: str | os.PathLike, case: str, *,
                  label: str | os.PathLike | None = None, series: str | None = None,
                  overwrite: bool = False) -> Path:
     """Read a CT DICOM series and add it to a cohort as ``imagesTr/<case>_0000.nii.gz``.
 
-    The series is read with SimpleITK's series reader (files sorted by position; the
-    rescale slope/intercept is applied, so values are HU). The dataset folder and its
-    dataset.json are created when missing and ``numTraining`` is updated.
+    The series is chosen and read by :func:`analysis.dicom.read_dicom`: localizers, other
+    modalities and objects without an image (SEG, SR, RTSTRUCT) are skipped, the axial CT
+    series with the most slices is used (ties: the thinnest slices), an Enhanced
+    (multi-frame) CT object is read as the volume it holds, and the rescale slope/intercept
+    is applied (HU, int16 unless fractional). The dataset folder and its dataset.json are
+    created when missing and ``numTraining`` is updated.
 
     Args:
-        dicom_dir: folder holding the series.
+        dicom_dir: folder directly holding the series' files.
         dataset: cohort folder.
         case: case id for the new case.
         label: optional lesion mask (NIfTI/NRRD) with the CT's geometry; written to labelsTr.
-        series: SeriesInstanceUID when the folder holds several series.
+        series: SeriesInstanceUID to use instead of the automatic choice.
         overwrite: replace an existing case of the same id.
 
     Returns:
         Path of the written image.
 
     Raises:
-        InputError: no/several series, uneven slices, an existing case, or a bad label.
+        InputError: no CT series, only localizers, equally large series (pick one with
+            ``series``), one slice, gaps or uneven spacing, gantry tilt, an existing case,
+            or a bad label.
     """
     check_case_id(case)
     dicom_dir = Path(dicom_dir)
@@ -146,22 +104,9 @@ def import_dicom(dicom_dir: str | os.PathLike, dataset: str | os.PathLike, case:
     img_path, lab_path = cohort.image_path(case), cohort.label_path(case)
     if img_path.exists() and not overwrite:
         raise InputError(f"{img_path}: case {case} already exists; pass --overwrite to replace it")
-    files = _choose_series(dicom_dir, series)
-    _check_slice_positions(dicom_dir, files)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(f"{dicom_dir}: the DICOM series cannot be read ({str(exc).strip().splitlines()[-1][:160]})") from None
-    if image.GetDimension() != 3:
-        raise InputError(f"{dicom_dir}: the series is {image.GetDimension()}D; expected a 3D CT")
-    # HU fits int16; keep float only when the rescale produced fractional values.
-    arr = sitk.GetArrayViewFromImage(image)
-    if np.issubdtype(arr.dtype, np.floating) and not np.array_equal(arr, np.round(arr)):
-        out = sitk.Cast(image, sitk.sitkFloat32)
-    else:
-        out = sitk.Cast(image, sitk.sitkInt16)
+    out, chosen = read_dicom(dicom_dir, series)
+    log.info("%s: series %s (%s, %d slices); skipped %d series", dicom_dir, chosen.series_uid,
+             chosen.description or "no description", chosen.n_slices, len(chosen.record.get("skipped", [])))
     geom = Geometry.of(out)
 
     mask_arr = None
