@@ -1,0 +1,335 @@
+"""DICOM Segmentation (SEG) output of a lesion mask, written with highdicom and verified by reading it back.
+
+The SEG is BINARY, uncompressed (Explicit VR Little Endian), with one segment:
+
+- label "bone metastasis";
+- category SCT 49755003 "Morphologically Abnormal Structure";
+- type SCT 14799000 "Neoplasm, Secondary";
+- algorithm type AUTOMATIC, AlgorithmIdentificationSequence: name = the model's name,
+  version = its fingerprint, family DCM 123110 "Artificial Intelligence" (CID 7162).
+
+The codes were checked against the DICOM standard tables bundled with pydicom 3.0.2
+(``pydicom.sr.codedict.codes``, generated from DICOM PS3.16): 49755003 is listed in CID 7150
+"Segmentation Property Category" as "Morphologically Abnormal Structure"; 14799000 is listed
+in CID 7151 "Segmentation Property Type", CID 7159 "Lesion Segmentation Type" and CID 7194
+"Morphologically Abnormal Structure Segmentation Property Type" with the meaning "Neoplasm,
+Secondary" (pydicom's SNOMED table also knows it under its SNOMED CT name "Neoplasm,
+metastatic (morphologic abnormality)", SNOMED RT M-80006). The CID meaning is used because
+the segment's type is drawn from CID 7151. No bone-specific code (e.g. SCT 94222008 "Bony
+metastasis", a disorder) appears in a segmentation CID; the anatomy is left unstated.
+
+The SEG sits in the source's Study with its Patient and Frame of Reference (highdicom copies
+them from the source headers), references only the chosen series' own instances, and SEG
+frame ``k`` is pixel for pixel the source slice at mask slice ``k``'s position.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from analysis import __version__
+from analysis.dicom import DicomSeries
+from analysis.errors import InputError
+from analysis.io import umask_mode
+from analysis.metrics.lesions import lesion_instances
+
+log = logging.getLogger(__name__)
+
+SEGMENT_LABEL = "bone metastasis"
+#: CID 7150: Morphologically Abnormal Structure (SCT 49755003).
+CATEGORY = codes.cid7150.MorphologicallyAbnormalStructure
+#: CID 7151: Neoplasm, Secondary (SCT 14799000, SNOMED CT "Neoplasm, metastatic").
+PROPERTY_TYPE = codes.cid7151.NeoplasmSecondary
+#: CID 7162: Artificial Intelligence (DCM 123110).
+ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence
+#: Type 2 attributes highdicom copies from the source; anonymised exports may lack them.
+_PATIENT_STUDY_DEFAULTS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                           "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+#: Largest distance (mm) between a mask slice's position and its source image's.
+POSITION_TOL_MM = 1e-3
+
+
+def _code_record(code: Any) -> dict[str, str]:
+    return {"value": str(code.value), "scheme": str(code.scheme_designator), "meaning": str(code.meaning)}
+
+
+def _source_headers(series: DicomSeries) -> list[pydicom.Dataset]:
+    """The series' headers in mask slice order, matched by ImagePositionPatient (not file order).
+
+    Raises:
+        InputError: a file unreadable or no longer at a position of the series.
+    """
+    if series.multiframe:
+        try:
+            return [pydicom.dcmread(series.files[0], stop_before_pixels=True)]
+        except Exception as exc:  # pydicom raises many kinds for a damaged file
+            raise InputError(f"{series.files[0]}: unreadable DICOM header ({type(exc).__name__})") from None
+    normal = series.normal
+    along = np.array(series.positions) @ normal
+    spacing = series.slice_spacing
+    by_slice: dict[int, pydicom.Dataset] = {}
+    for path in series.files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:  # pydicom raises many kinds for a damaged file
+            raise InputError(f"{path}: unreadable DICOM header ({type(exc).__name__})") from None
+        pos = np.array([float(v) for v in ds.ImagePositionPatient])
+        k = int(round((float(pos @ normal) - along[0]) / spacing))
+        if not 0 <= k < series.n_slices or np.linalg.norm(pos - np.array(series.positions[k])) > POSITION_TOL_MM \
+                or k in by_slice:
+            raise InputError(f"{path}: ImagePositionPatient {tuple(pos)} is not a free slice position of series "
+                             f"{series.series_uid}; expected the series as it was read")
+        by_slice[k] = ds
+    headers = [by_slice[k] for k in range(series.n_slices)]
+    for k, ds in enumerate(headers):
+        if str(ds.SOPInstanceUID) != series.sop_instance_uids[k]:
+            raise InputError(f"{series.files[k]}: SOPInstanceUID differs from the one read for slice {k}; "
+                             f"expected the series unchanged since it was read")
+    return headers
+
+
+def _with_defaults(ds: pydicom.Dataset, thickness: float) -> pydicom.Dataset:
+    """A copy with what highdicom copies from the source set when an anonymised export lacks it.
+
+    Patient/Study attributes become empty (type 2 in the SEG); a missing SliceThickness of a
+    single-frame slice becomes ``thickness`` (the series' slice spacing).
+    """
+    out = pydicom.Dataset(ds)  # shallow copy: new top-level element container
+    out.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
+    for keyword in _PATIENT_STUDY_DEFAULTS:
+        if keyword not in out or out.get(keyword) is None:
+            setattr(out, keyword, "")
+    if "PerFrameFunctionalGroupsSequence" not in out and not out.get("SliceThickness"):
+        out.SliceThickness = f"{thickness:.6g}"
+    return out
+
+
+def _check_mask(mask: np.ndarray, series: DicomSeries) -> np.ndarray:
+    mask = np.asarray(mask)
+    expected = (series.n_slices, series.rows, series.columns)
+    if mask.shape != expected:
+        raise InputError(f"mask for series {series.series_uid} in {series.folder}: shape {mask.shape} differs from "
+                         f"the series' (slices, rows, cols) {expected}")
+    if mask.dtype != np.uint8 and mask.dtype != bool:
+        if not np.issubdtype(mask.dtype, np.integer):
+            raise InputError(f"mask for series {series.series_uid}: dtype {mask.dtype}; expected uint8 0/1")
+    values = np.unique(mask)
+    if not set(values.tolist()) <= {0, 1}:
+        raise InputError(f"mask for series {series.series_uid}: values {values[:8].tolist()}; expected only 0 and 1")
+    return mask.astype(np.uint8, copy=False)
+
+
+def _build(mask: np.ndarray, series: DicomSeries, headers: list[pydicom.Dataset], *, model_name: str,
+           model_version: str, series_number: int, series_description: str) -> hd.seg.Segmentation:
+    algorithm = hd.AlgorithmIdentificationSequence(name=model_name, family=ALGORITHM_FAMILY, version=model_version)
+    segment = hd.seg.SegmentDescription(
+        segment_number=1, segment_label=SEGMENT_LABEL, segmented_property_category=CATEGORY,
+        segmented_property_type=PROPERTY_TYPE, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm)
+    row_spacing, col_spacing = series.pixel_spacing
+    thickness = series.slice_thickness if series.slice_thickness else series.slice_spacing
+    measures = hd.PixelMeasuresSequence(pixel_spacing=(row_spacing, col_spacing), slice_thickness=thickness,
+                                        spacing_between_slices=series.slice_spacing)
+    if series.multiframe:
+        # pixel_array[i] must be source frame i + 1; slice k is frame frame_numbers[k].
+        n_frames = int(headers[0].get("NumberOfFrames", series.n_slices))
+        pixels = np.zeros((n_frames, series.rows, series.columns), np.uint8)
+        for k, num in enumerate(series.frame_numbers or []):
+            pixels[num - 1] = mask[k]
+    else:
+        pixels = mask
+    return hd.seg.Segmentation(
+        source_images=[_with_defaults(ds, thickness) for ds in headers], pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
+        series_instance_uid=hd.UID(), series_number=series_number, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="bonemets", manufacturer_model_name=model_name[:64],
+        software_versions=f"bonemets {__version__}", device_serial_number=model_version[:64],
+        transfer_syntax_uid=ExplicitVRLittleEndian, pixel_measures=measures,
+        content_label="BONEMETS", content_description=f"{SEGMENT_LABEL} ({model_name})"[:64],
+        series_description=series_description[:64], omit_empty_frames=True)
+
+
+def _read_back(path: Path, series: DicomSeries) -> np.ndarray:
+    seg = hd.seg.segread(path)
+    if series.multiframe:
+        return np.asarray(seg.get_pixels_by_source_frame(
+            source_sop_instance_uid=series.sop_instance_uids[0], source_frame_numbers=series.frame_numbers,
+            combine_segments=True, assert_missing_frames_are_empty=True))
+    return np.asarray(seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=series.sop_instance_uids, combine_segments=True,
+        assert_missing_frames_are_empty=True))
+
+
+def _frames_aligned(path: Path, series: DicomSeries) -> str | None:
+    """None when every SEG frame lies at its source image's position; else what differs."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    where = {}
+    for k, uid in enumerate(series.sop_instance_uids):
+        where[(uid, series.frame_numbers[k] if series.frame_numbers else None)] = np.array(series.positions[k])
+    for i, frame in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
+        src = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        num = int(src.ReferencedFrameNumber[0] if isinstance(src.get("ReferencedFrameNumber"), list)
+                  else src.ReferencedFrameNumber) if series.multiframe else None
+        expected = where.get((str(src.ReferencedSOPInstanceUID), num))
+        got = np.array([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient])
+        if expected is None or np.linalg.norm(expected - got) > POSITION_TOL_MM:
+            return f"frame {i} at {tuple(got)} references {src.ReferencedSOPInstanceUID} at {expected}"
+    return None
+
+
+def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.PathLike, *, model_name: str,
+                    model_version: str, series_number: int = 9900,
+                    series_description: str | None = None) -> dict[str, Any]:
+    """Write a lesion mask as a DICOM SEG of its source series, verified before it is moved into place.
+
+    The SEG is written to a temporary file in ``out_path``'s folder, read back with
+    ``highdicom.seg.segread`` and compared voxel for voxel with ``mask`` (by source instance,
+    in mask slice order) and frame by frame with the source positions; only then is it given
+    the umask's mode and renamed to ``out_path``.
+
+    Args:
+        mask: uint8 (or bool) 0/1, ``(slices, rows, cols)``, exactly the grid of the image
+            :func:`analysis.dicom.read_series` returned for ``series``.
+        series: the source series (:func:`analysis.dicom.find_series` / ``list_series``).
+        out_path: the SEG file to write (its folder is created).
+        model_name: the model's name (AlgorithmName, ManufacturerModelName).
+        model_version: the model's fingerprint, e.g. a sha256 prefix of its run folder
+            (AlgorithmVersion, DeviceSerialNumber).
+        series_number: SeriesNumber of the new SEG series.
+        series_description: SeriesDescription; default ``"bonemets <model_name>"``.
+
+    Returns:
+        A JSON-able record. With lesion voxels::
+
+            {"written": True, "path": str, "bytes": int, "seconds": float,
+             "sop_instance_uid": str, "series_instance_uid": str, "study_uid": str,
+             "frame_of_reference_uid": str, "referenced_series_uid": str,
+             "n_frames": int, "lesion_voxels": int, "segment": {"label", "category", "type"},
+             "algorithm": {"name", "version", "family"}, "verified": str}
+
+        With an empty mask no file is written: ``{"written": False, "path": None,
+        "reason": "no lesion voxels", "lesion_voxels": 0, "referenced_series_uid": str}``.
+
+    Raises:
+        InputError: a mask of the wrong shape or values, source files changed since they
+            were read, a series without FrameOfReferenceUID, or a SEG that does not read
+            back equal (nothing is left behind).
+    """
+    out_path = Path(out_path)
+    mask = _check_mask(mask, series)
+    voxels = int(mask.sum())
+    if voxels == 0:
+        return {"written": False, "path": None, "reason": "no lesion voxels", "lesion_voxels": 0,
+                "referenced_series_uid": series.series_uid}
+    if not series.frame_of_reference_uid:
+        raise InputError(f"{series.folder}: series {series.series_uid} has no FrameOfReferenceUID; "
+                         f"a DICOM SEG needs the source's frame of reference")
+    start = time.perf_counter()
+    headers = _source_headers(series)
+    seg = _build(mask, series, headers, model_name=model_name, model_version=model_version,
+                 series_number=series_number, series_description=series_description or f"bonemets {model_name}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        seg.save_as(tmp)
+        back = _read_back(tmp, series)
+        if back.shape != mask.shape or not np.array_equal(back.astype(np.uint8), mask):
+            differ = int(np.count_nonzero(back.astype(np.uint8) != mask)) if back.shape == mask.shape else -1
+            raise InputError(f"{out_path}: the SEG read back differs from the mask ({differ} voxels, shapes "
+                             f"{back.shape} vs {mask.shape}); not written")
+        misaligned = _frames_aligned(tmp, series)
+        if misaligned:
+            raise InputError(f"{out_path}: a SEG frame is not at its source image's position ({misaligned}); not written")
+        os.chmod(tmp, umask_mode())
+        os.replace(tmp, out_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    seconds = time.perf_counter() - start
+    log.info("%s: SEG of %d lesion voxels, %d frames, %.2f s", out_path, voxels, int(seg.NumberOfFrames), seconds)
+    return {
+        "written": True, "path": str(out_path), "bytes": out_path.stat().st_size, "seconds": round(seconds, 3),
+        "sop_instance_uid": str(seg.SOPInstanceUID), "series_instance_uid": str(seg.SeriesInstanceUID),
+        "study_uid": str(seg.StudyInstanceUID), "frame_of_reference_uid": str(seg.FrameOfReferenceUID),
+        "referenced_series_uid": series.series_uid, "n_frames": int(seg.NumberOfFrames), "lesion_voxels": voxels,
+        "segment": {"label": SEGMENT_LABEL, "category": _code_record(CATEGORY), "type": _code_record(PROPERTY_TYPE)},
+        "algorithm": {"name": model_name, "version": model_version, "family": _code_record(ALGORITHM_FAMILY)},
+        "verified": "read back with highdicom: voxel for voxel equal; every frame at its source image's position",
+    }
+
+
+def seg_lesion_centroids(seg_path: str | os.PathLike) -> list[tuple[float, float, float]]:
+    """Centroid (patient LPS mm) of each 26-connected lesion of a SEG, from its frames' geometry.
+
+    Frames are placed from PlanePositionSequence, the shared PlaneOrientationSequence and
+    PixelMeasuresSequence (PixelSpacing; SpacingBetweenSlices, else the smallest gap between
+    frame positions, sets the slice grid). Pixel ``(row i, col j)`` of a frame at position
+    ``p`` is at ``p + j * col_spacing * row_cosine + i * row_spacing * col_cosine``. All
+    segments are combined.
+
+    Args:
+        seg_path: a DICOM SEG file.
+
+    Returns:
+        ``(x, y, z)`` per lesion, in order of each lesion's first voxel along (slice, row, col).
+
+    Raises:
+        InputError: not a readable SEG.
+    """
+    path = Path(seg_path)
+    try:
+        ds = pydicom.dcmread(path)
+        frames = np.asarray(ds.pixel_array)
+    except Exception as exc:  # pydicom raises many kinds for a damaged file
+        raise InputError(f"{path}: not a readable DICOM SEG ({type(exc).__name__})") from None
+    if str(ds.get("Modality", "")) != "SEG":
+        raise InputError(f"{path}: Modality {ds.get('Modality')!s}; expected SEG")
+    frames = frames.reshape(int(ds.get("NumberOfFrames", 1)), int(ds.Rows), int(ds.Columns))
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+
+    def item(i: int, seq: str) -> pydicom.Dataset:
+        frame = per_frame[i]
+        return (frame if seq in frame else shared)[seq][0]
+
+    iop = np.array([float(v) for v in item(0, "PlaneOrientationSequence").ImageOrientationPatient])
+    row_cos, col_cos = iop[:3], iop[3:]
+    normal = np.cross(row_cos, col_cos)
+    pm = item(0, "PixelMeasuresSequence")
+    row_spacing, col_spacing = (float(v) for v in pm.PixelSpacing)
+    positions = np.array([[float(v) for v in item(i, "PlanePositionSequence").ImagePositionPatient]
+                          for i in range(len(per_frame))])
+    along = positions @ normal
+    unique = np.unique(np.round(along, 4))
+    step = float(pm.get("SpacingBetweenSlices") or (np.min(np.diff(unique)) if unique.size > 1 else 1.0))
+    k_of = np.round((along - unique[0]) / step).astype(int)
+    volume = np.zeros((int(k_of.max()) + 1, frames.shape[1], frames.shape[2]), np.uint8)
+    origin_of = {}
+    for i, k in enumerate(k_of):
+        volume[k] |= frames[i] != 0
+        origin_of[int(k)] = positions[i]
+    labels, n = lesion_instances(volume, connectivity=26)
+    flat = labels.ravel()
+    nonzero = np.flatnonzero(flat)
+    first_voxel = {int(lab): int(idx) for lab, idx in zip(*np.unique(flat[nonzero], return_index=True))}
+    out = []
+    for lesion in sorted(range(1, n + 1), key=lambda lab: nonzero[first_voxel[lab]]):
+        k, i, j = np.nonzero(labels == lesion)
+        pts = (np.array([origin_of[int(kk)] for kk in k]) + (j * col_spacing)[:, None] * row_cos
+               + (i * row_spacing)[:, None] * col_cos)
+        out.append(tuple(float(v) for v in pts.mean(axis=0)))
+    return out  # type: ignore[return-value]
