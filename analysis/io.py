@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import json
 import math
 import os
@@ -107,55 +108,48 @@ def _fmt(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """Bytes a complete NIfTI-1/2 file holds (vox_offset + voxel data), from its header."""
-    for endian in ("<", ">"):
-        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            vox_offset = struct.unpack(endian + "f", header[108:112])[0]
-            break
-        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
-            dims = struct.unpack(endian + "8q", header[16:80])
-            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
-            break
-    else:
-        return None
-    ndim = dims[0]
-    if not 1 <= ndim <= 7 or bitpix <= 0:
+#: Floating-point header fields whose non-finite values ITK does not catch (nibabel names).
+_FINITE_FIELDS = ("pixdim", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z",
+                  "srow_x", "srow_y", "srow_z", "vox_offset", "scl_slope", "scl_inter")
+
+
+def _nifti_header(raw: bytes) -> Any | None:
+    """The NIfTI-1 or NIfTI-2 header (nibabel, either byte order) of a file's first bytes, or None."""
+    import nibabel as nib
+
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        size = klass.template_dtype.itemsize  # 348 / 540
+        if len(raw) < size:
+            continue
+        try:
+            header = klass.from_fileobj(io.BytesIO(raw[:size]), check=False)
+        except Exception:  # nibabel raises several types for foreign bytes
+            continue
+        if int(header["sizeof_hdr"]) == size:
+            return header
+    return None
+
+
+def _nifti_expected_bytes(header: Any) -> int | None:
+    """Bytes a complete NIfTI file holds (vox_offset + voxel data), from its nibabel header."""
+    dims = [int(d) for d in header["dim"]]
+    bitpix = int(header["bitpix"])
+    if not 1 <= dims[0] <= 7 or bitpix <= 0:
         return None
     n = 1
-    for d in dims[1:ndim + 1]:
-        n *= max(int(d), 1)
-    return int(vox_offset) + n * bitpix // 8
+    for d in dims[1:dims[0] + 1]:
+        n *= max(d, 1)
+    return int(header["vox_offset"]) + n * bitpix // 8
 
 
-#: Floating-point geometry fields of a NIfTI header: (NIfTI-1 offset, format), (NIfTI-2 offset, format).
-_GEOMETRY_FIELDS = {
-    "pixdim": ((76, "8f"), (104, "8d")),
-    "quatern/qoffset": ((256, "6f"), (352, "6d")),
-    "srow": ((280, "12f"), (400, "12d")),
-    "vox_offset": ((108, "f"), (168, "q")),
-    "scl_slope/scl_inter": ((112, "2f"), (176, "2d")),
-}
-
-
-def _nifti_header_problem(header: bytes) -> str | None:
-    """A problem with a NIfTI header's geometry fields that ITK does not catch, or None.
-
-    ITK's reader hangs (not fails) on a non-finite sform, and turns non-finite pixdims
-    into nonsense spacings, so the geometry, offset and scaling fields are checked here first.
-    """
-    for endian in ("<", ">"):
-        for version, size in ((0, 348), (1, 540)):
-            if len(header) >= size and struct.unpack(endian + "i", header[:4])[0] == size:
-                for name, fields in _GEOMETRY_FIELDS.items():
-                    offset, fmt = fields[version]
-                    values = struct.unpack(endian + fmt, header[offset:offset + struct.calcsize(fmt)])
-                    if not all(math.isfinite(v) for v in values):
-                        return f"header field {name} holds non-finite values {_fmt(values)}"
-                return None
+def _nifti_header_problem(header: Any) -> str | None:
+    """A problem with a NIfTI header's geometry, offset or scaling fields that ITK does not
+    catch, or None. ITK's reader hangs (not fails) on a non-finite sform, and turns
+    non-finite pixdims into nonsense spacings, so these fields are checked first."""
+    for name in _FINITE_FIELDS:
+        values = np.atleast_1d(np.asarray(header[name], np.float64))
+        if not np.isfinite(values).all():
+            return f"header field {name} holds non-finite values {_fmt(tuple(float(v) for v in values))}"
     return None
 
 
@@ -172,7 +166,9 @@ def check_nifti_complete(path: Path) -> None:
     name = path.name.lower()
     if name.endswith(".nii"):
         with open(path, "rb") as fh:
-            header = fh.read(540)
+            header = _nifti_header(fh.read(540))
+        if header is None:
+            return  # not a NIfTI header: let ITK report what it is
         problem = _nifti_header_problem(header)
         if problem:
             raise InputError(f"{path}: corrupt NIfTI header ({problem}); expected a valid NIfTI file")
@@ -184,15 +180,18 @@ def check_nifti_complete(path: Path) -> None:
         return
     try:
         with gzip.open(path, "rb") as fh:
-            header = fh.read(540)
+            raw = fh.read(540)
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: truncated or not a gzip-compressed NIfTI file ({exc})") from None
+    header = _nifti_header(raw)
+    if header is None:
+        return  # not a NIfTI header: let ITK report what it is
     problem = _nifti_header_problem(header)
     if problem:
         raise InputError(f"{path}: corrupt NIfTI header ({problem}); expected a valid NIfTI file")
     expected = _nifti_expected_bytes(header)
     if expected is None:
-        return  # not a NIfTI header: let ITK report what it is
+        return
     with open(path, "rb") as fh:
         fh.seek(-4, os.SEEK_END)
         isize = struct.unpack("<I", fh.read(4))[0]
@@ -341,6 +340,22 @@ def array_to_image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     return geometry.apply_to(image)
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` as the process's umask leaves it: what ``open()`` (0o666) or ``mkdir()`` (0o777)
+    would create. ``mkstemp``/``mkdtemp`` create 0600/0700 whatever the umask, so every atomic
+    writer here sets this mode on its temporary file or folder before moving it into place."""
+    try:  # Linux >= 4.7: read it without changing it (os.umask would, for every thread)
+        with open("/proc/self/status", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return mode & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return mode & ~current
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike, *, compress: bool = True) -> Path:
     """Write a SimpleITK image atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
@@ -350,6 +365,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike, *, compress: bool = 
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, useCompression=compress)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -381,6 +397,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -443,6 +460,21 @@ def remove_stale_partials(final: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def check_output_folder(out: str | os.PathLike, *, overwrite: bool, what: str = "output folder",
+                        hint: str = "pass --overwrite to replace it") -> None:
+    """The one rule for outputs a command owns whole: ``out`` may be missing or an empty
+    folder; a non-empty folder only with ``overwrite``.
+
+    Raises:
+        InputError: ``out`` is a file, or a non-empty folder without ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out}: {what} exists and is not empty; {hint}")
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Build an output folder in a temporary sibling and move it into place on success.
@@ -458,13 +490,11 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
         InputError: ``final`` exists, is not empty, and ``overwrite`` is False.
     """
     final = Path(final)
-    if final.exists() and not final.is_dir():
-        raise InputError(f"{final}: exists and is not a folder")
-    if final.is_dir() and any(final.iterdir()) and not overwrite:
-        raise InputError(f"{final}: output folder exists and is not empty; pass --overwrite to replace it")
+    check_output_folder(final, overwrite=overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_HOST}.{os.getpid()}.", suffix=".partial", dir=final.parent))
+    os.chmod(tmp, umask_mode(0o777))
     try:
         yield tmp
     except BaseException:

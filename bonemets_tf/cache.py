@@ -28,7 +28,7 @@ import numpy as np
 
 from analysis.cohort import Cohort
 from analysis.errors import InputError
-from analysis.io import atomic_write_json, read_array
+from analysis.io import atomic_write_json, read_array, umask_mode
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ def _build(cohort: Cohort, case: str, key: str, folder: Path) -> None:
     mask = (mask > 0).astype(np.uint8)
     positive = mask.reshape(mask.shape[0], -1).any(axis=1)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    os.chmod(tmp, umask_mode(0o777))
     try:
         np.save(tmp / "ct.npy", ct)
         np.save(tmp / "mask.npy", mask)

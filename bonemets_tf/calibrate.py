@@ -11,7 +11,7 @@ that ``analyze`` reports (slices whose ground truth has lesion; see
      "n_slices": 57, "thresholds": [0.05, ...], "dice": [...],
      "threshold": 0.3, "dice_at_threshold": 0.61, "dice_at_0.5": 0.55}
 
-``predict --threshold auto`` uses ``threshold``. Ties go to the threshold nearest 0.5.
+``predict --threshold auto`` uses ``threshold`` (:func:`bonemets_tf.run.calibrated_threshold`). Ties go to the threshold nearest 0.5.
 Choosing an operating point on held-out validation data, not on the test set, is the usual
 practice (e.g. the post-processing choices nnU-Net makes on its cross-validation folds,
 Isensee et al., Nat. Methods 2021).
@@ -24,13 +24,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from analysis.errors import InputError
-from analysis.io import atomic_write_json, read_json
+from analysis.io import atomic_write_json
 from analysis.metrics.overlap import slice_overlap
+from bonemets_tf.run import CALIBRATION_FILE, read_run
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_FILE = "calibration.json"
 #: Thresholds scored (0.05 .. 0.95 in steps of 0.05).
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
 METRIC = "per-slice Dice on validation slices with lesion"
@@ -71,8 +70,7 @@ def calibrate_run(run_dir: str | Path, cases: Sequence[Any], batch_size: int = 1
     Returns:
         The record written (see the module docstring).
     """
-    from bonemets_tf.predict import Predictor, context_batch
-    from bonemets_tf.run import read_run
+    from bonemets_tf.inference import Predictor, slice_probabilities
 
     run = read_run(run_dir, task="segment")
     predictor = Predictor(run)
@@ -83,11 +81,7 @@ def calibrate_run(run_dir: str | Path, cases: Sequence[Any], batch_size: int = 1
         z = np.flatnonzero(np.asarray(cached.positive, bool))
         if z.size == 0:
             continue
-        prob = np.empty((z.size, *ct.shape[1:]), np.float32)
-        for start in range(0, z.size, batch_size):
-            chunk = z[start:start + batch_size]
-            prob[start:start + chunk.size] = predictor(context_batch(ct, chunk, run.context))
-        s, k = dice_curve(prob, mask[z])
+        s, k = dice_curve(slice_probabilities(predictor, ct, z, batch_size), mask[z])
         sums += s
         n += k
     record: dict[str, Any] = {"metric": METRIC, "cases": [c.case for c in cases], "n_slices": n,
@@ -105,20 +99,3 @@ def calibrate_run(run_dir: str | Path, cases: Sequence[Any], batch_size: int = 1
                  run.arch, record["dice_at_threshold"], t, record["dice_at_0.5"], n)
     atomic_write_json(run.path / CALIBRATION_FILE, record)
     return record
-
-
-def calibrated_threshold(run_dir: str | Path) -> float:
-    """The threshold in ``RUN/calibration.json`` (for ``predict --threshold auto``).
-
-    Raises:
-        InputError: the file is missing or holds no threshold in [0, 1].
-    """
-    path = Path(run_dir) / CALIBRATION_FILE
-    if not path.is_file():
-        raise InputError(f"{path}: not found; --threshold auto needs a segmenter RUN trained by this version "
-                         f"(or pass a number)")
-    record = read_json(path)
-    t = record.get("threshold") if isinstance(record, dict) else None
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
-        raise InputError(f"{path}: expected a 'threshold' in [0, 1]")
-    return float(t)

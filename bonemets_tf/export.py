@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from analysis.errors import InputError
-from analysis.io import atomic_directory
+from analysis.io import atomic_directory, check_output_folder
 from bonemets_tf.models.catalog import DETECT
 from bonemets_tf.run import read_run
 
@@ -56,10 +56,7 @@ def export_savedmodel(model: str | os.PathLike, out: str | os.PathLike, *, overw
     """
     run = read_run(model)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:  # before the slow TensorFlow import
-        raise InputError(f"{out}: output folder exists and is not empty; pass --overwrite to replace it")
+    check_output_folder(out, overwrite=overwrite)  # before the slow TensorFlow import
 
     import tensorflow as tf
 

@@ -35,7 +35,8 @@ import numpy as np
 
 from analysis.cohort import Cohort
 from analysis.errors import InputError
-from analysis.io import atomic_directory, atomic_write_json, atomic_write_text, read_array, read_header, write_array
+from analysis.io import atomic_directory, atomic_write_json, atomic_write_text, check_output_folder, read_array, write_array
+from analysis.predictions import check_ct, select_cases
 from bonemets_tf.models.catalog import DETECT
 from bonemets_tf.run import read_run
 
@@ -225,18 +226,16 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike, out: str | os.
     if max_slices < 1 or batch_size < 1:
         raise InputError(f"--max-slices {max_slices} / --batch-size {batch_size}: expected >= 1")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise InputError(f"{out}: output exists and is not an empty folder; pass --overwrite to replace it")
+    check_output_folder(out, overwrite=overwrite)
     cohort = Cohort(dataset)
     cohort.require_exists()
-    chosen = sorted(cohort.select(cases))
+    chosen = select_cases(cohort, cases, None)
     for case in chosen:
-        if len(read_header(cohort.image_path(case)).size) != 3:
-            raise InputError(f"{cohort.image_path(case)}: expected a 3D CT")
+        check_ct(cohort.image_path(case))
 
     from tqdm import tqdm
 
-    from bonemets_tf.predict import Predictor, context_batch, detect_volume
+    from bonemets_tf.inference import Predictor, context_batch, detect_volume
 
     predictor = Predictor(run)
     rows: list[tuple[str, int, float, str]] = []

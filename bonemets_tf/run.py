@@ -18,6 +18,8 @@ from bonemets_tf.models.catalog import CATALOG, DETECT, SEGMENT
 
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
+#: Segmenters: validation per-slice Dice of each threshold (:mod:`bonemets_tf.calibrate`).
+CALIBRATION_FILE = "calibration.json"
 
 
 @dataclass(frozen=True)
@@ -109,3 +111,20 @@ def read_run(path: str | os.PathLike, *, task: str | None = None, option: str = 
         raise InputError(f"{p / CONFIG_FILE}: context {context!r}; expected an odd integer >= 1")
     return RunInfo(path=p.resolve(), config=config, arch=arch, task=run_task, context=context,
                    image_size=int(settings["image_size"]), stride=CATALOG[arch].stride)
+
+
+def calibrated_threshold(run_dir: str | os.PathLike) -> float:
+    """The threshold in ``RUN/calibration.json`` (for ``predict --threshold auto``).
+
+    Raises:
+        InputError: the file is missing or holds no threshold in [0, 1].
+    """
+    path = Path(run_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: not found; --threshold auto needs a segmenter RUN trained by this version "
+                         f"(or pass a number)")
+    record = read_json(path)
+    t = record.get("threshold") if isinstance(record, dict) else None
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+        raise InputError(f"{path}: expected a 'threshold' in [0, 1]")
+    return float(t)

@@ -45,9 +45,9 @@ import numpy as np
 
 from analysis.cohort import Cohort, fold_cases
 from analysis.errors import InputError
-from analysis.io import atomic_write_json, atomic_write_text, read_json
-from bonemets_tf.calibrate import CALIBRATION_FILE
+from analysis.io import atomic_write_json, atomic_write_text, check_output_folder, read_json
 from bonemets_tf.models.catalog import CATALOG, DETECT
+from bonemets_tf.run import CALIBRATION_FILE
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +182,8 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
         raise InputError("--resume and --overwrite exclude each other")
     chief = is_chief(config.strategy)
     if chief:  # other workers never touch RUN (with a shared RUN path, the chief may already be writing it)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"{out}: exists and is not a folder")
-        if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-            raise InputError(f"{out}: run folder exists and is not empty; pass --resume to continue it "
-                             f"or --overwrite to replace it")
+        check_output_folder(out, overwrite=resume or overwrite, what="run folder",
+                            hint="pass --resume to continue it or --overwrite to replace it")
 
     import tensorflow as tf  # heavy: only when training
 

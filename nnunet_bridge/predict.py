@@ -7,12 +7,13 @@ configuration nnU-Net predicts it slice by slice with 2D tiles, and resamples on
 (the preprocessor keeps the slice spacing), so this equals predicting each axial slice as
 the 2D images it was trained on. The predicted ``(slices, rows, cols)`` mask is in the CT's
 array order and is written with the CT's exact geometry (uint8 0/1), one file per case,
-atomically and all-or-nothing (staged, then moved into place): ``OUT/<case>.nii.gz``.
+each atomically: ``OUT/<case>.nii.gz`` (the folder contract of :mod:`analysis.predictions`).
 """
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,10 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from analysis.cohort import FILE_ENDING, Cohort
+from analysis.cohort import Cohort
 from analysis.errors import InputError
-from analysis.io import Geometry, atomic_write_json, count_nonfinite, read_array, read_header, staged_files, write_mask
-from analysis.shards import shard_cases
+from analysis.io import Geometry, read_array, write_mask
+from analysis.predictions import PredictionFolder, check_ct, mask_path, select_cases
 from nnunet_bridge.device import resolve_device
 from nnunet_bridge.env import CHECKPOINT, WorkLayout, nnunet_environment
 
@@ -39,7 +40,7 @@ class PredictOptions:
         folds: folds to ensemble; None uses every trained fold.
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         mirroring: nnU-Net's mirroring test-time augmentation (4 passes per 2D tile).
-        overwrite: replace existing predictions of the selected cases.
+        overwrite: replace a folder written with other settings, or redo the selected cases.
         shard: ``(i, n)``: predict only the i-th of n interleaved shares of the cases
             (0-based), so n processes (e.g. one per GPU) can share a run.
     """
@@ -50,16 +51,6 @@ class PredictOptions:
     mirroring: bool = True
     overwrite: bool = False
     shard: tuple[int, int] | None = None
-
-
-def select_cases(cohort: Cohort, spec: str, shard: tuple[int, int] | None) -> list[str]:
-    """The cases of ``--cases``, restricted to shard ``(i, n)`` by :func:`analysis.shards.shard_cases`
-    (``sorted(cases)[i::n]``, the same partition as the Keras ``predict``).
-
-    Raises:
-        InputError: unknown cases, or a shard outside ``0 <= i < n``.
-    """
-    return shard_cases(cohort.select(spec), shard)
 
 
 def check_folds(layout: WorkLayout, folds: Sequence[int] | None) -> list[int]:
@@ -103,6 +94,10 @@ def predict_volume(predictor: Any, ct: np.ndarray, geometry: Geometry) -> np.nda
 def predict(dataset: str | Path, work: str | Path, out: str | Path, options: PredictOptions) -> list[Path]:
     """Write ``OUT/<case>.nii.gz`` for the selected cases with the trained nnU-Net folds.
 
+    ``OUT`` follows the folder contract of :mod:`analysis.predictions`: each case appears
+    atomically, a rerun skips finished cases, shards fill one folder together, and
+    ``predict.json`` lists every finished case.
+
     Args:
         dataset: cohort folder (read only).
         work: work folder of ``nnunet train``.
@@ -110,49 +105,50 @@ def predict(dataset: str | Path, work: str | Path, out: str | Path, options: Pre
         options: see :class:`PredictOptions`.
 
     Returns:
-        The written mask paths.
+        The mask paths of the selected cases.
 
     Raises:
-        InputError: no or missing trained folds, unknown cases, existing outputs without
-            ``overwrite``, unreadable CTs, unavailable device.
+        InputError: no or missing trained folds, unknown cases, a folder written with
+            other settings without ``overwrite``, unreadable CTs, unavailable device.
     """
     cohort = Cohort(dataset)
     cohort.require_exists()
-    cases = select_cases(cohort, options.cases, options.shard)
     layout = WorkLayout(work)
     folds = check_folds(layout, options.folds)
-    out = Path(out)
-    targets = {case: out / f"{case}{FILE_ENDING}" for case in cases}
-    existing = [p for p in targets.values() if p.exists()]
-    if existing and not options.overwrite:
-        raise InputError(f"{existing[0]}: prediction exists ({len(existing)} of {len(cases)} selected cases); "
-                         f"pass --overwrite to replace")
+    settings = {"mode": "segment", "model": str(layout.model_folder.resolve()), "folds": folds,
+                "mirroring": options.mirroring, "input": str(cohort.root.resolve())}
+    folder = PredictionFolder(out, settings, overwrite=options.overwrite)
+    cases = select_cases(cohort, options.cases, options.shard)
     for case in cases:  # every input is checked before the first mask is written
-        path = cohort.image_path(case)
-        read_header(path)
-        bad = count_nonfinite(path)
-        if bad:
-            raise InputError(f"{path}: {bad} voxel(s) are NaN or infinite; expected finite values (HU)")
+        check_ct(cohort.image_path(case))
     device = resolve_device(options.device)
-    written: list[Path] = []
-    with nnunet_environment(layout.work), staged_files(out) as staging:
+    t0 = time.perf_counter()
+    with nnunet_environment(layout.work):
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=options.mirroring,
                                     perform_everything_on_device=device.type == "cuda", device=device,
                                     verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(layout.model_folder), use_folds=tuple(folds))
-        log.info("nnU-Net: %d case(s), folds %s, mirroring %s, on %s", len(cases), folds,
+        todo = folder.prepare(cases)
+        log.info("nnU-Net: %d case(s), folds %s, mirroring %s, on %s", len(todo), folds,
                  "on" if options.mirroring else "off", device)
-        for case in tqdm(cases, desc="nnU-Net prediction", unit="case"):
+        for case in tqdm(todo, desc="nnU-Net prediction", unit="case"):
+            t = time.perf_counter()
             ct, geometry = read_array(cohort.image_path(case))
-            write_mask(predict_volume(predictor, ct, geometry), geometry, staging / targets[case].name)
-            written.append(targets[case])
-    name = "prediction_settings.json" if options.shard is None else \
-        f"prediction_settings.shard{options.shard[0]}of{options.shard[1]}.json"
-    atomic_write_json(out / name, {
-        "model": str(layout.model_folder), "folds": folds, "mirroring": options.mirroring, "device": device.type,
-        "cases": cases, "dataset": str(cohort.root.absolute()),
+            mask = predict_volume(predictor, ct, geometry)
+            with folder.case(case) as (staging, part):
+                write_mask(mask, geometry, mask_path(staging, case))
+                part.update(slices=int(ct.shape[0]), lesion_voxels=int(mask.sum()),
+                            seconds=round(time.perf_counter() - t, 3))
+            del ct, mask
+    folder.finish({
+        "mode": "segment", "model": {"work": str(layout.work), "model_folder": str(layout.model_folder),
+                                     "folds": folds, "framework": "nnU-Net v2"},
+        "folds": folds, "mirroring": options.mirroring, "device": device.type,
+        "dataset": str(cohort.root.absolute()), "cases_option": options.cases,
+        "shard": None if options.shard is None else {"index": options.shard[0], "count": options.shard[1]},
+        "cases_run": todo, "timing": {"seconds_total": round(time.perf_counter() - t0, 3)},
         "versions": {pkg: importlib.metadata.version(pkg) for pkg in ("nnunetv2", "torch")},
     })
-    return written
+    return [mask_path(folder.out, case) for case in cases]

@@ -1,14 +1,15 @@
 """The whole study from one command: phantom -> seven models -> masks -> analysis -> report.
 
-Every stage is one ``python cli.py ...`` command. TensorFlow and PyTorch never share a
-process (TensorFlow before triton segfaults; they would also fight over GPU memory): the
-stages run in one process per framework group, in order: data (phantom, split), Keras
-training, nnU-Net (PyTorch: training and prediction), Keras inference (predictions, the
-cascade, Grad-CAM, SavedModel exports), analysis. Consecutive stages of one group share
-an interpreter (:mod:`study.batch`), so TensorFlow starts twice instead of seventeen
-times. A finished stage leaves a marker ``DIR/.stages/<stage>.json`` holding its command
-and wall time; rerunning the demo skips finished stages, so an interrupted demo resumes
-where it stopped (a training stage interrupted mid-way resumes with ``--resume``).
+Every stage calls one library function with its option dataclass (:mod:`study.stages`;
+nothing here goes through the command line). TensorFlow and PyTorch never share a process
+(TensorFlow before triton segfaults; they would also fight over GPU memory): the stages run
+in one process per framework group (:mod:`study.batch`), in order: data (phantom, split),
+Keras training, nnU-Net (PyTorch: training and prediction), Keras inference (predictions,
+the cascade, Grad-CAM, SavedModel exports), analysis. TensorFlow starts twice. A finished
+stage leaves a marker ``DIR/.stages/<stage>.json`` holding its parameters and wall time;
+rerunning the demo skips finished stages, so an interrupted demo resumes where it stopped
+(a training stage interrupted mid-way resumes its RUN). The model lists come from the
+model catalog (:mod:`bonemets_tf.models.catalog`, plain data without TensorFlow).
 """
 from __future__ import annotations
 
@@ -23,18 +24,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from analysis.errors import InputError
 from analysis.io import atomic_write_json
+from bonemets_tf.models.catalog import DETECT, SEGMENT, names
 
 log = logging.getLogger("bonemets.demo")
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = ROOT / "cli.py"
 
-DETECTORS = ("efficientnet", "resnet34", "densenet")
-SEGMENTERS = ("unet", "resunet", "resattunet")
+DETECTORS = tuple(names(DETECT))
+SEGMENTERS = tuple(names(SEGMENT))
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,19 @@ BUDGETS = {"quick": QUICK, "default": DEFAULT}
 
 
 class Stage:
-    """One resumable step of the demo: a CLI command and the output it produces."""
+    """One resumable step of the demo: a library call (kind and JSON-able parameters, see
+    :mod:`study.stages`) and the output it produces."""
 
-    def __init__(self, name: str, args: Sequence[str], output: Path, *, resumable: bool = False) -> None:
-        self.name, self.args, self.output, self.resumable = name, list(args), output, resumable
+    def __init__(self, name: str, kind: str, params: dict[str, Any], output: Path, *, resumable: bool = False) -> None:
+        self.name, self.kind, self.params, self.output, self.resumable = name, kind, params, output, resumable
+
+    def resumed(self) -> dict[str, Any]:
+        """The parameters that continue an interrupted resumable stage."""
+        if self.kind == "train":
+            return {**self.params, "resume": True}
+        if self.kind == "nnunet-train":
+            return {**self.params, "options": {**self.params["options"], "resume": True}}
+        return self.params
 
 
 class Demo:
@@ -178,6 +188,9 @@ class Demo:
 
         Args:
             stages: the stages, in order; index: the first one's number; total: stages in all.
+
+        Raises:
+            StageFailed: the group's process failed; the stages before the failing one are done.
         """
         pending = []
         for i, stage in enumerate(stages, index):
@@ -186,113 +199,102 @@ class Demo:
                 self.timings[stage.name] = info.get("seconds", 0.0)
                 log.info("[%d/%d] %s: done earlier (%.0f s), skipped", i, total, stage.name, info.get("seconds", 0.0))
                 continue
-            args = list(stage.args)
+            params = stage.params
             if stage.output.exists() and not stage.resumable:
                 # an interrupted stage leaves no partial output (atomic writes); anything here is stale
                 shutil.rmtree(stage.output) if stage.output.is_dir() else stage.output.unlink()
             if stage.resumable and stage.output.is_dir() and any(stage.output.iterdir()):
-                args.append("--resume")
-            pending.append((i, stage, args))
+                params = stage.resumed()
+            pending.append((i, stage, params))
         if not pending:
             return
-        if len(pending) == 1:
-            i, stage, args = pending[0]
-            cmd = [self.python, str(CLI), *args]
-            log.info("[%d/%d] %s: %s", i, total, stage.name, " ".join(_short(a, self.out) for a in cmd[1:]))
-            start = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=ROOT)
-            seconds = time.perf_counter() - start
-            if proc.returncode != 0:
-                raise StageFailed(stage.name, proc.returncode, cmd)
-            self.timings[stage.name] = seconds
-            atomic_write_json(self._marker(stage.name), {"stage": stage.name, "command": cmd, "seconds": round(seconds, 2)})
-            log.info("[%d/%d] %s: finished in %.0f s", i, total, stage.name, seconds)
-            return
         plan = {"total": total, "stages": [
-            {"name": stage.name, "index": i, "args": args, "shown": [_short(a, self.out) for a in args],
-             "command": [self.python, str(CLI), *args], "marker": str(self._marker(stage.name))}
-            for i, stage, args in pending]}
+            {"name": stage.name, "index": i, "kind": stage.kind, "params": params,
+             "shown": _shown(params, self.out), "marker": str(self._marker(stage.name))}
+            for i, stage, params in pending]}
+        self.stages_dir.mkdir(parents=True, exist_ok=True)
         plan_path = self.stages_dir / f"group-{pending[0][1].name}.plan.json"
         atomic_write_json(plan_path, plan)
-        log.info("stages %d-%d (%s) share one process", pending[0][0], pending[-1][0],
-                 ", ".join(stage.name for _, stage, _ in pending))
+        if len(pending) > 1:
+            log.info("stages %d-%d (%s) share one process", pending[0][0], pending[-1][0],
+                     ", ".join(stage.name for _, stage, _ in pending))
         cmd = [self.python, "-m", "study.batch", str(plan_path)]
         try:
             proc = subprocess.run(cmd, cwd=ROOT)
         finally:
             plan_path.unlink(missing_ok=True)
-        for _, stage, args in pending:
+        for _, stage, _ in pending:
             if not self.done(stage.name):
-                raise StageFailed(stage.name, proc.returncode or 1, [self.python, str(CLI), *args])
+                raise StageFailed(stage.name, proc.returncode or 1)
             info = json.loads(self._marker(stage.name).read_text(encoding="utf-8"))
             self.timings[stage.name] = info.get("seconds", 0.0)
 
     # --- the plan ---------------------------------------------------------------------
     def data_stages(self) -> list[Stage]:
         b = self.budget
-        shape = ",".join(str(v) for v in b.shape)
-        spacing = ",".join(f"{v:g}" for v in b.spacing)
         return [
-            Stage("phantom", ["phantom", "--out", str(self.dataset), "--cases", str(b.cases), "--seed", str(self.seed),
-                              "--shape", shape, "--spacing", spacing], self.dataset),
-            Stage("split", ["split", str(self.dataset), "--test-fraction", f"{b.test_fraction:g}", "--folds", "5", "--seed", str(self.seed)],
-                  self.dataset / "splits.json"),
+            Stage("phantom", "phantom", {"out": str(self.dataset), "cases": b.cases, "seed": self.seed,
+                                         "shape": list(b.shape), "spacing": list(b.spacing)}, self.dataset),
+            Stage("split", "split", {"dataset": str(self.dataset), "test_fraction": b.test_fraction, "folds": 5,
+                                     "seed": self.seed}, self.dataset / "splits.json"),
         ]
 
     def train_stage(self, arch: str) -> Stage:
         t = self.budget.train_budget(arch)
-        task = "detect" if arch in DETECTORS else "segment"
-        return Stage(f"train-{arch}", [
-            "train", "--dataset", str(self.dataset), "--task", task, "--arch", arch, "--out", str(self.runs / arch),
-            "--fold", "0", "--epochs", str(t.epochs), "--steps-per-epoch", str(t.steps_per_epoch),
-            "--batch-size", str(t.batch_size), "--image-size", str(t.image_size), "--width", f"{t.width:g}",
-            "--lr", f"{t.lr:g}", "--lr-schedule", t.lr_schedule, "--positive-fraction", f"{t.positive_fraction:g}",
-            "--seed", str(self.seed), *(["--run-eagerly"] if t.run_eagerly else [])], self.runs / arch, resumable=True)
+        config = {"dataset": str(self.dataset), "task": DETECT if arch in DETECTORS else SEGMENT, "arch": arch,
+                  "fold": 0, "epochs": t.epochs, "steps_per_epoch": t.steps_per_epoch, "batch_size": t.batch_size,
+                  "image_size": t.image_size, "width": t.width, "lr": t.lr, "lr_schedule": t.lr_schedule,
+                  "positive_fraction": t.positive_fraction, "seed": self.seed, "run_eagerly": t.run_eagerly}
+        return Stage(f"train-{arch}", "train", {"config": config, "out": str(self.runs / arch)}, self.runs / arch,
+                     resumable=True)
 
     def nnunet_stages(self) -> list[Stage]:
         b = self.budget
         work = self.out / "nnunet_work"
-        predict = ["nnunet", "predict", "--dataset", str(self.dataset), "--work", str(work),
-                   "--out", str(self.preds / "nnunet"), "--cases", "test", "--folds", "0", "--device", "auto"]
-        if not b.nnunet_mirroring:
-            predict.append("--no-mirroring")
+        train = {"folds": [0], "epochs": b.nnunet_epochs, "iterations": b.nnunet_iterations,
+                 "val_iterations": b.nnunet_val_iterations, "device": "auto"}
+        predict = {"cases": "test", "folds": [0], "device": "auto", "mirroring": b.nnunet_mirroring}
         return [
-            Stage("train-nnunet", ["nnunet", "train", "--dataset", str(self.dataset), "--work", str(work), "--folds", "0",
-                                   "--epochs", str(b.nnunet_epochs), "--iterations", str(b.nnunet_iterations),
-                                   "--val-iterations", str(b.nnunet_val_iterations), "--device", "auto"],
+            Stage("train-nnunet", "nnunet-train", {"dataset": str(self.dataset), "work": str(work), "options": train},
                   work, resumable=True),
-            Stage("predict-nnunet", predict, self.preds / "nnunet"),
+            Stage("predict-nnunet", "nnunet-predict", {"dataset": str(self.dataset), "work": str(work),
+                                                        "out": str(self.preds / "nnunet"), "options": predict},
+                  self.preds / "nnunet"),
         ]
 
     def predict_stage(self, arch: str) -> Stage:
         # masks at the fixed threshold 0.5: on the default demo's models the validation-calibrated
         # threshold (`--threshold auto`) gave test per-slice Dice 0.533/0.551/0.546 (unet/resunet/
         # resattunet) vs 0.549/0.552/0.551 at 0.5, so the report shows the calibration beside it
-        return Stage(f"predict-{arch}", ["predict", "--model", str(self.runs / arch), "--dataset", str(self.dataset),
-                                         "--out", str(self.preds / arch), "--cases", "test"], self.preds / arch)
+        return Stage(f"predict-{arch}", "predict", {"model": str(self.runs / arch), "dataset": str(self.dataset),
+                                                    "out": str(self.preds / arch), "options": {"cases": "test"}},
+                     self.preds / arch)
 
     def cascade_name(self, detector: str, segmenter: str) -> str:
         return f"cascade-{detector}-{segmenter}"
 
     def late_stages(self, best_det: str, best_seg: str) -> list[Stage]:
         name = self.cascade_name(best_det, best_seg)
-        stages = [Stage(f"predict-{name}", ["predict", "--model", str(self.runs / best_seg), "--dataset", str(self.dataset),
-                                            "--out", str(self.preds / name), "--cases", "test",
-                                            "--detector", str(self.runs / best_det), "--detector-threshold", "0.5"],
+        stages = [Stage(f"predict-{name}", "predict", {
+                      "model": str(self.runs / best_seg), "dataset": str(self.dataset), "out": str(self.preds / name),
+                      "detector": str(self.runs / best_det), "options": {"cases": "test", "detector_threshold": 0.5}},
                         self.preds / name),
-                  Stage("gradcam", ["gradcam", "--model", str(self.runs / best_det), "--dataset", str(self.dataset),
-                                    "--out", str(self.out / "gradcam"), "--cases", "test",
-                                    "--max-slices", str(self.budget.gradcam_slices)], self.out / "gradcam")]
+                  Stage("gradcam", "gradcam", {"model": str(self.runs / best_det), "dataset": str(self.dataset),
+                                               "out": str(self.out / "gradcam"), "cases": "test",
+                                               "max_slices": self.budget.gradcam_slices}, self.out / "gradcam")]
         for det in DETECTORS:
-            stages.append(Stage(f"export-{det}", ["export", "--model", str(self.runs / det),
-                                                  "--out", str(self.out / "savedmodels" / det)],
+            stages.append(Stage(f"export-{det}", "export", {"model": str(self.runs / det),
+                                                            "out": str(self.out / "savedmodels" / det)},
                                 self.out / "savedmodels" / det))
-        analyze = ["analyze", "--dataset", str(self.dataset), "--predictions", str(self.preds),
-                   "--out", str(self.out / "analysis"), "--cases", "test", "--jobs", "2"]
-        if not self.budget.radiomics:
-            analyze.append("--no-radiomics")
-        stages.append(Stage("analyze", analyze, self.out / "analysis"))
+        stages.append(Stage("analyze", "analyze", {
+            "dataset": str(self.dataset), "predictions": str(self.preds), "out": str(self.out / "analysis"),
+            "settings": {"cases": "test", "jobs": 2, "radiomics": self.budget.radiomics}}, self.out / "analysis"))
         return stages
+
+    def all_stages(self, best_det: str = DETECTORS[0], best_seg: str = SEGMENTERS[0]) -> list[Stage]:
+        """Every stage of the plan (for checks; :meth:`execute` picks the best models first)."""
+        return (self.data_stages() + [self.train_stage(a) for a in DETECTORS + SEGMENTERS] + self.nnunet_stages()
+                + [self.predict_stage(a) for a in DETECTORS + SEGMENTERS] + self.late_stages(best_det, best_seg))
 
     def execute(self) -> Path:
         """Run every stage (skipping finished ones) and write the report.
@@ -345,9 +347,9 @@ class Demo:
 class StageFailed(RuntimeError):
     """A stage's process failed; its own error message was already shown."""
 
-    def __init__(self, stage: str, code: int, cmd: Sequence[str]) -> None:
+    def __init__(self, stage: str, code: int) -> None:
         self.stage, self.code = stage, code
-        super().__init__(f"demo stage {stage!r} failed with exit code {code}: {' '.join(cmd[1:])}")
+        super().__init__(f"demo stage {stage!r} failed with exit code {code}")
 
 
 def best_run(runs: Path, archs: Sequence[str], monitor: str) -> str:
@@ -404,8 +406,12 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj))
 
 
-def _short(arg: str, out: Path) -> str:
-    try:
-        return str(Path(arg).relative_to(out)) if arg.startswith(str(out)) else arg
-    except ValueError:
-        return arg
+def _shown(params: Any, out: Path) -> Any:
+    """``params`` with paths inside the demo folder shortened, for the log."""
+    if isinstance(params, dict):
+        return {k: _shown(v, out) for k, v in params.items()}
+    if isinstance(params, list):
+        return [_shown(v, out) for v in params]
+    if isinstance(params, str) and params.startswith(str(out)):
+        return os.path.relpath(params, out)
+    return params

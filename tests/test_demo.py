@@ -74,7 +74,8 @@ def test_a_group_of_stages_shares_one_process_stops_at_a_failure_and_resumes(tmp
     demo = Demo(tmp_path / "demo", QUICK)
     demo.stages_dir.mkdir(parents=True)
     good = demo.data_stages()  # phantom, split: no framework, seconds
-    bad = Stage("split-again", ["split", str(tmp_path / "missing")], tmp_path / "nothing")
+    bad = Stage("split-again", "split", {"dataset": str(tmp_path / "missing"), "test_fraction": 0.2, "folds": 5,
+                                         "seed": 0}, tmp_path / "nothing")
     with pytest.raises(StageFailed) as failure:
         demo.run_group([good[0], bad, good[1]], 1, 3)
     assert failure.value.stage == "split-again"

@@ -20,7 +20,8 @@ from analysis.splits import write_splits
 from cli import main
 from nnunet_bridge.convert import convert_patients, nnunet_splits, slice_case_id
 from nnunet_bridge.env import DATASET_NAME, SCHEDULE_ENV, TRAINERS_DIR, WorkLayout, nnunet_environment
-from nnunet_bridge.predict import predict_volume, select_cases
+from analysis.predictions import select_cases
+from nnunet_bridge.predict import predict_volume
 from nnunet_bridge.train import TrainOptions, _schedule
 from tests.conftest import make_geometry, write_tiny_cohort
 

@@ -87,8 +87,10 @@ def test_prepare_once_then_sharded_predictions_equal_an_unsharded_run(tmp_path, 
     whole = predict(tmp_path / "whole")
     shards = [predict(tmp_path / "shards", "--shard", f"{i}/2") for i in range(2)]  # one folder, shard by shard
     assert len(whole) == 5 and [p.name for p in shards[1]] == [p.name for p in whole]
-    assert sorted(json.loads((tmp_path / "shards" / f"prediction_settings.shard{i}of2.json").read_text(encoding="utf-8"))["cases"]
-                  for i in range(2)) == [["case_000", "case_002", "case_004"], ["case_001", "case_003"]]
+    record = json.loads((tmp_path / "shards" / "predict.json").read_text(encoding="utf-8"))
+    assert record["cases"] == [p.name[:-len(".nii.gz")] for p in whole]  # one record lists every case
+    assert sorted(r["cases_run"] for r in record["runs"]) == [["case_000", "case_002", "case_004"],
+                                                              ["case_001", "case_003"]]
     for ref in whole:
         mask, geometry = read_array(tmp_path / "shards" / ref.name)
         expected, ref_geometry = read_array(ref)

@@ -176,7 +176,7 @@ def test_existing_output_is_not_clobbered(world, command):
     assert snapshot(world["tmp"]) == before
 
 
-def test_predict_never_modifies_inputs_and_a_killed_predict_leaves_nothing(world):
+def test_predict_never_modifies_inputs_and_a_killed_predict_resumes(world):
     args = [str(a) for a in ARGS["predict"](world)] + ["--cases", "all"]
     before_ds, before_run = snapshot(world["ds"]), snapshot(world["seg"])
     reference = world["tmp"] / "REF"
@@ -185,24 +185,27 @@ def test_predict_never_modifies_inputs_and_a_killed_predict_leaves_nothing(world
     assert snapshot(world["ds"]) == before_ds and snapshot(world["seg"]) == before_run
 
     def started() -> bool:
-        return any(p.name.startswith(".OUT.") for p in world["tmp"].iterdir())
+        return (world["out"] / ".parts").is_dir()
 
     proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not started() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.01)
     assert proc.poll() is None, "predict finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert not world["out"].exists(), "a killed predict left an OUT folder"
-    r = invoke(args)
+    # what a killed run leaves is finished cases only: every visible mask is complete
+    for mask in world["out"].glob("*.nii.gz"):
+        assert mask.read_bytes() == (reference / mask.name).read_bytes(), mask.name
+    assert not (world["out"] / "predict.json").exists() or list(world["out"].glob("*.nii.gz"))
+    r = invoke(args)  # the same command resumes: the finished cases are skipped, the rest done
     assert r.exit_code == 0, r.output
-    assert not [p for p in world["tmp"].iterdir() if p.name.startswith(".OUT.")], "stale partial not removed"
     masks = sorted(p.name for p in world["out"].glob("*.nii.gz"))
     assert masks and masks == sorted(p.name for p in reference.glob("*.nii.gz"))
     for name in masks:  # identical predictions (the mask files themselves)
         assert (world["out"] / name).read_bytes() == (reference / name).read_bytes(), name
+    assert not [p for p in world["out"].iterdir() if p.name.startswith(".staging")], "a staging folder was left"
     assert snapshot(world["ds"]) == before_ds and snapshot(world["seg"]) == before_run
 
 

@@ -13,8 +13,10 @@ from analysis.cohort import Cohort
 from analysis.errors import InputError
 from analysis.io import read_array
 from analysis.metrics.overlap import slice_overlap
-from bonemets_tf.calibrate import THRESHOLDS, calibrated_threshold, choose_threshold, dice_curve
-from bonemets_tf.predict import PredictOptions, Predictor, context_batch, predict
+from bonemets_tf.calibrate import THRESHOLDS, choose_threshold, dice_curve
+from bonemets_tf.inference import Predictor, context_batch
+from bonemets_tf.predict import PredictOptions, predict
+from bonemets_tf.run import calibrated_threshold
 from bonemets_tf.run import read_run
 from tests.tf.infer_runs import shared_runs
 

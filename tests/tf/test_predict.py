@@ -13,8 +13,10 @@ import pytest
 from analysis.cohort import Cohort, write_dataset_json
 from analysis.errors import InputError
 from analysis.io import read_array, read_header, write_array
-from bonemets_tf.predict import (PredictOptions, Predictor, check_memory, context_batch, context_indices,
-                                 estimate_case_bytes, parse_shard, predict, remove_small_components, shard_cases)
+from analysis.predictions import remove_small_components
+from analysis.shards import parse_shard, shard_cases
+from bonemets_tf.inference import Predictor, check_memory, context_batch, context_indices, estimate_case_bytes
+from bonemets_tf.predict import PredictOptions, predict
 from bonemets_tf.run import read_run
 from tests.tf.infer_runs import oblique_geometry, shared_runs
 

@@ -1,0 +1,190 @@
+"""The one slice-batching inference engine of the Keras wing.
+
+``predict``, the threshold calibration after ``train``, ``gradcam`` and the benchmarks all
+run a model over CT slices through this module, so the context-slice rule, batching,
+padding and thresholds are defined once.
+
+Slices go through the network at full resolution in batches, each as ``(rows, cols,
+context)`` raw HU with the ``context`` neighbours that training used (centre slice in the
+middle, edge slices repeated; :func:`context_indices` is the same rule as
+:class:`bonemets_tf.data.SliceStore`). Padding rows/cols to the segmenter's stride and
+cropping back happens inside the model (``PadToMultiple``/``CropLike``, padding with the
+bottom of the HU window, i.e. air); detectors resize to their training ``image_size``
+inside the model, the same bilinear resize the training pipeline applies.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from bonemets_tf.models.catalog import DETECT, SEGMENT
+from bonemets_tf.run import RunInfo
+
+log = logging.getLogger(__name__)
+
+#: Rough float32 activation channels alive at once per input pixel, in units of the
+#: network's first-layer filters (skip tensors, decoder concatenations, BatchNorm
+#: temporaries). Only used to refuse volumes that obviously cannot fit in memory.
+ACTIVATION_FACTOR = 8
+
+
+def context_indices(z: np.ndarray | int, n_slices: int, context: int) -> np.ndarray:
+    """Slice indices feeding centre slice(s) ``z``: ``z - context//2 .. z + context//2``,
+    clamped to ``0 .. n_slices - 1`` (edge slices repeat), as in training.
+
+    Returns:
+        ``(len(z), context)`` int64 (``(context,)`` for a scalar ``z``).
+    """
+    offsets = np.arange(context, dtype=np.int64) - context // 2
+    return np.clip(np.asarray(z, np.int64)[..., None] + offsets, 0, n_slices - 1)
+
+
+def context_batch(volume: np.ndarray, z: Sequence[int], context: int) -> np.ndarray:
+    """Network input for centre slices ``z`` of ``volume``.
+
+    Args:
+        volume: CT in HU, ``(slices, rows, cols)``.
+        z: centre slice indices.
+        context: slices per input (odd).
+
+    Returns:
+        ``(len(z), rows, cols, context)`` float32 HU.
+    """
+    idx = context_indices(np.asarray(z), volume.shape[0], context)
+    return np.ascontiguousarray(np.moveaxis(volume[idx], 1, -1), dtype=np.float32)
+
+
+class Predictor:
+    """A loaded model behind one ``tf.function`` for any batch, rows and cols.
+
+    One input signature ``(None, None, None, context)`` means one trace for every batch
+    and slice size (``predict_on_batch`` would retrace per shape).
+
+    Args:
+        run: the model's RUN.
+        model: the loaded ``keras.Model`` (None: load it from ``run``).
+    """
+
+    def __init__(self, run: RunInfo, model=None) -> None:
+        import tensorflow as tf
+
+        self.run = run
+        self.model = model if model is not None else run.load_model()
+        self._fn = tf.function(lambda x: self.model(x, training=False),
+                               input_signature=[tf.TensorSpec([None, None, None, run.context], tf.float32)])
+        try:
+            self._fn.get_concrete_function()
+        except Exception as exc:  # a layer that needs static rows/cols (e.g. bilinear UpSampling2D)
+            log.warning("%s does not trace with unknown rows/cols (%s); tracing per slice size instead",
+                        run.arch, type(exc).__name__)
+            # exact shapes: reduce_retracing would relax rows/cols to None on the second shape
+            # and hit the same error (found by benchmarks/run.py: warm-up 32^2, then 512^2)
+            self._fn = tf.function(lambda x: self.model(x, training=False))
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for ``batch`` ``(B, rows, cols, context)`` HU: ``(B,)`` for a
+        detector, ``(B, rows, cols)`` for a segmenter (float32)."""
+        out = self._fn(batch).numpy()
+        return out[:, 0] if self.run.task == DETECT else out[..., 0]
+
+    def warm_up(self) -> None:
+        """Trace the function once on a small batch, so timings measure steady-state inference."""
+        self._fn(np.zeros((1, 32, 32, self.run.context), np.float32))
+
+    def first_filters(self) -> int:
+        """Filters of the model's first convolution (a scale for memory estimates)."""
+        import keras
+
+        for layer in self.model.layers:
+            if isinstance(layer, keras.layers.Conv2D):
+                return int(layer.filters)
+        return 64
+
+
+def slice_probabilities(predictor: Predictor, volume: np.ndarray, z: Sequence[int], batch_size: int) -> np.ndarray:
+    """Probabilities of centre slices ``z`` of ``volume`` ``(slices, rows, cols)`` HU, in batches.
+
+    Returns:
+        ``(len(z),)`` for a detector, ``(len(z), rows, cols)`` for a segmenter (float32).
+    """
+    z = np.asarray(z, np.int64).reshape(-1)
+    shape = (z.size,) if predictor.run.task == DETECT else (z.size, *volume.shape[1:])
+    out = np.empty(shape, np.float32)
+    for start in range(0, z.size, batch_size):
+        chunk = z[start:start + batch_size]
+        out[start:start + chunk.size] = predictor(context_batch(volume, chunk, predictor.run.context))
+    return out
+
+
+def detect_volume(predictor: Predictor, volume: np.ndarray, batch_size: int) -> np.ndarray:
+    """Detector probability of every slice of ``volume`` ``(slices, rows, cols)`` HU.
+
+    Returns:
+        ``(slices,)`` float32 probabilities.
+    """
+    return slice_probabilities(predictor, volume, np.arange(volume.shape[0]), batch_size)
+
+
+def segment_volume(predictor: Predictor, volume: np.ndarray, batch_size: int, threshold: float,
+                   slices: Sequence[int] | None = None, *, keep_probabilities: bool = False
+                   ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Binary lesion mask of ``volume`` ``(slices, rows, cols)`` HU.
+
+    Args:
+        predictor: a segmenter.
+        volume: CT in HU.
+        batch_size: slices per call.
+        threshold: probability at or above which a pixel is lesion.
+        slices: centre slices to segment (None: all); the others stay 0.
+        keep_probabilities: also return the probability volume (0 on slices not segmented).
+
+    Returns:
+        uint8 0/1 mask, same shape as ``volume``; with ``keep_probabilities``,
+        ``(mask, probabilities)`` with float32 probabilities.
+    """
+    mask = np.zeros(volume.shape, np.uint8)
+    prob = np.zeros(volume.shape, np.float32) if keep_probabilities else None
+    todo = np.arange(volume.shape[0]) if slices is None else np.asarray(sorted(slices), np.int64)
+    for start in range(0, len(todo), batch_size):
+        z = todo[start:start + batch_size]
+        p = predictor(context_batch(volume, z, predictor.run.context))
+        mask[z] = p >= threshold
+        if prob is not None:
+            prob[z] = p
+    return (mask, prob) if keep_probabilities else mask
+
+
+# --- memory ---------------------------------------------------------------------------
+
+
+def estimate_case_bytes(shape: Sequence[int], *, task: str, context: int, batch_size: int, first_filters: int,
+                        image_size: int, stride: int, params: int) -> int:
+    """Rough upper estimate of the memory one case needs, in bytes.
+
+    The volume as float32 plus its native copy and the uint8 mask (9 bytes a voxel), the
+    input batch, ``ACTIVATION_FACTOR * first_filters`` float32 activations per network
+    pixel (the padded slice for segmenters, ``image_size**2`` for detectors) and the
+    weights. It is meant to catch volumes that obviously cannot fit, not to be exact.
+
+    Args:
+        shape: ``(slices, rows, cols)``.
+    """
+    z, rows, cols = (int(s) for s in shape)
+    volume = 9 * z * rows * cols
+    batch_input = 4 * batch_size * rows * cols * context
+    if task == SEGMENT:
+        pixels = (-(-rows // stride) * stride) * (-(-cols // stride) * stride)
+    else:
+        pixels = image_size * image_size + rows * cols
+    activations = 4 * batch_size * pixels * ACTIVATION_FACTOR * first_filters
+    return volume + batch_input + activations + 4 * params
+
+
+def check_memory(needed: int, what: str) -> None:
+    """Raise :class:`InputError` when ``needed`` bytes exceed the available memory
+    (:func:`analysis.resources.require_memory`)."""
+    from analysis.resources import require_memory
+
+    require_memory(needed, what, hint="use a smaller --batch-size")

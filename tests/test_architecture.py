@@ -1,0 +1,140 @@
+"""The shape of the code, proved from the source (STYLE: the shape of the project):
+
+* no import cycle inside or across ``analysis``, ``bonemets_tf``, ``nnunet_bridge``, ``study``,
+  counting every import (module level and the deferred ones inside functions);
+* nothing in ``study/`` imports ``cli``: the orchestration calls the library;
+* both wings and ``analyze`` take the PRED folder contract from :mod:`analysis.predictions`
+  and keep no copy of its pieces;
+* every demo stage builds its library options (a renamed option fails here, not mid-demo).
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("analysis", "bonemets_tf", "nnunet_bridge", "study")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports (absolute names), wherever the import statement stands."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {(_module_name(p)): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        targets = set()
+        for imported in _imports(path):
+            while imported and imported not in files:  # `from a.b import c`: c may be a name, not a module
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):
+                # a package's own __init__ being imported by its submodules is not a cycle of modules
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle_in_any_package():
+    graph = _graph()
+    assert len(graph) > 40
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_study_never_imports_the_command_line():
+    for path in (ROOT / "study").rglob("*.py"):
+        assert not {"cli", "click"} & _imports(path), f"{path} imports the command line"
+
+
+def test_both_wings_and_analyze_take_the_pred_contract_from_one_module():
+    users = [ROOT / "bonemets_tf" / "predict.py", ROOT / "nnunet_bridge" / "predict.py", ROOT / "analysis" / "analyze.py"]
+    for path in users:
+        assert "analysis.predictions" in _imports(path), path
+    contract = ("def read_slices_csv", "def discover_models", "def select_cases", "def remove_small_components",
+                "def format_slices_csv", "def check_ct", 'SLICES_CSV = "', 'DETECTOR_CSV = "', "cc3d.connected_components",
+                "exists and is not empty", "NaN or infinite")
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            if path.name in ("predictions.py", "io.py") and path.parent.name == "analysis":
+                continue
+            text = path.read_text(encoding="utf-8")
+            if path.name == "lesions.py":  # lesion_instances is where components are computed
+                continue
+            for piece in contract:
+                assert piece not in text, f"{path} has its own copy of {piece!r}"
+
+
+def _check_stages(kinds: tuple[str, ...]) -> None:
+    code = f"""
+from pathlib import Path
+from study.demo import BUDGETS, Demo
+from study.stages import check_stage
+n = 0
+for budget in BUDGETS.values():
+    for stage in Demo(Path('/nonexistent/demo'), budget).all_stages():
+        if stage.kind in {kinds!r}:
+            check_stage(stage.kind, stage.params)
+            check_stage(stage.kind, stage.resumed())
+            n += 1
+assert n > 0, n
+print(n)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, encoding="utf-8",
+                          errors="replace", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_demo_stage_builds_its_library_options():
+    # one process per framework, as in the demo itself
+    _check_stages(("phantom", "split", "analyze"))
+    _check_stages(("train", "predict", "gradcam", "export"))
+    _check_stages(("nnunet-train", "nnunet-predict"))
