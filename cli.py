@@ -198,9 +198,15 @@ def import_bones_cmd(seg: str, dataset: str, case: str) -> None:
 @click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="A detector's slice is positive when its probability is >= this.")
 @click.option("--bone-hu", default=None, type=float, help="Without bonesTr, CT >= this many HU is bone (default 150).")
+@click.option("--froc-floor", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="FROC candidates: connected components of voxel probability >= this (PRED/<model>/probabilities/).")
+@click.option("--bootstrap", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="Patient-level bootstrap resamples for 95% intervals (0: none).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the bootstrap.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUT.")
 def analyze_cmd(dataset: str, predictions: str, out: str, cases: str, no_radiomics: bool, jobs: int, connectivity: str,
-                cluster_slices: int, diffuse_fraction: float, threshold: float, bone_hu: float | None, overwrite: bool) -> None:
+                cluster_slices: int, diffuse_fraction: float, threshold: float, bone_hu: float | None, froc_floor: float,
+                bootstrap: int, seed: int, overwrite: bool) -> None:
     """Segmentation, detection, clinical lesion metrics, t-tests and radiomics ICC into OUT."""
     from analysis.analyze import run_analysis
     from analysis.metrics.lesions import DEFAULT_BONE_HU
@@ -208,7 +214,8 @@ def analyze_cmd(dataset: str, predictions: str, out: str, cases: str, no_radiomi
     path = run_analysis(dataset, predictions, out, cases=cases, radiomics=not no_radiomics, jobs=jobs,
                         connectivity=int(connectivity), cluster_slices=cluster_slices,
                         diffuse_fraction=diffuse_fraction, threshold=threshold,
-                        bone_hu=DEFAULT_BONE_HU if bone_hu is None else bone_hu, overwrite=overwrite)
+                        bone_hu=DEFAULT_BONE_HU if bone_hu is None else bone_hu, froc_floor=froc_floor,
+                        bootstrap=bootstrap, seed=seed, overwrite=overwrite)
     click.echo(f"wrote {path / 'report.md'}")
 # ---- END analyze ----
 

@@ -7,6 +7,10 @@ Inputs:
 * ``PRED/<model>/slices.csv`` with columns ``case,slice,probability`` (a detector;
   ``slice`` is the axial index, axis 0 of the ``(slices, rows, cols)`` array).
   A folder may be both.
+* optionally ``PRED/<model>/probabilities/<case>.nii.gz``: voxel probabilities in [0, 1]
+  with the CT's geometry (float, or integers with a NIfTI ``scl_slope`` such as 1/255),
+  for the FROC analysis; a model with any such file needs one for every analysed case.
+  Subfolders of a model folder (``probabilities/``, ``dicom_seg/``) are never models or cases.
 
 Every input is checked before anything is written: presence, geometry against the CT
 (headers), ``slices.csv``, and the voxel values of every mask (one extra decode per mask,
@@ -16,7 +20,9 @@ grow with the number of cases.
 
 Definitions live with the metrics: :mod:`analysis.metrics.overlap`,
 :mod:`analysis.metrics.lesions`, :mod:`analysis.metrics.clinical`,
-:mod:`analysis.metrics.detection`, :mod:`analysis.stats`, :mod:`analysis.radiomics`.
+:mod:`analysis.metrics.detection`, :mod:`analysis.metrics.lesionwise`,
+:mod:`analysis.metrics.froc`, :mod:`analysis.bootstrap`, :mod:`analysis.stats`,
+:mod:`analysis.radiomics`.
 """
 from __future__ import annotations
 
@@ -36,22 +42,31 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from analysis import __version__
+from analysis.bootstrap import Interval, case_weights, ratio_interval, resample_indices, statistic_interval
 from analysis.cohort import Cohort
 from analysis.errors import InputError
 from analysis.io import Geometry, atomic_directory, atomic_write_json, read_array, read_header
 from analysis.metrics import clinical as clin
-from analysis.metrics.detection import slice_detection
+from analysis.metrics.detection import roc_auc, slice_detection
+from analysis.metrics.froc import DEFAULT_FROC_FLOOR, FROC_RATES, FrocCase, froc_case, froc_curve, froc_summary
 from analysis.metrics.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone_identity, count_neighbours,
                                       diffuse_fractions, lesion_instances, lesion_table, match_lesions)
+from analysis.metrics.lesionwise import (SIZE_BINS, LesionCounts, case_lesion_counts, lesionwise_metrics,
+                                         overlap_pairs, size_bin_counts)
 from analysis.metrics.overlap import case_overlap, slice_overlap
 from analysis.resources import ANALYZE_BYTES_PER_VOXEL, require_memory, voxels
 from analysis.stats import holm, paired_ttest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AnalysisConfig", "run_analysis", "discover_models", "read_slices_csv", "CSV_COLUMNS"]
+__all__ = ["AnalysisConfig", "run_analysis", "discover_models", "discover_probability_models", "read_slices_csv",
+           "read_probabilities", "CSV_COLUMNS"]
 
 SLICES_CSV = "slices.csv"
+#: Subfolder of a model folder holding ``<case>.nii.gz`` voxel probability maps.
+PROBABILITIES_DIR = "probabilities"
+#: Probabilities may exceed [0, 1] by this much (rounding of a stored scale), then are clipped.
+PROBABILITY_TOLERANCE = 1e-6
 SLICES_COLUMNS = ("case", "slice", "probability")
 
 #: Output files and their columns (other tools read these: do not rename).
@@ -67,6 +82,12 @@ CSV_COLUMNS: dict[str, tuple[str, ...]] = {
     "radiomics_features.csv": ("model", "case", "gt_lesion_id", "feature", "gt_value", "pred_value"),
     "radiomics_icc.csv": ("model", "feature_class", "n_pairs", "n_features", "icc", "icc_low", "icc_high",
                           "n_constant", "n_skipped_pairs"),
+    "lesionwise.csv": ("model", "n_cases", "n_gt", "n_pred", "tp", "fn", "fp", "sensitivity", "precision", "f1",
+                       "fp_per_case", "rq", "sq_dice", "pq_dice", "lw_dice"),
+    "lesion_sizes.csv": ("model", "size_bin", "n_gt", "detected", "sensitivity"),
+    "froc.csv": ("model", "threshold", "fp_per_case", "sensitivity"),
+    "froc_summary.csv": ("model", *(f"sens_at_{r:g}" for r in FROC_RATES), "cpm"),
+    "bootstrap.csv": ("model", "metric", "estimate", "ci_low", "ci_high", "n_boot"),
 }
 
 #: Clinical tasks in report order: (task, category).
@@ -90,6 +111,9 @@ class AnalysisConfig:
         diffuse_fraction: a lesion is diffuse when its largest per-slice bone-region fraction is >= this.
         threshold: a detector's slice is positive when its probability is >= this.
         bone_hu: without ``bonesTr``, CT voxels >= this many HU are bone (diffuse/focal rule only).
+        froc_floor: FROC candidates are components of voxel probability >= this, in (0, 1].
+        bootstrap: patient-level bootstrap replicates for ``bootstrap.csv`` (0: none).
+        seed: seed of the bootstrap's ``numpy.random.default_rng``.
     """
 
     cases: str = "test"
@@ -100,6 +124,9 @@ class AnalysisConfig:
     diffuse_fraction: float = 0.6
     threshold: float = 0.5
     bone_hu: float = DEFAULT_BONE_HU
+    froc_floor: float = DEFAULT_FROC_FLOOR
+    bootstrap: int = 1000
+    seed: int = 0
 
     def check(self) -> None:
         """Raise :class:`InputError` for out-of-range settings."""
@@ -115,6 +142,12 @@ class AnalysisConfig:
             raise InputError(f"--threshold: expected a value in [0, 1], got {self.threshold}")
         if not math.isfinite(self.bone_hu):
             raise InputError(f"bone_hu: expected a finite HU value, got {self.bone_hu}")
+        if not 0 < self.froc_floor <= 1:
+            raise InputError(f"--froc-floor: expected a value in (0, 1], got {self.froc_floor}")
+        if self.bootstrap < 0:
+            raise InputError(f"--bootstrap: expected >= 0 replicates, got {self.bootstrap}")
+        if self.seed < 0:
+            raise InputError(f"--seed: expected an integer >= 0, got {self.seed}")
 
 
 # --- input discovery and validation ---------------------------------------------------
@@ -142,6 +175,43 @@ def discover_models(predictions: Path) -> tuple[list[str], list[str]]:
     if not segmenters and not detectors:
         raise InputError(f"{predictions}: no model folders; expected PRED/<model>/<case>.nii.gz or PRED/<model>/{SLICES_CSV}")
     return segmenters, detectors
+
+
+def discover_probability_models(predictions: Path, models: Sequence[str]) -> list[str]:
+    """Models whose folder holds voxel probability maps, ``PRED/<model>/probabilities/*.nii.gz``.
+
+    Args:
+        predictions: ``PRED``.
+        models: the model folders found by :func:`discover_models`.
+
+    Returns:
+        Those models, sorted, with at least one non-hidden ``*.nii.gz`` in ``probabilities/``.
+    """
+    found = []
+    for model in sorted(set(models)):
+        folder = predictions / model / PROBABILITIES_DIR
+        if folder.is_dir() and any(f.name.endswith(".nii.gz") and not f.name.startswith(".") for f in folder.iterdir()):
+            found.append(model)
+    return found
+
+
+def read_probabilities(path: Path) -> np.ndarray:
+    """Read a voxel probability map ``(slices, rows, cols)`` as float32 in [0, 1].
+
+    Integer files with a NIfTI ``scl_slope`` (e.g. uint8 with slope 1/255) are scaled by
+    SimpleITK on reading; values within :data:`PROBABILITY_TOLERANCE` outside [0, 1]
+    (rounding of a stored scale) are clipped.
+
+    Raises:
+        InputError: unreadable, non-finite, or values outside [0, 1].
+    """
+    array, _ = read_array(path)
+    array = array.astype(np.float32, copy=False)
+    if array.size and (float(array.min()) < -PROBABILITY_TOLERANCE or float(array.max()) > 1 + PROBABILITY_TOLERANCE):
+        raise InputError(f"{path}: probabilities outside [0, 1] (found {float(array.min()):g} to "
+                         f"{float(array.max()):g}); expected a probability map (store uint8 with scl_slope 1/255 "
+                         f"or float32)")
+    return np.clip(array, 0.0, 1.0, out=array)
 
 
 def read_slices_csv(path: Path, n_slices: dict[str, int], known_cases: Iterable[str]) -> dict[str, np.ndarray]:
@@ -211,6 +281,10 @@ class _Inputs:
     geometry: dict[str, Geometry]
     probabilities: dict[str, dict[str, np.ndarray]]
     predictions: Path
+    froc_models: list[str] = field(default_factory=list)
+
+    def probability_path(self, model: str, case: str) -> Path:
+        return self.predictions / model / PROBABILITIES_DIR / f"{case}.nii.gz"
 
 
 def _validate(dataset: Path, predictions: Path, config: AnalysisConfig) -> _Inputs:
@@ -218,6 +292,7 @@ def _validate(dataset: Path, predictions: Path, config: AnalysisConfig) -> _Inpu
     cohort.require_exists()
     cases = cohort.select(config.cases)
     segmenters, detectors = discover_models(predictions)
+    froc_models = discover_probability_models(predictions, segmenters + detectors)
     geometry: dict[str, Geometry] = {}
     for case in cases:
         image = cohort.image_path(case)
@@ -236,9 +311,17 @@ def _validate(dataset: Path, predictions: Path, config: AnalysisConfig) -> _Inpu
             problem = geo.mismatch(read_header(path))
             if problem:
                 raise InputError(f"{path}: {problem} of its CT {image}")
+        for model in froc_models:
+            path = predictions / model / PROBABILITIES_DIR / f"{case}.nii.gz"
+            if not path.is_file():
+                raise InputError(f"{path}: missing probability map of model {model} for case {case}; "
+                                 f"a model with {PROBABILITIES_DIR}/ needs one for every analysed case")
+            problem = geo.mismatch(read_header(path))
+            if problem:
+                raise InputError(f"{path}: {problem} of its CT {image}")
     n_slices = {case: geometry[case].shape[0] for case in cases}
     probabilities = {m: read_slices_csv(predictions / m / SLICES_CSV, n_slices, cohort.cases()) for m in detectors}
-    inputs = _Inputs(cohort, cases, segmenters, detectors, geometry, probabilities, predictions)
+    inputs = _Inputs(cohort, cases, segmenters, detectors, geometry, probabilities, predictions, froc_models)
     biggest = max(cases, key=lambda c: voxels(geometry[c].shape))
     require_memory(ANALYZE_BYTES_PER_VOXEL * voxels(geometry[biggest].shape),
                    f"{cohort.image_path(biggest)}: analysing {geometry[biggest].shape} voxels (slices, rows, cols)",
@@ -277,11 +360,13 @@ def _read_slice(path: Path, z: int) -> np.ndarray:
 
 
 def _check_masks(inputs: _Inputs) -> None:
-    """Decode every label and prediction once and check that it is binary (before any output)."""
+    """Decode every label, prediction and probability map once and check its values (before any output)."""
     for case in inputs.cases:
         _read_binary(inputs.cohort.label_path(case))
         for model in inputs.segmenters:
             _read_binary(inputs.predictions / model / f"{case}.nii.gz")
+        for model in inputs.froc_models:
+            read_probabilities(inputs.probability_path(model, case))
 
 
 # --- per-case analysis ------------------------------------------------------------------
@@ -354,6 +439,12 @@ class _Results:
     pairs: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)
     figure: dict[str, Any] | None = None
     bone_source: dict[str, str] = field(default_factory=dict)
+    #: per model, per case: lesion-level sufficient statistics (small counts only)
+    lesion_counts: dict[str, dict[str, LesionCounts]] = field(default_factory=dict)
+    #: per model: ``(len(SIZE_BINS), 2)`` GT lesions and found GT lesions per size bin
+    size_counts: dict[str, np.ndarray] = field(default_factory=dict)
+    #: per model, in case order: FROC candidates' scores and what they touch
+    froc: dict[str, list[FrocCase]] = field(default_factory=dict)
 
 
 def _analyse_case(case: str, inputs: _Inputs, config: AnalysisConfig, res: _Results) -> None:
@@ -391,6 +482,7 @@ def _analyse_case(case: str, inputs: _Inputs, config: AnalysisConfig, res: _Resu
         pred_set = _lesion_set(pred, bone_px, bones, geo, config)
         gt_match, _, pred_match = match_lesions(gt_set.labels, gt_set.n, pred_set.labels, pred_set.n)
         res.lesions += _lesion_rows(model, case, pred_set, pred_match)
+        _lesion_level(model, case, gt_set, pred_set, res)
         counts = _clinical_counts(gt_set, pred_set, gt_match, pred_match, gt_slices, pred.any(axis=(1, 2)))
         total = res.clinical.setdefault(model, {})
         for key, c in counts.items():
@@ -411,6 +503,11 @@ def _analyse_case(case: str, inputs: _Inputs, config: AnalysisConfig, res: _Resu
                 c_ct, c_mask = crop_roi(ct, pred_set.labels, pred_set.table.boxes[pid - 1], pid)
                 res.roi_tasks.append(RoiTask((model, case, pid), c_ct, c_mask, spacing))
         del pred, pred_set
+    for model in inputs.froc_models:
+        probs = read_probabilities(inputs.probability_path(model, case))
+        res.froc.setdefault(model, []).append(froc_case(probs, gt_set.labels, gt_set.n, floor=config.froc_floor,
+                                                        connectivity=config.connectivity))
+        del probs
     if config.radiomics:
         from analysis.radiomics import RoiTask, crop_roi
 
@@ -418,6 +515,16 @@ def _analyse_case(case: str, inputs: _Inputs, config: AnalysisConfig, res: _Resu
         for gid in sorted(gt_for_radiomics):
             c_ct, c_mask = crop_roi(ct, gt_set.labels, gt_set.table.boxes[gid - 1], gid)
             res.roi_tasks.append(RoiTask(("gt", case, gid), c_ct, c_mask, spacing))
+
+
+def _lesion_level(model: str, case: str, gt: _LesionSet, pred: _LesionSet, res: _Results) -> None:
+    """Add one (GT, prediction) pair's lesion-level counts to ``res`` (labels reused, nothing kept but counts)."""
+    counts, found = case_lesion_counts(gt.labels, gt.n, pred.labels, pred.n, gt_voxels=gt.table.voxels,
+                                       pred_voxels=pred.table.voxels, gt_boxes=gt.table.boxes,
+                                       pairs=overlap_pairs(gt.labels, pred.labels))
+    res.lesion_counts.setdefault(model, {})[case] = counts
+    bins = size_bin_counts(gt.table.volume_ml, found)
+    res.size_counts[model] = res.size_counts[model] + bins if model in res.size_counts else bins
 
 
 # --- summaries ----------------------------------------------------------------------------
@@ -458,6 +565,85 @@ def _detection_rows(inputs: _Inputs, res: _Results, threshold: float) -> list[tu
         probs = np.concatenate([inputs.probabilities[model][c] for c in inputs.cases])
         m = slice_detection(truth, probs, threshold)
         rows.append((model, threshold, m["accuracy"], m["precision"], m["recall"], m["f1"], m["auc"], m["n_slices"]))
+    return rows
+
+
+def _lesionwise_rows(inputs: _Inputs, res: _Results) -> list[tuple]:
+    rows = []
+    for model in inputs.segmenters:
+        c = sum((res.lesion_counts[model][case] for case in inputs.cases), LesionCounts())
+        m = lesionwise_metrics(c)
+        rows.append((model, c.n_cases, c.n_gt, c.n_pred, c.tp, c.fn, c.fp, m["sensitivity"], m["precision"], m["f1"],
+                     m["fp_per_case"], m["rq"], m["sq_dice"], m["pq_dice"], m["lw_dice"]))
+    return rows
+
+
+def _size_rows(inputs: _Inputs, res: _Results) -> list[tuple]:
+    rows = []
+    for model in inputs.segmenters:
+        counts = res.size_counts.get(model, np.zeros((len(SIZE_BINS), 2), np.int64))
+        for (name, _, _), (n, found) in zip(SIZE_BINS, counts):
+            rows.append((model, name, int(n), int(found), found / n if n else math.nan))
+    return rows
+
+
+def _froc_rows(inputs: _Inputs, res: _Results) -> tuple[list[tuple], list[tuple]]:
+    curve_rows, summary_rows = [], []
+    for model in inputs.froc_models:
+        curve = froc_curve(res.froc[model])
+        curve_rows += [(model, float(t), float(f), float(s))
+                       for t, f, s in zip(curve.thresholds, curve.fp_per_case, curve.sensitivity)]
+        sens, cpm = froc_summary(curve)
+        summary_rows.append((model, *sens, cpm))
+    return curve_rows, summary_rows
+
+
+#: Bootstrapped metrics in ``bootstrap.csv`` order.
+BOOTSTRAP_SEGMENTER_METRICS = ("slice_dice", "case_dice", "lesion_sensitivity", "lw_dice")
+BOOTSTRAP_DETECTOR_METRICS = ("slice_auc",)
+
+
+def _bootstrap_rows(inputs: _Inputs, res: _Results, config: AnalysisConfig) -> list[tuple]:
+    """Patient-level percentile intervals (:mod:`analysis.bootstrap`) from per-case statistics."""
+    if config.bootstrap == 0:
+        return []
+    cases = inputs.cases
+    index = {c: i for i, c in enumerate(cases)}
+    draws = resample_indices(len(cases), config.bootstrap, config.seed)
+    weights = case_weights(draws, len(cases))
+    rows = []
+    for model in inputs.segmenters:
+        slice_sum, slice_n = np.zeros(len(cases)), np.zeros(len(cases))
+        for r in res.seg_slices:
+            if r[0] == model:
+                slice_sum[index[r[1]]] += r[3]
+                slice_n[index[r[1]]] += 1
+        case_dice = np.zeros(len(cases))
+        for r in res.seg_cases:
+            if r[0] == model:
+                case_dice[index[r[1]]] = r[2]
+        scored = np.isfinite(case_dice)
+        counts = [res.lesion_counts[model][c] for c in cases]
+        found = np.array([c.tp for c in counts], np.float64)
+        n_gt = np.array([c.n_gt for c in counts], np.float64)
+        intervals: dict[str, Interval] = {
+            "slice_dice": ratio_interval(slice_sum, slice_n, weights),
+            "case_dice": ratio_interval(np.where(scored, case_dice, 0.0), scored, weights),
+            "lesion_sensitivity": ratio_interval(found, n_gt, weights),
+            "lw_dice": ratio_interval(np.array([c.lw_dice_sum for c in counts]),
+                                      n_gt + np.array([c.lw_fp for c in counts]), weights, empty=1.0),
+        }
+        rows += [(model, k, intervals[k].estimate, intervals[k].low, intervals[k].high, intervals[k].n_boot)
+                 for k in BOOTSTRAP_SEGMENTER_METRICS]
+    for model in inputs.detectors:
+        truth = [res.slice_truth[c] for c in cases]
+        probs = [inputs.probabilities[model][c] for c in cases]
+
+        def auc(idx: np.ndarray) -> float:
+            return roc_auc(np.concatenate([truth[i] for i in idx]), np.concatenate([probs[i] for i in idx]))
+
+        iv = statistic_interval(auc, draws)
+        rows.append((model, "slice_auc", iv.estimate, iv.low, iv.high, iv.n_boot))
     return rows
 
 
@@ -534,7 +720,8 @@ def _is_synthetic(cohort: Cohort) -> bool:
 def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out: str | os.PathLike, *,
                  cases: str = "test", radiomics: bool = True, jobs: int = 1, connectivity: int = 26,
                  cluster_slices: int = 10, diffuse_fraction: float = 0.6, threshold: float = 0.5,
-                 bone_hu: float = DEFAULT_BONE_HU, overwrite: bool = False, synthetic: bool | None = None) -> Path:
+                 bone_hu: float = DEFAULT_BONE_HU, froc_floor: float = DEFAULT_FROC_FLOOR, bootstrap: int = 1000,
+                 seed: int = 0, overwrite: bool = False, synthetic: bool | None = None) -> Path:
     """Run every analysis of the paper on one set of predictions and write ``OUT``.
 
     Args:
@@ -542,7 +729,7 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
         predictions: ``PRED`` with one folder per model.
         out: output folder (created atomically).
         cases, radiomics, jobs, connectivity, cluster_slices, diffuse_fraction, threshold,
-            bone_hu: see :class:`AnalysisConfig`.
+            bone_hu, froc_floor, bootstrap, seed: see :class:`AnalysisConfig`.
         overwrite: replace an existing non-empty ``out``.
         synthetic: the cohort is a phantom, so the report and every figure say it is not
             patient data; None decides from ``dataset.json`` (a ``name`` or ``description``
@@ -557,7 +744,8 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
     """
     config = AnalysisConfig(cases=cases, radiomics=radiomics, jobs=jobs, connectivity=connectivity,
                             cluster_slices=cluster_slices, diffuse_fraction=diffuse_fraction,
-                            threshold=threshold, bone_hu=bone_hu)
+                            threshold=threshold, bone_hu=bone_hu, froc_floor=froc_floor, bootstrap=bootstrap,
+                            seed=seed)
     config.check()
     dataset, predictions, out = Path(dataset), Path(predictions), Path(out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -585,7 +773,7 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
             "radiomics_settings": _radiomics_settings() if config.radiomics else None,
             "dataset": str(dataset.resolve()), "predictions": str(predictions.resolve()),
             "cases": inputs.cases, "split_seed": (inputs.cohort.splits() or {}).get("seed"),
-            "segmenters": inputs.segmenters, "detectors": inputs.detectors,
+            "segmenters": inputs.segmenters, "detectors": inputs.detectors, "froc_models": inputs.froc_models,
             "bone_source": res.bone_source, "synthetic": is_synthetic,
             "versions": _versions(),
         })
@@ -609,7 +797,11 @@ def _write_tables(tmp: Path, inputs: _Inputs, config: AnalysisConfig, res: _Resu
         "lesions.csv": sorted(res.lesions, key=lambda r: (r[0] != "gt", r[0], r[1], r[2])),
         "clinical.csv": _clinical_rows(res.clinical),
         "detection.csv": _detection_rows(inputs, res, config.threshold),
+        "lesionwise.csv": _lesionwise_rows(inputs, res),
+        "lesion_sizes.csv": _size_rows(inputs, res),
+        "bootstrap.csv": _bootstrap_rows(inputs, res, config),
     }
+    tables["froc.csv"], tables["froc_summary.csv"] = _froc_rows(inputs, res)
     if config.radiomics:
         tables["radiomics_features.csv"], tables["radiomics_icc.csv"] = _radiomics_rows(res, inputs.segmenters, config.jobs)
     else:

@@ -2,8 +2,12 @@
 
 Figures (matplotlib, Agg backend, no display needed):
 
-* ``fig4a_detection.png``: detectors' precision, recall, F1 and AUC (like the paper's Fig. 4a);
-* ``fig4b_segmentation.png``: segmenters' per-slice Dice, precision and recall (Fig. 4b);
+* ``fig4a_detection.png``: detectors' precision, recall, F1 and AUC (like the paper's Fig. 4a),
+  with 95 % patient-bootstrap intervals on the AUC bars;
+* ``fig4b_segmentation.png``: segmenters' per-slice Dice, precision and recall (Fig. 4b),
+  with 95 % patient-bootstrap intervals on the Dice bars;
+* ``lesion_froc.png``: FROC curves of the models with probability maps;
+* ``lesion_sizes.png``: lesion recall (any-overlap rule) by GT lesion volume;
 * ``fig5_clinical.png``: sensitivity and specificity per clinical task and model (Fig. 5);
 * ``supp_fig1_qualitative.png``: CT slice in a bone window, ground truth, each model (Supp. Fig. 1).
 """
@@ -66,7 +70,9 @@ def _plt():
 
 
 def _bars(path: Path, title: str, groups: list[str], series: dict[str, list[float]], ylabel: str,
-          paper_series: dict[str, list[float]] | None = None, caption: str | None = None) -> None:
+          paper_series: dict[str, list[float]] | None = None, caption: str | None = None,
+          errors: dict[str, list[tuple[float, float] | None]] | None = None) -> None:
+    """Grouped bars; ``errors`` gives per series and group an interval (low, high) in the bars' units."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) + 2), 3.6), dpi=110)
     names = list(series)
@@ -75,6 +81,12 @@ def _bars(path: Path, title: str, groups: list[str], series: dict[str, list[floa
     for i, name in enumerate(names):
         vals = np.array(series[name], float)
         ax.bar(x + (i - (len(names) - 1) / 2) * width, np.nan_to_num(vals), width, label=name)
+        for j, iv in enumerate((errors or {}).get(name, [])):
+            if iv is None or not (math.isfinite(iv[0]) and math.isfinite(iv[1]) and math.isfinite(vals[j])):
+                continue
+            ax.errorbar(x[j] + (i - (len(names) - 1) / 2) * width, vals[j],
+                        yerr=[[max(vals[j] - iv[0], 0.0)], [max(iv[1] - vals[j], 0.0)]],
+                        fmt="none", ecolor="black", elinewidth=1, capsize=3, zorder=4)
         if paper_series and name in paper_series:
             pv = np.array(paper_series[name], float)
             ax.scatter(x + (i - (len(names) - 1) / 2) * width, pv, marker="_", s=200, color="black", zorder=3,
@@ -91,7 +103,12 @@ def _bars(path: Path, title: str, groups: list[str], series: dict[str, list[floa
     plt.close(fig)
 
 
-def _fig_detection(fig_dir: Path, rows: list[tuple], caption: str | None) -> str | None:
+def _intervals(boot: list[tuple] | None, metric: str) -> dict[str, tuple[float, float]]:
+    """Per model, the bootstrap interval of ``metric`` in % (rows of ``bootstrap.csv``)."""
+    return {r[0]: (100 * r[3], 100 * r[4]) for r in boot or [] if r[1] == metric}
+
+
+def _fig_detection(fig_dir: Path, rows: list[tuple], caption: str | None, boot: list[tuple] | None = None) -> str | None:
     if not rows:
         return None
     metrics = ["precision", "recall", "f1", "auc"]
@@ -99,19 +116,24 @@ def _fig_detection(fig_dir: Path, rows: list[tuple], caption: str | None) -> str
     series = {r[0]: [100 * r[idx[m]] for m in metrics] for r in rows}
     paper_s = {r[0]: [paper.DETECTION[paper.paper_name(r[0])][m] for m in metrics]
                for r in rows if paper.paper_name(r[0]) in paper.DETECTION}
+    auc = _intervals(boot, "slice_auc")
+    errors = {m: [None, None, None, auc.get(m)] for m in series}
     _bars(fig_dir / "fig4a_detection.png", "Slice detection (cf. paper Fig. 4a)", ["Precision", "Recall", "F1", "AUC"],
-          series, "%", paper_s, caption)
+          series, "%", paper_s, caption, errors)
     return "figures/fig4a_detection.png"
 
 
-def _fig_segmentation(fig_dir: Path, rows: list[tuple], caption: str | None) -> str | None:
+def _fig_segmentation(fig_dir: Path, rows: list[tuple], caption: str | None,
+                      boot: list[tuple] | None = None) -> str | None:
     if not rows:
         return None
     series = {r[0]: [100 * np.nan_to_num(r[2]), 100 * np.nan_to_num(r[4]), 100 * np.nan_to_num(r[5])] for r in rows}
     paper_s = {r[0]: [paper.SEGMENTATION[paper.paper_name(r[0])][m] for m in ("dice", "precision", "recall")]
                for r in rows if paper.paper_name(r[0]) in paper.SEGMENTATION}
+    dice = _intervals(boot, "slice_dice")
+    errors = {m: [dice.get(m), None, None] for m in series}
     _bars(fig_dir / "fig4b_segmentation.png", "Segmentation, per slice (cf. paper Fig. 4b)",
-          ["Dice", "Precision", "Recall"], series, "%", paper_s, caption)
+          ["Dice", "Precision", "Recall"], series, "%", paper_s, caption, errors)
     return "figures/fig4b_segmentation.png"
 
 
@@ -165,6 +187,102 @@ def _fig_qualitative(fig_dir: Path, figure: dict[str, Any] | None, caption: str 
     fig.savefig(fig_dir / "supp_fig1_qualitative.png")
     plt.close(fig)
     return "figures/supp_fig1_qualitative.png"
+
+
+def _fig_froc(fig_dir: Path, rows: list[tuple], summary: list[tuple], caption: str | None) -> str | None:
+    if not summary:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+    for s in summary:
+        pts = [(r[2], r[3]) for r in rows if r[0] == s[0]]
+        fp = [0.0] + [p[0] for p in pts] + [8.0]
+        sens = [0.0] + [p[1] for p in pts]
+        sens.append(sens[-1])                      # the curve holds its last point out to 8 FP per case
+        ax.step(fp, sens, where="post", label=f"{s[0]} (CPM {_f(s[-1])})")
+    ax.set_xscale("symlog", linthresh=0.125)
+    ax.set_xlim(0, 8)
+    ax.set_xticks([0, 0.125, 0.25, 0.5, 1, 2, 4, 8], ["0", "1/8", "1/4", "1/2", "1", "2", "4", "8"])
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per case")
+    ax.set_ylabel("lesion sensitivity")
+    ax.set_title("FROC (candidates from probability maps)")
+    ax.legend(fontsize=7)
+    if caption:
+        fig.text(0.01, 0.01, caption, fontsize=7, color="firebrick")
+    fig.tight_layout(rect=(0, 0.05 if caption else 0, 1, 1))
+    fig.savefig(fig_dir / "lesion_froc.png")
+    plt.close(fig)
+    return "figures/lesion_froc.png"
+
+
+def _fig_sizes(fig_dir: Path, rows: list[tuple], caption: str | None) -> str | None:
+    if not rows:
+        return None
+    models = list(dict.fromkeys(r[0] for r in rows))
+    bins = list(dict.fromkeys(r[1] for r in rows))
+    series = {m: [100 * (r[4] if r[4] is not None else math.nan) for r in rows if r[0] == m] for m in models}
+    counts = {b: next(r[2] for r in rows if r[1] == b) for b in bins}
+    _bars(fig_dir / "lesion_sizes.png", "Lesion recall by GT lesion volume (any overlap)",
+          [f"{b} ml\n(n={counts[b]})" for b in bins], series, "recall %", caption=caption)
+    return "figures/lesion_sizes.png"
+
+
+def _lesion_section(fig_dir: Path, tables: dict[str, list[tuple]], settings: dict[str, Any],
+                    caption: str | None) -> list[str]:
+    """The "Lesion-level evaluation" section: definitions, tables and its two figures."""
+    lw = tables.get("lesionwise.csv", [])
+    sizes = tables.get("lesion_sizes.csv", [])
+    froc, froc_sum = tables.get("froc.csv", []), tables.get("froc_summary.csv", [])
+    boot = tables.get("bootstrap.csv", [])
+    md = ["## Lesion-level evaluation", "",
+          f"Lesions are {settings.get('connectivity', 26)}-connected components; every count is pooled over the "
+          "analysed cases, lesion-free cases included (their predicted lesions are false positives). "
+          "**Any overlap**: a GT lesion is found (tp) when a predicted lesion shares a voxel with it, else missed "
+          "(fn); a predicted lesion sharing none with any GT lesion is a false positive (fp). Sensitivity = tp / "
+          "GT lesions; precision = predicted lesions overlapping a GT lesion / predicted lesions; F1 = their "
+          "harmonic mean; FP/case = fp / cases. **Panoptic quality** (Kirillov et al. 2019, panoptica's naive "
+          "threshold matcher): one-to-one matches at IoU >= 0.5; RQ = TP / (TP + FP/2 + FN/2), SQ = mean Dice of "
+          "the matched pairs, PQ = SQ x RQ. **BraTS 2023 lesion-wise Dice**: each GT lesion, dilated once with the "
+          "18-neighbourhood, is matched to every predicted component touching it; its Dice is that of the union of "
+          "its matches (0 without); components touching no dilated GT lesion are false positives; lesion-wise "
+          "Dice = sum of GT lesions' Dice / (GT lesions + those false positives), 1 when both are 0. A missed "
+          "lesion, or a case with lesions and an empty prediction, scores 0 in every mean. Values in %.", ""]
+    if lw:
+        md += [_table(["model", "cases", "GT", "pred", "tp", "fn", "fp", "sensitivity", "precision", "F1",
+                       "FP/case", "RQ", "SQ (Dice)", "PQ (Dice)", "lesion-wise Dice"],
+                      [(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _f(r[7], True), _f(r[8], True), _f(r[9], True),
+                        _f(r[10]), _f(r[11], True), _f(r[12], True), _f(r[13], True), _f(r[14], True)) for r in lw]), ""]
+    else:
+        md += ["No segmenter in this run.", ""]
+    if sizes:
+        md += ["### Recall by lesion size", "",
+               "GT lesions by volume (ml; lower bound inclusive), found by the any-overlap rule.", "",
+               _table(["model", "volume (ml)", "GT lesions", "found", "recall %"],
+                      [(r[0], r[1], r[2], r[3], _f(r[4], True)) for r in sizes]), ""]
+    md += ["### FROC", "",
+           f"For models with `probabilities/<case>.nii.gz`: candidates are the connected components of probability "
+           f">= {settings.get('froc_floor', 0.1)}, scored by their highest probability; at each distinct score the "
+           "candidates scoring at least that are kept. Sensitivity = GT lesions touched by a kept candidate / GT "
+           "lesions; FP/case = kept candidates touching no GT lesion / cases. Sensitivity at r FP/case is the best "
+           "sensitivity with FP/case <= r (keeping nothing counts, at 0); CPM is their mean over r = 1/8 ... 8.", ""]
+    if froc_sum:
+        md += [_table(["model", "1/8", "1/4", "1/2", "1", "2", "4", "8", "CPM"],
+                      [(r[0], *(_f(v, True) for v in r[1:])) for r in froc_sum]), ""]
+    else:
+        md += ["No model with probability maps in this run.", ""]
+    md += ["### Bootstrap intervals", ""]
+    if boot:
+        md += [f"95% percentile intervals from {settings.get('bootstrap', '?')} resamples of patients with replacement "
+               f"(seed {settings.get('seed', 0)}); replicates where a metric is undefined are left out and "
+               "`n_boot` counts the rest. Fig. 4 shows the slice-AUC and per-slice Dice intervals as error bars.", "",
+               _table(["model", "metric", "estimate %", "95% CI %", "replicates"],
+                      [(r[0], r[1], _f(r[2], True), f"[{_f(r[3], True)}, {_f(r[4], True)}]", r[5]) for r in boot]), ""]
+    else:
+        md += ["Not run (`--bootstrap 0`) or no model.", ""]
+    figs = [f for f in (_fig_froc(fig_dir, froc, froc_sum, caption), _fig_sizes(fig_dir, sizes, caption)) if f]
+    md += [f"![{Path(f).stem}]({f})" for f in figs] + ([""] if figs else [])
+    return md
 
 
 def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str, Any] | None = None,
@@ -273,7 +391,10 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
         md += [f"Bone pixels for the diffuse/focal rule came from: {', '.join(sources)} "
                f"(without `bonesTr`, CT >= {settings.get('bone_hu', DEFAULT_BONE_HU):g} HU; bone identity is then unknown).", ""]
 
-    figs = [f for f in (_fig_detection(fig_dir, det, caption), _fig_segmentation(fig_dir, summ, caption),
+    md += _lesion_section(fig_dir, tables, settings, caption)
+
+    boot = tables.get("bootstrap.csv")
+    figs = [f for f in (_fig_detection(fig_dir, det, caption, boot), _fig_segmentation(fig_dir, summ, caption, boot),
                         _fig_clinical(fig_dir, cl, caption), _fig_qualitative(fig_dir, figure, caption)) if f]
     if figs:
         md += ["## Figures", ""]

@@ -49,6 +49,9 @@ def make_cohort(root: Path, n: int = 2) -> tuple[Path, Path]:
         partial[5:7] = 0                         # misses the rib lesion
         partial[0, 14, 0] = 1                    # one false-positive voxel
         write_mask(partial, GEO, pred / "partial" / f"{case}.nii.gz")
+        write_probabilities(partial, pred / "partial" / "probabilities" / f"{case}.nii.gz", as_uint8=i % 2 == 1)
+    (pred / "partial" / "dicom_seg").mkdir()                 # part of the model folder, never a model or case
+    (pred / "partial" / "dicom_seg" / "case_00.dcm").write_bytes(b"DICM")
     write_dataset_json(ds, n)
     rows = ["case,slice,probability"]
     for i in range(n):
@@ -57,6 +60,26 @@ def make_cohort(root: Path, n: int = 2) -> tuple[Path, Path]:
     (pred / "detector").mkdir(parents=True)
     (pred / "detector" / "slices.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return ds, pred
+
+
+def write_probabilities(partial: np.ndarray, path: Path, as_uint8: bool) -> None:
+    """The partial model's voxel probabilities: 0.8 on its spine lesion, 77/255 on its FP voxel, and a
+    0.2 candidate on the rib lesion it misses; uint8 with scl_slope 1/255 (nibabel) or float32."""
+    import nibabel as nib
+
+    from analysis.analyze import read_probabilities
+
+    probs = np.where(partial > 0, 204, 0)                       # 204/255 = 0.8
+    probs[0, 14, 0] = 77                                        # 0.302
+    probs[5:7, 10:12, 10:12] = 51                               # 0.2
+    img = nib.Nifti1Image(probs.astype(np.uint8).transpose(2, 1, 0),
+                          np.diag([-GEO.spacing[0], -GEO.spacing[1], GEO.spacing[2], 1.0]))
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1 / 255, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+    if not as_uint8:   # the same values as float32 (bit for bit, so both cases share operating points)
+        write_array(read_probabilities(path), GEO, path)
 
 
 def read(out: Path, name: str) -> list[dict[str, str]]:
@@ -81,9 +104,14 @@ def test_outputs_exist_with_columns(analysed):
         read(out, name)
     assert (out / "report.md").is_file()
     figs = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert figs == ["fig4a_detection.png", "fig4b_segmentation.png", "fig5_clinical.png", "supp_fig1_qualitative.png"]
+    assert figs == ["fig4a_detection.png", "fig4b_segmentation.png", "fig5_clinical.png", "lesion_froc.png",
+                    "lesion_sizes.png", "supp_fig1_qualitative.png"]
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert config["segmenters"] == ["partial", "perfect"] and config["detectors"] == ["detector"]
+    assert config["froc_models"] == ["partial"]
+    assert (config["settings"]["froc_floor"], config["settings"]["bootstrap"], config["settings"]["seed"]) == (0.1, 1000, 0)
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Lesion-level evaluation" in report and "figures/lesion_froc.png" in report
     assert config["settings"]["connectivity"] == 26 and "numpy" in config["versions"]
 
 
@@ -246,3 +274,101 @@ def test_without_bone_map_uses_hu_threshold_and_marks_synthetic(tmp_path):
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert config["bone_source"] == {"case_00": "CT >= 150 HU"} and config["synthetic"] is True
     assert "Synthetic data" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_lesion_level_values(analysed):
+    out = analysed[3]
+    lw = {r["model"]: r for r in read(out, "lesionwise.csv")}
+    # partial, per case: spine lesion found exactly (Dice 1), rib lesion missed, one FP voxel far from both
+    p = lw["partial"]
+    assert [p[k] for k in ("n_cases", "n_gt", "n_pred", "tp", "fn", "fp")] == ["2", "4", "4", "2", "2", "2"]
+    assert [float(p[k]) for k in ("sensitivity", "precision", "f1", "fp_per_case")] == [0.5, 0.5, 0.5, 1.0]
+    assert [float(p[k]) for k in ("rq", "sq_dice", "pq_dice")] == [0.5, 1.0, 0.5]      # 2 / (2 + 2/2 + 2/2)
+    assert float(p["lw_dice"]) == pytest.approx(2 / (4 + 2))
+    assert all(float(lw["perfect"][k]) == 1.0 for k in ("sensitivity", "precision", "rq", "pq_dice", "lw_dice"))
+    sizes = [(r["model"], r["size_bin"], r["n_gt"], r["detected"], r["sensitivity"]) for r in read(out, "lesion_sizes.csv")]
+    # 36 and 40 voxels of 2 mm^3: 0.072 and 0.08 ml, both below 0.1 ml
+    assert sizes[:4] == [("partial", "<0.1", "4", "2", "0.5"), ("partial", "0.1-1", "0", "0", ""),
+                         ("partial", "1-10", "0", "0", ""), ("partial", ">=10", "0", "0", "")]
+
+
+def test_froc_from_probability_maps(analysed):
+    out = analysed[3]
+    rows = [(r["model"], float(r["threshold"]), float(r["fp_per_case"]), float(r["sensitivity"]))
+            for r in read(out, "froc.csv")]
+    # float32 (case_00) and uint8 / 255 (case_01) maps give the same points: 204/255, 77/255, 51/255
+    assert [r[0] for r in rows] == ["partial"] * 3
+    assert [r[1] for r in rows] == pytest.approx([204 / 255, 77 / 255, 51 / 255], abs=1e-6)
+    assert [(r[2], r[3]) for r in rows] == [(0.0, 0.5), (1.0, 0.5), (1.0, 1.0)]
+    (s,) = read(out, "froc_summary.csv")
+    sens = [float(s[f"sens_at_{r}"]) for r in ("0.125", "0.25", "0.5", "1", "2", "4", "8")]
+    assert sens == [0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0] and float(s["cpm"]) == pytest.approx(5.5 / 7)
+
+
+def test_bootstrap_estimates_match_the_tables(analysed):
+    out = analysed[3]
+    boot = {(r["model"], r["metric"]): r for r in read(out, "bootstrap.csv")}
+    assert sorted(boot) == [("detector", "slice_auc")] + [(m, k) for m in ("partial", "perfect") for k in
+                                                          ("case_dice", "lesion_sensitivity", "lw_dice", "slice_dice")]
+    summary = {r["model"]: r for r in read(out, "segmentation_summary.csv")}
+    lw = {r["model"]: r for r in read(out, "lesionwise.csv")}
+    (det,) = read(out, "detection.csv")
+    assert boot[("partial", "slice_dice")]["estimate"] == summary["partial"]["dice_mean"]
+    assert boot[("partial", "lesion_sensitivity")]["estimate"] == lw["partial"]["sensitivity"]
+    assert boot[("partial", "lw_dice")]["estimate"] == lw["partial"]["lw_dice"]
+    assert boot[("detector", "slice_auc")]["estimate"] == det["auc"]
+    # the two cases are identical, so every resample gives the estimate back
+    assert all(r["ci_low"] == r["estimate"] == r["ci_high"] and r["n_boot"] == "1000" for r in boot.values())
+
+
+def test_bootstrap_resamples_patients(tmp_path):
+    ds, pred = make_cohort(tmp_path, n=3)
+    write_mask(np.zeros(GEO.shape, np.uint8), GEO, pred / "partial" / "case_02.nii.gz")   # one empty prediction
+    args = dict(cases="all", radiomics=False)
+    a = run_analysis(ds, pred, tmp_path / "A", bootstrap=200, seed=1, **args)
+    b = run_analysis(ds, pred, tmp_path / "B", bootstrap=200, seed=1, **args)
+    assert (a / "bootstrap.csv").read_bytes() == (b / "bootstrap.csv").read_bytes()
+    sens = {r["metric"]: r for r in read(a, "bootstrap.csv") if r["model"] == "partial"}["lesion_sensitivity"]
+    # per case found/GT lesions: 1/2, 1/2, 0/2 -> pooled 1/3; resamples range from 0 to 1/2
+    assert float(sens["estimate"]) == pytest.approx(1 / 3)
+    assert 0.0 <= float(sens["ci_low"]) < 1 / 3 < float(sens["ci_high"]) <= 0.5
+    (lw,) = [r for r in read(a, "lesionwise.csv") if r["model"] == "partial"]
+    assert float(lw["lw_dice"]) == pytest.approx(2 / (6 + 2))      # the empty prediction scores 0, not NaN
+    none = run_analysis(ds, pred, tmp_path / "D", bootstrap=0, **args)
+    assert read(none, "bootstrap.csv") == []
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("missing", "partial/probabilities/case_01.nii.gz: missing probability map of model partial"),
+    ("range", "partial/probabilities/case_00.nii.gz: probabilities outside [0, 1]"),
+    ("geometry", "partial/probabilities/case_00.nii.gz: spacing"),
+])
+def test_bad_probability_maps_are_refused(tmp_path, damage, needle):
+    ds, pred = make_cohort(tmp_path)
+    path = pred / "partial" / "probabilities" / ("case_01.nii.gz" if damage == "missing" else "case_00.nii.gz")
+    if damage == "missing":
+        path.unlink()
+    elif damage == "range":
+        write_array(np.full(GEO.shape, 2.0, np.float32), GEO, path)
+    else:
+        write_array(np.zeros(GEO.shape, np.float32), Geometry(GEO.size, (1.0, 1.0, 3.0), GEO.origin, GEO.direction), path)
+    with pytest.raises(InputError) as err:
+        run_analysis(ds, pred, tmp_path / "OUT", cases="all", radiomics=False)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "OUT").exists()
+
+
+def test_cli_lesion_level_options(tmp_path):
+    ds, pred = make_cohort(tmp_path, n=1)
+    from cli import main
+
+    base = ["analyze", "--dataset", str(ds), "--predictions", str(pred), "--cases", "all", "--no-radiomics"]
+    result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "OUT"), "--froc-floor", "0.5", "--bootstrap", "7",
+                                              "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "OUT" / "config.json").read_text(encoding="utf-8"))["settings"]
+    assert (settings["froc_floor"], settings["bootstrap"], settings["seed"]) == (0.5, 7, 3)
+    assert {r["n_boot"] for r in read(tmp_path / "OUT", "bootstrap.csv")} == {"7"}
+    assert [float(r["threshold"]) for r in read(tmp_path / "OUT", "froc.csv")] == pytest.approx([0.8])
+    bad = CliRunner().invoke(main, base + ["--out", str(tmp_path / "BAD"), "--froc-floor", "0"])
+    assert bad.exit_code == 2 and "--froc-floor" in bad.output
