@@ -221,7 +221,10 @@ def read_header(path: Path) -> pydicom.Dataset | None:
     """The DICOM header of ``path`` (no pixel data), or None when it is not a DICOM file."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError):
+    except InvalidDicomError:
+        return None
+    except Exception as exc:  # a damaged file: pydicom raises many kinds; count it as not DICOM
+        log.debug("%s: unreadable DICOM header (%s)", path, exc)
         return None
 
 
@@ -479,7 +482,7 @@ def _build(scan: _Scan, cand: _Candidate, because: str, others: list[dict[str, A
     tilt = _tilt(first)
     if tilt is not None and abs(tilt) > 1e-6:
         raise InputError(f"{folder}: {what} has a gantry tilt of {tilt:g} degrees (GantryDetectorTilt); "
-                         f"expected 0 (resample the tilted series first)")
+                         f"expected 0 (resample the tilted series first; the folder holds {scan.holdings()})")
     orientation = cand.orientation
     normal = _normal(orientation)
     if cand.multiframe:
@@ -512,17 +515,20 @@ def _build(scan: _Scan, cand: _Candidate, because: str, others: list[dict[str, A
     gaps = np.diff(along)
     median = float(np.median(gaps))
     if median <= 1e-6:
-        raise InputError(f"{folder}: {what}: slices share one position; expected distinct slice positions")
+        raise InputError(f"{folder}: {what}: slices share one position; expected distinct slice positions "
+                         f"(the folder holds {scan.holdings()})")
     bad = np.flatnonzero(np.abs(gaps - median) > SLICE_GAP_RTOL * median)
     if bad.size:
         i = int(bad[0])
         raise InputError(f"{folder}: uneven slice spacing in {what} (gap {gaps[i]:.3g} mm after position "
-                         f"{along[i]:.4g} mm, expected {median:.3g} mm); slices are missing or duplicated")
+                         f"{along[i]:.4g} mm, expected {median:.3g} mm); slices are missing or duplicated (the folder holds "
+                         f"{scan.holdings()})")
     stack = pos[-1] - pos[0]
     sine = float(np.linalg.norm(np.cross(stack / np.linalg.norm(stack), normal)))
     if sine > TILT_TOL_RAD:
         raise InputError(f"{folder}: {what} is gantry-tilted (slices stacked {np.degrees(np.arcsin(min(sine, 1.0))):.2f} "
-                         f"degrees off the ImageOrientationPatient normal); expected 0 (resample the tilted series first)")
+                         f"degrees off the ImageOrientationPatient normal); expected 0 (resample the tilted series first; "
+                         f"the folder holds {scan.holdings()})")
     slice_spacing = float((along[-1] - along[0]) / (len(along) - 1))
     rows, cols = int(first.Rows), int(first.Columns)
     series = DicomSeries(

@@ -5,6 +5,7 @@ tests/test_dicom_seg.py and tests/test_inputs.py.
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -225,6 +226,7 @@ def test_localizers_and_a_second_series_are_skipped_and_recorded(tmp_path):
     assert reasons["Abdomen 1.0"].startswith("not an image (Enhanced SR")
     assert series.record["ignored_files"] == 1
     assert "most slices" in series.record["chosen_because"]
+    assert json.loads(json.dumps(series.record)) == series.record  # goes into predict.json as is
     # forcing the smaller series
     small = next(s["series_uid"] for s in series.record["skipped"] if s["description"] == "small")
     image2, s2 = read_dicom(folder, small)

@@ -1,6 +1,7 @@
 """analysis.dicom_seg: DICOM SEG of a mask, read back voxel for voxel, centroids in patient mm."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def test_seg_reads_back_equal_and_centroids_match(tmp_path, layout):
     rec = write_dicom_seg(mask, series, tmp_path / "out" / "seg.dcm", model_name="unet", model_version="0123abcd")
     assert rec["written"] and rec["lesion_voxels"] == int(mask.sum()) and rec["n_frames"] == 4  # empty frames omitted
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["seg.dcm"]
+    assert json.loads(json.dumps(rec)) == rec
     import highdicom as hd
 
     seg = hd.seg.segread(rec["path"])
