@@ -255,7 +255,8 @@ def test_cli_runs_and_connectivity_option(tmp_path):
 
 def test_analysis_imports_no_framework():
     code = ("import sys, analysis.analyze, analysis.report, analysis.radiomics, analysis.stats, analysis.paper, "
-            "analysis.metrics.overlap, analysis.metrics.lesions, analysis.metrics.clinical, analysis.metrics.detection; "
+            "analysis.metrics.overlap, analysis.metrics.lesions, analysis.metrics.clinical, analysis.metrics.detection, "
+            "analysis.metrics.lesionwise, analysis.metrics.froc, analysis.bootstrap; "
             "bad = [m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, encoding="utf-8", errors="replace")
     assert r.returncode == 0, r.stderr
