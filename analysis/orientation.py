@@ -104,8 +104,8 @@ class Reorientation:
         """Whether some index axis is more than about 8 degrees off its patient axis."""
         return self.min_cosine < OBLIQUE_COS
 
-    def _numpy_axes(self) -> tuple[list[int], list[int]]:
-        """Transpose order and flipped axes, in numpy axis order, for :meth:`forward`."""
+    def numpy_axes(self) -> tuple[list[int], list[int]]:
+        """``(order, flipped)``: :meth:`forward` is ``np.flip(a.transpose(order), flipped)`` (numpy axes)."""
         # numpy axis a is ITK axis 2 - a
         order = [2 - self.perm[2 - a] for a in range(3)]
         flipped = [a for a in range(3) if self.flip[2 - a]]
@@ -128,7 +128,7 @@ class Reorientation:
         if tuple(arr.shape[:3]) != self.native.shape:
             raise ValueError(f"array shape {arr.shape} does not match the native geometry "
                              f"(slices, rows, cols) {self.native.shape}")
-        order, flipped = self._numpy_axes()
+        order, flipped = self.numpy_axes()
         out = arr.transpose(order + list(range(3, arr.ndim)))
         if flipped:
             out = np.flip(out, axis=flipped)
@@ -152,11 +152,29 @@ class Reorientation:
         if tuple(arr.shape[:3]) != self.canonical_geometry.shape:
             raise ValueError(f"array shape {arr.shape} does not match the canonical "
                              f"(slices, rows, cols) {self.canonical_geometry.shape}")
-        order, flipped = self._numpy_axes()
+        order, flipped = self.numpy_axes()
         if flipped:
             arr = np.flip(arr, axis=flipped)
         inverse = list(np.argsort(order))
         return arr.transpose(inverse + list(range(3, arr.ndim)))
+
+    def index_forward(self, index_zyx: np.ndarray) -> np.ndarray:
+        """Canonical array indices of native array indices (continuous indices allowed).
+
+        Args:
+            index_zyx: ``(n, 3)`` or ``(3,)`` indices ``(slice, row, col)`` of the native array.
+
+        Returns:
+            float64 indices of the same voxels in the canonical array, same shape.
+        """
+        idx = np.asarray(index_zyx, np.float64)
+        native_xyz = idx[..., ::-1]
+        size = np.asarray(self.native.size, np.float64)
+        out = np.empty_like(native_xyz)
+        for p in range(3):
+            j = self.perm[p]
+            out[..., p] = size[j] - 1 - native_xyz[..., j] if self.flip[p] else native_xyz[..., j]
+        return out[..., ::-1]
 
     @property
     def canonical_geometry(self) -> Geometry:

@@ -94,6 +94,11 @@ def test_round_trip_and_physical_points(name: str, tmp_path) -> None:
     back = from_canonical(np.ascontiguousarray(canon), g_n)
     assert back.flags.c_contiguous
     np.testing.assert_array_equal(back, native)
+    # index_forward: native voxel indices land on the same values in the canonical view
+    rng = np.random.default_rng(1)
+    idx = np.stack([rng.integers(s, size=10) for s in native.shape], axis=1)
+    c = r.index_forward(idx).astype(int)
+    np.testing.assert_array_equal(canon[c[:, 0], c[:, 1], c[:, 2]], native[idx[:, 0], idx[:, 1], idx[:, 2]])
     # a canonical-order result written with the native geometry sits where the canonical voxel is
     written, g_read = read_array(write_array(back, g_n, tmp_path / "back.nii.gz"))
     assert g_read.mismatch(g_n) is None
