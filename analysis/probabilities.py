@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.errors import InputError
-from analysis.io import Geometry, read_array
+from analysis.io import Geometry, read_array, umask_mode
 
 __all__ = ["write_probability", "read_probability", "quantise", "nifti_affine", "SLOPE", "LEVELS"]
 
@@ -116,20 +116,6 @@ def nifti_affine(geometry: Geometry) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
-def _umask_mode(mode: int = 0o666) -> int:
-    """``mode`` as the process's umask leaves it (``mkstemp`` creates 0600 whatever the umask)."""
-    try:  # Linux >= 4.7: read the umask without changing it
-        with open("/proc/self/status", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return mode & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    current = os.umask(0o022)
-    os.umask(current)
-    return mode & ~current
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -138,7 +124,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
