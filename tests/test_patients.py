@@ -54,10 +54,6 @@ def _reference(mask: np.ndarray, ct: np.ndarray, prob: np.ndarray, geom: Geometr
     return out
 
 
-def _key(row: dict) -> tuple:
-    return (row["voxels"], round(row["x_mm"], 6))
-
-
 def test_lesion_rows_agree_with_an_independent_computation() -> None:
     mask, ct, prob, bones, geom = _case()
     rows = lesion_rows("c1", mask, ct, geom, probability=prob, bones=bones)
