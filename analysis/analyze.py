@@ -45,7 +45,7 @@ from analysis import __version__
 from analysis.bootstrap import Interval, case_weights, ratio_interval, resample_indices, statistic_interval
 from analysis.cohort import Cohort
 from analysis.errors import InputError
-from analysis.io import Geometry, atomic_directory, atomic_write_json, read_array, read_header
+from analysis.io import Geometry, atomic_directory, atomic_write_json, check_output_folder, read_array, read_header
 from analysis.metrics import clinical as clin
 from analysis.metrics.detection import roc_auc, slice_detection
 from analysis.metrics.froc import DEFAULT_FROC_FLOOR, FROC_RATES, FrocCase, froc_case, froc_curve, froc_summary
@@ -54,6 +54,8 @@ from analysis.metrics.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone
 from analysis.metrics.lesionwise import (SIZE_BINS, LesionCounts, case_lesion_counts, lesionwise_metrics,
                                          overlap_pairs, size_bin_counts)
 from analysis.metrics.overlap import case_overlap, slice_overlap
+from analysis.predictions import (PROBABILITIES, SLICES_CSV, check_ct, discover_models, mask_path,
+                                  read_slices_csv)
 from analysis.resources import ANALYZE_BYTES_PER_VOXEL, require_memory, voxels
 from analysis.stats import holm, paired_ttest
 
@@ -62,12 +64,8 @@ log = logging.getLogger(__name__)
 __all__ = ["AnalysisConfig", "run_analysis", "discover_models", "discover_probability_models", "read_slices_csv",
            "read_probabilities", "CSV_COLUMNS"]
 
-SLICES_CSV = "slices.csv"
-#: Subfolder of a model folder holding ``<case>.nii.gz`` voxel probability maps.
-PROBABILITIES_DIR = "probabilities"
 #: Probabilities may exceed [0, 1] by this much (rounding of a stored scale), then are clipped.
 PROBABILITY_TOLERANCE = 1e-6
-SLICES_COLUMNS = ("case", "slice", "probability")
 
 #: Output files and their columns (other tools read these: do not rename).
 CSV_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -153,30 +151,6 @@ class AnalysisConfig:
 # --- input discovery and validation ---------------------------------------------------
 
 
-def discover_models(predictions: Path) -> tuple[list[str], list[str]]:
-    """Model folders of ``PRED``: segmenters (hold ``*.nii.gz``) and detectors (hold ``slices.csv``).
-
-    Raises:
-        InputError: ``PRED`` is missing or holds no model folder, or a folder holds neither.
-    """
-    if not predictions.is_dir():
-        raise InputError(f"{predictions}: predictions folder not found")
-    segmenters, detectors = [], []
-    for folder in sorted(p for p in predictions.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        seg = any(f.name.endswith(".nii.gz") and not f.name.startswith(".") for f in folder.iterdir())
-        det = (folder / SLICES_CSV).is_file()
-        if not (seg or det):
-            raise InputError(f"{folder}: holds neither <case>.nii.gz masks nor {SLICES_CSV}; "
-                             f"expected one folder per model")
-        if seg:
-            segmenters.append(folder.name)
-        if det:
-            detectors.append(folder.name)
-    if not segmenters and not detectors:
-        raise InputError(f"{predictions}: no model folders; expected PRED/<model>/<case>.nii.gz or PRED/<model>/{SLICES_CSV}")
-    return segmenters, detectors
-
-
 def discover_probability_models(predictions: Path, models: Sequence[str]) -> list[str]:
     """Models whose folder holds voxel probability maps, ``PRED/<model>/probabilities/*.nii.gz``.
 
@@ -189,7 +163,7 @@ def discover_probability_models(predictions: Path, models: Sequence[str]) -> lis
     """
     found = []
     for model in sorted(set(models)):
-        folder = predictions / model / PROBABILITIES_DIR
+        folder = predictions / model / PROBABILITIES
         if folder.is_dir() and any(f.name.endswith(".nii.gz") and not f.name.startswith(".") for f in folder.iterdir()):
             found.append(model)
     return found
@@ -214,64 +188,6 @@ def read_probabilities(path: Path) -> np.ndarray:
     return np.clip(array, 0.0, 1.0, out=array)
 
 
-def read_slices_csv(path: Path, n_slices: dict[str, int], known_cases: Iterable[str]) -> dict[str, np.ndarray]:
-    """Read and check a detector's ``slices.csv``.
-
-    Args:
-        path: the file, columns ``case,slice,probability`` (extra columns ignored).
-        n_slices: slice count of each analysed case; rows of other known cases are ignored.
-        known_cases: every case of the cohort.
-
-    Returns:
-        Per analysed case, the probability of each slice ``0..n-1`` (float64).
-
-    Raises:
-        InputError: missing columns, unknown case ids, slices out of range or repeated,
-            probabilities not finite or outside [0, 1], or slices without a probability.
-    """
-    known = set(known_cases)
-    probs = {case: np.full(n, np.nan) for case, n in n_slices.items()}
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot be read as UTF-8 CSV ({exc})") from None
-    reader = csv.DictReader(io.StringIO(text))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in SLICES_COLUMNS if c not in header]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected columns "
-                         f"{','.join(SLICES_COLUMNS)}, found {','.join(header) or 'none'}")
-    reader.fieldnames = header
-    for line, row in enumerate(reader, start=2):
-        case = (row.get("case") or "").strip()
-        if case not in known:
-            raise InputError(f"{path}: line {line}: unknown case {case!r}; expected a case of the dataset")
-        if case not in probs:
-            continue
-        try:
-            z = int((row.get("slice") or "").strip())
-        except ValueError:
-            raise InputError(f"{path}: line {line}: slice {row.get('slice')!r} is not an integer") from None
-        if not 0 <= z < n_slices[case]:
-            raise InputError(f"{path}: line {line}: slice {z} out of range for case {case}; expected 0..{n_slices[case] - 1}")
-        try:
-            p = float((row.get("probability") or "").strip())
-        except ValueError:
-            raise InputError(f"{path}: line {line}: probability {row.get('probability')!r} is not a number") from None
-        if not (math.isfinite(p) and 0.0 <= p <= 1.0):
-            raise InputError(f"{path}: line {line}: probability {p} outside [0, 1]")
-        if not math.isnan(probs[case][z]):
-            raise InputError(f"{path}: line {line}: case {case} slice {z} appears twice")
-        probs[case][z] = p
-    for case, values in probs.items():
-        gaps = np.flatnonzero(np.isnan(values))
-        if gaps.size:
-            shown = ", ".join(str(int(g)) for g in gaps[:5]) + (" ..." if gaps.size > 5 else "")
-            raise InputError(f"{path}: case {case} has no probability for {gaps.size} slice(s) ({shown}); "
-                             f"expected one row per slice 0..{values.size - 1}")
-    return probs
-
-
 @dataclass
 class _Inputs:
     cohort: Cohort
@@ -284,7 +200,7 @@ class _Inputs:
     froc_models: list[str] = field(default_factory=list)
 
     def probability_path(self, model: str, case: str) -> Path:
-        return self.predictions / model / PROBABILITIES_DIR / f"{case}.nii.gz"
+        return self.predictions / model / PROBABILITIES / f"{case}.nii.gz"
 
 
 def _validate(dataset: Path, predictions: Path, config: AnalysisConfig) -> _Inputs:
@@ -296,7 +212,7 @@ def _validate(dataset: Path, predictions: Path, config: AnalysisConfig) -> _Inpu
     geometry: dict[str, Geometry] = {}
     for case in cases:
         image = cohort.image_path(case)
-        geo = read_header(image)
+        geo = check_ct(image)  # whatever the flags: a CT holding NaN is refused (ITK would read NaN as 0)
         geometry[case] = geo
         for path in (cohort.label_path(case), cohort.bones_path(case) if cohort.has_bones(case) else None):
             if path is None:
@@ -305,17 +221,17 @@ def _validate(dataset: Path, predictions: Path, config: AnalysisConfig) -> _Inpu
             if problem:
                 raise InputError(f"{path}: {problem} of its image {image.name}")
         for model in segmenters:
-            path = predictions / model / f"{case}.nii.gz"
+            path = mask_path(predictions / model, case)
             if not path.is_file():
                 raise InputError(f"{path}: missing prediction of model {model} for case {case}")
             problem = geo.mismatch(read_header(path))
             if problem:
                 raise InputError(f"{path}: {problem} of its CT {image}")
         for model in froc_models:
-            path = predictions / model / PROBABILITIES_DIR / f"{case}.nii.gz"
+            path = predictions / model / PROBABILITIES / f"{case}.nii.gz"
             if not path.is_file():
                 raise InputError(f"{path}: missing probability map of model {model} for case {case}; "
-                                 f"a model with {PROBABILITIES_DIR}/ needs one for every analysed case")
+                                 f"a model with {PROBABILITIES}/ needs one for every analysed case")
             problem = geo.mismatch(read_header(path))
             if problem:
                 raise InputError(f"{path}: {problem} of its CT {image}")
@@ -748,10 +664,7 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
                             seed=seed)
     config.check()
     dataset, predictions, out = Path(dataset), Path(predictions), Path(out)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out}: output folder exists and is not empty; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
+    check_output_folder(out, overwrite=overwrite)
     inputs = _validate(dataset, predictions, config)
     log.info("analyze: %d case(s), segmenters %s, detectors %s", len(inputs.cases),
              ", ".join(inputs.segmenters) or "none", ", ".join(inputs.detectors) or "none")

@@ -11,7 +11,6 @@ import contextlib
 import gzip
 import io
 import json
-import math
 import os
 import re
 import socket

@@ -2,7 +2,8 @@
 
 Not a test: a measurement for the closing note of the inference issue. Each registered
 model is built at full width (random init; speed does not depend on the weights), warmed
-up, then timed with ``predict_on_batch`` over ``--slices`` slices of 128 x 128 in batches
+up, then timed through the project's inference engine (:mod:`bonemets_tf.inference`, the
+batching loop ``predict`` uses) over a volume of ``--slices`` slices of 128 x 128 in batches
 of ``--batch``. Detectors are built with ``image_size`` 128, so they see 128 x 128 too.
 With ``--savedmodel`` each model is also exported through :func:`bonemets_tf.export`
 (from a RUN-like folder) and the maximum absolute difference between the SavedModel's
@@ -41,27 +42,30 @@ def main() -> None:
     from bonemets_tf.models.registry import REGISTRY, build_model
     from bonemets_tf.train import TrainConfig
 
+    from bonemets_tf.inference import Predictor, slice_probabilities
+    from bonemets_tf.run import read_run
+
     rng = np.random.default_rng(0)
-    x = rng.uniform(-1000, 1500, (args.slices, args.size, args.size, 1)).astype(np.float32)
+    volume = rng.uniform(-1000, 1500, (args.slices, args.size, args.size)).astype(np.float32)
     names = args.models.split(",") if args.models else list(REGISTRY)
     results = []
     for name in names:
         keras.utils.set_random_seed(0)
         model = build_model(name, width=1.0, image_size=args.size)
-        model.predict_on_batch(x[: args.batch])  # warm-up (tracing)
-        start = time.perf_counter()
-        for i in range(0, args.slices, args.batch):
-            model.predict_on_batch(x[i:i + args.batch])
-        seconds = time.perf_counter() - start
-        row = {"model": name, "task": REGISTRY[name].task, "params": model.count_params(),
-               "slices_per_s": round(args.slices / seconds, 2)}
-        if args.savedmodel:
-            with tempfile.TemporaryDirectory() as tmp:
-                run = Path(tmp) / "run"
-                run.mkdir()
-                model.save(run / "model.keras")
-                config = TrainConfig(dataset=tmp, task=REGISTRY[name].task, arch=name, image_size=args.size)
-                (run / "config.json").write_text(json.dumps({"settings": asdict(config)}), encoding="utf-8")
+        with tempfile.TemporaryDirectory() as tmp:
+            run = Path(tmp) / "run"
+            run.mkdir()
+            model.save(run / "model.keras")
+            config = TrainConfig(dataset=tmp, task=REGISTRY[name].task, arch=name, image_size=args.size)
+            (run / "config.json").write_text(json.dumps({"settings": asdict(config)}), encoding="utf-8")
+            predictor = Predictor(read_run(run), model=model)
+            slice_probabilities(predictor, volume, np.arange(args.batch), args.batch)  # warm-up (tracing)
+            start = time.perf_counter()
+            slice_probabilities(predictor, volume, np.arange(args.slices), args.batch)
+            seconds = time.perf_counter() - start
+            row = {"model": name, "task": REGISTRY[name].task, "params": model.count_params(),
+                   "slices_per_s": round(args.slices / seconds, 2)}
+            if args.savedmodel:
                 sm = export_savedmodel(run, Path(tmp) / "sm")
                 fn = tf.saved_model.load(str(sm)).signatures["serving_default"]
                 probe = rng.uniform(-1000, 1500, (4, 100, 116, 1)).astype(np.float32)

@@ -185,7 +185,7 @@ def predict(model: str | os.PathLike, dataset: str | os.PathLike, out: str | os.
              f" after detector {det.run.arch}" if seg and det else "", tf.__version__)
     timing = _run_cases(plan, todo, seg, det, options)
     timing["seconds_total"] = round(time.perf_counter() - t0, 3)
-    record = plan.folder.finish(_record(plan, seg, det, options, todo, timing),
+    plan.folder.finish(_record(plan, seg, det, options, todo, timing),
                                 slices_name=None if det is None else (SLICES_CSV if seg is None else DETECTOR_CSV),
                                 summary=_summary)
     log.info("predict: %d slices through the networks in %.1f s (%.1f slices/s); wrote %s",

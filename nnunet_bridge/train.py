@@ -147,7 +147,7 @@ def _cohort_and_splits(dataset: str | Path) -> tuple[Cohort, dict[str, Any]]:
     splits = cohort.splits()
     if splits is None:
         raise InputError(f"{cohort.splits_path}: not found; nnU-Net needs the cohort's patient-level splits "
-                         f"(run `python cli.py split --dataset {cohort.root}` first)")
+                         f"(run `python cli.py split {cohort.root}` first)")
     return cohort, splits
 
 

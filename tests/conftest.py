@@ -3,6 +3,7 @@ so it must import neither TensorFlow nor torch."""
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -49,3 +50,29 @@ def tree_hash(root: Path) -> dict[str, str]:
 @pytest.fixture
 def tiny_cohort(tmp_path: Path) -> Path:
     return write_tiny_cohort(tmp_path / "ds")
+
+
+def wrong_modes(root: Path, umask: int, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """Files and folders under ``root`` (itself included) whose permission bits are not what
+    ``umask`` leaves of 0666 / 0777 (what ``open()`` and ``mkdir()`` would create)."""
+    bad = []
+    for p in [root, *root.rglob("*")]:
+        if any(part in skip for part in p.relative_to(root.parent).parts):
+            continue
+        want = (0o777 if p.is_dir() else 0o666) & ~umask
+        if p.is_symlink():
+            continue
+        got = p.stat().st_mode & 0o777
+        if got != want:
+            bad.append(f"{p.relative_to(root.parent)}: {oct(got)} (want {oct(want)})")
+    return bad
+
+
+@pytest.fixture
+def umask_022():
+    """Run a test under umask 022 (restored after)."""
+    old = os.umask(0o022)
+    try:
+        yield 0o022
+    finally:
+        os.umask(old)

@@ -99,6 +99,11 @@ def nonfinite(value):
     return damage
 
 
+def bone_maps(w):
+    for p in (w["ds"] / "imagesTr").iterdir():
+        write_array(np.full(SHAPE, 2, np.uint8), GEO, w["ds"] / "bonesTr" / p.name.replace("_0000", ""))
+
+
 def dims(n):
     def damage(w, target=image):
         shape = {2: (16, 20), 4: (2, *SHAPE)}[n]
@@ -184,6 +189,8 @@ CASES = [
     ("validate", "NaN HU", nonfinite(np.nan), [I, "1 voxel(s) are NaN or infinite; expected finite values"]),
     ("validate", "infinite HU", nonfinite(np.inf), [I, "NaN or infinite"]),
     ("analyze", "NaN HU", nonfinite(np.nan), [I, "NaN or infinite"]),
+    # with bone maps and --no-radiomics analyze never decodes the CT for its metrics; it still refuses it
+    ("analyze", "NaN HU beside bone maps", lambda w: (bone_maps(w), nonfinite(np.nan)(w)), [I, "NaN or infinite"]),
     # truncated / not NIfTI / empty
     ("validate", "truncated image", lambda w: truncate(image(w)), [I, "truncated"]),
     ("validate", "not a NIfTI file", lambda w: not_nifti(image(w)), [I, "expected a NIfTI file"]),
