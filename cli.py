@@ -306,9 +306,13 @@ def _threshold_or_auto(ctx, param, value: str) -> float | str:
 
 
 @main.command("predict")
-@click.option("--model", "model", required=True, type=click.Path(path_type=str), help="RUN folder from `train` (segmenter or detector).")
-@click.option("--dataset", required=True, type=click.Path(path_type=str), help="Cohort folder (imagesTr, labelsTr).")
-@click.option("--out", required=True, type=click.Path(path_type=str), help="PRED/NAME folder to write (atomically).")
+@click.option("--model", "model", required=True, type=click.Path(path_type=str),
+              help="RUN folder from `train`, or a SavedModel from `export` (segmenter or detector).")
+@click.option("--dataset", default=None, type=click.Path(path_type=str), help="Cohort folder (imagesTr, labelsTr).")
+@click.option("--images", default=None, type=click.Path(path_type=str),
+              help="New patients instead of a cohort: a NIfTI/NRRD/MHA file, a folder of them, a DICOM series "
+                   "folder, or a folder of patient folders holding DICOM series.")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="PRED/NAME folder to write (case by case).")
 @click.option("--cases", default="test", show_default=True, help=CASES_HELP)
 @click.option("--threshold", default="0.5", show_default=True, callback=_threshold_or_auto, metavar="P|auto",
               help="A pixel is lesion when its probability is >= this; 'auto': the segmenter RUN's "
@@ -316,22 +320,38 @@ def _threshold_or_auto(ctx, param, value: str) -> float | str:
 @click.option("--min-size", default=0, show_default=True, type=int, metavar="VOXELS",
               help="Remove 3D components (26-connected) smaller than this; 0 keeps all.")
 @click.option("--detector", type=click.Path(path_type=str), default=None,
-              help="Detector RUN for the cascade: only slices it marks are segmented.")
+              help="Detector RUN (or SavedModel) for the cascade: only slices it marks are segmented.")
 @click.option("--detector-threshold", default=0.5, show_default=True, type=float,
               help="Cascade: segment slices whose detector probability is >= this.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Slices per network call.")
 @click.option("--shard", default=None, metavar="I/N", help="Only sorted(cases)[I::N] (I is 0-based), e.g. 0/4.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-def predict_cmd(model: str, dataset: str, out: str, cases: str, threshold: float, min_size: int, detector: str | None,
-                detector_threshold: float, batch_size: int, shard: str | None, overwrite: bool) -> None:
-    """Segment volumes to PRED/NAME/<case>.nii.gz, or score slices to PRED/NAME/slices.csv."""
+@click.option("--probabilities", is_flag=True, help="Also write probabilities/<case>.nii.gz (uint8, scale 1/255).")
+@click.option("--dicom-seg", is_flag=True, help="Also write dicom_seg/<case>.dcm (DICOM input only).")
+@click.option("--no-preview", is_flag=True, help="Do not draw preview/<case>.png.")
+@click.option("--no-crop", is_flag=True, help="Run segmenters on whole slices instead of the body's bounding box.")
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "mixed_bfloat16"]),
+              help="mixed_bfloat16: faster on CPUs and GPUs with bf16 units (RUN folders only).")
+@click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID.")
+@click.option("--bones", default=None, type=click.Path(path_type=str),
+              help="Folder of bone maps <case>.nii.gz for the lesion table's bone and weight-bearing columns.")
+@click.option("--bones-from", default="project", show_default=True, type=click.Choice(["project", "totalsegmentator"]),
+              help="Bone maps hold the cohort's bone codes, or TotalSegmentator 'total' ids.")
+@click.option("--overwrite", is_flag=True, help="Replace a --out written with other settings, or redo its cases.")
+def predict_cmd(model: str, dataset: str | None, images: str | None, out: str, cases: str, threshold: float,
+                min_size: int, detector: str | None, detector_threshold: float, batch_size: int, shard: str | None,
+                probabilities: bool, dicom_seg: bool, no_preview: bool, no_crop: bool, precision: str,
+                series: str | None, bones: str | None, bones_from: str, overwrite: bool) -> None:
+    """Segment volumes to PRED/NAME/<case>.nii.gz (plus lesions.csv, patients.csv, previews),
+    or score slices to PRED/NAME/slices.csv, for a cohort (--dataset) or new patients (--images)."""
     from analysis.io import read_json
     from analysis.shards import parse_shard
     from bonemets_tf.predict import PredictOptions, predict
 
     options = PredictOptions(cases=cases, threshold=threshold, min_size=min_size, detector_threshold=detector_threshold,
-                             batch_size=batch_size, shard=parse_shard(shard))
-    path = predict(model, dataset, out, options=options, detector=detector, overwrite=overwrite)
+                             batch_size=batch_size, shard=parse_shard(shard), probabilities=probabilities,
+                             dicom_seg=dicom_seg, preview=not no_preview, crop=not no_crop, precision=precision,
+                             series=series, bones=bones, bones_from=bones_from)
+    path = predict(model, dataset, out, options=options, detector=detector, overwrite=overwrite, images=images)
     timing = read_json(path / "predict.json", what="predict record")["timing"]
     click.echo(f"wrote {path} ({timing['network_slices']} slices through the networks, "
                f"{timing['slices_per_s']} slices/s)")
@@ -437,7 +457,10 @@ def nnunet_prepare_cmd(dataset: str, work: str) -> None:
 
 
 @nnunet_group.command("predict")
-@click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False), help="Cohort folder.")
+@click.option("--dataset", default=None, type=click.Path(exists=True, file_okay=False), help="Cohort folder.")
+@click.option("--images", default=None, type=click.Path(exists=True),
+              help="New patients instead of a cohort: a NIfTI/NRRD/MHA file, a folder of them, a DICOM series "
+                   "folder, or a folder of patient folders holding DICOM series.")
 @click.option("--work", required=True, type=click.Path(exists=True, file_okay=False), help="Work folder of `nnunet train`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder, e.g. PRED/nnunet.")
 @click.option("--cases", default="test", show_default=True, help=CASES_HELP)
@@ -447,15 +470,28 @@ def nnunet_prepare_cmd(dataset: str, work: str) -> None:
 @click.option("--no-mirroring", is_flag=True, help="Disable mirroring test-time augmentation (4x faster in 2D).")
 @click.option("--shard", default=None, callback=_nnunet_shard, metavar="I/N",
               help="Predict only every N-th case starting at I (0-based), to split a run across processes.")
-@click.option("--overwrite", is_flag=True, help="Replace existing predictions of the selected cases.")
-def nnunet_predict_cmd(dataset: str, work: str, out: str, cases: str, folds: tuple[int, ...] | None, device: str,
-                       no_mirroring: bool, shard: tuple[int, int] | None, overwrite: bool) -> None:
-    """Predict lesion masks OUT/<case>.nii.gz (uint8, the CT's geometry) with the trained folds."""
+@click.option("--probabilities", is_flag=True,
+              help="Also write probabilities/<case>.nii.gz (fold- and mirror-averaged softmax, uint8 scale 1/255).")
+@click.option("--dicom-seg", is_flag=True, help="Also write dicom_seg/<case>.dcm (DICOM input only).")
+@click.option("--no-preview", is_flag=True, help="Do not draw preview/<case>.png.")
+@click.option("--no-crop", is_flag=True, help="Predict whole slices instead of the body's bounding box.")
+@click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID.")
+@click.option("--bones", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Folder of bone maps <case>.nii.gz for the lesion table's bone and weight-bearing columns.")
+@click.option("--bones-from", default="project", show_default=True, type=click.Choice(["project", "totalsegmentator"]))
+@click.option("--overwrite", is_flag=True, help="Replace a --out written with other settings, or redo its cases.")
+def nnunet_predict_cmd(dataset: str | None, images: str | None, work: str, out: str, cases: str,
+                       folds: tuple[int, ...] | None, device: str, no_mirroring: bool, shard: tuple[int, int] | None,
+                       probabilities: bool, dicom_seg: bool, no_preview: bool, no_crop: bool, series: str | None,
+                       bones: str | None, bones_from: str, overwrite: bool) -> None:
+    """Predict lesion masks OUT/<case>.nii.gz (uint8, the input's geometry), lesions.csv, patients.csv
+    and previews with the trained folds, for a cohort (--dataset) or new patients (--images)."""
     from nnunet_bridge.predict import PredictOptions, predict
 
-    written = predict(dataset, work, out, PredictOptions(cases=cases, folds=folds, device=device,
-                                                         mirroring=not no_mirroring, overwrite=overwrite,
-                                                         shard=shard))
+    written = predict(dataset, work, out, PredictOptions(
+        cases=cases, folds=folds, device=device, mirroring=not no_mirroring, overwrite=overwrite, shard=shard,
+        probabilities=probabilities, dicom_seg=dicom_seg, preview=not no_preview, crop=not no_crop, series=series,
+        bones=bones, bones_from=bones_from), images=images)
     click.echo(f"wrote {len(written)} mask(s) to {out}")
 # ---- END nnunet ----
 

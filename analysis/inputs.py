@@ -101,13 +101,18 @@ def _dicom_cases(root: Path, folder: Path, *, all_series: bool) -> list[InputCas
     return cases
 
 
-def discover_inputs(path: str | os.PathLike, *, all_series: bool = True) -> list[InputCase]:
+def discover_inputs(path: str | os.PathLike, *, all_series: bool = True, series_uid: str | None = None,
+                    errors: list[str] | None = None) -> list[InputCase]:
     """The cases ``--images PATH`` holds, in a stable order (image files, then series folders, sorted).
 
     Args:
         path: an image file or a folder (see the module docstring).
         all_series: every usable axial CT series of a folder is a case (default); False:
             only the one :func:`analysis.dicom.find_series` chooses (a tie is then refused).
+        series_uid: keep only the DICOM series with this SeriesInstanceUID (``--series``);
+            image files are kept.
+        errors: when given, a series folder refused by :mod:`analysis.dicom` is reported
+            here (one line naming it) and skipped, so one bad patient does not stop a batch.
 
     Returns:
         The cases; DICOM cases carry their :class:`~analysis.dicom.DicomSeries` (headers only).
@@ -126,7 +131,21 @@ def discover_inputs(path: str | os.PathLike, *, all_series: bool = True) -> list
         raise InputError(f"{root}: not found; expected an image file or a folder of images or DICOM series")
     cases = [_image_case(p) for p in sorted(root.iterdir()) if p.is_file() and image_suffix(p) is not None]
     for folder in series_folders(root):
-        cases += _dicom_cases(root, folder, all_series=all_series)
+        try:
+            cases += _dicom_cases(root, folder, all_series=all_series)
+        except InputError as exc:
+            if errors is None:
+                raise
+            errors.append(str(exc))
+    if series_uid is not None:
+        dicom = [c for c in cases if c.series is not None]
+        kept = [c for c in dicom if c.series.series_uid == series_uid]
+        if not kept:
+            found = ", ".join(sorted({c.series.series_uid for c in dicom})) or "none"
+            raise InputError(f"--series {series_uid}: no such CT series under {root}; usable series found: {found}")
+        cases = [c for c in cases if c.series is None] + kept
+    if not cases and errors:
+        return []
     if not cases:
         raise InputError(f"{root}: holds no image file ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series")
     seen: dict[str, InputCase] = {}

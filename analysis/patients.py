@@ -21,9 +21,9 @@ the file's third index (array axis 0), which is axial for CT as scanners store i
 Centroids are in patient coordinates: ITK physical space (LPS, mm), independent of the
 storage order.
 
-Resumable runs: each finished case writes its rows to part files
-(:func:`write_case_parts`; the patient part is written last and marks the case as
-done), and :func:`merge_parts` rebuilds both tables from all parts.
+Resumable runs: each finished case keeps its rows in its part record of the prediction
+folder (:class:`analysis.predictions.PredictionFolder`), and the tables are rebuilt from
+every finished case (:func:`analysis.runner.lesion_tables`).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 
 from analysis.analyze import _fmt
-from analysis.cohort import MAX_BONE_CODE, check_case_id
+from analysis.cohort import MAX_BONE_CODE
 from analysis.errors import InputError
 from analysis.imports import totalseg_lookup
 from analysis.io import Geometry, atomic_write_text, read_array
@@ -45,8 +45,7 @@ from analysis.metrics.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone
                                       diffuse_fractions, lesion_instances, lesion_table)
 
 __all__ = ["LESION_COLUMNS", "PATIENT_COLUMNS", "REGION_COLUMNS", "lesion_rows", "patient_row", "bones_from",
-           "write_rows", "read_rows", "write_case_parts", "finished_cases", "merge_parts", "write_tables",
-           "LESIONS_CSV", "PATIENTS_CSV"]
+           "csv_text", "write_rows", "read_rows", "LESIONS_CSV", "PATIENTS_CSV"]
 
 LESIONS_CSV = "lesions.csv"
 PATIENTS_CSV = "patients.csv"
@@ -241,7 +240,8 @@ def bones_from(path: str | os.PathLike, kind: BoneKind, geometry: Geometry) -> n
 # --- CSV tables and per-case parts ---------------------------------------------------------
 
 
-def _csv_text(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
+def csv_text(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
+    """CSV text of dict rows (``columns`` in order), formatted as :func:`analysis.analyze.write_csv` does."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
@@ -255,7 +255,7 @@ def write_rows(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[d
 
     Empty for None/NaN, ``true``/``false`` for booleans, floats with 10 significant digits.
     """
-    return atomic_write_text(path, _csv_text(columns, rows))
+    return atomic_write_text(path, csv_text(columns, rows))
 
 
 def _parse(path: Path, column: str, text: str, lesion_table: bool) -> Any:
@@ -307,75 +307,3 @@ def read_rows(path: str | os.PathLike, columns: Sequence[str]) -> list[dict[str,
             rows.append({c: _parse(p, c, v, lesion) for c, v in zip(columns, cells)})
     return rows
 
-
-def _part_paths(parts: Path, case: str) -> tuple[Path, Path]:
-    check_case_id(case)
-    return parts / f"{case}.lesions.csv", parts / f"{case}.patient.csv"
-
-
-def write_case_parts(parts: str | os.PathLike, case: str, lesions: Sequence[dict[str, Any]],
-                     patient: dict[str, Any]) -> tuple[Path, Path]:
-    """Write one finished case's rows to ``PARTS/<case>.lesions.csv`` and ``PARTS/<case>.patient.csv``.
-
-    Each file is written atomically, the patient part last: a case counts as finished
-    (:func:`finished_cases`) only once both exist, so an interrupted run redoes it.
-
-    Returns:
-        The two paths (lesions, patient).
-    """
-    parts = Path(parts)
-    lesion_path, patient_path = _part_paths(parts, case)
-    if any(r["case"] != case for r in lesions) or patient["case"] != case:
-        raise ValueError(f"write_case_parts({case!r}): rows of another case")
-    write_rows(lesion_path, LESION_COLUMNS, lesions)
-    write_rows(patient_path, PATIENT_COLUMNS, [patient])
-    return lesion_path, patient_path
-
-
-def finished_cases(parts: str | os.PathLike) -> set[str]:
-    """Cases whose parts are complete in ``PARTS`` (both files present); empty when the folder is missing."""
-    parts = Path(parts)
-    if not parts.is_dir():
-        return set()
-    done = {p.name[:-len(".patient.csv")] for p in parts.glob("*.patient.csv") if not p.name.startswith(".")}
-    return {c for c in done if (parts / f"{c}.lesions.csv").is_file()}
-
-
-def merge_parts(parts: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Both tables rebuilt from every finished case's parts, cases sorted by id.
-
-    Returns:
-        ``(lesion_rows, patient_rows)``: lesions sorted by (case, lesion_id).
-
-    Raises:
-        InputError: a malformed part, or a part holding rows of another case.
-    """
-    parts = Path(parts)
-    lesions: list[dict[str, Any]] = []
-    patients: list[dict[str, Any]] = []
-    for case in sorted(finished_cases(parts)):
-        lesion_path, patient_path = _part_paths(parts, case)
-        case_lesions = read_rows(lesion_path, LESION_COLUMNS)
-        case_patient = read_rows(patient_path, PATIENT_COLUMNS)
-        if len(case_patient) != 1:
-            raise InputError(f"{patient_path}: holds {len(case_patient)} rows, expected 1")
-        if any(r["case"] != case for r in case_lesions + case_patient):
-            raise InputError(f"{parts}: part files of case {case} hold rows of another case")
-        if case_patient[0]["lesions"] != len(case_lesions):
-            raise InputError(f"{patient_path}: counts {case_patient[0]['lesions']} lesions, "
-                             f"{lesion_path.name} holds {len(case_lesions)}")
-        lesions += sorted(case_lesions, key=lambda r: r["lesion_id"])
-        patients += case_patient
-    return lesions, patients
-
-
-def write_tables(parts: str | os.PathLike, out: str | os.PathLike) -> tuple[Path, Path]:
-    """Rebuild ``OUT/lesions.csv`` and ``OUT/patients.csv`` from the parts in ``PARTS``.
-
-    Returns:
-        The two paths (lesions, patients).
-    """
-    lesions, patients = merge_parts(parts)
-    out = Path(out)
-    return (write_rows(out / LESIONS_CSV, LESION_COLUMNS, lesions),
-            write_rows(out / PATIENTS_CSV, PATIENT_COLUMNS, patients))

@@ -64,6 +64,8 @@ PARTS = ".parts"
 _SETTINGS = "settings.json"
 #: Key of a part record holding a detector's probabilities in slice order.
 SLICE_PROBABILITIES = "slice_probabilities"
+#: Part-record keys that feed the merged tables, kept out of ``predict.json``'s ``per_case``.
+_TABLE_KEYS = frozenset({"case", SLICE_PROBABILITIES, "lesion_rows", "patient"})
 _LOCK = ".lock"
 
 
@@ -410,8 +412,7 @@ class PredictionFolder:
             runs.append({k: run_record.get(k) for k in ("shard", "cases_run", "timing", "versions") if k in run_record})
             atomic_write_json(runs_path, runs)
             record = {**run_record, "cases": cases,
-                      "per_case": {c: {k: v for k, v in parts[c].items() if k not in ("case", SLICE_PROBABILITIES)}
-                                   for c in cases},
+                      "per_case": {c: {k: v for k, v in parts[c].items() if k not in _TABLE_KEYS} for c in cases},
                       **(summary(parts) if summary is not None else {}),
                       "runs": runs}
             atomic_write_json(self.out / RECORD, record)

@@ -153,7 +153,7 @@ def make_runs(args) -> None:
         tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None))
         model.save(tmp / "model.keras")
         config = TrainConfig(dataset=str(out), task=task, arch=arch, image_size=size, width=width)
-        (tmp / "config.json").write_text(json.dumps({"settings": asdict(config), "note": "random init (benchmark)"}), encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps({"settings": asdict(config), "orientation": "LPS", "note": "random init (benchmark)"}), encoding="utf-8")
         run.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, run)
     _emit({}, runs=str(out))

@@ -57,7 +57,7 @@ def main() -> None:
             run.mkdir()
             model.save(run / "model.keras")
             config = TrainConfig(dataset=tmp, task=REGISTRY[name].task, arch=name, image_size=args.size)
-            (run / "config.json").write_text(json.dumps({"settings": asdict(config)}), encoding="utf-8")
+            (run / "config.json").write_text(json.dumps({"settings": asdict(config), "orientation": "LPS"}), encoding="utf-8")
             predictor = Predictor(read_run(run), model=model)
             slice_probabilities(predictor, volume, np.arange(args.batch), args.batch)  # warm-up (tracing)
             start = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Training never decompresses NIfTI in its loop: :func:`ensure_cached` writes, per case,
 ``ct.npy`` (int16 HU, ``(slices, rows, cols)``), ``mask.npy`` (uint8 0/1, same layout)
-and ``meta.json`` (shape, spacing, which slices hold lesion). Cases are built one at a
+and ``meta.json`` (shape, spacing, which slices hold lesion), both in the canonical
+orientation (LPS, :mod:`analysis.orientation`) whatever the files' storage order. Cases are built one at a
 time, so memory stays bounded by the largest case.
 
 Location: ``CACHE/<case>.<key>/`` where ``CACHE`` is ``--cache`` or, by default,
@@ -29,10 +30,12 @@ import numpy as np
 from analysis.cohort import Cohort
 from analysis.errors import InputError
 from analysis.io import atomic_write_json, read_array, umask_mode
+from analysis.orientation import CANONICAL, Reorientation
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+#: 2: arrays in the canonical orientation (analysis.orientation).
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -141,7 +144,11 @@ def _build(cohort: Cohort, case: str, key: str, folder: Path) -> None:
         raise InputError(f"{cohort.label_path(case)}: label values {{{found}}} found; expected only 0 and 1 "
                          f"(a multi-label or probability mask? binarise it first)")
     ct = np.clip(np.rint(ct), -32768, 32767).astype(np.int16) if ct.dtype != np.int16 else ct
-    mask = (mask > 0).astype(np.uint8)
+    # the networks train (and predict, analysis.runner) on the canonical view: the same patient
+    # stored LPS, RAS or as a DICOM series gives the same slices
+    reo = Reorientation.of(geometry)
+    ct = np.ascontiguousarray(reo.forward(ct))
+    mask = np.ascontiguousarray(reo.forward((mask > 0).astype(np.uint8)))
     positive = mask.reshape(mask.shape[0], -1).any(axis=1)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
     os.chmod(tmp, umask_mode(0o777))
@@ -151,7 +158,8 @@ def _build(cohort: Cohort, case: str, key: str, folder: Path) -> None:
         atomic_write_json(tmp / "meta.json", {
             "version": CACHE_VERSION, "case": case, "key": key,
             "image": str(cohort.image_path(case).resolve()), "label": str(cohort.label_path(case).resolve()),
-            "shape": list(ct.shape), "spacing_xyz_mm": list(geometry.spacing),
+            "shape": list(ct.shape), "orientation": CANONICAL,
+            "spacing_xyz_mm": list(reo.canonical_geometry.spacing),
             "positive_slices": [int(z) for z in np.flatnonzero(positive)],
         })
         try:

@@ -29,14 +29,13 @@ from pathlib import Path
 from analysis.errors import InputError
 from analysis.io import atomic_directory, check_output_folder
 from bonemets_tf.models.catalog import DETECT
-from bonemets_tf.run import read_run
+from bonemets_tf.run import CONFIG_ASSET, read_run
 
 log = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
 INPUT_NAME = "ct_hu"
 OUTPUT_NAME = "lesion_probability"
-CONFIG_ASSET = "bonemets_config.json"
 
 
 def export_savedmodel(model: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:

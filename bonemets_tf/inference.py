@@ -56,22 +56,62 @@ def context_batch(volume: np.ndarray, z: Sequence[int], context: int) -> np.ndar
     return np.ascontiguousarray(np.moveaxis(volume[idx], 1, -1), dtype=np.float32)
 
 
+#: Inference precisions: ``mixed_bfloat16`` computes in bfloat16 with float32 weights (CPUs and
+#: GPUs with bf16 units); outputs are float32 either way.
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+def _with_policy(model, policy: str):
+    """A copy of ``model`` whose every layer computes under dtype ``policy``, with its weights."""
+    import keras
+
+    def clone(layer):
+        config = layer.get_config()
+        config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 class Predictor:
     """A loaded model behind one ``tf.function`` for any batch, rows and cols.
 
     One input signature ``(None, None, None, context)`` means one trace for every batch
-    and slice size (``predict_on_batch`` would retrace per shape).
+    and slice size (``predict_on_batch`` would retrace per shape). A SavedModel written by
+    ``export`` runs through its ``serving_default`` signature (the form teams deploy).
 
     Args:
-        run: the model's RUN.
+        run: the model's RUN (or SavedModel, ``run.kind == "savedmodel"``).
         model: the loaded ``keras.Model`` (None: load it from ``run``).
+        precision: one of :data:`PRECISIONS` (RUN folders only).
     """
 
-    def __init__(self, run: RunInfo, model=None) -> None:
+    def __init__(self, run: RunInfo, model=None, precision: str = "float32") -> None:
         import tensorflow as tf
 
+        from analysis.errors import InputError
+
+        if precision not in PRECISIONS:
+            raise InputError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
         self.run = run
+        self.precision = precision
+        if run.kind == "savedmodel":
+            if precision != "float32":
+                raise InputError(f"--precision {precision}: a SavedModel runs as exported (float32); "
+                                 f"pass its RUN folder for {precision}")
+            self.model = None
+            try:
+                signature = tf.saved_model.load(str(run.path)).signatures["serving_default"]
+            except Exception as exc:  # TF raises many types for damaged SavedModels
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise InputError(f"{run.path}: cannot be loaded as a SavedModel ({first})") from None
+            self._fn = lambda x: signature(ct_hu=tf.constant(x))["lesion_probability"]
+            return
         self.model = model if model is not None else run.load_model()
+        if precision != "float32":
+            self.model = _with_policy(self.model, precision)
         self._fn = tf.function(lambda x: self.model(x, training=False),
                                input_signature=[tf.TensorSpec([None, None, None, run.context], tf.float32)])
         try:
@@ -86,17 +126,27 @@ class Predictor:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for ``batch`` ``(B, rows, cols, context)`` HU: ``(B,)`` for a
         detector, ``(B, rows, cols)`` for a segmenter (float32)."""
-        out = self._fn(batch).numpy()
+        out = np.asarray(self._fn(batch), np.float32)
+        if self.model is None:  # the SavedModel's signature already gives (B,) / (B, rows, cols)
+            return out
         return out[:, 0] if self.run.task == DETECT else out[..., 0]
 
     def warm_up(self) -> None:
         """Trace the function once on a small batch, so timings measure steady-state inference."""
         self._fn(np.zeros((1, 32, 32, self.run.context), np.float32))
 
+    def count_params(self) -> int:
+        """Weights of the network (the RUN's record for a SavedModel)."""
+        if self.model is None:
+            return int(self.run.config.get("model", {}).get("params") or 0)
+        return int(self.model.count_params())
+
     def first_filters(self) -> int:
         """Filters of the model's first convolution (a scale for memory estimates)."""
         import keras
 
+        if self.model is None:
+            return 64
         for layer in self.model.layers:
             if isinstance(layer, keras.layers.Conv2D):
                 return int(layer.filters)

@@ -1,20 +1,28 @@
 """``predict``: a trained Keras model on whole CT volumes, written as NIfTI masks or a
-slice table, with an optional detection-to-segmentation cascade.
+slice table, with an optional detection-to-segmentation cascade, on a cohort or on new
+patients' CT (``--images``: NIfTI/NRRD/MHA files, DICOM series folders, nested exports).
 
 Outputs in ``PRED/NAME``, the folder contract of :mod:`analysis.predictions` (the layout
-``analyze`` reads):
+``analyze`` reads), written case by case by :mod:`analysis.runner`:
 
-* segmenter: ``<case>.nii.gz``, uint8 0/1 with exactly the CT's size, spacing, origin and
-  direction (:func:`analysis.io.write_mask`);
+* segmenter: ``<case>.nii.gz``, uint8 0/1 with exactly the input's size, spacing, origin and
+  direction; ``lesions.csv`` and ``patients.csv``; ``preview/<case>.png``; with
+  ``--probabilities`` ``probabilities/<case>.nii.gz``; with ``--dicom-seg`` and DICOM input
+  ``dicom_seg/<case>.dcm``;
 * detector: ``slices.csv``, columns ``case,slice,probability``, one row per slice;
-* cascade (segmenter plus ``detector``): the masks, plus ``detector_slices.csv`` with the
-  detector's probabilities;
-* always ``predict.json``: models (RUN paths, arch), thresholds, min size, every finished
-  case, the runs (shards) that wrote them, slices segmented and skipped, timing.
+* cascade (segmenter plus ``detector``): the segmenter's outputs, plus ``detector_slices.csv``;
+* always ``predict.json``: the model (RUN or SavedModel, its fingerprint and training
+  record), thresholds, orientation, every finished case with its input's sha256 (and the
+  DICOM series used and skipped), seconds per case, the runs (shards) that wrote it, and
+  the cases that failed.
 
-Each case's outputs appear atomically; a rerun of the same command skips finished cases, so
-a killed run resumes, and ``--shard i/n`` runs fill one folder together (at the same time
-too). The network work is :mod:`bonemets_tf.inference`.
+Every network sees the canonical view (LPS, :mod:`analysis.orientation`), the orientation
+its RUN was trained in; outputs go back to each input's own geometry. Segmenters run on the
+body's bounding box per slab (``--no-crop``: whole slices). Each case's outputs appear
+atomically; a rerun of the same command skips finished cases, so a killed run resumes, and
+``--shard i/n`` runs fill one folder together (at the same time too). With ``--images`` a
+case that cannot be read is reported and skipped, the others are done; the command then
+fails with one line per bad case. The network work is :mod:`bonemets_tf.inference`.
 
 The cascade follows the paper's workflow (Pawan, Rich et al.): a detector marks the
 slices with lesion; only slices whose probability is at least ``detector_threshold``
@@ -25,7 +33,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,12 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from analysis.cohort import Cohort
-from analysis.errors import InputError
-from analysis.io import Geometry, read_array, write_mask
-from analysis.predictions import (DETECTOR_CSV, SLICES_CSV, PredictionFolder, check_ct, mask_path,
-                                  remove_small_components, select_cases)
-from bonemets_tf.inference import Predictor, check_memory, detect_volume, estimate_case_bytes, segment_volume
+from analysis.errors import DataProblems, InputError
+from analysis.orientation import CANONICAL
+from analysis.predictions import DETECTOR_CSV, SLICES_CSV, PredictionFolder
+from analysis.runner import InputPlan, Network, Outputs, lesion_tables, plan_inputs, run_cases
+from bonemets_tf.inference import (PRECISIONS, Predictor, check_memory, detect_volume, estimate_case_bytes,
+                                   slice_probabilities)
 from bonemets_tf.models.catalog import DETECT, SEGMENT
 from bonemets_tf.run import RunInfo, calibrated_threshold, read_run
 
@@ -53,7 +60,7 @@ class PredictOptions:
     """Settings of :func:`predict`.
 
     Attributes:
-        cases: ``--cases`` value (``test``, ``all`` or ``ID,ID,...``).
+        cases: ``--cases`` value (``test``, ``all`` or ``ID,ID,...``; cohort input).
         threshold: a pixel is lesion when its probability is >= this; ``"auto"``: the
             segmenter RUN's validation-calibrated threshold (``RUN/calibration.json``, see
             :mod:`bonemets_tf.calibrate`).
@@ -63,6 +70,14 @@ class PredictOptions:
             probability is >= this (a value above 1 segments nothing).
         batch_size: slices per network call.
         shard: ``(i, n)``: only ``sorted(cases)[i::n]``.
+        probabilities: also write ``probabilities/<case>.nii.gz`` (uint8, scale 1/255).
+        dicom_seg: also write ``dicom_seg/<case>.dcm`` for DICOM input.
+        preview: write ``preview/<case>.png``.
+        crop: run segmenters on the body's bounding box (per slab) instead of whole slices.
+        precision: ``float32`` or ``mixed_bfloat16`` (CPUs and GPUs with bf16 units).
+        series: SeriesInstanceUID to use among a folder's DICOM series.
+        bones: folder of bone maps ``<case>.nii.gz`` for the lesion table's bone columns.
+        bones_from: ``project`` (the cohort's bone codes) or ``totalsegmentator`` ("total" ids).
     """
 
     cases: str = "test"
@@ -71,6 +86,14 @@ class PredictOptions:
     detector_threshold: float = 0.5
     batch_size: int = 8
     shard: tuple[int, int] | None = None
+    probabilities: bool = False
+    dicom_seg: bool = False
+    preview: bool = True
+    crop: bool = True
+    precision: str = "float32"
+    series: str | None = None
+    bones: str | None = None
+    bones_from: str = "project"
 
     def check(self) -> None:
         """Raise :class:`InputError` for out-of-range values."""
@@ -85,6 +108,12 @@ class PredictOptions:
             raise InputError(f"--detector-threshold {self.detector_threshold}: expected a finite value >= 0")
         if self.batch_size < 1:
             raise InputError(f"--batch-size {self.batch_size}: expected >= 1")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        if self.bones_from not in ("project", "totalsegmentator"):
+            raise InputError(f"--bones-from {self.bones_from}: expected project or totalsegmentator")
+        if self.bones is not None and not Path(self.bones).is_dir():
+            raise InputError(f"--bones {self.bones}: not a folder; expected DIR/<case>.nii.gz bone maps")
 
 
 # --- the command ----------------------------------------------------------------------
@@ -96,62 +125,66 @@ class _Plan:
 
     seg: RunInfo | None
     det: RunInfo | None
-    cohort: Cohort
-    cases: list[str]
-    geometries: dict[str, Geometry]
+    inputs: InputPlan
     options: PredictOptions
     threshold_source: str | None
     folder: PredictionFolder
 
 
-def _plan(model: str | os.PathLike, dataset: str | os.PathLike, out: Path, detector: str | os.PathLike | None,
-          options: PredictOptions, overwrite: bool) -> _Plan:
+def _plan(model: str | os.PathLike, dataset: str | os.PathLike | None, images: str | os.PathLike | None, out: Path,
+          detector: str | os.PathLike | None, options: PredictOptions, overwrite: bool) -> _Plan:
     options.check()
-    run = read_run(model)
+    if (dataset is None) == (images is None):
+        raise InputError("predict: give either --dataset (a cohort) or --images (files or DICOM folders)")
+    run = read_run(model, savedmodel=True)
     det = None
     if detector is not None:
         if run.task != SEGMENT:
             raise InputError(f"--model {run.path}: is a detector ({run.arch}); the --detector cascade needs a segmenter")
-        det = read_run(detector, task=DETECT, option="--detector")
+        det = read_run(detector, task=DETECT, option="--detector", savedmodel=True)
     seg, det_run = (run, det) if run.task == SEGMENT else (None, run)
     source = None
     if seg is not None:
         source = "option"
         if options.threshold == "auto":
+            if seg.kind == "savedmodel":
+                raise InputError(f"--threshold auto: {seg.path} is a SavedModel without its calibration; "
+                                 f"pass a number or the RUN folder")
             options = replace(options, threshold=calibrated_threshold(seg.path))
             source = f"auto: {seg.path / 'calibration.json'}"
             log.info("predict: validation-calibrated threshold %.2f", options.threshold)
     elif options.threshold == "auto":
         options = replace(options, threshold=0.5)
-    cohort = Cohort(dataset)
-    cohort.require_exists()
+    inputs = plan_inputs(dataset, images, cases=options.cases, shard=options.shard, series=options.series,
+                         dicom_seg=options.dicom_seg)
     settings = {
         "mode": "cascade" if seg and det_run else (SEGMENT if seg else DETECT),
         "model": str((seg or det_run).path), "detector": str(det_run.path) if seg and det_run else None,
-        "input": str(cohort.root.resolve()),
-        "threshold": options.threshold if seg else None,
+        "input": inputs.source, "threshold": options.threshold if seg else None,
         "detector_threshold": options.detector_threshold if seg and det_run else None,
-        "min_size_voxels": options.min_size if seg else None,
+        "min_size_voxels": options.min_size if seg else None, "orientation": CANONICAL,
+        **({k: getattr(options, k) for k in ("probabilities", "dicom_seg", "preview", "crop", "precision", "series",
+                                             "bones", "bones_from")} if seg else {"precision": options.precision}),
     }
     folder = PredictionFolder(out, settings, overwrite=overwrite)
-    cases = select_cases(cohort, options.cases, options.shard)
-    geometries = {case: check_ct(cohort.image_path(case)) for case in cases}
-    return _Plan(seg=seg, det=det_run, cohort=cohort, cases=cases, geometries=geometries, options=options,
-                 threshold_source=source, folder=folder)
+    return _Plan(seg=seg, det=det_run, inputs=inputs, options=options, threshold_source=source, folder=folder)
 
 
-def predict(model: str | os.PathLike, dataset: str | os.PathLike, out: str | os.PathLike, *,
+def predict(model: str | os.PathLike, dataset: str | os.PathLike | None, out: str | os.PathLike, *,
             options: PredictOptions = PredictOptions(), detector: str | os.PathLike | None = None,
-            overwrite: bool = False) -> Path:
-    """Run a segmenter or detector RUN (optionally as a cascade) on a cohort's cases.
+            overwrite: bool = False, images: str | os.PathLike | None = None) -> Path:
+    """Run a segmenter or detector (RUN or SavedModel; optionally as a cascade) on a cohort's
+    cases or on new patients' CT.
 
     Args:
-        model: RUN folder of a segmenter or a detector.
-        dataset: cohort folder.
+        model: RUN folder or SavedModel of a segmenter or a detector.
+        dataset: cohort folder (or None with ``images``).
         out: output folder ``PRED/NAME`` (layout in the module docstring).
-        options: thresholds, cases, batch size, shard.
-        detector: RUN folder of a detector for the cascade (``model`` must be a segmenter).
+        options: thresholds, cases, batch size, shard, extra outputs.
+        detector: RUN folder or SavedModel of a detector for the cascade (``model`` must be
+            a segmenter).
         overwrite: replace a folder written with other settings, or redo finished cases.
+        images: ``--images`` PATH (:mod:`analysis.inputs`) instead of a cohort.
 
     Returns:
         The output folder.
@@ -160,75 +193,51 @@ def predict(model: str | os.PathLike, dataset: str | os.PathLike, out: str | os.
         InputError: bad RUN folders, cases, CT files (unreadable, not 3D, NaN/infinite),
             a non-empty ``out`` written otherwise without ``overwrite``, or a case that
             would not fit in memory. Nothing is written in any of these cases.
+        DataProblems: with ``images``, the cases that could not be predicted (one line
+            each); the others were written.
     """
     out = Path(out)
-    plan = _plan(model, dataset, out, detector, options, overwrite)
+    plan = _plan(model, dataset, images, out, detector, options, overwrite)
     options = plan.options
     import tensorflow as tf  # heavy: only after the cheap checks
 
     t0 = time.perf_counter()
-    seg = Predictor(plan.seg) if plan.seg else None
-    det = Predictor(plan.det) if plan.det else None
+    seg = Predictor(plan.seg, precision=options.precision) if plan.seg else None
+    det = Predictor(plan.det, precision=options.precision) if plan.det else None
+    biggest = max(plan.inputs.shapes.items(), key=lambda kv: math.prod(kv[1]))
     for p in (seg, det):
         if p is None:
             continue
-        biggest = max(plan.geometries.items(), key=lambda kv: math.prod(kv[1].size))
-        need = estimate_case_bytes(biggest[1].shape, task=p.run.task, context=p.run.context,
+        need = estimate_case_bytes(biggest[1], task=p.run.task, context=p.run.context,
                                    batch_size=options.batch_size, first_filters=p.first_filters(),
-                                   image_size=p.run.image_size, stride=p.run.stride, params=p.model.count_params())
-        check_memory(need, f"case {biggest[0]} {tuple(biggest[1].shape)} with {p.run.arch}")
-    for p in (seg, det):
-        if p is not None:
-            p.warm_up()
-    todo = plan.folder.prepare(plan.cases)
-    log.info("predict: %d case(s) with %s%s (tensorflow %s)", len(todo), (seg or det).run.arch,
+                                   image_size=p.run.image_size, stride=p.run.stride, params=p.count_params())
+        check_memory(need, f"case {biggest[0]} {tuple(biggest[1])} with {p.run.arch}")
+        p.warm_up()
+    main = seg or det
+    net = Network(name=main.run.arch, fingerprint=main.run.fingerprint(),
+                  segment=None if seg is None else (lambda v, z, _: slice_probabilities(seg, v, z, options.batch_size)),
+                  detect=None if det is None else (lambda v: detect_volume(det, v, options.batch_size)),
+                  stride=main.run.stride, crop=options.crop)
+    outputs = Outputs(threshold=float(options.threshold), min_size=options.min_size,
+                      detector_threshold=options.detector_threshold, probabilities=options.probabilities,
+                      dicom_seg=options.dicom_seg, preview=options.preview, lesions=True,
+                      bones=None if options.bones is None else Path(options.bones), bones_from=options.bones_from)
+    log.info("predict: %d case(s) with %s%s (tensorflow %s)", len(plan.inputs.cases), main.run.arch,
              f" after detector {det.run.arch}" if seg and det else "", tf.__version__)
-    timing = _run_cases(plan, todo, seg, det, options)
-    timing["seconds_total"] = round(time.perf_counter() - t0, 3)
-    plan.folder.finish(_record(plan, seg, det, options, todo, timing),
-                                slices_name=None if det is None else (SLICES_CSV if seg is None else DETECTOR_CSV),
-                                summary=_summary)
-    log.info("predict: %d slices through the networks in %.1f s (%.1f slices/s); wrote %s",
-             timing["network_slices"], timing["seconds_network"], timing["slices_per_s"] or 0.0, out)
+    done, failures, seconds = run_cases(plan.folder, plan.inputs.cases, net, outputs, strict=plan.inputs.strict)
+    failures = plan.inputs.failures + failures
+    slices = sum((p["slices"] if det else 0) + (p.get("segmented", 0) if seg else 0) for p in done)
+    timing = {"seconds_network": round(seconds, 3), "network_slices": slices,
+              "slices_per_s": round(slices / seconds, 3) if seconds > 0 else None,
+              "seconds_total": round(time.perf_counter() - t0, 3)}
+    plan.folder.finish(_record(plan, seg, det, options, [p["case"] for p in done], failures, timing),
+                       slices_name=None if det is None else (SLICES_CSV if seg is None else DETECTOR_CSV),
+                       tables=lesion_tables() if seg is not None else (), summary=_summary)
+    log.info("predict: %d case(s) in %.1f s (%d slices through the networks in %.1f s); wrote %s", len(done),
+             timing["seconds_total"], slices, seconds, out)
+    if failures:
+        raise DataProblems(failures)
     return out
-
-
-def _run_cases(plan: _Plan, todo: list[str], seg: Predictor | None, det: Predictor | None,
-               options: PredictOptions) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    network_slices, network_seconds = 0, 0.0
-    for case in tqdm(todo, desc="predict", unit="case", file=sys.stderr, disable=None):
-        t_case = time.perf_counter()
-        volume, geometry = read_array(plan.cohort.image_path(case), require_finite=False)  # checked in _plan
-        volume = volume.astype(np.float32, copy=False)
-        n = volume.shape[0]
-        with plan.folder.case(case) as (staging, part):
-            t = time.perf_counter()
-            probs = detect_volume(det, volume, options.batch_size) if det else None
-            network_slices += n if det else 0
-            if probs is not None:
-                part["slice_probabilities"] = [float(p) for p in probs]
-            part["slices"] = n
-            if seg is not None:
-                chosen = None if probs is None else np.flatnonzero(probs >= options.detector_threshold)
-                mask = segment_volume(seg, volume, options.batch_size, options.threshold, chosen)
-                segmented = n if chosen is None else len(chosen)
-                network_slices += segmented
-                network_seconds += time.perf_counter() - t
-                mask = remove_small_components(mask, options.min_size)
-                write_mask(mask, geometry, mask_path(staging, case))
-                part.update(segmented=segmented, skipped=n - segmented, lesion_voxels=int(mask.sum()))
-            else:
-                network_seconds += time.perf_counter() - t
-            part["seconds"] = round(time.perf_counter() - t_case, 3)
-        log.info("predict: %s done (%d slices, %.1f s)", case, n, part["seconds"])
-        # release this case before the next is read: otherwise its CT (float32) and mask stay
-        # bound while the next case loads, and the peak grows from the second case on
-        del volume, probs
-        mask = None
-    return {"seconds_network": round(network_seconds, 3), "network_slices": network_slices,
-            "slices_per_s": round(network_slices / network_seconds, 3) if network_seconds > 0 else None}
 
 
 def _summary(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -239,24 +248,30 @@ def _summary(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _record(plan: _Plan, seg: Predictor | None, det: Predictor | None, options: PredictOptions,
-            todo: list[str], timing: dict[str, Any]) -> dict[str, Any]:
+            done: list[str], failures: list[str], timing: dict[str, Any]) -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
+    main = seg or det
     return {
         "mode": "cascade" if seg and det else (SEGMENT if seg else DETECT),
-        "model": (seg or det).run.describe(),
-        "detector": det.run.describe() if seg and det else None,
-        "dataset": str(plan.cohort.root.resolve()),
-        "cases_option": options.cases,
+        "model": {**main.run.describe(), "fingerprint": main.run.fingerprint()},
+        "detector": {**det.run.describe(), "fingerprint": det.run.fingerprint()} if seg and det else None,
+        **plan.inputs.describe(options.cases),
         "shard": None if options.shard is None else {"index": options.shard[0], "count": options.shard[1]},
-        "cases_run": todo,
+        "cases_run": done,
+        "failed": failures,
+        "orientation": CANONICAL,
         "threshold": options.threshold if seg else None,
         "threshold_source": plan.threshold_source,
         "detector_threshold": options.detector_threshold if seg and det else None,
         "min_size_voxels": options.min_size if seg else None,
         "connectivity": 26,
         "batch_size": options.batch_size,
+        "precision": options.precision,
+        "crop": options.crop if seg else None,
+        "outputs": {k: getattr(options, k) for k in ("probabilities", "dicom_seg", "preview")} if seg else None,
+        "bones": {"folder": options.bones, "kind": options.bones_from} if options.bones else None,
         "timing": timing,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__},
     }

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from analysis.cohort import FILE_ENDING, Cohort
 from analysis.errors import InputError
 from analysis.io import Geometry, atomic_directory, atomic_write_json, read_array, write_image
+from analysis.orientation import Reorientation
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,9 @@ def slice_image(array2d: np.ndarray, geometry: Geometry) -> sitk.Image:
 
 
 def read_patient(cohort: Cohort, patient: str) -> tuple[np.ndarray, np.ndarray, Geometry]:
-    """Read a patient's CT and binary label, both ``(slices, rows, cols)``.
+    """Read a patient's CT and binary label, both ``(slices, rows, cols)`` in the canonical
+    orientation (LPS, :mod:`analysis.orientation`) the Keras models and every prediction use,
+    with the canonical view's geometry.
 
     Raises:
         InputError: unreadable files, a label whose geometry differs from its image, or
@@ -54,7 +57,9 @@ def read_patient(cohort: Cohort, patient: str) -> tuple[np.ndarray, np.ndarray, 
     values = np.unique(label)
     if not np.isin(values, (0, 1)).all():
         raise InputError(f"{cohort.label_path(patient)}: label values {values.tolist()[:10]}, expected only 0 and 1")
-    return ct, label.astype(np.uint8), geometry
+    reo = Reorientation.of(geometry)
+    return (np.ascontiguousarray(reo.forward(ct)), np.ascontiguousarray(reo.forward(label.astype(np.uint8))),
+            reo.canonical_geometry)
 
 
 def convert_patients(cohort: Cohort, patients: Sequence[str], raw_dataset: str | Path) -> dict[str, list[str]]:

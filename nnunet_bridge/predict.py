@@ -19,12 +19,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
-from analysis.cohort import Cohort
 from analysis.errors import InputError
-from analysis.io import Geometry, read_array, write_mask
-from analysis.predictions import PredictionFolder, check_ct, mask_path, select_cases
+from analysis.predictions import PredictionFolder, mask_path
 from nnunet_bridge.device import resolve_device
 from nnunet_bridge.env import CHECKPOINT, WorkLayout, nnunet_environment
 
@@ -43,6 +40,14 @@ class PredictOptions:
         overwrite: replace a folder written with other settings, or redo the selected cases.
         shard: ``(i, n)``: predict only the i-th of n interleaved shares of the cases
             (0-based), so n processes (e.g. one per GPU) can share a run.
+        probabilities: also write ``probabilities/<case>.nii.gz``: the fold- and
+            mirror-averaged softmax of the lesion class, in the input's geometry.
+        dicom_seg: also write ``dicom_seg/<case>.dcm`` for DICOM input.
+        preview: write ``preview/<case>.png``.
+        crop: predict the body's bounding box (per slab) instead of whole slices.
+        series: SeriesInstanceUID to use among a folder's DICOM series.
+        bones: folder of bone maps ``<case>.nii.gz`` for the lesion table.
+        bones_from: ``project`` or ``totalsegmentator``.
     """
 
     cases: str = "test"
@@ -51,6 +56,13 @@ class PredictOptions:
     mirroring: bool = True
     overwrite: bool = False
     shard: tuple[int, int] | None = None
+    probabilities: bool = False
+    dicom_seg: bool = False
+    preview: bool = True
+    crop: bool = True
+    series: str | None = None
+    bones: str | None = None
+    bones_from: str = "project"
 
 
 def check_folds(layout: WorkLayout, folds: Sequence[int] | None) -> list[int]:
@@ -72,55 +84,75 @@ def check_folds(layout: WorkLayout, folds: Sequence[int] | None) -> list[int]:
     return list(folds)
 
 
-def predict_volume(predictor: Any, ct: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Predict one CT volume with an initialised ``nnUNetPredictor``.
+def lesion_probability(predictor: Any, ct: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+    """The lesion class's softmax for a stack of axial slices, from an initialised ``nnUNetPredictor``.
+
+    nnU-Net averages the folds' (and mirrorings') logits, applies softmax and resamples the
+    probabilities back to the input's grid (``predict_single_npy_array`` with
+    ``save_or_return_probabilities``); its own mask is their argmax, which for two classes is
+    ``probability > 0.5``.
 
     Args:
         predictor: ``nnunetv2.inference.predict_from_raw_data.nnUNetPredictor``.
-        ct: HU volume ``(slices, rows, cols)``.
-        geometry: its geometry (spacing in ITK ``(x, y, z)`` order).
+        ct: HU ``(slices, rows, cols)`` (canonical orientation).
+        spacing_zyx: voxel size in mm along the array axes.
 
     Returns:
-        uint8 0/1 mask ``(slices, rows, cols)``, same shape and order as ``ct``.
+        float32 ``(slices, rows, cols)`` in [0, 1], the same shape and order as ``ct``.
     """
-    spacing_zyx = [float(s) for s in reversed(geometry.spacing)]
-    seg = predictor.predict_single_npy_array(ct.astype(np.float32)[None], {"spacing": spacing_zyx})
-    seg = np.asarray(seg)
-    if seg.shape != ct.shape:  # nnU-Net returns the input's shape; anything else is a bug, not bad input
-        raise RuntimeError(f"nnU-Net returned shape {seg.shape} for a CT of shape {ct.shape}")
-    return (seg == 1).astype(np.uint8)
+    _, probs = predictor.predict_single_npy_array(np.ascontiguousarray(ct, np.float32)[None],
+                                                  {"spacing": [float(s) for s in spacing_zyx]},
+                                                  None, None, True)
+    probs = np.asarray(probs)
+    if probs.shape[1:] != ct.shape:  # nnU-Net returns the input's shape; anything else is a bug, not bad input
+        raise RuntimeError(f"nnU-Net returned probabilities of shape {probs.shape} for a CT of shape {ct.shape}")
+    return probs[1].astype(np.float32)
 
 
-def predict(dataset: str | Path, work: str | Path, out: str | Path, options: PredictOptions) -> list[Path]:
-    """Write ``OUT/<case>.nii.gz`` for the selected cases with the trained nnU-Net folds.
+def predict(dataset: str | Path | None, work: str | Path, out: str | Path, options: PredictOptions, *,
+            images: str | Path | None = None) -> list[Path]:
+    """Write ``OUT/<case>.nii.gz`` (and the lesion tables, previews, optional probability maps
+    and DICOM-SEG) for a cohort's cases or new patients' CT with the trained nnU-Net folds.
 
-    ``OUT`` follows the folder contract of :mod:`analysis.predictions`: each case appears
-    atomically, a rerun skips finished cases, shards fill one folder together, and
+    ``OUT`` follows the folder contract of :mod:`analysis.predictions`, written case by case
+    by :mod:`analysis.runner` (the same pipeline as the Keras ``predict``): the network sees
+    the canonical (LPS) view, cropped to the body per slab unless ``crop`` is off; each case
+    appears atomically, a rerun skips finished cases, shards fill one folder together, and
     ``predict.json`` lists every finished case.
 
     Args:
-        dataset: cohort folder (read only).
+        dataset: cohort folder (read only), or None with ``images``.
         work: work folder of ``nnunet train``.
         out: output folder for the masks.
         options: see :class:`PredictOptions`.
+        images: ``--images`` PATH (:mod:`analysis.inputs`) instead of a cohort.
 
     Returns:
-        The mask paths of the selected cases.
+        The mask paths of the cases predicted or already finished.
 
     Raises:
         InputError: no or missing trained folds, unknown cases, a folder written with
             other settings without ``overwrite``, unreadable CTs, unavailable device.
+        DataProblems: with ``images``, the cases that could not be predicted (one line
+            each); the others were written.
     """
-    cohort = Cohort(dataset)
-    cohort.require_exists()
+    from analysis.errors import DataProblems
+    from analysis.orientation import CANONICAL
+    from analysis.runner import Network, Outputs, lesion_tables, plan_inputs, run_cases
+
     layout = WorkLayout(work)
+    if options.bones_from not in ("project", "totalsegmentator"):
+        raise InputError(f"--bones-from {options.bones_from}: expected project or totalsegmentator")
+    if options.bones is not None and not Path(options.bones).is_dir():
+        raise InputError(f"--bones {options.bones}: not a folder; expected DIR/<case>.nii.gz bone maps")
+    inputs = plan_inputs(dataset, images, cases=options.cases, shard=options.shard, series=options.series,
+                         dicom_seg=options.dicom_seg)
     folds = check_folds(layout, options.folds)
     settings = {"mode": "segment", "model": str(layout.model_folder.resolve()), "folds": folds,
-                "mirroring": options.mirroring, "input": str(cohort.root.resolve())}
+                "mirroring": options.mirroring, "input": inputs.source, "orientation": CANONICAL,
+                **{k: getattr(options, k) for k in ("probabilities", "dicom_seg", "preview", "crop", "series", "bones",
+                                                    "bones_from")}}
     folder = PredictionFolder(out, settings, overwrite=options.overwrite)
-    cases = select_cases(cohort, options.cases, options.shard)
-    for case in cases:  # every input is checked before the first mask is written
-        check_ct(cohort.image_path(case))
     device = resolve_device(options.device)
     t0 = time.perf_counter()
     with nnunet_environment(layout.work):
@@ -130,25 +162,40 @@ def predict(dataset: str | Path, work: str | Path, out: str | Path, options: Pre
                                     perform_everything_on_device=device.type == "cuda", device=device,
                                     verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(layout.model_folder), use_folds=tuple(folds))
-        todo = folder.prepare(cases)
-        log.info("nnU-Net: %d case(s), folds %s, mirroring %s, on %s", len(todo), folds,
+        log.info("nnU-Net: %d case(s), folds %s, mirroring %s, on %s", len(inputs.cases), folds,
                  "on" if options.mirroring else "off", device)
-        for case in tqdm(todo, desc="nnU-Net prediction", unit="case"):
-            t = time.perf_counter()
-            ct, geometry = read_array(cohort.image_path(case))
-            mask = predict_volume(predictor, ct, geometry)
-            with folder.case(case) as (staging, part):
-                write_mask(mask, geometry, mask_path(staging, case))
-                part.update(slices=int(ct.shape[0]), lesion_voxels=int(mask.sum()),
-                            seconds=round(time.perf_counter() - t, 3))
-            del ct, mask
+        net = Network(name="nnunet", fingerprint=layout_fingerprint(layout, folds),
+                      segment=lambda volume, z, spacing_zyx: lesion_probability(predictor, volume[z], spacing_zyx),
+                      crop=options.crop)
+        outputs = Outputs(threshold=0.5, probabilities=options.probabilities, dicom_seg=options.dicom_seg,
+                          preview=options.preview, bones=None if options.bones is None else Path(options.bones),
+                          bones_from=options.bones_from)
+        done, failures, seconds = run_cases(folder, inputs.cases, net, outputs, strict=inputs.strict)
+    failures = inputs.failures + failures
     folder.finish({
         "mode": "segment", "model": {"work": str(layout.work), "model_folder": str(layout.model_folder),
-                                     "folds": folds, "framework": "nnU-Net v2"},
-        "folds": folds, "mirroring": options.mirroring, "device": device.type,
-        "dataset": str(cohort.root.absolute()), "cases_option": options.cases,
+                                     "folds": folds, "framework": "nnU-Net v2",
+                                     "fingerprint": layout_fingerprint(layout, folds)},
+        "folds": folds, "mirroring": options.mirroring, "device": device.type, **inputs.describe(options.cases),
         "shard": None if options.shard is None else {"index": options.shard[0], "count": options.shard[1]},
-        "cases_run": todo, "timing": {"seconds_total": round(time.perf_counter() - t0, 3)},
+        "cases_run": [p["case"] for p in done], "failed": failures, "orientation": CANONICAL,
+        "threshold": 0.5, "crop": options.crop,
+        "outputs": {k: getattr(options, k) for k in ("probabilities", "dicom_seg", "preview")},
+        "timing": {"seconds_network": round(seconds, 3), "seconds_total": round(time.perf_counter() - t0, 3)},
         "versions": {pkg: importlib.metadata.version(pkg) for pkg in ("nnunetv2", "torch")},
-    })
-    return [mask_path(folder.out, case) for case in cases]
+    }, tables=lesion_tables())
+    if failures:
+        raise DataProblems(failures)
+    return [mask_path(folder.out, c.case_id) for c in inputs.cases if folder.done(c.case_id)]
+
+
+def layout_fingerprint(layout: WorkLayout, folds: Sequence[int]) -> str:
+    """sha256 (16 hex digits) of the folds' checkpoints: identifies the trained weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for fold in folds:
+        with open(layout.checkpoint(fold), "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()[:16]

@@ -9,8 +9,8 @@ from analysis.errors import InputError
 from analysis.io import Geometry, array_to_image, write_array
 from analysis.metrics.lesions import BONE_NAMES, WEIGHT_BEARING_CODES
 from analysis.orientation import Reorientation
-from analysis.patients import (LESION_COLUMNS, PATIENT_COLUMNS, bones_from, finished_cases, lesion_rows,
-                               merge_parts, patient_row, read_rows, write_case_parts, write_rows, write_tables)
+from analysis.patients import (LESION_COLUMNS, PATIENT_COLUMNS, bones_from, lesion_rows, patient_row, read_rows,
+                               write_rows)
 
 # The reference storage: non-identity direction (y and z flipped), off-origin, anisotropic.
 SPACING = (0.75, 1.1, 2.5)
@@ -230,21 +230,6 @@ def test_csv_round_trip_and_resumable_parts(tmp_path) -> None:
                 assert b[c] == a[c], c
     # writing what was read gives the same file (formatting is a fixed point)
     assert write_rows(tmp_path / "l2.csv", LESION_COLUMNS, back).read_text(encoding="utf-8") == text
-
-    parts = tmp_path / "parts"
-    write_case_parts(parts, "c2", rows_c2 := [dict(r, case="c2") for r in rows], patient_row("c2", rows_c2))
-    write_case_parts(parts, "c1", rows, patient_row("c1", rows))
-    write_case_parts(parts, "c3", [], patient_row("c3", [], has_bones=True))
-    (parts / "c4.lesions.csv").write_text(",".join(LESION_COLUMNS) + "\n", encoding="utf-8")  # interrupted case
-    assert finished_cases(parts) == {"c1", "c2", "c3"}
-    lesions, patients = merge_parts(parts)
-    assert [p["case"] for p in patients] == ["c1", "c2", "c3"]
-    assert [(r["case"], r["lesion_id"]) for r in lesions] == [("c1", i) for i in range(1, 5)] + \
-        [("c2", i) for i in range(1, 5)]
-    assert patients[2]["lesions"] == 0 and patients[2]["spine"] == 0
-    lp, pp = write_tables(parts, tmp_path / "out")
-    assert read_rows(pp, PATIENT_COLUMNS) == patients
-    assert len(read_rows(lp, LESION_COLUMNS)) == 8
 
 
 def test_read_rows_refuses_foreign_tables(tmp_path) -> None:

@@ -15,13 +15,15 @@ from click.testing import CliRunner
 
 from analysis.cohort import Cohort
 from analysis.errors import InputError
-from analysis.io import Geometry, read_array, read_image, write_array
+from analysis.io import read_array, read_image, write_array
 from analysis.splits import write_splits
 from cli import main
 from nnunet_bridge.convert import convert_patients, nnunet_splits, slice_case_id
 from nnunet_bridge.env import DATASET_NAME, SCHEDULE_ENV, TRAINERS_DIR, WorkLayout, nnunet_environment
+from analysis.orientation import Reorientation
 from analysis.predictions import select_cases
-from nnunet_bridge.predict import predict_volume
+from analysis.probabilities import read_probability
+from nnunet_bridge.predict import lesion_probability
 from nnunet_bridge.train import TrainOptions, _schedule
 from tests.conftest import make_geometry, write_tiny_cohort
 
@@ -141,26 +143,24 @@ def test_resume_reuses_the_recorded_schedule_unless_overridden(tmp_path):
 
 
 class _ThresholdPredictor:
-    """Stands in for nnUNetPredictor: 'lesion' wherever the input exceeds 500 HU."""
+    """Stands in for nnUNetPredictor's array interface: lesion probability 0.9 wherever the input
+    exceeds 500 HU (the real predictor runs in test_train_then_predict_end_to_end)."""
 
-    def predict_single_npy_array(self, image, properties):
-        assert image.ndim == 4 and image.shape[0] == 1
+    def predict_single_npy_array(self, image, properties, previous, truncated, probabilities):
+        assert image.ndim == 4 and image.shape[0] == 1 and probabilities is True
         self.spacing = properties["spacing"]
-        return (image[0] > 500).astype(np.uint8)
+        p = np.where(image[0] > 500, 0.9, 0.1).astype(np.float32)
+        return (p > 0.5).astype(np.uint8), np.stack([1 - p, p])
 
 
-def test_predicted_volume_keeps_array_order_and_geometry(tmp_path):
-    geom = make_geometry((5, 12, 10), **ROTATED)
+def test_lesion_probability_keeps_array_order(tmp_path):
     ct = np.full((5, 12, 10), -1000, np.int16)
     ct[1:3, 2:5, 6:9] = 900
     fake = _ThresholdPredictor()
-    mask = predict_volume(fake, ct, geom)
+    prob = lesion_probability(fake, ct, (3.0, 1.1, 0.7))
     assert fake.spacing == [3.0, 1.1, 0.7]  # (z, y, x), the order of the array axes
-    from analysis.io import write_mask
-    write_mask(mask, geom, tmp_path / "m.nii.gz")
-    back, g = read_array(tmp_path / "m.nii.gz")
-    assert g.mismatch(geom) is None and back.dtype == np.uint8
-    np.testing.assert_array_equal(np.argwhere(back), np.argwhere(ct > 500))
+    assert prob.shape == ct.shape and prob.dtype == np.float32
+    np.testing.assert_array_equal(np.argwhere(prob >= 0.5), np.argwhere(ct > 500))
 
 
 def test_shards_partition_the_cases(tiny_cohort):
@@ -214,7 +214,8 @@ def test_train_one_fold_and_predict_back_to_the_ct_geometry(tmp_path, one_thread
     assert "nnUNet_raw" not in os.environ
 
     r = runner.invoke(main, ["nnunet", "predict", "--dataset", str(ds), "--work", str(work), "--out", str(pred),
-                             "--device", "cpu", "--no-mirroring"], catch_exceptions=False)
+                             "--device", "cpu", "--no-mirroring", "--no-crop", "--probabilities"],
+                      catch_exceptions=False)
     assert r.exit_code == 0, r.output
     mask, g = read_array(pred / f"{test_case}.nii.gz")
     assert g.mismatch(geom) is None, g.mismatch(geom)
@@ -230,12 +231,19 @@ def test_train_one_fold_and_predict_back_to_the_ct_geometry(tmp_path, one_thread
     with nnunet_environment(work):
         predictor = nnUNetPredictor(device=torch.device("cpu"), use_mirroring=False, allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(layout.model_folder), use_folds=(0,))
-        ct, _ = read_array(Cohort(ds).image_path(test_case))
-        logits_volume = _logits(predictor, ct[None].astype(np.float32), [3.0, 1.1, 0.7])
+        native, _ = read_array(Cohort(ds).image_path(test_case))
+        reo = Reorientation.of(geom)  # ROTATED swaps x and y: the network sees the canonical (LPS) view
+        ct = np.ascontiguousarray(reo.forward(native))
+        spacing = reo.canonical_spacing_zyx
+        logits_volume = _logits(predictor, ct[None].astype(np.float32), list(spacing))
         for z in range(ct.shape[0]):
-            logits_slice = _logits(predictor, ct[None, z:z + 1].astype(np.float32), [999.0, 1.1, 0.7])
+            logits_slice = _logits(predictor, ct[None, z:z + 1].astype(np.float32), [999.0, *spacing[1:]])
             np.testing.assert_allclose(logits_volume[:, z], logits_slice[:, 0], rtol=1e-4, atol=1e-4)
-        np.testing.assert_array_equal(predict_volume(predictor, ct, geom), mask)
+        prob = lesion_probability(predictor, ct, spacing)
+        np.testing.assert_array_equal(reo.backward(prob >= 0.5), mask)
+    stored = read_probability(pred / "probabilities" / f"{test_case}.nii.gz")  # same geometry, >= 0.5 is the mask
+    np.testing.assert_array_equal(stored >= 0.5, mask.astype(bool))
+    np.testing.assert_allclose(stored, reo.backward(prob), atol=1 / 255 + 1e-6)
 
     _resume_then_interrupt(ds, work, layout)
 

@@ -70,7 +70,7 @@ def _detector_run(path: Path, dataset: Path) -> Path:
     model = build_model(config.arch, context=config.context, width=config.width, image_size=config.image_size)
     path.mkdir(parents=True)
     model.save(path / "model.keras")
-    (path / "config.json").write_text(json.dumps({"settings": asdict(config)}, indent=2), encoding="utf-8")
+    (path / "config.json").write_text(json.dumps({"settings": asdict(config), "orientation": "LPS"}, indent=2), encoding="utf-8")
     return path
 
 

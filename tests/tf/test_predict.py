@@ -13,6 +13,7 @@ import pytest
 from analysis.cohort import Cohort, write_dataset_json
 from analysis.errors import InputError
 from analysis.io import read_array, read_header, write_array
+from analysis.orientation import Reorientation
 from analysis.predictions import remove_small_components
 from analysis.shards import parse_shard, shard_cases
 from bonemets_tf.inference import Predictor, check_memory, context_batch, context_indices, estimate_case_bytes
@@ -39,8 +40,18 @@ def det(runs):
 
 
 def _volumes(dataset: Path) -> dict[str, np.ndarray]:
+    """Each case's CT in the canonical view the networks see (LPS; the oblique cohort is stored z-flipped)."""
     cohort = Cohort(dataset)
-    return {c: read_array(cohort.image_path(c))[0].astype(np.float32) for c in cohort.cases()}
+    out = {}
+    for c in cohort.cases():
+        volume, geometry = read_array(cohort.image_path(c))
+        out[c] = np.ascontiguousarray(Reorientation.of(geometry).forward(volume.astype(np.float32)))
+    return out
+
+
+def _stored(dataset: Path, case: str, canonical: np.ndarray) -> np.ndarray:
+    """A canonical array back in the case's stored order."""
+    return Reorientation.of(read_header(Cohort(dataset).image_path(case))).backward(canonical)
 
 
 # --- pure helpers --------------------------------------------------------------------
@@ -60,7 +71,7 @@ def test_context_batch_matches_training_slice_store(runs, tmp_path):
     cohort = Cohort(runs.oblique_dataset)
     case = cohort.cases()[0]
     store = SliceStore(ensure_cached(cohort, [case], tmp_path / "cache"), context=3, store="memory")
-    volume = read_array(cohort.image_path(case))[0].astype(np.float32)
+    volume = _volumes(runs.oblique_dataset)[case]  # the cache holds the canonical view
     ours = context_batch(volume, range(volume.shape[0]), 3)
     for z in range(volume.shape[0]):
         np.testing.assert_array_equal(ours[z], store.read(np.int64(z))[0].numpy())
@@ -108,7 +119,7 @@ def test_memory_estimate_refuses_what_cannot_fit():
 
 def test_segmenter_masks_keep_the_ct_geometry_and_match_the_model(runs, seg, tmp_path):
     out = predict(runs.segmenter, runs.oblique_dataset, tmp_path / "PRED" / "unet",
-                  options=PredictOptions(cases="all", batch_size=3))
+                  options=PredictOptions(cases="all", batch_size=3, crop=False))
     cohort = Cohort(runs.oblique_dataset)
     geometry = oblique_geometry()
     for case, volume in _volumes(runs.oblique_dataset).items():
@@ -116,7 +127,7 @@ def test_segmenter_masks_keep_the_ct_geometry_and_match_the_model(runs, seg, tmp
         assert read_header(cohort.image_path(case)).mismatch(got) is None
         assert got.mismatch(geometry) is None and got.direction != (1, 0, 0, 0, 1, 0, 0, 0, 1)
         assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
-        expected = seg(context_batch(volume, range(volume.shape[0]), 3)) >= 0.5
+        expected = _stored(runs.oblique_dataset, case, seg(context_batch(volume, range(volume.shape[0]), 3)) >= 0.5)
         np.testing.assert_array_equal(mask, expected)
     record = json.loads((out / "predict.json").read_text(encoding="utf-8"))
     assert record["mode"] == "segment" and record["model"]["arch"] == "unet" and record["model"]["context"] == 3
@@ -130,9 +141,10 @@ def test_threshold_and_min_size_shape_the_mask(runs, seg, tmp_path):
     probs = seg(context_batch(volume, range(volume.shape[0]), 3))
     threshold = float(np.quantile(probs, 0.9))  # about 10% of voxels are lesion
     out = predict(runs.segmenter, runs.oblique_dataset, tmp_path / "p",
-                  options=PredictOptions(cases=case, threshold=threshold, min_size=4))
+                  options=PredictOptions(cases=case, threshold=threshold, min_size=4, crop=False))
     mask = read_array(out / f"{case}.nii.gz")[0]
-    np.testing.assert_array_equal(mask, remove_small_components(probs >= threshold, 4))
+    np.testing.assert_array_equal(mask, _stored(runs.oblique_dataset, case,
+                                                remove_small_components(probs >= threshold, 4)))
     assert 0 < mask.sum() <= (probs >= threshold).sum()
 
 
@@ -144,9 +156,9 @@ def test_detector_slices_csv_covers_every_slice(runs, det, tmp_path):
     assert list(rows[0]) == ["case", "slice", "probability"]
     assert sorted((r["case"], int(r["slice"])) for r in rows) == sorted(
         (c, z) for c, v in volumes.items() for z in range(v.shape[0]))
-    for case, volume in volumes.items():
+    for case, volume in volumes.items():  # rows in the stored slice order (the oblique cohort is z-flipped)
         got = np.array([float(r["probability"]) for r in rows if r["case"] == case])
-        np.testing.assert_allclose(got, det(context_batch(volume, range(volume.shape[0]), 1)), atol=1e-5)
+        np.testing.assert_allclose(got, det(context_batch(volume, range(volume.shape[0]), 1))[::-1], atol=1e-5)
     assert not list(out.glob("*.nii.gz"))
 
 
@@ -154,12 +166,12 @@ def test_cascade_segments_only_detected_slices(runs, seg, det, tmp_path):
     volumes = _volumes(runs.oblique_dataset)
     det_probs = {c: det(context_batch(v, range(v.shape[0]), 1)) for c, v in volumes.items()}
     cut = float(np.median(np.concatenate(list(det_probs.values()))))
-    common = dict(cases="all", threshold=0.0)  # threshold 0: every segmented pixel is 1
+    common = dict(cases="all", threshold=0.0, crop=False)  # threshold 0: every segmented pixel is 1
     out = predict(runs.segmenter, runs.oblique_dataset, tmp_path / "cascade", detector=runs.detector,
                   options=PredictOptions(detector_threshold=cut, **common))
     skipped = 0
     for case, probs in det_probs.items():
-        mask = read_array(out / f"{case}.nii.gz")[0]
+        mask = read_array(out / f"{case}.nii.gz")[0][::-1]  # stored z-flipped: back to the canonical slices
         detected = probs >= cut
         assert mask[detected].all() and not mask[~detected].any()
         skipped += int((~detected).sum())
