@@ -217,25 +217,27 @@ def segment_canonical(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float]
         slices: centre slices to segment (None: all); the others stay 0.
 
     Returns:
-        ``(probabilities, info)``: float32 of ``ct``'s shape, and the fraction of slice pixels
-        the network saw (``pixel_fraction``) and the number of network calls.
+        ``(probabilities, seen, info)``: float32 of ``ct``'s shape (0 where the network did not
+        look), the voxels the network looked at (bool, same shape), and the fraction of slice
+        pixels it saw (``pixel_fraction``) and the number of crop boxes.
     """
     prob = np.zeros(ct.shape, np.float32)
+    seen = np.zeros(ct.shape, bool)
     todo = np.arange(ct.shape[0]) if slices is None else np.asarray(sorted(slices), np.int64)
     if todo.size == 0:
-        return prob, {"pixel_fraction": 0.0, "boxes": 0}
+        return prob, seen, {"pixel_fraction": 0.0, "boxes": 0}
     if not net.crop:
         prob[todo] = net.segment(ct, todo, spacing_zyx)
-        return prob, {"pixel_fraction": 1.0, "boxes": 1}
-    seen = 0
+        seen[todo] = True
+        return prob, seen, {"pixel_fraction": 1.0, "boxes": 1}
     boxes = crop_boxes(ct, spacing_zyx, net.stride)
     for zs, rows, cols in boxes:
         z = todo[(todo >= zs.start) & (todo < zs.stop)]
         if z.size == 0:
             continue
         prob[z, rows, cols] = net.segment(ct[:, rows, cols], z, spacing_zyx)
-        seen += z.size * (rows.stop - rows.start) * (cols.stop - cols.start)
-    return prob, {"pixel_fraction": round(seen / (todo.size * ct.shape[1] * ct.shape[2]), 4), "boxes": len(boxes)}
+        seen[z, rows, cols] = True
+    return prob, seen, {"pixel_fraction": round(float(seen[todo].mean()), 4), "boxes": len(boxes)}
 
 
 def _bones(outputs: Outputs, case: str, geometry: Geometry) -> np.ndarray | None:
@@ -299,11 +301,11 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
         part["seconds"] = round(time.perf_counter() - t0, 3)
         return
     chosen = det_c_chosen(det_probs, outputs, reo)
-    prob_c, crop = segment_canonical(net, ct, spacing_zyx, chosen)
+    prob_c, seen, crop = segment_canonical(net, ct, spacing_zyx, chosen)
     part["seconds_network"] = round(time.perf_counter() - t_net, 3)
     prob = reo.backward(prob_c)
-    del prob_c
-    raw = prob >= outputs.threshold
+    raw = reo.backward(seen & (prob_c >= outputs.threshold))  # never lesion where the network did not look
+    del prob_c, seen
     mask = remove_small_components(raw, outputs.min_size)
     segmented = int(native.shape[0] if chosen is None else len(chosen))
     part.update(segmented=segmented, skipped=int(native.shape[0]) - segmented, crop=crop,

@@ -166,7 +166,8 @@ def infer(args) -> None:
     from bonemets_tf.predict import PredictOptions, predict
 
     runs = Path(args.runs)
-    options = PredictOptions(cases="all", batch_size=args.batch)
+    # whole slices, no extras: the network path the earlier rows measured (newpatients times the rest)
+    options = PredictOptions(cases="all", batch_size=args.batch, crop=False, preview=False)
     metrics, info = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(arch, runs / arch, None) for arch in args.models.split(",") if arch != "cascade"]
@@ -187,9 +188,51 @@ def infer(args) -> None:
     _emit(metrics, device="gpu" if _gpu(tf) else "cpu", tensorflow=tf.__version__, **info)
 
 
+def _dice(a, b) -> float:
+    a, b = a != 0, b != 0
+    total = int(a.sum() + b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def newpatients(args) -> None:
+    """Seconds per volume of ``predict`` on new-patient CT: whole slices vs the body crop, float32
+    vs mixed_bfloat16, and the masks' agreement (Dice) with the float32 whole-slice result."""
+    import tensorflow as tf
+
+    from analysis.io import read_array, read_json
+    from bonemets_tf.predict import PredictOptions, predict
+
+    runs = Path(args.runs)
+    variants = {"nocrop_f32": dict(crop=False), "crop_f32": dict(crop=True),
+                "crop_bf16": dict(crop=True, precision="mixed_bfloat16"),
+                "nocrop_bf16": dict(crop=False, precision="mixed_bfloat16")}
+    metrics, info = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.models.split(","):
+            detector = runs / DETECTOR if arch == "cascade" else None
+            model = runs / ("unet" if arch == "cascade" else arch)
+            masks = {}
+            for name, extra in variants.items():
+                if arch == "cascade" and name != "crop_f32":
+                    continue
+                options = PredictOptions(cases="all", batch_size=args.batch, detector_threshold=0.5, **extra)
+                out = Path(tmp) / f"{arch}_{name}"
+                predict(model, args.dataset, out, options=options, detector=detector, overwrite=True)  # warm-up
+                t = time.perf_counter()
+                predict(model, args.dataset, out, options=options, detector=detector, overwrite=True)
+                metrics[f"{arch}_{name}_s"] = time.perf_counter() - t
+                record = read_json(out / "predict.json", what="predict.json")
+                info[f"{arch}_{name}_crop"] = [p.get("crop") for p in record["per_case"].values()]
+                masks[name] = [read_array(m)[0] for m in sorted(out.glob("*.nii.gz"))]
+            for name in masks:
+                if name != "nocrop_f32" and "nocrop_f32" in masks:
+                    metrics[f"{arch}_{name}_dice"] = min(_dice(a, b) for a, b in zip(masks[name], masks["nocrop_f32"]))
+    _emit(metrics, device="gpu" if _gpu(tf) else "cpu", tensorflow=tf.__version__, **info)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--case", required=True, choices=("pipeline", "train", "make-runs", "infer"))
+    p.add_argument("--case", required=True, choices=("pipeline", "train", "make-runs", "infer", "newpatients"))
     p.add_argument("--dataset")
     p.add_argument("--cache")
     p.add_argument("--runs")
@@ -206,7 +249,8 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    {"pipeline": pipeline, "train": train, "make-runs": make_runs, "infer": infer}[args.case](args)
+    {"pipeline": pipeline, "train": train, "make-runs": make_runs, "infer": infer,
+     "newpatients": newpatients}[args.case](args)
 
 
 if __name__ == "__main__":

@@ -118,13 +118,20 @@ def nnunet(args) -> None:
     from analysis.io import read_array
     from nnunet_bridge.device import resolve_device
     from nnunet_bridge.env import WorkLayout, nnunet_environment
-    from nnunet_bridge.predict import predict_volume
+    from analysis.orientation import Reorientation
+    from analysis.runner import Network, segment_canonical
+    from nnunet_bridge.predict import lesion_probability
+
+    def predict_volume(p, ct, geo, crop=False):
+        reo = Reorientation.of(geo)
+        net = Network("nnunet", "", segment=lambda v, z, s: lesion_probability(p, v[z], s), crop=crop)
+        return segment_canonical(net, reo.forward(ct.astype("float32")), reo.canonical_spacing_zyx)[0]
 
     cohort = Cohort(args.dataset)
     volumes = [read_array(cohort.image_path(c)) for c in cohort.cases()]
     layout = WorkLayout(args.work)
     device = resolve_device("auto")
-    times: dict[str, list[float]] = {"nnunet_nomirror_s": [], "nnunet_mirror_s": []}
+    times: dict[str, list[float]] = {"nnunet_nomirror_s": [], "nnunet_mirror_s": [], "nnunet_crop_nomirror_s": []}
     with nnunet_environment(layout.work):
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -145,6 +152,10 @@ def nnunet(args) -> None:
                 for ct, geo in volumes:
                     predict_volume(p, ct, geo)
                 times[name].append(time.perf_counter() - t)
+            t = time.perf_counter()  # the body crop of `nnunet predict` (default on)
+            for ct, geo in volumes:
+                predict_volume(predictors["nnunet_nomirror_s"], ct, geo, crop=True)
+            times["nnunet_crop_nomirror_s"].append(time.perf_counter() - t)
     params = sum(x.numel() for x in predictors["nnunet_mirror_s"].network.parameters())
     _emit({k: statistics.median(v) for k, v in times.items()}, device=device.type, torch=torch.__version__,
           patch_size=conf.get("patch_size"), params=params, slices=int(sum(v[0].shape[0] for v in volumes)))

@@ -51,7 +51,9 @@ from unet_flops import unet_forward_flops  # noqa: E402
 CACHE = HERE / ".cache"
 RESULTS = HERE / "results" / "latest.json"
 PY = sys.executable
-CASES = ("pipeline", "train", "infer", "analysis", "memory")
+CASES = ("pipeline", "train", "infer", "newpatients", "analysis", "memory")
+#: Slices of the paper volume in the new-patients case (full 512 x 512; s/volume = x385/slices).
+NEW_PATIENT_SLAB = 32
 log = logging.getLogger("bench")
 
 
@@ -258,6 +260,20 @@ def case_infer(s: Settings) -> dict[str, Any]:
     return res
 
 
+def case_newpatients(s: Settings) -> dict[str, Any]:
+    """predict on new-patient CT: body crop and bf16 vs today's whole-slice float32, full-width UNet
+    and ResAttUNet, the cascade, and nnU-Net's predictor (mirroring off / on, and cropped)."""
+    n = NEW_PATIENT_SLAB if s.name != "tiny" else 2
+    slab = ensure_slab(n)
+    runs = ensure_runs()
+    work = ensure_nnunet()
+    res = alternate({"keras": tf_side("--case", "newpatients", "--dataset", slab, "--runs", runs, "--batch", 4,
+                                      "--models", "unet,resattunet,cascade"),
+                     "nnunet": torch_side("--case", "nnunet", "--dataset", slab, "--work", work, "--rounds", 1)}, 1)
+    res["slices"] = n
+    return res
+
+
 def case_analysis(s: Settings) -> dict[str, Any]:
     an = [PY, str(HERE / "_analysis_side.py"), "--lesions", str(s.lesions), "--slices", str(s.analysis_slices)]
     res = alternate({"metrics": [*an, "--case", "metrics", "--rounds", str(s.analysis_rounds)]}, 1)
@@ -306,7 +322,8 @@ def case_memory(s: Settings) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[Settings], dict[str, Any]]] = {
-    "pipeline": case_pipeline, "train": case_train, "infer": case_infer, "analysis": case_analysis,
+    "pipeline": case_pipeline, "train": case_train, "infer": case_infer, "newpatients": case_newpatients,
+    "analysis": case_analysis,
     "memory": case_memory}
 
 
@@ -391,6 +408,30 @@ def build_rows(res: dict[str, Any], s: Settings) -> list[Row]:
         rows.append(Row("infer: cascade (detector-gated unet) vs plain unet (s/volume)",
                         casc * 385 / n if casc else None, unet * 385 / n if unet else None, "s/vol",
                         f"random-init detector; timing {json.dumps(timing)[:80]}"))
+    if "newpatients" in res:
+        n = res["newpatients"]["slices"]
+        per_vol = 385 / n
+        note = f"{n} slices of the paper phantom at 512x512 (s/volume = x{per_vol:.1f}); random-init full width"
+        for arch in ("unet", "resattunet"):
+            base = _m(res, "newpatients", "keras", f"{arch}_nocrop_f32_s")
+            for name, label in (("crop_f32", "body crop"), ("nocrop_bf16", "bf16, whole slices"),
+                                ("crop_bf16", "body crop + bf16")):
+                sec = _m(res, "newpatients", "keras", f"{arch}_{name}_s")
+                dice = _m(res, "newpatients", "keras", f"{arch}_{name}_dice")
+                rows.append(Row(f"new patients: {arch} {label} vs whole-slice float32 (s/volume, speed-up)",
+                                base * per_vol if base else None, sec * per_vol if sec else None, "s/vol",
+                                f"{note}; mask Dice vs whole-slice f32 {dice:.4f}" if dice is not None else note))
+        casc = _m(res, "newpatients", "keras", "cascade_crop_f32_s")
+        unet = _m(res, "newpatients", "keras", "unet_crop_f32_s")
+        rows.append(Row("new patients: unet cropped vs cascade cropped (s/volume)", unet * per_vol if unet else None,
+                        casc * per_vol if casc else None, "s/vol", "random-init detector gates the slices"))
+        nn = _m(res, "newpatients", "nnunet", "nnunet_nomirror_s")
+        nm = _m(res, "newpatients", "nnunet", "nnunet_mirror_s")
+        nc = _m(res, "newpatients", "nnunet", "nnunet_crop_nomirror_s")
+        rows.append(Row("new patients: nnU-Net mirroring vs no mirroring (s/volume)", nm * per_vol if nm else None,
+                        nn * per_vol if nn else None, "s/vol", "tiny trained 2d plan; whole slices"))
+        rows.append(Row("new patients: nnU-Net whole slices vs body crop, no mirroring (s/volume)",
+                        nn * per_vol if nn else None, nc * per_vol if nc else None, "s/vol"))
     if "analysis" in res:
         p = _m(res, "analysis", "metrics", "project_s")
         b = _m(res, "analysis", "metrics", "scipy_baseline_s")

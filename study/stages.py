@@ -20,7 +20,7 @@ from typing import Any, Callable
 log = logging.getLogger("bonemets.demo")
 
 #: Framework each kind needs: a group holds stages of one framework only.
-FRAMEWORK = {"phantom": None, "split": None, "analyze": None, "train": "tensorflow", "predict": "tensorflow",
+FRAMEWORK = {"phantom": None, "split": None, "examples": None, "analyze": None, "train": "tensorflow", "predict": "tensorflow",
              "gradcam": "tensorflow", "export": "tensorflow", "nnunet-train": "torch", "nnunet-predict": "torch"}
 
 
@@ -48,6 +48,13 @@ def _split(p: dict[str, Any], run: bool) -> None:
         write_splits(p["dataset"], test_fraction=p["test_fraction"], folds=p["folds"], seed=p["seed"])
 
 
+def _examples(p: dict[str, Any], run: bool) -> None:
+    from analysis.examples import write_example_patients
+
+    if run:
+        write_example_patients(p["out"], shape=tuple(p["shape"]), spacing=tuple(p["spacing"]))
+
+
 def _train(p: dict[str, Any], run: bool) -> None:
     from bonemets_tf.train import TrainConfig, train
 
@@ -61,7 +68,8 @@ def _predict(p: dict[str, Any], run: bool) -> None:
 
     options = PredictOptions(**_only_fields(PredictOptions, p["options"], "predict"))
     if run:
-        predict(p["model"], p["dataset"], p["out"], options=options, detector=p.get("detector"))
+        predict(p["model"], p.get("dataset"), p["out"], options=options, detector=p.get("detector"),
+                images=p.get("images"))
 
 
 def _gradcam(p: dict[str, Any], run: bool) -> None:
@@ -115,7 +123,7 @@ def _analyze(p: dict[str, Any], run: bool) -> None:
 
 
 KINDS: dict[str, Callable[[dict[str, Any], bool], None]] = {
-    "phantom": _phantom, "split": _split, "train": _train, "predict": _predict, "gradcam": _gradcam,
+    "phantom": _phantom, "split": _split, "examples": _examples, "train": _train, "predict": _predict, "gradcam": _gradcam,
     "export": _export, "nnunet-train": _nnunet_train, "nnunet-predict": _nnunet_predict, "analyze": _analyze,
 }
 

@@ -121,10 +121,12 @@ def test_crop_to_the_body_gives_the_uncropped_mask_and_shows_less(tmp_path):
     ct[1:4, 40:44, 35:40] = 900
     ct[3, 58, 64] = 900
     spacing = (3.0, 0.8, 0.9)
-    full, info_full = segment_canonical(Network("p", "0", segment=pixelwise, crop=False), ct, spacing)
-    cropped, info = segment_canonical(Network("p", "0", segment=pixelwise, stride=8, crop=True), ct, spacing)
+    full, seen_full, info_full = segment_canonical(Network("p", "0", segment=pixelwise, crop=False), ct, spacing)
+    cropped, seen, info = segment_canonical(Network("p", "0", segment=pixelwise, stride=8, crop=True), ct, spacing)
     np.testing.assert_array_equal(full >= 0.5, cropped >= 0.5)
     assert info_full["pixel_fraction"] == 1.0 and info["pixel_fraction"] < 0.9 and info["boxes"] >= 1
+    assert seen_full.all() and 0 < seen.mean() < 0.9 and not (cropped[~seen]).any()
+    assert ((seen.sum(axis=0) > 0).sum(axis=1) % 8 == 0).all()  # boxes padded to the stride
 
 
 def test_lesions_csv_against_scipy_and_simpleitk(tmp_path):

@@ -90,11 +90,12 @@ def test_conversion_writes_true_2d_slices_in_array_order(tmp_path):
                                                                         "case_000_0001_0000.nii.gz"]
     assert len(list((raw / "labelsTr").iterdir())) == 10
     assert not list((raw / "imagesTr").glob("case_001_*")), "an unlisted (e.g. test) patient was converted"
-    ct, _ = read_array(cohort.image_path("case_000"))
-    lab, _ = read_array(cohort.label_path("case_000"))
+    reo = Reorientation.of(geom)  # slices of the canonical (LPS) view: ROTATED swaps x and y
+    ct = reo.forward(read_array(cohort.image_path("case_000"))[0])
+    lab = reo.forward(read_array(cohort.label_path("case_000"))[0])
     for z in (0, 2, 4):
         img = read_image(raw / "imagesTr" / f"case_000_{z:04d}_0000.nii.gz", ndim=2)
-        assert img.GetSpacing() == pytest.approx((0.7, 1.1))
+        assert img.GetSpacing() == pytest.approx((1.1, 0.7))
         np.testing.assert_array_equal(sitk.GetArrayFromImage(img), ct[z])
         seg = read_image(raw / "labelsTr" / f"case_000_{z:04d}.nii.gz", ndim=2)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), lab[z])

@@ -234,7 +234,7 @@ def test_cli_bad_run_folder_is_one_line_exit_2(runs, tmp_path):
                            "--dataset", str(runs.oblique_dataset), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120, encoding="utf-8", errors="replace")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {tmp_path}: not a RUN folder (expected model.keras and config.json from `train`)"
+    assert proc.stderr.strip() == f"error: {tmp_path}: not a RUN folder (expected model.keras and config.json from `train` or a SavedModel from `export`)"
     assert not (tmp_path / "o").exists()
 
 
