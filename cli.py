@@ -283,6 +283,13 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local weights file to start from.")
 @click.option("--bn-momentum", default=0.9, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="BatchNormalization momentum while training (Keras's own default is 0.99).")
+@click.option("--warmup-steps", type=click.IntRange(min=0),
+              help="Linear learning-rate warm-up steps [default: 10% of all steps, at most one epoch].")
+@click.option("--clip-norm", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Clip each step's gradients to this global norm.")
+@click.option("--guard/--no-guard", default=True, show_default=True,
+              help="Collapse guard: restore the last good epoch at a lower rate when the model's calls "
+                   "become constant; fail (exit 3) if it cannot recover.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
               help="Slice cache folder [default: ~/.cache/bonemets/slices].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")

@@ -18,8 +18,19 @@ from bonemets_tf.models.catalog import CATALOG, DETECT, SEGMENT
 
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
-#: Segmenters: validation per-slice Dice of each threshold (:mod:`bonemets_tf.calibrate`).
+#: Validation score of each threshold and the chosen one (:mod:`bonemets_tf.calibrate`).
 CALIBRATION_FILE = "calibration.json"
+HISTORY_FILE = "history.csv"
+#: What a model that predicts nothing (or one constant output) scores on validation: pooled
+#: Dice 0 on validation slices with lesion (segmenters), slice AUC 0.5 (detectors).
+EMPTY_LEVEL = {SEGMENT: 0.0, DETECT: 0.5}
+#: The collapse guard: validation within this much of :data:`EMPTY_LEVEL` is "at the empty level".
+EMPTY_MARGIN = {SEGMENT: 0.01, DETECT: 0.02}
+#: A model *learned* when its best validation value exceeds :data:`EMPTY_LEVEL` by more than
+#: this. It also clears the other trivial predictor: calling every pixel lesion scores Dice
+#: ``2 pi / (1 + pi)`` for a lesion-pixel share ``pi``, 0.01-0.02 on the phantoms; a model
+#: trained with ``--lr 1000`` reached validation Dice 0.017 calling a third of all pixels lesion.
+LEARNED_MARGIN = {SEGMENT: 0.05, DETECT: 0.05}
 
 
 @dataclass(frozen=True)
@@ -114,17 +125,90 @@ def read_run(path: str | os.PathLike, *, task: str | None = None, option: str = 
 
 
 def calibrated_threshold(run_dir: str | os.PathLike) -> float:
-    """The threshold in ``RUN/calibration.json`` (for ``predict --threshold auto``).
+    """The threshold in ``RUN/calibration.json`` (for ``predict --threshold auto``): the best
+    validation per-slice Dice for segmenters, the best validation F1 of slice calls for
+    detectors (see :mod:`bonemets_tf.calibrate`).
 
     Raises:
         InputError: the file is missing or holds no threshold in [0, 1].
     """
     path = Path(run_dir) / CALIBRATION_FILE
     if not path.is_file():
-        raise InputError(f"{path}: not found; --threshold auto needs a segmenter RUN trained by this version "
-                         f"(or pass a number)")
+        raise InputError(f"{path}: not found; --threshold auto needs a RUN trained by this version "
+                         f"(segmenters since the calibration, detectors since issue #16), or pass a number")
     record = read_json(path)
     t = record.get("threshold") if isinstance(record, dict) else None
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
         raise InputError(f"{path}: expected a 'threshold' in [0, 1]")
     return float(t)
+
+
+def training_status(run: RunInfo) -> dict[str, Any]:
+    """Whether a RUN's model learned anything, from its records (no TensorFlow import).
+
+    Reads ``config.json`` (the collapse guard's ``"guard"`` record, when train wrote one),
+    ``history.csv`` (the validation monitor: ``val_dice`` for segmenters, ``val_auc`` for
+    detectors) and, when there is no history, ``calibration.json``. A model *did not learn*
+    when its best validation value never rose above :data:`EMPTY_LEVEL` +
+    :data:`LEARNED_MARGIN` (the score of an empty or constant prediction), or when the guard
+    recorded the outcome ``"failed"`` (:data:`EMPTY_LEVEL` + :data:`LEARNED_MARGIN`: validation
+    Dice <= 0.05, AUC <= 0.55).
+
+    Args:
+        run: the RUN (:func:`read_run`).
+
+    Returns:
+        ``{"learned": bool | None, "reason": str, "best_val": float | None,
+        "empty_level": float | None, "guard_events": int}``; ``learned`` is None (unknown)
+        when the RUN holds no validation record; ``empty_level`` is the task's level.
+    """
+    task = run.task
+    guard = run.config.get("guard") if isinstance(run.config.get("guard"), dict) else {}
+    events = guard.get("events") if isinstance(guard.get("events"), list) else []
+    level, margin = EMPTY_LEVEL[task], LEARNED_MARGIN[task]
+    monitor = "val_auc" if task == DETECT else "val_dice"
+    best, source = _best_history_value(run.path / HISTORY_FILE, monitor), HISTORY_FILE
+    if best is None:
+        best, source = _calibration_value(run.path / CALIBRATION_FILE, task), CALIBRATION_FILE
+    status: dict[str, Any] = {"learned": None, "reason": "", "best_val": best, "empty_level": level,
+                              "guard_events": len(events)}
+    name = monitor[4:]
+    if guard.get("outcome") == "failed":
+        status.update(learned=False, reason=f"training failed: the collapse guard gave up after {len(events)} event(s)")
+    elif best is None:
+        status["reason"] = f"no validation {name} recorded in {HISTORY_FILE} or {CALIBRATION_FILE}"
+    elif best > level + margin:
+        recovered = f" after {len(events)} collapse guard event(s)" if events else ""
+        status.update(learned=True, reason=f"best validation {name} {best:.3f} > empty-prediction level "
+                                           f"{level:g}{recovered}")
+    else:
+        status.update(learned=False, reason=f"did not learn: best validation {name} {best:.3f} never rose above "
+                                            f"its empty-prediction level {level:g} ({source})")
+    return status
+
+
+def _best_history_value(path: Path, column: str) -> float | None:
+    import csv
+    import math
+
+    if not path.is_file():
+        return None
+    best = None
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                value = float(row.get(column) or "nan")
+            except ValueError:
+                continue
+            if math.isfinite(value) and (best is None or value > best):
+                best = value
+    return best
+
+
+def _calibration_value(path: Path, task: str) -> float | None:
+    """The calibrated validation score: Dice (segmenters) or AUC (detectors)."""
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    value = record.get("auc" if task == DETECT else "dice_at_threshold") if isinstance(record, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

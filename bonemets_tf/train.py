@@ -13,9 +13,37 @@ RUN layout (read by ``predict``/``gradcam``/``export``)::
                            epoch, history rows) + epoch-NNNN.weights.h5 (model weights and
                            optimizer state of the last completed epoch)
     RUN/logs/              TensorBoard logs (when the tensorboard package is installed)
-    RUN/calibration.json   segmenters: validation per-slice Dice of each probability threshold
-                           and the best one (``predict --threshold auto``; see
-                           :mod:`bonemets_tf.calibrate`)
+    RUN/calibration.json   validation score of each probability threshold and the best one
+                           (``predict --threshold auto``; see :mod:`bonemets_tf.calibrate`):
+                           per-slice Dice for segmenters, F1 of slice calls for detectors
+
+Robust defaults (issue #16). With the demo's default budget, ResUNet seed 0 collapsed on an
+AVX-512/bf16 CPU (training Dice 0.18, 0.49, then 0.000 to the end, validation Dice 0 in every
+epoch): its lesion logits fell below the clip of the probability-space BCE, where no loss term
+has a gradient left (see :mod:`bonemets_tf.losses`). The defaults now train on logits
+(``logit_loss``), with one soft Dice per batch (``batch_dice``), the segmenters' logit bias
+initialised to the lesion-pixel prior of the training crops (``prior_bias``; Lin et al. 2017,
+RetinaNet, sec. 4.1), a linear learning-rate warm-up (``warmup_steps``) and global-norm
+gradient clipping (``clip_norm``). Measured effects are in BENCHMARKS.md, "Training robustness".
+
+Collapse guard (``guard``, on by default). At each epoch end an epoch is *collapsed* when the
+model's calls on that epoch's training batches *became* constant (share of outputs >= 0.5, the
+``pos_frac`` metric, <= 1e-6 or >= 1 - 1e-6, after an earlier epoch where they were not: a
+segmenter started at the lesion prior calls nothing at first), or when validation has stayed at its
+empty-prediction level (:data:`EMPTY_LEVEL` + :data:`EMPTY_MARGIN`) for
+:data:`GUARD_PATIENCE` epochs in a row. Then train restores the weights and optimizer state
+of the last *good* epoch (not collapsed, validation above that level; the initial weights
+when there is none), multiplies the learning-rate curve by :data:`GUARD_LR_FACTOR` and goes on
+with the next epoch (the data stream continues, it is not replayed). Each event is a row of
+``config.json["guard"]["events"]`` (``epoch``, ``reason``, ``restored_epoch``, ``lr_scale``)
+and the ``guard_event``/``lr_scale`` columns of ``history.csv``. After
+:data:`GUARD_MAX_EVENTS` events, or when the guard acted and training still ends with validation
+never more than :data:`~bonemets_tf.run.LEARNED_MARGIN` above the empty level (Dice 0.05, AUC
+0.55), train raises :class:`TrainingFailed` (one line, exit code 3 from the CLI) and removes
+``model.keras``, so no model that predicts nothing is left to ``predict``;
+``config.json["guard"]["outcome"]`` is ``"ok"``, ``"recovered"`` or ``"failed"``. A run too
+short for the guard to act (one epoch: the patience is two) ends normally;
+:func:`bonemets_tf.run.training_status` then says whether it learned.
 
 Each epoch end writes the weights file, then (if improved) ``best-NNNN.keras``, then
 commits ``state.json`` atomically, then moves the best model to ``model.keras`` and
@@ -37,7 +65,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,7 +75,7 @@ from analysis.cohort import Cohort, fold_cases
 from analysis.errors import InputError
 from analysis.io import atomic_write_json, atomic_write_text, check_output_folder, read_json
 from bonemets_tf.models.catalog import CATALOG, DETECT
-from bonemets_tf.run import CALIBRATION_FILE
+from bonemets_tf.run import CALIBRATION_FILE, EMPTY_LEVEL, EMPTY_MARGIN, LEARNED_MARGIN, MODEL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +85,25 @@ STRATEGIES = ("auto", "mirrored", "multiworker")
 #: Settings that must match when resuming a run (the others, e.g. epochs, may change).
 RESUME_MUST_MATCH = ("dataset", "task", "arch", "fold", "batch_size", "steps_per_epoch", "image_size",
                      "width", "context", "lr", "seed", "precision", "positive_fraction", "lesion_crop_p", "bn_momentum",
-                     "lr_schedule")
+                     "lr_schedule", "warmup_steps", "clip_norm", "logit_loss", "batch_dice")
 LR_SCHEDULES = ("constant", "cosine")
+
+#: A training epoch whose share of positive calls is within this of 0 or 1 is constant.
+CONSTANT_EPS = 1e-6
+#: Epochs in a row at the empty level before the guard acts.
+GUARD_PATIENCE = 2
+#: Factor on the learning rate at each guard event.
+GUARD_LR_FACTOR = 0.5
+#: Guard events after which training fails.
+GUARD_MAX_EVENTS = 3
+#: Lesion-pixel prior bounds for the segmenters' initial logit bias.
+PRIOR_RANGE = (1e-4, 0.5)
+
+
+class TrainingFailed(InputError):
+    """Training did not produce a model that predicts anything (the collapse guard gave up)."""
+
+    exit_code = 3
 
 
 @dataclass(frozen=True)
@@ -96,6 +141,15 @@ class TrainConfig:
             statistics follow the weights in short from-scratch schedules; with 0.99 they lag
             so far behind that validation outputs stay constant (validation AUC 0.5 and Dice
             0 after a few hundred steps, seen on the phantom).
+        warmup_steps: linear learning-rate warm-up steps; None: 10% of all steps, at most one
+            epoch (24 of the demo segmenters' 240); 0: none.
+        clip_norm: clip each step's gradients to this global norm (None: no clipping).
+        prior_bias: segmenters: set the output logit's bias to ``logit(pi)``, ``pi`` the
+            lesion-pixel share of the first training batches (detectors train balanced by
+            ``pos_weight``, so their prior is 0.5 and the bias stays 0).
+        logit_loss: compute the losses from logits (see :mod:`bonemets_tf.losses`).
+        batch_dice: segmenters: one soft Dice over each batch instead of one per sample.
+        guard: the collapse guard (module docstring).
         run_eagerly: run train and validation steps eagerly instead of tracing them into a
             ``tf.function``: the same computation, slower per step but without the one-off
             trace. Measured on a 2-core CPU (batch 8 of 64^2): DenseNet121's first traced step
@@ -126,6 +180,19 @@ class TrainConfig:
     bn_momentum: float | None = 0.9
     lr_schedule: str = "constant"
     run_eagerly: bool = False
+    warmup_steps: int | None = None
+    clip_norm: float | None = 1.0
+    prior_bias: bool = True
+    logit_loss: bool = True
+    batch_dice: bool = True
+    guard: bool = True
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps in effect (``warmup_steps`` resolved)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(self.steps_per_epoch, max(1, self.epochs * self.steps_per_epoch // 10))
 
     def check(self) -> None:
         """Raise :class:`InputError` for inconsistent or out-of-range settings."""
@@ -154,6 +221,10 @@ class TrainConfig:
             raise InputError(f"--lr-schedule {self.lr_schedule}: expected one of {', '.join(LR_SCHEDULES)}")
         if not self.lr > 0:
             raise InputError(f"--lr {self.lr}: expected > 0")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise InputError(f"--warmup-steps {self.warmup_steps}: expected >= 0")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise InputError(f"--clip-norm {self.clip_norm}: expected > 0")
 
 
 def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
@@ -175,6 +246,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
     Raises:
         InputError: bad settings or data, an existing RUN without ``resume``/``overwrite``,
             or a resume whose settings differ from the saved run.
+        TrainingFailed: the collapse guard could not get a model that predicts anything.
     """
     config.check()
     out = Path(out)
@@ -209,7 +281,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
             _prepare_run(run, record, resume=resume, overwrite=overwrite)
         with _precision(config.precision):
             trained = _fit(config, run, record, cached_train, cached_val, strategy, tf, data)  # every worker trains
-        if chief and config.task != DETECT and (trained or not (run / CALIBRATION_FILE).is_file()):
+        if chief and (trained or not (run / CALIBRATION_FILE).is_file()):
             from bonemets_tf.calibrate import calibrate_run
 
             calibrate_run(run, cached_val, batch_size=config.batch_size)
@@ -220,10 +292,13 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
 
 
 def _fit(config, run, record, cached_train, cached_val, strategy, tf, data) -> bool:
-    """Train up to ``config.epochs``; False when the run had already got there."""
+    """Train up to ``config.epochs``; False when the run had already got there.
+
+    Raises:
+        TrainingFailed: the collapse guard gave up (module docstring).
+    """
     import keras
 
-    from bonemets_tf.losses import DiceBCELoss, DiceScore, WeightedBCELoss
     from bonemets_tf.models.registry import build_model
 
     keras.utils.set_random_seed(config.seed)
@@ -245,9 +320,12 @@ def _fit(config, run, record, cached_train, cached_val, strategy, tf, data) -> b
                              positive_fraction=config.positive_fraction, lesion_crop_p=config.lesion_crop_p)
     train_store = data.SliceStore(cached_train, context=config.context)
     val_store = data.SliceStore(cached_val, context=config.context)
-    start = state.epoch * config.steps_per_epoch * worker_share
-    train_ds = data.training_dataset(train_store, sampling, batch_size=config.batch_size, seed=config.seed,
-                                     stream=_worker_index(strategy), start=start)
+
+    def train_ds():  # continues the stream after the last completed epoch (resume, guard restart)
+        return data.training_dataset(train_store, sampling, batch_size=config.batch_size, seed=config.seed,
+                                     stream=_worker_index(strategy),
+                                     start=state.epoch * config.steps_per_epoch * worker_share)
+
     val_ds = data.validation_dataset(val_store, config.task, batch_size=config.batch_size,
                                      image_size=config.image_size, max_slices=config.val_max_slices)
     with strategy.scope():
@@ -257,41 +335,184 @@ def _fit(config, run, record, cached_train, cached_val, strategy, tf, data) -> b
             for layer in model.layers:
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.momentum = config.bn_momentum
-        if config.task == DETECT:
-            f = sampling.positive_fraction
-            loss = WeightedBCELoss(pos_weight=(1.0 - f) / f if 0.0 < f < 1.0 else 1.0)
-            metrics = [keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")]
-        else:
-            loss, metrics = DiceBCELoss(), [DiceScore(name="dice")]
-        model.compile(optimizer=keras.optimizers.Adam(_learning_rate(config)), loss=loss, metrics=metrics,
-                      jit_compile=record["runtime"]["jit_compile"], run_eagerly=config.run_eagerly)
+        if state.epoch == 0 and config.prior_bias and config.task != DETECT and config.weights is None:
+            _set_prior_bias(model, _lesion_prior(data.training_dataset(
+                train_store, sampling, batch_size=config.batch_size, seed=config.seed, stream=_worker_index(strategy))))
+        trainer = _training_view(model, config.task) if config.logit_loss else model
+        _compile(trainer, config, record, state.lr_scale)
         if state.epoch > 0:
-            state.restore(model)
+            state.restore(trainer)
+            if config.guard and state.pending_event is not None:  # killed between an event and its restore
+                state.restore_good(trainer)
+                state.pending_event = None
     _record_params(run, model)
     monitor = "val_auc" if config.task == DETECT else "val_dice"
-    callbacks = [RunCheckpoint(run, state, monitor)]
-    if importlib.util.find_spec("tensorboard") is not None:
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run / "logs"), write_graph=False, profile_batch=0))
-    else:
-        log.warning("TensorBoard logs skipped: the tensorboard package is not installed")
+    guard = CollapseGuard(config.task, monitor) if config.guard else None
+    if guard is not None and state.epoch == 0:
+        state.save_good(trainer, 0)
     log.info("training %s (%s) for epochs %d..%d, %d steps of %d", config.arch, config.task,
              state.epoch + 1, config.epochs, config.steps_per_epoch, config.batch_size)
-    with _keras_multiworker_fixes(model, train_ds) if workers > 1 else contextlib.nullcontext():
-        model.fit(train_ds, epochs=config.epochs, initial_epoch=state.epoch, steps_per_epoch=config.steps_per_epoch,
-                  validation_data=val_ds, callbacks=callbacks, shuffle=False,
-                  verbose=1 if sys.stdout.isatty() else 2)
+    while True:
+        callbacks = [RunCheckpoint(run, state, monitor, model=model, guard=guard)]
+        if importlib.util.find_spec("tensorboard") is not None:
+            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run / "logs"), write_graph=False,
+                                                         profile_batch=0))
+        ds = train_ds()
+        with _keras_multiworker_fixes(trainer, ds) if workers > 1 else contextlib.nullcontext():
+            trainer.fit(ds, epochs=config.epochs, initial_epoch=state.epoch, steps_per_epoch=config.steps_per_epoch,
+                        validation_data=val_ds, callbacks=callbacks, shuffle=False,
+                        verbose=1 if sys.stdout.isatty() else 2)
+        event = state.pending_event
+        if guard is None or event is None:
+            break
+        if len(state.guard_events) > GUARD_MAX_EVENTS:
+            _fail(run, state, config, f"{len(state.guard_events)} collapses (last: {event['reason']}), "
+                                      f"learning rate down to x{state.lr_scale:g}")
+        state.pending_event = None
+        if state.epoch >= config.epochs:
+            state.commit()
+            break
+        with strategy.scope():  # restore the last good epoch and go on at a lower rate
+            _compile(trainer, config, record, state.lr_scale)
+            state.restore_good(trainer)
+            trainer.optimizer.iterations.assign(state.epoch * config.steps_per_epoch)
+        state.commit()
+        log.warning("%s epoch %d: %s; restored epoch %d, learning rate x%g", config.arch, event["epoch"],
+                    event["reason"], event["restored_epoch"], event["lr_scale"])
+    if guard is not None:
+        learned = state.best is not None and state.best > EMPTY_LEVEL[config.task] + LEARNED_MARGIN[config.task]
+        if state.guard_events and not learned:  # the guard acted and could not get it going
+            best = "none" if state.best is None else f"{state.best:.4f}"
+            _fail(run, state, config, f"validation {monitor[4:]} never rose above its empty-prediction level "
+                                      f"{EMPTY_LEVEL[config.task]:g} (best {best})")
+        _write_guard(run, state, "recovered" if state.guard_events else "ok")
+        if not learned:
+            log.warning("%s did not learn: best %s %s, not above its empty-prediction level %g + %g "
+                        "(too short for the collapse guard to act)", config.arch, monitor, state.best,
+                        EMPTY_LEVEL[config.task], LEARNED_MARGIN[config.task])
     return True
 
 
-def _learning_rate(config: TrainConfig):
-    """Adam's learning rate: a float, or a schedule over the global step (the optimizer's
-    ``iterations``, restored on ``--resume``, so a resumed run continues the same curve)."""
+def _compile(trainer, config: TrainConfig, record: dict[str, Any], lr_scale: float) -> None:
+    """Compile ``trainer`` with this run's loss, metrics and optimizer (rate times ``lr_scale``)."""
     import keras
 
-    if config.lr_schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=config.epochs * config.steps_per_epoch,
-                                                      alpha=0.01)
-    return config.lr
+    from bonemets_tf.losses import DiceBCELoss, DiceScore, PositiveFraction, WeightedBCELoss
+
+    logits = config.logit_loss
+    if config.task == DETECT:
+        f = config.positive_fraction
+        loss = WeightedBCELoss(pos_weight=(1.0 - f) / f if 0.0 < f < 1.0 else 1.0, from_logits=logits)
+        metrics = [keras.metrics.AUC(name="auc", from_logits=logits),
+                   keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0 if logits else 0.5)]
+    else:
+        loss = DiceBCELoss(from_logits=logits, batch_dice=config.batch_dice)
+        metrics = [DiceScore(name="dice", from_logits=logits)]
+    metrics.append(PositiveFraction(name="pos_frac", from_logits=logits))
+    clip = {"global_clipnorm": config.clip_norm} if config.clip_norm is not None else {}
+    trainer.compile(optimizer=keras.optimizers.Adam(_learning_rate(config, lr_scale), **clip), loss=loss,
+                    metrics=metrics, jit_compile=record["runtime"]["jit_compile"], run_eagerly=config.run_eagerly)
+
+
+def _training_view(model, task: str):
+    """A model sharing ``model``'s layers whose output is the logit (before the sigmoid),
+    cropped like the probability for segmenters: what the logit losses train."""
+    import keras
+
+    from bonemets_tf.layers import CropLike
+
+    logit = model.get_layer("logit").output
+    logit = keras.layers.Activation("linear", dtype="float32", name="logit_float32")(logit)
+    if task != DETECT:
+        logit = CropLike(dtype="float32", name="logit_crop")([logit, model.inputs[0]])
+    return keras.Model(model.inputs, logit, name=f"{model.name}_logits")
+
+
+def _lesion_prior(dataset, batches: int = 8) -> float:
+    """Lesion-pixel share of the first ``batches`` training batches, within :data:`PRIOR_RANGE`."""
+    total = count = 0.0
+    for _, mask in dataset.take(batches):
+        m = np.asarray(mask, np.float64)
+        total, count = total + m.sum(), count + m.size
+    prior = total / count if count else PRIOR_RANGE[0]
+    return float(min(max(prior, PRIOR_RANGE[0]), PRIOR_RANGE[1]))
+
+
+def _set_prior_bias(model, prior: float) -> None:
+    """Start the segmenter at ``sigmoid(logit bias) = prior`` (rare-foreground initialisation)."""
+    layer = model.get_layer("logit")
+    kernel, bias = layer.get_weights()
+    layer.set_weights([kernel, np.full_like(bias, math.log(prior / (1.0 - prior)))])
+    log.info("logit bias initialised to the lesion-pixel prior %.4f (%.2f)", prior, math.log(prior / (1.0 - prior)))
+
+
+def _learning_rate(config: TrainConfig, scale: float = 1.0):
+    """Adam's learning rate: a float, or a schedule over the global step (the optimizer's
+    ``iterations``, restored on ``--resume``, so a resumed run continues the same curve)."""
+    from bonemets_tf.losses import WarmupSchedule
+
+    decay = config.epochs * config.steps_per_epoch if config.lr_schedule == "cosine" else None
+    if decay is None and config.warmup == 0 and scale == 1.0:
+        return config.lr
+    return WarmupSchedule(config.lr, decay_steps=decay, alpha=0.01, warmup_steps=config.warmup, scale=scale)
+
+
+def _fail(run: Path, state: "RunState", config: TrainConfig, why: str) -> None:
+    """Record the failure, remove ``model.keras`` and raise :class:`TrainingFailed`."""
+    _write_guard(run, state, "failed")
+    (run / MODEL_FILE).unlink(missing_ok=True)
+    raise TrainingFailed(f"train {config.arch}: did not learn: {why}; {run / MODEL_FILE} removed "
+                         f"(history in {run / 'history.csv'}; try a lower --lr)")
+
+
+def _write_guard(run: Path, state: "RunState", outcome: str) -> None:
+    config_path = run / "config.json"
+    if not config_path.is_file():  # a non-chief worker's scratch folder
+        return
+    saved = read_json(config_path, what="run config")
+    guard = {"rule": {"constant_eps": CONSTANT_EPS, "empty_level": EMPTY_LEVEL, "empty_margin": EMPTY_MARGIN,
+                      "learned_margin": LEARNED_MARGIN,
+                      "patience": GUARD_PATIENCE, "lr_factor": GUARD_LR_FACTOR, "max_events": GUARD_MAX_EVENTS},
+             "events": state.guard_events, "lr_scale": state.lr_scale, "outcome": outcome}
+    atomic_write_json(config_path, {**saved, "guard": guard})
+
+
+class CollapseGuard:
+    """The collapse rule of the module docstring, applied to one epoch's logs.
+
+    Args:
+        task: ``"detect"`` or ``"segment"``.
+        monitor: validation key (``val_dice``/``val_auc``).
+    """
+
+    def __init__(self, task: str, monitor: str) -> None:
+        self.task, self.monitor = task, monitor
+        self.empty = EMPTY_LEVEL[task] + EMPTY_MARGIN[task]
+
+    def val_empty(self, logs: dict[str, float]) -> bool:
+        """Validation at (or below) the empty-prediction level, or not finite."""
+        value = logs.get(self.monitor, float("nan"))
+        return not (math.isfinite(value) and value > self.empty)
+
+    def constant(self, logs: dict[str, float]) -> str | None:
+        """How an epoch's training calls were constant, or None."""
+        frac = logs.get("pos_frac", float("nan"))
+        if math.isfinite(frac) and frac <= CONSTANT_EPS:
+            return "training calls all background"
+        if math.isfinite(frac) and frac >= 1.0 - CONSTANT_EPS:
+            return "training calls all lesion"
+        return None
+
+    def check(self, logs: dict[str, float], empty_run: int, varied: bool = True) -> str | None:
+        """The reason for an event after an epoch with ``logs`` (``empty_run``: epochs in a
+        row, this one included, with validation at the empty level; ``varied``: an earlier
+        epoch's training calls were not constant), or None."""
+        constant = self.constant(logs)
+        if constant is not None and varied:
+            return constant
+        if empty_run >= GUARD_PATIENCE:
+            return f"validation {self.monitor[4:]} at its empty level for {empty_run} epochs"
+        return None
 
 
 @contextlib.contextmanager
@@ -347,6 +568,14 @@ class RunState:
         best: best monitored value so far (None before the first epoch).
         best_epoch: 1-based epoch of ``model.keras``.
         history: one dict per completed epoch (``epoch`` 1-based plus Keras logs).
+        lr_scale: the collapse guard's factor on the learning-rate curve (1 before any event).
+        guard_events: one dict per guard event (``epoch``, ``reason``, ``restored_epoch``,
+            ``lr_scale``).
+        good_epoch: the last good epoch (its weights are ``checkpoints/good.weights.h5``;
+            0 = the initial weights), None without a guard.
+        empty_run: epochs in a row, up to the last one, with validation at the empty level.
+        varied: some training epoch so far had calls that were not all one class.
+        pending_event: the guard event of the last epoch whose restore is still to do.
     """
 
     run: Path
@@ -354,6 +583,12 @@ class RunState:
     best: float | None = None
     best_epoch: int | None = None
     history: list[dict[str, float]] | None = None
+    lr_scale: float = 1.0
+    guard_events: list[dict[str, Any]] = field(default_factory=list)
+    good_epoch: int | None = None
+    empty_run: int = 0
+    varied: bool = False
+    pending_event: dict[str, Any] | None = None
 
     @property
     def folder(self) -> Path:
@@ -365,6 +600,10 @@ class RunState:
     def best_path(self, epoch: int) -> Path:
         return self.folder / f"best-{epoch:04d}.keras"
 
+    @property
+    def good_path(self) -> Path:
+        return self.folder / "good.weights.h5"
+
     @classmethod
     def load(cls, run: Path) -> "RunState":
         """Read the committed state and tidy files written after it (by a killed process)."""
@@ -373,12 +612,15 @@ class RunState:
         if path.is_file():
             saved = read_json(path, what="checkpoint state")
             state = cls(run=run, epoch=int(saved["epoch"]), best=saved["best"], best_epoch=saved["best_epoch"],
-                        history=list(saved["history"]))
+                        history=list(saved["history"]), lr_scale=float(saved.get("lr_scale", 1.0)),
+                        guard_events=list(saved.get("guard_events", [])), good_epoch=saved.get("good_epoch"),
+                        empty_run=int(saved.get("empty_run", 0)), varied=bool(saved.get("varied", False)),
+                        pending_event=saved.get("pending_event"))
         if state.folder.is_dir():
             for p in state.folder.iterdir():  # finish or discard what followed the last commit
                 if p.name.startswith("best-") and state.best_epoch is not None and p == state.best_path(state.best_epoch):
                     os.replace(p, run / "model.keras")
-                elif p.name != "state.json" and p != state.weights_path(state.epoch):
+                elif p.name != "state.json" and p != state.weights_path(state.epoch) and p != state.good_path:
                     p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
         state.write_history()
         return state
@@ -389,9 +631,23 @@ class RunState:
         model.load_weights(self.weights_path(self.epoch))
         log.info("resumed from %s (epoch %d)", self.weights_path(self.epoch), self.epoch)
 
+    def save_good(self, model, epoch: int) -> None:
+        """Keep ``model``'s weights (and optimizer state) as the last good epoch's."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _save_atomic(lambda p: model.save_weights(p), self.good_path)
+        self.good_epoch = epoch
+
+    def restore_good(self, model) -> None:
+        """Load the last good epoch's weights into ``model`` (compiled with a fresh optimizer)."""
+        if self.good_epoch:  # epoch 0's file holds no optimizer state
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(self.good_path)
+
     def commit(self) -> None:
         atomic_write_json(self.folder / "state.json", {
-            "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "history": self.history})
+            "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "history": self.history,
+            "lr_scale": self.lr_scale, "guard_events": self.guard_events, "good_epoch": self.good_epoch,
+            "empty_run": self.empty_run, "varied": self.varied, "pending_event": self.pending_event})
 
     def write_history(self) -> None:
         if not self.history:
@@ -413,15 +669,22 @@ def _keras_callback_base():
 class RunCheckpoint(_keras_callback_base()):
     """Keras callback writing weights, best model, state and history at each epoch end.
 
+    The Keras model being fitted (``self.model``) may be a logit view of ``model`` (see
+    :func:`_training_view`); weights and optimizer state are saved from the fitted model, the
+    best model from ``model`` (probability output, what ``predict`` loads).
+
     Args:
         run: RUN folder.
         state: the run's state (updated in place).
         monitor: validation log key to maximise (e.g. ``"val_dice"``).
+        model: the model to save as ``model.keras`` (None: the fitted one).
+        guard: the collapse guard (None: off).
     """
 
-    def __init__(self, run: Path, state: RunState, monitor: str) -> None:
+    def __init__(self, run: Path, state: RunState, monitor: str, *, model=None,
+                 guard: CollapseGuard | None = None) -> None:
         super().__init__()
-        self.run, self.state, self.monitor = run, state, monitor
+        self.run, self.state, self.monitor, self.inference, self.guard = run, state, monitor, model, guard
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = {k: float(v) for k, v in (logs or {}).items()}
@@ -432,8 +695,10 @@ class RunCheckpoint(_keras_callback_base()):
         value = logs.get(self.monitor, float("nan"))
         improved = st.best is None or (math.isfinite(value) and (not math.isfinite(st.best) or value > st.best))
         if improved:
-            _save_atomic(lambda p: self.model.save(p), st.best_path(done))
+            _save_atomic(lambda p: (self.inference or self.model).save(p), st.best_path(done))
             st.best, st.best_epoch = (value if math.isfinite(value) else float("-inf")), done
+        if self.guard is not None:
+            logs.update(self._guard(done, logs))
         previous = st.epoch
         st.epoch = done
         st.history = [row for row in st.history if row["epoch"] < done] + [{"epoch": done, **logs}]
@@ -443,6 +708,26 @@ class RunCheckpoint(_keras_callback_base()):
         if previous != done and st.weights_path(previous).exists():
             st.weights_path(previous).unlink()
         st.write_history()
+
+
+    def _guard(self, done: int, logs: dict[str, float]) -> dict[str, float]:
+        """Apply the collapse rule to epoch ``done``; the history columns it adds."""
+        st = self.state
+        empty = self.guard.val_empty(logs)
+        st.empty_run = st.empty_run + 1 if empty else 0
+        reason = self.guard.check(logs, st.empty_run, st.varied)
+        st.varied = st.varied or self.guard.constant(logs) is None
+        scale = st.lr_scale
+        if reason is None:
+            if not empty:
+                st.save_good(self.model, done)
+            return {"lr_scale": scale, "guard_event": 0.0}
+        st.lr_scale *= GUARD_LR_FACTOR
+        st.empty_run = 0
+        st.pending_event = {"epoch": done, "reason": reason, "restored_epoch": st.good_epoch, "lr_scale": st.lr_scale}
+        st.guard_events.append(st.pending_event)
+        self.model.stop_training = True
+        return {"lr_scale": scale, "guard_event": 1.0}
 
 
 def _save_atomic(save, path: Path) -> None:

@@ -19,8 +19,10 @@ from bonemets_tf.train import TrainConfig, train  # noqa: E402
 
 
 def _config(dataset: Path, **kw) -> TrainConfig:
+    # two steps do not teach a model: these tests check the RUN mechanics, not learning (the
+    # guard would rightly stop a two-epoch run whose validation stays empty; see test_guard.py)
     base = dict(dataset=str(dataset), task="segment", arch="unet", epochs=1, steps_per_epoch=2, batch_size=2,
-                image_size=32, width=0.25, seed=3, deterministic=True)
+                image_size=32, width=0.25, seed=3, deterministic=True, guard=False)
     return TrainConfig(**{**base, **kw})
 
 
@@ -84,12 +86,16 @@ def test_task_must_match_arch(cohort_dir, tmp_path):
 def test_cosine_schedule_decays_to_one_percent_and_is_recorded(cohort_dir, tmp_path):
     from bonemets_tf.train import _learning_rate
 
-    config = _config(cohort_dir, epochs=2, steps_per_epoch=5, lr=1e-3, lr_schedule="cosine")
+    config = _config(cohort_dir, epochs=2, steps_per_epoch=5, lr=1e-3, lr_schedule="cosine", warmup_steps=0)
     schedule = _learning_rate(config)
     assert float(schedule(0)) == pytest.approx(1e-3)
     assert float(schedule(5)) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5), rel=1e-4)  # half-way
     assert float(schedule(10)) == pytest.approx(1e-5, rel=1e-4)  # the end of training: 1% of lr
     assert _learning_rate(replace(config, lr_schedule="constant")) == 1e-3
+    # the default warm-up: 10% of all steps (at most one epoch), linear from lr / warm-up steps
+    warm = replace(config, warmup_steps=None)
+    assert warm.warmup == 1 and replace(config, epochs=50, warmup_steps=None).warmup == 5
+    assert float(_learning_rate(replace(warm, epochs=20))(0)) == pytest.approx(1e-3 / 5 * (0.01 + 0.99), rel=1e-4)
     with pytest.raises(InputError, match="--lr-schedule step"):
         replace(config, lr_schedule="step").check()
     run = train(replace(config, epochs=1, steps_per_epoch=2), tmp_path / "RUN", cache_dir=tmp_path / "cache")
