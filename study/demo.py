@@ -168,6 +168,8 @@ class Demo:
         self.dataset = self.out / "dataset"
         self.runs = self.out / "runs"
         self.preds = self.out / "predictions"
+        self.examples = self.out / "new_patients" / "inputs"
+        self.new_patients = self.out / "new_patients"
         self.stages_dir = self.out / ".stages"
         self.timings: dict[str, float] = {}
 
@@ -237,6 +239,8 @@ class Demo:
                                          "shape": list(b.shape), "spacing": list(b.spacing)}, self.dataset),
             Stage("split", "split", {"dataset": str(self.dataset), "test_fraction": b.test_fraction, "folds": 5,
                                      "seed": self.seed}, self.dataset / "splits.json"),
+            Stage("examples", "examples", {"out": str(self.examples), "shape": list(b.shape),
+                                           "spacing": list(b.spacing)}, self.examples),
         ]
 
     def train_stage(self, arch: str) -> Stage:
@@ -266,9 +270,25 @@ class Demo:
         # masks at the fixed threshold 0.5: on the default demo's models the validation-calibrated
         # threshold (`--threshold auto`) gave test per-slice Dice 0.533/0.551/0.546 (unet/resunet/
         # resattunet) vs 0.549/0.552/0.551 at 0.5, so the report shows the calibration beside it
+        # segmenters also write probability maps: analyze's FROC reads them
+        options = {"cases": "test", **({"probabilities": True} if arch in SEGMENTERS else {})}
         return Stage(f"predict-{arch}", "predict", {"model": str(self.runs / arch), "dataset": str(self.dataset),
-                                                    "out": str(self.preds / arch), "options": {"cases": "test"}},
+                                                    "out": str(self.preds / arch), "options": options},
                      self.preds / arch)
+
+    def new_patient_stages(self, best_seg: str) -> list[Stage]:
+        """The best Keras segmenter on two new patients: a RAS-stored NIfTI file and a DICOM series
+        folder (beside a localizer), as a team runs a trained model on new CT."""
+        model = str(self.runs / best_seg)
+        return [
+            Stage("new-patient-nifti", "predict", {
+                "model": model, "images": str(self.examples / "nifti" / "pt_nifti.nii.gz"),
+                "out": str(self.new_patients / "nifti"), "options": {"probabilities": True}},
+                  self.new_patients / "nifti"),
+            Stage("new-patient-dicom", "predict", {
+                "model": model, "images": str(self.examples / "dicom"), "out": str(self.new_patients / "dicom"),
+                "options": {"probabilities": True, "dicom_seg": True}}, self.new_patients / "dicom"),
+        ]
 
     def cascade_name(self, detector: str, segmenter: str) -> str:
         return f"cascade-{detector}-{segmenter}"
@@ -279,6 +299,7 @@ class Demo:
                       "model": str(self.runs / best_seg), "dataset": str(self.dataset), "out": str(self.preds / name),
                       "detector": str(self.runs / best_det), "options": {"cases": "test", "detector_threshold": 0.5}},
                         self.preds / name),
+                  *self.new_patient_stages(best_seg),
                   Stage("gradcam", "gradcam", {"model": str(self.runs / best_det), "dataset": str(self.dataset),
                                                "out": str(self.out / "gradcam"), "cases": "test",
                                                "max_slices": self.budget.gradcam_slices}, self.out / "gradcam")]
@@ -313,7 +334,7 @@ class Demo:
         data = self.data_stages()
         training = [self.train_stage(a) for a in DETECTORS + SEGMENTERS]
         nnunet = self.nnunet_stages()
-        n_infer = len(DETECTORS + SEGMENTERS) + 2 + len(DETECTORS)
+        n_infer = len(DETECTORS + SEGMENTERS) + 4 + len(DETECTORS)
         total = len(data) + len(training) + len(nnunet) + n_infer + 2
         index = 1
         for group in (data, training, nnunet):

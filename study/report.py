@@ -18,6 +18,7 @@ from typing import Any
 
 from analysis import paper
 from analysis.io import atomic_directory, atomic_write_text
+from study.new_patients import new_patients_section
 
 SYNTHETIC = ("**The cohort is synthetic.** Every number below comes from a computer-generated CT phantom "
              "with known ground truth, not from patients; it shows that the pipeline works end to end and "
@@ -155,6 +156,7 @@ def write_study_report(out: Path, *, best_detector: str, cascade: str, budget: A
                    f"Grad-CAM of `{best_detector}` on its most confident test slices: CT in a bone window, heat map, "
                    "ground-truth outline. Per-case heat-map volumes: `gradcam/<case>_gradcam.nii.gz`.", "",
                    "![Grad-CAM](figures/fig2_gradcam.png)", ""]
+        md += new_patients_section(out, figs, _table)
         md += ["## Run", ""]
         md += _table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()])
         md += ["Outputs: `dataset/` (cohort), `runs/` (Keras RUN folders), `nnunet_work/` (nnU-Net), "

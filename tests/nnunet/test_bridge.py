@@ -246,6 +246,21 @@ def test_train_one_fold_and_predict_back_to_the_ct_geometry(tmp_path, one_thread
     np.testing.assert_array_equal(stored >= 0.5, mask.astype(bool))
     np.testing.assert_allclose(stored, reo.backward(prob), atol=1 / 255 + 1e-6)
 
+    # new patients: the same CT as a RAS-stored NIfTI file gives the same mask in physical space
+    from analysis.examples import _ras
+
+    ras_ct, ras_geometry = _ras(native, geom)
+    write_array(ras_ct, ras_geometry, tmp_path / "images" / f"{test_case}_0000.nii.gz")
+    r = runner.invoke(main, ["nnunet", "predict", "--images", str(tmp_path / "images"), "--work", str(work),
+                             "--out", str(tmp_path / "new"), "--device", "cpu", "--no-mirroring", "--no-crop"],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    def lps(path):
+        return sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS"))
+    np.testing.assert_array_equal(lps(tmp_path / "new" / f"{test_case}.nii.gz"), lps(pred / f"{test_case}.nii.gz"))
+    assert read_array(tmp_path / "new" / f"{test_case}.nii.gz")[1].mismatch(ras_geometry) is None
+    assert (tmp_path / "new" / "lesions.csv").is_file() and (tmp_path / "new" / "preview" / f"{test_case}.png").is_file()
+
     _resume_then_interrupt(ds, work, layout)
 
 
