@@ -54,7 +54,7 @@ from analysis.metrics.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone
 from analysis.metrics.lesionwise import (SIZE_BINS, LesionCounts, case_lesion_counts, lesionwise_metrics,
                                          overlap_pairs, size_bin_counts)
 from analysis.metrics.overlap import case_overlap, slice_overlap
-from analysis.predictions import (PROBABILITIES, SLICES_CSV, check_ct, discover_models, mask_path,
+from analysis.predictions import (PROBABILITIES, RECORD, SLICES_CSV, check_ct, discover_models, mask_path,
                                   read_slices_csv)
 from analysis.resources import ANALYZE_BYTES_PER_VOXEL, require_memory, voxels
 from analysis.stats import holm, paired_ttest
@@ -86,6 +86,9 @@ CSV_COLUMNS: dict[str, tuple[str, ...]] = {
     "froc.csv": ("model", "threshold", "fp_per_case", "sensitivity"),
     "froc_summary.csv": ("model", *(f"sens_at_{r:g}" for r in FROC_RATES), "cpm"),
     "bootstrap.csv": ("model", "metric", "estimate", "ci_low", "ci_high", "n_boot"),
+    "model_flags.csv": ("model", "task", "learned", "flag", "reason", "compared"),
+    "detection_thresholds.csv": ("model", "source", "threshold", "precision", "recall", "f1", "positive_calls",
+                                 "n_slices"),
 }
 
 #: Clinical tasks in report order: (task, category).
@@ -458,6 +461,106 @@ def _summary_rows(seg_slices: list[tuple], segmenters: list[str]) -> tuple[list[
     return rows, dice
 
 
+def training_records(predictions: Path, models: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+    """The ``"training"`` record of each model's ``PRED/<model>/predict.json`` (None: absent).
+
+    The predict commands copy it from the model's own records (``bonemets_tf.run.training_status``
+    for Keras RUNs: ``learned``, ``reason``, ``best_val``, ``empty_level``, ``guard_events``;
+    ``nnunet_bridge.train.training_status`` for nnU-Net: ``learned``, ``reason``,
+    ``iterations``, ``minimum_iterations``).
+
+    Raises:
+        InputError: a ``predict.json`` that is not JSON, or whose ``"training"`` is not an object.
+    """
+    import json
+
+    out: dict[str, dict[str, Any] | None] = {}
+    for model in models:
+        path = predictions / model / RECORD
+        record = None
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InputError(f"{path}: not valid JSON ({exc})") from None
+        training = record.get("training") if isinstance(record, dict) else None
+        if training is not None and not isinstance(training, dict):
+            raise InputError(f"{path}: 'training' must be an object (the model's training status)")
+        out[model] = training
+    return out
+
+
+def calibrated_detector_thresholds(predictions: Path, detectors: Sequence[str]) -> dict[str, float]:
+    """Each detector's validation-calibrated threshold: ``calibration.json`` (``task`` ``"detect"``)
+    of the RUN that ``PRED/<model>/predict.json`` names under ``model.run``; detectors without
+    one (older RUNs, SavedModels, a moved RUN) are left out."""
+    import json
+
+    out: dict[str, float] = {}
+    for model in detectors:
+        path = predictions / model / RECORD
+        try:
+            run = json.loads(path.read_text(encoding="utf-8"))["model"]["run"]
+            record = json.loads((Path(run) / "calibration.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        t = record.get("threshold") if isinstance(record, dict) and record.get("task") == "detect" else None
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0:
+            out[model] = float(t)
+    return out
+
+
+def _threshold_rows(inputs: _Inputs, res: _Results, threshold: float) -> list[tuple]:
+    """Precision, recall, F1 of every detector at the analysis threshold and at its calibrated one."""
+    calibrated = calibrated_detector_thresholds(inputs.predictions, inputs.detectors)
+    rows = []
+    for model in inputs.detectors:
+        truth = np.concatenate([res.slice_truth[c] for c in inputs.cases])
+        probs = np.concatenate([inputs.probabilities[model][c] for c in inputs.cases])
+        for source, t in (("fixed", threshold), ("calibrated", calibrated.get(model))):
+            if t is None:
+                continue
+            m = slice_detection(truth, probs, t)
+            rows.append((model, source, t, m["precision"], m["recall"], m["f1"], int((probs >= t).sum()), m["n_slices"]))
+    return rows
+
+
+def model_flag(training: dict[str, Any] | None) -> str:
+    """The report's flag for a model's training record: "not trained (N iterations)" for an
+    nnU-Net model below its minimum, "did not learn" for a Keras model whose validation
+    never rose above its empty-prediction level, "" otherwise (absent record: unknown, no flag)."""
+    if not training or training.get("learned") is not False:
+        return ""
+    if "iterations" in training:
+        return f"not trained ({int(training.get('iterations') or 0)} iterations)"
+    return "did not learn"
+
+
+def excluded_from_comparisons(training: dict[str, dict[str, Any] | None]) -> list[str]:
+    """Models left out of the t-tests and the radiomics agreement: not-trained nnU-Net models."""
+    return sorted(m for m, t in training.items() if model_flag(t).startswith("not trained"))
+
+
+def _flag_rows(inputs: _Inputs, res: _Results, config: AnalysisConfig,
+               training: dict[str, dict[str, Any] | None]) -> list[tuple]:
+    """One row per model: training flag, or a detector's calls all one class at the threshold."""
+    excluded = set(excluded_from_comparisons(training))
+    rows = []
+    for model in inputs.segmenters + inputs.detectors:
+        t = training.get(model)
+        flag, reason = model_flag(t), (t or {}).get("reason", "") if t else "no training record in predict.json"
+        if model in inputs.detectors:
+            probs = np.concatenate([inputs.probabilities[model][c] for c in inputs.cases])
+            calls = probs >= config.threshold
+            if calls.size and (calls.all() or not calls.any()):
+                one = f"all {calls.size} slice calls {'positive' if calls.all() else 'negative'} at {config.threshold:g}"
+                flag = f"{flag}; {one}" if flag else one
+        learned = None if not t else t.get("learned")
+        rows.append((model, "segment" if model in inputs.segmenters else "detect", learned, flag, reason,
+                     model not in excluded))
+    return rows
+
+
 def _ttest_rows(dice: dict[str, np.ndarray]) -> list[tuple]:
     tests = [(a, b, paired_ttest(dice[a], dice[b])) for a, b in itertools.combinations(sorted(dice), 2)]
     adjusted = holm([t["p_val"] for _, _, t in tests])
@@ -563,10 +666,11 @@ def _bootstrap_rows(inputs: _Inputs, res: _Results, config: AnalysisConfig) -> l
     return rows
 
 
-def _radiomics_rows(res: _Results, segmenters: list[str], jobs: int) -> tuple[list[tuple], list[tuple]]:
+def _radiomics_rows(res: _Results, segmenters: Sequence[str], jobs: int) -> tuple[list[tuple], list[tuple]]:
     from analysis.radiomics import extract_all, icc_by_class
 
-    features = extract_all(res.roi_tasks, jobs=jobs)
+    wanted = {"gt", *segmenters}  # ROIs of models left out of the agreement are not extracted
+    features = extract_all([t for t in res.roi_tasks if t.key[0] in wanted], jobs=jobs)
     res.roi_tasks = []
     feature_rows, icc_rows = [], []
     for model in segmenters:
@@ -687,6 +791,7 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
             "dataset": str(dataset.resolve()), "predictions": str(predictions.resolve()),
             "cases": inputs.cases, "split_seed": (inputs.cohort.splits() or {}).get("seed"),
             "segmenters": inputs.segmenters, "detectors": inputs.detectors, "froc_models": inputs.froc_models,
+            "not_compared": [r[0] for r in tables["model_flags.csv"] if not r[5]],
             "bone_source": res.bone_source, "synthetic": is_synthetic,
             "versions": _versions(),
         })
@@ -702,6 +807,12 @@ def _radiomics_settings() -> dict[str, Any]:
 
 def _write_tables(tmp: Path, inputs: _Inputs, config: AnalysisConfig, res: _Results) -> dict[str, list[tuple]]:
     summary, dice = _summary_rows(res.seg_slices, inputs.segmenters)
+    training = training_records(inputs.predictions, inputs.segmenters + inputs.detectors)
+    excluded = excluded_from_comparisons(training)
+    if excluded:
+        log.info("analyze: %s left out of the t-tests and radiomics agreement (not trained)", ", ".join(excluded))
+    compared = [m for m in inputs.segmenters if m not in excluded]
+    dice = {m: v for m, v in dice.items() if m in compared}
     tables: dict[str, list[tuple]] = {
         "segmentation_cases.csv": sorted(res.seg_cases, key=lambda r: r[:2]),
         "segmentation_slices.csv": sorted(res.seg_slices, key=lambda r: r[:3]),
@@ -713,10 +824,12 @@ def _write_tables(tmp: Path, inputs: _Inputs, config: AnalysisConfig, res: _Resu
         "lesionwise.csv": _lesionwise_rows(inputs, res),
         "lesion_sizes.csv": _size_rows(inputs, res),
         "bootstrap.csv": _bootstrap_rows(inputs, res, config),
+        "model_flags.csv": _flag_rows(inputs, res, config, training),
+        "detection_thresholds.csv": _threshold_rows(inputs, res, config.threshold),
     }
     tables["froc.csv"], tables["froc_summary.csv"] = _froc_rows(inputs, res)
     if config.radiomics:
-        tables["radiomics_features.csv"], tables["radiomics_icc.csv"] = _radiomics_rows(res, inputs.segmenters, config.jobs)
+        tables["radiomics_features.csv"], tables["radiomics_icc.csv"] = _radiomics_rows(res, compared, config.jobs)
     else:
         tables["radiomics_features.csv"], tables["radiomics_icc.csv"] = [], []
     for name, rows in tables.items():

@@ -285,6 +285,24 @@ def _lesion_section(fig_dir: Path, tables: dict[str, list[tuple]], settings: dic
     return md
 
 
+def _status_section(rows: Sequence[Sequence[Any]]) -> list[str]:
+    """The "Model training status" section: one row per flagged model (none: no section).
+
+    Rows are ``model_flags.csv``'s: model, task, learned, flag, reason, compared.
+    """
+    flagged = [r for r in rows if r[3]]
+    if not flagged:
+        return []
+    return ["## Model training status", "",
+            "These models are flagged: a model that **did not learn** never rose above the validation score "
+            "of an empty prediction (Dice 0 / AUC 0.5), so its numbers below describe a model that predicts "
+            "nothing; **not trained** marks an nnU-Net run shorter than the minimum stated in its reason, left "
+            "out of the t-tests and the radiomics agreement; a detector whose calls are **all one class** at "
+            "the threshold separates nothing there (see its calibrated threshold).", "",
+            _table(["model", "task", "flag", "reason", "in comparisons"],
+                   [(r[0], r[1], r[3], r[4] or "–", "yes" if r[5] else "no") for r in flagged]), ""]
+
+
 def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str, Any] | None = None,
                  synthetic: bool = False, settings: dict[str, Any] | None = None,
                  bone_source: dict[str, str] | None = None) -> Path:
@@ -313,16 +331,31 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
     md += [f"Reference: {paper.CITATION}. Paper values are the published test-set results; "
            "ours are computed from the masks and probabilities in this run.", ""]
 
+    flags = {r[0]: r[3] for r in tables.get("model_flags.csv", []) if r[3]}
+    not_compared = [r[0] for r in tables.get("model_flags.csv", []) if not r[5]]
+    md += _status_section(tables.get("model_flags.csv", []))
+
+    def name(model: str) -> str:
+        return f"{model} (**{flags[model]}**)" if model in flags else model
+
     det = tables.get("detection.csv", [])
     md += ["## Slice detection", "",
            f"A slice is positive when the ground truth has any lesion voxel in it; a detector calls it positive "
            f"when its probability is >= {settings.get('threshold', 0.5)}. AUC is rank-based (ties count 1/2). Values in %.", ""]
     if det:
         md += [_table(["model", "n slices", "accuracy", "precision (paper)", "recall (paper)", "F1 (paper)", "AUC (paper)"],
-                      [(r[0], r[7], _f(r[2], True), f"{_f(r[3], True)} ({_paper(r[0], paper.DETECTION, 'precision')})",
+                      [(name(r[0]), r[7], _f(r[2], True), f"{_f(r[3], True)} ({_paper(r[0], paper.DETECTION, 'precision')})",
                         f"{_f(r[4], True)} ({_paper(r[0], paper.DETECTION, 'recall')})",
                         f"{_f(r[5], True)} ({_paper(r[0], paper.DETECTION, 'f1')})",
                         f"{_f(r[6], True)} ({_paper(r[0], paper.DETECTION, 'auc')})") for r in det]), ""]
+        thr = tables.get("detection_thresholds.csv", [])
+        if thr:
+            md += ["### Detector thresholds: fixed and validation-calibrated", "",
+                   "The fixed analysis threshold and each detector's threshold of highest F1 on its validation "
+                   "patients (`calibration.json` of its RUN; `predict --threshold auto`). Values in %.", "",
+                   _table(["model", "threshold", "value", "positive calls", "precision", "recall", "F1"],
+                          [(r[0], r[1], f"{r[2]:.3g}", f"{r[6]} / {r[7]}", _f(r[3], True), _f(r[4], True),
+                            _f(r[5], True)) for r in thr]), ""]
     else:
         md += ["No detector (no `slices.csv`) in this run.", ""]
 
@@ -339,7 +372,7 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
             case_mean = float(np.nanmean(case_vals)) if np.isfinite(case_vals).any() else math.nan
             pname = paper.paper_name(r[0])
             pd = f"{paper.SLICE_DICE[pname][0]:.2f} ± {paper.SLICE_DICE[pname][1]:.2f}" if pname in paper.SLICE_DICE else "–"
-            rows.append((r[0], r[1], f"{_f(r[2], True)} ({_paper(r[0], paper.SEGMENTATION, 'dice')})",
+            rows.append((name(r[0]), r[1], f"{_f(r[2], True)} ({_paper(r[0], paper.SEGMENTATION, 'dice')})",
                          f"{_f(r[4], True)} ({_paper(r[0], paper.SEGMENTATION, 'precision')})",
                          f"{_f(r[5], True)} ({_paper(r[0], paper.SEGMENTATION, 'recall')})",
                          f"{_f(r[2])} ± {_f(r[3])} ({pd})", _f(case_mean, True)))
@@ -347,7 +380,8 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
                        "slice Dice mean ± sd (paper)", "case Dice"], rows), ""]
         tt = tables.get("ttests.csv", [])
         md += ["### Paired t-tests on per-slice Dice", "",
-               f"Two-sided paired t-tests on the common slices, Holm correction across pairs (paper: {paper.TTEST_NOTE}).", ""]
+               f"Two-sided paired t-tests on the common slices, Holm correction across pairs (paper: {paper.TTEST_NOTE})."
+               + (f" Left out (not trained): {', '.join(not_compared)}." if not_compared else ""), ""]
         md += [_table(["model A", "model B", "n", "mean diff", "sd diff", "t", "dof", "p", "p (Holm)"],
                       [(r[0], r[1], r[2], _f(r[3], digits=3), _f(r[4], digits=3), _f(r[5]), r[6], _f(r[7]), _f(r[8]))
                        for r in tt]) if tt else "Fewer than two segmenters: no tests.", ""]
@@ -360,7 +394,8 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
            "no normalisation, original image). ICC(A,1): two-way random, absolute agreement, single rater, per "
            "feature over the pairs; per class, the mean ICC and the means of the 95% CI bounds. Features constant "
            "over all pairs have no ICC and are counted, not averaged. Bands (Koo & Li 2016): < 0.5 poor, "
-           "0.5-0.75 moderate, 0.75-0.9 good, > 0.9 excellent.", ""]
+           "0.5-0.75 moderate, 0.75-0.9 good, > 0.9 excellent."
+           + (f" Left out (not trained): {', '.join(not_compared)}." if not_compared else ""), ""]
     if icc:
         rows = []
         for r in icc:

@@ -14,16 +14,18 @@ that ``analyze`` reports (slices whose ground truth has lesion; see
 ``predict --threshold auto`` uses ``threshold`` (:func:`bonemets_tf.run.calibrated_threshold`). Ties go to the threshold nearest 0.5.
 
 Detectors (issue #16) are scored on every slice of the validation patients (label: the slice
-holds lesion), at :data:`DETECTOR_THRESHOLDS` (0.01 .. 0.99: a briefly trained detector's
-probabilities may all sit below 0.05), and the threshold of the highest **F1** of slice calls
-is chosen (F1 rather than Youden's J, because the report and the cascade judge a detector by
+holds lesion), at :data:`DETECTOR_THRESHOLDS` (0.01 .. 0.99, recorded as curves) and at every
+distinct validation probability (a briefly trained detector's probabilities may all lie
+within 0.01 of each other: EfficientNet-B0 on the demo phantom put every slice near 0.3), and
+the threshold of the highest **F1** of slice calls is chosen (F1 rather than Youden's J, because the report and the cascade judge a detector by
 its precision/recall/F1 on whole patients, whose slice prevalence the validation patients
 share; J is recorded beside it)::
 
     {"task": "detect", "metric": "F1 of slice calls on validation slices", "cases": [...],
      "n_slices": 240, "n_positive": 60, "auc": 0.83, "thresholds": [0.01, ...],
      "f1": [...], "precision": [...], "recall": [...], "youden_j": [...],
-     "threshold": 0.31, "f1_at_threshold": 0.71, "f1_at_0.5": 0.52,
+     "threshold": 0.31, "f1_at_threshold": 0.71, "precision_at_threshold": 0.64,
+     "recall_at_threshold": 0.8, "f1_at_0.5": 0.52,
      "positive_calls_at_0.5": 12, "positive_calls_at_threshold": 70}
 
 Segmenter records keep their keys and gain ``"task": "segment"``.
@@ -180,16 +182,23 @@ def calibrate_detector(run_path: Path, cases: Sequence[str], labels: np.ndarray,
                               **{k: [round(float(v), 6) for v in curves[k]]
                                  for k in ("f1", "precision", "recall", "youden_j")}}
     half = DETECTOR_THRESHOLDS.index(0.5)
+    candidates = np.unique(np.round(probs, 6))
+    if candidates.size > 2000:
+        candidates = np.unique(np.round(np.quantile(probs, np.linspace(0, 1, 2001)), 6))
+    candidates = tuple(float(t) for t in np.union1d(candidates, DETECTOR_THRESHOLDS))
+    chosen = detection_curves(labels, probs, candidates)
     if not labels.any():
         t = 0.5
         log.warning("%s: no validation slice with lesion; detector threshold left at 0.5", run_path)
     else:
-        t = choose_threshold(DETECTOR_THRESHOLDS, curves["f1"])
-    i = DETECTOR_THRESHOLDS.index(t)
-    record.update(threshold=t, f1_at_threshold=round(float(curves["f1"][i]), 6),
+        t = choose_threshold(candidates, chosen["f1"])
+    i = candidates.index(t)
+    record.update(threshold=t, f1_at_threshold=round(float(chosen["f1"][i]), 6),
+                  precision_at_threshold=round(float(chosen["precision"][i]), 6),
+                  recall_at_threshold=round(float(chosen["recall"][i]), 6),
                   **{"f1_at_0.5": round(float(curves["f1"][half]), 6),
                      "positive_calls_at_0.5": int(curves["positive_calls"][half])},
-                  positive_calls_at_threshold=int(curves["positive_calls"][i]))
+                  positive_calls_at_threshold=int(chosen["positive_calls"][i]))
     log.info("%s: validation F1 %.3f at threshold %.2f (%.3f at 0.5; AUC %s; %d slices)", run_path.name,
              record["f1_at_threshold"], t, record["f1_at_0.5"], record["auc"], labels.size)
     atomic_write_json(run_path / CALIBRATION_FILE, record)

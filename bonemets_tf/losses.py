@@ -190,6 +190,64 @@ class PositiveFraction(keras.metrics.Metric):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class RankAUC(keras.metrics.Metric):
+    """Exact ROC AUC (Mann-Whitney, ties count one half) over every output seen, up to ``capacity``.
+
+    Keras's ``AUC`` buckets scores at ``num_thresholds`` (200) fixed probabilities, so a
+    detector whose outputs all lie within one bucket of 0.005 scores exactly 0.5 whatever
+    their order. That is what a briefly trained EfficientNet-B0 does on the phantom (every
+    validation probability near 0.3): its validation AUC read 0.500 in every epoch, so the
+    first epoch was kept as the best and the collapse guard saw "constant output", while the
+    rank AUC of the same outputs was above 0.6. This metric keeps the scores (logits or
+    probabilities: the AUC is the same) and ranks them: mid-ranks via ``searchsorted``.
+    Scores beyond ``capacity`` per epoch are ignored. One replica only (the buffer would be
+    summed across replicas): ``train`` uses Keras's ``AUC`` under a multi-replica strategy.
+
+    Args:
+        capacity: most scores kept per epoch.
+    """
+
+    def __init__(self, capacity: int = 32768, name: str = "auc", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.capacity = int(capacity)
+        # one spare slot at the end takes the scores beyond capacity (never read)
+        self.scores = self.add_variable(shape=(self.capacity + 1,), initializer="zeros", name="scores")
+        self.labels = self.add_variable(shape=(self.capacity + 1,), initializer="zeros", name="labels")
+        self.n = self.add_variable(shape=(), initializer="zeros", name="n")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        s = ops.reshape(ops.cast(y_pred, "float32"), (-1,))
+        t = ops.reshape(ops.cast(ops.cast(y_true, "float32") > 0.5, "float32"), (-1,))
+        start = ops.cast(self.n, "int32")
+        index = start + ops.arange(ops.shape(s)[0], dtype="int32")
+        keep = index < self.capacity
+        index = ops.reshape(ops.where(keep, index, self.capacity), (-1, 1))
+        self.scores.assign(ops.scatter_update(self.scores, index, s))
+        self.labels.assign(ops.scatter_update(self.labels, index, t))
+        self.n.assign(ops.minimum(self.n + ops.cast(ops.shape(s)[0], "float32"), float(self.capacity)))
+
+    def result(self):
+        valid = ops.arange(self.capacity + 1, dtype="float32") < self.n
+        big = ops.max(ops.abs(self.scores)) + 1.0
+        s = ops.where(valid, self.scores, big)  # unused slots rank after every real score
+        ordered = ops.sort(s)
+        rank = (ops.cast(ops.searchsorted(ordered, s, side="left"), "float32")
+                + ops.cast(ops.searchsorted(ordered, s, side="right"), "float32") + 1.0) / 2.0
+        pos = ops.where(valid, self.labels, 0.0)
+        n_pos = ops.sum(pos)
+        n_neg = self.n - n_pos
+        u = ops.sum(rank * pos) - n_pos * (n_pos + 1.0) / 2.0
+        return ops.where((n_pos > 0) & (n_neg > 0), u / ops.maximum(n_pos * n_neg, 1.0), 0.5)
+
+    def reset_state(self):
+        for v in (self.scores, self.labels, self.n):
+            v.assign(ops.zeros_like(v))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "capacity": self.capacity}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up, then a constant rate or a cosine decay, times a fixed scale.
 

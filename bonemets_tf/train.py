@@ -150,6 +150,9 @@ class TrainConfig:
         logit_loss: compute the losses from logits (see :mod:`bonemets_tf.losses`).
         batch_dice: segmenters: one soft Dice over each batch instead of one per sample.
         guard: the collapse guard (module docstring).
+        rank_auc: detectors: exact rank AUC (:class:`bonemets_tf.losses.RankAUC`) as the
+            ``auc``/``val_auc`` metric instead of Keras's 200-bucket ``AUC``, which reads 0.5
+            for outputs confined to one bucket (one replica only).
         run_eagerly: run train and validation steps eagerly instead of tracing them into a
             ``tf.function``: the same computation, slower per step but without the one-off
             trace. Measured on a 2-core CPU (batch 8 of 64^2): DenseNet121's first traced step
@@ -186,6 +189,7 @@ class TrainConfig:
     logit_loss: bool = True
     batch_dice: bool = True
     guard: bool = True
+    rank_auc: bool = True
 
     @property
     def warmup(self) -> int:
@@ -397,13 +401,18 @@ def _compile(trainer, config: TrainConfig, record: dict[str, Any], lr_scale: flo
     """Compile ``trainer`` with this run's loss, metrics and optimizer (rate times ``lr_scale``)."""
     import keras
 
-    from bonemets_tf.losses import DiceBCELoss, DiceScore, PositiveFraction, WeightedBCELoss
+    import tensorflow as tf
+
+    from bonemets_tf.losses import DiceBCELoss, DiceScore, PositiveFraction, RankAUC, WeightedBCELoss
 
     logits = config.logit_loss
     if config.task == DETECT:
         f = config.positive_fraction
         loss = WeightedBCELoss(pos_weight=(1.0 - f) / f if 0.0 < f < 1.0 else 1.0, from_logits=logits)
-        metrics = [keras.metrics.AUC(name="auc", from_logits=logits),
+        one_replica = tf.distribute.get_strategy().num_replicas_in_sync == 1
+        auc = RankAUC(name="auc") if config.rank_auc and one_replica else \
+            keras.metrics.AUC(name="auc", from_logits=logits)
+        metrics = [auc,
                    keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0 if logits else 0.5)]
     else:
         loss = DiceBCELoss(from_logits=logits, batch_dice=config.batch_dice)

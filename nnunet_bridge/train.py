@@ -301,3 +301,59 @@ def write_parameter_report(layout: WorkLayout, parameters: int) -> Path:
              parameters / 1e6, ratio)
     return atomic_write_json(layout.params_json, {"parameters": parameters, "paper_parameters": PAPER_PARAMETERS,
                                                   "ratio_to_paper": round(ratio, 4)})
+
+
+#: Iterations below which an nnU-Net model counts as not trained: 5,000 = 20 epochs of nnU-Net's
+#: 250 iterations, its shipped ``nnUNetTrainer_20epochs`` schedule (nnunetv2
+#: ``training/nnUNetTrainer/variants/training_length``; the 1-, 5- and 10-epoch variants there are
+#: smoke tests, the default is 1000 epochs = 250,000 iterations). The CPU demo's token run (6
+#: iterations) predicted 15,543 false-positive lesions on 5 test patients (issue #16).
+MINIMUM_ITERATIONS = 5_000
+#: nnU-Net's own schedule when ``train_settings.json`` records none (``nnUNetTrainer.__init__``).
+NNUNET_DEFAULT_SCHEDULE = {"num_epochs": 1000, "num_iterations_per_epoch": 250}
+
+
+def training_status(layout: WorkLayout) -> dict[str, Any]:
+    """Whether WORK holds a trained nnU-Net model, from its records (no torch import).
+
+    Iterations per fold: ``num_epochs * num_iterations_per_epoch`` of ``WORK/train_settings.json``
+    (nnU-Net's defaults when it records none) for a fold with a final checkpoint; for a fold
+    still without one, the epochs its nnU-Net training log reports finished ("Epoch time" lines)
+    times the iterations per epoch. The least trained fold counts (prediction ensembles them).
+
+    Args:
+        layout: the work folder's :class:`~nnunet_bridge.env.WorkLayout`.
+
+    Returns:
+        ``{"learned": bool | None, "reason": str, "iterations": int, "minimum_iterations": int}``;
+        ``learned`` is None when WORK holds no training record, False below
+        :data:`MINIMUM_ITERATIONS` ("not trained"), True at or above it.
+    """
+    status: dict[str, Any] = {"learned": None, "reason": "", "iterations": 0, "minimum_iterations": MINIMUM_ITERATIONS}
+    if not layout.train_settings_json.is_file():
+        status["reason"] = f"{layout.train_settings_json}: not found; no training record"
+        return status
+    settings = read_json(layout.train_settings_json, what="training settings")
+    schedule = {**NNUNET_DEFAULT_SCHEDULE, **(settings.get("schedule") or {})}
+    per_epoch = int(schedule["num_iterations_per_epoch"])
+    folds = [int(f) for f in settings.get("folds") or []]
+    final = set(layout.trained_folds())
+    counts = [int(schedule["num_epochs"]) * per_epoch if f in final else _logged_epochs(layout.fold_folder(f)) * per_epoch
+              for f in folds]
+    iterations = min(counts) if counts else 0
+    status["iterations"] = iterations
+    if iterations >= MINIMUM_ITERATIONS:
+        status.update(learned=True, reason=f"trained {iterations} iterations (minimum {MINIMUM_ITERATIONS})")
+    else:
+        status.update(learned=False, reason=f"not trained ({iterations} iterations; nnU-Net needs at least "
+                                            f"{MINIMUM_ITERATIONS} here)")
+    return status
+
+
+def _logged_epochs(fold_folder: Path) -> int:
+    """Epochs an nnU-Net training log reports finished (its "Epoch time" lines), 0 without a log."""
+    logs = sorted(fold_folder.glob("training_log_*.txt"))
+    if not logs:
+        return 0
+    with open(logs[-1], encoding="utf-8", errors="replace") as fh:
+        return sum(1 for line in fh if "Epoch time" in line)

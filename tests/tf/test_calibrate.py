@@ -91,3 +91,27 @@ def test_cli_threshold_must_be_a_number_or_auto(runs, tmp_path):
                           capture_output=True, text=True, encoding="utf-8", cwd=ROOT)
     assert proc.returncode == 2 and "expected a probability in [0, 1] or 'auto'" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_detector_curves_golden_and_f1_threshold_in_calibration_json(tmp_path):
+    from bonemets_tf.calibrate import DETECTOR_THRESHOLDS, calibrate_detector, detection_curves
+
+    labels = np.array([1, 1, 0, 0, 0], bool)
+    probs = np.array([0.31, 0.30, 0.305, 0.2, 0.1])  # all below 0.5 and within 0.01 at the top
+    c = detection_curves(labels, probs, (0.3, 0.31, 0.5))
+    # t=0.3: calls 0,1,2 -> tp 2, fp 1: P 2/3, R 1, F1 0.8, J 1 - 1/3; t=0.31: P 1, R 1/2, F1 2/3; t=0.5: none
+    np.testing.assert_allclose(c["precision"], [2 / 3, 1, 0])
+    np.testing.assert_allclose(c["recall"], [1, 0.5, 0])
+    np.testing.assert_allclose(c["f1"], [0.8, 2 / 3, 0])
+    np.testing.assert_allclose(c["youden_j"], [2 / 3, 0.5, 0])
+    np.testing.assert_array_equal(c["positive_calls"], [3, 1, 0])
+    run = tmp_path / "RUN"
+    run.mkdir()
+    record = calibrate_detector(run, ["case_00"], labels, probs)
+    saved = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
+    assert saved == json.loads(json.dumps(record))
+    assert saved["task"] == "detect" and saved["thresholds"] == list(DETECTOR_THRESHOLDS)
+    assert saved["threshold"] == 0.3 and saved["f1_at_threshold"] == pytest.approx(0.8)  # a distinct probability
+    assert saved["f1_at_0.5"] == 0 and saved["positive_calls_at_0.5"] == 0 and saved["positive_calls_at_threshold"] == 3
+    assert saved["auc"] == pytest.approx(5 / 6)
+    assert calibrated_threshold(run) == 0.3

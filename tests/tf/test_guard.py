@@ -182,3 +182,25 @@ def test_training_status_flags_a_model_that_did_not_learn(tmp_path):
     assert status["reason"].startswith("did not learn")
     (run / "history.csv").write_text("epoch,val_dice\n1,0.0\n2,0.35\n", encoding="utf-8")
     assert training_status(read_run(run))["learned"] is True
+
+
+def test_rank_auc_matches_the_rank_formula_where_keras_auc_reads_one_half():
+    from analysis.metrics.detection import roc_auc
+    from bonemets_tf.losses import RankAUC
+
+    rng = np.random.default_rng(1)
+    y = rng.random(60) < 0.3
+    p = (0.303 + 0.001 * rng.random(60) + 0.0005 * y).astype(np.float32)  # between two of its thresholds
+    m = RankAUC(capacity=100)
+    for part in (slice(0, 25), slice(25, 60)):
+        m.update_state(y[part, None].astype(np.float32), p[part, None])
+    assert float(m.result()) == pytest.approx(roc_auc(y, p), abs=1e-6)
+    k = keras.metrics.AUC()
+    k.update_state(y[:, None].astype(np.float32), p[:, None])
+    assert float(k.result()) == pytest.approx(0.5)  # what the monitor read before
+    m.reset_state()
+    m.update_state(y[:, None].astype(np.float32), np.full((60, 1), 0.3, np.float32))
+    assert float(m.result()) == pytest.approx(0.5)  # constant output: ties count one half
+    small = RankAUC(capacity=30)
+    small.update_state(y[:, None].astype(np.float32), p[:, None])
+    assert float(small.result()) == pytest.approx(roc_auc(y[:30], p[:30]), abs=1e-6)  # the first 30 kept

@@ -1,0 +1,97 @@
+"""Training flags in analyze and the report: "did not learn", "not trained (N iterations)",
+detectors whose calls are all one class, and not-trained nnU-Net left out of the comparisons."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from analysis.analyze import run_analysis
+from nnunet_bridge.env import CHECKPOINT, WorkLayout
+from nnunet_bridge.train import MINIMUM_ITERATIONS, training_status
+from tests.test_analyze import make_cohort
+
+
+def _rows(out: Path, name: str) -> list[dict[str, str]]:
+    with open(out / name, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _record(pred: Path, name: str, training: dict | None, **extra) -> None:
+    record = {"cases": [], **extra}
+    if training is not None:
+        record["training"] = training
+    (pred / name / "predict.json").write_text(json.dumps(record), encoding="utf-8")
+
+
+def test_flags_exclusions_and_calibrated_detector_threshold(tmp_path):
+    ds, pred = make_cohort(tmp_path)
+    shutil.copytree(pred / "partial", pred / "nnunet", ignore=shutil.ignore_patterns("probabilities", "dicom_seg"))
+    _record(pred, "nnunet", {"learned": False, "reason": "not trained (6 iterations; nnU-Net needs at least 5000 here)",
+                             "iterations": 6, "minimum_iterations": 5000})
+    _record(pred, "perfect", {"learned": False, "reason": "did not learn: best validation dice 0.000",
+                              "best_val": 0.0, "empty_level": 0.0, "guard_events": 0})
+    # "partial" has no predict.json: unknown, no flag
+    rows = ["case,slice,probability"] + [f"case_{i:02d},{z},{0.1 + 0.04 * z}" for i in range(2) for z in range(8)]
+    (pred / "detector" / "slices.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")  # all below 0.5
+    run = tmp_path / "RUN"
+    run.mkdir()
+    (run / "calibration.json").write_text(json.dumps({"task": "detect", "threshold": 0.3}), encoding="utf-8")
+    _record(pred, "detector", {"learned": True, "reason": "best validation auc 0.8", "best_val": 0.8,
+                               "empty_level": 0.5, "guard_events": 1}, model={"run": str(run)})
+
+    out = run_analysis(ds, pred, tmp_path / "OUT", cases="all", radiomics=True, jobs=1)
+
+    flags = {r["model"]: r for r in _rows(out, "model_flags.csv")}
+    assert flags["nnunet"]["flag"] == "not trained (6 iterations)" and flags["nnunet"]["compared"] == "false"
+    assert flags["perfect"]["flag"] == "did not learn" and flags["perfect"]["compared"] == "true"
+    assert flags["partial"]["flag"] == "" and flags["partial"]["learned"] == ""
+    assert flags["detector"]["flag"] == "all 16 slice calls negative at 0.5"
+    pairs = {(r["model_a"], r["model_b"]) for r in _rows(out, "ttests.csv")}
+    assert pairs == {("partial", "perfect")}  # nnunet left out
+    assert {r["model"] for r in _rows(out, "radiomics_icc.csv")} <= {"partial", "perfect"}
+    thresholds = {(r["model"], r["source"]): r for r in _rows(out, "detection_thresholds.csv")}
+    assert float(thresholds["detector", "fixed"]["threshold"]) == 0.5
+    assert thresholds["detector", "fixed"]["positive_calls"] == "0"
+    calibrated = thresholds["detector", "calibrated"]
+    # probabilities 0.1 + 0.04 z >= 0.3 for z >= 5: slices 5, 6, 7 (truth 5 and 6 positive) in each case
+    assert float(calibrated["threshold"]) == 0.3 and calibrated["positive_calls"] == "6"
+    assert float(calibrated["precision"]) == pytest.approx(4 / 6) and float(calibrated["recall"]) == pytest.approx(4 / 10)
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Model training status" in report
+    assert "perfect (**did not learn**)" in report and "nnunet (**not trained (6 iterations)**)" in report
+    assert report.count("Left out (not trained): nnunet.") == 2  # t-tests and radiomics
+    assert "validation-calibrated" in report
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["not_compared"] == ["nnunet"]
+
+
+def test_no_records_no_flags(tmp_path):
+    ds, pred = make_cohort(tmp_path)
+    out = run_analysis(ds, pred, tmp_path / "OUT", cases="all", radiomics=False, jobs=1)
+    assert all(r["flag"] == "" for r in _rows(out, "model_flags.csv"))
+    assert "## Model training status" not in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_nnunet_training_status_from_work_records(tmp_path):
+    layout = WorkLayout(tmp_path / "WORK")
+    assert training_status(layout)["learned"] is None
+    layout.work.mkdir(parents=True)
+    settings = {"folds": [0, 1], "schedule": {"num_epochs": 1, "num_iterations_per_epoch": 6}}
+    layout.train_settings_json.write_text(json.dumps(settings), encoding="utf-8")
+    for fold in (0, 1):
+        layout.fold_folder(fold).mkdir(parents=True)
+    (layout.fold_folder(0) / CHECKPOINT).write_bytes(b"")
+    # fold 1 is still training: its log reports two finished epochs
+    (layout.fold_folder(1) / "training_log_2026_1_1.txt").write_text(
+        "Epoch 0\nEpoch time: 1.0 s\nEpoch 1\nEpoch time: 1.1 s\nEpoch 2\n", encoding="utf-8")
+    status = training_status(layout)
+    assert status == {"learned": False, "reason": status["reason"], "iterations": 6,
+                      "minimum_iterations": MINIMUM_ITERATIONS}
+    assert status["reason"].startswith("not trained (6 iterations")
+    (layout.fold_folder(1) / CHECKPOINT).write_bytes(b"")
+    settings["schedule"] = {}  # nnU-Net's defaults: 1000 epochs of 250 iterations
+    layout.train_settings_json.write_text(json.dumps(settings), encoding="utf-8")
+    assert training_status(layout)["learned"] is True and training_status(layout)["iterations"] == 250_000
