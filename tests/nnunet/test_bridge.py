@@ -246,11 +246,12 @@ def test_train_one_fold_and_predict_back_to_the_ct_geometry(tmp_path, one_thread
     np.testing.assert_array_equal(stored >= 0.5, mask.astype(bool))
     np.testing.assert_allclose(stored, reo.backward(prob), atol=1 / 255 + 1e-6)
 
-    # new patients: the same CT as a RAS-stored NIfTI file gives the same mask in physical space
-    from analysis.examples import _ras
-
-    ras_ct, ras_geometry = _ras(native, geom)
-    write_array(ras_ct, ras_geometry, tmp_path / "images" / f"{test_case}_0000.nii.gz")
+    # new patients: the same CT stored with its rows and columns reversed (sitk.Flip keeps every voxel's
+    # physical position, changing direction and origin) gives the same mask in physical space
+    (tmp_path / "images").mkdir()
+    flipped = sitk.Flip(sitk.ReadImage(str(Cohort(ds).image_path(test_case))), [True, True, False])
+    sitk.WriteImage(flipped, str(tmp_path / "images" / f"{test_case}_0000.nii.gz"))
+    ras_geometry = read_array(tmp_path / "images" / f"{test_case}_0000.nii.gz")[1]
     r = runner.invoke(main, ["nnunet", "predict", "--images", str(tmp_path / "images"), "--work", str(work),
                              "--out", str(tmp_path / "new"), "--device", "cpu", "--no-mirroring", "--no-crop"],
                       catch_exceptions=False)
