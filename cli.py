@@ -366,20 +366,22 @@ def predict_cmd(model: str, dataset: str | None, images: str | None, out: str, c
 
 @main.command("gradcam")
 @click.option("--model", "model", required=True, type=click.Path(path_type=str), help="Detector RUN folder from `train`.")
-@click.option("--dataset", required=True, type=click.Path(path_type=str), help="Cohort folder.")
+@click.option("--dataset", default=None, type=click.Path(path_type=str), help="Cohort folder.")
+@click.option("--images", default=None, type=click.Path(path_type=str),
+              help="New patients instead of a cohort: image files or DICOM series folders (see predict).")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Output folder (written atomically).")
 @click.option("--cases", default="test", show_default=True, help=CASES_HELP)
 @click.option("--max-slices", default=4, show_default=True, type=int, help="Overlays per case (its most confident slices).")
 @click.option("--method", default="gradcam", show_default=True, type=click.Choice(["gradcam", "gradcam++"]))
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Slices per network call.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-def gradcam_cmd(model: str, dataset: str, out: str, cases: str, max_slices: int, method: str, batch_size: int,
+def gradcam_cmd(model: str, dataset: str | None, images: str | None, out: str, cases: str, max_slices: int, method: str, batch_size: int,
                 overwrite: bool) -> None:
     """Grad-CAM overlays (PNG), heat-map volumes (NIfTI) and gradcam.csv for a detector."""
     from bonemets_tf.gradcam import gradcam
 
     path = gradcam(model, dataset, out, cases=cases, max_slices=max_slices, method=method, batch_size=batch_size,
-                   overwrite=overwrite)
+                   overwrite=overwrite, images=images)
     click.echo(f"wrote {path}")
 
 

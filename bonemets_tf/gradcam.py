@@ -33,10 +33,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import SimpleITK as sitk
+
 from analysis.cohort import Cohort
-from analysis.errors import InputError
-from analysis.io import atomic_directory, atomic_write_json, atomic_write_text, check_output_folder, read_array, write_array
-from analysis.predictions import check_ct, select_cases
+from analysis.errors import DataProblems, InputError
+from analysis.inputs import read_input
+from analysis.io import (Geometry, atomic_directory, atomic_write_json, atomic_write_text, check_output_folder,
+                         read_array, write_array)
+from analysis.orientation import CANONICAL, Reorientation
+from analysis.runner import plan_inputs
 from bonemets_tf.models.catalog import DETECT
 from bonemets_tf.run import read_run
 
@@ -198,20 +203,27 @@ def overlay_png(ct_slice: np.ndarray, cam: np.ndarray, label_slice: np.ndarray |
     fig.savefig(path, format="png")
 
 
-def gradcam(model: str | os.PathLike, dataset: str | os.PathLike, out: str | os.PathLike, *,
+def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: str | os.PathLike, *,
             cases: str = "test", max_slices: int = 4, method: str = "gradcam", batch_size: int = 8,
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, images: str | os.PathLike | None = None) -> Path:
     """Write Grad-CAM overlays, heat-map volumes and ``gradcam.csv`` for a detector RUN.
+
+    The detector sees each CT in the canonical orientation it was trained in (LPS,
+    :mod:`analysis.orientation`), so the overlays are drawn in radiological convention
+    (anterior up, the patient's right on the viewer's left) whatever the file's storage;
+    slice numbers (file names, ``gradcam.csv``) are the stored file's axis-0 indices, and
+    the heat-map volumes have each input's exact geometry.
 
     Args:
         model: a detector RUN folder.
-        dataset: cohort folder.
+        dataset: cohort folder (None with ``images``).
         out: output folder (layout in the module docstring).
-        cases: ``--cases`` value.
+        cases: ``--cases`` value (cohort input).
         max_slices: maps per case, for its most confident slices.
         method: ``"gradcam"`` or ``"gradcam++"``.
         batch_size: slices per network call.
         overwrite: replace a non-empty ``out``.
+        images: ``--images`` PATH (:mod:`analysis.inputs`) instead of a cohort (no outlines then).
 
     Returns:
         ``out``.
@@ -227,11 +239,13 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike, out: str | os.
         raise InputError(f"--max-slices {max_slices} / --batch-size {batch_size}: expected >= 1")
     out = Path(out)
     check_output_folder(out, overwrite=overwrite)
-    cohort = Cohort(dataset)
-    cohort.require_exists()
-    chosen = select_cases(cohort, cases, None)
-    for case in chosen:
-        check_ct(cohort.image_path(case))
+    plan = plan_inputs(dataset, images, cases=cases)
+    if plan.failures:
+        raise DataProblems(plan.failures)
+    labels = {}
+    if dataset is not None:
+        cohort = Cohort(dataset)
+        labels = {c.case_id: cohort.label_path(c.case_id) for c in plan.cases if cohort.label_path(c.case_id).is_file()}
 
     from tqdm import tqdm
 
@@ -241,10 +255,17 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike, out: str | os.
     rows: list[tuple[str, int, float, str]] = []
     backends: set[str] = set()
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        for case in tqdm(chosen, desc="gradcam", unit="case", file=sys.stderr, disable=None):
-            volume, geometry = read_array(cohort.image_path(case))
-            volume = volume.astype(np.float32, copy=False)
-            label = read_array(cohort.label_path(case))[0] if cohort.label_path(case).is_file() else None
+        for source in tqdm(plan.cases, desc="gradcam", unit="case", file=sys.stderr, disable=None):
+            case = source.case_id
+            image, _ = read_input(source)
+            geometry = Geometry.of(image)
+            reo = Reorientation.of(geometry)
+            if reo.perm[2] != 2:
+                raise InputError(f"{source.describe()}: stored with axis 0 not head-to-feet; Grad-CAM of a slice "
+                                 f"detector needs axial slices along the file's third index")
+            native = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+            volume = np.ascontiguousarray(reo.forward(native))
+            label = np.ascontiguousarray(reo.forward(read_array(labels[case])[0])) if case in labels else None
             probs = detect_volume(predictor, volume, batch_size)
             top = np.sort(np.argsort(-probs, kind="stable")[:max_slices])
             heat = np.zeros(volume.shape, np.float32)
@@ -253,16 +274,19 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike, out: str | os.
                 maps, used = class_activation_maps(predictor.model, context_batch(volume, z, run.context), method=method)
                 backends.add(used)
                 heat[z] = maps
-            aspect = geometry.spacing[1] / geometry.spacing[0]
+            spacing_zyx = reo.canonical_spacing_zyx
+            aspect = spacing_zyx[1] / spacing_zyx[2]
+            n = volume.shape[0]
             for z in top:
-                png = f"{case}_z{int(z):04d}.png"
+                stored = int(n - 1 - z) if reo.flip[2] else int(z)  # the file's own slice number
+                png = f"{case}_z{stored:04d}.png"
                 overlay_png(volume[z], heat[z], None if label is None else label[z], tmp / png, aspect=aspect,
-                            title=f"{case} slice {int(z)}  p={probs[z]:.3f}  {run.arch} {method}")
-                rows.append((case, int(z), float(probs[z]), png))
-            write_array(heat, geometry, tmp / f"{case}_gradcam.nii.gz")
+                            title=f"{case} slice {stored}  p={probs[z]:.3f}  {run.arch} {method}")
+                rows.append((case, stored, float(probs[z]), png))
+            write_array(np.ascontiguousarray(reo.backward(heat)), geometry, tmp / f"{case}_gradcam.nii.gz")
         atomic_write_text(tmp / CSV_NAME, _csv(rows))
-        atomic_write_json(tmp / "gradcam.json", _record(run, cohort, chosen, max_slices, method, backends))
-    log.info("gradcam: %d overlays for %d case(s) in %s", len(rows), len(chosen), out)
+        atomic_write_json(tmp / "gradcam.json", _record(run, plan, max_slices, method, backends))
+    log.info("gradcam: %d overlays for %d case(s) in %s", len(rows), len(plan.cases), out)
     return out
 
 
@@ -274,8 +298,9 @@ def _csv(rows: Sequence[tuple[str, int, float, str]]) -> str:
     return buf.getvalue()
 
 
-def _record(run, cohort: Cohort, cases: list[str], max_slices: int, method: str, backends: set[str]) -> dict[str, Any]:
-    return {"model": run.describe(), "dataset": str(cohort.root.resolve()), "cases": cases,
+def _record(run, plan, max_slices: int, method: str, backends: set[str]) -> dict[str, Any]:
+    return {"model": run.describe(), **plan.describe(""), "cases": [c.case_id for c in plan.cases],
+            "orientation": CANONICAL, "display": "radiological (anterior up, patient's right on the viewer's left)",
             "max_slices": max_slices, "method": method, "implementation": sorted(backends),
             "score": "detector logit (sigmoid replaced by identity)",
             "display_window_hu": {"level": DISPLAY_WINDOW[0], "width": DISPLAY_WINDOW[1]}}

@@ -47,7 +47,7 @@ from analysis.runner import InputPlan, Network, Outputs, lesion_tables, plan_inp
 from bonemets_tf.inference import (PRECISIONS, Predictor, check_memory, detect_volume, estimate_case_bytes,
                                    slice_probabilities)
 from bonemets_tf.models.catalog import DETECT, SEGMENT
-from bonemets_tf.run import RunInfo, calibrated_threshold, read_run
+from bonemets_tf.run import RunInfo, calibrated_threshold, read_run, training_status
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,10 @@ def predict(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
     out = Path(out)
     plan = _plan(model, dataset, images, out, detector, options, overwrite)
     options = plan.options
+    for run in (plan.seg, plan.det):
+        status = training_status(run) if run is not None else {}
+        if status.get("learned") is False:  # predict anyway (the user asked), but say so
+            log.warning("predict: %s (%s): %s", run.path, run.arch, status["reason"])
     import tensorflow as tf  # heavy: only after the cheap checks
 
     t0 = time.perf_counter()
@@ -257,6 +261,8 @@ def _record(plan: _Plan, seg: Predictor | None, det: Predictor | None, options: 
         "mode": "cascade" if seg and det else (SEGMENT if seg else DETECT),
         "model": {**main.run.describe(), "fingerprint": main.run.fingerprint()},
         "detector": {**det.run.describe(), "fingerprint": det.run.fingerprint()} if seg and det else None,
+        "training": training_status(main.run),
+        "detector_training": training_status(det.run) if seg and det else None,
         **plan.inputs.describe(options.cases),
         "shard": None if options.shard is None else {"index": options.shard[0], "count": options.shard[1]},
         "cases_run": done,

@@ -148,6 +148,11 @@ def predict(dataset: str | Path | None, work: str | Path, out: str | Path, optio
     inputs = plan_inputs(dataset, images, cases=options.cases, shard=options.shard, series=options.series,
                          dicom_seg=options.dicom_seg)
     folds = check_folds(layout, options.folds)
+    from nnunet_bridge.train import training_status
+
+    training = training_status(layout)
+    if training.get("learned") is False:
+        log.warning("nnU-Net %s: %s", layout.work, training["reason"])
     settings = {"mode": "segment", "model": str(layout.model_folder.resolve()), "folds": folds,
                 "mirroring": options.mirroring, "input": inputs.source, "orientation": CANONICAL,
                 **{k: getattr(options, k) for k in ("probabilities", "dicom_seg", "preview", "crop", "series", "bones",
@@ -176,6 +181,7 @@ def predict(dataset: str | Path | None, work: str | Path, out: str | Path, optio
         "mode": "segment", "model": {"work": str(layout.work), "model_folder": str(layout.model_folder),
                                      "folds": folds, "framework": "nnU-Net v2",
                                      "fingerprint": layout_fingerprint(layout, folds)},
+        "training": training,
         "folds": folds, "mirroring": options.mirroring, "device": device.type, **inputs.describe(options.cases),
         "shard": None if options.shard is None else {"index": options.shard[0], "count": options.shard[1]},
         "cases_run": [p["case"] for p in done], "failed": failures, "orientation": CANONICAL,

@@ -176,3 +176,18 @@ def test_a_cohort_mixing_lps_and_ras_storage_trains_on_one_orientation(tmp_path)
     assert a.positive == b.positive
     meta = json.loads((b.folder / "meta.json").read_text(encoding="utf-8"))
     assert meta["orientation"] == "LPS"
+
+
+def test_gradcam_on_new_patients_is_the_same_whatever_the_storage(runs, tmp_path):
+    ct, geometry = _ct()
+    write_array(ct, geometry, tmp_path / "images" / "lps.nii.gz")
+    flipped = sitk.Flip(sitk.ReadImage(str(tmp_path / "images" / "lps.nii.gz")), [True, True, True])  # same physics
+    sitk.WriteImage(flipped, str(tmp_path / "images" / "flipped.nii.gz"))
+    r = invoke(["gradcam", "--model", runs.detector, "--images", tmp_path / "images", "--out", tmp_path / "cam",
+                "--max-slices", "2"])
+    assert r.exit_code == 0, r.output
+    heat = {c: _lps(tmp_path / "cam" / f"{c}_gradcam.nii.gz") for c in ("lps", "flipped")}
+    np.testing.assert_allclose(heat["lps"], heat["flipped"], atol=1e-5)
+    rows = list(csv.DictReader(open(tmp_path / "cam" / "gradcam.csv", encoding="utf-8")))
+    by_case = {c: sorted(int(r["slice"]) for r in rows if r["case"] == c) for c in ("lps", "flipped")}
+    assert by_case["flipped"] == sorted(5 - z for z in by_case["lps"])  # the stored files' own slice numbers
