@@ -81,8 +81,9 @@ def ensure_phantom(out: Path) -> Path:
     return dataset
 
 
-def settings(arch: str, seed: int, variant: str, dataset: Path) -> dict[str, Any]:
-    """TrainConfig keyword arguments of one run (the demo's train stage, plus the variant)."""
+def settings(arch: str, seed: int, variant: str, dataset: Path, overrides: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """TrainConfig keyword arguments of one run (the demo's train stage, the variant, then ``overrides``)."""
     from bonemets_tf.train import TrainConfig
 
     t = DEFAULT.train_budget(arch)
@@ -93,16 +94,29 @@ def settings(arch: str, seed: int, variant: str, dataset: Path) -> dict[str, Any
     if variant == "old":
         known = {f.name for f in TrainConfig.__dataclass_fields__.values()}
         config.update({k: v for k, v in OLD.items() if k in known})
-    return config
+    return {**config, **(overrides or {})}
 
 
-def run_one(arch: str, seed: int, variant: str, out: Path) -> dict[str, Any]:
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs (values read as JSON when they parse, else as strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run_one(arch: str, seed: int, variant: str, out: Path, tag: str = "", overrides: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
     """Train and score one run (in this process); returns the JSON record."""
     from bonemets_tf.train import TrainConfig, train
 
     dataset = ensure_phantom(out)
-    run = out / variant / "runs" / f"{arch}-seed{seed}"
-    kwargs = settings(arch, seed, variant, dataset)
+    run = out / (variant + tag) / "runs" / f"{arch}-seed{seed}"
+    kwargs = settings(arch, seed, variant, dataset, overrides)
     start = time.perf_counter()
     failure = None
     try:
@@ -110,7 +124,7 @@ def run_one(arch: str, seed: int, variant: str, out: Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001  the guard's clean failure is a result here
         failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     seconds = time.perf_counter() - start
-    record: dict[str, Any] = {"arch": arch, "seed": seed, "variant": variant, "settings": kwargs,
+    record: dict[str, Any] = {"arch": arch, "seed": seed, "variant": variant + tag, "settings": kwargs,
                               "train_seconds": round(seconds, 1), "failure": failure, "cpu": cpu_info()}
     record.update(_history_summary(run, arch))
     if failure is None:
@@ -189,6 +203,7 @@ def score_test(run: Path, dataset: Path, cache_dir: Path) -> dict[str, Any]:
 
 
 def result_path(out: Path, variant: str, arch: str, seed: int) -> Path:
+    """Where one run's record goes (``variant`` includes any ``--tag``)."""
     return out / variant / f"{arch}-seed{seed}.json"
 
 
@@ -229,8 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="all", help=f"comma-separated models or 'all' ({', '.join(MODELS)})")
     parser.add_argument("--variant", default="new", choices=("new", "old"))
     parser.add_argument("--out", type=Path, default=OUT, help=f"results folder (default {OUT})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a TrainConfig setting (e.g. epochs=8); use with --tag")
+    parser.add_argument("--tag", default="", help="suffix of the results folder (e.g. -e8) for --set runs")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of finished runs and exit")
     parser.add_argument("--one", nargs=3, metavar=("ARCH", "SEED", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--overrides-json", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.table:
@@ -238,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.one:
         arch, seed, variant = args.one[0], int(args.one[1]), args.one[2]
-        record = run_one(arch, seed, variant, args.out)
-        path = result_path(args.out, variant, arch, seed)
+        record = run_one(arch, seed, variant, args.out, args.tag, json.loads(args.overrides_json))
+        path = result_path(args.out, variant + args.tag, arch, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1), encoding="utf-8")
         return 0
@@ -251,13 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     ensure_phantom(args.out)
     for seed in seeds:
         for arch in models:
-            path = result_path(args.out, args.variant, arch, seed)
+            path = result_path(args.out, args.variant + args.tag, arch, seed)
             if path.is_file():
                 log.info("%s seed %d (%s): done, skipped", arch, seed, args.variant)
                 continue
             log.info("%s seed %d (%s): training", arch, seed, args.variant)
             proc = subprocess.run([sys.executable, "-m", "benchmarks.robustness", "--one", arch, str(seed),
-                                   args.variant, "--out", str(args.out)], cwd=ROOT)
+                                   args.variant, "--out", str(args.out), "--tag", args.tag,
+                                   "--overrides-json", json.dumps(parse_overrides(args.set))], cwd=ROOT)
             if proc.returncode != 0 or not path.is_file():
                 log.error("%s seed %d (%s): the run's process failed (exit %d)", arch, seed, args.variant,
                           proc.returncode)

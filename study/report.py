@@ -2,8 +2,10 @@
 (model sizes, Grad-CAM panels, run times), as ``report.md`` and a self-contained
 ``report.html`` with every figure embedded.
 
-Reads only files: ``DIR/analysis`` (from ``analyze``), ``DIR/runs/*/config.json`` (Keras),
-``DIR/nnunet_work/params.json`` (nnU-Net) and ``DIR/gradcam`` (from ``gradcam``).
+Reads only files: ``DIR/analysis`` (from ``analyze``), ``DIR/runs/*/config.json``,
+``history.csv`` and ``calibration.json`` (Keras), ``DIR/nnunet_work/params.json`` and
+``train_settings.json`` (nnU-Net) and ``DIR/gradcam`` (from ``gradcam``); neither framework
+is imported.
 """
 from __future__ import annotations
 
@@ -94,6 +96,44 @@ def thresholds_section(out: Path, models: list[str]) -> list[str]:
                      "validation Dice at 0.5"], rows), ""]
 
 
+def training_section(out: Path, keras_models: list[str]) -> list[str]:
+    """How each model trained: best validation score, collapse-guard events and status
+    (:func:`bonemets_tf.run.training_status`; nnU-Net: :func:`nnunet_bridge.train.training_status`)."""
+    from analysis.errors import InputError
+    from bonemets_tf.run import read_run, training_status
+
+    rows = []
+    for model in keras_models:
+        run = out / "runs" / model
+        if not (run / "config.json").is_file():
+            continue
+        try:
+            status = training_status(read_run(run))
+        except InputError:  # no model.keras: the guard failed the run
+            guard = json.loads((run / "config.json").read_text(encoding="utf-8")).get("guard", {})
+            status = {"learned": False, "best_val": None, "guard_events": len(guard.get("events", [])),
+                      "reason": f"training failed (guard outcome {guard.get('outcome', 'unknown')})"}
+        word = {True: "learned", False: "**did not learn**", None: "unknown"}[status["learned"]]
+        rows.append([model, _num(status["best_val"], 3), status["guard_events"], word, status["reason"]])
+    work = out / "nnunet_work"
+    if work.is_dir():
+        from nnunet_bridge.env import WorkLayout
+        from nnunet_bridge.train import training_status as nnunet_status
+
+        status = nnunet_status(WorkLayout(work))
+        word = {True: "trained", False: f"**not trained ({status['iterations']} iterations)**", None: "unknown"}
+        rows.append(["nnunet", "–", "–", word[status["learned"]], status["reason"]])
+    if not rows:
+        return []
+    return ["## Training", "",
+            "Best validation score per Keras model (per-slice-pooled Dice for segmenters, slice AUC for "
+            "detectors), the collapse guard's events (a restore of the last good epoch at half the learning "
+            "rate; key `guard` of `runs/<model>/config.json`) and whether the model learned: a model that never "
+            "rose above the validation score of an empty prediction did not. nnU-Net counts as trained from "
+            "its minimum number of iterations on.", "",
+            *_table(["model", "best validation", "guard events", "status", "reason"], rows), ""]
+
+
 def gradcam_panel(gradcam_dir: Path, fig_path: Path, max_panels: int = 6) -> bool:
     """Tile the Grad-CAM overlay PNGs of ``gradcam`` into one Fig. 2-like figure."""
     pngs = sorted(gradcam_dir.glob("*.png"))[:max_panels]
@@ -146,6 +186,7 @@ def write_study_report(out: Path, *, best_detector: str, cascade: str, budget: A
               f"`{best_detector}`, calls negative are left empty, the rest segmented).", ""]
         md += ["## Model sizes (Table 2, parameters)", ""]
         md += _table(["model", "parameters trained here", "width", "paper"], model_sizes(out, det + seg))
+        md += training_section(out, [m for m in det + seg if (out / "runs" / m).is_dir()])
         md += thresholds_section(out, seg)
         analysis_md = (analysis_dir / "report.md").read_text(encoding="utf-8") if (analysis_dir / "report.md").is_file() else ""
         # the analysis report's title is replaced by ours; its sections follow as they are

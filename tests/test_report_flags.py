@@ -95,3 +95,29 @@ def test_nnunet_training_status_from_work_records(tmp_path):
     settings["schedule"] = {}  # nnU-Net's defaults: 1000 epochs of 250 iterations
     layout.train_settings_json.write_text(json.dumps(settings), encoding="utf-8")
     assert training_status(layout)["learned"] is True and training_status(layout)["iterations"] == 250_000
+
+
+def test_study_report_training_section(tmp_path):
+    from analysis.orientation import CANONICAL
+    from study.report import training_section
+
+    def run(name: str, arch: str, history: str, guard: dict | None = None, model: bool = True) -> None:
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        config = {"settings": {"arch": arch, "task": "segment" if arch.endswith("unet") else "detect",
+                               "context": 1, "image_size": 64}, "orientation": CANONICAL}
+        if guard is not None:
+            config["guard"] = guard
+        (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        (folder / "history.csv").write_text(history, encoding="utf-8")
+        if model:
+            (folder / "model.keras").write_bytes(b"")
+
+    run("unet", "unet", "epoch,val_dice\n1,0.2\n2,0.7\n")
+    run("resunet", "resunet", "epoch,val_dice\n1,0.0\n2,0.0\n",
+        guard={"events": [{"epoch": 2}] * 4, "outcome": "failed"}, model=False)
+    run("densenet", "densenet", "epoch,val_auc\n1,0.5\n")
+    lines = "\n".join(training_section(tmp_path, ["unet", "resunet", "densenet"]))
+    assert "| unet | 0.700 | 0 | learned |" in lines
+    assert "| resunet | – | 4 | **did not learn** | training failed (guard outcome failed) |" in lines
+    assert "| densenet | 0.500 | 0 | **did not learn** |" in lines

@@ -60,7 +60,7 @@ def test_guard_restores_the_last_good_epoch_and_lowers_the_rate(cohort_dir, tmp_
     """A collapse forced at epoch 2 (rule patched): epoch 3 starts from epoch 1's weights at half the rate."""
     seen = {}
 
-    def check(self, logs, empty_run, varied=True):
+    def check(self, logs, empty_run, varied=True, good=True):
         return "forced" if logs.get("epoch_marker") == 2 else None
 
     def on_epoch_end(self, epoch, logs=None):
@@ -100,7 +100,8 @@ def test_guard_rule_golden():
     assert g.check({"pos_frac": 1.0, "val_dice": 0.5}, 0) == "training calls all lesion"
     assert g.check({"pos_frac": 0.0, "val_dice": 0.0}, 1, varied=False) is None  # still at the prior
     assert g.check({"pos_frac": 0.01, "val_dice": 0.0}, 1) is None  # one empty validation epoch is allowed
-    assert "empty level for 2 epochs" in g.check({"pos_frac": 0.01, "val_dice": 0.0}, 2)
+    assert "back at its empty level for 2 epochs" in g.check({"pos_frac": 0.01, "val_dice": 0.0}, 2)
+    assert g.check({"pos_frac": 0.01, "val_dice": 0.0}, 2, good=False) is None  # not learning yet: left alone
     assert g.val_empty({"val_dice": 0.005}) and not g.val_empty({"val_dice": 0.02})
     assert g.val_empty({"val_dice": float("nan")})
     d = CollapseGuard("detect", "val_auc")
