@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.cohort import Cohort, check_case_id, write_dataset_json
+from analysis.cohort import MAX_BONE_CODE, Cohort, check_case_id, write_dataset_json
 from analysis.dicom import read_dicom
 from analysis.errors import InputError
 from analysis.io import Geometry, read_array, read_image, write_array, write_image
@@ -34,6 +34,45 @@ def totalseg_lookup(max_id: int = 255) -> np.ndarray:
     return lut
 
 
+def bones_from(path: str | os.PathLike, kind: str, geometry: Geometry) -> np.ndarray:
+    """Read a case's bone map as project codes, checked against its CT's geometry.
+
+    Args:
+        path: the bone map file (e.g. ``DIR/<case>.nii.gz``).
+        kind: ``"project"`` for project codes 0..7 (``bonesTr``, see
+            :data:`analysis.cohort.BONE_CODES`); ``"totalsegmentator"`` for a
+            TotalSegmentator v2 "total" multilabel map (mapped through
+            :func:`analysis.imports.totalseg_lookup`; non-bone classes become 0).
+        geometry: the CT's geometry.
+
+    Returns:
+        uint8 ``(slices, rows, cols)`` bone codes in the stored file's order.
+
+    Raises:
+        InputError: unreadable file, geometry unlike the CT's, non-integer or negative
+            labels, codes above 7 in a project map, or an unknown ``kind``.
+    """
+    if kind not in ("project", "totalsegmentator"):
+        raise InputError(f"bone map kind {kind!r}: expected 'project' or 'totalsegmentator'")
+    labels, geom = read_array(path)
+    mismatch = geometry.mismatch(geom)
+    if mismatch:
+        raise InputError(f"{path}: {mismatch} of the case's CT")
+    if np.issubdtype(labels.dtype, np.floating) and not np.array_equal(labels, np.round(labels)):
+        raise InputError(f"{path}: holds non-integer values; expected integer bone labels")
+    if labels.size == 0:
+        return labels.astype(np.uint8)
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise InputError(f"{path}: holds negative labels (min {low}); expected bone labels >= 0")
+    if kind == "project":
+        if high > MAX_BONE_CODE:
+            raise InputError(f"{path}: holds code {high}; expected project bone codes 0..{MAX_BONE_CODE} "
+                             f"(a TotalSegmentator map? pass kind 'totalsegmentator')")
+        return labels.astype(np.uint8, copy=False)
+    return totalseg_lookup(high)[labels.astype(np.int64, copy=False)]
+
+
 def import_bones(seg: str | os.PathLike, dataset: str | os.PathLike, case: str) -> Path:
     """Map a TotalSegmentator v2 "total" multilabel map to ``bonesTr/<case>.nii.gz``.
 
@@ -54,18 +93,7 @@ def import_bones(seg: str | os.PathLike, dataset: str | os.PathLike, case: str) 
     if not ct_path.is_file():
         raise InputError(f"{ct_path}: not found; import the case's CT before its bone map")
     ct_geom = Geometry.of(read_image(ct_path))
-    labels, geom = read_array(seg)
-    mismatch = ct_geom.mismatch(geom)
-    if mismatch:
-        raise InputError(f"{seg}: {mismatch} of the case's CT {ct_path}")
-    if np.issubdtype(labels.dtype, np.floating) and not np.array_equal(labels, np.round(labels)):
-        raise InputError(f"{seg}: holds non-integer values; expected a TotalSegmentator multilabel map")
-    labels = labels.astype(np.int64, copy=False)
-    if labels.size and labels.min() < 0:
-        raise InputError(f"{seg}: holds negative labels; expected TotalSegmentator class ids >= 0")
-    lut = totalseg_lookup(int(labels.max()) if labels.size else 0)
-    bones = lut[labels]
-    return write_array(bones, ct_geom, cohort.bones_path(case))
+    return write_array(bones_from(seg, "totalsegmentator", ct_geom), ct_geom, cohort.bones_path(case))
 
 
 def import_dicom(dicom_dir: str | os.PathLike, dataset: str | os.PathLike, case: str, *,

@@ -355,21 +355,46 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~current
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike, *, compress: bool = True) -> Path:
-    """Write a SimpleITK image atomically (temporary file in the same folder, then rename)."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it gets the umask's mode
+    (:func:`umask_mode`) and replaces ``path``, on any exception it is removed. Every file
+    the project writes goes through here, so none is ever seen half-written.
+
+    Args:
+        path: the file to produce (its folder is created).
+        suffix: ending of the temporary name (writers that choose a format by it need it).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        sitk.WriteImage(image, tmp, useCompression=compress)
+        yield Path(tmp)
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_file`), flushed to disk."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return Path(path)
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, *, compress: bool = True) -> Path:
+    """Write a SimpleITK image atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    with atomic_file(path, suffix=f".tmp{suffix}") as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
     return path
 
 
@@ -387,22 +412,8 @@ def write_mask(mask: np.ndarray, reference: Geometry, path: str | os.PathLike) -
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text to ``path`` via a temporary file and rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write text to ``path`` as UTF-8, atomically (never half-written)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

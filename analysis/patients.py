@@ -32,15 +32,14 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from analysis.analyze import _fmt
-from analysis.cohort import MAX_BONE_CODE
 from analysis.errors import InputError
-from analysis.imports import totalseg_lookup
-from analysis.io import Geometry, atomic_write_text, read_array
+from analysis.imports import bones_from  # noqa: F401  (part of this module's API)
+from analysis.io import Geometry, atomic_write_text
 from analysis.metrics.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone_identity, count_neighbours,
                                       diffuse_fractions, lesion_instances, lesion_table)
 
@@ -64,7 +63,6 @@ _INT = {"lesion_id", "voxels", "z_first", "z_last", "n_neighbours", "lesions", *
 _FLOAT = {"volume_ml", "x_mm", "y_mm", "z_mm", "hu_mean", "hu_max", "score", "largest_ml"}
 _BOOL_LESION = {"diffuse", "weight_bearing"}          # bools in lesions.csv, counts in patients.csv
 
-BoneKind = Literal["project", "totalsegmentator"]
 
 
 def _check_shapes(geometry: Geometry, **arrays: np.ndarray | None) -> None:
@@ -196,45 +194,6 @@ def patient_row(case: str, lesion_rows: Sequence[dict[str, Any]], *, has_bones: 
     for region in REGION_COLUMNS:
         out[region] = sum(r["bone"] == region for r in rows) if has_bones else None
     return out
-
-
-def bones_from(path: str | os.PathLike, kind: BoneKind, geometry: Geometry) -> np.ndarray:
-    """Read a case's bone map as project codes, checked against its CT's geometry.
-
-    Args:
-        path: the bone map file (e.g. ``DIR/<case>.nii.gz``).
-        kind: ``"project"`` for project codes 0..7 (``bonesTr``, see
-            :data:`analysis.cohort.BONE_CODES`); ``"totalsegmentator"`` for a
-            TotalSegmentator v2 "total" multilabel map (mapped through
-            :func:`analysis.imports.totalseg_lookup`; non-bone classes become 0).
-        geometry: the CT's geometry.
-
-    Returns:
-        uint8 ``(slices, rows, cols)`` bone codes in the stored file's order.
-
-    Raises:
-        InputError: unreadable file, geometry unlike the CT's, non-integer or negative
-            labels, codes above 7 in a project map, or an unknown ``kind``.
-    """
-    if kind not in ("project", "totalsegmentator"):
-        raise InputError(f"bone map kind {kind!r}: expected 'project' or 'totalsegmentator'")
-    labels, geom = read_array(path)
-    mismatch = geometry.mismatch(geom)
-    if mismatch:
-        raise InputError(f"{path}: {mismatch} of the case's CT")
-    if np.issubdtype(labels.dtype, np.floating) and not np.array_equal(labels, np.round(labels)):
-        raise InputError(f"{path}: holds non-integer values; expected integer bone labels")
-    if labels.size == 0:
-        return labels.astype(np.uint8)
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0:
-        raise InputError(f"{path}: holds negative labels (min {low}); expected bone labels >= 0")
-    if kind == "project":
-        if high > MAX_BONE_CODE:
-            raise InputError(f"{path}: holds code {high}; expected project bone codes 0..{MAX_BONE_CODE} "
-                             f"(a TotalSegmentator map? pass kind 'totalsegmentator')")
-        return labels.astype(np.uint8, copy=False)
-    return totalseg_lookup(high)[labels.astype(np.int64, copy=False)]
 
 
 # --- CSV tables and per-case parts ---------------------------------------------------------

@@ -22,15 +22,13 @@ reading text off the PNG.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from analysis.io import Geometry, umask_mode
+from analysis.io import Geometry, atomic_file
 from analysis.metrics.lesions import lesion_instances
 from analysis.orientation import Reorientation
 
@@ -215,17 +213,8 @@ def write_preview(path: str | os.PathLike, ct: np.ndarray, mask: np.ndarray, geo
         fig.text(0.5, 1 - (PAD_IN + TITLE_IN / 2) / fig_h, title, color="white", fontsize=11,
                  ha="center", va="center")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fig.savefig(fh, format="png", facecolor="black", dpi=DPI)
-            os.chmod(tmp, umask_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_file(path, suffix=".tmp.png") as tmp:
+            fig.savefig(tmp, format="png", facecolor="black", dpi=DPI)
     finally:
         plt.close(fig)
     return path

@@ -26,16 +26,14 @@ qform (code 1, scanner anatomical), which SimpleITK reads back as the same geome
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from analysis.errors import InputError
-from analysis.io import Geometry, read_array, umask_mode
+from analysis.io import Geometry, atomic_write_bytes, read_array
 
 __all__ = ["write_probability", "read_probability", "quantise", "nifti_affine", "SLOPE", "LEVELS"]
 
@@ -116,23 +114,6 @@ def nifti_affine(geometry: Geometry) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_probability(prob: np.ndarray, geometry: Geometry, path: str | os.PathLike, *,
                       threshold: float) -> np.ndarray:
     """Write a probability map as uint8 NIfTI (``scl_slope`` 1/255) atomically.
@@ -168,7 +149,7 @@ def write_probability(prob: np.ndarray, geometry: Geometry, path: str | os.PathL
     raw = image.to_bytes()
     path = Path(path)
     data = gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0) if path.name.lower().endswith(".gz") else raw
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     return stored
 
 
