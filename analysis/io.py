@@ -152,6 +152,18 @@ def _nifti_header_problem(header: Any) -> str | None:
     return None
 
 
+def _expected_bytes(path: Path, raw: bytes) -> int | None:
+    """The size a NIfTI file's header promises, after refusing a corrupt header; None for bytes
+    that are not a NIfTI header (ITK then reports what they are)."""
+    header = _nifti_header(raw)
+    if header is None:
+        return None
+    problem = _nifti_header_problem(header)
+    if problem:
+        raise InputError(f"{path}: corrupt NIfTI header ({problem}); expected a valid NIfTI file")
+    return _nifti_expected_bytes(header)
+
+
 def check_nifti_complete(path: Path) -> None:
     """Refuse a truncated NIfTI file.
 
@@ -165,13 +177,7 @@ def check_nifti_complete(path: Path) -> None:
     name = path.name.lower()
     if name.endswith(".nii"):
         with open(path, "rb") as fh:
-            header = _nifti_header(fh.read(540))
-        if header is None:
-            return  # not a NIfTI header: let ITK report what it is
-        problem = _nifti_header_problem(header)
-        if problem:
-            raise InputError(f"{path}: corrupt NIfTI header ({problem}); expected a valid NIfTI file")
-        expected = _nifti_expected_bytes(header)
+            expected = _expected_bytes(path, fh.read(540))
         if expected is not None and path.stat().st_size < expected:
             raise InputError(f"{path}: truncated NIfTI file ({path.stat().st_size} bytes, header promises {expected})")
         return
@@ -182,13 +188,7 @@ def check_nifti_complete(path: Path) -> None:
             raw = fh.read(540)
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: truncated or not a gzip-compressed NIfTI file ({exc})") from None
-    header = _nifti_header(raw)
-    if header is None:
-        return  # not a NIfTI header: let ITK report what it is
-    problem = _nifti_header_problem(header)
-    if problem:
-        raise InputError(f"{path}: corrupt NIfTI header ({problem}); expected a valid NIfTI file")
-    expected = _nifti_expected_bytes(header)
+    expected = _expected_bytes(path, raw)
     if expected is None:
         return
     with open(path, "rb") as fh:
