@@ -262,6 +262,25 @@ def _read_binary(path: Path) -> np.ndarray:
     return array != 0
 
 
+def _radiological(figure: dict[str, Any]) -> dict[str, Any]:
+    """The qualitative figure's slices in radiological display (anterior up, the patient's right
+    on the viewer's left; :func:`analysis.preview.radiological_axial`) whatever the storage
+    order, with the spacing of the displayed rows and cols. A volume not stored axially keeps
+    its stored view."""
+    from analysis.orientation import Reorientation
+    from analysis.preview import radiological_axial
+
+    geometry = figure.pop("geometry")
+    try:
+        show = lambda a: np.ascontiguousarray(radiological_axial(a, geometry))  # noqa: E731
+        out = {**figure, "gt": show(figure["gt"]), "ct": show(figure["ct"]),
+               "pred": {m: show(p) for m, p in figure["pred"].items()}}
+    except ValueError:
+        return figure
+    out["spacing"] = Reorientation.of(geometry).canonical_geometry.spacing
+    return out
+
+
 def _read_slice(path: Path, z: int) -> np.ndarray:
     """Axial slice ``z`` of a validated image as ``(rows, cols)``, without decoding the rest into memory."""
     import SimpleITK as sitk
@@ -391,7 +410,8 @@ def _analyse_case(case: str, inputs: _Inputs, config: AnalysisConfig, res: _Resu
     take_figure = area[best_z] > 0 and (res.figure is None or area[best_z] > res.figure["area"])
     if take_figure:
         res.figure = {"case": case, "slice": best_z, "area": int(area[best_z]), "gt": gt[best_z].copy(),
-                      "ct": None if ct is None else ct[best_z].copy(), "pred": {}, "spacing": geo.spacing}
+                      "ct": None if ct is None else ct[best_z].copy(), "pred": {}, "spacing": geo.spacing,
+                      "geometry": geo}
     gt_for_radiomics: set[int] = set()
     for model in inputs.segmenters:
         pred = _read_binary(inputs.predictions / model / f"{case}.nii.gz")
@@ -781,6 +801,8 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
         tables = _write_tables(tmp, inputs, config, res)
         if res.figure is not None and res.figure["ct"] is None:
             res.figure["ct"] = _read_slice(inputs.cohort.image_path(res.figure["case"]), res.figure["slice"])
+        if res.figure is not None:
+            res.figure = _radiological(res.figure)
         from analysis.report import write_report
 
         write_report(tmp, tables, figure=res.figure, synthetic=is_synthetic,
