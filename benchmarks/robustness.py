@@ -238,6 +238,28 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def summary(out: Path) -> str:
+    """Per variant and model: seeds run, collapsed runs, runs the guard acted in, and the test
+    score (Dice at 0.5 for segmenters, AUC for detectors) min / mean against issue #16's targets."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in sorted(out.glob("*/*-seed*.json")):
+        r = json.loads(path.read_text(encoding="utf-8"))
+        groups.setdefault((r["variant"], r["arch"]), []).append(r)
+    lines = ["| variant | model | seeds | collapsed | guard acted | test min | test mean | target |",
+             "|" + "---|" * 8]
+    for (variant, arch), runs in sorted(groups.items(), key=lambda kv: (kv[0][0], MODELS.index(kv[0][1]))):
+        key = "test_auc" if arch in DETECTORS else "test_dice"
+        scores = [r.get(key) if r.get(key) is not None else 0.0 for r in runs]
+        target = TARGET_DET_AUC if arch in DETECTORS else TARGET_SEG_DICE
+        ok = "met" if min(scores) >= target else "missed"
+        lines.append(f"| {variant} | {arch} | {','.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} "
+                     f"| {sum(collapsed(r) for r in runs)} | {sum(1 for r in runs if r.get('guard_events'))} "
+                     f"| {min(scores):.3f} | {statistics.fmean(scores):.3f} | >= {target} {ok} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
@@ -246,14 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT, help=f"results folder (default {OUT})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainConfig setting (e.g. epochs=8); use with --tag")
-    parser.add_argument("--tag", default="", help="suffix of the results folder (e.g. -e8) for --set runs")
+    parser.add_argument("--tag", default="", help="suffix of the results folder for --set runs (--tag=-e8)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of finished runs and exit")
     parser.add_argument("--one", nargs=3, metavar=("ARCH", "SEED", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--overrides-json", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.table:
-        sys.stdout.write(table(args.out) + "\n")
+        cpu = cpu_info()
+        sys.stdout.write(f"CPU: {cpu['model_name']}, {cpu['cores']} cores, flags {' '.join(cpu['flags'])}\n\n"
+                         + summary(args.out) + "\n\n" + table(args.out) + "\n")
         return 0
     if args.one:
         arch, seed, variant = args.one[0], int(args.one[1]), args.one[2]
@@ -276,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log.info("%s seed %d (%s): training", arch, seed, args.variant)
             proc = subprocess.run([sys.executable, "-m", "benchmarks.robustness", "--one", arch, str(seed),
-                                   args.variant, "--out", str(args.out), "--tag", args.tag,
+                                   args.variant, "--out", str(args.out), f"--tag={args.tag}",
                                    "--overrides-json", json.dumps(parse_overrides(args.set))], cwd=ROOT)
             if proc.returncode != 0 or not path.is_file():
                 log.error("%s seed %d (%s): the run's process failed (exit %d)", arch, seed, args.variant,
