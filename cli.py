@@ -483,7 +483,9 @@ def nnunet_prepare_cmd(dataset: str, work: str) -> None:
               help="Also write probabilities/<case>.nii.gz (fold- and mirror-averaged softmax, uint8 scale 1/255).")
 @click.option("--dicom-seg", is_flag=True, help="Also write dicom_seg/<case>.dcm (DICOM input only).")
 @click.option("--no-preview", is_flag=True, help="Do not draw preview/<case>.png.")
-@click.option("--no-crop", is_flag=True, help="Predict whole slices instead of the body's bounding box.")
+@click.option("--crop", is_flag=True,
+              help="Predict the body's bounding box instead of whole slices (off: nnU-Net pads a box smaller "
+                   "than its patch back to the patch, so it saves nothing; measured in BENCHMARKS.md).")
 @click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID.")
 @click.option("--bones", default=None, type=click.Path(exists=True, file_okay=False),
               help="Folder of bone maps <case>.nii.gz for the lesion table's bone and weight-bearing columns.")
@@ -491,7 +493,7 @@ def nnunet_prepare_cmd(dataset: str, work: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a --out written with other settings, or redo its cases.")
 def nnunet_predict_cmd(dataset: str | None, images: str | None, work: str, out: str, cases: str,
                        folds: tuple[int, ...] | None, device: str, no_mirroring: bool, shard: tuple[int, int] | None,
-                       probabilities: bool, dicom_seg: bool, no_preview: bool, no_crop: bool, series: str | None,
+                       probabilities: bool, dicom_seg: bool, no_preview: bool, crop: bool, series: str | None,
                        bones: str | None, bones_from: str, overwrite: bool) -> None:
     """Predict lesion masks OUT/<case>.nii.gz (uint8, the input's geometry), lesions.csv, patients.csv
     and previews with the trained folds, for a cohort (--dataset) or new patients (--images)."""
@@ -499,7 +501,7 @@ def nnunet_predict_cmd(dataset: str | None, images: str | None, work: str, out: 
 
     written = predict(dataset, work, out, PredictOptions(
         cases=cases, folds=folds, device=device, mirroring=not no_mirroring, overwrite=overwrite, shard=shard,
-        probabilities=probabilities, dicom_seg=dicom_seg, preview=not no_preview, crop=not no_crop, series=series,
+        probabilities=probabilities, dicom_seg=dicom_seg, preview=not no_preview, crop=crop, series=series,
         bones=bones, bones_from=bones_from), images=images)
     click.echo(f"wrote {len(written)} mask(s) to {out}")
 # ---- END nnunet ----

@@ -72,13 +72,39 @@ def _check_shapes(geometry: Geometry, **arrays: np.ndarray | None) -> None:
                              f"{geometry.shape}")
 
 
-def _centroids_mm(coords: tuple[np.ndarray, ...], ids: np.ndarray, voxels: np.ndarray,
-                  geometry: Geometry) -> np.ndarray:
-    """Centroids ``(n, 3)`` in ITK physical ``(x, y, z)`` mm from lesion voxel indices."""
-    n = len(voxels)
-    mean_zyx = np.stack([np.bincount(ids, weights=c.astype(np.float64), minlength=n + 1)[1:n + 1] for c in coords],
-                        axis=1) / np.maximum(voxels, 1)[:, None]
-    index_xyz = mean_zyx[:, ::-1]
+def _lesion_sums(labels: np.ndarray, n: int, ct: np.ndarray, probability: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Per-lesion voxel index sums, HU sum and maximum and the highest probability, slice by
+    slice, so memory stays that of one slice however large the lesions (index ``id``; 0 unused)."""
+    size = n + 1
+    sums = {k: np.zeros(size, np.float64) for k in ("count", "z", "y", "x", "hu")}
+    hu_max = np.full(size, -np.inf)
+    score = np.full(size, -np.inf) if probability is not None else None
+    for z in range(labels.shape[0]):
+        lab = labels[z]
+        inside = lab != 0
+        if not inside.any():
+            continue
+        ids = lab[inside].astype(np.int64)
+        yy, xx = np.nonzero(inside)
+        count = np.bincount(ids, minlength=size)
+        sums["count"] += count
+        sums["z"] += z * count
+        sums["y"] += np.bincount(ids, weights=yy, minlength=size)
+        sums["x"] += np.bincount(ids, weights=xx, minlength=size)
+        hu = np.asarray(ct[z])[inside].astype(np.float64)
+        sums["hu"] += np.bincount(ids, weights=hu, minlength=size)
+        np.maximum.at(hu_max, ids, hu)
+        if score is not None:
+            np.maximum.at(score, ids, np.asarray(probability[z])[inside].astype(np.float64))
+    sums["hu_max"] = hu_max
+    sums["score"] = score
+    return sums
+
+
+def _centroids_mm(sums: dict[str, np.ndarray], geometry: Geometry) -> np.ndarray:
+    """Centroids ``(n, 3)`` in ITK physical ``(x, y, z)`` mm from the per-lesion index sums."""
+    count = np.maximum(sums["count"][1:], 1)
+    index_xyz = np.stack([sums["x"][1:], sums["y"][1:], sums["z"][1:]], axis=1) / count[:, None]
     d = np.asarray(geometry.direction, np.float64).reshape(3, 3)
     return np.asarray(geometry.origin, np.float64)[None, :] + (index_xyz * np.asarray(geometry.spacing)) @ d.T
 
@@ -86,7 +112,9 @@ def _centroids_mm(coords: tuple[np.ndarray, ...], ids: np.ndarray, voxels: np.nd
 def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry, *,
                 probability: np.ndarray | None = None, bones: np.ndarray | None = None,
                 cluster_slices: int = 10, diffuse_fraction: float = 0.6,
-                bone_hu: float = DEFAULT_BONE_HU) -> list[dict[str, Any]]:
+                bone_hu: float = DEFAULT_BONE_HU,
+                labels: tuple[np.ndarray, int] | None = None,
+                probability_scale: float = 1.0) -> list[dict[str, Any]]:
     """One row per lesion of a predicted mask, columns :data:`LESION_COLUMNS`.
 
     Args:
@@ -103,6 +131,10 @@ def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry,
         diffuse_fraction: a lesion is diffuse when its largest per-slice bone-region
             fraction is at least this.
         bone_hu: HU threshold for bone pixels without a bone map.
+        labels: ``lesion_instances(mask, 26)`` when the caller has it already (saves a
+            labelling of a large volume).
+        probability_scale: ``probability`` holds stored values times this (e.g. the uint8
+            map of :mod:`analysis.probabilities` with its 1/255).
 
     Returns:
         Dicts keyed by :data:`LESION_COLUMNS` in that order, lesion ids ``1..N``:
@@ -116,22 +148,15 @@ def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry,
         ValueError: an array whose shape differs from the geometry's.
     """
     _check_shapes(geometry, mask=mask, ct=ct, probability=probability, bones=bones)
-    labels, n = lesion_instances(mask, 26)
+    labels, n = lesion_instances(mask, 26) if labels is None else labels
     if n == 0:
         return []
     table = lesion_table(labels, n, spacing_mm=geometry.spacing)
-    flat = np.flatnonzero(labels)
-    ids = labels.ravel()[flat].astype(np.int64)
-    order = np.argsort(ids, kind="stable")
-    starts = np.r_[0, np.cumsum(table.voxels)[:-1]]
-    sorted_flat = flat[order]
-    centroids = _centroids_mm(np.unravel_index(flat, labels.shape), ids, table.voxels, geometry)
-    hu = np.asarray(ct).ravel()[sorted_flat].astype(np.float64)
-    hu_mean = np.add.reduceat(hu, starts) / table.voxels
-    hu_max = np.maximum.reduceat(hu, starts)
-    score = None
-    if probability is not None:
-        score = np.maximum.reduceat(np.asarray(probability).ravel()[sorted_flat].astype(np.float64), starts)
+    sums = _lesion_sums(labels, n, ct, probability)
+    centroids = _centroids_mm(sums, geometry)
+    hu_mean = sums["hu"][1:] / table.voxels
+    hu_max = sums["hu_max"][1:]
+    score = None if sums["score"] is None else sums["score"][1:] * probability_scale
     bone_px = (bones > 0) if bones is not None else (np.asarray(ct) >= bone_hu)
     diffuse = diffuse_fractions(labels, n, bone_px) >= diffuse_fraction
     neighbours = count_neighbours(table.z_first, table.z_last, cluster_slices)

@@ -35,7 +35,7 @@ import numpy as np
 from analysis.errors import InputError
 from analysis.io import Geometry, atomic_write_bytes, read_array
 
-__all__ = ["write_probability", "read_probability", "quantise", "nifti_affine", "SLOPE", "LEVELS"]
+__all__ = ["write_probability", "write_stored", "read_probability", "quantise", "nifti_affine", "SLOPE", "LEVELS"]
 
 #: Stored integers 0..LEVELS decode to 0..1.
 LEVELS = 255
@@ -58,12 +58,15 @@ def _decoded_at_or_above(k: np.ndarray, threshold: float) -> np.ndarray:
     return tests.all(axis=0), tests.any(axis=0)
 
 
-def quantise(prob: np.ndarray, threshold: float) -> np.ndarray:
+def quantise(prob: np.ndarray, threshold: float, *, above: np.ndarray | None = None) -> np.ndarray:
     """uint8 stored values for ``prob`` such that every decoding keeps ``>= threshold``.
 
     Args:
         prob: probabilities in [0, 1] (any shape).
         threshold: the decision threshold in [0, 1].
+        above: which voxels are at or above the threshold (bool, ``prob``'s shape); None:
+            ``prob >= threshold``. Give the mask a caller already cut from ``prob`` so that
+            the stored map reproduces exactly that mask.
 
     Returns:
         uint8 array of ``prob``'s shape: ``round(prob * 255)``, except next to the
@@ -72,8 +75,9 @@ def quantise(prob: np.ndarray, threshold: float) -> np.ndarray:
         decodings disagree about the threshold are never used).
 
     Raises:
-        ValueError: NaN or values outside [0, 1], a threshold outside [0, 1], or a
-            threshold that no stored value can represent on the needed side.
+        ValueError: NaN or values outside [0, 1], a threshold outside [0, 1], or voxels
+            at or above a threshold that no stored value reaches. At threshold 0 every stored
+            value decodes to >= it, so the map cannot mark a voxel below it.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold {threshold}: expected a value in [0, 1]")
@@ -84,21 +88,26 @@ def quantise(prob: np.ndarray, threshold: float) -> np.ndarray:
             raise ValueError(f"probabilities must be finite, got {bad} NaN or infinite value(s)")
         if p.min() < -RANGE_TOL or p.max() > 1 + RANGE_TOL:
             raise ValueError(f"probabilities must be in [0, 1], got range [{p.min():.6g}, {p.max():.6g}]")
-    q = np.rint(np.clip(p, 0.0, 1.0) * LEVELS).astype(np.uint8)
     levels = np.arange(LEVELS + 1)
     all_above, any_above = _decoded_at_or_above(levels, threshold)
-    above = p >= threshold
-    if above.any():
-        if not all_above.any():
-            raise ValueError(f"threshold {threshold}: no stored value decodes to >= it")
-        k_hi = int(np.flatnonzero(all_above)[0])
-        np.maximum(q, k_hi, out=q, where=above)
-    if not above.all():
-        below_levels = np.flatnonzero(~any_above)
-        if below_levels.size == 0:
-            raise ValueError(f"threshold {threshold}: no stored value decodes to < it")
-        k_lo = int(below_levels[-1])
-        np.minimum(q, k_lo, out=q, where=~above)
+    k_hi = int(np.flatnonzero(all_above)[0]) if all_above.any() else None
+    below_levels = np.flatnonzero(~any_above)
+    k_lo = int(below_levels[-1]) if below_levels.size else None
+    q = np.empty(p.shape, np.uint8)
+    flat_p, flat_q = p.reshape(-1), q.reshape(-1)
+    flat_above = None if above is None else np.asarray(above, bool).reshape(-1)
+    step = 1 << 22  # in chunks: float temporaries of a paper-sized map would cost GBs at once
+    for start in range(0, flat_p.size, step):
+        chunk = flat_p[start:start + step]
+        out = flat_q[start:start + step]
+        out[...] = np.rint(np.clip(chunk, 0.0, 1.0) * LEVELS)
+        above = chunk >= threshold if flat_above is None else flat_above[start:start + step]
+        if above.any():
+            if k_hi is None:
+                raise ValueError(f"threshold {threshold}: no stored value decodes to >= it")
+            np.maximum(out, k_hi, out=out, where=above)
+        if not above.all() and k_lo is not None:  # threshold 0: every value decodes to >= it
+            np.minimum(out, k_lo, out=out, where=~above)
     return q
 
 
@@ -132,14 +141,23 @@ def write_probability(prob: np.ndarray, geometry: Geometry, path: str | os.PathL
     Raises:
         ValueError: a shape unlike the geometry's, or probabilities/threshold out of range.
     """
-    import nibabel as nib  # local: only the writer needs it
-
     if tuple(np.shape(prob)) != geometry.shape:
         raise ValueError(f"probability shape {np.shape(prob)} differs from the geometry's (slices, rows, cols) "
                          f"{geometry.shape}")
     stored = quantise(prob, threshold)
+    write_stored(stored, geometry, path)
+    return stored
+
+
+def write_stored(stored: np.ndarray, geometry: Geometry, path: str | os.PathLike) -> Path:
+    """Write stored values from :func:`quantise` (uint8 ``(slices, rows, cols)``) as the NIfTI
+    map :func:`write_probability` writes (``scl_slope`` 1/255), atomically."""
+    import nibabel as nib  # local: only the writer needs it
+
+    if stored.dtype != np.uint8 or tuple(stored.shape) != geometry.shape:
+        raise ValueError(f"stored values {stored.dtype} {stored.shape}: expected uint8 {geometry.shape}")
     affine = nifti_affine(geometry)
-    image = nib.Nifti1Image(np.ascontiguousarray(stored.transpose(2, 1, 0)), affine)
+    image = nib.Nifti1Image(stored.transpose(2, 1, 0), affine)  # (x, y, z) view: NIfTI's order, no copy
     header = image.header
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(float(SLOPE), 0.0)
@@ -149,8 +167,7 @@ def write_probability(prob: np.ndarray, geometry: Geometry, path: str | os.PathL
     raw = image.to_bytes()
     path = Path(path)
     data = gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0) if path.name.lower().endswith(".gz") else raw
-    atomic_write_bytes(path, data)
-    return stored
+    return atomic_write_bytes(path, data)
 
 
 def read_probability(path: str | os.PathLike) -> np.ndarray:

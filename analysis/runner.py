@@ -40,6 +40,7 @@ from analysis.io import Geometry, read_header
 from analysis.orientation import CANONICAL, Reorientation
 from analysis.predictions import (DICOM_SEG, PREVIEW, PROBABILITIES, PredictionFolder, check_ct, mask_path,
                                   remove_small_components, select_cases)
+from analysis.probabilities import SLOPE, quantise, write_stored
 from analysis.shards import Shard, shard_cases
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,7 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     geometry = Geometry.of(image)
     if len(geometry.size) != 3:
         raise InputError(f"{case.describe()}: is a {len(geometry.size)}D image, expected a 3D CT")
-    native = sitk.GetArrayFromImage(image)
+    native = sitk.GetArrayFromImage(image)  # its stored type: the networks cast each batch (memory)
     del image
     if np.issubdtype(native.dtype, np.floating) and not np.isfinite(native).all():
         bad = int(native.size - np.count_nonzero(np.isfinite(native)))
@@ -279,7 +280,6 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
         bad = count_nonfinite(case.path)  # ITK reads NaN in NIfTI as 0: ask nibabel
         if bad:
             raise InputError(f"{case.path}: {bad} voxel(s) are NaN or infinite; expected finite values (HU)")
-    native = native.astype(np.float32, copy=False)
     bones = _bones(outputs, case.case_id, geometry)
     reo = Reorientation.of(geometry)
     ct = reo.forward(native)
@@ -303,20 +303,22 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     chosen = det_c_chosen(det_probs, outputs, reo)
     prob_c, seen, crop = segment_canonical(net, ct, spacing_zyx, chosen)
     part["seconds_network"] = round(time.perf_counter() - t_net, 3)
-    prob = reo.backward(prob_c)
     raw = reo.backward(seen & (prob_c >= outputs.threshold))  # never lesion where the network did not look
-    del prob_c, seen
+    del seen
+    # the map as stored (uint8, 1/255; analysis.probabilities), cut to reproduce ``raw`` exactly:
+    # a quarter of the float map's memory from here on
+    stored = quantise(reo.backward(prob_c), outputs.threshold, above=raw)
+    del prob_c
     mask = remove_small_components(raw, outputs.min_size)
     segmented = int(native.shape[0] if chosen is None else len(chosen))
     part.update(segmented=segmented, skipped=int(native.shape[0]) - segmented, crop=crop,
                 lesion_voxels=int(mask.sum()))
     write_mask(mask, geometry, mask_path(staging, case.case_id))
+    labels = _case_lesions(case, mask, native, geometry, stored, bones, outputs, part)
     if outputs.probabilities:
-        from analysis.probabilities import write_probability
-
-        write_probability(prob, geometry, staging / PROBABILITIES / f"{case.case_id}.nii.gz",
-                          threshold=outputs.threshold)
-    _case_tables(case, mask, native, geometry, prob, bones, outputs, staging, part, net)
+        write_stored(stored, geometry, staging / PROBABILITIES / f"{case.case_id}.nii.gz")
+    del stored
+    _case_figures(case, mask, native, geometry, labels, outputs, staging, part, net)
     part["seconds"] = round(time.perf_counter() - t0, 3)
 
 
@@ -329,18 +331,27 @@ def det_c_chosen(det_probs: np.ndarray | None, outputs: Outputs, reo: Reorientat
     return np.sort(n - 1 - stored) if reo.flip[2] else stored
 
 
-def _case_tables(case: InputCase, mask: np.ndarray, native: np.ndarray, geometry: Geometry, prob: np.ndarray,
-                 bones: np.ndarray | None, outputs: Outputs, staging: Path, part: dict[str, Any], net: Network) -> None:
-    labels = None
-    if outputs.lesions:
-        from analysis.metrics.lesions import lesion_instances
-        from analysis.patients import lesion_rows, patient_row
+def _case_lesions(case: InputCase, mask: np.ndarray, native: np.ndarray, geometry: Geometry, stored: np.ndarray,
+                  bones: np.ndarray | None, outputs: Outputs, part: dict[str, Any]) -> np.ndarray | None:
+    """The case's lesion and patient rows into ``part`` (``score`` from the stored map, 1/255
+    steps); returns the lesion labels (or None)."""
+    if not outputs.lesions:
+        return None
+    from analysis.metrics.lesions import lesion_instances
+    from analysis.patients import lesion_rows, patient_row
 
-        rows = lesion_rows(case.case_id, mask, native, geometry, probability=prob, bones=bones)
-        part["lesion_rows"] = rows
-        part["patient"] = patient_row(case.case_id, rows, has_bones=bones is not None)
-        part["lesions"] = len(rows)
-        labels = lesion_instances(mask)[0] if rows else None
+    labels = lesion_instances(mask)
+    rows = lesion_rows(case.case_id, mask, native, geometry, probability=stored, bones=bones, labels=labels,
+                       probability_scale=float(SLOPE))
+    part["lesion_rows"] = rows
+    part["patient"] = patient_row(case.case_id, rows, has_bones=bones is not None)
+    part["lesions"] = len(rows)
+    return labels[0]
+
+
+def _case_figures(case: InputCase, mask: np.ndarray, native: np.ndarray, geometry: Geometry,
+                  labels: np.ndarray | None, outputs: Outputs, staging: Path, part: dict[str, Any],
+                  net: Network) -> None:
     if outputs.preview:
         from analysis.preview import write_preview
 

@@ -142,7 +142,7 @@ def nnunet(args) -> None:
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
             p.initialize_from_trained_model_folder(str(layout.model_folder), use_folds=(0,))
             ct, geo = volumes[0]
-            predict_volume(p, ct[:1], geo)  # warm-up
+            lesion_probability(p, ct[:1].astype("float32"), tuple(reversed(geo.spacing)))  # warm-up
             predictors[name] = p
         plans = json.loads((layout.model_folder / "plans.json").read_text(encoding="utf-8"))
         conf = plans["configurations"]["2d"]

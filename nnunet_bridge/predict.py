@@ -44,7 +44,10 @@ class PredictOptions:
             mirror-averaged softmax of the lesion class, in the input's geometry.
         dicom_seg: also write ``dicom_seg/<case>.dcm`` for DICOM input.
         preview: write ``preview/<case>.png``.
-        crop: predict the body's bounding box (per slab) instead of whole slices.
+        crop: predict the body's bounding box (per slab) instead of whole slices. Off by default:
+            nnU-Net pads a box smaller than its patch (512 x 512 for paper-sized CT) back to the
+            patch, so the crop saves nothing (measured 53 s vs 47 s for 32 slices of 512^2 on a
+            2-core CPU, BENCHMARKS.md "New patients").
         series: SeriesInstanceUID to use among a folder's DICOM series.
         bones: folder of bone maps ``<case>.nii.gz`` for the lesion table.
         bones_from: ``project`` or ``totalsegmentator``.
@@ -59,7 +62,7 @@ class PredictOptions:
     probabilities: bool = False
     dicom_seg: bool = False
     preview: bool = True
-    crop: bool = True
+    crop: bool = False
     series: str | None = None
     bones: str | None = None
     bones_from: str = "project"

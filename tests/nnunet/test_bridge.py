@@ -215,7 +215,7 @@ def test_train_one_fold_and_predict_back_to_the_ct_geometry(tmp_path, one_thread
     assert "nnUNet_raw" not in os.environ
 
     r = runner.invoke(main, ["nnunet", "predict", "--dataset", str(ds), "--work", str(work), "--out", str(pred),
-                             "--device", "cpu", "--no-mirroring", "--no-crop", "--probabilities"],
+                             "--device", "cpu", "--no-mirroring", "--probabilities"],
                       catch_exceptions=False)
     assert r.exit_code == 0, r.output
     mask, g = read_array(pred / f"{test_case}.nii.gz")
@@ -253,9 +253,15 @@ def test_train_one_fold_and_predict_back_to_the_ct_geometry(tmp_path, one_thread
     sitk.WriteImage(flipped, str(tmp_path / "images" / f"{test_case}_0000.nii.gz"))
     ras_geometry = read_array(tmp_path / "images" / f"{test_case}_0000.nii.gz")[1]
     r = runner.invoke(main, ["nnunet", "predict", "--images", str(tmp_path / "images"), "--work", str(work),
-                             "--out", str(tmp_path / "new"), "--device", "cpu", "--no-mirroring", "--no-crop"],
+                             "--out", str(tmp_path / "new"), "--device", "cpu", "--no-mirroring"],
                       catch_exceptions=False)
     assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["nnunet", "predict", "--images", str(tmp_path / "images"), "--work", str(work),
+                             "--out", str(tmp_path / "cropped"), "--device", "cpu", "--no-mirroring", "--crop"],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    cropped = json.loads((tmp_path / "cropped" / "predict.json").read_text(encoding="utf-8"))
+    assert cropped["crop"] is True and cropped["per_case"][test_case]["crop"]["boxes"] >= 1
     def lps(path):
         return sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS"))
     np.testing.assert_array_equal(lps(tmp_path / "new" / f"{test_case}.nii.gz"), lps(pred / f"{test_case}.nii.gz"))
