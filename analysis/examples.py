@@ -72,7 +72,7 @@ def write_dicom_series(ct: np.ndarray, geometry: Geometry, folder: str | os.Path
         ds.SOPClassUID = CT_IMAGE_STORAGE
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.Modality, ds.Manufacturer = "CT", "bonemets phantom"
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_id, patient_id, "", "O"
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"{patient_id}^", patient_id, "", "O"
         ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study, "20261201", "120000", "1"
         ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
         ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, number, text

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage
@@ -162,16 +163,30 @@ def test_lesions_csv_against_scipy_and_simpleitk(tmp_path):
     assert (out / "preview" / "pt.png").stat().st_size > 1000
 
 
-def test_dicom_seg_for_dicom_input_matches_lesions_csv(tmp_path):
+@pytest.mark.parametrize("layout", ["standard", "columns-anterior", "shuffled", "crowded"])
+def test_dicom_seg_for_dicom_input_matches_lesions_csv(tmp_path, layout):
     from analysis.dicom_seg import seg_lesion_centroids
+    from pydicom.uid import generate_uid
+    from tests.test_dicom import write_localizer
 
     images = tmp_path / "images"
     hu = hu_volume()
     hu[1:3, 3:6, 4:8] = 1200
-    write_ct(images / "pt1", hu, iop=(1, 0, 0, 0, -1, 0), random_names=True, shuffle_numbers=True, seed=2)
+    hu[4, 10:12, 14:17] = 1100
+    iop = (1, 0, 0, 0, -1, 0) if layout in ("columns-anterior", "crowded") else (1, 0, 0, 0, 1, 0)
+    write_ct(images / "pt1", hu, iop=iop, random_names=layout != "standard",
+             shuffle_numbers=layout != "standard", seed=2)
+    if layout == "crowded":  # localizers and a smaller second series beside it: only the chosen series is referenced
+        write_localizer(images / "pt1", (0, 1, 0, 0, 0, -1), series_uid=generate_uid(), name="loc1.dcm")
+        write_localizer(images / "pt1", (1, 0, 0, 0, 0, -1), series_uid=generate_uid(), name="loc2.dcm")
     net = Network(name="thr", fingerprint="abc", segment=lambda v, z, s: np.where(v[z] > 1000, 0.9, 0.0).astype(np.float32))
     out, done, failures = _run(tmp_path, images, net, Outputs(dicom_seg=True))
     assert failures == [] and done[0]["dicom_seg"]["written"] is True
+    seg = pydicom.dcmread(out / "dicom_seg" / "pt1.dcm")
+    source = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in (images / "pt1").iterdir()
+              if not f.name.startswith("loc")}
+    referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced <= source and seg.SegmentationType == "BINARY" and seg.Modality == "SEG"
     centroids = seg_lesion_centroids(out / "dicom_seg" / "pt1.dcm")
     rows = list(csv.DictReader(open(out / "lesions.csv", encoding="utf-8")))
     spacing = min(read_array(out / "pt1.nii.gz")[1].spacing)
