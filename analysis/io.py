@@ -271,6 +271,23 @@ def count_nonfinite(path: str | os.PathLike) -> int:
     return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
+def nonfinite_error(where: str | os.PathLike, bad: int) -> InputError:
+    """The one message for a CT holding NaN or infinite voxels (``where``: its file or case)."""
+    return InputError(f"{where}: {bad} voxel(s) are NaN or infinite; expected finite values (HU)")
+
+
+def require_finite(values: np.ndarray, where: str | os.PathLike) -> None:
+    """Refuse a decoded floating-point volume holding NaN or infinite voxels (integers pass).
+
+    Raises:
+        InputError: :func:`nonfinite_error`.
+    """
+    if np.issubdtype(values.dtype, np.floating):
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise nonfinite_error(where, bad)
+
+
 def read_array(path: str | os.PathLike, *, ndim: int | None = 3,
                require_finite: bool = True) -> tuple[np.ndarray, Geometry]:
     """Read an image as a numpy array ``(slices, rows, cols)`` and its :class:`Geometry`.
@@ -289,7 +306,7 @@ def read_array(path: str | os.PathLike, *, ndim: int | None = 3,
     if require_finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         bad = count_nonfinite(path)
         if bad:
-            raise InputError(f"{path}: {bad} voxel(s) are NaN or infinite; expected finite values (HU)")
+            raise nonfinite_error(path, bad)
     try:
         array = sitk.GetArrayFromImage(image)
     except RuntimeError as exc:

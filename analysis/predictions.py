@@ -39,7 +39,7 @@ import numpy as np
 
 from analysis.errors import InputError
 from analysis.io import (Geometry, atomic_write_json, atomic_write_text, check_output_folder, count_nonfinite,
-                         read_header, remove_stale_partials)
+                         nonfinite_error, read_header, remove_stale_partials)
 from analysis.shards import Shard, shard_cases
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def check_ct(path: str | os.PathLike) -> Geometry:
         raise InputError(f"{path}: is a {len(geometry.size)}D image, expected a 3D CT")
     bad = count_nonfinite(path)  # decodes float files only; integer CTs are finite
     if bad:
-        raise InputError(f"{path}: {bad} voxel(s) are NaN or infinite; expected finite values (HU)")
+        raise nonfinite_error(path, bad)
     return geometry
 
 

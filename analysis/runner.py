@@ -265,7 +265,7 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     t0 = time.perf_counter()
     import SimpleITK as sitk
 
-    from analysis.io import count_nonfinite, write_mask
+    from analysis.io import count_nonfinite, nonfinite_error, require_finite, write_mask
 
     image, record = read_input(case)
     geometry = Geometry.of(image)
@@ -273,13 +273,11 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
         raise InputError(f"{case.describe()}: is a {len(geometry.size)}D image, expected a 3D CT")
     native = sitk.GetArrayFromImage(image)  # its stored type: the networks cast each batch (memory)
     del image
-    if np.issubdtype(native.dtype, np.floating) and not np.isfinite(native).all():
-        bad = int(native.size - np.count_nonzero(np.isfinite(native)))
-        raise InputError(f"{case.describe()}: {bad} voxel(s) are NaN or infinite; expected finite values (HU)")
+    require_finite(native, case.describe())
     if case.kind == "image" and np.issubdtype(native.dtype, np.floating):
         bad = count_nonfinite(case.path)  # ITK reads NaN in NIfTI as 0: ask nibabel
         if bad:
-            raise InputError(f"{case.path}: {bad} voxel(s) are NaN or infinite; expected finite values (HU)")
+            raise nonfinite_error(case.path, bad)
     bones = _bones(outputs, case.case_id, geometry)
     reo = Reorientation.of(geometry)
     ct = reo.forward(native)
