@@ -7,6 +7,7 @@ and losses registered.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ from bonemets_tf.models.catalog import CATALOG, DETECT, SEGMENT
 
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
+#: A SavedModel written by ``export``: the graph, and the RUN's config as an asset.
+SAVEDMODEL_FILE = "saved_model.pb"
+CONFIG_ASSET = "bonemets_config.json"
 #: Validation score of each threshold and the chosen one (:mod:`bonemets_tf.calibrate`).
 CALIBRATION_FILE = "calibration.json"
 HISTORY_FILE = "history.csv"
@@ -46,6 +50,7 @@ class RunInfo:
         image_size: detector resize side (detectors resize inside the model) / segmenter
             training crop side (segmenters run on whole slices).
         stride: total downsampling of a segmenter (the model pads to it internally).
+        kind: ``"run"`` (a RUN folder) or ``"savedmodel"`` (a SavedModel from ``export``).
     """
 
     path: Path
@@ -55,6 +60,7 @@ class RunInfo:
     context: int
     image_size: int
     stride: int
+    kind: str = "run"
 
     @property
     def model_path(self) -> Path:
@@ -63,16 +69,30 @@ class RunInfo:
     def describe(self) -> dict[str, Any]:
         """Summary for provenance records (``predict.json``, exports)."""
         settings = self.config.get("settings", {})
-        return {"run": str(self.path), "arch": self.arch, "task": self.task, "context": self.context,
+        return {"run": str(self.path), "kind": self.kind, "arch": self.arch, "task": self.task, "context": self.context,
                 "image_size": self.image_size, "width": settings.get("width"),
                 "fold": settings.get("fold"), "seed": settings.get("seed")}
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the model file (``model.keras`` or ``saved_model.pb``) and its config."""
+        import hashlib
+
+        h = hashlib.sha256()
+        model = self.path / (SAVEDMODEL_FILE if self.kind == "savedmodel" else MODEL_FILE)
+        with open(model, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        h.update(json.dumps(self.config, sort_keys=True).encode("utf-8"))
+        return h.hexdigest()[:16]
 
     def load_model(self):
         """Load ``model.keras`` (uncompiled) as a ``keras.Model``.
 
         Raises:
-            InputError: the file cannot be loaded as a Keras model.
+            InputError: the file cannot be loaded as a Keras model (or this is a SavedModel).
         """
+        if self.kind == "savedmodel":
+            raise InputError(f"{self.path}: a SavedModel has no Keras model to load; use its serving_default signature")
         import keras
 
         import bonemets_tf.layers  # noqa: F401  registers the custom layers
@@ -85,43 +105,61 @@ class RunInfo:
             raise InputError(f"{self.model_path}: cannot be loaded as a Keras model ({first})") from None
 
 
-def read_run(path: str | os.PathLike, *, task: str | None = None, option: str = "--model") -> RunInfo:
-    """Check a RUN folder and read its ``config.json`` (no TensorFlow import).
+def read_run(path: str | os.PathLike, *, task: str | None = None, option: str = "--model",
+             savedmodel: bool = False) -> RunInfo:
+    """Check a RUN folder (or, with ``savedmodel``, a SavedModel written by ``export``) and
+    read its ``config.json`` (no TensorFlow import).
 
     Args:
-        path: the RUN folder.
+        path: the RUN folder, or a SavedModel folder (``saved_model.pb`` and
+            ``assets/bonemets_config.json``, the RUN's config that ``export`` copies there).
         task: required task (``"detect"``/``"segment"``), or None for either.
         option: the command-line option that named it, for error messages.
+        savedmodel: accept a SavedModel too (``predict``).
 
     Returns:
         The run's :class:`RunInfo`.
 
     Raises:
         InputError: not a folder with ``model.keras`` and ``config.json``, a config
-            without the needed settings, an unknown arch, or the wrong task.
+            without the needed settings, an unknown arch, the wrong task, or a RUN trained
+            before inputs were reoriented to :data:`analysis.orientation.CANONICAL`.
     """
+    from analysis.orientation import CANONICAL
+
     p = Path(path)
-    if not (p.is_dir() and (p / MODEL_FILE).is_file() and (p / CONFIG_FILE).is_file()):
-        raise InputError(f"{p}: not a RUN folder (expected {MODEL_FILE} and {CONFIG_FILE} from `train`)")
-    config = read_json(p / CONFIG_FILE, what="run config")
+    if savedmodel and (p / SAVEDMODEL_FILE).is_file():
+        config_path, kind = p / "assets" / CONFIG_ASSET, "savedmodel"
+        if not config_path.is_file():
+            raise InputError(f"{p}: a SavedModel without assets/{CONFIG_ASSET}; expected one written by `export`")
+    elif not (p.is_dir() and (p / MODEL_FILE).is_file() and (p / CONFIG_FILE).is_file()):
+        also = " or a SavedModel from `export`" if savedmodel else ""
+        raise InputError(f"{p}: not a RUN folder (expected {MODEL_FILE} and {CONFIG_FILE} from `train`{also})")
+    else:
+        config_path, kind = p / CONFIG_FILE, "run"
+    config = read_json(config_path, what="run config")
     settings = config.get("settings") if isinstance(config, dict) else None
     if not isinstance(settings, dict):
-        raise InputError(f"{p / CONFIG_FILE}: no 'settings' object; expected the config.json written by `train`")
+        raise InputError(f"{config_path}: no 'settings' object; expected the config.json written by `train`")
     missing = [k for k in ("arch", "task", "context", "image_size") if k not in settings]
     if missing:
-        raise InputError(f"{p / CONFIG_FILE}: settings lack {', '.join(missing)}; expected the config.json written by `train`")
+        raise InputError(f"{config_path}: settings lack {', '.join(missing)}; expected the config.json written by `train`")
     arch = settings["arch"]
     if arch not in CATALOG:
-        raise InputError(f"{p / CONFIG_FILE}: unknown arch {arch!r}; expected one of {', '.join(CATALOG)}")
+        raise InputError(f"{config_path}: unknown arch {arch!r}; expected one of {', '.join(CATALOG)}")
     run_task = CATALOG[arch].task
     if task is not None and run_task != task:
         wanted = {DETECT: "a detector", SEGMENT: "a segmenter"}[task]
         raise InputError(f"{option} {p}: is a {run_task} run ({arch}); expected {wanted}")
     context = settings["context"]
     if not isinstance(context, int) or context < 1 or context % 2 == 0:
-        raise InputError(f"{p / CONFIG_FILE}: context {context!r}; expected an odd integer >= 1")
+        raise InputError(f"{config_path}: context {context!r}; expected an odd integer >= 1")
+    if config.get("orientation") != CANONICAL:
+        raise InputError(f"{option} {p}: trained before every CT was reoriented to {CANONICAL} (its config.json "
+                         f"records no orientation), so it saw patients flipped by their files' storage order; "
+                         f"retrain it with this version")
     return RunInfo(path=p.resolve(), config=config, arch=arch, task=run_task, context=context,
-                   image_size=int(settings["image_size"]), stride=CATALOG[arch].stride)
+                   image_size=int(settings["image_size"]), stride=CATALOG[arch].stride, kind=kind)
 
 
 def calibrated_threshold(run_dir: str | os.PathLike) -> float:

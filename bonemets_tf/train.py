@@ -77,6 +77,7 @@ import numpy as np
 from analysis.cohort import Cohort, fold_cases
 from analysis.errors import InputError
 from analysis.io import atomic_write_json, atomic_write_text, check_output_folder, read_json
+from analysis.orientation import CANONICAL
 from bonemets_tf.models.catalog import CATALOG, DETECT
 from bonemets_tf.run import CALIBRATION_FILE, EMPTY_LEVEL, EMPTY_MARGIN, LEARNED_MARGIN, MODEL_FILE
 
@@ -797,6 +798,9 @@ def _record(config: TrainConfig, splits, train_cases, val_cases, cached, strateg
                   "test": sorted(splits["test"]) if splits else [], "splits_seed": splits.get("seed") if splits else None},
         "dataset_fingerprint": fingerprint(cached),
         "case_keys": {c.case: c.key for c in cached},
+        # the slice cache holds every case in this orientation (bonemets_tf.cache); predict
+        # reorients its input the same way and refuses RUNs without this record
+        "orientation": CANONICAL,
         "runtime": {"jit_compile": jit, "strategy": _strategy_name(strategy),
                     "replicas": int(strategy.num_replicas_in_sync), "workers": _num_workers(strategy),
                     "gpus": len(tf.config.list_physical_devices("GPU"))},
