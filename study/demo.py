@@ -341,7 +341,8 @@ class Demo:
         name = self.cascade_name(best_det, best_seg)
         stages = [Stage(f"predict-{name}", "predict", {
                       "model": str(self.runs / best_seg), "dataset": str(self.dataset), "out": str(self.preds / name),
-                      "detector": str(self.runs / best_det), "options": {"cases": "test", "detector_threshold": 0.5}},
+                      "detector": str(self.runs / best_det),
+                      "options": {"cases": "test", "detector_threshold": 0.5, "probabilities": True}},
                         self.preds / name),
                   *self.new_patient_stages(best_seg),
                   Stage("gradcam", "gradcam", {"model": str(self.runs / best_det), "dataset": str(self.dataset),
