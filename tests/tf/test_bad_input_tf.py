@@ -251,7 +251,8 @@ def test_train_killed_mid_run_resumes_after_the_last_completed_epoch(tmp_path):
     assert [int(r["epoch"]) for r in after] == list(range(1, epochs + 1))  # every epoch exactly once
     assert after[:committed] == before  # the completed epochs were kept, not retrained
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert ckpts == ["epoch-%04d.weights.h5" % epochs, "state.json"]
+    # the last epoch's weights, the collapse guard's last good epoch (bonemets_tf.train), the commit point
+    assert ckpts == ["epoch-%04d.weights.h5" % epochs, "good.weights.h5", "state.json"]
     assert (run / "model.keras").is_file()
 
 
