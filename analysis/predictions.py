@@ -287,7 +287,7 @@ class PredictionFolder:
                              f"pass --overwrite to replace it")
 
     def _compare(self) -> str:
-        if not self.out.is_dir() or not any(self.out.iterdir()):
+        if not self.out.is_dir() or not any(p for p in self.out.iterdir() if not self._bare_parts(p)):
             return "new"
         path = self.out / PARTS / _SETTINGS
         if not path.is_file():
@@ -300,6 +300,12 @@ class PredictionFolder:
             changed = sorted(k for k in set(previous) | set(self.settings) if previous.get(k) != self.settings.get(k))
             return f"made with other settings ({', '.join(changed)})"
         return "same"
+
+    @staticmethod
+    def _bare_parts(path: Path) -> bool:
+        """Whether ``path`` is a ``.parts`` folder holding nothing but its lock: what a run
+        killed between taking the lock and writing its settings leaves (the folder is new)."""
+        return path.name == PARTS and path.is_dir() and all(q.name == _LOCK for q in path.iterdir())
 
     # --- state ----------------------------------------------------------------------------
     def _part(self, case: str) -> Path:

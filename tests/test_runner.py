@@ -229,6 +229,23 @@ def test_a_corrupt_file_is_skipped_and_reported_and_a_rerun_skips_finished_cases
     assert len(calls) == n  # a and c were not run again
 
 
+def test_a_run_killed_before_its_settings_leaves_a_folder_the_same_command_takes(tmp_path):
+    # taking the lock creates .parts/.lock before the settings are written: a kill in between
+    # must not make the rerun refuse the folder as "not written by a prediction"
+    out = tmp_path / "OUT"
+    (out / ".parts").mkdir(parents=True)
+    (out / ".parts" / ".lock").write_text("", encoding="utf-8")
+    folder = PredictionFolder(out, {"test": "out"}, overwrite=False)
+    assert folder.prepare(["a"]) == ["a"]
+    assert json.loads((out / ".parts" / "settings.json").read_text(encoding="utf-8")) == {"test": "out"}
+    other = tmp_path / "OTHER"  # anything else beside the bare lock is still a foreign folder
+    (other / ".parts").mkdir(parents=True)
+    (other / ".parts" / ".lock").write_text("", encoding="utf-8")
+    (other / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(InputError, match="not written by a prediction"):
+        PredictionFolder(other, {"test": "out"}, overwrite=False)
+
+
 def test_every_input_failing_is_one_line_each(tmp_path):
     (tmp_path / "x.nii.gz").write_bytes(b"")
     with pytest.raises(DataProblems) as err:
