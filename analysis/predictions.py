@@ -303,9 +303,11 @@ class PredictionFolder:
 
     @staticmethod
     def _bare_parts(path: Path) -> bool:
-        """Whether ``path`` is a ``.parts`` folder holding nothing but its lock: what a run
-        killed between taking the lock and writing its settings leaves (the folder is new)."""
-        return path.name == PARTS and path.is_dir() and all(q.name == _LOCK for q in path.iterdir())
+        """Whether ``path`` is a ``.parts`` folder holding nothing but its lock and perhaps the
+        temporary file of a settings write (:func:`analysis.io.atomic_file`): what a run killed
+        between taking the lock and writing its settings leaves (the folder is new)."""
+        return path.name == PARTS and path.is_dir() and all(
+            q.name == _LOCK or q.name.startswith(f".{_SETTINGS}.") for q in path.iterdir())
 
     # --- state ----------------------------------------------------------------------------
     def _part(self, case: str) -> Path:

@@ -235,6 +235,7 @@ def test_a_run_killed_before_its_settings_leaves_a_folder_the_same_command_takes
     out = tmp_path / "OUT"
     (out / ".parts").mkdir(parents=True)
     (out / ".parts" / ".lock").write_text("", encoding="utf-8")
+    (out / ".parts" / ".settings.json.k2j4.tmp").write_text("", encoding="utf-8")  # killed mid-write
     folder = PredictionFolder(out, {"test": "out"}, overwrite=False)
     assert folder.prepare(["a"]) == ["a"]
     assert json.loads((out / ".parts" / "settings.json").read_text(encoding="utf-8")) == {"test": "out"}
