@@ -57,7 +57,8 @@ def cpu_info() -> dict[str, Any]:
     """CPU model name, core count and the SIMD flags that change Keras's numerics/speed."""
     name, flags = platform.processor() or "unknown", set()
     try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True).stdout
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, encoding="utf-8", errors="replace",
+                              check=True).stdout
         m = re.search(r"Model name:\s*(.+)", text)
         name = m.group(1).strip() if m else name
         m = re.search(r"Flags:\s*(.+)", text)

@@ -185,7 +185,8 @@ def gpu_visible() -> bool:
     if exe is None:
         return False
     try:
-        listed = subprocess.run([exe, "-L"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=20, check=False).stdout
+        listed = subprocess.run([exe, "-L"], capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                timeout=20, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return False
     return any(line.startswith("GPU ") for line in listed.splitlines())
