@@ -110,7 +110,7 @@ def _triple(kind: type, name: str, order: str):
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output folder.")
 def phantom(out: str, cases: int, seed: int, shape, spacing, scale: str | None, overwrite: bool) -> None:
     """Write a synthetic CT cohort with lesion masks and bone maps (no patient data needed)."""
-    from analysis.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, generate_cohort
+    from analysis.cohort.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, generate_cohort
 
     if scale and (shape or spacing):
         raise click.BadParameter("--scale paper sets the grid; drop --shape/--spacing", param_hint="--scale")
@@ -128,7 +128,7 @@ def phantom(out: str, cases: int, seed: int, shape, spacing, scale: str | None, 
 @click.argument("dataset", type=click.Path(file_okay=False, path_type=str))
 def validate(dataset: str) -> None:
     """Check a cohort folder and print a summary table (exit 2 on any problem)."""
-    from analysis.validate import validate_dataset
+    from analysis.cohort.validate import validate_dataset
 
     report = validate_dataset(dataset)
     for warning in report.warnings:
@@ -147,7 +147,7 @@ def validate(dataset: str) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 def split(dataset: str, test_fraction: float, folds: int, seed: int) -> None:
     """Write DATASET/splits.json: a patient-level test set plus k folds."""
-    from analysis.splits import write_splits
+    from analysis.cohort.splits import write_splits
 
     path = write_splits(dataset, test_fraction=test_fraction, folds=folds, seed=seed)
     click.echo(f"wrote {path}")
@@ -162,7 +162,7 @@ def split(dataset: str, test_fraction: float, folds: int, seed: int) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing case of the same id.")
 def import_dicom_cmd(dicom_dir: str, dataset: str, case: str, label: str | None, series: str | None, overwrite: bool) -> None:
     """Import a CT DICOM series (HU) as imagesTr/ID_0000.nii.gz, with an optional mask."""
-    from analysis.imports import import_dicom
+    from analysis.cohort.imports import import_dicom
 
     path = import_dicom(dicom_dir, dataset, case, label=label, series=series, overwrite=overwrite)
     click.echo(f"wrote {path}")
@@ -174,7 +174,7 @@ def import_dicom_cmd(dicom_dir: str, dataset: str, case: str, label: str | None,
 @click.option("--case", "case", required=True, help="Case id whose CT the map belongs to.")
 def import_bones_cmd(seg: str, dataset: str, case: str) -> None:
     """Map a TotalSegmentator v2 "total" multilabel map to bonesTr/ID.nii.gz."""
-    from analysis.imports import import_bones
+    from analysis.cohort.imports import import_bones
 
     path = import_bones(seg, dataset, case)
     click.echo(f"wrote {path}")
@@ -208,8 +208,8 @@ def analyze_cmd(dataset: str, predictions: str, out: str, cases: str, no_radiomi
                 cluster_slices: int, diffuse_fraction: float, threshold: float, bone_hu: float | None, froc_floor: float,
                 bootstrap: int, seed: int, overwrite: bool) -> None:
     """Segmentation, detection, clinical lesion metrics, t-tests and radiomics ICC into OUT."""
-    from analysis.analyze import run_analysis
-    from analysis.metrics.lesions import DEFAULT_BONE_HU
+    from analysis.evaluation.analyze import run_analysis
+    from analysis.lesions import DEFAULT_BONE_HU
 
     path = run_analysis(dataset, predictions, out, cases=cases, radiomics=not no_radiomics, jobs=jobs,
                         connectivity=int(connectivity), cluster_slices=cluster_slices,
@@ -350,8 +350,8 @@ def predict_cmd(model: str, dataset: str | None, images: str | None, out: str, c
                 series: str | None, bones: str | None, bones_from: str, overwrite: bool) -> None:
     """Segment volumes to PRED/NAME/<case>.nii.gz (plus lesions.csv, patients.csv, previews),
     or score slices to PRED/NAME/slices.csv, for a cohort (--dataset) or new patients (--images)."""
-    from analysis.io import read_json
-    from analysis.shards import parse_shard
+    from analysis.imaging.io import read_json
+    from analysis.prediction.shards import parse_shard
     from bonemets_tf.predict import PredictOptions, predict
 
     options = PredictOptions(cases=cases, threshold=threshold, min_size=min_size, detector_threshold=detector_threshold,
@@ -417,7 +417,7 @@ def _nnunet_folds(ctx: click.Context, param: click.Parameter, value: str | None)
 
 def _nnunet_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
     """Parse --shard i/n (0-based) with the definition shared with `predict`."""
-    from analysis.shards import parse_shard
+    from analysis.prediction.shards import parse_shard
 
     try:
         return parse_shard(value)

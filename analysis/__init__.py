@@ -1,7 +1,18 @@
-"""Framework-neutral core of bonemets: cohort I/O and validation, the CT phantom,
-metrics, clinical lesion tasks, statistics, radiomics and reports.
+"""Framework-neutral core of bonemets. Importing it imports neither TensorFlow nor torch.
 
-Importing this package imports neither TensorFlow nor torch.
+Rooms, bottom to top; each imports only from the rooms below it (``tests/test_architecture.py``
+proves the order):
+
+* :mod:`analysis.errors`, :mod:`analysis.resources`: the floor (error types, memory checks);
+* :mod:`analysis.imaging`: image and DICOM reading and writing, orientation, the body crop,
+  input discovery, DICOM-SEG;
+* :mod:`analysis.lesions`: lesion instances and their attributes (bone identity, diffuse,
+  neighbours), the domain primitives of everything above;
+* :mod:`analysis.cohort`: the cohort layout, splits, validation, imports, the phantom, examples;
+* :mod:`analysis.prediction`: the PRED folder contract, the prediction request, the case
+  runner, shards, probability maps, previews, the lesion and patient tables;
+* :mod:`analysis.evaluation`: metrics, statistics, bootstrap, radiomics, ``analyze``, the
+  report and the paper's values.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@
   computing the same quantities: ``scipy.ndimage.label`` and, for every lesion, boolean
   full-volume masks (``labels == i``) for voxels, volume, slice range, bone identity,
   per-slice diffuse fraction and overlap with the other set's lesions.
-* ``radiomics``: seconds per lesion region of ``analysis.radiomics.extract_all`` with
+* ``radiomics``: seconds per lesion region of ``analysis.evaluation.radiomics.extract_all`` with
   ``jobs=1`` and ``jobs=2`` on the same regions, alternated.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ STRUCTURE_26 = np.ones((3, 3, 3), bool)
 
 
 def _geometry(shape):
-    from analysis.io import Geometry
+    from analysis.imaging.io import Geometry
 
     return Geometry(size=shape[::-1], spacing=SPACING, origin=(0.0, 0.0, 0.0),
                     direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
@@ -41,9 +41,9 @@ def _geometry(shape):
 
 def project(gt, pred, bones, geo) -> tuple[int, int, int]:
     """The in-memory per-case work of ``analyze`` (as in ``bench_analyze``)."""
-    from analysis.analyze import AnalysisConfig, _clinical_counts, _lesion_set
-    from analysis.metrics.lesions import match_lesions
-    from analysis.metrics.overlap import case_overlap, slice_overlap
+    from analysis.evaluation.analyze import AnalysisConfig, _clinical_counts, _lesion_set
+    from analysis.evaluation.metrics.overlap import case_overlap, slice_overlap
+    from analysis.lesions import match_lesions
 
     cfg = AnalysisConfig()
     bone_px = bones > 0
@@ -98,8 +98,8 @@ def metrics(args) -> None:
 
 
 def radiomics(args) -> None:
-    from analysis.analyze import AnalysisConfig, _lesion_set
-    from analysis.radiomics import RoiTask, crop_roi, extract_all, extract_roi
+    from analysis.evaluation.analyze import AnalysisConfig, _lesion_set
+    from analysis.evaluation.radiomics import RoiTask, crop_roi, extract_all, extract_roi
 
     ct, gt, _, bones = build(args.lesions)
     geo = _geometry(gt.shape)

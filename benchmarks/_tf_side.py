@@ -47,7 +47,7 @@ def _gpu(tf) -> bool:
 def pipeline(args) -> None:
     import tensorflow as tf
 
-    from analysis.cohort import Cohort
+    from analysis.cohort.layout import Cohort
     from bonemets_tf import data
     from bonemets_tf.cache import ensure_cached
 
@@ -91,11 +91,11 @@ def pipeline(args) -> None:
 def train(args) -> None:
     import keras
     import tensorflow as tf
+    from unet_flops import FILTERS
 
     from bonemets_tf.losses import DiceBCELoss
     from bonemets_tf.models import unet as unet_module
     from bonemets_tf.models.registry import build_model
-    from unet_flops import FILTERS
 
     if tuple(unet_module.FILTERS) != tuple(FILTERS):
         raise SystemExit(f"benchmarks/unet_flops.py FILTERS {FILTERS} != bonemets_tf UNet {unet_module.FILTERS}")
@@ -162,7 +162,7 @@ def make_runs(args) -> None:
 def infer(args) -> None:
     import tensorflow as tf
 
-    from analysis.io import read_json
+    from analysis.imaging.io import read_json
     from bonemets_tf.predict import PredictOptions, predict
 
     runs = Path(args.runs)
@@ -199,7 +199,7 @@ def newpatients(args) -> None:
     vs mixed_bfloat16, and the masks' agreement (Dice) with the float32 whole-slice result."""
     import tensorflow as tf
 
-    from analysis.io import read_array, read_json
+    from analysis.imaging.io import read_array, read_json
     from bonemets_tf.predict import PredictOptions, predict
 
     runs = Path(args.runs)

@@ -58,7 +58,6 @@ def matmul_peak(device, dtype, n: int, repeats: int = 5) -> float:
 
 def train(args) -> None:
     import torch
-
     from torch_unet import TorchUNet, dice_bce_loss, keras_style_param_count
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,12 +113,12 @@ def train(args) -> None:
 def nnunet(args) -> None:
     import torch
 
-    from analysis.cohort import Cohort
-    from analysis.io import read_array
+    from analysis.cohort.layout import Cohort
+    from analysis.imaging.io import read_array
+    from analysis.imaging.orientation import Reorientation
+    from analysis.prediction.runner import Network, segment_canonical
     from nnunet_bridge.device import resolve_device
     from nnunet_bridge.env import WorkLayout, nnunet_environment
-    from analysis.orientation import Reorientation
-    from analysis.runner import Network, segment_canonical
     from nnunet_bridge.predict import lesion_probability
 
     def predict_volume(p, ct, geo, crop=False):

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from analysis.analyze import AnalysisConfig, _clinical_counts, _lesion_set, run_analysis
-from analysis.cohort import write_dataset_json
-from analysis.io import Geometry
-from analysis.metrics.lesions import match_lesions
-from analysis.metrics.overlap import case_overlap, slice_overlap
+from analysis.cohort.layout import write_dataset_json
+from analysis.evaluation.analyze import AnalysisConfig, _clinical_counts, _lesion_set, run_analysis
+from analysis.evaluation.metrics.overlap import case_overlap, slice_overlap
+from analysis.imaging.io import Geometry
+from analysis.lesions import match_lesions
 
 SHAPE = (385, 512, 512)
 SPACING = (0.8, 0.8, 2.5)  # x, y, z mm
@@ -104,7 +104,7 @@ def main() -> None:
         t4 = time.perf_counter()
         print(f"run_analysis --no-radiomics, 1 case x 1 model, with NIfTI I/O and validation: {t4 - t3:.2f} s")
 
-    from analysis.radiomics import RoiTask, crop_roi, extract_roi
+    from analysis.evaluation.radiomics import RoiTask, crop_roi, extract_roi
 
     spacing = tuple(float(s) for s in SPACING)
     ids = [i + 1 for i in range(min(args.radiomics_lesions, g.n))]

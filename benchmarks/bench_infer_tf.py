@@ -39,11 +39,10 @@ def main() -> None:
     import tensorflow as tf
 
     from bonemets_tf.export import export_savedmodel
-    from bonemets_tf.models.registry import REGISTRY, build_model
-    from bonemets_tf.train import TrainConfig
-
     from bonemets_tf.inference import Predictor, slice_probabilities
+    from bonemets_tf.models.registry import REGISTRY, build_model
     from bonemets_tf.run import read_run
+    from bonemets_tf.train import TrainConfig
 
     rng = np.random.default_rng(0)
     volume = rng.uniform(-1000, 1500, (args.slices, args.size, args.size)).astype(np.float32)

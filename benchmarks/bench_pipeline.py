@@ -22,8 +22,8 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    from analysis.cohort import Cohort
-    from analysis.phantom import generate_cohort
+    from analysis.cohort.layout import Cohort
+    from analysis.cohort.phantom import generate_cohort
     from bonemets_tf import data
     from bonemets_tf.cache import ensure_cached
     from bonemets_tf.losses import DiceBCELoss

@@ -73,8 +73,8 @@ def ensure_phantom(out: Path) -> Path:
     """The demo's default phantom and split under ``out/dataset`` (made once)."""
     dataset = out / "dataset"
     if not (dataset / "splits.json").is_file():
-        from analysis.phantom import generate_cohort
-        from analysis.splits import write_splits
+        from analysis.cohort.phantom import generate_cohort
+        from analysis.cohort.splits import write_splits
 
         if not (dataset / "dataset.json").is_file():
             generate_cohort(dataset, cases=DEFAULT.cases, seed=0, shape=DEFAULT.shape, spacing=DEFAULT.spacing)
@@ -161,9 +161,9 @@ def score_test(run: Path, dataset: Path, cache_dir: Path) -> dict[str, Any]:
     """Test-patient scores of a RUN's best model (see the module docstring)."""
     import numpy as np
 
-    from analysis.cohort import Cohort
-    from analysis.metrics.detection import roc_auc, slice_detection
-    from analysis.metrics.overlap import slice_overlap
+    from analysis.cohort.layout import Cohort
+    from analysis.evaluation.metrics.detection import roc_auc, slice_detection
+    from analysis.evaluation.metrics.overlap import slice_overlap
     from bonemets_tf import cache
     from bonemets_tf.inference import Predictor, detect_volume, slice_probabilities
     from bonemets_tf.run import calibrated_threshold, read_run

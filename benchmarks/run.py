@@ -171,8 +171,8 @@ def ensure_slab(n: int) -> Path:
         return out
     import numpy as np
 
-    from analysis.cohort import Cohort, write_dataset_json
-    from analysis.io import Geometry, read_array, write_array, write_mask
+    from analysis.cohort.layout import Cohort, write_dataset_json
+    from analysis.imaging.io import Geometry, read_array, write_array, write_mask
 
     cohort = Cohort(paper)
     case = cohort.cases()[0]
@@ -213,7 +213,7 @@ def ensure_nnunet() -> Path:
         shutil.rmtree(ds, ignore_errors=True)
         subprocess.run(cli("phantom", "--out", str(ds), "--cases", "2", "--shape", "8,512,512",
                            "--spacing", "0.8203125,0.8203125,2.5"), check=True, cwd=ROOT, capture_output=True)
-        from analysis.splits import write_splits
+        from analysis.cohort.splits import write_splits
 
         write_splits(ds, test_fraction=0.0, folds=2)
     shutil.rmtree(work, ignore_errors=True)
@@ -295,14 +295,14 @@ def case_memory(s: Settings) -> dict[str, Any]:
         res["phantom"][n] = {"rss_mib": rss, "s": sec}
         if n != many:
             shutil.rmtree(out.parent)
-    from analysis.cohort import Cohort
+    from analysis.cohort.layout import Cohort
 
     cases = Cohort(mem).cases()
     pred = CACHE / "mem_pred"
     for n in s.memory_cases:
         sel = ",".join(cases[:n])
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            code = ("import sys; from analysis.cohort import Cohort; from bonemets_tf.cache import ensure_cached; "
+            code = ("import sys; from analysis.cohort.layout import Cohort; from bonemets_tf.cache import ensure_cached; "
                     f"c = Cohort(sys.argv[1]); ensure_cached(c, c.cases()[:{n}], sys.argv[2])")
             rss, sec = time_rss([PY, "-c", code, str(mem), tmp])
             res["cache"][n] = {"rss_mib": rss, "s": sec}
@@ -494,7 +494,7 @@ def machine() -> dict[str, Any]:
 def save(path: Path, mode: str, s: Settings, results: dict[str, Any], errors: dict[str, str],
          start: float) -> list[Row]:
     """Write the results file atomically; return the table rows."""
-    from analysis.io import atomic_write_json
+    from analysis.imaging.io import atomic_write_json
 
     rows = build_rows(results, s)
     path.parent.mkdir(parents=True, exist_ok=True)

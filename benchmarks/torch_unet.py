@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-
 from unet_flops import FILTERS
 
 LEVEL, WIDTH = 500.0, 2000.0

@@ -3,7 +3,7 @@
 Training never decompresses NIfTI in its loop: :func:`ensure_cached` writes, per case,
 ``ct.npy`` (int16 HU, ``(slices, rows, cols)``), ``mask.npy`` (uint8 0/1, same layout)
 and ``meta.json`` (shape, spacing, which slices hold lesion), both in the canonical
-orientation (LPS, :mod:`analysis.orientation`) whatever the files' storage order. Cases are built one at a
+orientation (LPS, :mod:`analysis.imaging.orientation`) whatever the files' storage order. Cases are built one at a
 time, so memory stays bounded by the largest case.
 
 Location: ``CACHE/<case>.<key>/`` where ``CACHE`` is ``--cache`` or, by default,
@@ -27,14 +27,14 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis.cohort import Cohort
+from analysis.cohort.layout import Cohort
 from analysis.errors import InputError
-from analysis.io import atomic_write_json, read_array, umask_mode
-from analysis.orientation import CANONICAL, Reorientation
+from analysis.imaging.io import atomic_write_json, read_array, umask_mode
+from analysis.imaging.orientation import CANONICAL, Reorientation
 
 log = logging.getLogger(__name__)
 
-#: 2: arrays in the canonical orientation (analysis.orientation).
+#: 2: arrays in the canonical orientation (analysis.imaging.orientation).
 CACHE_VERSION = 2
 
 
@@ -144,7 +144,7 @@ def _build(cohort: Cohort, case: str, key: str, folder: Path) -> None:
         raise InputError(f"{cohort.label_path(case)}: label values {{{found}}} found; expected only 0 and 1 "
                          f"(a multi-label or probability mask? binarise it first)")
     ct = np.clip(np.rint(ct), -32768, 32767).astype(np.int16) if ct.dtype != np.int16 else ct
-    # the networks train (and predict, analysis.runner) on the canonical view: the same patient
+    # the networks train (and predict, analysis.prediction.runner) on the canonical view: the same patient
     # stored LPS, RAS or as a DICOM series gives the same slices
     reo = Reorientation.of(geometry)
     ct = np.ascontiguousarray(reo.forward(ct))

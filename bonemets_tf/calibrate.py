@@ -5,7 +5,7 @@ best cut of its probabilities at 0.5. After training, :func:`calibrate_run` runs
 model (``RUN/model.keras``) over the whole slices of the run's *validation* cases (never
 the test set), scores every threshold of :data:`THRESHOLDS` with the same per-slice Dice
 that ``analyze`` reports (slices whose ground truth has lesion; see
-:func:`analysis.metrics.overlap.slice_overlap`) and writes ``RUN/calibration.json``::
+:func:`analysis.evaluation.metrics.overlap.slice_overlap`) and writes ``RUN/calibration.json``::
 
     {"metric": "per-slice Dice on validation slices with lesion", "cases": [...],
      "n_slices": 57, "thresholds": [0.05, ...], "dice": [...],
@@ -41,8 +41,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from analysis.io import atomic_write_json
-from analysis.metrics.overlap import slice_overlap
+from analysis.evaluation.metrics.overlap import slice_overlap
+from analysis.imaging.io import atomic_write_json
 from bonemets_tf.run import CALIBRATION_FILE, read_run
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def calibrate_detector(run_path: Path, cases: Sequence[str], labels: np.ndarray,
     Returns:
         The record written (module docstring); with no positive slice the threshold stays 0.5.
     """
-    from analysis.metrics.detection import roc_auc
+    from analysis.evaluation.metrics.detection import roc_auc
 
     labels, probs = np.asarray(labels, bool), np.asarray(probs, np.float64)
     curves = detection_curves(labels, probs)

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from analysis.errors import InputError
-from analysis.io import atomic_directory, check_output_folder
+from analysis.imaging.io import atomic_directory, check_output_folder
 from bonemets_tf.models.catalog import DETECT
 from bonemets_tf.run import CONFIG_ASSET, read_run
 

@@ -32,16 +32,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-
 import SimpleITK as sitk
 
-from analysis.cohort import Cohort
+from analysis.cohort.layout import Cohort
 from analysis.errors import DataProblems, InputError
-from analysis.inputs import read_input
-from analysis.io import (Geometry, atomic_directory, atomic_write_json, atomic_write_text, check_output_folder,
-                         read_array, write_array)
-from analysis.orientation import CANONICAL, Reorientation
-from analysis.runner import plan_inputs
+from analysis.imaging.inputs import read_input
+from analysis.imaging.io import (
+    Geometry,
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_folder,
+    read_array,
+    write_array,
+)
+from analysis.imaging.orientation import CANONICAL, Reorientation
+from analysis.prediction.runner import plan_inputs
 from bonemets_tf.models.catalog import DETECT
 from bonemets_tf.run import read_run
 
@@ -209,7 +215,7 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
     """Write Grad-CAM overlays, heat-map volumes and ``gradcam.csv`` for a detector RUN.
 
     The detector sees each CT in the canonical orientation it was trained in (LPS,
-    :mod:`analysis.orientation`), so the overlays are drawn in radiological convention
+    :mod:`analysis.imaging.orientation`), so the overlays are drawn in radiological convention
     (anterior up, the patient's right on the viewer's left) whatever the file's storage;
     slice numbers (file names, ``gradcam.csv``) are the stored file's axis-0 indices, and
     the heat-map volumes have each input's exact geometry.
@@ -223,7 +229,7 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
         method: ``"gradcam"`` or ``"gradcam++"``.
         batch_size: slices per network call.
         overwrite: replace a non-empty ``out``.
-        images: ``--images`` PATH (:mod:`analysis.inputs`) instead of a cohort (no outlines then).
+        images: ``--images`` PATH (:mod:`analysis.imaging.inputs`) instead of a cohort (no outlines then).
 
     Returns:
         ``out``.

@@ -2,8 +2,8 @@
 slice table, with an optional detection-to-segmentation cascade, on a cohort or on new
 patients' CT (``--images``: NIfTI/NRRD/MHA files, DICOM series folders, nested exports).
 
-Outputs in ``PRED/NAME``, the folder contract of :mod:`analysis.predictions` (the layout
-``analyze`` reads), written case by case by :mod:`analysis.runner`:
+Outputs in ``PRED/NAME``, the folder contract of :mod:`analysis.prediction.folder` (the layout
+``analyze`` reads), written case by case by :mod:`analysis.prediction.runner`:
 
 * segmenter: ``<case>.nii.gz``, uint8 0/1 with exactly the input's size, spacing, origin and
   direction; ``lesions.csv`` and ``patients.csv``; ``preview/<case>.png``; with
@@ -16,7 +16,7 @@ Outputs in ``PRED/NAME``, the folder contract of :mod:`analysis.predictions` (th
   DICOM series used and skipped), seconds per case, the runs (shards) that wrote it, and
   the cases that failed.
 
-Every network sees the canonical view (LPS, :mod:`analysis.orientation`), the orientation
+Every network sees the canonical view (LPS, :mod:`analysis.imaging.orientation`), the orientation
 its RUN was trained in; outputs go back to each input's own geometry. Segmenters run on the
 body's bounding box per slab (``--no-crop``: whole slices). Each case's outputs appear
 atomically; a rerun of the same command skips finished cases, so a killed run resumes, and
@@ -41,11 +41,17 @@ from typing import Any
 import numpy as np
 
 from analysis.errors import DataProblems, InputError
-from analysis.orientation import CANONICAL
-from analysis.predictions import DETECTOR_CSV, SLICES_CSV, PredictionFolder
-from analysis.runner import InputPlan, Network, Outputs, lesion_tables, plan_inputs, run_cases
-from bonemets_tf.inference import (PRECISIONS, Predictor, check_memory, detect_volume, estimate_case_bytes,
-                                   slice_probabilities)
+from analysis.imaging.orientation import CANONICAL
+from analysis.prediction.folder import DETECTOR_CSV, SLICES_CSV, PredictionFolder
+from analysis.prediction.runner import InputPlan, Network, Outputs, lesion_tables, plan_inputs, run_cases
+from bonemets_tf.inference import (
+    PRECISIONS,
+    Predictor,
+    check_memory,
+    detect_volume,
+    estimate_case_bytes,
+    slice_probabilities,
+)
 from bonemets_tf.models.catalog import DETECT, SEGMENT
 from bonemets_tf.run import RunInfo, calibrated_threshold, read_run, training_status
 
@@ -184,7 +190,7 @@ def predict(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
         detector: RUN folder or SavedModel of a detector for the cascade (``model`` must be
             a segmenter).
         overwrite: replace a folder written with other settings, or redo finished cases.
-        images: ``--images`` PATH (:mod:`analysis.inputs`) instead of a cohort.
+        images: ``--images`` PATH (:mod:`analysis.imaging.inputs`) instead of a cohort.
 
     Returns:
         The output folder.

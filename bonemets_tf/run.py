@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.errors import InputError
-from analysis.io import read_json
+from analysis.imaging.io import read_json
 from bonemets_tf.models.catalog import CATALOG, DETECT, SEGMENT
 
 MODEL_FILE = "model.keras"
@@ -123,9 +123,9 @@ def read_run(path: str | os.PathLike, *, task: str | None = None, option: str = 
     Raises:
         InputError: not a folder with ``model.keras`` and ``config.json``, a config
             without the needed settings, an unknown arch, the wrong task, or a RUN trained
-            before inputs were reoriented to :data:`analysis.orientation.CANONICAL`.
+            before inputs were reoriented to :data:`analysis.imaging.orientation.CANONICAL`.
     """
-    from analysis.orientation import CANONICAL
+    from analysis.imaging.orientation import CANONICAL
 
     p = Path(path)
     if savedmodel and (p / SAVEDMODEL_FILE).is_file():

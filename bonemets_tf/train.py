@@ -68,16 +68,16 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from analysis.cohort import Cohort, fold_cases
+from analysis.cohort.layout import Cohort, fold_cases
 from analysis.errors import InputError
-from analysis.io import atomic_write_json, atomic_write_text, check_output_folder, read_json
-from analysis.orientation import CANONICAL
+from analysis.imaging.io import atomic_write_json, atomic_write_text, check_output_folder, read_json
+from analysis.imaging.orientation import CANONICAL
 from bonemets_tf.models.catalog import CATALOG, DETECT
 from bonemets_tf.run import CALIBRATION_FILE, EMPTY_LEVEL, EMPTY_MARGIN, LEARNED_MARGIN, MODEL_FILE
 
@@ -115,7 +115,7 @@ class TrainConfig:
     """Every training setting; written to ``RUN/config.json`` under ``"settings"``.
 
     Attributes:
-        dataset: cohort folder (see :mod:`analysis.cohort`).
+        dataset: cohort folder (see :mod:`analysis.cohort.layout`).
         task: ``"detect"`` or ``"segment"``; must match the arch's task.
         arch: registry name.
         fold: cross-validation fold of ``splits.json``.
@@ -404,7 +404,6 @@ def _fit(config, run, record, cached_train, cached_val, strategy, tf, data) -> b
 def _compile(trainer, config: TrainConfig, record: dict[str, Any], lr_scale: float) -> None:
     """Compile ``trainer`` with this run's loss, metrics and optimizer (rate times ``lr_scale``)."""
     import keras
-
     import tensorflow as tf
 
     from bonemets_tf.losses import DiceBCELoss, DiceScore, PositiveFraction, RankAUC, WeightedBCELoss

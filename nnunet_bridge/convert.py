@@ -20,10 +20,10 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from analysis.cohort import FILE_ENDING, Cohort
+from analysis.cohort.layout import FILE_ENDING, Cohort
 from analysis.errors import InputError
-from analysis.io import Geometry, atomic_directory, atomic_write_json, read_array, write_image
-from analysis.orientation import Reorientation
+from analysis.imaging.io import Geometry, atomic_directory, atomic_write_json, read_array, write_image
+from analysis.imaging.orientation import Reorientation
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def slice_image(array2d: np.ndarray, geometry: Geometry) -> sitk.Image:
 
 def read_patient(cohort: Cohort, patient: str) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """Read a patient's CT and binary label, both ``(slices, rows, cols)`` in the canonical
-    orientation (LPS, :mod:`analysis.orientation`) the Keras models and every prediction use,
+    orientation (LPS, :mod:`analysis.imaging.orientation`) the Keras models and every prediction use,
     with the canonical view's geometry.
 
     Raises:

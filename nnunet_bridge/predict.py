@@ -7,7 +7,7 @@ configuration nnU-Net predicts it slice by slice with 2D tiles, and resamples on
 (the preprocessor keeps the slice spacing), so this equals predicting each axial slice as
 the 2D images it was trained on. The predicted ``(slices, rows, cols)`` mask is in the CT's
 array order and is written with the CT's exact geometry (uint8 0/1), one file per case,
-each atomically: ``OUT/<case>.nii.gz`` (the folder contract of :mod:`analysis.predictions`).
+each atomically: ``OUT/<case>.nii.gz`` (the folder contract of :mod:`analysis.prediction.folder`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from analysis.errors import InputError
-from analysis.predictions import PredictionFolder, mask_path
+from analysis.prediction.folder import PredictionFolder, mask_path
 from nnunet_bridge.device import resolve_device
 from nnunet_bridge.env import CHECKPOINT, WorkLayout, nnunet_environment
 
@@ -117,8 +117,8 @@ def predict(dataset: str | Path | None, work: str | Path, out: str | Path, optio
     """Write ``OUT/<case>.nii.gz`` (and the lesion tables, previews, optional probability maps
     and DICOM-SEG) for a cohort's cases or new patients' CT with the trained nnU-Net folds.
 
-    ``OUT`` follows the folder contract of :mod:`analysis.predictions`, written case by case
-    by :mod:`analysis.runner` (the same pipeline as the Keras ``predict``): the network sees
+    ``OUT`` follows the folder contract of :mod:`analysis.prediction.folder`, written case by case
+    by :mod:`analysis.prediction.runner` (the same pipeline as the Keras ``predict``): the network sees
     the canonical (LPS) view, cropped to the body per slab unless ``crop`` is off; each case
     appears atomically, a rerun skips finished cases, shards fill one folder together, and
     ``predict.json`` lists every finished case.
@@ -128,7 +128,7 @@ def predict(dataset: str | Path | None, work: str | Path, out: str | Path, optio
         work: work folder of ``nnunet train``.
         out: output folder for the masks.
         options: see :class:`PredictOptions`.
-        images: ``--images`` PATH (:mod:`analysis.inputs`) instead of a cohort.
+        images: ``--images`` PATH (:mod:`analysis.imaging.inputs`) instead of a cohort.
 
     Returns:
         The mask paths of the cases predicted or already finished.
@@ -140,8 +140,8 @@ def predict(dataset: str | Path | None, work: str | Path, out: str | Path, optio
             each); the others were written.
     """
     from analysis.errors import DataProblems
-    from analysis.orientation import CANONICAL
-    from analysis.runner import Network, Outputs, lesion_tables, plan_inputs, run_cases
+    from analysis.imaging.orientation import CANONICAL
+    from analysis.prediction.runner import Network, Outputs, lesion_tables, plan_inputs, run_cases
 
     layout = WorkLayout(work)
     if options.bones_from not in ("project", "totalsegmentator"):

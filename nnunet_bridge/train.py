@@ -28,13 +28,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from analysis.cohort import Cohort
+from analysis.cohort.layout import Cohort
 from analysis.errors import InputError
-from analysis.io import atomic_write_json, read_json
+from analysis.imaging.io import atomic_write_json, read_json
 from nnunet_bridge.convert import convert_patients, nnunet_splits, write_splits_final
 from nnunet_bridge.device import resolve_device
-from nnunet_bridge.env import (CONFIGURATION, DATASET_ID, PLANS, TRAINER, WorkLayout, default_processes,
-                               nnunet_environment)
+from nnunet_bridge.env import (
+    CONFIGURATION,
+    DATASET_ID,
+    PLANS,
+    TRAINER,
+    WorkLayout,
+    default_processes,
+    nnunet_environment,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -263,8 +270,7 @@ def prepare(cohort: Cohort, splits: dict[str, Any], layout: WorkLayout, *, resum
 
 def plan_and_preprocess(layout: WorkLayout, timings: dict[str, float]) -> None:
     """nnU-Net's fingerprint extraction, experiment planning and 2d preprocessing of the raw dataset."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                      preprocess)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
 
     shutil.rmtree(layout.preprocessed_dataset, ignore_errors=True)
     n = default_processes()

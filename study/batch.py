@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plan = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     from analysis.errors import InputError
-    from analysis.io import atomic_write_json
+    from analysis.imaging.io import atomic_write_json
     from study.stages import check_stage, run_stage
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

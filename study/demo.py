@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from analysis.errors import InputError
-from analysis.io import atomic_write_json
+from analysis.imaging.io import atomic_write_json
 from bonemets_tf.models.catalog import DETECT, SEGMENT, names
 
 log = logging.getLogger("bonemets.demo")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.io import read_array
+from analysis.imaging.io import read_array
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

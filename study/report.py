@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from analysis import paper
-from analysis.io import atomic_directory, atomic_write_text
+from analysis.evaluation import paper
+from analysis.imaging.io import atomic_directory, atomic_write_text
 from study.new_patients import new_patients_section
 
 SYNTHETIC = ("**The cohort is synthetic.** Every number below comes from a computer-generated CT phantom "

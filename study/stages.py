@@ -33,7 +33,7 @@ def _only_fields(cls: type, values: dict[str, Any], kind: str) -> dict[str, Any]
 
 
 def _phantom(p: dict[str, Any], run: bool) -> None:
-    from analysis.phantom import generate_cohort
+    from analysis.cohort.phantom import generate_cohort
 
     if run:
         generate_cohort(p["out"], cases=p["cases"], seed=p["seed"], shape=tuple(p["shape"]),
@@ -42,14 +42,14 @@ def _phantom(p: dict[str, Any], run: bool) -> None:
 
 
 def _split(p: dict[str, Any], run: bool) -> None:
-    from analysis.splits import write_splits
+    from analysis.cohort.splits import write_splits
 
     if run:
         write_splits(p["dataset"], test_fraction=p["test_fraction"], folds=p["folds"], seed=p["seed"])
 
 
 def _examples(p: dict[str, Any], run: bool) -> None:
-    from analysis.examples import write_example_patients
+    from analysis.cohort.examples import write_example_patients
 
     if run:
         write_example_patients(p["out"], shape=tuple(p["shape"]), spacing=tuple(p["spacing"]))
@@ -111,7 +111,7 @@ def _nnunet_predict(p: dict[str, Any], run: bool) -> None:
 def _analyze(p: dict[str, Any], run: bool) -> None:
     import inspect
 
-    from analysis.analyze import run_analysis
+    from analysis.evaluation.analyze import run_analysis
 
     settings = p["settings"]
     accepted = set(inspect.signature(run_analysis).parameters)

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis.io import Geometry, write_array
+from analysis.imaging.io import Geometry, write_array
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from analysis.cohort import write_dataset_json  # noqa: E402
-from analysis.io import Geometry, write_array  # noqa: E402
+from analysis.cohort.layout import write_dataset_json  # noqa: E402
+from analysis.imaging.io import Geometry, write_array  # noqa: E402
 
 
 def make_geometry(shape_zyx=(6, 16, 20), spacing=(0.8, 0.9, 3.0), origin=(-10.0, 5.0, 2.5),

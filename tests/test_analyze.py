@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from analysis.analyze import CSV_COLUMNS, run_analysis
-from analysis.cohort import write_dataset_json
+from analysis.cohort.layout import write_dataset_json
 from analysis.errors import InputError
-from analysis.io import Geometry, write_array, write_mask
+from analysis.evaluation.analyze import CSV_COLUMNS, run_analysis
+from analysis.imaging.io import Geometry, write_array, write_mask
 
 GEO = Geometry(size=(16, 16, 8), spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0),
                direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
@@ -67,7 +67,7 @@ def write_probabilities(partial: np.ndarray, path: Path, as_uint8: bool) -> None
     0.2 candidate on the rib lesion it misses; uint8 with scl_slope 1/255 (nibabel) or float32."""
     import nibabel as nib
 
-    from analysis.analyze import read_probabilities
+    from analysis.evaluation.analyze import read_probabilities
 
     probs = np.where(partial > 0, 204, 0)                       # 204/255 = 0.8
     probs[0, 14, 0] = 77                                        # 0.302
@@ -254,9 +254,9 @@ def test_cli_runs_and_connectivity_option(tmp_path):
 
 
 def test_analysis_imports_no_framework():
-    code = ("import sys, analysis.analyze, analysis.report, analysis.radiomics, analysis.stats, analysis.paper, "
-            "analysis.metrics.overlap, analysis.metrics.lesions, analysis.metrics.clinical, analysis.metrics.detection, "
-            "analysis.metrics.lesionwise, analysis.metrics.froc, analysis.bootstrap; "
+    code = ("import sys, analysis.evaluation.analyze, analysis.evaluation.report, analysis.evaluation.radiomics, analysis.evaluation.stats, analysis.evaluation.paper, "
+            "analysis.evaluation.metrics.overlap, analysis.lesions, analysis.evaluation.metrics.clinical, analysis.evaluation.metrics.detection, "
+            "analysis.evaluation.metrics.lesionwise, analysis.evaluation.metrics.froc, analysis.evaluation.bootstrap; "
             "bad = [m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, encoding="utf-8", errors="replace")
     assert r.returncode == 0, r.stderr

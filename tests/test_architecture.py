@@ -3,7 +3,9 @@
 * no import cycle inside or across ``analysis``, ``bonemets_tf``, ``nnunet_bridge``, ``study``,
   counting every import (module level and the deferred ones inside functions);
 * nothing in ``study/`` imports ``cli``: the orchestration calls the library;
-* both wings and ``analyze`` take the PRED folder contract from :mod:`analysis.predictions`
+* the core's rooms stack bottom to top (floor, imaging, lesions, cohort, prediction,
+  evaluation) and each imports only from the rooms below it;
+* both wings and ``analyze`` take the PRED folder contract from :mod:`analysis.prediction.folder`
   and keep no copy of its pieces;
 * every demo stage builds its library options (a renamed option fails here, not mid-demo).
 """
@@ -90,26 +92,66 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
+#: The core's rooms, bottom to top (analysis/__init__.py). A module may import its own room
+#: and the rooms below it, never one above.
+ROOMS = (("analysis.errors", "analysis.resources", "analysis.records"), ("analysis.imaging",), ("analysis.lesions",),
+         ("analysis.cohort",), ("analysis.prediction",), ("analysis.evaluation",))
+
+
+def _room(module: str) -> int | None:
+    for level, names in enumerate(ROOMS):
+        if any(module == n or module.startswith(n + ".") for n in names):
+            return level
+    return None
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for module, targets in graph.items():
+        own = _room(module)
+        if own is None:
+            continue
+        for target in targets:
+            theirs = _room(target)
+            if theirs is not None and theirs > own:
+                bad.append(f"{module} (room {own}) imports {target} (room {theirs})")
+    return sorted(bad)
+
+
+def test_every_core_module_lives_in_a_room():
+    homeless = [m for m in _graph() if m.startswith("analysis.") and _room(m) is None]
+    assert not homeless, homeless
+
+
+def test_core_rooms_import_only_from_below():
+    assert _upward_imports(_graph()) == []
+
+
+def test_the_room_check_sees_an_upward_import():
+    graph = {"analysis.imaging.io": {"analysis.prediction.folder"}, "analysis.evaluation.analyze": {"analysis.lesions"}}
+    assert _upward_imports(graph) == ["analysis.imaging.io (room 1) imports analysis.prediction.folder (room 4)"]
+
+
 def test_study_never_imports_the_command_line():
     for path in (ROOT / "study").rglob("*.py"):
         assert not {"cli", "click"} & _imports(path), f"{path} imports the command line"
 
 
 def test_both_wings_and_analyze_take_the_pred_contract_from_one_module():
-    users = [ROOT / "bonemets_tf" / "predict.py", ROOT / "nnunet_bridge" / "predict.py", ROOT / "analysis" / "analyze.py"]
+    users = [ROOT / "bonemets_tf" / "predict.py", ROOT / "nnunet_bridge" / "predict.py", ROOT / "analysis" / "evaluation" / "analyze.py"]
     for path in users:
-        assert "analysis.predictions" in _imports(path), path
+        assert "analysis.prediction.folder" in _imports(path), path
     contract = ("def read_slices_csv", "def discover_models", "def select_cases", "def remove_small_components",
                 "def format_slices_csv", "def check_ct", 'SLICES_CSV = "', 'DETECTOR_CSV = "',
                 "output folder exists and is not empty", "voxel(s) are NaN or infinite")
     for pkg in PACKAGES:
         for path in (ROOT / pkg).rglob("*.py"):
-            if path.name in ("predictions.py", "io.py") and path.parent.name == "analysis":
+            if (path.parent.name, path.name) in (("prediction", "folder.py"), ("imaging", "io.py")):
                 continue
             text = path.read_text(encoding="utf-8")
             for piece in contract:
                 assert piece not in text, f"{path} has its own copy of {piece!r}"
-            if pkg in ("bonemets_tf", "nnunet_bridge"):  # lesions are analysis.metrics.lesions.lesion_instances
+            if pkg in ("bonemets_tf", "nnunet_bridge"):  # lesions are analysis.lesions.lesion_instances
                 assert "cc3d" not in text, f"{path} computes lesion components itself"
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from analysis.io import Geometry, read_header, write_array, write_mask
+from analysis.imaging.io import Geometry, read_header, write_array
 from tests.badinput import assert_clean_error, empty, invoke, not_nifti, snapshot, truncate, write_with
 from tests.conftest import make_geometry, write_tiny_cohort
 from tests.test_imports import write_dicom_series
@@ -160,7 +160,7 @@ L, I, P = "labelsTr/case_001.nii.gz", "imagesTr/case_001_0000.nii.gz", "m/case_0
 
 # (command, kind, damage, needles in the one error line)
 CASES = [
-    # image/label geometry (tolerances: analysis.io SPACING_RTOL, ORIGIN_ATOL_MM, DIRECTION_ATOL)
+    # image/label geometry (tolerances: analysis.imaging.io SPACING_RTOL, ORIGIN_ATOL_MM, DIRECTION_ATOL)
     ("validate", "label size", size, [L, "size (21, 16, 6) differs from (20, 16, 6)"]),
     ("validate", "label spacing", spacing, [L, "spacing (0.8, 0.9, 3.5) differs from (0.8, 0.9, 3)"]),
     ("validate", "label origin", origin, [L, "origin (-10, 5, 4) differs from (-10, 5, 2.5)"]),

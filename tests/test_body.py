@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.body import body_box, body_mask, box_from_extent, crop, paste, slab_boxes
+from analysis.imaging.body import body_box, body_mask, box_from_extent, crop, paste, slab_boxes
 
 SPACING_XY = (0.8, 0.8)          # mm, (x, y)
 SHAPE = (24, 160, 200)           # (slices, rows, cols)

@@ -8,9 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis.bootstrap import (case_weights, percentile_interval, ratio_interval, resample_indices,
-                                statistic_interval)
-from analysis.metrics.detection import roc_auc
+from analysis.evaluation.bootstrap import (
+    case_weights,
+    percentile_interval,
+    ratio_interval,
+    resample_indices,
+    statistic_interval,
+)
+from analysis.evaluation.metrics.detection import roc_auc
 
 
 def test_draws_are_reproducible_and_seeded():

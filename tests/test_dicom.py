@@ -1,4 +1,4 @@
-"""analysis.dicom: series choice, localizers, multi-frame CT, refusals, on tiny synthetic DICOM.
+"""analysis.imaging.dicom: series choice, localizers, multi-frame CT, refusals, on tiny synthetic DICOM.
 
 The writers here (``write_ct``, ``write_localizer``, ``write_enhanced_ct``) are shared with
 tests/test_dicom_seg.py and tests/test_inputs.py.
@@ -18,9 +18,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from analysis.dicom import SLICE_GAP_RTOL, find_series, list_series, read_dicom, read_series, series_folders
 from analysis.errors import InputError
-from analysis.io import read_array
+from analysis.imaging.dicom import SLICE_GAP_RTOL, find_series, list_series, read_dicom, read_series, series_folders
+from analysis.imaging.io import read_array
 from cli import main
 
 STUDY = "1.2.826.0.1.3680043.8.498.1001"

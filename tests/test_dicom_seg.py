@@ -1,4 +1,4 @@
-"""analysis.dicom_seg: DICOM SEG of a mask, read back voxel for voxel, centroids in patient mm."""
+"""analysis.imaging.dicom_seg: DICOM SEG of a mask, read back voxel for voxel, centroids in patient mm."""
 from __future__ import annotations
 
 import json
@@ -11,12 +11,12 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
-import analysis.dicom_seg as dicom_seg
-from analysis.dicom import DicomSeries, read_dicom
-from analysis.dicom_seg import seg_lesion_centroids, write_dicom_seg
+import analysis.imaging.dicom_seg as dicom_seg
 from analysis.errors import InputError
-from analysis.io import Geometry, read_array, write_mask
-from analysis.metrics.lesions import lesion_instances
+from analysis.imaging.dicom import DicomSeries, read_dicom
+from analysis.imaging.dicom_seg import write_dicom_seg
+from analysis.imaging.io import Geometry, read_array, write_mask
+from analysis.lesions import lesion_instances, seg_lesion_centroids
 from tests.test_dicom import FOR, SHAPE, STUDY, hu_volume, write_ct, write_enhanced_ct, write_localizer
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis.analyze import _radiological
-from analysis.io import Geometry
+from analysis.evaluation.analyze import _radiological
+from analysis.imaging.io import Geometry
 
 
 def test_the_qualitative_figure_is_radiological_for_lps_and_ras_storage():

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
-from analysis.metrics.froc import FROC_RATES, froc_case, froc_curve, froc_summary
-from analysis.metrics.lesions import lesion_instances
+from analysis.evaluation.metrics.froc import FROC_RATES, froc_case, froc_curve, froc_summary
+from analysis.lesions import lesion_instances
 
 
 def two_cases() -> list[tuple[np.ndarray, np.ndarray]]:
@@ -132,7 +132,7 @@ def test_uint8_map_with_scl_slope_is_read_as_probabilities(tmp_path):
     """A uint8 NIfTI with scl_slope 1/255 written by nibabel reads (via SimpleITK) as values in [0, 1]."""
     import nibabel as nib
 
-    from analysis.analyze import read_probabilities
+    from analysis.evaluation.analyze import read_probabilities
 
     zyx = np.zeros((3, 4, 5), np.uint8)
     zyx[1, 2, 3] = 255

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from analysis.errors import InputError
-from analysis.io import read_array, read_header, write_array
+from analysis.imaging.io import read_array, read_header, write_array
 from tests.badinput import error_lines, invoke
 from tests.conftest import make_geometry, write_tiny_cohort
 

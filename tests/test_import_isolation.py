@@ -15,8 +15,8 @@ def _modules_after(code: str) -> set[str]:
 
 
 def test_analysis_imports_no_framework():
-    mods = _modules_after("import analysis, analysis.io, analysis.cohort, analysis.validate, analysis.splits, "
-                          "analysis.imports\nimport importlib, pkgutil\n"
+    mods = _modules_after("import analysis, analysis.imaging.io, analysis.cohort.layout, analysis.cohort.validate, analysis.cohort.splits, "
+                          "analysis.cohort.imports\nimport importlib, pkgutil\n"
                           "for m in pkgutil.walk_packages(analysis.__path__, 'analysis.'):\n"
                           "    importlib.import_module(m.name)")
     assert not {"tensorflow", "torch", "keras", "nnunetv2"} & mods

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 from click.testing import CliRunner
 
-from analysis.cohort import Cohort
-from analysis.imports import TOTALSEG_TO_BONE, totalseg_lookup
-from analysis.io import Geometry, read_array, write_array
+from analysis.cohort.imports import TOTALSEG_TO_BONE, totalseg_lookup
+from analysis.cohort.layout import Cohort
+from analysis.imaging.io import Geometry, read_array, write_array
 from cli import main
 from tests.conftest import make_geometry
 

@@ -1,4 +1,4 @@
-"""analysis.inputs: what ``--images PATH`` holds, with the documented case ids."""
+"""analysis.imaging.inputs: what ``--images PATH`` holds, with the documented case ids."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +9,8 @@ import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
 from analysis.errors import InputError
-from analysis.inputs import discover_inputs, read_input, sanitise_case_id
-from analysis.io import write_array
+from analysis.imaging.inputs import discover_inputs, read_input, sanitise_case_id
+from analysis.imaging.io import write_array
 from tests.conftest import make_geometry
 from tests.test_dicom import _base, hu_volume, write_ct, write_localizer
 

@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 
 from analysis.errors import InputError
-from analysis.io import Geometry, atomic_directory, read_array, read_header, write_array, write_mask
+from analysis.imaging.io import Geometry, atomic_directory, read_array, read_header, write_array, write_mask
 from tests.conftest import make_geometry
 
 OBLIQUE = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
@@ -104,7 +104,7 @@ def test_nan_in_float_image_is_refused(tmp_path):
 
 
 def test_staged_files_are_all_or_nothing(tmp_path):
-    from analysis.io import staged_files
+    from analysis.imaging.io import staged_files
 
     out = tmp_path / "pred"
     with pytest.raises(RuntimeError):

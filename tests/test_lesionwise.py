@@ -10,9 +10,17 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
-from analysis.metrics.lesions import lesion_instances
-from analysis.metrics.lesionwise import (SIZE_BINS, LesionCounts, case_lesion_counts, lesionwise_metrics,
-                                         overlap_pairs, panoptic_matches, size_bin_counts, size_bin_index)
+from analysis.evaluation.metrics.lesionwise import (
+    SIZE_BINS,
+    LesionCounts,
+    case_lesion_counts,
+    lesionwise_metrics,
+    overlap_pairs,
+    panoptic_matches,
+    size_bin_counts,
+    size_bin_index,
+)
+from analysis.lesions import lesion_instances
 
 
 def case_a() -> tuple[np.ndarray, np.ndarray]:

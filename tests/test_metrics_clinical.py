@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from analysis.metrics.clinical import Counts, anchored_answers, binary_counts, sensitivity, specificity
-from analysis.metrics.detection import roc_auc, slice_detection
+from analysis.evaluation.metrics.clinical import Counts, anchored_answers, binary_counts, sensitivity, specificity
+from analysis.evaluation.metrics.detection import roc_auc, slice_detection
 
 
 def test_binary_counts_and_rates():

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from analysis.metrics.overlap import case_overlap, dice, precision, recall, slice_overlap
+from analysis.evaluation.metrics.overlap import case_overlap, dice, precision, recall, slice_overlap
 
 
 def test_golden_values_on_tiny_masks():

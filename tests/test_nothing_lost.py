@@ -3,9 +3,9 @@ partial output; rerunning it removes the killed run's hidden temporary folder an
 byte-identical results.
 
 Outputs are built in a hidden sibling ``.OUT.<host>.<pid>.*.partial`` and renamed into
-place when complete (:func:`analysis.io.atomic_directory`). SIGKILL cannot be caught, so
+place when complete (:func:`analysis.imaging.io.atomic_directory`). SIGKILL cannot be caught, so
 that folder stays behind; every reader ignores hidden entries and the next run for the
-same output removes it (:func:`analysis.io.remove_stale_partials`).
+same output removes it (:func:`analysis.imaging.io.remove_stale_partials`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.io import read_array, write_mask
+from analysis.imaging.io import read_array, write_mask
 from tests.badinput import invoke, snapshot
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from analysis.io import Geometry, array_to_image, read_array, write_array
-from analysis.orientation import (CANONICAL, Reorientation, canonical_geometry, from_canonical,
-                                  to_canonical)
+from analysis.imaging.io import Geometry, array_to_image, read_array, write_array
+from analysis.imaging.orientation import CANONICAL, Reorientation, canonical_geometry, from_canonical, to_canonical
 
 # The physical case: canonical (LPS, identity direction) array and geometry.
 SPACING_C = (0.7, 0.9, 2.5)          # x, y, z mm

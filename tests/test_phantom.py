@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from analysis.cohort import BONE_CODES, Cohort
+from analysis.cohort.layout import BONE_CODES, Cohort
+from analysis.cohort.phantom import cohort_design, generate_case, generate_cohort
 from analysis.errors import InputError
-from analysis.io import read_array, read_header
-from analysis.phantom import cohort_design, generate_case, generate_cohort
+from analysis.imaging.io import read_array, read_header
 
 SMALL = (24, 64, 64)  # fast cohorts for file-level tests
 
@@ -163,14 +163,14 @@ def test_importing_the_phantom_imports_no_framework():
     import subprocess
     import sys
 
-    code = "import analysis.phantom, sys; assert not {'torch', 'tensorflow'} & set(sys.modules)"
+    code = "import analysis.cohort.phantom, sys; assert not {'torch', 'tensorflow'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_phantom_cohort_says_it_is_synthetic(tmp_path):
-    from analysis.analyze import _is_synthetic
-    from analysis.cohort import Cohort
-    from analysis.phantom import generate_cohort
+    from analysis.cohort.layout import Cohort
+    from analysis.cohort.phantom import generate_cohort
+    from analysis.evaluation.analyze import _is_synthetic
 
     out = generate_cohort(tmp_path / "ds", cases=1, shape=(8, 32, 32))
     assert "synthetic" in Cohort(out).dataset_json()["description"]

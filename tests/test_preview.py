@@ -7,10 +7,17 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from analysis.io import Geometry
-from analysis.metrics.lesions import lesion_instances
-from analysis.patients import lesion_rows
-from analysis.preview import DPI, label_positions, panel_layout, preview_panels, radiological_axial, write_preview
+from analysis.imaging.io import Geometry
+from analysis.lesions import lesion_instances
+from analysis.prediction.preview import (
+    DPI,
+    label_positions,
+    panel_layout,
+    preview_panels,
+    radiological_axial,
+    write_preview,
+)
+from analysis.prediction.tables import lesion_rows
 
 # Canonical (LPS) phantom: (slices, rows, cols) = (z up, y to posterior, x to patient's left)
 SHAPE = (40, 48, 56)

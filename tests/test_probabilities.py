@@ -12,8 +12,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from analysis.errors import InputError
-from analysis.io import Geometry, read_header, write_mask
-from analysis.probabilities import LEVELS, SLOPE, nifti_affine, quantise, read_probability, write_probability
+from analysis.imaging.io import Geometry, read_header, write_mask
+from analysis.prediction.probabilities import LEVELS, SLOPE, nifti_affine, quantise, read_probability, write_probability
 
 SHAPE = (9, 12, 14)
 OBLIQUE = np.array([[0.9950042, -0.0998334, 0.0], [0.0998334, 0.9950042, 0.0], [0.0, 0.0, 1.0]])

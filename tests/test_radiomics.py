@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from analysis.metrics.lesions import lesion_instances, lesion_table
-from analysis.radiomics import FEATURE_CLASSES, RoiTask, crop_roi, extract_all, extract_roi, icc_by_class
+from analysis.evaluation.radiomics import FEATURE_CLASSES, RoiTask, crop_roi, extract_all, extract_roi, icc_by_class
+from analysis.lesions import lesion_instances, lesion_table
 
 
 def _roi(seed: int, size: int = 4) -> RoiTask:
@@ -71,7 +71,7 @@ def test_disagreeing_masks_give_icc_below_one():
 
 
 def test_jobs_fork_only_when_the_work_pays_for_it_and_never_change_results(monkeypatch):
-    import analysis.radiomics as rad
+    import analysis.evaluation.radiomics as rad
 
     tasks = [_roi(s) for s in range(7)]
     inline = extract_all(tasks, jobs=1)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.analyze import run_analysis
+from analysis.evaluation.analyze import run_analysis
 from nnunet_bridge.env import CHECKPOINT, WorkLayout
 from nnunet_bridge.train import MINIMUM_ITERATIONS, training_status
 from tests.test_analyze import make_cohort
@@ -98,7 +98,7 @@ def test_nnunet_training_status_from_work_records(tmp_path):
 
 
 def test_study_report_training_section(tmp_path):
-    from analysis.orientation import CANONICAL
+    from analysis.imaging.orientation import CANONICAL
     from study.report import training_section
 
     def run(name: str, arch: str, history: str, guard: dict | None = None, model: bool = True) -> None:

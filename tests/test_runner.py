@@ -1,4 +1,4 @@
-"""analysis.runner: the per-case pipeline both wings share, driven by a numpy stand-in for the
+"""analysis.prediction.runner: the per-case pipeline both wings share, driven by a numpy stand-in for the
 network whose answer depends on where the patient's right is (so a storage order reaching the
 network unconverted shows), and the real readers and writers.
 
@@ -21,11 +21,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from analysis.errors import DataProblems, InputError
-from analysis.inputs import InputCase
-from analysis.io import Geometry, read_array, write_array
-from analysis.predictions import PredictionFolder
-from analysis.probabilities import read_probability
-from analysis.runner import Network, Outputs, lesion_tables, plan_inputs, run_cases, segment_canonical
+from analysis.imaging.io import Geometry, read_array, write_array
+from analysis.prediction.folder import PredictionFolder
+from analysis.prediction.probabilities import read_probability
+from analysis.prediction.runner import Network, Outputs, lesion_tables, plan_inputs, run_cases, segment_canonical
 from tests.test_dicom import hu_volume, write_ct
 
 SHAPE = (6, 40, 48)
@@ -165,8 +164,9 @@ def test_lesions_csv_against_scipy_and_simpleitk(tmp_path):
 
 @pytest.mark.parametrize("layout", ["standard", "columns-anterior", "shuffled", "crowded"])
 def test_dicom_seg_for_dicom_input_matches_lesions_csv(tmp_path, layout):
-    from analysis.dicom_seg import seg_lesion_centroids
     from pydicom.uid import generate_uid
+
+    from analysis.lesions import seg_lesion_centroids
     from tests.test_dicom import write_localizer
 
     images = tmp_path / "images"

@@ -1,4 +1,4 @@
-"""analysis.shards: the one shard definition of `predict` and `nnunet predict`."""
+"""analysis.prediction.shards: the one shard definition of `predict` and `nnunet predict`."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from analysis.errors import InputError
-from analysis.shards import parse_shard, shard_cases
+from analysis.prediction.shards import parse_shard, shard_cases
 
 
 def test_golden_split():

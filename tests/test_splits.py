@@ -7,8 +7,8 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from analysis.cohort.splits import make_splits
 from analysis.errors import InputError
-from analysis.splits import make_splits
 from cli import main
 
 

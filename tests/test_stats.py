@@ -9,7 +9,7 @@ import pingouin as pg
 import pytest
 from scipy import stats
 
-from analysis.stats import holm, icc_a1, paired_ttest
+from analysis.evaluation.stats import holm, icc_a1, paired_ttest
 
 
 def test_paired_ttest_matches_scipy():

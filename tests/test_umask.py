@@ -7,9 +7,9 @@ import shutil
 
 import numpy as np
 
-from analysis.io import write_array
+from analysis.imaging.io import write_array
 from tests.badinput import invoke
-from tests.conftest import make_geometry, wrong_modes, write_tiny_cohort
+from tests.conftest import make_geometry, write_tiny_cohort, wrong_modes
 from tests.test_imports import write_dicom_series
 
 

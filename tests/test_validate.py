@@ -7,8 +7,8 @@ import pytest
 import SimpleITK as sitk
 from click.testing import CliRunner
 
-from analysis.io import Geometry, read_array, write_array
-from analysis.validate import validate_dataset
+from analysis.cohort.validate import validate_dataset
+from analysis.imaging.io import Geometry, read_array, write_array
 from cli import main
 from tests.conftest import make_geometry, tree_hash
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.io import write_array
-from analysis.splits import write_splits
-from tests.badinput import assert_clean_error, invoke, snapshot, truncate
+from analysis.cohort.splits import write_splits
+from analysis.imaging.io import write_array
+from tests.badinput import assert_clean_error, invoke, snapshot
 from tests.conftest import make_geometry, write_tiny_cohort
 
 CASE = "case_001"

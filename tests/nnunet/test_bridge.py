@@ -13,16 +13,16 @@ import pytest
 import SimpleITK as sitk
 from click.testing import CliRunner
 
-from analysis.cohort import Cohort
+from analysis.cohort.layout import Cohort
+from analysis.cohort.splits import write_splits
 from analysis.errors import InputError
-from analysis.io import read_array, read_image, write_array
-from analysis.splits import write_splits
+from analysis.imaging.io import read_array, read_image, write_array
+from analysis.imaging.orientation import Reorientation
+from analysis.prediction.folder import select_cases
+from analysis.prediction.probabilities import read_probability
 from cli import main
 from nnunet_bridge.convert import convert_patients, nnunet_splits, slice_case_id
 from nnunet_bridge.env import DATASET_NAME, SCHEDULE_ENV, TRAINERS_DIR, WorkLayout, nnunet_environment
-from analysis.orientation import Reorientation
-from analysis.predictions import select_cases
-from analysis.probabilities import read_probability
 from nnunet_bridge.predict import lesion_probability
 from nnunet_bridge.train import TrainOptions, _schedule
 from tests.conftest import make_geometry, write_tiny_cohort

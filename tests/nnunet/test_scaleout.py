@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from analysis.splits import write_splits
+from analysis.cohort.splits import write_splits
 from cli import main
 from nnunet_bridge import train as bridge_train
 from nnunet_bridge.env import WorkLayout

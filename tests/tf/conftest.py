@@ -1,4 +1,4 @@
-"""Fixtures for the TensorFlow tests: a tiny synthetic cohort written with analysis.io."""
+"""Fixtures for the TensorFlow tests: a tiny synthetic cohort written with analysis.imaging.io."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.cohort import Cohort, write_dataset_json
-from analysis.io import Geometry, write_array, write_mask
+from analysis.cohort.layout import Cohort, write_dataset_json
+from analysis.imaging.io import Geometry, write_array, write_mask
 
 
 def make_cohort(root: Path, *, cases: int = 5, shape=(6, 40, 48), seed: int = 0,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.cohort import Cohort, write_dataset_json
-from analysis.io import Geometry, write_array, write_mask
+from analysis.cohort.layout import Cohort, write_dataset_json
+from analysis.imaging.io import Geometry, write_array, write_mask
 from tests.tf.conftest import make_cohort
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.io import write_array
+from analysis.imaging.io import write_array
 from tests.badinput import assert_clean_error, empty, invoke, snapshot, truncate, write_with
 from tests.tf.conftest import make_cohort
 from tests.tf.infer_runs import shared_runs
@@ -53,7 +53,7 @@ def label(w, case=CASE):
 
 
 def _geometry(w):
-    from analysis.io import read_header
+    from analysis.imaging.io import read_header
 
     return read_header(image(w))
 

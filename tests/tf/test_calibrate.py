@@ -9,15 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.cohort import Cohort
+from analysis.cohort.layout import Cohort
 from analysis.errors import InputError
-from analysis.io import read_array
-from analysis.metrics.overlap import slice_overlap
+from analysis.evaluation.metrics.overlap import slice_overlap
+from analysis.imaging.io import read_array
 from bonemets_tf.calibrate import THRESHOLDS, choose_threshold, dice_curve
 from bonemets_tf.inference import Predictor, context_batch
 from bonemets_tf.predict import PredictOptions, predict
-from bonemets_tf.run import calibrated_threshold
-from bonemets_tf.run import read_run
+from bonemets_tf.run import calibrated_threshold, read_run
 from tests.tf.infer_runs import shared_runs
 
 ROOT = Path(__file__).resolve().parents[2]

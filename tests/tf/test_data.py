@@ -8,7 +8,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from analysis.cohort import Cohort  # noqa: E402
+from analysis.cohort.layout import Cohort  # noqa: E402
 from bonemets_tf import data  # noqa: E402
 from bonemets_tf.cache import ensure_cached  # noqa: E402
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from analysis.cohort.phantom import generate_cohort
+from analysis.cohort.splits import write_splits
 from analysis.errors import InputError
-from analysis.phantom import generate_cohort
-from analysis.splits import write_splits
 from bonemets_tf.train import RunState, is_chief, worker_scratch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +107,7 @@ def test_two_cpu_workers_train_and_only_the_chief_writes_run(phantom, tmp_path):
 
 def test_mirrored_strategy_uses_every_logical_device(phantom, tmp_path):
     run = tmp_path / "RUN"
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import json, sys
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from analysis.cohort import Cohort
+from analysis.cohort.layout import Cohort
 from analysis.errors import InputError
-from analysis.io import read_array, read_header
+from analysis.imaging.io import read_array, read_header
 from bonemets_tf.gradcam import class_activation_maps, gradcam, last_conv_layer, normalize, tape_cam, vis_cam
 from bonemets_tf.run import read_run
 from tests.tf.infer_runs import shared_runs

@@ -14,11 +14,11 @@ keras = pytest.importorskip("keras")
 from click.testing import CliRunner  # noqa: E402
 
 import cli  # noqa: E402
-from analysis.orientation import CANONICAL  # noqa: E402
+from analysis.imaging.orientation import CANONICAL  # noqa: E402
 from bonemets_tf import train as train_mod  # noqa: E402
 from bonemets_tf.losses import DiceBCELoss, PositiveFraction, WarmupSchedule, WeightedBCELoss  # noqa: E402
 from bonemets_tf.run import read_run, training_status  # noqa: E402
-from bonemets_tf.train import CollapseGuard, TrainConfig, TrainingFailed, train  # noqa: E402
+from bonemets_tf.train import CollapseGuard, TrainConfig, train  # noqa: E402
 
 
 def _config(dataset: Path, **kw) -> TrainConfig:
@@ -186,7 +186,7 @@ def test_training_status_flags_a_model_that_did_not_learn(tmp_path):
 
 
 def test_rank_auc_matches_the_rank_formula_where_keras_auc_reads_one_half():
-    from analysis.metrics.detection import roc_auc
+    from analysis.evaluation.metrics.detection import roc_auc
     from bonemets_tf.losses import RankAUC
 
     rng = np.random.default_rng(1)

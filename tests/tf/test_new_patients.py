@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from analysis.cohort import Cohort, write_dataset_json
-from analysis.examples import _ras, write_dicom_series
-from analysis.io import Geometry, read_array, write_array, write_mask
+from analysis.cohort.examples import _ras, write_dicom_series
+from analysis.cohort.layout import Cohort, write_dataset_json
+from analysis.imaging.io import Geometry, read_array, write_array, write_mask
 from tests.badinput import invoke
 from tests.tf.infer_runs import shared_runs
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.cohort import Cohort, write_dataset_json
+from analysis.cohort.layout import Cohort, write_dataset_json
 from analysis.errors import InputError
-from analysis.io import read_array, read_header, write_array
-from analysis.orientation import Reorientation
-from analysis.predictions import remove_small_components
-from analysis.shards import parse_shard, shard_cases
+from analysis.imaging.io import read_array, read_header, write_array
+from analysis.imaging.orientation import Reorientation
+from analysis.prediction.folder import remove_small_components
+from analysis.prediction.shards import parse_shard, shard_cases
 from bonemets_tf.inference import Predictor, check_memory, context_batch, context_indices, estimate_case_bytes
 from bonemets_tf.predict import PredictOptions, predict
 from bonemets_tf.run import read_run

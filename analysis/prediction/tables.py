@@ -2,18 +2,18 @@
 
 ``lesions.csv`` has one row per predicted lesion, ``patients.csv`` one row per case
 (:data:`LESION_COLUMNS`, :data:`PATIENT_COLUMNS`). Definitions are those of
-``analyze`` (:func:`analysis.analyze.run_analysis`), computed with the same functions of
-:mod:`analysis.metrics.lesions`:
+``analyze`` (:func:`analysis.evaluation.analyze.run_analysis`), computed with the same functions of
+:mod:`analysis.lesions`:
 
 * lesions are 26-connected components of the mask, ids ``1..N`` in
-  :func:`~analysis.metrics.lesions.lesion_instances` order on the stored array;
+  :func:`~analysis.lesions.lesion_instances` order on the stored array;
 * ``n_neighbours``: other lesions whose slice range lies within ``cluster_slices``
-  slices (:func:`~analysis.metrics.lesions.count_neighbours`);
+  slices (:func:`~analysis.lesions.count_neighbours`);
 * ``diffuse``: the lesion's largest per-slice fraction of its bone region is at least
-  ``diffuse_fraction`` (:func:`~analysis.metrics.lesions.diffuse_fractions`), bone
+  ``diffuse_fraction`` (:func:`~analysis.lesions.diffuse_fractions`), bone
   pixels from the bone map when one is given, else CT >= ``bone_hu``;
-* ``bone``, ``weight_bearing``: :func:`~analysis.metrics.lesions.bone_identity` on the
-  bone map (project codes, :data:`analysis.cohort.BONE_CODES`); empty without one.
+* ``bone``, ``weight_bearing``: :func:`~analysis.lesions.bone_identity` on the
+  bone map (project codes, :data:`analysis.cohort.layout.BONE_CODES`); empty without one.
 
 Everything is computed on the arrays in the stored file's order, as ``analyze`` does,
 so ``z_first``/``z_last`` and the slice-based definitions (neighbours, diffuse) follow
@@ -22,13 +22,12 @@ Centroids are in patient coordinates: ITK physical space (LPS, mm), independent 
 storage order.
 
 Resumable runs: each finished case keeps its rows in its part record of the prediction
-folder (:class:`analysis.predictions.PredictionFolder`), and the tables are rebuilt from
-every finished case (:func:`analysis.runner.lesion_tables`).
+folder (:class:`analysis.prediction.folder.PredictionFolder`), and the tables are rebuilt from
+every finished case (:func:`analysis.prediction.runner.lesion_tables`).
 """
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 from pathlib import Path
@@ -36,12 +35,19 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from analysis.analyze import _fmt
+from analysis.cohort.imports import bones_from  # noqa: F401  (part of this module's API)
 from analysis.errors import InputError
-from analysis.imports import bones_from  # noqa: F401  (part of this module's API)
-from analysis.io import Geometry, atomic_write_text
-from analysis.metrics.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone_identity, count_neighbours,
-                                      diffuse_fractions, lesion_instances, lesion_table)
+from analysis.imaging.io import Geometry, atomic_write_text
+from analysis.lesions import (
+    DEFAULT_BONE_HU,
+    LOCATION_CATEGORIES,
+    bone_identity,
+    count_neighbours,
+    diffuse_fractions,
+    lesion_instances,
+    lesion_table,
+)
+from analysis.records import csv_text
 
 __all__ = ["LESION_COLUMNS", "PATIENT_COLUMNS", "REGION_COLUMNS", "lesion_rows", "patient_row", "bones_from",
            "csv_text", "write_rows", "read_rows", "LESIONS_CSV", "PATIENTS_CSV"]
@@ -134,7 +140,7 @@ def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry,
         labels: ``lesion_instances(mask, 26)`` when the caller has it already (saves a
             labelling of a large volume).
         probability_scale: ``probability`` holds stored values times this (e.g. the uint8
-            map of :mod:`analysis.probabilities` with its 1/255).
+            map of :mod:`analysis.prediction.probabilities` with its 1/255).
 
     Returns:
         Dicts keyed by :data:`LESION_COLUMNS` in that order, lesion ids ``1..N``:
@@ -224,18 +230,8 @@ def patient_row(case: str, lesion_rows: Sequence[dict[str, Any]], *, has_bones: 
 # --- CSV tables and per-case parts ---------------------------------------------------------
 
 
-def csv_text(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
-    """CSV text of dict rows (``columns`` in order), formatted as :func:`analysis.analyze.write_csv` does."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_fmt(row[c]) for c in columns])
-    return buf.getvalue()
-
-
 def write_rows(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> Path:
-    """Write dict rows as CSV atomically, formatted as :func:`analysis.analyze.write_csv` does.
+    """Write dict rows as CSV atomically, in the project's one CSV format (:mod:`analysis.records`).
 
     Empty for None/NaN, ``true``/``false`` for booleans, floats with 10 significant digits.
     """

@@ -2,7 +2,7 @@
 
 For each ground-truth lesion the truth is its own attribute, computed on the ground-truth
 mask; the model's answer is the same attribute of its matched predicted lesion, computed
-on the prediction's own lesions (see :func:`analysis.metrics.lesions.match_lesions`). An
+on the prediction's own lesions (see :func:`analysis.lesions.match_lesions`). An
 unmatched ground-truth lesion counts as a negative answer. Counts run over ground-truth
 lesions, one category versus the rest:
 

@@ -1,6 +1,6 @@
 """Patient-level bootstrap: percentile confidence intervals of pooled metrics.
 
-Cases (one case is one patient, see :mod:`analysis.cohort`) are drawn with replacement,
+Cases (one case is one patient, see :mod:`analysis.cohort.layout`) are drawn with replacement,
 as many as there are, ``n_boot`` times, from ``numpy.random.default_rng(seed)``
 (Efron & Tibshirani, "An Introduction to the Bootstrap", 1993, ch. 6 and 13: the
 nonparametric bootstrap and its percentile interval). Each replicate recomputes the pooled

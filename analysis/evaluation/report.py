@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from analysis import paper
-from analysis.metrics.lesions import DEFAULT_BONE_HU
+from analysis.evaluation import paper
+from analysis.lesions import DEFAULT_BONE_HU
 
 __all__ = ["write_report", "BONE_WINDOW"]
 
@@ -310,8 +310,8 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
 
     Args:
         out: output folder (exists).
-        tables: rows by CSV name, as produced by :func:`analysis.analyze.run_analysis`
-            (columns in :data:`analysis.analyze.CSV_COLUMNS`).
+        tables: rows by CSV name, as produced by :func:`analysis.evaluation.analyze.run_analysis`
+            (columns in :data:`analysis.evaluation.analyze.CSV_COLUMNS`).
         figure: the qualitative panel's data: ``case``, ``slice``, ``ct`` (rows, cols) HU,
             ``gt`` and ``pred`` {model: mask} (rows, cols) bool, ``spacing`` (x, y, z) mm.
         synthetic: the cohort is a phantom; say so in the text and on every figure.

@@ -1,16 +1,16 @@
 """Lesion-level evaluation: any-overlap detection, panoptic quality and BraTS lesion-wise Dice.
 
 Lesions are the connected components of a binary mask ``(slices, rows, cols)``
-(:func:`analysis.metrics.lesions.lesion_instances`, 26-connectivity by default). Every
+(:func:`analysis.lesions.lesion_instances`, 26-connectivity by default). Every
 function here takes label volumes that are already computed, so a mask is labelled once.
 Per case, :func:`case_lesion_counts` reduces a (ground truth, prediction) pair to a few
 integers and sums (:class:`LesionCounts`); counts add up over cases, and
 :func:`lesionwise_metrics` turns the pooled counts into the reported values. The
-bootstrap (:mod:`analysis.bootstrap`) resamples the same per-case counts.
+bootstrap (:mod:`analysis.evaluation.bootstrap`) resamples the same per-case counts.
 
 Definitions (all counts pooled over the analysed cases):
 
-* **Any-overlap rule** (as in :func:`analysis.metrics.lesions.match_lesions`; the hit
+* **Any-overlap rule** (as in :func:`analysis.lesions.match_lesions`; the hit
   rule of BraTS, autoPET and MedPy): a GT lesion is *found* (``tp``) when a predicted
   lesion shares at least one voxel with it, otherwise missed (``fn``); a predicted
   lesion sharing no voxel with any GT lesion is a false positive (``fp``).
@@ -241,7 +241,7 @@ def case_lesion_counts(gt_labels: np.ndarray, n_gt: int, pred_labels: np.ndarray
         gt_labels, pred_labels: ``(slices, rows, cols)`` label volumes ``0..n`` of one shape.
         n_gt, n_pred: their lesion counts.
         gt_voxels, pred_voxels, gt_boxes: lesion sizes and GT bounding boxes when already
-            known (e.g. from :func:`analysis.metrics.lesions.lesion_table`); computed otherwise.
+            known (e.g. from :func:`analysis.lesions.lesion_table`); computed otherwise.
         pairs: :func:`overlap_pairs` of the two volumes when already known.
 
     Returns:

@@ -29,6 +29,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from analysis import __version__
-from analysis.dicom import DicomSeries
 from analysis.errors import InputError
-from analysis.io import umask_mode
-from analysis.metrics.lesions import lesion_instances
+from analysis.imaging.dicom import DicomSeries
+from analysis.imaging.io import umask_mode
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,8 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
 
     Args:
         mask: uint8 (or bool) 0/1, ``(slices, rows, cols)``, exactly the grid of the image
-            :func:`analysis.dicom.read_series` returned for ``series``.
-        series: the source series (:func:`analysis.dicom.find_series` / ``list_series``).
+            :func:`analysis.imaging.dicom.read_series` returned for ``series``.
+        series: the source series (:func:`analysis.imaging.dicom.find_series` / ``list_series``).
         out_path: the SEG file to write (its folder is created).
         model_name: the model's name (AlgorithmName, ManufacturerModelName).
         model_version: the model's fingerprint, e.g. a sha256 prefix of its run folder
@@ -272,20 +272,38 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
     }
 
 
-def seg_lesion_centroids(seg_path: str | os.PathLike) -> list[tuple[float, float, float]]:
-    """Centroid (patient LPS mm) of each 26-connected lesion of a SEG, from its frames' geometry.
+@dataclass(frozen=True)
+class SegVolume:
+    """The frames of a DICOM SEG stacked on their slice grid (all segments combined).
+
+    Attributes:
+        mask: uint8 0/1 ``(slices, rows, cols)``, slice ``k`` at ``origins[k]``.
+        origins: ``{k: (x, y, z)}`` patient position (LPS mm) of slice ``k``'s first pixel.
+        row_cosine, col_cosine: ImageOrientationPatient's two direction cosines.
+        row_spacing, col_spacing: PixelSpacing, mm.
+    """
+
+    mask: np.ndarray
+    origins: dict[int, np.ndarray]
+    row_cosine: np.ndarray
+    col_cosine: np.ndarray
+    row_spacing: float
+    col_spacing: float
+
+    def points(self, k: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """Patient positions ``(n, 3)`` (LPS mm) of voxels ``(k, i, j)``: pixel ``(row i, col j)``
+        of the frame at ``p`` is at ``p + j * col_spacing * row_cosine + i * row_spacing * col_cosine``."""
+        return (np.array([self.origins[int(kk)] for kk in k]).reshape(-1, 3)
+                + (np.asarray(j) * self.col_spacing)[:, None] * self.row_cosine
+                + (np.asarray(i) * self.row_spacing)[:, None] * self.col_cosine)
+
+
+def read_seg_volume(seg_path: str | os.PathLike) -> SegVolume:
+    """A DICOM SEG's frames placed on their slice grid, from the frames' own geometry.
 
     Frames are placed from PlanePositionSequence, the shared PlaneOrientationSequence and
     PixelMeasuresSequence (PixelSpacing; SpacingBetweenSlices, else the smallest gap between
-    frame positions, sets the slice grid). Pixel ``(row i, col j)`` of a frame at position
-    ``p`` is at ``p + j * col_spacing * row_cosine + i * row_spacing * col_cosine``. All
-    segments are combined.
-
-    Args:
-        seg_path: a DICOM SEG file.
-
-    Returns:
-        ``(x, y, z)`` per lesion, in order of each lesion's first voxel along (slice, row, col).
+    frame positions, sets the slice grid). All segments are combined.
 
     Raises:
         InputError: not a readable SEG.
@@ -322,14 +340,5 @@ def seg_lesion_centroids(seg_path: str | os.PathLike) -> list[tuple[float, float
     for i, k in enumerate(k_of):
         volume[k] |= frames[i] != 0
         origin_of[int(k)] = positions[i]
-    labels, n = lesion_instances(volume, connectivity=26)
-    flat = labels.ravel()
-    nonzero = np.flatnonzero(flat)
-    first_voxel = {int(lab): int(idx) for lab, idx in zip(*np.unique(flat[nonzero], return_index=True))}
-    out = []
-    for lesion in sorted(range(1, n + 1), key=lambda lab: nonzero[first_voxel[lab]]):
-        k, i, j = np.nonzero(labels == lesion)
-        pts = (np.array([origin_of[int(kk)] for kk in k]) + (j * col_spacing)[:, None] * row_cos
-               + (i * row_spacing)[:, None] * col_cos)
-        out.append(tuple(float(v) for v in pts.mean(axis=0)))
-    return out  # type: ignore[return-value]
+    return SegVolume(mask=volume, origins=origin_of, row_cosine=row_cos, col_cosine=col_cos,
+                     row_spacing=row_spacing, col_spacing=col_spacing)

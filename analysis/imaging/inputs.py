@@ -5,7 +5,7 @@ PATH may be
 - one image file (``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``);
 - a folder: its image files (directly in it; sub-folders are not searched for image files),
   plus every *series folder* at or below it (a folder directly holding DICOM image files,
-  see :func:`analysis.dicom.series_folders`), one patient each. A folder may mix both.
+  see :func:`analysis.imaging.dicom.series_folders`), one patient each. A folder may mix both.
 
 Case ids:
 
@@ -16,7 +16,7 @@ Case ids:
   itself being the series folder -> its own folder name.
 
 Several series in one folder: every usable axial CT series of the folder is a case (the
-issue's rule). The series :func:`analysis.dicom.find_series` would choose on its own (the
+issue's rule). The series :func:`analysis.imaging.dicom.find_series` would choose on its own (the
 most slices, ties: the thinnest, then the lowest SeriesNumber) keeps the folder's id; each
 further series gets ``<id>_s<SeriesNumber>`` (``<id>_s<n>`` numbered from 2 when it has no
 SeriesNumber). With ``all_series=False`` only the chosen series is a case and the others are
@@ -36,9 +36,9 @@ from typing import Any, Literal
 
 import SimpleITK as sitk
 
-from analysis.dicom import DicomSeries, find_series, list_series, read_series, series_folders
 from analysis.errors import InputError
-from analysis.io import read_image
+from analysis.imaging.dicom import DicomSeries, find_series, list_series, read_series, series_folders
+from analysis.imaging.io import read_image
 
 #: Image file endings accepted as cases (longest first, so ``.nii.gz`` wins over ``.gz``).
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -108,18 +108,18 @@ def discover_inputs(path: str | os.PathLike, *, all_series: bool = True, series_
     Args:
         path: an image file or a folder (see the module docstring).
         all_series: every usable axial CT series of a folder is a case (default); False:
-            only the one :func:`analysis.dicom.find_series` chooses (a tie is then refused).
+            only the one :func:`analysis.imaging.dicom.find_series` chooses (a tie is then refused).
         series_uid: keep only the DICOM series with this SeriesInstanceUID (``--series``);
             image files are kept.
-        errors: when given, a series folder refused by :mod:`analysis.dicom` is reported
+        errors: when given, a series folder refused by :mod:`analysis.imaging.dicom` is reported
             here (one line naming it) and skipped, so one bad patient does not stop a batch.
 
     Returns:
-        The cases; DICOM cases carry their :class:`~analysis.dicom.DicomSeries` (headers only).
+        The cases; DICOM cases carry their :class:`~analysis.imaging.dicom.DicomSeries` (headers only).
 
     Raises:
         InputError: a missing path, a file of another kind, a folder holding no image file
-            and no DICOM series, a series folder refused by :mod:`analysis.dicom`, or two
+            and no DICOM series, a series folder refused by :mod:`analysis.imaging.dicom`, or two
             inputs with one case id (naming both).
     """
     root = Path(path)
@@ -166,7 +166,7 @@ def read_input(case: InputCase) -> tuple[sitk.Image, dict[str, Any]]:
     Returns:
         ``(image, record)``: a 3D image, ``(slices, rows, cols)`` as an array, HU; and
         ``{"case_id", "kind", "path", "dicom"}`` where ``"dicom"`` is the series' record
-        (:func:`analysis.dicom.find_series`) for a DICOM case and None for an image file.
+        (:func:`analysis.imaging.dicom.find_series`) for a DICOM case and None for an image file.
 
     Raises:
         InputError: an unreadable file or series.

@@ -11,9 +11,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from analysis.cohort import Cohort
+from analysis.cohort.layout import Cohort
 from analysis.errors import InputError
-from analysis.io import atomic_write_json
+from analysis.imaging.io import atomic_write_json
 
 
 def make_splits(cases: Sequence[str], *, test_fraction: float = 0.2, folds: int = 5, seed: int = 0) -> dict[str, Any]:

@@ -25,7 +25,7 @@ shared 2-core AMD EPYC (medians of 3-4 runs):
 
 Boxes are tuples of slices over array axes ``(rows, cols)`` (per-volume) or
 ``(slices, rows, cols)`` (per-slab), for canonical arrays ``(slices, rows, cols)``
-(:mod:`analysis.orientation`), spacing in ITK ``(x, y)`` order, i.e. ``(cols, rows)``.
+(:mod:`analysis.imaging.orientation`), spacing in ITK ``(x, y)`` order, i.e. ``(cols, rows)``.
 """
 from __future__ import annotations
 

@@ -3,11 +3,11 @@
 What a reader looks at before opening a viewer: a coronal and a sagittal maximum-intensity
 projection (MIP) of the CT in a bone window (level 500, width 2000 HU: -500..1500 HU),
 side by side at their physical aspect ratio, with each lesion's projection outlined in
-red and its ``lesion_id`` (as in ``lesions.csv``, :mod:`analysis.patients`) written in
+red and its ``lesion_id`` (as in ``lesions.csv``, :mod:`analysis.prediction.tables`) written in
 yellow at its projected centroid.
 
 Display conventions (radiological, whatever the file's storage order: the volume is first
-put in the canonical LPS view of :mod:`analysis.orientation`):
+put in the canonical LPS view of :mod:`analysis.imaging.orientation`):
 
 * coronal: superior up, the patient's right on the viewer's left (as if facing the patient);
 * sagittal: superior up, anterior on the viewer's left (seen from the patient's left);
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.io import Geometry, atomic_file
-from analysis.metrics.lesions import lesion_instances
-from analysis.orientation import Reorientation
+from analysis.imaging.io import Geometry, atomic_file
+from analysis.imaging.orientation import Reorientation
+from analysis.lesions import lesion_instances
 
 __all__ = ["BONE_WINDOW", "write_preview", "preview_panels", "label_positions", "panel_layout",
            "radiological_axial", "PreviewPanels"]
@@ -81,7 +81,7 @@ def label_positions(lesion_ids: np.ndarray, geometry: Geometry) -> dict[str, lis
 
     Args:
         lesion_ids: ``(slices, rows, cols)`` labels ``0..n`` in the stored file's order
-            (:func:`analysis.metrics.lesions.lesion_instances` of the stored mask, so the
+            (:func:`analysis.lesions.lesion_instances` of the stored mask, so the
             numbers match ``lesions.csv``).
         geometry: the stored file's geometry.
 
@@ -118,8 +118,8 @@ def preview_panels(ct: np.ndarray, mask: np.ndarray, geometry: Geometry,
         mask: ``(slices, rows, cols)`` lesion mask, same order (non-zero is lesion).
         geometry: the stored file's geometry.
         lesion_ids: labels of ``mask`` as numbered in ``lesions.csv``; None computes them
-            with :func:`~analysis.metrics.lesions.lesion_instances` on the stored mask
-            (26-connectivity), which is what :func:`analysis.patients.lesion_rows` does.
+            with :func:`~analysis.lesions.lesion_instances` on the stored mask
+            (26-connectivity), which is what :func:`analysis.prediction.tables.lesion_rows` does.
 
     Returns:
         The :class:`PreviewPanels`.

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.cohort import MAX_BONE_CODE, Cohort, check_case_id, write_dataset_json
-from analysis.dicom import read_dicom
+from analysis.cohort.layout import MAX_BONE_CODE, Cohort, check_case_id, write_dataset_json
 from analysis.errors import InputError
-from analysis.io import Geometry, read_array, read_image, write_array, write_image
+from analysis.imaging.dicom import read_dicom
+from analysis.imaging.io import Geometry, read_array, read_image, write_array, write_image
 
 log = logging.getLogger(__name__)
 
-# TotalSegmentator v2, task "total" class ids -> bonesTr codes (see analysis.cohort.BONE_CODES).
+# TotalSegmentator v2, task "total" class ids -> bonesTr codes (see analysis.cohort.layout.BONE_CODES).
 # Ids from TotalSegmentator's class map (map_to_binary.py, "total" task, v2):
 # sacrum 25; vertebrae S1..C1 26-50; humerus 69/70; scapula 71/72; clavicula 73/74;
 # femur 75/76; hip 77/78; skull 91; ribs 92-115; sternum 116; costal cartilages 117.
@@ -40,9 +40,9 @@ def bones_from(path: str | os.PathLike, kind: str, geometry: Geometry) -> np.nda
     Args:
         path: the bone map file (e.g. ``DIR/<case>.nii.gz``).
         kind: ``"project"`` for project codes 0..7 (``bonesTr``, see
-            :data:`analysis.cohort.BONE_CODES`); ``"totalsegmentator"`` for a
+            :data:`analysis.cohort.layout.BONE_CODES`); ``"totalsegmentator"`` for a
             TotalSegmentator v2 "total" multilabel map (mapped through
-            :func:`analysis.imports.totalseg_lookup`; non-bone classes become 0).
+            :func:`analysis.cohort.imports.totalseg_lookup`; non-bone classes become 0).
         geometry: the CT's geometry.
 
     Returns:
@@ -101,7 +101,7 @@ def import_dicom(dicom_dir: str | os.PathLike, dataset: str | os.PathLike, case:
                  overwrite: bool = False) -> Path:
     """Read a CT DICOM series and add it to a cohort as ``imagesTr/<case>_0000.nii.gz``.
 
-    The series is chosen and read by :func:`analysis.dicom.read_dicom`: localizers, other
+    The series is chosen and read by :func:`analysis.imaging.dicom.read_dicom`: localizers, other
     modalities and objects without an image (SEG, SR, RTSTRUCT) are skipped, the axial CT
     series with the most slices is used (ties: the thinnest slices), an Enhanced
     (multi-frame) CT object is read as the volume it holds, and the rescale slope/intercept

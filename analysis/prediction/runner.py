@@ -1,23 +1,23 @@
 """Running a model over cases, framework-neutral: what ``predict`` and ``nnunet predict`` share.
 
 Both wings give this module only their network, as a callable on the *canonical* view of a
-CT (:mod:`analysis.orientation`: LPS, ``arr[k]`` an axial slice, rows anterior to posterior,
+CT (:mod:`analysis.imaging.orientation`: LPS, ``arr[k]`` an axial slice, rows anterior to posterior,
 columns the patient's right to left); everything around it is done here, once:
 
 1. each case is read (a cohort image, an image file, or a DICOM series,
-   :mod:`analysis.inputs`) and reoriented to the canonical view (a numpy view, no copy);
-2. optionally cropped to the body (:mod:`analysis.body`): per slab of :data:`SLAB` slices,
+   :mod:`analysis.imaging.inputs`) and reoriented to the canonical view (a numpy view, no copy);
+2. optionally cropped to the body (:mod:`analysis.imaging.body`): per slab of :data:`SLAB` slices,
    the in-plane box of the largest region above -500 HU with a 10 mm margin, padded to the
    network's stride; the network sees the whole volume cropped in-plane to that box, for the
    slab's centre slices, so context slices stay intact. Outside the box the probability is 0;
 3. the probabilities go back to the input's exact storage order and geometry; the mask is
    ``probability >= threshold``, then 3D components smaller than ``min_size`` are removed;
 4. the case's outputs are written into its staging folder of the
-   :class:`analysis.predictions.PredictionFolder` (the PRED contract): ``<case>.nii.gz``,
-   optionally ``probabilities/<case>.nii.gz`` (:mod:`analysis.probabilities`),
-   ``preview/<case>.png`` (:mod:`analysis.preview`), ``dicom_seg/<case>.dcm`` for DICOM input
-   (:mod:`analysis.dicom_seg`), and the case's rows of ``lesions.csv`` / ``patients.csv``
-   (:mod:`analysis.patients`), rebuilt from every finished case at the end.
+   :class:`analysis.prediction.folder.PredictionFolder` (the PRED contract): ``<case>.nii.gz``,
+   optionally ``probabilities/<case>.nii.gz`` (:mod:`analysis.prediction.probabilities`),
+   ``preview/<case>.png`` (:mod:`analysis.prediction.preview`), ``dicom_seg/<case>.dcm`` for DICOM input
+   (:mod:`analysis.imaging.dicom_seg`), and the case's rows of ``lesions.csv`` / ``patients.csv``
+   (:mod:`analysis.prediction.tables`), rebuilt from every finished case at the end.
 
 Detectors score canonical axial slices; ``slices.csv`` gives them by the stored file's axis-0
 index (the rows of a file stored feet-first come out in its own order).
@@ -35,17 +35,25 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from analysis.errors import DataProblems, InputError
-from analysis.inputs import InputCase, discover_inputs, read_input
-from analysis.io import Geometry, read_header
-from analysis.orientation import CANONICAL, Reorientation
-from analysis.predictions import (DICOM_SEG, PREVIEW, PROBABILITIES, PredictionFolder, check_ct, mask_path,
-                                  remove_small_components, select_cases)
-from analysis.probabilities import SLOPE, quantise, write_stored
-from analysis.shards import Shard, shard_cases
+from analysis.imaging.inputs import InputCase, discover_inputs, read_input
+from analysis.imaging.io import Geometry, read_header
+from analysis.imaging.orientation import CANONICAL, Reorientation
+from analysis.prediction.folder import (
+    DICOM_SEG,
+    PREVIEW,
+    PROBABILITIES,
+    PredictionFolder,
+    check_ct,
+    mask_path,
+    remove_small_components,
+    select_cases,
+)
+from analysis.prediction.probabilities import SLOPE, quantise, write_stored
+from analysis.prediction.shards import Shard, shard_cases
 
 log = logging.getLogger(__name__)
 
-#: Slices per body-crop slab: measured on the paper-sized phantom (analysis.body), per-slab
+#: Slices per body-crop slab: measured on the paper-sized phantom (analysis.imaging.body), per-slab
 #: boxes of 8 / 16 / 32 slices cover 43 / 44 / 48 % of the slice against 62.5 % for one box
 #: over the whole volume.
 SLAB = 16
@@ -135,7 +143,7 @@ class InputPlan:
 
 def plan_inputs(dataset: str | Path | None, images: str | Path | None, *, cases: str = "test",
                 shard: Shard | None = None, series: str | None = None, dicom_seg: bool = False) -> InputPlan:
-    """The cases of ``--dataset`` (a cohort; ``--cases``) or ``--images`` (:mod:`analysis.inputs`),
+    """The cases of ``--dataset`` (a cohort; ``--cases``) or ``--images`` (:mod:`analysis.imaging.inputs`),
     restricted to ``shard``, with their cheap checks (headers, series structure).
 
     Raises:
@@ -143,7 +151,7 @@ def plan_inputs(dataset: str | Path | None, images: str | Path | None, *, cases:
             DICOM input with ``dicom_seg``; a shard that selects nothing.
         DataProblems: every ``--images`` input failed its checks (one line each).
     """
-    from analysis.cohort import Cohort
+    from analysis.cohort.layout import Cohort
 
     if (dataset is None) == (images is None):
         raise InputError("give either --dataset (a cohort) or --images (image files or DICOM folders)")
@@ -203,8 +211,8 @@ def sha256_of(case: InputCase) -> str:
 
 
 def crop_boxes(ct: np.ndarray, spacing_zyx: Sequence[float], stride: int) -> list[tuple[slice, slice, slice]]:
-    """Per-slab ``(slices, rows, cols)`` boxes of the body in a canonical volume (:mod:`analysis.body`)."""
-    from analysis.body import slab_boxes
+    """Per-slab ``(slices, rows, cols)`` boxes of the body in a canonical volume (:mod:`analysis.imaging.body`)."""
+    from analysis.imaging.body import slab_boxes
 
     return slab_boxes(ct, SLAB, margin_mm=BODY_MARGIN_MM, spacing_xy=(spacing_zyx[2], spacing_zyx[1]), stride=stride)
 
@@ -244,7 +252,7 @@ def segment_canonical(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float]
 def _bones(outputs: Outputs, case: str, geometry: Geometry) -> np.ndarray | None:
     if outputs.bones is None:
         return None
-    from analysis.patients import bones_from
+    from analysis.prediction.tables import bones_from
 
     path = Path(outputs.bones) / f"{case}.nii.gz"
     if not path.is_file():
@@ -265,7 +273,7 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     t0 = time.perf_counter()
     import SimpleITK as sitk
 
-    from analysis.io import count_nonfinite, nonfinite_error, require_finite, write_mask
+    from analysis.imaging.io import count_nonfinite, nonfinite_error, require_finite, write_mask
 
     image, record = read_input(case)
     geometry = Geometry.of(image)
@@ -303,7 +311,7 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     part["seconds_network"] = round(time.perf_counter() - t_net, 3)
     raw = reo.backward(seen & (prob_c >= outputs.threshold))  # never lesion where the network did not look
     del seen
-    # the map as stored (uint8, 1/255; analysis.probabilities), cut to reproduce ``raw`` exactly:
+    # the map as stored (uint8, 1/255; analysis.prediction.probabilities), cut to reproduce ``raw`` exactly:
     # a quarter of the float map's memory from here on
     stored = quantise(reo.backward(prob_c), outputs.threshold, above=raw)
     del prob_c
@@ -335,8 +343,8 @@ def _case_lesions(case: InputCase, mask: np.ndarray, native: np.ndarray, geometr
     steps); returns the lesion labels (or None)."""
     if not outputs.lesions:
         return None
-    from analysis.metrics.lesions import lesion_instances
-    from analysis.patients import lesion_rows, patient_row
+    from analysis.lesions import lesion_instances
+    from analysis.prediction.tables import lesion_rows, patient_row
 
     labels = lesion_instances(mask)
     rows = lesion_rows(case.case_id, mask, native, geometry, probability=stored, bones=bones, labels=labels,
@@ -351,12 +359,12 @@ def _case_figures(case: InputCase, mask: np.ndarray, native: np.ndarray, geometr
                   labels: np.ndarray | None, outputs: Outputs, staging: Path, part: dict[str, Any],
                   net: Network) -> None:
     if outputs.preview:
-        from analysis.preview import write_preview
+        from analysis.prediction.preview import write_preview
 
         write_preview(staging / PREVIEW / f"{case.case_id}.png", native, mask, geometry, labels,
                       title=f"{case.case_id}: {net.name}, {part.get('lesions', int(mask.any()))} lesion(s)")
     if outputs.dicom_seg and case.series is not None:
-        from analysis.dicom_seg import write_dicom_seg
+        from analysis.imaging.dicom_seg import write_dicom_seg
 
         part["dicom_seg"] = write_dicom_seg(mask, case.series, staging / DICOM_SEG / f"{case.case_id}.dcm",
                                             model_name=net.name, model_version=net.fingerprint)
@@ -398,7 +406,7 @@ def run_cases(folder: PredictionFolder, cases: Sequence[InputCase], net: Network
 
 def lesion_tables() -> list[tuple[str, Callable[[dict], str]]]:
     """Builders of the merged ``lesions.csv`` and ``patients.csv`` (for :meth:`PredictionFolder.finish`)."""
-    from analysis.patients import LESION_COLUMNS, LESIONS_CSV, PATIENT_COLUMNS, PATIENTS_CSV, csv_text
+    from analysis.prediction.tables import LESION_COLUMNS, LESIONS_CSV, PATIENT_COLUMNS, PATIENTS_CSV, csv_text
 
     def lesions(parts: dict[str, dict[str, Any]]) -> str:
         return csv_text(LESION_COLUMNS, (r for c in sorted(parts) for r in parts[c].get("lesion_rows", [])))

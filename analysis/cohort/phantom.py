@@ -44,9 +44,9 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from analysis.cohort import Cohort, write_dataset_json
+from analysis.cohort.layout import Cohort, write_dataset_json
 from analysis.errors import InputError
-from analysis.io import Geometry, atomic_directory, write_array
+from analysis.imaging.io import Geometry, atomic_directory, write_array
 from analysis.resources import PHANTOM_BYTES_PER_VOXEL, require_memory, voxels
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ Z_TOP_TRUNK = 780.0
 Z_TOP_HEAD = 1065.0
 
 BONE, FATTY, CARTILAGE = 1, 2, 3  # marrow kinds of bone voxels
-SKULL, SPINE, RIB, PELVIS, UPPER, LOWER, OTHER = 1, 2, 3, 4, 5, 6, 7  # analysis.cohort.BONE_CODES
+SKULL, SPINE, RIB, PELVIS, UPPER, LOWER, OTHER = 1, 2, 3, 4, 5, 6, 7  # analysis.cohort.layout.BONE_CODES
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class PhantomCase:
     Attributes:
         ct: int16 HU, ``(slices, rows, cols)``.
         label: uint8 0/1 lesion mask, same shape (lesion voxels, all inside bone).
-        bones: uint8 bone codes of :data:`analysis.cohort.BONE_CODES`, same shape.
+        bones: uint8 bone codes of :data:`analysis.cohort.layout.BONE_CODES`, same shape.
         geometry: size/spacing/origin in ITK ``(x, y, z)`` order.
         include_head: the scan reaches the skull vertex.
         lesion_free: the label is empty (no lesion placed, or none inside the scanned slices).

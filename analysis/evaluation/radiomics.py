@@ -13,7 +13,7 @@ rejects either region (a single voxel, or a region that is flat in more than one
 dimension), the pair is skipped and counted.
 
 Agreement: per feature, ICC(A,1) over the pairs with its 95% CI
-(:func:`analysis.stats.icc_a1`). Features constant over every pair and both raters have
+(:func:`analysis.evaluation.stats.icc_a1`). Features constant over every pair and both raters have
 no defined ICC; they are left out of the class means and counted (``n_constant``). Per
 class, ``icc`` is the mean of its features' ICCs and ``icc_low``/``icc_high`` the means of
 their CI bounds (features with an undefined bound left out of that bound's mean).
@@ -29,7 +29,7 @@ from typing import Hashable, Iterable
 
 import numpy as np
 
-from analysis.stats import icc_a1
+from analysis.evaluation.stats import icc_a1
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@
   PACS export folder holds them;
 * ``truth/<case>.nii.gz``: their lesion masks, in each input's own geometry, for checking.
 
-The CTs come from :func:`analysis.phantom.generate_case` (identity direction, LPS); nothing
+The CTs come from :func:`analysis.cohort.phantom.generate_case` (identity direction, LPS); nothing
 here is patient data.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from analysis.io import Geometry, atomic_directory, write_array
-from analysis.phantom import generate_case
+from analysis.cohort.phantom import generate_case
+from analysis.imaging.io import Geometry, atomic_directory, write_array
 
 #: Seeds of the two example patients (far from the cohort's case seeds).
 EXAMPLE_SEEDS = {"pt_nifti": 90_001, "pt_dicom": 90_002}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis.cohort import (
+from analysis.cohort.layout import (
     FILE_ENDING,
     IMAGE_SUFFIX,
     MAX_BONE_CODE,
@@ -19,7 +19,7 @@ from analysis.cohort import (
     splits_problems,
 )
 from analysis.errors import InputError
-from analysis.io import read_array, read_json
+from analysis.imaging.io import read_array, read_json
 
 #: A CT in HU has air near -1000. An image whose minimum is at or above this value was
 #: probably stored without its DICOM rescale intercept; reported as a warning, not an error.
@@ -71,7 +71,7 @@ def validate_dataset(dataset: str | os.PathLike) -> ValidationReport:
 
     Checks: dataset.json fields; every image has a label and vice versa; images are 3D
     and scalar with finite HU; labels share their image's geometry (see
-    :meth:`analysis.io.Geometry.mismatch` for tolerances) and hold only 0/1; bone maps
+    :meth:`analysis.imaging.io.Geometry.mismatch` for tolerances) and hold only 0/1; bone maps
     (optional) share the geometry and hold codes 0..7; splits.json (optional) names only
     known cases, with disjoint folds free of test cases.
 

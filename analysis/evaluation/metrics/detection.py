@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-from analysis.metrics.clinical import binary_counts
+from analysis.evaluation.metrics.clinical import binary_counts
 
 __all__ = ["roc_auc", "slice_detection"]
 

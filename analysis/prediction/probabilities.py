@@ -19,7 +19,7 @@ The slope is stored as float32 (``float32(1/255)`` = 0.0039215689, 2.3e-8 relati
 threshold the stored value is ``round(p * 255)`` (error <= 1/510); the nudged voxels
 move by at most one or two steps (error < 3/255).
 
-Array layout: ``(slices, rows, cols)`` with the CT's :class:`~analysis.io.Geometry`, as
+Array layout: ``(slices, rows, cols)`` with the CT's :class:`~analysis.imaging.io.Geometry`, as
 everywhere in the project. The NIfTI affine is the ITK (LPS) geometry in RAS:
 ``diag(-1, -1, 1, 1) @ [[D * spacing, origin], [0, 1]]``, written as both sform and
 qform (code 1, scanner anatomical), which SimpleITK reads back as the same geometry.
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.errors import InputError
-from analysis.io import Geometry, atomic_write_bytes, read_array
+from analysis.imaging.io import Geometry, atomic_write_bytes, read_array
 
 __all__ = ["write_probability", "write_stored", "read_probability", "quantise", "nifti_affine", "SLOPE", "LEVELS"]
 

@@ -13,11 +13,11 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import struct
-import zlib
-import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator

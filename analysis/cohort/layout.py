@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from analysis.errors import InputError
-from analysis.io import atomic_write_json, read_json
+from analysis.imaging.io import atomic_write_json, read_json
 
 FILE_ENDING = ".nii.gz"
 IMAGE_SUFFIX = "_0000" + FILE_ENDING

@@ -13,7 +13,7 @@ towards the head), rows grow from anterior to posterior and columns from the
 patient's right to left, which is also the radiological display of an axial slice.
 
 This is what ``sitk.DICOMOrient(image, "LPS")`` does; :class:`Reorientation` computes
-the same permutation and flips once from a :class:`~analysis.io.Geometry` and applies
+the same permutation and flips once from a :class:`~analysis.imaging.io.Geometry` and applies
 them as numpy views (no copy, no SimpleITK round trip), in both directions. The tests
 check it against DICOMOrient.
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from analysis.io import Geometry
+from analysis.imaging.io import Geometry
 
 __all__ = ["CANONICAL", "OBLIQUE_COS", "Reorientation", "to_canonical", "from_canonical", "canonical_geometry"]
 

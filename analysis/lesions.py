@@ -12,6 +12,7 @@ touches a lesion's bounding box.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import cc3d
@@ -22,7 +23,7 @@ __all__ = ["LesionTable", "lesion_instances", "lesion_table", "count_neighbours"
            "bone_identity", "diffuse_fractions", "BONE_NAMES", "WEIGHT_BEARING_CODES",
            "LOCATION_CATEGORIES", "DEFAULT_BONE_HU", "IN_PLANE_DILATION"]
 
-#: Paper's words for the ``bonesTr`` codes (see ``analysis.cohort.BONE_CODES``).
+#: Paper's words for the ``bonesTr`` codes (see ``analysis.cohort.layout.BONE_CODES``).
 #: Upper and lower extremity (5, 6) are both "extremity"; 7 is "other".
 BONE_NAMES: dict[int, str] = {1: "skull", 2: "spine", 3: "rib", 4: "pelvis", 5: "extremity",
                               6: "extremity", 7: "other"}
@@ -243,7 +244,7 @@ def diffuse_fractions(labels: np.ndarray, n: int, bone: np.ndarray) -> np.ndarra
     components of (bone or any lesion) pixels that contain pixels of that lesion; the
     slice's fraction is the lesion's pixels there divided by that region's pixels. A
     lesion is diffuse when its largest fraction reaches the threshold (0.6 by default,
-    see :func:`analysis.analyze.run_analysis`), focal otherwise.
+    see :func:`analysis.evaluation.analyze.run_analysis`), focal otherwise.
 
     Args:
         labels: ``(slices, rows, cols)`` lesion labels ``0..n``.
@@ -316,3 +317,30 @@ def diffuse_fractions(labels: np.ndarray, n: int, bone: np.ndarray) -> np.ndarra
         frac = lesion_px[present] / region[present]
         best[present - 1] = np.maximum(best[present - 1], frac)
     return best
+
+
+def seg_lesion_centroids(seg_path: str | os.PathLike) -> list[tuple[float, float, float]]:
+    """Centroid (patient LPS mm) of each 26-connected lesion of a DICOM SEG, from its frames'
+    geometry (:func:`analysis.imaging.dicom_seg.read_seg_volume`; all segments combined).
+
+    Args:
+        seg_path: a DICOM SEG file.
+
+    Returns:
+        ``(x, y, z)`` per lesion, in order of each lesion's first voxel along (slice, row, col).
+
+    Raises:
+        InputError: not a readable SEG.
+    """
+    from analysis.imaging.dicom_seg import read_seg_volume
+
+    seg = read_seg_volume(seg_path)
+    labels, n = lesion_instances(seg.mask, connectivity=26)
+    flat = labels.ravel()
+    nonzero = np.flatnonzero(flat)
+    first_voxel = {int(lab): int(idx) for lab, idx in zip(*np.unique(flat[nonzero], return_index=True))}
+    out = []
+    for lesion in sorted(range(1, n + 1), key=lambda lab: nonzero[first_voxel[lab]]):
+        k, i, j = np.nonzero(labels == lesion)
+        out.append(tuple(float(v) for v in seg.points(k, i, j).mean(axis=0)))
+    return out  # type: ignore[return-value]

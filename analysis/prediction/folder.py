@@ -38,9 +38,17 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from analysis.errors import InputError
-from analysis.io import (Geometry, atomic_write_json, atomic_write_text, check_output_folder, count_nonfinite,
-                         nonfinite_error, read_header, remove_stale_partials)
-from analysis.shards import Shard, shard_cases
+from analysis.imaging.io import (
+    Geometry,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_folder,
+    count_nonfinite,
+    nonfinite_error,
+    read_header,
+    remove_stale_partials,
+)
+from analysis.prediction.shards import Shard, shard_cases
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +86,8 @@ def mask_path(folder: str | os.PathLike, case: str) -> Path:
 
 
 def select_cases(cohort: Any, spec: str, shard: Shard | None) -> list[str]:
-    """The cases of ``--cases`` (:meth:`analysis.cohort.Cohort.select`) in shard ``(i, n)``
-    (:func:`analysis.shards.shard_cases`: ``sorted(cases)[i::n]``).
+    """The cases of ``--cases`` (:meth:`analysis.cohort.layout.Cohort.select`) in shard ``(i, n)``
+    (:func:`analysis.prediction.shards.shard_cases`: ``sorted(cases)[i::n]``).
 
     Raises:
         InputError: unknown cases, a bad shard, or a shard that selects no case.
@@ -112,7 +120,7 @@ def check_ct(path: str | os.PathLike) -> Geometry:
 
 def remove_small_components(mask: np.ndarray, min_size: int, connectivity: int = 26) -> np.ndarray:
     """Drop 3D connected components with fewer than ``min_size`` voxels (the lesions of
-    :func:`analysis.metrics.lesions.lesion_instances`); ``min_size <= 1`` keeps everything.
+    :func:`analysis.lesions.lesion_instances`); ``min_size <= 1`` keeps everything.
 
     Args:
         mask: ``(slices, rows, cols)``, non-zero is lesion.
@@ -120,7 +128,7 @@ def remove_small_components(mask: np.ndarray, min_size: int, connectivity: int =
     Returns:
         uint8 0/1 mask of the same shape.
     """
-    from analysis.metrics.lesions import lesion_instances
+    from analysis.lesions import lesion_instances
 
     mask = (np.asarray(mask) != 0).astype(np.uint8)
     if min_size <= 1 or not mask.any():
@@ -304,7 +312,7 @@ class PredictionFolder:
     @staticmethod
     def _bare_parts(path: Path) -> bool:
         """Whether ``path`` is a ``.parts`` folder holding nothing but its lock and perhaps the
-        temporary file of a settings write (:func:`analysis.io.atomic_file`): what a run killed
+        temporary file of a settings write (:func:`analysis.imaging.io.atomic_file`): what a run killed
         between taking the lock and writing its settings leaves (the folder is new)."""
         return path.name == PARTS and path.is_dir() and all(
             q.name == _LOCK or q.name.startswith(f".{_SETTINGS}.") for q in path.iterdir())
@@ -358,7 +366,7 @@ class PredictionFolder:
             (JSON-able) with the case's record; a detector's slice probabilities go under
             :data:`SLICE_PROBABILITIES` (rounded to the 6 digits ``slices.csv`` keeps).
         """
-        from analysis.io import _HOST  # the same partial-folder naming as atomic_directory
+        from analysis.imaging.io import _HOST  # the same partial-folder naming as atomic_directory
 
         staging = Path(tempfile.mkdtemp(prefix=f".staging.{_HOST}.{os.getpid()}.", suffix=".partial", dir=self.out))
         part: dict[str, Any] = {"case": case}

@@ -2,7 +2,7 @@
 
 Inputs:
 
-* a cohort ``DATASET`` (:mod:`analysis.cohort`; ``bonesTr`` optional);
+* a cohort ``DATASET`` (:mod:`analysis.cohort.layout`; ``bonesTr`` optional);
 * ``PRED/<model>/<case>.nii.gz``: binary masks with their CT's geometry (a segmenter);
 * ``PRED/<model>/slices.csv`` with columns ``case,slice,probability`` (a detector;
   ``slice`` is the axial index, axis 0 of the ``(slices, rows, cols)`` array).
@@ -14,50 +14,81 @@ Inputs:
 
 Every input is checked before anything is written: presence, geometry against the CT
 (headers), ``slices.csv``, and the voxel values of every mask (one extra decode per mask,
-one at a time). Output is then built inside :func:`analysis.io.atomic_directory`, so even
+one at a time). Output is then built inside :func:`analysis.imaging.io.atomic_directory`, so even
 an unexpected failure leaves no ``OUT``. Cases are read one at a time, so memory does not
 grow with the number of cases.
 
-Definitions live with the metrics: :mod:`analysis.metrics.overlap`,
-:mod:`analysis.metrics.lesions`, :mod:`analysis.metrics.clinical`,
-:mod:`analysis.metrics.detection`, :mod:`analysis.metrics.lesionwise`,
-:mod:`analysis.metrics.froc`, :mod:`analysis.bootstrap`, :mod:`analysis.stats`,
-:mod:`analysis.radiomics`.
+Definitions live with the metrics: :mod:`analysis.evaluation.metrics.overlap`,
+:mod:`analysis.lesions`, :mod:`analysis.evaluation.metrics.clinical`,
+:mod:`analysis.evaluation.metrics.detection`, :mod:`analysis.evaluation.metrics.lesionwise`,
+:mod:`analysis.evaluation.metrics.froc`, :mod:`analysis.evaluation.bootstrap`, :mod:`analysis.evaluation.stats`,
+:mod:`analysis.evaluation.radiomics`.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import importlib.metadata
-import io
 import itertools
 import logging
 import math
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from analysis import __version__
-from analysis.bootstrap import Interval, case_weights, ratio_interval, resample_indices, statistic_interval
-from analysis.cohort import Cohort
+from analysis.cohort.layout import Cohort
 from analysis.errors import InputError
-from analysis.io import Geometry, atomic_directory, atomic_write_json, check_output_folder, read_array, read_header
-from analysis.metrics import clinical as clin
-from analysis.metrics.detection import roc_auc, slice_detection
-from analysis.metrics.froc import DEFAULT_FROC_FLOOR, FROC_RATES, FrocCase, froc_case, froc_curve, froc_summary
-from analysis.metrics.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone_identity, count_neighbours,
-                                      diffuse_fractions, lesion_instances, lesion_table, match_lesions)
-from analysis.metrics.lesionwise import (SIZE_BINS, LesionCounts, case_lesion_counts, lesionwise_metrics,
-                                         overlap_pairs, size_bin_counts)
-from analysis.metrics.overlap import case_overlap, slice_overlap
-from analysis.predictions import (PROBABILITIES, RECORD, SLICES_CSV, check_ct, discover_models, mask_path,
-                                  read_slices_csv)
+from analysis.evaluation.bootstrap import Interval, case_weights, ratio_interval, resample_indices, statistic_interval
+from analysis.evaluation.metrics import clinical as clin
+from analysis.evaluation.metrics.detection import roc_auc, slice_detection
+from analysis.evaluation.metrics.froc import (
+    DEFAULT_FROC_FLOOR,
+    FROC_RATES,
+    FrocCase,
+    froc_case,
+    froc_curve,
+    froc_summary,
+)
+from analysis.evaluation.metrics.lesionwise import (
+    SIZE_BINS,
+    LesionCounts,
+    case_lesion_counts,
+    lesionwise_metrics,
+    overlap_pairs,
+    size_bin_counts,
+)
+from analysis.evaluation.metrics.overlap import case_overlap, slice_overlap
+from analysis.evaluation.stats import holm, paired_ttest
+from analysis.imaging.io import (
+    Geometry,
+    atomic_directory,
+    atomic_write_json,
+    check_output_folder,
+    read_array,
+    read_header,
+)
+from analysis.lesions import (
+    DEFAULT_BONE_HU,
+    LOCATION_CATEGORIES,
+    bone_identity,
+    count_neighbours,
+    diffuse_fractions,
+    lesion_instances,
+    lesion_table,
+    match_lesions,
+)
+from analysis.prediction.folder import (
+    PROBABILITIES,
+    RECORD,
+    SLICES_CSV,
+    check_ct,
+    discover_models,
+    mask_path,
+    read_slices_csv,
+)
+from analysis.records import csv_text, versions
 from analysis.resources import ANALYZE_BYTES_PER_VOXEL, require_memory, voxels
-from analysis.stats import holm, paired_ttest
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +135,7 @@ class AnalysisConfig:
     """Settings of one analysis, written to ``config.json`` next to the results.
 
     Attributes:
-        cases: ``test``, ``all`` or ``ID,ID,...`` (see :meth:`analysis.cohort.Cohort.select`).
+        cases: ``test``, ``all`` or ``ID,ID,...`` (see :meth:`analysis.cohort.layout.Cohort.select`).
         radiomics: run the pyradiomics agreement analysis.
         jobs: processes for radiomics.
         connectivity: 3D connectivity of lesions (6, 18 or 26).
@@ -264,11 +295,11 @@ def _read_binary(path: Path) -> np.ndarray:
 
 def _radiological(figure: dict[str, Any]) -> dict[str, Any]:
     """The qualitative figure's slices in radiological display (anterior up, the patient's right
-    on the viewer's left; :func:`analysis.preview.radiological_axial`) whatever the storage
+    on the viewer's left; :func:`analysis.prediction.preview.radiological_axial`) whatever the storage
     order, with the spacing of the displayed rows and cols. A volume not stored axially keeps
     its stored view."""
-    from analysis.orientation import Reorientation
-    from analysis.preview import radiological_axial
+    from analysis.imaging.orientation import Reorientation
+    from analysis.prediction.preview import radiological_axial
 
     geometry = figure.pop("geometry")
     try:
@@ -432,7 +463,7 @@ def _analyse_case(case: str, inputs: _Inputs, config: AnalysisConfig, res: _Resu
         if take_figure:
             res.figure["pred"][model] = pred[best_z].copy()
         if config.radiomics:
-            from analysis.radiomics import RoiTask, crop_roi
+            from analysis.evaluation.radiomics import RoiTask, crop_roi
 
             spacing = tuple(float(s) for s in geo.spacing)
             for gi in np.flatnonzero(gt_match):
@@ -448,7 +479,7 @@ def _analyse_case(case: str, inputs: _Inputs, config: AnalysisConfig, res: _Resu
                                                         connectivity=config.connectivity))
         del probs
     if config.radiomics:
-        from analysis.radiomics import RoiTask, crop_roi
+        from analysis.evaluation.radiomics import RoiTask, crop_roi
 
         spacing = tuple(float(s) for s in geo.spacing)
         for gid in sorted(gt_for_radiomics):
@@ -643,7 +674,7 @@ BOOTSTRAP_DETECTOR_METRICS = ("slice_auc",)
 
 
 def _bootstrap_rows(inputs: _Inputs, res: _Results, config: AnalysisConfig) -> list[tuple]:
-    """Patient-level percentile intervals (:mod:`analysis.bootstrap`) from per-case statistics."""
+    """Patient-level percentile intervals (:mod:`analysis.evaluation.bootstrap`) from per-case statistics."""
     if config.bootstrap == 0:
         return []
     cases = inputs.cases
@@ -687,7 +718,7 @@ def _bootstrap_rows(inputs: _Inputs, res: _Results, config: AnalysisConfig) -> l
 
 
 def _radiomics_rows(res: _Results, segmenters: Sequence[str], jobs: int) -> tuple[list[tuple], list[tuple]]:
-    from analysis.radiomics import extract_all, icc_by_class
+    from analysis.evaluation.radiomics import extract_all, icc_by_class
 
     wanted = {"gt", *segmenters}  # ROIs of models left out of the agreement are not extracted
     features = extract_all([t for t in res.roi_tasks if t.key[0] in wanted], jobs=jobs)
@@ -714,38 +745,10 @@ def _radiomics_rows(res: _Results, segmenters: Sequence[str], jobs: int) -> tupl
 # --- writing ------------------------------------------------------------------------------
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return "" if math.isnan(value) else format(float(value), ".10g")
-    return str(value)
-
-
 def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
-    """Write rows as CSV with fixed formatting (NaN/None empty, booleans true/false, 10 significant digits)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_fmt(v) for v in row])
-    path.write_text(buf.getvalue(), encoding="utf-8")
+    """Write rows as CSV in the project's one format (:func:`analysis.records.csv_text`)."""
+    path.write_text(csv_text(columns, rows), encoding="utf-8")
     return path
-
-
-def _versions() -> dict[str, str]:
-    out = {"bonemets": __version__, "python": platform.python_version()}
-    for dist in ("numpy", "scipy", "connected-components-3d", "SimpleITK", "pyradiomics-bhklab", "pyradiomics",
-                 "matplotlib", "pandas"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 def _is_synthetic(cohort: Cohort) -> bool:
@@ -803,7 +806,7 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
             res.figure["ct"] = _read_slice(inputs.cohort.image_path(res.figure["case"]), res.figure["slice"])
         if res.figure is not None:
             res.figure = _radiological(res.figure)
-        from analysis.report import write_report
+        from analysis.evaluation.report import write_report
 
         write_report(tmp, tables, figure=res.figure, synthetic=is_synthetic,
                      settings=dataclasses.asdict(config), bone_source=res.bone_source)
@@ -815,14 +818,14 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
             "segmenters": inputs.segmenters, "detectors": inputs.detectors, "froc_models": inputs.froc_models,
             "not_compared": [r[0] for r in tables["model_flags.csv"] if not r[5]],
             "bone_source": res.bone_source, "synthetic": is_synthetic,
-            "versions": _versions(),
+            "versions": versions(core=True),
         })
     log.info("analyze: wrote %s", out)
     return out
 
 
 def _radiomics_settings() -> dict[str, Any]:
-    from analysis.radiomics import EXTRACTOR_SETTINGS, FEATURE_CLASSES
+    from analysis.evaluation.radiomics import EXTRACTOR_SETTINGS, FEATURE_CLASSES
 
     return {**EXTRACTOR_SETTINGS, "image_types": ["Original"], "feature_classes": list(FEATURE_CLASSES)}
 
