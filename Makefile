@@ -19,14 +19,15 @@ demo: setup
 	$(PY) cli.py demo --out demo_out
 
 # TensorFlow and PyTorch never share a process (TF before triton segfaults), so the
-# suite runs as three pytest processes: framework-free core, TensorFlow, PyTorch.
+# suite runs as three pytest processes: framework-free core (with the doctests of analysis/),
+# TensorFlow, PyTorch.
 test: setup
-	$(PY) -m pytest tests -q --ignore=tests/tf --ignore=tests/nnunet
+	$(PY) -m pytest tests analysis -q --doctest-modules --ignore=tests/tf --ignore=tests/nnunet
 	$(PY) -m pytest tests/tf -q
 	$(PY) -m pytest tests/nnunet -q
 
 test-core: setup
-	$(PY) -m pytest tests -q --ignore=tests/tf --ignore=tests/nnunet
+	$(PY) -m pytest tests analysis -q --doctest-modules --ignore=tests/tf --ignore=tests/nnunet
 test-tf: setup
 	$(PY) -m pytest tests/tf -q
 test-nnunet: setup

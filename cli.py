@@ -517,7 +517,8 @@ def nnunet_predict_cmd(dataset: str | None, images: str | None, work: str, out: 
 def demo(out: str, quick: bool, cases: int | None, seed: int) -> None:
     """The whole study on a phantom: 7 models, masks, analysis and a report.
 
-    Each stage is a `python cli.py` command; TensorFlow and PyTorch stages never share a process.
+    Each stage calls one library function (no cli.py commands); TensorFlow and PyTorch stages
+    run in separate processes, one per framework group.
     """
     from study.demo import StageFailed, run_demo
 

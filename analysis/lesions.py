@@ -54,6 +54,19 @@ def lesion_instances(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarr
 
     Raises:
         ValueError: a mask that is not 3D or an unsupported connectivity.
+
+    Examples:
+        Two voxels touching at a corner are one lesion at 26-connectivity, two at 6:
+
+        >>> mask = np.zeros((1, 3, 5), np.uint8)
+        >>> mask[0, 0, 0] = mask[0, 1, 1] = mask[0, 2, 4] = 1
+        >>> labels, n = lesion_instances(mask)
+        >>> n
+        2
+        >>> labels[0].tolist()
+        [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 2]]
+        >>> lesion_instances(mask, connectivity=6)[1]
+        3
     """
     mask = np.asarray(mask)
     if mask.ndim != 3:
@@ -134,6 +147,14 @@ def count_neighbours(z_first: np.ndarray, z_last: np.ndarray, cluster_slices: in
 
     Returns:
         int64 array of neighbour counts.
+
+    Examples:
+        Slices 0-3 and 5-8 are 2 slices apart; 30-31 is 22 slices from its nearest:
+
+        >>> count_neighbours(np.array([0, 5, 30]), np.array([3, 8, 31]), cluster_slices=10).tolist()
+        [1, 1, 0]
+        >>> count_neighbours(np.array([0, 5, 30]), np.array([3, 8, 31]), cluster_slices=1).tolist()
+        [0, 0, 0]
     """
     a = np.asarray(z_first, dtype=np.int64)
     b = np.asarray(z_last, dtype=np.int64)

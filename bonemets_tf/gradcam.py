@@ -15,7 +15,7 @@ cols and min-max normalised to [0, 1] per slice.
 
 Outputs in ``DIR`` (built in a temporary sibling and renamed into place):
 
-* ``<case>_z<slice>.png``: the CT slice in a bone window (W 1800 / L 400), the heat map
+* ``<case>_z<slice>.png``: the CT slice in the display bone window (L 500 / W 2000), the heat map
   (jet, semi-transparent) and the ground-truth outline when the case has lesion there;
 * ``<case>_gradcam.nii.gz``: float32 heat-map volume with the CT's geometry (slices
   without a map are 0);
@@ -36,6 +36,7 @@ import SimpleITK as sitk
 
 from analysis.cohort.layout import Cohort
 from analysis.errors import DataProblems, InputError
+from analysis.imaging.display import BONE_WINDOW, window
 from analysis.imaging.inputs import read_input
 from analysis.imaging.io import (
     Geometry,
@@ -54,8 +55,6 @@ from bonemets_tf.run import read_run
 log = logging.getLogger(__name__)
 
 METHODS = ("gradcam", "gradcam++")
-#: Display window for the overlays (level, width) in HU.
-DISPLAY_WINDOW = (400.0, 1800.0)
 CSV_NAME = "gradcam.csv"
 
 
@@ -194,13 +193,11 @@ def overlay_png(ct_slice: np.ndarray, cam: np.ndarray, label_slice: np.ndarray |
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    level, width = DISPLAY_WINDOW
     rows, cols = ct_slice.shape
     fig = Figure(figsize=(5.0, 5.0 * rows * aspect / cols + 0.4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0, 0, 1, 1 - 0.4 / fig.get_figheight()))
-    ax.imshow(ct_slice, cmap="gray", vmin=level - width / 2, vmax=level + width / 2, aspect=aspect,
-              interpolation="nearest")
+    ax.imshow(window(ct_slice), cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest")
     ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0.0, vmax=1.0, aspect=aspect, interpolation="bilinear")
     if label_slice is not None and label_slice.any():
         ax.contour(label_slice.astype(float), levels=[0.5], colors=["lime"], linewidths=1.0)
@@ -309,4 +306,4 @@ def _record(run, plan, max_slices: int, method: str, backends: set[str]) -> dict
             "orientation": CANONICAL, "display": "radiological (anterior up, patient's right on the viewer's left)",
             "max_slices": max_slices, "method": method, "implementation": sorted(backends),
             "score": "detector logit (sigmoid replaced by identity)",
-            "display_window_hu": {"level": DISPLAY_WINDOW[0], "width": DISPLAY_WINDOW[1]}}
+            "display_window_hu": {"level": BONE_WINDOW[0], "width": BONE_WINDOW[1]}}

@@ -20,7 +20,7 @@ from keras import ops
 #: common; L 500 / W 2000 spans -500..1500 HU, which keeps untreated osteoblastic
 #: metastases (654 +/- 176 HU) and enostoses (1190 +/- 239 HU; Ulano et al., AJR 2016)
 #: apart instead of clipping both to white.
-BONE_WINDOW = (500.0, 2000.0)
+BONE_WINDOW = (500.0, 2000.0)  # the network's input preprocessing; figures use analysis.imaging.display
 
 PACKAGE = "bonemets"
 

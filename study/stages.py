@@ -19,10 +19,6 @@ from typing import Any, Callable
 
 log = logging.getLogger("bonemets.demo")
 
-#: Framework each kind needs: a group holds stages of one framework only.
-FRAMEWORK = {"phantom": None, "split": None, "examples": None, "analyze": None, "train": "tensorflow", "predict": "tensorflow",
-             "gradcam": "tensorflow", "export": "tensorflow", "nnunet-train": "torch", "nnunet-predict": "torch"}
-
 
 def _only_fields(cls: type, values: dict[str, Any], kind: str) -> dict[str, Any]:
     names = {f.name for f in fields(cls)}
@@ -123,8 +119,9 @@ def _analyze(p: dict[str, Any], run: bool) -> None:
 
 
 KINDS: dict[str, Callable[[dict[str, Any], bool], None]] = {
-    "phantom": _phantom, "split": _split, "examples": _examples, "train": _train, "predict": _predict, "gradcam": _gradcam,
-    "export": _export, "nnunet-train": _nnunet_train, "nnunet-predict": _nnunet_predict, "analyze": _analyze,
+    "phantom": _phantom, "split": _split, "examples": _examples, "train": _train, "predict": _predict,
+    "gradcam": _gradcam, "export": _export, "nnunet-train": _nnunet_train, "nnunet-predict": _nnunet_predict,
+    "analyze": _analyze,
 }
 
 

@@ -101,18 +101,3 @@ def test_nan_in_float_image_is_refused(tmp_path):
     p = write_array(arr, make_geometry((3, 4, 5)), tmp_path / "nan.nii.gz")
     with pytest.raises(InputError, match="1 voxel"):
         read_array(p)
-
-
-def test_staged_files_are_all_or_nothing(tmp_path):
-    from analysis.imaging.io import staged_files
-
-    out = tmp_path / "pred"
-    with pytest.raises(RuntimeError):
-        with staged_files(out) as st:
-            (st / "a.nii.gz").write_text("a", encoding="utf-8")
-            raise RuntimeError("killed")
-    assert list(out.iterdir()) == []
-    (out / "keep.nii.gz").write_text("other shard", encoding="utf-8")
-    with staged_files(out) as st:
-        (st / "b.nii.gz").write_text("b", encoding="utf-8")
-    assert sorted(p.name for p in out.iterdir()) == ["b.nii.gz", "keep.nii.gz"]

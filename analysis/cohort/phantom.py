@@ -141,9 +141,6 @@ def _make_frame(shape: tuple[int, int, int], spacing: tuple[float, float, float]
 # primitives: each returns (inside mask, depth below the surface in nominal mm)
 # ---------------------------------------------------------------------------------------
 
-Coords = tuple[np.ndarray, np.ndarray, np.ndarray]  # Z (n,1,1), Y (1,m,1), X (1,1,k)
-
-
 @dataclass(frozen=True)
 class _Ellipsoid:
     """Ellipsoid rotated by ``angle`` about z; optional bend, posterior shear and taper.

@@ -670,7 +670,6 @@ def _froc_rows(inputs: _Inputs, res: _Results) -> tuple[list[tuple], list[tuple]
 
 #: Bootstrapped metrics in ``bootstrap.csv`` order.
 BOOTSTRAP_SEGMENTER_METRICS = ("slice_dice", "case_dice", "lesion_sensitivity", "lw_dice")
-BOOTSTRAP_DETECTOR_METRICS = ("slice_auc",)
 
 
 def _bootstrap_rows(inputs: _Inputs, res: _Results, config: AnalysisConfig) -> list[tuple]:

@@ -20,12 +20,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from analysis.evaluation import paper
+from analysis.imaging.display import window
 from analysis.lesions import DEFAULT_BONE_HU
 
-__all__ = ["write_report", "BONE_WINDOW"]
+__all__ = ["write_report"]
 
-#: Display window for CT panels (level, width) in HU.
-BONE_WINDOW = (400.0, 1800.0)
 SYNTHETIC_NOTE = ("**Synthetic data.** This cohort is a computer-generated phantom, not patient CT. "
                   "Its numbers test the software end to end; they say nothing about clinical performance "
                   "and are not comparable with the paper's.")
@@ -108,7 +107,8 @@ def _intervals(boot: list[tuple] | None, metric: str) -> dict[str, tuple[float, 
     return {r[0]: (100 * r[3], 100 * r[4]) for r in boot or [] if r[1] == metric}
 
 
-def _fig_detection(fig_dir: Path, rows: list[tuple], caption: str | None, boot: list[tuple] | None = None) -> str | None:
+def _fig_detection(fig_dir: Path, rows: list[tuple], caption: str | None,
+                   boot: list[tuple] | None = None) -> str | None:
     if not rows:
         return None
     metrics = ["precision", "recall", "f1", "auc"]
@@ -168,9 +168,9 @@ def _fig_qualitative(fig_dir: Path, figure: dict[str, Any] | None, caption: str 
     if figure is None or figure.get("ct") is None:
         return None
     plt = _plt()
-    level, width = BONE_WINDOW
-    ct = np.clip((figure["ct"].astype(float) - (level - width / 2)) / width, 0, 1)
-    panels = [("CT (bone window)", None), ("Ground truth", figure["gt"])] + [(m, p) for m, p in sorted(figure["pred"].items())]
+    ct = window(figure["ct"])
+    panels = [("CT (bone window)", None), ("Ground truth", figure["gt"])]
+    panels += [(m, p) for m, p in sorted(figure["pred"].items())]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), dpi=110, squeeze=False)
     sx, sy = figure["spacing"][0], figure["spacing"][1]
     for ax, (name, mask) in zip(axes[0], panels):
@@ -252,7 +252,8 @@ def _lesion_section(fig_dir: Path, tables: dict[str, list[tuple]], settings: dic
         md += [_table(["model", "cases", "GT", "pred", "tp", "fn", "fp", "sensitivity", "precision", "F1",
                        "FP/case", "RQ", "SQ (Dice)", "PQ (Dice)", "lesion-wise Dice"],
                       [(r[0], r[1], r[2], r[3], r[4], r[5], r[6], _f(r[7], True), _f(r[8], True), _f(r[9], True),
-                        _f(r[10]), _f(r[11], True), _f(r[12], True), _f(r[13], True), _f(r[14], True)) for r in lw]), ""]
+                        _f(r[10]), _f(r[11], True), _f(r[12], True), _f(r[13], True), _f(r[14], True))
+                       for r in lw]), ""]
     else:
         md += ["No segmenter in this run.", ""]
     if sizes:
@@ -341,10 +342,13 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
     det = tables.get("detection.csv", [])
     md += ["## Slice detection", "",
            f"A slice is positive when the ground truth has any lesion voxel in it; a detector calls it positive "
-           f"when its probability is >= {settings.get('threshold', 0.5)}. AUC is rank-based (ties count 1/2). Values in %.", ""]
+           f"when its probability is >= {settings.get('threshold', 0.5)}. AUC is rank-based (ties count 1/2). "
+           "Values in %.", ""]
     if det:
-        md += [_table(["model", "n slices", "accuracy", "precision (paper)", "recall (paper)", "F1 (paper)", "AUC (paper)"],
-                      [(name(r[0]), r[7], _f(r[2], True), f"{_f(r[3], True)} ({_paper(r[0], paper.DETECTION, 'precision')})",
+        md += [_table(["model", "n slices", "accuracy", "precision (paper)", "recall (paper)", "F1 (paper)",
+                       "AUC (paper)"],
+                      [(name(r[0]), r[7], _f(r[2], True),
+                        f"{_f(r[3], True)} ({_paper(r[0], paper.DETECTION, 'precision')})",
                         f"{_f(r[4], True)} ({_paper(r[0], paper.DETECTION, 'recall')})",
                         f"{_f(r[5], True)} ({_paper(r[0], paper.DETECTION, 'f1')})",
                         f"{_f(r[6], True)} ({_paper(r[0], paper.DETECTION, 'auc')})") for r in det]), ""]
@@ -371,7 +375,8 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
             case_vals = np.array([c[2] for c in cases if c[0] == r[0]], float)
             case_mean = float(np.nanmean(case_vals)) if np.isfinite(case_vals).any() else math.nan
             pname = paper.paper_name(r[0])
-            pd = f"{paper.SLICE_DICE[pname][0]:.2f} ± {paper.SLICE_DICE[pname][1]:.2f}" if pname in paper.SLICE_DICE else "–"
+            pd = (f"{paper.SLICE_DICE[pname][0]:.2f} ± {paper.SLICE_DICE[pname][1]:.2f}" if pname in paper.SLICE_DICE
+                  else "–")
             rows.append((name(r[0]), r[1], f"{_f(r[2], True)} ({_paper(r[0], paper.SEGMENTATION, 'dice')})",
                          f"{_f(r[4], True)} ({_paper(r[0], paper.SEGMENTATION, 'precision')})",
                          f"{_f(r[5], True)} ({_paper(r[0], paper.SEGMENTATION, 'recall')})",
@@ -380,7 +385,8 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
                        "slice Dice mean ± sd (paper)", "case Dice"], rows), ""]
         tt = tables.get("ttests.csv", [])
         md += ["### Paired t-tests on per-slice Dice", "",
-               f"Two-sided paired t-tests on the common slices, Holm correction across pairs (paper: {paper.TTEST_NOTE})."
+               f"Two-sided paired t-tests on the common slices, Holm correction across pairs "
+               f"(paper: {paper.TTEST_NOTE})."
                + (f" Left out (not trained): {', '.join(not_compared)}." if not_compared else ""), ""]
         md += [_table(["model A", "model B", "n", "mean diff", "sd diff", "t", "dof", "p", "p (Holm)"],
                       [(r[0], r[1], r[2], _f(r[3], digits=3), _f(r[4], digits=3), _f(r[5]), r[6], _f(r[7]), _f(r[8]))
@@ -401,9 +407,10 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
         for r in icc:
             pname = paper.paper_name(r[0])
             pv = paper.ICC.get(pname, {}).get(r[1])
-            rows.append((r[0], r[1], r[2], r[8], r[3], r[7], f"{_f(r[4], digits=3)} [{_f(r[5], digits=3)}, {_f(r[6], digits=3)}]",
-                         "–" if pv is None else f"{pv:.2f}"))
-        md += [_table(["model", "class", "pairs", "skipped pairs", "features", "constant", "ICC [95% CI]", "paper"], rows), ""]
+            ci = f"{_f(r[4], digits=3)} [{_f(r[5], digits=3)}, {_f(r[6], digits=3)}]"
+            rows.append((r[0], r[1], r[2], r[8], r[3], r[7], ci, "–" if pv is None else f"{pv:.2f}"))
+        md += [_table(["model", "class", "pairs", "skipped pairs", "features", "constant", "ICC [95% CI]", "paper"],
+                      rows), ""]
     else:
         md += ["Not run (`--no-radiomics`) or no matched lesion pairs.", ""]
 
@@ -424,7 +431,8 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
     sources = sorted(set((bone_source or {}).values()))
     if sources:
         md += [f"Bone pixels for the diffuse/focal rule came from: {', '.join(sources)} "
-               f"(without `bonesTr`, CT >= {settings.get('bone_hu', DEFAULT_BONE_HU):g} HU; bone identity is then unknown).", ""]
+               f"(without `bonesTr`, CT >= {settings.get('bone_hu', DEFAULT_BONE_HU):g} HU; "
+               "bone identity is then unknown).", ""]
 
     md += _lesion_section(fig_dir, tables, settings, caption)
 

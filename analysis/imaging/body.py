@@ -96,6 +96,16 @@ def box_from_extent(lo: int, hi: int, size: int, *, margin: int, stride: int) ->
     The length is rounded up to a multiple of ``stride``, grown evenly on both sides and
     shifted back inside ``[0, size)`` where it would cross an edge. When ``size`` cannot
     hold that length the whole axis ``[0, size)`` is returned (the network pads it).
+
+    Examples:
+        ``[10, 20)`` grown by 2 is ``[8, 22)``, 14 long; rounded up to 16, one more on each side:
+
+        >>> box_from_extent(10, 20, 100, margin=2, stride=8)
+        slice(7, 23, None)
+        >>> box_from_extent(0, 5, 100, margin=2, stride=8)   # shifted back inside the axis
+        slice(0, 8, None)
+        >>> box_from_extent(10, 20, 12, margin=0, stride=16)  # 16 does not fit in 12
+        slice(0, 12, None)
     """
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
@@ -151,6 +161,15 @@ def body_box(ct: np.ndarray, *, threshold_hu: float = BODY_HU, margin_mm: Sequen
     Returns:
         ``(rows, cols)`` slices; the full image when there is no body or the image is
         smaller than the stride multiple the box needs.
+
+    Examples:
+        A body in rows 2-4 and cols 3-5, 1 mm margin, stride 2 (rows ``[1, 6)`` grows to
+        ``[1, 7)``, cols ``[2, 7)`` to ``[2, 8)``):
+
+        >>> ct = np.full((2, 8, 8), -1000.0)
+        >>> ct[:, 2:5, 3:6] = 40.0
+        >>> body_box(ct, margin_mm=(1.0, 1.0), spacing_xy=(1.0, 1.0), stride=2, pool=1)
+        (slice(1, 7, None), slice(2, 8, None))
     """
     mask = body_mask(ct, threshold_hu=threshold_hu, pool=pool)
     margins = _margins(margin_mm, spacing_xy)

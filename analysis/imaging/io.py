@@ -534,25 +534,3 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
-
-
-@contextlib.contextmanager
-def staged_files(folder: str | os.PathLike) -> Iterator[Path]:
-    """Write several files into ``folder`` all-or-nothing, without replacing the folder.
-
-    Files are written into a hidden staging folder inside ``folder`` and moved into place
-    (``os.replace``, atomic per file) only when the block succeeds; on an exception the
-    staging folder is removed. Use it where several runs add files to one shared folder
-    (shards of a prediction); :func:`atomic_directory` is for folders one run owns. A
-    staging folder left by a killed run is removed by the next run in the same folder.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(folder / "staging")
-    tmp = Path(tempfile.mkdtemp(prefix=f".staging.{_HOST}.{os.getpid()}.", suffix=".partial", dir=folder))
-    try:
-        yield tmp
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, folder / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

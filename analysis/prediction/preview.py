@@ -1,7 +1,7 @@
 """A one-look PNG of a prediction: bone-window MIPs with the lesions outlined and numbered.
 
 What a reader looks at before opening a viewer: a coronal and a sagittal maximum-intensity
-projection (MIP) of the CT in a bone window (level 500, width 2000 HU: -500..1500 HU),
+projection (MIP) of the CT in the bone window of :mod:`analysis.imaging.display` (-500..1500 HU),
 side by side at their physical aspect ratio, with each lesion's projection outlined in
 red and its ``lesion_id`` (as in ``lesions.csv``, :mod:`analysis.prediction.tables`) written in
 yellow at its projected centroid.
@@ -28,15 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.imaging.display import window
 from analysis.imaging.io import Geometry, atomic_file
 from analysis.imaging.orientation import Reorientation
 from analysis.lesions import lesion_instances
 
-__all__ = ["BONE_WINDOW", "write_preview", "preview_panels", "label_positions", "panel_layout",
+__all__ = ["write_preview", "preview_panels", "label_positions", "panel_layout",
            "radiological_axial", "PreviewPanels"]
 
-#: Bone window (level, width) in HU.
-BONE_WINDOW = (500.0, 2000.0)
 #: Colour of lesion outlines and numbers (pure red is absent from a grey CT, so tests find it).
 OUTLINE = (1.0, 0.0, 0.0)
 NUMBER = (1.0, 1.0, 0.0)
@@ -187,7 +186,6 @@ def write_preview(path: str | os.PathLike, ct: np.ndarray, mask: np.ndarray, geo
     from matplotlib import patheffects
 
     outline = [patheffects.withStroke(linewidth=2, foreground="black")]  # numbers stay legible on bone
-    level, width = BONE_WINDOW
     (fig_w, fig_h), rects = panel_layout(panels)
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=DPI, facecolor="black")
     try:
@@ -195,8 +193,7 @@ def write_preview(path: str | os.PathLike, ct: np.ndarray, mask: np.ndarray, geo
                  ("sagittal", panels.sagittal, panels.sagittal_mask, ("A", "P")))
         for rect, (key, img, lesion_mask, (left_mark, right_mark)) in zip(rects, views):
             ax = fig.add_axes(rect)
-            ax.imshow(img, cmap="gray", vmin=level - width / 2, vmax=level + width / 2, aspect="auto",
-                      interpolation="nearest")
+            ax.imshow(window(img), cmap="gray", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
             if lesion_mask.any():
                 ax.contour(lesion_mask.astype(np.float32), levels=[0.5], colors=[OUTLINE], linewidths=1.0)
             for lid, col, row in panels.labels[key]:

@@ -78,6 +78,13 @@ def quantise(prob: np.ndarray, threshold: float, *, above: np.ndarray | None = N
         ValueError: NaN or values outside [0, 1], a threshold outside [0, 1], or voxels
             at or above a threshold that no stored value reaches. At threshold 0 every stored
             value decodes to >= it, so the map cannot mark a voxel below it.
+
+    Examples:
+        ``0.3 * 255 = 76.5`` rounds to 76, which decodes to 0.298 < 0.3, so the voxel at the
+        threshold is stored as 77; ``0.299`` stays 76, below:
+
+        >>> quantise(np.array([0.0, 0.299, 0.3, 1.0]), 0.3).tolist()
+        [0, 76, 77, 255]
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold {threshold}: expected a value in [0, 1]")

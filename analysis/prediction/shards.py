@@ -26,6 +26,16 @@ def parse_shard(text: str | None) -> Shard | None:
 
     Raises:
         InputError: not of the form ``i/n`` with integers ``0 <= i < n``.
+
+    Examples:
+        >>> parse_shard("1/4")
+        (1, 4)
+        >>> parse_shard(None) is None
+        True
+        >>> parse_shard("4/4")
+        Traceback (most recent call last):
+        ...
+        analysis.errors.InputError: --shard 4/4: expected 0 <= i < n (i is 0-based), e.g. 0/4 .. 3/4
     """
     if text is None:
         return None
@@ -60,6 +70,14 @@ def shard_cases(cases: Sequence[str], shard: Shard | None) -> list[str]:
 
     Raises:
         InputError: an invalid shard (see :func:`check_shard`).
+
+    Examples:
+        >>> shard_cases(["c", "a", "d", "b", "e"], (0, 2))
+        ['a', 'c', 'e']
+        >>> shard_cases(["c", "a", "d", "b", "e"], (1, 2))
+        ['b', 'd']
+        >>> shard_cases(["b", "a"], (2, 3))
+        []
     """
     ordered = sorted(cases)
     if shard is None:

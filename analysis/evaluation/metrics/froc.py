@@ -83,6 +83,19 @@ def froc_case(probabilities: np.ndarray, gt_labels: np.ndarray, n_gt: int, *, fl
 
     Raises:
         ValueError: the shapes differ.
+
+    Examples:
+        Two candidates (voxels 0-1 scoring 0.9, voxel 3 scoring 0.3; voxel 5 is below the
+        floor); the first hits GT lesion 1, the second is a false positive, lesion 2 is missed:
+
+        >>> prob = np.array([[[0.9, 0.9, 0.0, 0.3, 0.0, 0.05]]])
+        >>> gt = np.array([[[1, 1, 0, 0, 0, 2]]])
+        >>> case = froc_case(prob, gt, 2)
+        >>> case.scores.tolist(), case.false_positive.tolist(), case.gt_best.tolist()
+        ([0.9, 0.3], [False, True], [0.9, -inf])
+        >>> curve = froc_curve([case])
+        >>> curve.thresholds.tolist(), curve.fp_per_case.tolist(), curve.sensitivity.tolist()
+        ([0.9, 0.3], [0.0, 1.0], [0.5, 0.5])
     """
     if probabilities.shape != gt_labels.shape:
         raise ValueError(f"probabilities shape {probabilities.shape} differs from GT shape {gt_labels.shape}")

@@ -148,7 +148,8 @@ def any_overlap(n_gt: int, n_pred: int, gt_ids: np.ndarray, pred_ids: np.ndarray
 
 
 def panoptic_matches(gt_voxels: np.ndarray, pred_voxels: np.ndarray, gt_ids: np.ndarray, pred_ids: np.ndarray,
-                     shared: np.ndarray, iou_threshold: float = PQ_IOU_THRESHOLD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     shared: np.ndarray, iou_threshold: float = PQ_IOU_THRESHOLD
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One-to-one matching at IoU >= ``iou_threshold`` (panoptica's naive threshold matcher).
 
     Candidate pairs are taken by decreasing IoU (ties: lower GT id, then lower predicted
@@ -186,7 +187,8 @@ def panoptic_matches(gt_voxels: np.ndarray, pred_voxels: np.ndarray, gt_ids: np.
     return gt_ids[keep_arr], pred_ids[keep_arr], dice
 
 
-def _dilated_touch(gt_labels: np.ndarray, lesion_id: int, box: tuple[slice, ...], pred_labels: np.ndarray) -> np.ndarray:
+def _dilated_touch(gt_labels: np.ndarray, lesion_id: int, box: tuple[slice, ...],
+                   pred_labels: np.ndarray) -> np.ndarray:
     """Predicted ids with a voxel in GT lesion ``lesion_id`` dilated once (18-neighbourhood)."""
     grown = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, gt_labels.shape))
     region = ndimage.binary_dilation(gt_labels[grown] == lesion_id, structure=BRATS_STRUCTURE)
