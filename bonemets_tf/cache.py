@@ -27,10 +27,11 @@ from typing import Sequence
 
 import numpy as np
 
+from analysis.cohort.case import read_case
 from analysis.cohort.layout import Cohort
 from analysis.errors import InputError
-from analysis.imaging.io import atomic_write_json, read_array, umask_mode
-from analysis.imaging.orientation import CANONICAL, Reorientation
+from analysis.imaging.io import atomic_write_json, umask_mode
+from analysis.imaging.orientation import CANONICAL
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ def ensure_cached(cohort: Cohort, cases: Sequence[str], cache_dir: str | os.Path
         One :class:`CachedCase` per case, in the order given.
 
     Raises:
-        InputError: missing or unreadable files, or an image and label whose geometry differs.
+        InputError: missing or unreadable files, or a label unlike its image or not 0/1
+            (:func:`analysis.cohort.case.read_case`).
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root = root.expanduser()
@@ -133,22 +135,12 @@ def ensure_cached(cohort: Cohort, cases: Sequence[str], cache_dir: str | os.Path
 
 
 def _build(cohort: Cohort, case: str, key: str, folder: Path) -> None:
-    ct, geometry = read_array(cohort.image_path(case))
-    mask, mask_geometry = read_array(cohort.label_path(case))
-    problem = geometry.mismatch(mask_geometry)
-    if problem:
-        raise InputError(f"{cohort.label_path(case)}: {problem} of its image")
-    bad = (mask != 0) & (mask != 1)
-    if bad.any():  # never binarise silently: a multi-label or probability mask is a user error
-        found = ", ".join(f"{v:g}" for v in np.unique(mask[bad])[:5])
-        raise InputError(f"{cohort.label_path(case)}: label values {{{found}}} found; expected only 0 and 1 "
-                         f"(a multi-label or probability mask? binarise it first)")
-    ct = np.clip(np.rint(ct), -32768, 32767).astype(np.int16) if ct.dtype != np.int16 else ct
     # the networks train (and predict, analysis.prediction.runner) on the canonical view: the same patient
     # stored LPS, RAS or as a DICOM series gives the same slices
-    reo = Reorientation.of(geometry)
-    ct = np.ascontiguousarray(reo.forward(ct))
-    mask = np.ascontiguousarray(reo.forward((mask > 0).astype(np.uint8)))
+    source = read_case(cohort, case, canonical=True)
+    ct, mask, spacing = source.image, source.label, source.geometry.spacing
+    del source  # the file's CT is freed once converted
+    ct = ct if ct.dtype == np.int16 else np.clip(np.rint(ct), -32768, 32767).astype(np.int16)
     positive = mask.reshape(mask.shape[0], -1).any(axis=1)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
     os.chmod(tmp, umask_mode(0o777))
@@ -159,7 +151,7 @@ def _build(cohort: Cohort, case: str, key: str, folder: Path) -> None:
             "version": CACHE_VERSION, "case": case, "key": key,
             "image": str(cohort.image_path(case).resolve()), "label": str(cohort.label_path(case).resolve()),
             "shape": list(ct.shape), "orientation": CANONICAL,
-            "spacing_xyz_mm": list(reo.canonical_geometry.spacing),
+            "spacing_xyz_mm": list(spacing),
             "positive_slices": [int(z) for z in np.flatnonzero(positive)],
         })
         try:

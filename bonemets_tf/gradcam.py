@@ -279,9 +279,8 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
                 heat[z] = maps
             spacing_zyx = reo.canonical_spacing_zyx
             aspect = spacing_zyx[1] / spacing_zyx[2]
-            n = volume.shape[0]
             for z in top:
-                stored = int(n - 1 - z) if reo.flip[2] else int(z)  # the file's own slice number
+                stored = int(reo.stored_slices(z))  # the file's own slice number
                 png = f"{case}_z{stored:04d}.png"
                 overlay_png(volume[z], heat[z], None if label is None else label[z], tmp / png, aspect=aspect,
                             title=f"{case} slice {stored}  p={probs[z]:.3f}  {run.arch} {method}")

@@ -2,10 +2,12 @@
 
 The paper trains nnU-Net in 2D. Each axial slice ``array[z]`` of a training patient's CT
 volume ``(slices, rows, cols)`` becomes one 2D NIfTI image ``(rows, cols)`` whose
-spacing is the CT's in-plane spacing ``(x, y)`` in mm, with case id
-``<patient>_<z:04d>``. Slices are written in the CT's array order, with no reorientation
-(identity direction, origin 0): prediction feeds nnU-Net the CT array in the same order
-and writes the result with the CT's own geometry, so masks align voxel for voxel.
+spacing is the in-plane spacing ``(x, y)`` in mm of the CT's canonical view, with case id
+``<patient>_<z:04d>``. Patients are read by :func:`analysis.cohort.case.read_case`, so the
+slices are those of the canonical view (LPS, :mod:`analysis.imaging.orientation`) that every
+model trains on, written as identity-direction images with origin 0: prediction feeds nnU-Net
+the canonical CT in the same order and writes the result back in the CT's own storage order
+and geometry, so masks align voxel for voxel.
 
 A 1-slice 3D NIfTI would not do: nnU-Net's planner mis-transposes it when its z spacing
 is not the largest (nnU-Net issue 2463); a true 2D image gets nnU-Net's 2D handling.
@@ -20,10 +22,10 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from analysis.cohort.case import read_case
 from analysis.cohort.layout import FILE_ENDING, Cohort
 from analysis.errors import InputError
-from analysis.imaging.io import Geometry, atomic_directory, atomic_write_json, read_array, write_image
-from analysis.imaging.orientation import Reorientation
+from analysis.imaging.io import Geometry, atomic_directory, atomic_write_json, write_image
 
 log = logging.getLogger(__name__)
 
@@ -38,28 +40,6 @@ def slice_image(array2d: np.ndarray, geometry: Geometry) -> sitk.Image:
     image = sitk.GetImageFromArray(np.ascontiguousarray(array2d))
     image.SetSpacing(tuple(geometry.spacing[:2]))
     return image
-
-
-def read_patient(cohort: Cohort, patient: str) -> tuple[np.ndarray, np.ndarray, Geometry]:
-    """Read a patient's CT and binary label, both ``(slices, rows, cols)`` in the canonical
-    orientation (LPS, :mod:`analysis.imaging.orientation`) the Keras models and every prediction use,
-    with the canonical view's geometry.
-
-    Raises:
-        InputError: unreadable files, a label whose geometry differs from its image, or
-            label values other than 0 and 1.
-    """
-    ct, geometry = read_array(cohort.image_path(patient))
-    label, label_geometry = read_array(cohort.label_path(patient))
-    problem = geometry.mismatch(label_geometry)
-    if problem:
-        raise InputError(f"{cohort.label_path(patient)}: {problem} of its image")
-    values = np.unique(label)
-    if not np.isin(values, (0, 1)).all():
-        raise InputError(f"{cohort.label_path(patient)}: label values {values.tolist()[:10]}, expected only 0 and 1")
-    reo = Reorientation.of(geometry)
-    return (np.ascontiguousarray(reo.forward(ct)), np.ascontiguousarray(reo.forward(label.astype(np.uint8))),
-            reo.canonical_geometry)
 
 
 def convert_patients(cohort: Cohort, patients: Sequence[str], raw_dataset: str | Path) -> dict[str, list[str]]:
@@ -79,7 +59,7 @@ def convert_patients(cohort: Cohort, patients: Sequence[str], raw_dataset: str |
         Slice case ids per patient, in slice order.
 
     Raises:
-        InputError: see :func:`read_patient`; no patients.
+        InputError: see :func:`analysis.cohort.case.read_case`; no patients.
     """
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
@@ -88,7 +68,8 @@ def convert_patients(cohort: Cohort, patients: Sequence[str], raw_dataset: str |
     slices: dict[str, list[str]] = {}
     with atomic_directory(raw_dataset, overwrite=True) as tmp:
         for patient in tqdm(patients, desc="nnU-Net conversion", unit="patient", leave=False):
-            ct, label, geometry = read_patient(cohort, patient)
+            source = read_case(cohort, patient, canonical=True)
+            ct, label, geometry = source.image, source.label, source.geometry
             ids = [slice_case_id(patient, z) for z in range(ct.shape[0])]
             for z, case in enumerate(ids):
                 write_image(slice_image(ct[z], geometry), tmp / "imagesTr" / f"{case}_0000{FILE_ENDING}")

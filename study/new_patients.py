@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.evaluation.metrics import overlap
 from analysis.imaging.io import read_array
 
 
@@ -19,12 +20,6 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return []
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a != 0, b != 0
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def new_patients_section(out: Path, figures: Path, table) -> list[str]:
@@ -51,10 +46,12 @@ def new_patients_section(out: Path, figures: Path, table) -> list[str]:
             truth = root / "inputs" / "truth" / f"{case}.nii.gz"  # the phantom's lesions, in the input's geometry
             dice = ""
             if truth.is_file() and (folder / f"{case}.nii.gz").is_file():
-                dice = f"{_dice(read_array(folder / f'{case}.nii.gz')[0], read_array(truth)[0]):.2f}"
+                # the project's Dice (analysis.evaluation.metrics.overlap): NaN, shown "-", when both are empty
+                value = overlap.dice(read_array(folder / f"{case}.nii.gz")[0], read_array(truth)[0])
+                dice = "-" if np.isnan(value) else f"{value:.2f}"
             seg = record.get("per_case", {}).get(case, {}).get("dicom_seg")
-            rows.append([folder.name, case, p["lesions"], f"{float(p['volume_ml']):.2f}", f"{float(p['largest_ml']):.2f}",
-                         p["weight_bearing"] or "-", p["diffuse"], dice,
+            rows.append([folder.name, case, p["lesions"], f"{float(p['volume_ml']):.2f}",
+                         f"{float(p['largest_ml']):.2f}", p["weight_bearing"] or "-", p["diffuse"], dice,
                          ("written, verified" if seg.get("written") else seg.get("reason", "-")) if seg else "-"])
             preview = folder / "preview" / f"{case}.png"
             if preview.is_file():

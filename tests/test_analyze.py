@@ -67,7 +67,7 @@ def write_probabilities(partial: np.ndarray, path: Path, as_uint8: bool) -> None
     0.2 candidate on the rib lesion it misses; uint8 with scl_slope 1/255 (nibabel) or float32."""
     import nibabel as nib
 
-    from analysis.evaluation.analyze import read_probabilities
+    from analysis.prediction.probabilities import read_probability
 
     probs = np.where(partial > 0, 204, 0)                       # 204/255 = 0.8
     probs[0, 14, 0] = 77                                        # 0.302
@@ -79,7 +79,7 @@ def write_probabilities(partial: np.ndarray, path: Path, as_uint8: bool) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, path)
     if not as_uint8:   # the same values as float32 (bit for bit, so both cases share operating points)
-        write_array(read_probabilities(path), GEO, path)
+        write_array(read_probability(path), GEO, path)
 
 
 def read(out: Path, name: str) -> list[dict[str, str]]:

@@ -132,7 +132,7 @@ def test_uint8_map_with_scl_slope_is_read_as_probabilities(tmp_path):
     """A uint8 NIfTI with scl_slope 1/255 written by nibabel reads (via SimpleITK) as values in [0, 1]."""
     import nibabel as nib
 
-    from analysis.evaluation.analyze import read_probabilities
+    from analysis.prediction.probabilities import read_probability
 
     zyx = np.zeros((3, 4, 5), np.uint8)
     zyx[1, 2, 3] = 255
@@ -142,7 +142,7 @@ def test_uint8_map_with_scl_slope_is_read_as_probabilities(tmp_path):
     img.header.set_slope_inter(1 / 255, 0)
     path = tmp_path / "case.nii.gz"
     nib.save(img, path)
-    probs = read_probabilities(path)
+    probs = read_probability(path)
     assert probs.dtype == np.float32 and probs.shape == (3, 4, 5)
     assert float(probs[1, 2, 3]) == pytest.approx(1.0, abs=1e-6) and float(probs.max()) <= 1.0
     assert float(probs[0, 0, 0]) == pytest.approx(0.2, abs=1e-6)
@@ -151,4 +151,4 @@ def test_uint8_map_with_scl_slope_is_read_as_probabilities(tmp_path):
     from analysis.errors import InputError
 
     with pytest.raises(InputError, match=r"raw\.nii\.gz: probabilities outside \[0, 1\]"):
-        read_probabilities(tmp_path / "raw.nii.gz")
+        read_probability(tmp_path / "raw.nii.gz")

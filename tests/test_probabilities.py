@@ -125,7 +125,7 @@ def test_read_probability_refuses_non_probabilities(tmp_path) -> None:
     write_mask(np.ones(SHAPE), _geometry(), path)
     assert read_probability(path).max() == 1.0
     sitk.WriteImage(sitk.GetImageFromArray(np.full(SHAPE, 7, np.int16)), str(tmp_path / "hu.nii.gz"))
-    with pytest.raises(InputError, match="hu.nii.gz: values range"):
+    with pytest.raises(InputError, match=r"hu\.nii\.gz: probabilities outside \[0, 1\] \(found 7 to 7\)"):
         read_probability(tmp_path / "hu.nii.gz")
 
 

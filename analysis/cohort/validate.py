@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from analysis.cohort.case import label_problems
 from analysis.cohort.layout import (
     FILE_ENDING,
     IMAGE_SUFFIX,
@@ -54,11 +55,13 @@ class ValidationReport:
 
     def table(self) -> str:
         """A plain-text summary table (one row per case, then totals)."""
-        head = f"{'case':<20} {'slices':>6} {'rows':>5} {'cols':>5} {'spacing x,y,z (mm)':>22} {'lesion voxels':>13} {'bones':>5}"
+        head = (f"{'case':<20} {'slices':>6} {'rows':>5} {'cols':>5} {'spacing x,y,z (mm)':>22} "
+                f"{'lesion voxels':>13} {'bones':>5}")
         lines = [head, "-" * len(head)]
         for c in self.cases:
             sp = ",".join(f"{s:.3g}" for s in c.spacing)
-            lines.append(f"{c.case:<20} {c.slices:>6} {c.rows:>5} {c.cols:>5} {sp:>22} {c.lesion_voxels:>13} {'yes' if c.has_bones else 'no':>5}")
+            lines.append(f"{c.case:<20} {c.slices:>6} {c.rows:>5} {c.cols:>5} {sp:>22} {c.lesion_voxels:>13} "
+                         f"{'yes' if c.has_bones else 'no':>5}")
         n_les = sum(1 for c in self.cases if c.lesion_voxels > 0)
         lines.append("-" * len(head))
         lines.append(f"{len(self.cases)} cases, {sum(c.slices for c in self.cases)} slices, "
@@ -70,8 +73,9 @@ def validate_dataset(dataset: str | os.PathLike) -> ValidationReport:
     """Check a cohort folder in the project's layout.
 
     Checks: dataset.json fields; every image has a label and vice versa; images are 3D
-    and scalar with finite HU; labels share their image's geometry (see
-    :meth:`analysis.imaging.io.Geometry.mismatch` for tolerances) and hold only 0/1; bone maps
+    and scalar with finite HU; labels share their image's geometry and hold only 0/1
+    (:func:`analysis.cohort.case.label_problems`, the rule every reader of a case applies;
+    here each case's problems are all listed and checking goes on); bone maps
     (optional) share the geometry and hold codes 0..7; splits.json (optional) names only
     known cases, with disjoint folds free of test cases.
 
@@ -174,15 +178,7 @@ def _check_case(cohort: Cohort, case: str, problems: list[str], warnings: list[s
         problems.append(str(exc))
         label = None
     if label is not None:
-        mismatch = geom.mismatch(lgeom)
-        if mismatch:
-            problems.append(f"{lab_path}: {mismatch} of its image")
-        values = np.unique(label)
-        extra = [v for v in values.tolist() if v not in (0, 1)]
-        if extra:
-            shown = ", ".join(f"{v:g}" for v in extra[:8])
-            problems.append(f"{lab_path}: label values {{{shown}}} found; expected only 0 and 1 "
-                            f"(a multi-label or probability mask? binarise it first)")
+        problems.extend(label_problems(lab_path, label, lgeom, geom))
         lesion_voxels = int(np.count_nonzero(label == 1))
         del label
 
@@ -196,7 +192,8 @@ def _check_case(cohort: Cohort, case: str, problems: list[str], warnings: list[s
                 problems.append(f"{bp}: {mismatch} of its image")
             bad = np.unique(bones[(bones < 0) | (bones > MAX_BONE_CODE) | (bones != np.round(bones))])
             if bad.size:
-                problems.append(f"{bp}: bone codes {bad[:8].tolist()} out of range; expected integers 0..{MAX_BONE_CODE}")
+                problems.append(f"{bp}: bone codes {bad[:8].tolist()} out of range; "
+                                f"expected integers 0..{MAX_BONE_CODE}")
         except InputError as exc:
             problems.append(str(exc))
     return CaseSummary(case=case, slices=geom.size[2], rows=geom.size[1], cols=geom.size[0],

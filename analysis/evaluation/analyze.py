@@ -87,16 +87,14 @@ from analysis.prediction.folder import (
     mask_path,
     read_slices_csv,
 )
+from analysis.prediction.probabilities import read_probability
 from analysis.records import csv_text, versions
 from analysis.resources import ANALYZE_BYTES_PER_VOXEL, require_memory, voxels
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AnalysisConfig", "run_analysis", "discover_models", "discover_probability_models", "read_slices_csv",
-           "read_probabilities", "CSV_COLUMNS"]
-
-#: Probabilities may exceed [0, 1] by this much (rounding of a stored scale), then are clipped.
-PROBABILITY_TOLERANCE = 1e-6
+           "CSV_COLUMNS"]
 
 #: Output files and their columns (other tools read these: do not rename).
 CSV_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -201,25 +199,6 @@ def discover_probability_models(predictions: Path, models: Sequence[str]) -> lis
         if folder.is_dir() and any(f.name.endswith(".nii.gz") and not f.name.startswith(".") for f in folder.iterdir()):
             found.append(model)
     return found
-
-
-def read_probabilities(path: Path) -> np.ndarray:
-    """Read a voxel probability map ``(slices, rows, cols)`` as float32 in [0, 1].
-
-    Integer files with a NIfTI ``scl_slope`` (e.g. uint8 with slope 1/255) are scaled by
-    SimpleITK on reading; values within :data:`PROBABILITY_TOLERANCE` outside [0, 1]
-    (rounding of a stored scale) are clipped.
-
-    Raises:
-        InputError: unreadable, non-finite, or values outside [0, 1].
-    """
-    array, _ = read_array(path)
-    array = array.astype(np.float32, copy=False)
-    if array.size and (float(array.min()) < -PROBABILITY_TOLERANCE or float(array.max()) > 1 + PROBABILITY_TOLERANCE):
-        raise InputError(f"{path}: probabilities outside [0, 1] (found {float(array.min()):g} to "
-                         f"{float(array.max()):g}); expected a probability map (store uint8 with scl_slope 1/255 "
-                         f"or float32)")
-    return np.clip(array, 0.0, 1.0, out=array)
 
 
 @dataclass
@@ -335,7 +314,7 @@ def _check_masks(inputs: _Inputs) -> None:
         for model in inputs.segmenters:
             _read_binary(inputs.predictions / model / f"{case}.nii.gz")
         for model in inputs.froc_models:
-            read_probabilities(inputs.probability_path(model, case))
+            read_probability(inputs.probability_path(model, case))
 
 
 # --- per-case analysis ------------------------------------------------------------------
@@ -474,7 +453,7 @@ def _analyse_case(case: str, inputs: _Inputs, config: AnalysisConfig, res: _Resu
                 res.roi_tasks.append(RoiTask((model, case, pid), c_ct, c_mask, spacing))
         del pred, pred_set
     for model in inputs.froc_models:
-        probs = read_probabilities(inputs.probability_path(model, case))
+        probs = read_probability(inputs.probability_path(model, case))
         res.froc.setdefault(model, []).append(froc_case(probs, gt_set.labels, gt_set.n, floor=config.froc_floor,
                                                         connectivity=config.connectivity))
         del probs

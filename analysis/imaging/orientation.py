@@ -30,6 +30,7 @@ between two of them) has no nearest axis order and is refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -175,6 +176,60 @@ class Reorientation:
             j = self.perm[p]
             out[..., p] = size[j] - 1 - native_xyz[..., j] if self.flip[p] else native_xyz[..., j]
         return out[..., ::-1]
+
+    def stored_slices(self, canonical: np.ndarray | Sequence[int] | int) -> np.ndarray:
+        """The stored file's slice numbers (axis 0 of its array) of canonical slices.
+
+        Only an axially stored image (``perm[2] == 2``: the file's slice axis is the
+        canonical one) shares its slices with the canonical view. Where the file's slice
+        index runs from head to feet (``flip[2]``, e.g. a NIfTI with a negative ``z``
+        direction), canonical slice ``k`` is stored slice ``slices - 1 - k``; otherwise
+        the numbers agree.
+
+        Args:
+            canonical: slice indices of the canonical view (any shape; an int gives a 0-d array).
+
+        Returns:
+            int64 stored slice indices, same shape.
+
+        Raises:
+            ValueError: the image is not stored axially, or an index is outside ``0 .. slices - 1``.
+
+        Examples:
+            >>> from analysis.imaging.io import Geometry
+            >>> head_to_feet = Geometry(size=(2, 2, 4), spacing=(1.0, 1.0, 2.5), origin=(0.0, 0.0, 0.0),
+            ...                         direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0))
+            >>> Reorientation.of(head_to_feet).stored_slices([0, 1, 3]).tolist()
+            [3, 2, 0]
+            >>> Reorientation.of(head_to_feet).canonical_slices(3).tolist()
+            0
+        """
+        return self._slice_map(canonical)
+
+    def canonical_slices(self, stored: np.ndarray | Sequence[int] | int) -> np.ndarray:
+        """The canonical view's slice indices of stored slice numbers (inverse of :meth:`stored_slices`).
+
+        Args:
+            stored: slice numbers of the stored file's array (any shape).
+
+        Returns:
+            int64 canonical slice indices, same shape.
+
+        Raises:
+            ValueError: as :meth:`stored_slices`.
+        """
+        return self._slice_map(stored)
+
+    def _slice_map(self, index: np.ndarray | Sequence[int] | int) -> np.ndarray:
+        # reversing the slice axis is its own inverse: one map serves both directions
+        if self.perm[2] != 2:
+            raise ValueError(f"stored axes (x, y, z) -> {self.perm}: axis 0 of the stored array is not the "
+                             f"axial slice axis, so its slices are not canonical slices")
+        n = self.native.size[2]
+        k = np.asarray(index, np.int64)
+        if k.size and (k.min() < 0 or k.max() >= n):
+            raise ValueError(f"slice index {k.min() if k.min() < 0 else k.max()} outside 0..{n - 1}")
+        return n - 1 - k if self.flip[2] else k
 
     @property
     def canonical_geometry(self) -> Geometry:

@@ -46,7 +46,8 @@ SLOPE = np.float32(1.0 / LEVELS)
 #: (3x slower); its uint8 mask is 20 KB and a float32 map 2.9 MB. Real network outputs,
 #: saturated near 0 over most of the body, compress far better than this random map.
 GZIP_LEVEL = 6
-#: Probabilities this far outside [0, 1] are clipped silently; further out is an error.
+#: Probabilities this far outside [0, 1] are clipped silently (by :func:`quantise` and
+#: :func:`read_probability`); further out is an error.
 RANGE_TOL = 1e-6
 
 
@@ -178,16 +179,25 @@ def write_stored(stored: np.ndarray, geometry: Geometry, path: str | os.PathLike
 
 
 def read_probability(path: str | os.PathLike) -> np.ndarray:
-    """Read a probability map as float32 ``(slices, rows, cols)`` (SimpleITK's decoding).
+    """Read a voxel probability map as float32 ``(slices, rows, cols)`` in [0, 1].
 
-    Any scalar image is accepted; a map written by :func:`write_probability` decodes to
-    ``float32(k * float32(1/255))``, i.e. ``k/255`` in float32.
+    The one reader of stored maps (``PRED/<model>/probabilities/<case>.nii.gz``; ``analyze``'s
+    FROC). Any scalar image is accepted: integers with a NIfTI ``scl_slope`` are scaled by
+    SimpleITK on reading, so a map written by :func:`write_probability` decodes to
+    ``float32(k * float32(1/255))``, i.e. ``k/255`` in float32, and float maps are taken as
+    they are. As for :func:`quantise`'s input, values within :data:`RANGE_TOL` outside [0, 1]
+    (rounding of a stored scale or of a float32 sigmoid) are probabilities and are clipped to
+    [0, 1]; values further out are refused. Valid maps are unchanged by the clipping, so
+    thresholding the result reproduces the written mask exactly.
 
     Raises:
-        InputError: unreadable file, or values outside [0, 1].
+        InputError: unreadable, non-finite, or values outside [0, 1] by more than :data:`RANGE_TOL`.
     """
     arr, _ = read_array(path)
     arr = arr.astype(np.float32, copy=False)
-    if arr.size and (arr.min() < -RANGE_TOL or arr.max() > 1 + RANGE_TOL):
-        raise InputError(f"{path}: values range [{arr.min():.6g}, {arr.max():.6g}]; expected probabilities in [0, 1]")
-    return arr
+    if arr.size:
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -RANGE_TOL or hi > 1 + RANGE_TOL:
+            raise InputError(f"{path}: probabilities outside [0, 1] (found {lo:g} to {hi:g}); expected a probability "
+                             f"map (uint8 with scl_slope 1/255, or float within {RANGE_TOL:g} of [0, 1])")
+    return np.clip(arr, 0.0, 1.0, out=arr)

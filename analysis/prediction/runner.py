@@ -300,7 +300,7 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
             raise InputError(f"{case.describe()}: stored with axis 0 not head-to-feet ({reo.perm}); slice detection "
                              f"needs axial slices along the file's third index")
         det_c = np.asarray(net.detect(np.ascontiguousarray(ct)), np.float32)
-        det_probs = det_c[::-1] if reo.flip[2] else det_c  # canonical slice order -> stored order
+        det_probs = det_c[reo.canonical_slices(np.arange(det_c.size))]  # stored slice s: canonical one's value
         part["slice_probabilities"] = [float(p) for p in det_probs]
     if net.segment is None:
         part["seconds_network"] = round(time.perf_counter() - t_net, 3)
@@ -333,8 +333,7 @@ def det_c_chosen(det_probs: np.ndarray | None, outputs: Outputs, reo: Reorientat
     if det_probs is None:
         return None
     stored = np.flatnonzero(det_probs >= outputs.detector_threshold)
-    n = det_probs.size
-    return np.sort(n - 1 - stored) if reo.flip[2] else stored
+    return np.sort(reo.canonical_slices(stored))
 
 
 def _case_lesions(case: InputCase, mask: np.ndarray, native: np.ndarray, geometry: Geometry, stored: np.ndarray,

@@ -111,7 +111,7 @@ def test_conversion_rejects_non_binary_labels(tmp_path):
     lab = np.zeros((6, 16, 20), np.uint8)
     lab[0, 0, 0] = 2
     write_array(lab, geom, Cohort(ds).label_path("case_001"))
-    with pytest.raises(InputError, match=r"case_001\.nii\.gz: label values \[0, 2\]"):
+    with pytest.raises(InputError, match=r"case_001\.nii\.gz: label values \{2\} found; expected only 0 and 1"):
         convert_patients(Cohort(ds), ["case_000", "case_001"], tmp_path / "raw" / DATASET_NAME)
     assert not (tmp_path / "raw" / DATASET_NAME).exists(), "no partial dataset may be left behind"
 
