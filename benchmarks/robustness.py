@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bonemets_tf.models.catalog import DETECT, SEGMENT  # noqa: E402  (no TensorFlow)
+from bonemets_tf.run import learned  # noqa: E402  (no TensorFlow)
 from study.demo import DEFAULT, DETECTORS, SEGMENTERS  # noqa: E402  (no TensorFlow)
 
 log = logging.getLogger("bonemets.robustness")
@@ -88,7 +90,7 @@ def settings(arch: str, seed: int, variant: str, dataset: Path, overrides: dict[
     from bonemets_tf.train import TrainConfig
 
     t = DEFAULT.train_budget(arch)
-    config = {"dataset": str(dataset), "task": "detect" if arch in DETECTORS else "segment", "arch": arch,
+    config = {"dataset": str(dataset), "task": DETECT if arch in DETECTORS else SEGMENT, "arch": arch,
               "fold": 0, "epochs": t.epochs, "steps_per_epoch": t.steps_per_epoch, "batch_size": t.batch_size,
               "image_size": t.image_size, "width": t.width, "lr": t.lr, "lr_schedule": t.lr_schedule,
               "positive_fraction": t.positive_fraction, "seed": seed, "run_eagerly": t.run_eagerly}
@@ -209,13 +211,11 @@ def result_path(out: Path, variant: str, arch: str, seed: int) -> Path:
 
 
 def collapsed(record: dict[str, Any]) -> bool:
-    """A run that ended without a usable model: the guard's failure, or a segmenter whose
-    validation Dice never rose above 0.01 / a detector whose validation AUC never above 0.55."""
+    """A run that ended without a usable model: the guard's failure, or a model that did not
+    learn by :func:`bonemets_tf.run.learned` (best validation Dice <= 0.05, AUC <= 0.55)."""
     if record.get("failure"):
         return True
-    best = record.get("best_val")
-    floor = 0.55 if record["arch"] in DETECTORS else 0.01
-    return best is None or best <= floor
+    return not learned(DETECT if record["arch"] in DETECTORS else SEGMENT, record.get("best_val"))
 
 
 def table(out: Path) -> str:

@@ -61,9 +61,6 @@ class Augmentation:
     hu_scale: float = 0.03
 
 
-NO_AUGMENTATION = Augmentation(flip=False, rotate_deg=0.0, scale=0.0, hu_offset=0.0, hu_scale=0.0)
-
-
 class SliceStore:
     """Readable slices of a set of cached cases, addressed by a global slice index.
 

@@ -177,35 +177,6 @@ def detect_volume(predictor: Predictor, volume: np.ndarray, batch_size: int) -> 
     return slice_probabilities(predictor, volume, np.arange(volume.shape[0]), batch_size)
 
 
-def segment_volume(predictor: Predictor, volume: np.ndarray, batch_size: int, threshold: float,
-                   slices: Sequence[int] | None = None, *, keep_probabilities: bool = False
-                   ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Binary lesion mask of ``volume`` ``(slices, rows, cols)`` HU.
-
-    Args:
-        predictor: a segmenter.
-        volume: CT in HU.
-        batch_size: slices per call.
-        threshold: probability at or above which a pixel is lesion.
-        slices: centre slices to segment (None: all); the others stay 0.
-        keep_probabilities: also return the probability volume (0 on slices not segmented).
-
-    Returns:
-        uint8 0/1 mask, same shape as ``volume``; with ``keep_probabilities``,
-        ``(mask, probabilities)`` with float32 probabilities.
-    """
-    mask = np.zeros(volume.shape, np.uint8)
-    prob = np.zeros(volume.shape, np.float32) if keep_probabilities else None
-    todo = np.arange(volume.shape[0]) if slices is None else np.asarray(sorted(slices), np.int64)
-    for start in range(0, len(todo), batch_size):
-        z = todo[start:start + batch_size]
-        p = predictor(context_batch(volume, z, predictor.run.context))
-        mask[z] = p >= threshold
-        if prob is not None:
-            prob[z] = p
-    return (mask, prob) if keep_probabilities else mask
-
-
 # --- memory ---------------------------------------------------------------------------
 
 

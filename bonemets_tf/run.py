@@ -25,6 +25,11 @@ CONFIG_ASSET = "bonemets_config.json"
 #: Validation score of each threshold and the chosen one (:mod:`bonemets_tf.calibrate`).
 CALIBRATION_FILE = "calibration.json"
 HISTORY_FILE = "history.csv"
+#: Resumable training state: ``state.json`` (:data:`STATE_FILE`) and weight files (:mod:`bonemets_tf.checkpoint`).
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "state.json"
+#: TensorBoard logs (when the tensorboard package is installed).
+LOGS_DIR = "logs"
 #: What a model that predicts nothing (or one constant output) scores on validation: pooled
 #: Dice 0 on validation slices with lesion (segmenters), slice AUC 0.5 (detectors).
 EMPTY_LEVEL = {SEGMENT: 0.0, DETECT: 0.5}
@@ -35,6 +40,20 @@ EMPTY_MARGIN = {SEGMENT: 0.01, DETECT: 0.02}
 #: ``2 pi / (1 + pi)`` for a lesion-pixel share ``pi``, 0.01-0.02 on the phantoms; a model
 #: trained with ``--lr 1000`` reached validation Dice 0.017 calling a third of all pixels lesion.
 LEARNED_MARGIN = {SEGMENT: 0.05, DETECT: 0.05}
+
+
+def learned(task: str, best_value: float | None) -> bool:
+    """Whether a model *learned*: its best validation value (Dice for segmenters, AUC for
+    detectors) exceeds :data:`EMPTY_LEVEL` by more than :data:`LEARNED_MARGIN`.
+
+    Args:
+        task: ``"detect"`` or ``"segment"``.
+        best_value: the best validation value, or None when none was recorded.
+
+    Returns:
+        False for None (nothing recorded) and for values at or below ``EMPTY_LEVEL + LEARNED_MARGIN``.
+    """
+    return best_value is not None and best_value > EMPTY_LEVEL[task] + LEARNED_MARGIN[task]
 
 
 @dataclass(frozen=True)
@@ -187,10 +206,9 @@ def training_status(run: RunInfo) -> dict[str, Any]:
     Reads ``config.json`` (the collapse guard's ``"guard"`` record, when train wrote one),
     ``history.csv`` (the validation monitor: ``val_dice`` for segmenters, ``val_auc`` for
     detectors) and, when there is no history, ``calibration.json``. A model *did not learn*
-    when its best validation value never rose above :data:`EMPTY_LEVEL` +
-    :data:`LEARNED_MARGIN` (the score of an empty or constant prediction), or when the guard
-    recorded the outcome ``"failed"`` (:data:`EMPTY_LEVEL` + :data:`LEARNED_MARGIN`: validation
-    Dice <= 0.05, AUC <= 0.55).
+    when :func:`learned` says so of its best validation value (validation Dice <= 0.05,
+    AUC <= 0.55: the score of an empty or constant prediction), or when the guard recorded
+    the outcome ``"failed"``.
 
     Args:
         run: the RUN (:func:`read_run`).
@@ -203,7 +221,7 @@ def training_status(run: RunInfo) -> dict[str, Any]:
     task = run.task
     guard = run.config.get("guard") if isinstance(run.config.get("guard"), dict) else {}
     events = guard.get("events") if isinstance(guard.get("events"), list) else []
-    level, margin = EMPTY_LEVEL[task], LEARNED_MARGIN[task]
+    level = EMPTY_LEVEL[task]
     monitor = "val_auc" if task == DETECT else "val_dice"
     best, source = _best_history_value(run.path / HISTORY_FILE, monitor), HISTORY_FILE
     if best is None:
@@ -215,7 +233,7 @@ def training_status(run: RunInfo) -> dict[str, Any]:
         status.update(learned=False, reason=f"training failed: the collapse guard gave up after {len(events)} event(s)")
     elif best is None:
         status["reason"] = f"no validation {name} recorded in {HISTORY_FILE} or {CALIBRATION_FILE}"
-    elif best > level + margin:
+    elif learned(task, best):
         recovered = f" after {len(events)} collapse guard event(s)" if events else ""
         status.update(learned=True, reason=f"best validation {name} {best:.3f} > empty-prediction level "
                                            f"{level:g}{recovered}")

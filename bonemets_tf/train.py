@@ -1,6 +1,6 @@
 """Training of a registered model on a cohort, writing a resumable RUN folder.
 
-RUN layout (read by ``predict``/``gradcam``/``export``)::
+RUN layout (read by ``predict``/``gradcam``/``export``; the names are :mod:`bonemets_tf.run`'s)::
 
     RUN/config.json        every setting (TrainConfig), the split used (case lists),
                            dataset path + fingerprint, resolved runtime (jit, strategy,
@@ -26,65 +26,44 @@ initialised to the lesion-pixel prior of the training crops (``prior_bias``; Lin
 RetinaNet, sec. 4.1), a linear learning-rate warm-up (``warmup_steps``) and global-norm
 gradient clipping (``clip_norm``). Measured effects are in BENCHMARKS.md, "Training robustness".
 
-Collapse guard (``guard``, on by default). At each epoch end an epoch is *collapsed* when the
-model's calls on that epoch's training batches *became* constant (share of outputs >= 0.5, the
-``pos_frac`` metric, <= 1e-6 or >= 1 - 1e-6, after an earlier epoch where they were not: a
-segmenter started at the lesion prior calls nothing at first), or when validation has fallen
-back to its empty-prediction level (:data:`EMPTY_LEVEL` + :data:`EMPTY_MARGIN`) for
-:data:`GUARD_PATIENCE` epochs in a row after a good epoch. A model whose validation has not yet
-left that level is left alone: EfficientNet-B0 at the demo budget read validation AUC 0.486 and
-0.502 in its first two epochs while its training AUC rose, and restoring its initial weights
-there (the first version of this rule) only threw away half of its four epochs. Then train restores the weights and optimizer state
-of the last *good* epoch (not collapsed, validation above that level; the initial weights
-when there is none), multiplies the learning-rate curve by :data:`GUARD_LR_FACTOR` and goes on
-with the next epoch (the data stream continues, it is not replayed). Each event is a row of
-``config.json["guard"]["events"]`` (``epoch``, ``reason``, ``restored_epoch``, ``lr_scale``)
-and the ``guard_event``/``lr_scale`` columns of ``history.csv``. After
-:data:`GUARD_MAX_EVENTS` events, or when the guard acted and training still ends with validation
-never more than :data:`~bonemets_tf.run.LEARNED_MARGIN` above the empty level (Dice 0.05, AUC
-0.55), train raises :class:`TrainingFailed` (one line, exit code 3 from the CLI) and removes
-``model.keras``, so no model that predicts nothing is left to ``predict``;
-``config.json["guard"]["outcome"]`` is ``"ok"``, ``"recovered"`` or ``"failed"``. A run too
-short for the guard to act (one epoch: the patience is two) ends normally;
-:func:`bonemets_tf.run.training_status` then says whether it learned.
-
-Each epoch end writes the weights file, then (if improved) ``best-NNNN.keras``, then
-commits ``state.json`` atomically, then moves the best model to ``model.keras`` and
-rewrites ``history.csv``. A process killed at any point (even SIGKILL) leaves a state
-from which ``resume=True`` continues after the last committed epoch, with history and
-best model consistent; the input pipeline continues its random stream (see
-:mod:`bonemets_tf.data`) instead of replaying it.
+The collapse guard (``guard``, on by default) restores the last good epoch at a lower learning
+rate when a model's calls become constant, and raises :class:`TrainingFailed` when it cannot get
+one that learned: the rule and its record are in :mod:`bonemets_tf.guard`. The checkpoint
+protocol that makes a killed run resumable (``resume=True``) is in :mod:`bonemets_tf.checkpoint`;
+strategies, ``TF_CONFIG`` and the workers of a multi-worker run in :mod:`bonemets_tf.distribute`.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import importlib.util
-import io
-import json
 import logging
 import math
 import os
 import shutil
 import sys
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from analysis.cohort.layout import Cohort, fold_cases
 from analysis.errors import InputError
-from analysis.imaging.io import atomic_write_json, atomic_write_text, check_output_folder, read_json
+from analysis.imaging.io import atomic_write_json, check_output_folder, read_json
 from analysis.imaging.orientation import CANONICAL
+from bonemets_tf import cache
+from bonemets_tf.cache import CachedCase
+from bonemets_tf.checkpoint import RunCheckpoint, RunState
+from bonemets_tf.distribute import (STRATEGIES, is_chief, keras_multiworker_fixes, make_strategy, num_workers,
+                                    strategy_name, worker_index, worker_scratch)
+from bonemets_tf.guard import GUARD_MAX_EVENTS, CollapseGuard, write_guard
 from bonemets_tf.models.catalog import CATALOG, DETECT
-from bonemets_tf.run import CALIBRATION_FILE, EMPTY_LEVEL, EMPTY_MARGIN, LEARNED_MARGIN, MODEL_FILE
+from bonemets_tf.run import (CALIBRATION_FILE, CONFIG_FILE, EMPTY_LEVEL, HISTORY_FILE, LEARNED_MARGIN, LOGS_DIR,
+                             MODEL_FILE, learned)
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-STRATEGIES = ("auto", "mirrored", "multiworker")
 
 #: Settings that must match when resuming a run (the others, e.g. epochs, may change).
 RESUME_MUST_MATCH = ("dataset", "task", "arch", "fold", "batch_size", "steps_per_epoch", "image_size",
@@ -92,14 +71,6 @@ RESUME_MUST_MATCH = ("dataset", "task", "arch", "fold", "batch_size", "steps_per
                      "lr_schedule", "warmup_steps", "clip_norm", "logit_loss", "batch_dice")
 LR_SCHEDULES = ("constant", "cosine")
 
-#: A training epoch whose share of positive calls is within this of 0 or 1 is constant.
-CONSTANT_EPS = 1e-6
-#: Epochs in a row at the empty level before the guard acts.
-GUARD_PATIENCE = 2
-#: Factor on the learning rate at each guard event.
-GUARD_LR_FACTOR = 0.5
-#: Guard events after which training fails.
-GUARD_MAX_EVENTS = 3
 #: Lesion-pixel prior bounds for the segmenters' initial logit bias.
 PRIOR_RANGE = (1e-4, 0.5)
 
@@ -202,8 +173,39 @@ class TrainConfig:
             return self.warmup_steps
         return min(self.steps_per_epoch, max(1, self.epochs * self.steps_per_epoch // 10))
 
+    def get_config(self) -> dict[str, Any]:
+        """Every setting by field name (JSON-ready): ``config.json["settings"]`` with the
+        dataset as given (train writes it resolved)."""
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], *, source: str = "settings") -> TrainConfig:
+        """The inverse of :meth:`get_config`.
+
+        Args:
+            config: every field of :class:`TrainConfig` by name, and no other key.
+            source: what ``config`` is, for error messages (e.g. the file it was read from).
+
+        Raises:
+            InputError: ``config`` is not a dict, lacks a field or has a key that is no field
+                (e.g. settings written by another version of ``train``).
+        """
+        if not isinstance(config, dict):
+            raise InputError(f"{source}: expected an object of training settings, got {type(config).__name__}")
+        names = {f.name for f in fields(cls)}
+        missing, unknown = sorted(names - set(config)), sorted(set(config) - names)
+        if missing or unknown:
+            detail = [f"{what} {', '.join(keys)}" for what, keys in (("lack", missing), ("have unknown", unknown)) if keys]
+            raise InputError(f"{source}: {' and '.join(detail)}; expected the settings written by this version of `train`")
+        return cls(**config)
+
     def check(self) -> None:
         """Raise :class:`InputError` for inconsistent or out-of-range settings."""
+        self._check_model()
+        self._check_training()
+
+    def _check_model(self) -> None:
+        """The arch and its task, its BatchNormalization momentum, the counts and sizes."""
         if self.arch not in CATALOG:
             raise InputError(f"--arch {self.arch!r}: unknown model; expected one of {', '.join(CATALOG)}")
         if CATALOG[self.arch].task != self.task:
@@ -217,6 +219,9 @@ class TrainConfig:
         if self.image_size < 32 or (self.task != DETECT and self.image_size % stride):
             raise InputError(f"--image-size {self.image_size}: expected >= 32 and, for segmenters, "
                              f"a multiple of {stride}")
+
+    def _check_training(self) -> None:
+        """The sampling, runtime and optimizer settings."""
         if not 0.0 <= self.positive_fraction <= 1.0:
             raise InputError(f"positive_fraction {self.positive_fraction}: expected a value in [0, 1]")
         if self.precision not in PRECISIONS:
@@ -264,31 +269,20 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
     if chief:  # other workers never touch RUN (with a shared RUN path, the chief may already be writing it)
         check_output_folder(out, overwrite=resume or overwrite, what="run folder",
                             hint="pass --resume to continue it or --overwrite to replace it")
-
-    import tensorflow as tf  # heavy: only when training
-
-    strategy = _make_strategy(config.strategy, tf)  # first TF call (multi-worker needs that)
-    cohort = Cohort(config.dataset)
-    cohort.require_exists()
-    splits = cohort.splits()
-    if splits is None:
-        log.warning("%s has no splits.json: every case trains and validates (no test set)", cohort.root)
-    train_cases, val_cases = fold_cases(splits, config.fold, cohort.cases())
-    if not train_cases or not val_cases:
-        raise InputError(f"{cohort.root}: fold {config.fold} has no training or no validation cases")
-
-    from bonemets_tf import cache, data
-
+    strategy = make_strategy(config.strategy)  # the first TF call (multi-worker needs that)
+    cohort, splits, train_cases, val_cases = _fold(config)
     cached_train = cache.ensure_cached(cohort, train_cases, cache_dir)
     cached_val = cache.ensure_cached(cohort, val_cases, cache_dir)
-    record = _record(config, splits, train_cases, val_cases, cached_train + cached_val, strategy, tf)
-
+    record = _record(config, splits=splits, train_cases=train_cases, val_cases=val_cases,
+                     cached=cached_train + cached_val, strategy=strategy)
     run = out if chief else worker_scratch(out, resume=resume)
     try:
         if chief:
             _prepare_run(run, record, resume=resume, overwrite=overwrite)
+        job = _Job(config=config, run=run, record=record, train_cases=cached_train, val_cases=cached_val,
+                   strategy=strategy)
         with _precision(config.precision):
-            trained = _fit(config, run, record, cached_train, cached_val, strategy, tf, data)  # every worker trains
+            trained = _fit(job)  # every worker trains
         if chief and (trained or not (run / CALIBRATION_FILE).is_file()):
             from bonemets_tf.calibrate import calibrate_run
 
@@ -299,110 +293,242 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
             shutil.rmtree(run, ignore_errors=True)
 
 
-def _fit(config, run, record, cached_train, cached_val, strategy, tf, data) -> bool:
-    """Train up to ``config.epochs``; False when the run had already got there.
+def _fold(config: TrainConfig) -> tuple[Cohort, dict[str, Any] | None, list[str], list[str]]:
+    """The cohort, its ``splits.json`` (None: none) and the training and validation cases of ``config.fold``."""
+    cohort = Cohort(config.dataset)
+    cohort.require_exists()
+    splits = cohort.splits()
+    if splits is None:
+        log.warning("%s has no splits.json: every case trains and validates (no test set)", cohort.root)
+    train_cases, val_cases = fold_cases(splits, config.fold, cohort.cases())
+    if not train_cases or not val_cases:
+        raise InputError(f"{cohort.root}: fold {config.fold} has no training or no validation cases")
+    return cohort, splits, train_cases, val_cases
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every worker fits.
+
+    Attributes:
+        config: the settings.
+        run: RUN folder (a scratch folder on a non-chief worker).
+        record: the run's ``config.json`` content (``runtime.jit_compile`` is read when compiling).
+        train_cases: cached training cases.
+        val_cases: cached validation cases.
+        strategy: the tf.distribute strategy (:func:`bonemets_tf.distribute.make_strategy`).
+    """
+
+    config: TrainConfig
+    run: Path
+    record: dict[str, Any]
+    train_cases: list[CachedCase]
+    val_cases: list[CachedCase]
+    strategy: Any
+
+
+def _fit(job: _Job) -> bool:
+    """Train up to ``job.config.epochs``; False when the run had already got there.
 
     Raises:
-        TrainingFailed: the collapse guard gave up (module docstring).
+        InputError: a batch size that the replicas cannot share.
+        TrainingFailed: the collapse guard gave up (:mod:`bonemets_tf.guard`).
     """
     import keras
+    import tensorflow as tf
 
-    from bonemets_tf.models.registry import build_model
-
+    config = job.config
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    state = RunState.load(run)
+    state = RunState.load(job.run)
     if state.epoch >= config.epochs:
-        log.info("%s: already trained for %d epochs; nothing to do", run, state.epoch)
+        log.info("%s: already trained for %d epochs; nothing to do", job.run, state.epoch)
         return False
-    workers = _num_workers(strategy)
-    if config.batch_size % (strategy.num_replicas_in_sync) != 0:
-        raise InputError(f"--batch-size {config.batch_size}: must be a multiple of the "
-                         f"{strategy.num_replicas_in_sync} replicas")
-    # tf.distribute splits each batch of every worker's pipeline into num_replicas_in_sync
-    # pieces and a worker takes its replicas' share per step: every pipeline yields global
-    # batches, and a worker consumes batch_size / workers of its stream per step.
-    worker_share = config.batch_size // workers
-    sampling = data.Sampling(config.task, image_size=config.image_size,
-                             positive_fraction=config.positive_fraction, lesion_crop_p=config.lesion_crop_p)
-    train_store = data.SliceStore(cached_train, context=config.context)
-    val_store = data.SliceStore(cached_val, context=config.context)
-
-    def train_ds():  # continues the stream after the last completed epoch (resume, guard restart)
-        return data.training_dataset(train_store, sampling, batch_size=config.batch_size, seed=config.seed,
-                                     stream=_worker_index(strategy),
-                                     start=state.epoch * config.steps_per_epoch * worker_share)
-
-    val_ds = data.validation_dataset(val_store, config.task, batch_size=config.batch_size,
-                                     image_size=config.image_size, max_slices=config.val_max_slices)
-    with strategy.scope():
-        model = build_model(config.arch, context=config.context, width=config.width,
-                            image_size=config.image_size, weights=config.weights)
-        if config.bn_momentum is not None:
-            for layer in model.layers:
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.momentum = config.bn_momentum
-        if state.epoch == 0 and config.prior_bias and config.task != DETECT and config.weights is None:
-            _set_prior_bias(model, _lesion_prior(data.training_dataset(
-                train_store, sampling, batch_size=config.batch_size, seed=config.seed, stream=_worker_index(strategy))))
-        trainer = _training_view(model, config.task) if config.logit_loss else model
-        _compile(trainer, config, record, state.lr_scale)
-        if state.epoch > 0:
-            state.restore(trainer)
-            if config.guard and state.pending_event is not None:  # killed between an event and its restore
-                state.restore_good(trainer)
-                state.pending_event = None
-    _record_params(run, model)
+    replicas = job.strategy.num_replicas_in_sync
+    if config.batch_size % replicas != 0:
+        raise InputError(f"--batch-size {config.batch_size}: must be a multiple of the {replicas} replicas")
+    stream, val_ds = _pipelines(job)
+    with job.strategy.scope():
+        model, trainer = _build(job, state, stream)
+    _record_params(job.run, model)
     monitor = "val_auc" if config.task == DETECT else "val_dice"
     guard = CollapseGuard(config.task, monitor) if config.guard else None
     if guard is not None and state.epoch == 0:
         state.save_good(trainer, 0)
     log.info("training %s (%s) for epochs %d..%d, %d steps of %d", config.arch, config.task,
              state.epoch + 1, config.epochs, config.steps_per_epoch, config.batch_size)
-    while True:
-        callbacks = [RunCheckpoint(run, state, monitor, model=model, guard=guard)]
+    fitting = _Fitting(job=job, state=state, model=model, trainer=trainer, guard=guard, monitor=monitor,
+                       stream=stream, val_ds=val_ds)
+    fitting.fit_epochs()
+    if guard is not None:
+        fitting.judge()
+    return True
+
+
+def _pipelines(job: _Job) -> tuple[Callable[..., Any], Any]:
+    """This worker's training stream (a function of the index of its first element) and the
+    validation dataset."""
+    from bonemets_tf import data
+
+    config = job.config
+    sampling = data.Sampling(config.task, image_size=config.image_size,
+                             positive_fraction=config.positive_fraction, lesion_crop_p=config.lesion_crop_p)
+    train_store = data.SliceStore(job.train_cases, context=config.context)
+    val_store = data.SliceStore(job.val_cases, context=config.context)
+
+    def stream(start: int = 0):
+        return data.training_dataset(train_store, sampling, batch_size=config.batch_size, seed=config.seed,
+                                     stream=worker_index(job.strategy), start=start)
+
+    val_ds = data.validation_dataset(val_store, config.task, batch_size=config.batch_size,
+                                     image_size=config.image_size, max_slices=config.val_max_slices)
+    return stream, val_ds
+
+
+def _build(job: _Job, state: RunState, stream: Callable[..., Any]) -> tuple[Any, Any]:
+    """The model (probability output, saved as ``model.keras``) and what Keras fits (its logit
+    view with ``logit_loss``, else the model), compiled and, on resume, restored. Call it in
+    the strategy's scope."""
+    import keras
+
+    from bonemets_tf.models.registry import build_model
+
+    config = job.config
+    model = build_model(config.arch, context=config.context, width=config.width,
+                        image_size=config.image_size, weights=config.weights)
+    if config.bn_momentum is not None:
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = config.bn_momentum
+    if state.epoch == 0 and config.prior_bias and config.task != DETECT and config.weights is None:
+        _set_prior_bias(model, _lesion_prior(stream()))
+    trainer = _training_view(model, config.task) if config.logit_loss else model
+    _compile(trainer, config, job.record, state.lr_scale)
+    if state.epoch > 0:
+        state.restore(trainer)
+        if config.guard and state.pending_event is not None:  # killed between an event and its restore
+            state.restore_good(trainer)
+            state.pending_event = None
+    return model, trainer
+
+
+@dataclass(frozen=True)
+class _Fitting:
+    """One worker fitting a job: its models, progress, guard and pipelines.
+
+    Attributes:
+        job: what is fitted.
+        state: the run's progress (updated in place by :class:`RunCheckpoint`).
+        model: the probability model (``model.keras``).
+        trainer: the Keras model that is fitted (``model`` or its logit view).
+        guard: the collapse guard (None: off).
+        monitor: validation log key of the best model (``val_dice``/``val_auc``).
+        stream: this worker's training stream from an element index (see :func:`_pipelines`).
+        val_ds: the validation dataset.
+    """
+
+    job: _Job
+    state: RunState
+    model: Any
+    trainer: Any
+    guard: CollapseGuard | None
+    monitor: str
+    stream: Callable[..., Any]
+    val_ds: Any
+
+    def fit_epochs(self) -> None:
+        """Fit up to ``epochs``; after each guard event restore the last good epoch and go on.
+
+        Raises:
+            TrainingFailed: more than :data:`~bonemets_tf.guard.GUARD_MAX_EVENTS` events.
+        """
+        while True:
+            self._fit_once()
+            event = self.state.pending_event
+            if self.guard is None or event is None or not self._restart(event):
+                return
+
+    def _fit_once(self) -> None:
+        """One ``fit`` from the last completed epoch (a guard event stops it early)."""
+        import keras
+
+        config, run, state = self.job.config, self.job.run, self.state
+        callbacks = [RunCheckpoint(run, state, self.monitor, model=self.model, guard=self.guard)]
         if importlib.util.find_spec("tensorboard") is not None:
-            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run / "logs"), write_graph=False,
+            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run / LOGS_DIR), write_graph=False,
                                                          profile_batch=0))
-        ds = train_ds()
-        with _keras_multiworker_fixes(trainer, ds) if workers > 1 else contextlib.nullcontext():
-            trainer.fit(ds, epochs=config.epochs, initial_epoch=state.epoch, steps_per_epoch=config.steps_per_epoch,
-                        validation_data=val_ds, callbacks=callbacks, shuffle=False,
-                        verbose=1 if sys.stdout.isatty() else 2)
-        event = state.pending_event
-        if guard is None or event is None:
-            break
+        # tf.distribute splits each batch of every worker's pipeline into num_replicas_in_sync
+        # pieces and a worker takes its replicas' share per step: every pipeline yields global
+        # batches, and a worker consumes batch_size / workers of its stream per step. The
+        # stream continues after the last completed epoch (resume, guard restart).
+        workers = num_workers(self.job.strategy)
+        ds = self.stream(state.epoch * config.steps_per_epoch * (config.batch_size // workers))
+        with keras_multiworker_fixes(self.trainer, ds) if workers > 1 else contextlib.nullcontext():
+            self.trainer.fit(ds, epochs=config.epochs, initial_epoch=state.epoch,
+                             steps_per_epoch=config.steps_per_epoch, validation_data=self.val_ds,
+                             callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+
+    def _restart(self, event: dict[str, Any]) -> bool:
+        """Handle a guard event: restore the last good epoch at the lower rate; False when
+        training is over (the event was in the last epoch)."""
+        config, run, state = self.job.config, self.job.run, self.state
         if len(state.guard_events) > GUARD_MAX_EVENTS:
             _fail(run, state, config, f"{len(state.guard_events)} collapses (last: {event['reason']}), "
                                       f"learning rate down to x{state.lr_scale:g}")
         state.pending_event = None
         if state.epoch >= config.epochs:
             state.commit()
-            break
-        with strategy.scope():  # restore the last good epoch and go on at a lower rate
-            _compile(trainer, config, record, state.lr_scale)
-            state.restore_good(trainer)
-            trainer.optimizer.iterations.assign(state.epoch * config.steps_per_epoch)
+            return False
+        with self.job.strategy.scope():
+            _compile(self.trainer, config, self.job.record, state.lr_scale)
+            state.restore_good(self.trainer)
+            self.trainer.optimizer.iterations.assign(state.epoch * config.steps_per_epoch)
         state.commit()
         log.warning("%s epoch %d: %s; restored epoch %d, learning rate x%g", config.arch, event["epoch"],
                     event["reason"], event["restored_epoch"], event["lr_scale"])
-    if guard is not None:
-        learned = state.best is not None and state.best > EMPTY_LEVEL[config.task] + LEARNED_MARGIN[config.task]
-        if state.guard_events and not learned:  # the guard acted and could not get it going
+        return True
+
+    def judge(self) -> None:
+        """Record the guard's outcome; fail a run where the guard acted and the model did not learn.
+
+        Raises:
+            TrainingFailed: the guard acted and the best validation value is not above the
+                empty-prediction level (:func:`bonemets_tf.run.learned`).
+        """
+        config, run, state = self.job.config, self.job.run, self.state
+        ok = learned(config.task, state.best)
+        if state.guard_events and not ok:
             best = "none" if state.best is None else f"{state.best:.4f}"
-            _fail(run, state, config, f"validation {monitor[4:]} never rose above its empty-prediction level "
+            _fail(run, state, config, f"validation {self.monitor[4:]} never rose above its empty-prediction level "
                                       f"{EMPTY_LEVEL[config.task]:g} (best {best})")
-        _write_guard(run, state, "recovered" if state.guard_events else "ok")
-        if not learned:
+        write_guard(run, state.guard_events, state.lr_scale, "recovered" if state.guard_events else "ok")
+        if not ok:
             log.warning("%s did not learn: best %s %s, not above its empty-prediction level %g + %g "
-                        "(too short for the collapse guard to act)", config.arch, monitor, state.best,
+                        "(too short for the collapse guard to act)", config.arch, self.monitor, state.best,
                         EMPTY_LEVEL[config.task], LEARNED_MARGIN[config.task])
-    return True
+
+
+def _fail(run: Path, state: RunState, config: TrainConfig, why: str) -> None:
+    """Record the failure, remove ``model.keras`` and raise :class:`TrainingFailed`."""
+    write_guard(run, state.guard_events, state.lr_scale, "failed")
+    (run / MODEL_FILE).unlink(missing_ok=True)
+    raise TrainingFailed(f"train {config.arch}: did not learn: {why}; {run / MODEL_FILE} removed "
+                         f"(history in {run / HISTORY_FILE}; try a lower --lr)")
 
 
 def _compile(trainer, config: TrainConfig, record: dict[str, Any], lr_scale: float) -> None:
     """Compile ``trainer`` with this run's loss, metrics and optimizer (rate times ``lr_scale``)."""
+    import keras
+
+    clip = {"global_clipnorm": config.clip_norm} if config.clip_norm is not None else {}
+    loss, metrics = _loss_and_metrics(config)
+    trainer.compile(optimizer=keras.optimizers.Adam(_learning_rate(config, lr_scale), **clip), loss=loss,
+                    metrics=metrics, jit_compile=record["runtime"]["jit_compile"], run_eagerly=config.run_eagerly)
+
+
+def _loss_and_metrics(config: TrainConfig) -> tuple[Any, list[Any]]:
+    """The task's loss and metrics (on logits with ``logit_loss``); ``pos_frac`` feeds the guard."""
     import keras
     import tensorflow as tf
 
@@ -421,9 +547,7 @@ def _compile(trainer, config: TrainConfig, record: dict[str, Any], lr_scale: flo
         loss = DiceBCELoss(from_logits=logits, batch_dice=config.batch_dice)
         metrics = [DiceScore(name="dice", from_logits=logits)]
     metrics.append(PositiveFraction(name="pos_frac", from_logits=logits))
-    clip = {"global_clipnorm": config.clip_norm} if config.clip_norm is not None else {}
-    trainer.compile(optimizer=keras.optimizers.Adam(_learning_rate(config, lr_scale), **clip), loss=loss,
-                    metrics=metrics, jit_compile=record["runtime"]["jit_compile"], run_eagerly=config.run_eagerly)
+    return loss, metrics
 
 
 def _training_view(model, task: str):
@@ -469,295 +593,78 @@ def _learning_rate(config: TrainConfig, scale: float = 1.0):
     return WarmupSchedule(config.lr, decay_steps=decay, alpha=0.01, warmup_steps=config.warmup, scale=scale)
 
 
-def _fail(run: Path, state: "RunState", config: TrainConfig, why: str) -> None:
-    """Record the failure, remove ``model.keras`` and raise :class:`TrainingFailed`."""
-    _write_guard(run, state, "failed")
-    (run / MODEL_FILE).unlink(missing_ok=True)
-    raise TrainingFailed(f"train {config.arch}: did not learn: {why}; {run / MODEL_FILE} removed "
-                         f"(history in {run / 'history.csv'}; try a lower --lr)")
+# --- the RUN's config.json -------------------------------------------------------------
 
 
-def _write_guard(run: Path, state: "RunState", outcome: str) -> None:
-    config_path = run / "config.json"
-    if not config_path.is_file():  # a non-chief worker's scratch folder
-        return
-    saved = read_json(config_path, what="run config")
-    guard = {"rule": {"constant_eps": CONSTANT_EPS, "empty_level": EMPTY_LEVEL, "empty_margin": EMPTY_MARGIN,
-                      "learned_margin": LEARNED_MARGIN,
-                      "patience": GUARD_PATIENCE, "lr_factor": GUARD_LR_FACTOR, "max_events": GUARD_MAX_EVENTS},
-             "events": state.guard_events, "lr_scale": state.lr_scale, "outcome": outcome}
-    atomic_write_json(config_path, {**saved, "guard": guard})
-
-
-class CollapseGuard:
-    """The collapse rule of the module docstring, applied to one epoch's logs.
-
-    Args:
-        task: ``"detect"`` or ``"segment"``.
-        monitor: validation key (``val_dice``/``val_auc``).
-    """
-
-    def __init__(self, task: str, monitor: str) -> None:
-        self.task, self.monitor = task, monitor
-        self.empty = EMPTY_LEVEL[task] + EMPTY_MARGIN[task]
-
-    def val_empty(self, logs: dict[str, float]) -> bool:
-        """Validation at (or below) the empty-prediction level, or not finite."""
-        value = logs.get(self.monitor, float("nan"))
-        return not (math.isfinite(value) and value > self.empty)
-
-    def constant(self, logs: dict[str, float]) -> str | None:
-        """How an epoch's training calls were constant, or None."""
-        frac = logs.get("pos_frac", float("nan"))
-        if math.isfinite(frac) and frac <= CONSTANT_EPS:
-            return "training calls all background"
-        if math.isfinite(frac) and frac >= 1.0 - CONSTANT_EPS:
-            return "training calls all lesion"
-        return None
-
-    def check(self, logs: dict[str, float], empty_run: int, varied: bool = True, good: bool = True) -> str | None:
-        """The reason for an event after an epoch with ``logs`` (``empty_run``: epochs in a
-        row, this one included, with validation at the empty level; ``varied``: an earlier
-        epoch's training calls were not constant; ``good``: an earlier epoch was good), or None."""
-        constant = self.constant(logs)
-        if constant is not None and varied:
-            return constant
-        if empty_run >= GUARD_PATIENCE and good:
-            return f"validation {self.monitor[4:]} back at its empty level for {empty_run} epochs"
-        return None
-
-
-@contextlib.contextmanager
-def _keras_multiworker_fixes(model, train_ds) -> Iterator[None]:
-    """Work around two Keras 3 bugs that stop ``fit`` under MultiWorkerMirroredStrategy
-    (keras-team/keras#20585; present in the pinned Keras 3.15.1), for this fit only.
-
-    1. ``fit``/``evaluate`` first reduce a distributed data batch across workers to build
-       the model symbolically ("Attempt to convert a value (PerReplica...)"). The model,
-       loss and metrics are built here from one batch of this worker's own undistributed
-       pipeline instead (the pipeline is indexed by element: reading it does not shift
-       what training reads), and the symbolic build in ``fit`` is skipped.
-    2. Each step reduces its scalar logs (loss, metrics) across workers with ``axis=0``
-       ("Invalid reduction dimension 0 for input with 0 dimensions"). Scalars are reduced
-       with ``axis=None`` (the mean over replicas); other values as Keras does.
-    """
-    from keras.src import tree
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    x, y = next(iter(train_ds))
-    model._maybe_symbolic_build(data_batch=(x, y, None))
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None  # built above
-    original = tf_trainer.reduce_per_replica
-
-    def reduce_per_replica(values, strategy, reduction="auto"):
-        if reduction not in ("auto", "mean") or not tf_trainer._collective_all_reduce_multi_worker(strategy):
-            return original(values, strategy, reduction=reduction)
-
-        def mean(v):
-            rank = strategy.experimental_local_results(v)[0].shape.rank
-            return strategy.reduce("MEAN", v, axis=0 if rank else None)
-
-        return tree.map_structure(mean, values)
-
-    tf_trainer.reduce_per_replica = reduce_per_replica
-    try:
-        yield
-    finally:
-        tf_trainer.reduce_per_replica = original
-        del model._maybe_symbolic_build
-
-
-# --- run state ----------------------------------------------------------------------
-
-
-@dataclass
-class RunState:
-    """Progress of a run, committed atomically to ``checkpoints/state.json`` each epoch.
-
-    Attributes:
-        run: RUN folder.
-        epoch: completed epochs.
-        best: best monitored value so far (None before the first epoch).
-        best_epoch: 1-based epoch of ``model.keras``.
-        history: one dict per completed epoch (``epoch`` 1-based plus Keras logs).
-        lr_scale: the collapse guard's factor on the learning-rate curve (1 before any event).
-        guard_events: one dict per guard event (``epoch``, ``reason``, ``restored_epoch``,
-            ``lr_scale``).
-        good_epoch: the last good epoch (its weights are ``checkpoints/good.weights.h5``;
-            0 = the initial weights), None without a guard.
-        empty_run: epochs in a row, up to the last one, with validation at the empty level.
-        varied: some training epoch so far had calls that were not all one class.
-        pending_event: the guard event of the last epoch whose restore is still to do.
-    """
-
-    run: Path
-    epoch: int = 0
-    best: float | None = None
-    best_epoch: int | None = None
-    history: list[dict[str, float]] | None = None
-    lr_scale: float = 1.0
-    guard_events: list[dict[str, Any]] = field(default_factory=list)
-    good_epoch: int | None = None
-    empty_run: int = 0
-    varied: bool = False
-    pending_event: dict[str, Any] | None = None
-
-    @property
-    def folder(self) -> Path:
-        return self.run / "checkpoints"
-
-    def weights_path(self, epoch: int) -> Path:
-        return self.folder / f"epoch-{epoch:04d}.weights.h5"
-
-    def best_path(self, epoch: int) -> Path:
-        return self.folder / f"best-{epoch:04d}.keras"
-
-    @property
-    def good_path(self) -> Path:
-        return self.folder / "good.weights.h5"
-
-    @classmethod
-    def load(cls, run: Path) -> "RunState":
-        """Read the committed state and tidy files written after it (by a killed process)."""
-        path = run / "checkpoints" / "state.json"
-        state = cls(run=run, history=[])
-        if path.is_file():
-            saved = read_json(path, what="checkpoint state")
-            state = cls(run=run, epoch=int(saved["epoch"]), best=saved["best"], best_epoch=saved["best_epoch"],
-                        history=list(saved["history"]), lr_scale=float(saved.get("lr_scale", 1.0)),
-                        guard_events=list(saved.get("guard_events", [])), good_epoch=saved.get("good_epoch"),
-                        empty_run=int(saved.get("empty_run", 0)), varied=bool(saved.get("varied", False)),
-                        pending_event=saved.get("pending_event"))
-        if state.folder.is_dir():
-            for p in state.folder.iterdir():  # finish or discard what followed the last commit
-                if p.name.startswith("best-") and state.best_epoch is not None and p == state.best_path(state.best_epoch):
-                    os.replace(p, run / "model.keras")
-                elif p.name != "state.json" and p != state.weights_path(state.epoch) and p != state.good_path:
-                    p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
-        state.write_history()
-        return state
-
-    def restore(self, model) -> None:
-        """Load model weights and optimizer state of the last completed epoch."""
-        model.optimizer.build(model.trainable_variables)
-        model.load_weights(self.weights_path(self.epoch))
-        log.info("resumed from %s (epoch %d)", self.weights_path(self.epoch), self.epoch)
-
-    def save_good(self, model, epoch: int) -> None:
-        """Keep ``model``'s weights (and optimizer state) as the last good epoch's."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        _save_atomic(lambda p: model.save_weights(p), self.good_path)
-        self.good_epoch = epoch
-
-    def restore_good(self, model) -> None:
-        """Load the last good epoch's weights into ``model`` (compiled with a fresh optimizer)."""
-        if self.good_epoch:  # epoch 0's file holds no optimizer state
-            model.optimizer.build(model.trainable_variables)
-        model.load_weights(self.good_path)
-
-    def commit(self) -> None:
-        atomic_write_json(self.folder / "state.json", {
-            "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "history": self.history,
-            "lr_scale": self.lr_scale, "guard_events": self.guard_events, "good_epoch": self.good_epoch,
-            "empty_run": self.empty_run, "varied": self.varied, "pending_event": self.pending_event})
-
-    def write_history(self) -> None:
-        if not self.history:
-            return
-        keys = ["epoch"] + sorted({k for row in self.history for k in row} - {"epoch"})
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write_text(self.run / "history.csv", buf.getvalue())
-
-
-def _keras_callback_base():
+def _record(config: TrainConfig, *, splits: dict[str, Any] | None, train_cases: list[str], val_cases: list[str],
+            cached: list[CachedCase], strategy) -> dict[str, Any]:
+    """The content of ``config.json`` (see the module docstring)."""
     import keras
+    import tensorflow as tf
 
-    return keras.callbacks.Callback
+    return {
+        "settings": {**config.get_config(), "dataset": str(Path(config.dataset).resolve())},
+        "split": {"fold": config.fold, "train": list(train_cases), "val": list(val_cases),
+                  "test": sorted(splits["test"]) if splits else [], "splits_seed": splits.get("seed") if splits else None},
+        "dataset_fingerprint": cache.fingerprint(cached),
+        "case_keys": {c.case: c.key for c in cached},
+        # the slice cache holds every case in this orientation (bonemets_tf.cache); predict
+        # reorients its input the same way and refuses RUNs without this record
+        "orientation": CANONICAL,
+        "runtime": _runtime(config, strategy),
+        "model": {"stride": CATALOG[config.arch].stride, "input": "raw HU (batch, rows, cols, context)",
+                  "output": "sigmoid probability " + ("(batch, 1)" if config.task == DETECT else "(batch, rows, cols, 1)")},
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
+                     "python": sys.version.split()[0]},
+    }
 
 
-class RunCheckpoint(_keras_callback_base()):
-    """Keras callback writing weights, best model, state and history at each epoch end.
+def _runtime(config: TrainConfig, strategy) -> dict[str, Any]:
+    """What the run resolved at start: XLA on or off, the strategy, replicas, workers and GPUs."""
+    import tensorflow as tf
 
-    The Keras model being fitted (``self.model``) may be a logit view of ``model`` (see
-    :func:`_training_view`); weights and optimizer state are saved from the fitted model, the
-    best model from ``model`` (probability output, what ``predict`` loads).
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    jit = False if config.run_eagerly else (config.jit if config.jit is not None else bool(gpus))
+    return {"jit_compile": jit, "strategy": strategy_name(strategy), "replicas": int(strategy.num_replicas_in_sync),
+            "workers": num_workers(strategy), "gpus": gpus}
 
-    Args:
-        run: RUN folder.
-        state: the run's state (updated in place).
-        monitor: validation log key to maximise (e.g. ``"val_dice"``).
-        model: the model to save as ``model.keras`` (None: the fitted one).
-        guard: the collapse guard (None: off).
+
+def _prepare_run(run: Path, record: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+    """Write a new run's ``config.json`` (emptying ``run`` first with ``overwrite``), or check a
+    resumed run's against ``record``."""
+    config_path = run / CONFIG_FILE
+    if resume and config_path.is_file():
+        _check_resume(run, read_json(config_path, what="run config"), record)
+        return
+    if overwrite and run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(config_path, record)
+
+
+def _check_resume(run: Path, saved: dict[str, Any], record: dict[str, Any]) -> None:
+    """Refuse a resume whose settings (:data:`RESUME_MUST_MATCH`) or dataset files differ from
+    the saved run's; record a new ``epochs``.
+
+    Raises:
+        InputError: the saved settings differ, or are not this version's (:meth:`TrainConfig.from_config`).
     """
-
-    def __init__(self, run: Path, state: RunState, monitor: str, *, model=None,
-                 guard: CollapseGuard | None = None) -> None:
-        super().__init__()
-        self.run, self.state, self.monitor, self.inference, self.guard = run, state, monitor, model, guard
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        logs = {k: float(v) for k, v in (logs or {}).items()}
-        done = epoch + 1
-        st = self.state
-        st.folder.mkdir(parents=True, exist_ok=True)
-        _save_atomic(lambda p: self.model.save_weights(p), st.weights_path(done))
-        value = logs.get(self.monitor, float("nan"))
-        improved = st.best is None or (math.isfinite(value) and (not math.isfinite(st.best) or value > st.best))
-        if improved:
-            _save_atomic(lambda p: (self.inference or self.model).save(p), st.best_path(done))
-            st.best, st.best_epoch = (value if math.isfinite(value) else float("-inf")), done
-        if self.guard is not None:
-            logs.update(self._guard(done, logs))
-        previous = st.epoch
-        st.epoch = done
-        st.history = [row for row in st.history if row["epoch"] < done] + [{"epoch": done, **logs}]
-        st.commit()
-        if improved:
-            os.replace(st.best_path(done), self.run / "model.keras")
-        if previous != done and st.weights_path(previous).exists():
-            st.weights_path(previous).unlink()
-        st.write_history()
-
-
-    def _guard(self, done: int, logs: dict[str, float]) -> dict[str, float]:
-        """Apply the collapse rule to epoch ``done``; the history columns it adds."""
-        st = self.state
-        empty = self.guard.val_empty(logs)
-        st.empty_run = st.empty_run + 1 if empty else 0
-        reason = self.guard.check(logs, st.empty_run, st.varied, bool(st.good_epoch))
-        st.varied = st.varied or self.guard.constant(logs) is None
-        scale = st.lr_scale
-        if reason is None:
-            if not empty:
-                st.save_good(self.model, done)
-            return {"lr_scale": scale, "guard_event": 0.0}
-        st.lr_scale *= GUARD_LR_FACTOR
-        st.empty_run = 0
-        st.pending_event = {"epoch": done, "reason": reason, "restored_epoch": st.good_epoch, "lr_scale": st.lr_scale}
-        st.guard_events.append(st.pending_event)
-        self.model.stop_training = True
-        return {"lr_scale": scale, "guard_event": 1.0}
-
-
-def _save_atomic(save, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        save(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-# --- setup helpers ------------------------------------------------------------------
+    config_path = run / CONFIG_FILE
+    now = TrainConfig.from_config(record["settings"])
+    before = TrainConfig.from_config(saved.get("settings"), source=f"--resume {run}: {config_path} settings")
+    differ = [k for k in RESUME_MUST_MATCH if getattr(before, k) != getattr(now, k)]
+    if saved.get("dataset_fingerprint") != record["dataset_fingerprint"]:
+        differ.append("dataset files (fingerprint)")
+    if differ:
+        raise InputError(f"--resume {run}: settings differ from the saved run: {', '.join(differ)}; "
+                         f"repeat the original command (only --epochs may change)")
+    if before.epochs != now.epochs:
+        atomic_write_json(config_path, {**saved, "settings": {**saved["settings"], "epochs": now.epochs}})
 
 
 def _record_params(run: Path, model) -> None:
     """Add the built model's parameter count (at this run's width) to ``config.json["model"]``."""
-    config_path = run / "config.json"
+    config_path = run / CONFIG_FILE
     if not config_path.is_file():  # a non-chief worker's scratch folder
         return
     saved = read_json(config_path, what="run config")
@@ -766,52 +673,9 @@ def _record_params(run: Path, model) -> None:
         atomic_write_json(config_path, {**saved, "model": {**saved.get("model", {}), "params": params}})
 
 
-def _prepare_run(run: Path, record: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
-    config_path = run / "config.json"
-    if resume and config_path.is_file():
-        saved = read_json(config_path, what="run config")
-        differ = [k for k in RESUME_MUST_MATCH if saved.get("settings", {}).get(k) != record["settings"][k]]
-        if saved.get("dataset_fingerprint") != record["dataset_fingerprint"]:
-            differ.append("dataset files (fingerprint)")
-        if differ:
-            raise InputError(f"--resume {run}: settings differ from the saved run: {', '.join(differ)}; "
-                             f"repeat the original command (only --epochs may change)")
-        if saved["settings"]["epochs"] != record["settings"]["epochs"]:
-            atomic_write_json(config_path, {**saved, "settings": {**saved["settings"], "epochs": record["settings"]["epochs"]}})
-        return
-    if overwrite and run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(config_path, record)
-
-
-def _record(config: TrainConfig, splits, train_cases, val_cases, cached, strategy, tf) -> dict[str, Any]:
-    import keras
-
-    from bonemets_tf.cache import fingerprint
-
-    jit = False if config.run_eagerly else (config.jit if config.jit is not None else bool(tf.config.list_physical_devices("GPU")))
-    return {
-        "settings": {**asdict(config), "dataset": str(Path(config.dataset).resolve())},
-        "split": {"fold": config.fold, "train": list(train_cases), "val": list(val_cases),
-                  "test": sorted(splits["test"]) if splits else [], "splits_seed": splits.get("seed") if splits else None},
-        "dataset_fingerprint": fingerprint(cached),
-        "case_keys": {c.case: c.key for c in cached},
-        # the slice cache holds every case in this orientation (bonemets_tf.cache); predict
-        # reorients its input the same way and refuses RUNs without this record
-        "orientation": CANONICAL,
-        "runtime": {"jit_compile": jit, "strategy": _strategy_name(strategy),
-                    "replicas": int(strategy.num_replicas_in_sync), "workers": _num_workers(strategy),
-                    "gpus": len(tf.config.list_physical_devices("GPU"))},
-        "model": {"stride": CATALOG[config.arch].stride, "input": "raw HU (batch, rows, cols, context)",
-                  "output": "sigmoid probability " + ("(batch, 1)" if config.task == DETECT else "(batch, rows, cols, 1)")},
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
-                     "python": sys.version.split()[0]},
-    }
-
-
 @contextlib.contextmanager
 def _precision(policy: str) -> Iterator[None]:
+    """Set Keras's global dtype policy for the block."""
     import keras
 
     previous = keras.mixed_precision.global_policy().name
@@ -820,111 +684,3 @@ def _precision(policy: str) -> Iterator[None]:
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
-
-
-def _make_strategy(name: str, tf):
-    """The tf.distribute strategy for ``--strategy`` (``TF_CONFIG`` was checked by :func:`is_chief`).
-
-    ``mirrored`` replicates over every local GPU; on a machine without GPUs it uses the
-    logical CPU devices (one, unless a caller split the CPU with
-    ``tf.config.set_logical_device_configuration`` before any TF op, as the tests do).
-    """
-    if name == "mirrored":
-        devices = [d.name for d in tf.config.list_logical_devices("GPU")] or \
-            [d.name for d in tf.config.list_logical_devices("CPU")]
-        log.info("mirrored strategy over %d device(s): %s", len(devices), ", ".join(devices))
-        return tf.distribute.MirroredStrategy(devices)
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def _strategy_name(strategy) -> str:
-    """tf.distribute's public name of ``strategy`` (MultiWorkerMirroredStrategy's class is
-    CollectiveAllReduceStrategy; the default strategy's is private)."""
-    name = type(strategy).__name__
-    return {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy",
-            "_DefaultDistributionStrategy": "default"}.get(name, name)
-
-
-def _num_workers(strategy) -> int:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return 1
-    spec = resolver.cluster_spec().as_dict()
-    return len(spec.get("worker", [])) + len(spec.get("chief", []))
-
-
-def _worker_index(strategy) -> int:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return 0
-    spec = resolver.cluster_spec().as_dict()
-    offset = len(spec.get("chief", [])) if resolver.task_type == "worker" else 0
-    return offset + int(resolver.task_id or 0)
-
-
-def is_chief(strategy: str) -> bool:
-    """Whether this process writes the RUN folder: always, except a non-chief multi-worker process.
-
-    For ``multiworker`` this reads ``TF_CONFIG`` (no TensorFlow import), with TensorFlow's
-    rule: the chief is the task of type ``chief``, or ``worker`` 0 when the cluster has no
-    ``chief`` entry.
-
-    Args:
-        strategy: ``auto``, ``mirrored`` or ``multiworker``.
-
-    Raises:
-        InputError: ``multiworker`` with ``TF_CONFIG`` unset, not JSON, or without a task
-            that belongs to its cluster.
-    """
-    if strategy != "multiworker":
-        return True
-    raw = os.environ.get("TF_CONFIG")
-    if not raw:
-        raise InputError("--strategy multiworker: TF_CONFIG is not set; it must describe the cluster "
-                         "and this worker's task (see tf.distribute.MultiWorkerMirroredStrategy)")
-    try:
-        tf_config = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--strategy multiworker: TF_CONFIG is not valid JSON ({exc})") from None
-    cluster = tf_config.get("cluster") if isinstance(tf_config, dict) else None
-    task = tf_config.get("task") if isinstance(tf_config, dict) else None
-    kind = task.get("type") if isinstance(task, dict) else None
-    index = task.get("index", 0) if isinstance(task, dict) else None
-    if not isinstance(cluster, dict) or not isinstance(cluster.get(kind), list) or not isinstance(index, int) \
-            or not 0 <= index < len(cluster[kind]):
-        raise InputError(f"--strategy multiworker: TF_CONFIG {raw!r}: expected "
-                         f'{{"cluster": {{"worker": ["host:port", ...]}}, "task": {{"type": "worker", "index": i}}}} '
-                         f"with the task's type listed in the cluster and 0 <= index < its length")
-    return kind == "chief" or (kind == "worker" and index == 0 and "chief" not in cluster)
-
-
-def worker_scratch(out: Path, *, resume: bool) -> Path:
-    """A fresh scratch folder standing in for RUN on a non-chief worker (removed after training).
-
-    With ``resume``, the chief's last committed state (``checkpoints/state.json`` and that
-    epoch's weights) is copied in when ``out`` is visible here (a filesystem shared by the
-    workers), so every worker restores the same epoch; the chief's files are only read.
-
-    Args:
-        out: the RUN folder named on the command line (written by the chief only).
-        resume: the run continues after its last completed epoch.
-
-    Returns:
-        The scratch folder.
-    """
-    scratch = Path(tempfile.mkdtemp(prefix="bonemets-worker-"))
-    state = out / "checkpoints" / "state.json"
-    if resume and state.is_file():
-        epoch = int(read_json(state, what="checkpoint state")["epoch"])
-        source, target = RunState(run=out), RunState(run=scratch)
-        target.folder.mkdir()
-        if epoch > 0:
-            shutil.copy2(source.weights_path(epoch), target.weights_path(epoch))
-        shutil.copy2(state, target.folder / "state.json")
-        log.info("worker resumes from the chief's epoch %d (%s)", epoch, state)
-    elif resume:
-        log.warning("%s is not visible on this worker: it starts from epoch 0; resuming a multi-worker run "
-                    "needs RUN on a filesystem shared by all workers", state)
-    return scratch

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 DETECT = "detect"
 SEGMENT = "segment"
-TASKS = (DETECT, SEGMENT)
 
 
 @dataclass(frozen=True)

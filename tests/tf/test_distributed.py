@@ -20,7 +20,8 @@ import pytest
 from analysis.cohort.phantom import generate_cohort
 from analysis.cohort.splits import write_splits
 from analysis.errors import InputError
-from bonemets_tf.train import RunState, is_chief, worker_scratch
+from bonemets_tf.checkpoint import RunState
+from bonemets_tf.distribute import is_chief, worker_scratch
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 240

@@ -15,10 +15,13 @@ from click.testing import CliRunner  # noqa: E402
 
 import cli  # noqa: E402
 from analysis.imaging.orientation import CANONICAL  # noqa: E402
-from bonemets_tf import train as train_mod  # noqa: E402
+from bonemets_tf import guard as guard_mod  # noqa: E402
+from bonemets_tf import run as run_mod  # noqa: E402
+from bonemets_tf.checkpoint import RunCheckpoint, RunState  # noqa: E402
+from bonemets_tf.guard import CollapseGuard  # noqa: E402
 from bonemets_tf.losses import DiceBCELoss, PositiveFraction, WarmupSchedule, WeightedBCELoss  # noqa: E402
-from bonemets_tf.run import read_run, training_status  # noqa: E402
-from bonemets_tf.train import CollapseGuard, TrainConfig, train  # noqa: E402
+from bonemets_tf.run import learned, read_run, training_status  # noqa: E402
+from bonemets_tf.train import TrainConfig, train  # noqa: E402
 
 
 def _config(dataset: Path, **kw) -> TrainConfig:
@@ -69,18 +72,19 @@ def test_guard_restores_the_last_good_epoch_and_lowers_the_rate(cohort_dir, tmp_
         seen[epoch + 1] = [w.copy() for w in self.model.get_weights()]
         return checkpoint(self, epoch, logs)
 
-    checkpoint = train_mod.RunCheckpoint.on_epoch_end
+    checkpoint = RunCheckpoint.on_epoch_end
     monkeypatch.setattr(CollapseGuard, "check", check)
-    monkeypatch.setattr(train_mod.RunCheckpoint, "on_epoch_end", on_epoch_end)
+    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", on_epoch_end)
     restored = {}
-    restore_good = train_mod.RunState.restore_good
+    restore_good = RunState.restore_good
 
     def spy(self, model):
         restore_good(self, model)
         restored["weights"] = [w.copy() for w in model.get_weights()]
 
-    monkeypatch.setattr(train_mod.RunState, "restore_good", spy)
-    monkeypatch.setattr(train_mod, "EMPTY_LEVEL", {"segment": -1.0, "detect": -1.0})  # every epoch is "good"
+    monkeypatch.setattr(RunState, "restore_good", spy)
+    for module in (guard_mod, run_mod):  # every epoch is "good", and the model learned
+        monkeypatch.setattr(module, "EMPTY_LEVEL", {"segment": -1.0, "detect": -1.0})
     run = train(_config(cohort_dir, epochs=3, lr=1e-3), tmp_path / "RUN", cache_dir=tmp_path / "cache")
     guard = _guard(run)
     assert guard["outcome"] == "recovered" and guard["lr_scale"] == 0.5
@@ -106,6 +110,19 @@ def test_guard_rule_golden():
     assert g.val_empty({"val_dice": float("nan")})
     d = CollapseGuard("detect", "val_auc")
     assert d.val_empty({"val_auc": 0.51}) and not d.val_empty({"val_auc": 0.6})
+
+
+def test_learned_is_the_one_rule_golden():
+    assert not learned("segment", None) and not learned("detect", None)  # nothing recorded
+    assert not learned("segment", 0.05) and learned("segment", 0.0501)  # Dice 0 + 0.05
+    assert not learned("detect", 0.55) and learned("detect", 0.5501)  # AUC 0.5 + 0.05
+    assert not learned("segment", float("-inf")) and not learned("segment", float("nan"))
+    from benchmarks.robustness import collapsed
+
+    # the benchmark's "collapsed" is the same rule (it once used a Dice floor of 0.01)
+    assert collapsed({"arch": "unet", "best_val": 0.03}) and not collapsed({"arch": "unet", "best_val": 0.06})
+    assert collapsed({"arch": "resnet34", "best_val": 0.55}) and collapsed({"arch": "unet", "best_val": 0.9,
+                                                                              "failure": "TrainingFailed: ..."})
 
 
 def test_logit_losses_equal_probability_losses_where_both_are_defined_and_keep_a_gradient():

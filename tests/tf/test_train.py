@@ -70,11 +70,38 @@ def test_resume_equals_uninterrupted_run(cohort_dir, tmp_path):
     assert json.loads((tmp_path / "B" / "config.json").read_text(encoding="utf-8"))["settings"]["epochs"] == 2
 
 
+def test_config_round_trips_through_its_dict():
+    config = TrainConfig(dataset="/data/cohort", task="detect", arch="resnet34", fold=2, epochs=7, steps_per_epoch=11,
+                         batch_size=4, image_size=96, width=0.5, context=3, lr=3e-4, seed=5, jit=False,
+                         precision="mixed_bfloat16", strategy="mirrored", deterministic=True, positive_fraction=0.3,
+                         lesion_crop_p=0.2, val_max_slices=40, weights="w.h5", bn_momentum=None,
+                         lr_schedule="cosine", run_eagerly=True, warmup_steps=0, clip_norm=None, prior_bias=False,
+                         logit_loss=False, batch_dice=False, guard=False, rank_auc=False)
+    saved = json.loads(json.dumps(config.get_config()))  # what config.json holds
+    assert TrainConfig.from_config(saved) == config
+    assert saved == {f: getattr(config, f) for f in TrainConfig.__dataclass_fields__}
+    with pytest.raises(InputError, match=r"^old/config.json settings: lack rank_auc and have unknown store; "):
+        TrainConfig.from_config({**{k: v for k, v in saved.items() if k != "rank_auc"}, "store": "auto"},
+                                source="old/config.json settings")
+
+
 def test_resume_refuses_changed_settings(cohort_dir, tmp_path):
-    cache = tmp_path / "cache"
-    train(_config(cohort_dir), tmp_path / "R", cache_dir=cache)
-    with pytest.raises(InputError, match="width"):
-        train(replace(_config(cohort_dir, epochs=2), width=0.5), tmp_path / "R", cache_dir=cache, resume=True)
+    cache, run = tmp_path / "cache", tmp_path / "R"
+    train(_config(cohort_dir), run, cache_dir=cache)
+    with pytest.raises(InputError) as refused:
+        train(replace(_config(cohort_dir, epochs=2), width=0.5, lr_schedule="cosine"), run, cache_dir=cache,
+              resume=True)
+    assert str(refused.value) == (f"--resume {run}: settings differ from the saved run: width, lr_schedule; "
+                                  f"repeat the original command (only --epochs may change)")
+    # settings written by another version (a field it lacks) are refused too, in one line
+    config_path = run / "config.json"
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    del saved["settings"]["rank_auc"]
+    config_path.write_text(json.dumps(saved), encoding="utf-8")
+    with pytest.raises(InputError, match="settings: lack rank_auc;") as refused:
+        train(_config(cohort_dir, epochs=2), run, cache_dir=cache, resume=True)
+    assert "\n" not in str(refused.value) and str(refused.value).startswith(f"--resume {run}: {config_path}")
+    assert [r["epoch"] for r in _history(run)] == ["1"]  # nothing was trained
 
 
 def test_task_must_match_arch(cohort_dir, tmp_path):
