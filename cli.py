@@ -303,6 +303,41 @@ def train_cmd(out: str, resume: bool, overwrite: bool, cache_dir: str | None, **
 # ---- END tf ----
 
 # ---- BEGIN tf-infer ----
+IMAGES_HELP = ("New patients instead of a cohort: a NIfTI/NRRD/MHA file, a folder of them, a DICOM series "
+               "folder, or a folder of patient folders holding DICOM series.")
+
+
+def prediction_options(command):
+    """The options `predict` and `nnunet predict` share, declared once: the fields of
+    :class:`analysis.prediction.request.PredictRequest` plus the inputs and the output folder.
+    Their values are checked by the request (one line, exit code 2), the same for both wings."""
+    shared = [
+        click.option("--dataset", default=None, type=click.Path(path_type=str), help="Cohort folder (imagesTr, labelsTr)."),
+        click.option("--images", default=None, type=click.Path(path_type=str), help=IMAGES_HELP),
+        click.option("--out", required=True, type=click.Path(path_type=str), help="PRED/NAME folder to write (case by case)."),
+        click.option("--cases", default="test", show_default=True, help=CASES_HELP),
+        click.option("--shard", default=None, metavar="I/N", help="Only sorted(cases)[I::N] (I is 0-based), e.g. 0/4."),
+        click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID."),
+        click.option("--probabilities", is_flag=True, help="Also write probabilities/<case>.nii.gz (uint8, scale 1/255)."),
+        click.option("--dicom-seg", is_flag=True, help="Also write dicom_seg/<case>.dcm (DICOM input only)."),
+        click.option("--preview/--no-preview", default=True, show_default=True, help="Draw preview/<case>.png."),
+        click.option("--crop/--no-crop", default=False, show_default=True,
+                     help="Run the segmenter on the body's bounding box instead of whole slices: faster, but masks "
+                          "differ near the box's edge (BENCHMARKS.md); whole slices give the exact result."),
+        click.option("--min-size", default=0, show_default=True, type=int, metavar="VOXELS",
+                     help="Remove 3D components (26-connected) smaller than this; 0 keeps all."),
+        click.option("--bones", default=None, type=click.Path(path_type=str),
+                     help="Folder of bone maps <case>.nii.gz for the lesion table's bone and weight-bearing columns."),
+        click.option("--bones-from", default="project", show_default=True,
+                     type=click.Choice(["project", "totalsegmentator"]),
+                     help="Bone maps hold the cohort's bone codes, or TotalSegmentator 'total' ids."),
+        click.option("--overwrite", is_flag=True, help="Replace a --out written with other settings, or redo its cases."),
+    ]
+    for option in reversed(shared):
+        command = option(command)
+    return command
+
+
 def _threshold_or_auto(ctx, param, value: str) -> float | str:
     if value == "auto":
         return value
@@ -315,51 +350,27 @@ def _threshold_or_auto(ctx, param, value: str) -> float | str:
 @main.command("predict")
 @click.option("--model", "model", required=True, type=click.Path(path_type=str),
               help="RUN folder from `train`, or a SavedModel from `export` (segmenter or detector).")
-@click.option("--dataset", default=None, type=click.Path(path_type=str), help="Cohort folder (imagesTr, labelsTr).")
-@click.option("--images", default=None, type=click.Path(path_type=str),
-              help="New patients instead of a cohort: a NIfTI/NRRD/MHA file, a folder of them, a DICOM series "
-                   "folder, or a folder of patient folders holding DICOM series.")
-@click.option("--out", required=True, type=click.Path(path_type=str), help="PRED/NAME folder to write (case by case).")
-@click.option("--cases", default="test", show_default=True, help=CASES_HELP)
+@prediction_options
 @click.option("--threshold", default="0.5", show_default=True, callback=_threshold_or_auto, metavar="P|auto",
               help="A pixel is lesion when its probability is >= this; 'auto': the segmenter RUN's "
                    "validation-calibrated threshold (RUN/calibration.json, written by `train`).")
-@click.option("--min-size", default=0, show_default=True, type=int, metavar="VOXELS",
-              help="Remove 3D components (26-connected) smaller than this; 0 keeps all.")
 @click.option("--detector", type=click.Path(path_type=str), default=None,
               help="Detector RUN (or SavedModel) for the cascade: only slices it marks are segmented.")
 @click.option("--detector-threshold", default=0.5, show_default=True, type=float,
               help="Cascade: segment slices whose detector probability is >= this.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Slices per network call.")
-@click.option("--shard", default=None, metavar="I/N", help="Only sorted(cases)[I::N] (I is 0-based), e.g. 0/4.")
-@click.option("--probabilities", is_flag=True, help="Also write probabilities/<case>.nii.gz (uint8, scale 1/255).")
-@click.option("--dicom-seg", is_flag=True, help="Also write dicom_seg/<case>.dcm (DICOM input only).")
-@click.option("--no-preview", is_flag=True, help="Do not draw preview/<case>.png.")
-@click.option("--no-crop", is_flag=True, help="Run segmenters on whole slices instead of the body's bounding box.")
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "mixed_bfloat16"]),
               help="mixed_bfloat16: faster on CPUs and GPUs with bf16 units (RUN folders only).")
-@click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID.")
-@click.option("--bones", default=None, type=click.Path(path_type=str),
-              help="Folder of bone maps <case>.nii.gz for the lesion table's bone and weight-bearing columns.")
-@click.option("--bones-from", default="project", show_default=True, type=click.Choice(["project", "totalsegmentator"]),
-              help="Bone maps hold the cohort's bone codes, or TotalSegmentator 'total' ids.")
-@click.option("--overwrite", is_flag=True, help="Replace a --out written with other settings, or redo its cases.")
-def predict_cmd(model: str, dataset: str | None, images: str | None, out: str, cases: str, threshold: float,
-                min_size: int, detector: str | None, detector_threshold: float, batch_size: int, shard: str | None,
-                probabilities: bool, dicom_seg: bool, no_preview: bool, no_crop: bool, precision: str,
-                series: str | None, bones: str | None, bones_from: str, overwrite: bool) -> None:
+def predict_cmd(model: str, dataset: str | None, images: str | None, out: str, detector: str | None,
+                **options) -> None:
     """Segment volumes to PRED/NAME/<case>.nii.gz (plus lesions.csv, patients.csv, previews),
     or score slices to PRED/NAME/slices.csv, for a cohort (--dataset) or new patients (--images)."""
-    from analysis.imaging.io import read_json
-    from analysis.prediction.shards import parse_shard
+    from analysis.prediction.folder import read_record
     from bonemets_tf.predict import PredictOptions, predict
 
-    options = PredictOptions(cases=cases, threshold=threshold, min_size=min_size, detector_threshold=detector_threshold,
-                             batch_size=batch_size, shard=parse_shard(shard), probabilities=probabilities,
-                             dicom_seg=dicom_seg, preview=not no_preview, crop=not no_crop, precision=precision,
-                             series=series, bones=bones, bones_from=bones_from)
-    path = predict(model, dataset, out, options=options, detector=detector, overwrite=overwrite, images=images)
-    timing = read_json(path / "predict.json", what="predict record")["timing"]
+    path = predict(model, dataset, out, options=PredictOptions.from_options(options), detector=detector,
+                   images=images)
+    timing = read_record(path)["timing"]
     click.echo(f"wrote {path} ({timing['network_slices']} slices through the networks, "
                f"{timing['slices_per_s']} slices/s)")
 
@@ -415,16 +426,6 @@ def _nnunet_folds(ctx: click.Context, param: click.Parameter, value: str | None)
     return folds
 
 
-def _nnunet_shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
-    """Parse --shard i/n (0-based) with the definition shared with `predict`."""
-    from analysis.prediction.shards import parse_shard
-
-    try:
-        return parse_shard(value)
-    except InputError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 @main.group("nnunet")
 def nnunet_group() -> None:
     """nnU-Net v2 (PyTorch, 2d configuration) on the cohort's patients and splits."""
@@ -466,43 +467,20 @@ def nnunet_prepare_cmd(dataset: str, work: str) -> None:
 
 
 @nnunet_group.command("predict")
-@click.option("--dataset", default=None, type=click.Path(exists=True, file_okay=False), help="Cohort folder.")
-@click.option("--images", default=None, type=click.Path(exists=True),
-              help="New patients instead of a cohort: a NIfTI/NRRD/MHA file, a folder of them, a DICOM series "
-                   "folder, or a folder of patient folders holding DICOM series.")
 @click.option("--work", required=True, type=click.Path(exists=True, file_okay=False), help="Work folder of `nnunet train`.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder, e.g. PRED/nnunet.")
-@click.option("--cases", default="test", show_default=True, help=CASES_HELP)
+@prediction_options
 @click.option("--folds", default=None, callback=_nnunet_folds, help="Folds to ensemble (default: every trained fold).")
 @click.option("--device", type=click.Choice(NNUNET_DEVICES), default="auto", show_default=True,
               help="auto: CUDA when available, else CPU.")
 @click.option("--no-mirroring", is_flag=True, help="Disable mirroring test-time augmentation (4x faster in 2D).")
-@click.option("--shard", default=None, callback=_nnunet_shard, metavar="I/N",
-              help="Predict only every N-th case starting at I (0-based), to split a run across processes.")
-@click.option("--probabilities", is_flag=True,
-              help="Also write probabilities/<case>.nii.gz (fold- and mirror-averaged softmax, uint8 scale 1/255).")
-@click.option("--dicom-seg", is_flag=True, help="Also write dicom_seg/<case>.dcm (DICOM input only).")
-@click.option("--no-preview", is_flag=True, help="Do not draw preview/<case>.png.")
-@click.option("--crop", is_flag=True,
-              help="Predict the body's bounding box instead of whole slices (off: nnU-Net pads a box smaller "
-                   "than its patch back to the patch, so it saves nothing; measured in BENCHMARKS.md).")
-@click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID.")
-@click.option("--bones", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Folder of bone maps <case>.nii.gz for the lesion table's bone and weight-bearing columns.")
-@click.option("--bones-from", default="project", show_default=True, type=click.Choice(["project", "totalsegmentator"]))
-@click.option("--overwrite", is_flag=True, help="Replace a --out written with other settings, or redo its cases.")
-def nnunet_predict_cmd(dataset: str | None, images: str | None, work: str, out: str, cases: str,
-                       folds: tuple[int, ...] | None, device: str, no_mirroring: bool, shard: tuple[int, int] | None,
-                       probabilities: bool, dicom_seg: bool, no_preview: bool, crop: bool, series: str | None,
-                       bones: str | None, bones_from: str, overwrite: bool) -> None:
+def nnunet_predict_cmd(dataset: str | None, images: str | None, work: str, out: str, no_mirroring: bool,
+                       **options) -> None:
     """Predict lesion masks OUT/<case>.nii.gz (uint8, the input's geometry), lesions.csv, patients.csv
     and previews with the trained folds, for a cohort (--dataset) or new patients (--images)."""
     from nnunet_bridge.predict import PredictOptions, predict
 
-    written = predict(dataset, work, out, PredictOptions(
-        cases=cases, folds=folds, device=device, mirroring=not no_mirroring, overwrite=overwrite, shard=shard,
-        probabilities=probabilities, dicom_seg=dicom_seg, preview=not no_preview, crop=crop, series=series,
-        bones=bones, bones_from=bones_from), images=images)
+    written = predict(dataset, work, out, PredictOptions.from_options({**options, "mirroring": not no_mirroring}),
+                      images=images)
     click.echo(f"wrote {len(written)} mask(s) to {out}")
 # ---- END nnunet ----
 

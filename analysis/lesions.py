@@ -295,49 +295,6 @@ def diffuse_fractions(labels: np.ndarray, n: int, bone: np.ndarray) -> np.ndarra
         present = np.flatnonzero(lesion_px[1:]) + 1
         best[present - 1] = np.maximum(best[present - 1], lesion_px[present] / region[present])
     return best
-    zs = np.flatnonzero((labels != 0).any(axis=(1, 2)))
-    k = zs.size
-    lab = labels[zs]
-    on = lab != 0
-    # All lesion slices labelled in one cc3d call: the slices are stacked with an empty plane
-    # between neighbours, so 26-connectivity links pixels only within a slice, where it is
-    # exactly 2D 8-connectivity. Component ids are then unique across slices.
-    stack = np.zeros((2 * k - 1,) + lab.shape[1:], bool)
-    stack[::2] = on | bone[zs]
-    comps = cc3d.connected_components(stack, connectivity=26)[::2]
-    comp_px = np.bincount(comps.ravel()).astype(np.float64)
-    ncomp = comp_px.size
-    zi, _, _ = np.nonzero(on)
-    ids = lab[on].astype(np.int64)
-    cs = comps[on].astype(np.int64)
-    # lesion pixels per (lesion, slice)
-    lz_keys, lz_px = np.unique(ids * k + zi, return_counts=True)
-    # bone region per (lesion, slice): sizes of the distinct components the lesion touches there
-    pairs, first = np.unique(ids * ncomp + cs, return_index=True)
-    pl, pc = pairs // ncomp, pairs % ncomp
-    region_keys, inverse = np.unique(pl * k + zi[first], return_inverse=True)
-    region = np.bincount(inverse, weights=comp_px[pc])
-    # both key lists are sorted (lesion, slice) pairs over the same set
-    frac = lz_px / region
-    np.maximum.at(best, lz_keys // k - 1, frac)
-    return best
-    lesion_slices = np.flatnonzero((labels != 0).any(axis=(1, 2)))
-    for z in lesion_slices:
-        lab = labels[z]
-        comps = cc3d.connected_components((lab != 0) | bone[z], connectivity=8)
-        on = lab != 0
-        ids = lab[on].astype(np.int64)
-        cs = comps[on].astype(np.int64)
-        lesion_px = np.bincount(ids, minlength=n + 1)
-        comp_px = np.bincount(comps.ravel())
-        ncomp = comp_px.size
-        pairs = np.unique(ids * ncomp + cs)
-        pid, pc = pairs // ncomp, pairs % ncomp
-        region = np.bincount(pid, weights=comp_px[pc], minlength=n + 1)
-        present = np.flatnonzero(lesion_px[1:]) + 1
-        frac = lesion_px[present] / region[present]
-        best[present - 1] = np.maximum(best[present - 1], frac)
-    return best
 
 
 def seg_lesion_centroids(seg_path: str | os.PathLike) -> list[tuple[float, float, float]]:

@@ -162,7 +162,7 @@ def make_runs(args) -> None:
 def infer(args) -> None:
     import tensorflow as tf
 
-    from analysis.imaging.io import read_json
+    from analysis.prediction.folder import read_record
     from bonemets_tf.predict import PredictOptions, predict
 
     runs = Path(args.runs)
@@ -181,7 +181,7 @@ def infer(args) -> None:
             t = time.perf_counter()
             predict(model, args.dataset, out, options=options, detector=detector, overwrite=True)
             seconds = time.perf_counter() - t
-            timing = read_json(out / "predict.json", what="predict.json").get("timing", {})
+            timing = read_record(out).get("timing", {})
             metrics[f"{name}_s"] = seconds
             metrics[f"{name}_network_s"] = float(timing.get("seconds_network", float("nan")))
             info[f"{name}_timing"] = timing
@@ -199,7 +199,8 @@ def newpatients(args) -> None:
     vs mixed_bfloat16, and the masks' agreement (Dice) with the float32 whole-slice result."""
     import tensorflow as tf
 
-    from analysis.imaging.io import read_array, read_json
+    from analysis.imaging.io import read_array
+    from analysis.prediction.folder import read_record
     from bonemets_tf.predict import PredictOptions, predict
 
     runs = Path(args.runs)
@@ -221,7 +222,7 @@ def newpatients(args) -> None:
                 t = time.perf_counter()
                 predict(model, args.dataset, out, options=options, detector=detector, overwrite=True)
                 metrics[f"{arch}_{name}_s"] = time.perf_counter() - t
-                record = read_json(out / "predict.json", what="predict.json")
+                record = read_record(out)
                 info[f"{arch}_{name}_crop"] = [p.get("crop") for p in record["per_case"].values()]
                 masks[name] = [read_array(m)[0] for m in sorted(out.glob("*.nii.gz"))]
             for name in masks:

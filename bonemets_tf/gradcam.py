@@ -23,8 +23,6 @@ Outputs in ``DIR`` (built in a temporary sibling and renamed into place):
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import sys
@@ -49,6 +47,7 @@ from analysis.imaging.io import (
 )
 from analysis.imaging.orientation import CANONICAL, Reorientation
 from analysis.prediction.runner import plan_inputs
+from analysis.records import csv_text
 from bonemets_tf.models.catalog import DETECT
 from bonemets_tf.run import read_run
 
@@ -293,11 +292,7 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
 
 
 def _csv(rows: Sequence[tuple[str, int, float, str]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(("case", "slice", "probability", "png"))
-    writer.writerows((c, z, f"{p:.6g}", png) for c, z, p, png in rows)
-    return buf.getvalue()
+    return csv_text(("case", "slice", "probability", "png"), rows, digits=6)
 
 
 def _record(run, plan, max_slices: int, method: str, backends: set[str]) -> dict[str, Any]:

@@ -11,61 +11,47 @@ each atomically: ``OUT/<case>.nii.gz`` (the folder contract of :mod:`analysis.pr
 """
 from __future__ import annotations
 
-import importlib.metadata
+import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from analysis.errors import InputError
-from analysis.prediction.folder import PredictionFolder, mask_path
+from analysis.prediction.folder import mask_path
+from analysis.prediction.request import PredictRequest, WingRun, plan_request, predict_folder, raise_failures
+from analysis.prediction.runner import InputPlan, Network
 from nnunet_bridge.device import resolve_device
 from nnunet_bridge.env import CHECKPOINT, WorkLayout, nnunet_environment
 
 log = logging.getLogger(__name__)
 
+#: nnU-Net's own mask is the argmax of its two classes' softmax: lesion probability > 0.5
+#: (the runner's ``>=`` differs only on exact ties).
+NNUNET_THRESHOLD = 0.5
+
 
 @dataclass(frozen=True)
-class PredictOptions:
-    """Options of ``nnunet predict``.
+class PredictOptions(PredictRequest):
+    """Options of ``nnunet predict``: the request both wings share
+    (:class:`~analysis.prediction.request.PredictRequest`: cases, shard, series, outputs, crop,
+    bones, min size, overwrite) plus the nnU-Net wing's own.
+
+    The crop is off by default, as for the Keras wing; for nnU-Net it also saves nothing:
+    nnU-Net pads a box smaller than its patch (512 x 512 for paper-sized CT) back to the patch
+    (measured 53 s vs 47 s for 32 slices of 512^2 on a 2-core CPU, BENCHMARKS.md "New patients").
 
     Attributes:
-        cases: ``test``, ``all``, ``train`` or ``ID,ID,...`` (see :meth:`Cohort.select`).
         folds: folds to ensemble; None uses every trained fold.
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         mirroring: nnU-Net's mirroring test-time augmentation (4 passes per 2D tile).
-        overwrite: replace a folder written with other settings, or redo the selected cases.
-        shard: ``(i, n)``: predict only the i-th of n interleaved shares of the cases
-            (0-based), so n processes (e.g. one per GPU) can share a run.
-        probabilities: also write ``probabilities/<case>.nii.gz``: the fold- and
-            mirror-averaged softmax of the lesion class, in the input's geometry.
-        dicom_seg: also write ``dicom_seg/<case>.dcm`` for DICOM input.
-        preview: write ``preview/<case>.png``.
-        crop: predict the body's bounding box (per slab) instead of whole slices. Off by default:
-            nnU-Net pads a box smaller than its patch (512 x 512 for paper-sized CT) back to the
-            patch, so the crop saves nothing (measured 53 s vs 47 s for 32 slices of 512^2 on a
-            2-core CPU, BENCHMARKS.md "New patients").
-        series: SeriesInstanceUID to use among a folder's DICOM series.
-        bones: folder of bone maps ``<case>.nii.gz`` for the lesion table.
-        bones_from: ``project`` or ``totalsegmentator``.
     """
 
-    cases: str = "test"
     folds: tuple[int, ...] | None = None
     device: str = "auto"
     mirroring: bool = True
-    overwrite: bool = False
-    shard: tuple[int, int] | None = None
-    probabilities: bool = False
-    dicom_seg: bool = False
-    preview: bool = True
-    crop: bool = False
-    series: str | None = None
-    bones: str | None = None
-    bones_from: str = "project"
 
 
 def check_folds(layout: WorkLayout, folds: Sequence[int] | None) -> list[int]:
@@ -118,10 +104,10 @@ def predict(dataset: str | Path | None, work: str | Path, out: str | Path, optio
     and DICOM-SEG) for a cohort's cases or new patients' CT with the trained nnU-Net folds.
 
     ``OUT`` follows the folder contract of :mod:`analysis.prediction.folder`, written case by case
-    by :mod:`analysis.prediction.runner` (the same pipeline as the Keras ``predict``): the network sees
-    the canonical (LPS) view, cropped to the body per slab unless ``crop`` is off; each case
-    appears atomically, a rerun skips finished cases, shards fill one folder together, and
-    ``predict.json`` lists every finished case.
+    by :func:`analysis.prediction.request.predict_folder` (the same path as the Keras
+    ``predict``): the network sees the canonical (LPS) view, whole slices unless ``crop``;
+    each case appears atomically, a rerun skips finished cases, shards fill one folder
+    together, and ``predict.json`` lists every finished case.
 
     Args:
         dataset: cohort folder (read only), or None with ``images``.
@@ -139,30 +125,37 @@ def predict(dataset: str | Path | None, work: str | Path, out: str | Path, optio
         DataProblems: with ``images``, the cases that could not be predicted (one line
             each); the others were written.
     """
-    from analysis.errors import DataProblems
-    from analysis.imaging.orientation import CANONICAL
-    from analysis.prediction.runner import Network, Outputs, lesion_tables, plan_inputs, run_cases
-
-    layout = WorkLayout(work)
-    if options.bones_from not in ("project", "totalsegmentator"):
-        raise InputError(f"--bones-from {options.bones_from}: expected project or totalsegmentator")
-    if options.bones is not None and not Path(options.bones).is_dir():
-        raise InputError(f"--bones {options.bones}: not a folder; expected DIR/<case>.nii.gz bone maps")
-    inputs = plan_inputs(dataset, images, cases=options.cases, shard=options.shard, series=options.series,
-                         dicom_seg=options.dicom_seg)
-    folds = check_folds(layout, options.folds)
     from nnunet_bridge.train import training_status
 
+    layout = WorkLayout(work)
+    inputs = plan_request(options, dataset, images)
+    folds = check_folds(layout, options.folds)
     training = training_status(layout)
     if training.get("learned") is False:
         log.warning("nnU-Net %s: %s", layout.work, training["reason"])
-    settings = {"mode": "segment", "model": str(layout.model_folder.resolve()), "folds": folds,
-                "mirroring": options.mirroring, "input": inputs.source, "orientation": CANONICAL,
-                **{k: getattr(options, k) for k in ("probabilities", "dicom_seg", "preview", "crop", "series", "bones",
-                                                    "bones_from")}}
-    folder = PredictionFolder(out, settings, overwrite=options.overwrite)
     device = resolve_device(options.device)
-    t0 = time.perf_counter()
+    fingerprint = layout_fingerprint(layout, folds)
+    wing = WingRun(
+        mode="segment",
+        settings={"model": str(layout.model_folder.resolve()), "folds": folds, "mirroring": options.mirroring},
+        network=lambda plan: _network(layout, folds, device, options, plan, fingerprint),
+        outputs=options.outputs(threshold=NNUNET_THRESHOLD),
+        record=lambda: {"model": {"work": str(layout.work), "model_folder": str(layout.model_folder), "folds": folds,
+                                  "framework": "nnU-Net v2", "fingerprint": fingerprint},
+                        "training": training, "folds": folds, "mirroring": options.mirroring,
+                        "device": device.type, "threshold": NNUNET_THRESHOLD},
+        versions=("nnunetv2", "torch"),
+    )
+    result = predict_folder(options, wing, out, inputs=inputs)
+    raise_failures(result)
+    finished = set(result.record["cases"])
+    return [mask_path(result.out, c.case_id) for c in inputs.cases if c.case_id in finished]
+
+
+@contextlib.contextmanager
+def _network(layout: WorkLayout, folds: list[int], device: Any, options: PredictOptions, inputs: InputPlan,
+             fingerprint: str) -> Iterator[Network]:
+    """nnU-Net's predictor for ``folds``, as the runner's :class:`Network` (inside nnU-Net's environment)."""
     with nnunet_environment(layout.work):
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -172,30 +165,9 @@ def predict(dataset: str | Path | None, work: str | Path, out: str | Path, optio
         predictor.initialize_from_trained_model_folder(str(layout.model_folder), use_folds=tuple(folds))
         log.info("nnU-Net: %d case(s), folds %s, mirroring %s, on %s", len(inputs.cases), folds,
                  "on" if options.mirroring else "off", device)
-        net = Network(name="nnunet", fingerprint=layout_fingerprint(layout, folds),
+        yield Network(name="nnunet", fingerprint=fingerprint,
                       segment=lambda volume, z, spacing_zyx: lesion_probability(predictor, volume[z], spacing_zyx),
                       crop=options.crop)
-        outputs = Outputs(threshold=0.5, probabilities=options.probabilities, dicom_seg=options.dicom_seg,
-                          preview=options.preview, bones=None if options.bones is None else Path(options.bones),
-                          bones_from=options.bones_from)
-        done, failures, seconds = run_cases(folder, inputs.cases, net, outputs, strict=inputs.strict)
-    failures = inputs.failures + failures
-    folder.finish({
-        "mode": "segment", "model": {"work": str(layout.work), "model_folder": str(layout.model_folder),
-                                     "folds": folds, "framework": "nnU-Net v2",
-                                     "fingerprint": layout_fingerprint(layout, folds)},
-        "training": training,
-        "folds": folds, "mirroring": options.mirroring, "device": device.type, **inputs.describe(options.cases),
-        "shard": None if options.shard is None else {"index": options.shard[0], "count": options.shard[1]},
-        "cases_run": [p["case"] for p in done], "failed": failures, "orientation": CANONICAL,
-        "threshold": 0.5, "crop": options.crop,
-        "outputs": {k: getattr(options, k) for k in ("probabilities", "dicom_seg", "preview")},
-        "timing": {"seconds_network": round(seconds, 3), "seconds_total": round(time.perf_counter() - t0, 3)},
-        "versions": {pkg: importlib.metadata.version(pkg) for pkg in ("nnunetv2", "torch")},
-    }, tables=lesion_tables())
-    if failures:
-        raise DataProblems(failures)
-    return [mask_path(folder.out, c.case_id) for c in inputs.cases if folder.done(c.case_id)]
 
 
 def layout_fingerprint(layout: WorkLayout, folds: Sequence[int]) -> str:

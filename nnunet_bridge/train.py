@@ -19,7 +19,6 @@ since each fold writes only its own ``fold_K`` folder.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import shutil
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from analysis.cohort.layout import Cohort
 from analysis.errors import InputError
 from analysis.imaging.io import atomic_write_json, read_json
+from analysis.records import versions
 from nnunet_bridge.convert import convert_patients, nnunet_splits, write_splits_final
 from nnunet_bridge.device import resolve_device
 from nnunet_bridge.env import (
@@ -202,7 +202,7 @@ def _settings(cohort: Cohort, options: TrainOptions, schedule: dict[str, int], d
         "configuration": CONFIGURATION, "trainer": TRAINER, "plans": PLANS,
         "folds": list(options.folds), "schedule": schedule, "device": device, "num_gpus": options.num_gpus,
         "resume": options.resume,
-        "versions": {pkg: importlib.metadata.version(pkg) for pkg in ("nnunetv2", "torch")},
+        "versions": versions("nnunetv2", "torch"),
     }
 
 

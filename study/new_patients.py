@@ -4,7 +4,6 @@ their previews and patient rows, and the check against the phantoms' known lesio
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import numpy as np
 
 from analysis.evaluation.metrics import overlap
 from analysis.imaging.io import read_array
+from analysis.prediction.folder import read_record
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -40,7 +40,7 @@ def new_patients_section(out: Path, figures: Path, table) -> list[str]:
               "Dice vs known lesions", "DICOM-SEG"]
     rows: list[list[Any]] = []
     for folder in folders:
-        record = json.loads((folder / "predict.json").read_text(encoding="utf-8")) if (folder / "predict.json").is_file() else {}
+        record = read_record(folder, missing_ok=True) or {}
         for p in _rows(folder / "patients.csv"):
             case = p["case"]
             truth = root / "inputs" / "truth" / f"{case}.nii.gz"  # the phantom's lesions, in the input's geometry

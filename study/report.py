@@ -20,6 +20,7 @@ from typing import Any
 
 from analysis.evaluation import paper
 from analysis.imaging.io import atomic_directory, atomic_write_text
+from analysis.prediction.folder import read_record
 from study.new_patients import new_patients_section
 
 SYNTHETIC = ("**The cohort is synthetic.** Every number below comes from a computer-generated CT phantom "
@@ -76,11 +77,8 @@ def thresholds_section(out: Path, models: list[str]) -> list[str]:
     beside the one ``train`` calibrated on the validation patients (``calibration.json``)."""
     rows = []
     for model in models:
-        record_path = out / "predictions" / model / "predict.json"
-        if not record_path.is_file():
-            continue
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        if record.get("threshold") is None:
+        record = read_record(out / "predictions" / model, missing_ok=True)
+        if record is None or record.get("threshold") is None:
             continue
         cal_path = Path(record.get("model", {}).get("run", "")) / "calibration.json"
         cal = json.loads(cal_path.read_text(encoding="utf-8")) if cal_path.is_file() else {}

@@ -155,6 +155,35 @@ def test_both_wings_and_analyze_take_the_pred_contract_from_one_module():
                 assert "cc3d" not in text, f"{path} computes lesion components itself"
 
 
+def _class_fields(path: Path, name: str) -> tuple[list[str], list[str]]:
+    """``(bases, annotated field names)`` of class ``name`` in ``path``."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            bases = [ast.unparse(b) for b in node.bases]
+            names = [s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)]
+            return bases, names
+    raise AssertionError(f"{path}: no class {name}")
+
+
+def test_both_wings_build_their_options_on_the_one_prediction_request():
+    _, shared = _class_fields(ROOT / "analysis" / "prediction" / "request.py", "PredictRequest")
+    assert {"cases", "shard", "series", "probabilities", "dicom_seg", "preview", "crop", "bones", "bones_from",
+            "min_size", "overwrite"} <= set(shared)
+    for wing in ("bonemets_tf", "nnunet_bridge"):
+        path = ROOT / wing / "predict.py"
+        bases, own = _class_fields(path, "PredictOptions")
+        assert bases == ["PredictRequest"], f"{path}: PredictOptions must extend the shared PredictRequest"
+        assert not set(own) & set(shared), f"{path} redeclares shared fields {sorted(set(own) & set(shared))}"
+        imports = _imports(path)
+        assert "analysis.prediction.request" in imports and "analysis.prediction.request.predict_folder" in imports
+        text = path.read_text(encoding="utf-8")
+        for private in ("PredictionFolder(", "run_cases(", "plan_inputs(", ".finish("):
+            assert private not in text, f"{path} runs {private!r} itself instead of predict_folder"
+    cli = (ROOT / "cli.py").read_text(encoding="utf-8")
+    for option in ('"--probabilities"', '"--dicom-seg"', '"--bones-from"', '"--min-size"', '"--shard"'):
+        assert cli.count(option) == 1, f"cli.py declares {option} {cli.count(option)} times (one decorator)"
+
+
 def _check_stages(kinds: tuple[str, ...]) -> None:
     code = f"""
 from pathlib import Path

@@ -78,15 +78,8 @@ from analysis.lesions import (
     lesion_table,
     match_lesions,
 )
-from analysis.prediction.folder import (
-    PROBABILITIES,
-    RECORD,
-    SLICES_CSV,
-    check_ct,
-    discover_models,
-    mask_path,
-    read_slices_csv,
-)
+from analysis.prediction.folder import (PROBABILITIES, RECORD, SLICES_CSV, check_ct, discover_models, mask_path,
+                                       read_record, read_slices_csv)
 from analysis.prediction.probabilities import read_probability
 from analysis.records import csv_text, versions
 from analysis.resources import ANALYZE_BYTES_PER_VOXEL, require_memory, voxels
@@ -502,17 +495,10 @@ def training_records(predictions: Path, models: Sequence[str]) -> dict[str, dict
     Raises:
         InputError: a ``predict.json`` that is not JSON, or whose ``"training"`` is not an object.
     """
-    import json
-
     out: dict[str, dict[str, Any] | None] = {}
     for model in models:
         path = predictions / model / RECORD
-        record = None
-        if path.is_file():
-            try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InputError(f"{path}: not valid JSON ({exc})") from None
+        record = read_record(predictions / model, missing_ok=True)
         training = record.get("training") if isinstance(record, dict) else None
         if training is not None and not isinstance(training, dict):
             raise InputError(f"{path}: 'training' must be an object (the model's training status)")
@@ -528,11 +514,10 @@ def calibrated_detector_thresholds(predictions: Path, detectors: Sequence[str]) 
 
     out: dict[str, float] = {}
     for model in detectors:
-        path = predictions / model / RECORD
         try:
-            run = json.loads(path.read_text(encoding="utf-8"))["model"]["run"]
+            run = read_record(predictions / model)["model"]["run"]
             record = json.loads((Path(run) / "calibration.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (InputError, OSError, ValueError, KeyError, TypeError):
             continue
         t = record.get("threshold") if isinstance(record, dict) and record.get("task") == "detect" else None
         if isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 <= t <= 1.0:

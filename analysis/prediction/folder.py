@@ -49,13 +49,14 @@ from analysis.imaging.io import (
     remove_stale_partials,
 )
 from analysis.prediction.shards import Shard, shard_cases
+from analysis.records import csv_text
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MASK_SUFFIX", "SLICES_CSV", "DETECTOR_CSV", "RECORD", "PROBABILITIES", "DICOM_SEG", "PREVIEW",
            "SUBFOLDERS", "SLICES_COLUMNS", "PARTS", "mask_path", "check_output_folder", "select_cases",
            "check_ct", "remove_small_components", "format_slices_csv", "read_slices_csv", "discover_models",
-           "PredictionFolder", "settings_fingerprint"]
+           "PredictionFolder", "settings_fingerprint", "read_record"]
 
 MASK_SUFFIX = ".nii.gz"
 SLICES_CSV = "slices.csv"
@@ -144,11 +145,7 @@ def remove_small_components(mask: np.ndarray, min_size: int, connectivity: int =
 
 def format_slices_csv(rows: Iterable[tuple[str, int, float]]) -> str:
     """``slices.csv`` text: header ``case,slice,probability``, probabilities to 6 significant digits."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(SLICES_COLUMNS)
-    writer.writerows((case, int(z), f"{float(p):.6g}") for case, z, p in rows)
-    return buf.getvalue()
+    return csv_text(SLICES_COLUMNS, ((case, int(z), float(p)) for case, z, p in rows), digits=6)
 
 
 def read_slices_csv(path: Path, n_slices: dict[str, int], known_cases: Iterable[str]) -> dict[str, np.ndarray]:
@@ -240,6 +237,33 @@ def discover_models(predictions: Path) -> tuple[list[str], list[str]]:
     if not segmenters and not detectors:
         raise InputError(f"{predictions}: no model folders; expected PRED/<model>/<case>.nii.gz or PRED/<model>/{SLICES_CSV}")
     return segmenters, detectors
+
+
+# --- predict.json -------------------------------------------------------------------------
+
+
+def read_record(folder: str | os.PathLike, *, missing_ok: bool = False) -> dict[str, Any] | None:
+    """``folder/predict.json``, the record :meth:`PredictionFolder.finish` writes: the one reader.
+
+    Args:
+        folder: a PRED folder ``PRED/<model>/``.
+        missing_ok: return None when the folder has no record instead of raising.
+
+    Raises:
+        InputError: the record is missing (unless ``missing_ok``), not valid JSON or not an object.
+    """
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise InputError(f"{path}: prediction record not found (a PRED folder written by predict)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: expected a JSON object (a prediction record)")
+    return record
 
 
 # --- one folder filled by one or many runs -------------------------------------------------

@@ -76,14 +76,14 @@ def test_lps_ras_and_dicom_storage_give_one_mask(lively, tmp_path):
     write_array(ct, geometry, images / "lps.nii.gz")
     write_array(*_ras(ct, geometry), images / "ras_0000.nii.gz")
     write_dicom_series(ct, geometry, images / "site" / "pt 7", patient_id="PT7")  # with a localizer
-    r = _predict(lively, images, tmp_path / "out", "--probabilities")
+    r = _predict(lively, images, tmp_path / "out", "--probabilities", "--crop")  # the crop, too, is orientation-free
     assert r.exit_code == 0, r.output
     out = tmp_path / "out"
     probs = {c: _lps(out / "probabilities" / f"{c}.nii.gz") for c in ("lps", "ras", "site_pt_7")}
     assert probs["lps"].std() > 0.01  # the (untrained) network's answer varies over the image
     assert (probs["lps"] == probs["ras"]).all() and (probs["lps"] == probs["site_pt_7"]).all()
     t = float(np.quantile(probs["lps"], 0.8))  # a cut that gives a mask with something in it
-    r = _predict(lively, images, tmp_path / "cut", "--threshold", f"{t:.4f}")
+    r = _predict(lively, images, tmp_path / "cut", "--threshold", f"{t:.4f}", "--crop")
     assert r.exit_code == 0, r.output
     masks = {c: _lps(tmp_path / "cut" / f"{c}.nii.gz") for c in ("lps", "ras", "site_pt_7")}
     assert masks["lps"].any() and masks["lps"].sum() < masks["lps"].size
@@ -93,7 +93,8 @@ def test_lps_ras_and_dicom_storage_give_one_mask(lively, tmp_path):
     dicom = record["per_case"]["site_pt_7"]["input"]["dicom"]
     assert dicom["n_slices"] == 6 and [s["reason"] for s in dicom["skipped"]] == ["localizer"]
     assert all(len(record["per_case"][c]["input"]["sha256"]) == 64 for c in record["cases"])
-    assert record["per_case"]["lps"]["crop"]["pixel_fraction"] < 1.0  # the body crop was on
+    assert record["per_case"]["lps"]["crop"]["pixel_fraction"] < 1.0  # the body crop was on (--crop)
+    assert record["request"]["crop"] is True and record["crop"] is True
 
 
 def test_a_mixed_folder_with_a_corrupt_file(runs, tmp_path):

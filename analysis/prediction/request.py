@@ -1,0 +1,250 @@
+"""One prediction request for both wings: what ``predict`` (Keras) and ``nnunet predict``
+(nnU-Net) share, declared, checked, run and recorded once.
+
+A wing builds a :class:`PredictRequest` from its command line (the shared click options are
+one decorator in ``cli.py``) or from a study stage, adds only what is its own (Keras: the
+RUN or SavedModel, ``--threshold auto``, the cascade, precision, the memory check; nnU-Net:
+folds, device, mirroring, the predictor) and hands both to :func:`predict_folder`, which:
+
+1. checks the request and plans the inputs (:func:`analysis.prediction.runner.plan_inputs`:
+   a cohort's ``--cases`` or new patients' ``--images``, the shard, the DICOM series);
+2. opens the PRED folder (:class:`analysis.prediction.folder.PredictionFolder`) with the
+   settings that decide its content (the wing's model settings plus the request's);
+3. opens the wing's network only then (heavy imports after the cheap checks) and runs the
+   cases (:func:`analysis.prediction.runner.run_cases`);
+4. writes ``predict.json`` with the common record (inputs, shard, cases, failures,
+   orientation, output options, timing, versions) merged with the wing's own.
+
+The same shape as TotalSegmentator's ``python_api``, which mirrors its command line one to one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Mapping
+
+from analysis.errors import DataProblems, InputError
+from analysis.imaging.orientation import CANONICAL
+from analysis.prediction.folder import PredictionFolder
+from analysis.prediction.runner import InputPlan, Network, Outputs, lesion_tables, plan_inputs, run_cases
+from analysis.prediction.shards import Shard, check_shard, parse_shard
+from analysis.records import versions
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BONES_FROM", "CONNECTIVITY", "PredictRequest", "WingRun", "PredictResult", "plan_request", "predict_folder",
+           "raise_failures"]
+
+#: What a bone map holds: the cohort's own bone codes, or TotalSegmentator "total" ids.
+BONES_FROM = ("project", "totalsegmentator")
+#: Connectivity of the 3D lesions (``--min-size``, lesion tables).
+CONNECTIVITY = 26
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """What both wings' prediction commands share (``predict`` and ``nnunet predict``).
+
+    Attributes:
+        cases: ``test``, ``all``, ``train`` or ``ID,ID,...`` (cohort input; see
+            :meth:`analysis.cohort.layout.Cohort.select`).
+        shard: ``(i, n)``: only ``sorted(cases)[i::n]`` (0-based), so n processes fill one folder.
+        series: SeriesInstanceUID to use among a folder's DICOM series.
+        probabilities: also write ``probabilities/<case>.nii.gz`` (uint8, scale 1/255).
+        dicom_seg: also write ``dicom_seg/<case>.dcm`` for DICOM input.
+        preview: write ``preview/<case>.png``.
+        crop: run the segmenter on the body's bounding box (per slab) instead of whole slices.
+            Off by default in both wings: whole slices give the exact result; the crop is a
+            shortcut whose masks differ near the box's edge (BENCHMARKS.md, "New patients").
+        bones: folder of bone maps ``<case>.nii.gz`` for the lesion table's bone columns.
+        bones_from: ``project`` (the cohort's bone codes) or ``totalsegmentator`` ("total" ids).
+        min_size: remove 3D lesions (26-connected) smaller than this many voxels; 0 keeps all.
+        overwrite: replace a folder written with other settings, or redo finished cases.
+    """
+
+    cases: str = "test"
+    shard: Shard | None = None
+    series: str | None = None
+    probabilities: bool = False
+    dicom_seg: bool = False
+    preview: bool = True
+    crop: bool = False
+    bones: str | None = None
+    bones_from: str = "project"
+    min_size: int = 0
+    overwrite: bool = False
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "PredictRequest":
+        """The request from a mapping that may hold other (wing) keys too; ``shard`` may be ``"I/N"``.
+
+        >>> PredictRequest.from_options({"cases": "all", "shard": "1/4", "folds": [0]}).shard
+        (1, 4)
+        """
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in options.items() if k in names}
+        if isinstance(values.get("shard"), str):
+            values["shard"] = parse_shard(values["shard"])
+        elif values.get("shard") is not None:
+            values["shard"] = tuple(values["shard"])
+        return cls(**values)
+
+    def check(self) -> None:
+        """Raise :class:`InputError` (one line, naming the option) for an out-of-range value."""
+        if self.min_size < 0:
+            raise InputError(f"--min-size {self.min_size}: expected >= 0 voxels (0 disables it)")
+        if self.shard is not None:
+            check_shard(self.shard)
+        if self.bones_from not in BONES_FROM:
+            raise InputError(f"--bones-from {self.bones_from}: expected project or totalsegmentator")
+        if self.bones is not None and not Path(self.bones).is_dir():
+            raise InputError(f"--bones {self.bones}: not a folder; expected DIR/<case>.nii.gz bone maps")
+
+    def settings(self, *, segment: bool = True) -> dict[str, Any]:
+        """The request's part of the settings that decide a PRED folder's content (compared on a rerun:
+        not the cases, the shard or ``overwrite``)."""
+        if not segment:
+            return {"series": self.series}
+        return {"min_size_voxels": self.min_size,
+                **{k: getattr(self, k) for k in ("probabilities", "dicom_seg", "preview", "crop", "series", "bones",
+                                                 "bones_from")}}
+
+    def outputs(self, *, threshold: float, detector_threshold: float = 0.5) -> Outputs:
+        """What the runner writes per case besides the mask."""
+        return Outputs(threshold=float(threshold), min_size=self.min_size, detector_threshold=detector_threshold,
+                       probabilities=self.probabilities, dicom_seg=self.dicom_seg, preview=self.preview,
+                       lesions=True, bones=None if self.bones is None else Path(self.bones), bones_from=self.bones_from)
+
+    def to_json(self) -> dict[str, Any]:
+        """The request as JSON (``predict.json["request"]``)."""
+        return {**asdict(self), "shard": None if self.shard is None else list(self.shard)}
+
+
+@dataclass(frozen=True)
+class WingRun:
+    """What a wing adds to a request.
+
+    Attributes:
+        mode: ``segment``, ``detect`` or ``cascade``.
+        settings: the wing's settings that decide the folder's content (model, thresholds,
+            folds, mirroring, precision, ...); merged with the request's.
+        network: ``network(inputs)``: a context manager giving the wing's
+            :class:`~analysis.prediction.runner.Network`, opened after every cheap check
+            (``inputs`` gives the cases and their shapes, for a memory check).
+        outputs: per-case outputs (threshold, min size, ...): usually
+            :meth:`PredictRequest.outputs`.
+        record: ``record()``: the wing's own fields of ``predict.json`` (model, training,
+            thresholds and their source, folds, device, precision, ...), called after the run.
+        versions: the wing's distributions for ``predict.json["versions"]``.
+        slices_name: ``slices.csv`` (detector) or ``detector_slices.csv`` (cascade); None: none.
+        summary: ``summary(parts)``: fields over every finished case added to the record.
+    """
+
+    mode: str
+    settings: dict[str, Any]
+    network: Callable[[InputPlan], ContextManager[Network]]
+    outputs: Outputs
+    record: Callable[[], dict[str, Any]]
+    versions: tuple[str, ...] = ()
+    slices_name: str | None = None
+    summary: Callable[[dict[str, dict[str, Any]]], dict[str, Any]] | None = None
+
+    @property
+    def segments(self) -> bool:
+        return self.mode != "detect"
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """What :func:`predict_folder` did.
+
+    Attributes:
+        out: the PRED folder.
+        record: the ``predict.json`` record written.
+        done: the part records of the cases this run predicted.
+        failures: one line per case that could not be predicted (``--images``).
+    """
+
+    out: Path
+    record: dict[str, Any]
+    done: list[dict[str, Any]]
+    failures: list[str]
+
+
+def plan_request(request: PredictRequest, dataset: str | os.PathLike | None,
+                 images: str | os.PathLike | None) -> InputPlan:
+    """Check ``request`` and plan its inputs (no output is written).
+
+    Raises:
+        InputError: a bad option, neither or both of ``dataset``/``images``, bad cohort cases.
+        DataProblems: every ``--images`` input failed its cheap checks.
+    """
+    request.check()
+    return plan_inputs(dataset, images, cases=request.cases, shard=request.shard, series=request.series,
+                       dicom_seg=request.dicom_seg)
+
+
+def predict_folder(request: PredictRequest, wing: WingRun, out: str | os.PathLike, *,
+                   inputs: InputPlan) -> PredictResult:
+    """Run a wing's network over the planned inputs into the PRED folder ``out`` and write its record.
+
+    Args:
+        request: the shared options (checked by :func:`plan_request`).
+        wing: the wing's model, network and record.
+        out: ``PRED/NAME``.
+        inputs: from :func:`plan_request`.
+
+    Returns:
+        The folder, the record written, the cases done and the failures. The caller raises
+        :class:`DataProblems` for the failures (:func:`raise_failures`) after its own logging.
+
+    Raises:
+        InputError: ``out`` written with other settings (without ``overwrite``), a bad case of
+            a cohort (cohorts stop at the first bad case).
+    """
+    settings = {"mode": wing.mode, **wing.settings, "input": inputs.source, "orientation": CANONICAL,
+                **request.settings(segment=wing.segments)}
+    folder = PredictionFolder(out, settings, overwrite=request.overwrite)
+    t0 = time.perf_counter()
+    with wing.network(inputs) as net:
+        done, failures, seconds = run_cases(folder, inputs.cases, net, wing.outputs, strict=inputs.strict)
+    failures = inputs.failures + failures
+    slices = sum((p["slices"] if net.detect is not None else 0)
+                 + (p.get("segmented", 0) if net.segment is not None else 0) for p in done)
+    timing = {"seconds_network": round(seconds, 3), "network_slices": slices,
+              "slices_per_s": round(slices / seconds, 3) if seconds > 0 else None,
+              "seconds_total": round(time.perf_counter() - t0, 3)}
+    record = {"mode": wing.mode, **wing.record(), **_common_record(request, inputs, wing, done, failures),
+              "timing": timing, "versions": versions(*wing.versions, "numpy")}
+    written = folder.finish(record, slices_name=wing.slices_name,
+                            tables=lesion_tables() if wing.segments else (), summary=wing.summary)
+    log.info("predict: %d case(s) in %.1f s (%d slices through the networks in %.1f s); wrote %s", len(done),
+             timing["seconds_total"], slices, seconds, folder.out)
+    return PredictResult(out=folder.out, record=written, done=done, failures=failures)
+
+
+def _common_record(request: PredictRequest, inputs: InputPlan, wing: WingRun, done: list[dict[str, Any]],
+                   failures: list[str]) -> dict[str, Any]:
+    segment = wing.segments
+    return {
+        **inputs.describe(request.cases),
+        "shard": None if request.shard is None else {"index": request.shard[0], "count": request.shard[1]},
+        "cases_run": [p["case"] for p in done],
+        "failed": failures,
+        "orientation": CANONICAL,
+        "min_size_voxels": request.min_size if segment else None,
+        "connectivity": CONNECTIVITY,
+        "crop": request.crop if segment else None,
+        "outputs": {k: getattr(request, k) for k in ("probabilities", "dicom_seg", "preview")} if segment else None,
+        "bones": {"folder": request.bones, "kind": request.bones_from} if request.bones else None,
+        "request": request.to_json(),
+    }
+
+
+def raise_failures(result: PredictResult) -> None:
+    """Raise :class:`DataProblems` (one line per failed case) when some cases could not be predicted."""
+    if result.failures:
+        raise DataProblems(result.failures)
