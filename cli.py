@@ -320,6 +320,8 @@ def prediction_options(command):
         click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID."),
         click.option("--probabilities", is_flag=True, help="Also write probabilities/<case>.nii.gz (uint8, scale 1/255)."),
         click.option("--dicom-seg", is_flag=True, help="Also write dicom_seg/<case>.dcm (DICOM input only)."),
+        click.option("--sr", is_flag=True, help="Also write sr/<case>.dcm, a TID 1500 measurement report of the "
+                                                "lesions, with the SEG it references (DICOM input only)."),
         click.option("--preview/--no-preview", default=True, show_default=True, help="Draw preview/<case>.png."),
         click.option("--crop/--no-crop", default=False, show_default=True,
                      help="Run the segmenter on the body's bounding box instead of whole slices: faster, but masks "

@@ -1,8 +1,13 @@
 """DICOM Segmentation (SEG) output of a lesion mask, written with highdicom and verified by reading it back.
 
-The SEG is BINARY, uncompressed (Explicit VR Little Endian), with one segment:
+The SEG is BINARY, uncompressed (Explicit VR Little Endian). Given a 0/1 mask it holds one
+segment; given lesion labels (``labels``: ids ``1..N``, the ``lesion_id`` of ``lesions.csv``) it
+holds one segment per lesion, segment number = lesion id, so that OHIF's segmentation panel and
+3D Slicer's Segment Editor list, colour, show and hide each lesion on its own (both display
+segments, not regions of a segment) and a TID 1500 report (:mod:`analysis.imaging.dicom_sr`)
+references each lesion as its segment. Every segment has:
 
-- label "bone metastasis";
+- label "bone metastasis" (one segment) or "bone metastasis N" (lesion N);
 - category SCT 49755003 "Morphologically Abnormal Structure";
 - type SCT 14799000 "Neoplasm, Secondary";
 - algorithm type AUTOMATIC, AlgorithmIdentificationSequence: name = the model's name,
@@ -29,6 +34,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +121,32 @@ def _with_defaults(ds: pydicom.Dataset, thickness: float) -> pydicom.Dataset:
     return out
 
 
+def result_uid(seed: str, what: str) -> str:
+    """A deterministic UID of ``what`` for a result identified by ``seed`` (e.g. the source
+    SeriesInstanceUID and the model's fingerprint): ``2.25.`` and the integer of a name-based
+    UUID (RFC 4122 version 5), the UUID-derived form of DICOM PS3.5 B.2. The same prediction
+    sent twice carries the same Series/SOP Instance UIDs, so a PACS replaces or ignores it
+    instead of keeping two. (pydicom's ``generate_uid(prefix=None)`` ignores its entropy sources.)
+
+    >>> result_uid("1.2.3|abc", "seg")
+    '2.25.176536469783130981062538386292921105546'
+    """
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, f'{seed}|{what}').int}"
+
+
+def _check_labels(labels: np.ndarray, mask: np.ndarray, series: DicomSeries) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != mask.shape or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"labels for series {series.series_uid}: shape {labels.shape} dtype {labels.dtype}; expected "
+                         f"integer lesion ids of the mask's shape {mask.shape}")
+    if not np.array_equal(labels > 0, mask > 0):
+        raise InputError(f"labels for series {series.series_uid}: non-zero voxels differ from the mask's")
+    n = int(labels.max())
+    if n > 65535 or not np.array_equal(np.unique(labels[labels > 0]), np.arange(1, n + 1)):
+        raise InputError(f"labels for series {series.series_uid}: expected lesion ids 1..N, each present, N <= 65535")
+    return labels.astype(np.uint16, copy=False)
+
+
 def _check_mask(mask: np.ndarray, series: DicomSeries) -> np.ndarray:
     mask = np.asarray(mask)
     expected = (series.n_slices, series.rows, series.columns)
@@ -131,12 +163,17 @@ def _check_mask(mask: np.ndarray, series: DicomSeries) -> np.ndarray:
 
 
 def _build(mask: np.ndarray, series: DicomSeries, headers: list[pydicom.Dataset], *, model_name: str,
-           model_version: str, series_number: int, series_description: str) -> hd.seg.Segmentation:
+           model_version: str, series_number: int, series_description: str, per_lesion: bool,
+           uids: tuple[str, str]) -> hd.seg.Segmentation:
+    """``mask``: 0/1 (one segment) or lesion ids 1..N (``per_lesion``: segment i is lesion i)."""
     algorithm = hd.AlgorithmIdentificationSequence(name=model_name, family=ALGORITHM_FAMILY, version=model_version)
-    segment = hd.seg.SegmentDescription(
-        segment_number=1, segment_label=SEGMENT_LABEL, segmented_property_category=CATEGORY,
-        segmented_property_type=PROPERTY_TYPE, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm)
+    n = int(mask.max()) if per_lesion else 1
+    segments = [hd.seg.SegmentDescription(
+        segment_number=i, segment_label=f"{SEGMENT_LABEL} {i}" if per_lesion else SEGMENT_LABEL,
+        segmented_property_category=CATEGORY, segmented_property_type=PROPERTY_TYPE,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+        tracking_id=f"lesion {i}" if per_lesion else None,
+        tracking_uid=result_uid(uids[0], f"lesion {i}") if per_lesion else None) for i in range(1, n + 1)]
     row_spacing, col_spacing = series.pixel_spacing
     thickness = series.slice_thickness if series.slice_thickness else series.slice_spacing
     measures = hd.PixelMeasuresSequence(pixel_spacing=(row_spacing, col_spacing), slice_thickness=thickness,
@@ -144,15 +181,15 @@ def _build(mask: np.ndarray, series: DicomSeries, headers: list[pydicom.Dataset]
     if series.multiframe:
         # pixel_array[i] must be source frame i + 1; slice k is frame frame_numbers[k].
         n_frames = int(headers[0].get("NumberOfFrames", series.n_slices))
-        pixels = np.zeros((n_frames, series.rows, series.columns), np.uint8)
+        pixels = np.zeros((n_frames, series.rows, series.columns), mask.dtype)
         for k, num in enumerate(series.frame_numbers or []):
             pixels[num - 1] = mask[k]
     else:
         pixels = mask
     return hd.seg.Segmentation(
         source_images=[_with_defaults(ds, thickness) for ds in headers], pixel_array=pixels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
-        series_instance_uid=hd.UID(), series_number=series_number, sop_instance_uid=hd.UID(), instance_number=1,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
+        series_instance_uid=uids[0], series_number=series_number, sop_instance_uid=uids[1], instance_number=1,
         manufacturer="bonemets", manufacturer_model_name=model_name[:64],
         software_versions=f"bonemets {__version__}", device_serial_number=model_version[:64],
         transfer_syntax_uid=ExplicitVRLittleEndian, pixel_measures=measures,
@@ -190,7 +227,8 @@ def _frames_aligned(path: Path, series: DicomSeries) -> str | None:
 
 def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.PathLike, *, model_name: str,
                     model_version: str, series_number: int = 9900,
-                    series_description: str | None = None) -> dict[str, Any]:
+                    series_description: str | None = None, labels: np.ndarray | None = None,
+                    uid_seed: str | None = None) -> dict[str, Any]:
     """Write a lesion mask as a DICOM SEG of its source series, verified before it is moved into place.
 
     The SEG is written to a temporary file in ``out_path``'s folder, read back with
@@ -208,6 +246,10 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
             (AlgorithmVersion, DeviceSerialNumber).
         series_number: SeriesNumber of the new SEG series.
         series_description: SeriesDescription; default ``"bonemets <model_name>"``.
+        labels: lesion ids ``(slices, rows, cols)`` 1..N where ``mask`` is 1 (the ``lesion_id`` of
+            ``lesions.csv``): one segment per lesion, segment number = lesion id. None: one segment.
+        uid_seed: derive the Series and SOP Instance UIDs from this (:func:`result_uid`), e.g.
+            ``"<source SeriesInstanceUID>|<model fingerprint>"``; None: new random UIDs.
 
     Returns:
         A JSON-able record. With lesion voxels::
@@ -228,7 +270,9 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
     """
     out_path = Path(out_path)
     mask = _check_mask(mask, series)
-    voxels = int(mask.sum())
+    if labels is not None:
+        mask = _check_labels(labels, mask, series)
+    voxels = int(np.count_nonzero(mask))
     if voxels == 0:
         return {"written": False, "path": None, "reason": "no lesion voxels", "lesion_voxels": 0,
                 "referenced_series_uid": series.series_uid}
@@ -237,8 +281,10 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
                          f"a DICOM SEG needs the source's frame of reference")
     start = time.perf_counter()
     headers = _source_headers(series)
+    uids = (result_uid(uid_seed, "seg-series"), result_uid(uid_seed, "seg")) if uid_seed else (hd.UID(), hd.UID())
     seg = _build(mask, series, headers, model_name=model_name, model_version=model_version,
-                 series_number=series_number, series_description=series_description or f"bonemets {model_name}")
+                 series_number=series_number, series_description=series_description or f"bonemets {model_name}",
+                 per_lesion=labels is not None, uids=uids)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     os.close(fd)
@@ -246,8 +292,8 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
     try:
         seg.save_as(tmp)
         back = _read_back(tmp, series)
-        if back.shape != mask.shape or not np.array_equal(back.astype(np.uint8), mask):
-            differ = int(np.count_nonzero(back.astype(np.uint8) != mask)) if back.shape == mask.shape else -1
+        if back.shape != mask.shape or not np.array_equal(back, mask):
+            differ = int(np.count_nonzero(back != mask)) if back.shape == mask.shape else -1
             raise InputError(f"{out_path}: the SEG read back differs from the mask ({differ} voxels, shapes "
                              f"{back.shape} vs {mask.shape}); not written")
         misaligned = _frames_aligned(tmp, series)
@@ -266,6 +312,7 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
         "sop_instance_uid": str(seg.SOPInstanceUID), "series_instance_uid": str(seg.SeriesInstanceUID),
         "study_uid": str(seg.StudyInstanceUID), "frame_of_reference_uid": str(seg.FrameOfReferenceUID),
         "referenced_series_uid": series.series_uid, "n_frames": int(seg.NumberOfFrames), "lesion_voxels": voxels,
+        "segments": len(seg.SegmentSequence),
         "segment": {"label": SEGMENT_LABEL, "category": _code_record(CATEGORY), "type": _code_record(PROPERTY_TYPE)},
         "algorithm": {"name": model_name, "version": model_version, "family": _code_record(ALGORITHM_FAMILY)},
         "verified": "read back with highdicom: voxel for voxel equal; every frame at its source image's position",

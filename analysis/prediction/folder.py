@@ -53,7 +53,7 @@ from analysis.records import csv_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MASK_SUFFIX", "SLICES_CSV", "DETECTOR_CSV", "RECORD", "PROBABILITIES", "DICOM_SEG", "PREVIEW",
+__all__ = ["MASK_SUFFIX", "SLICES_CSV", "DETECTOR_CSV", "RECORD", "PROBABILITIES", "DICOM_SEG", "SR", "PREVIEW",
            "SUBFOLDERS", "SLICES_COLUMNS", "PARTS", "mask_path", "check_output_folder", "select_cases",
            "check_ct", "remove_small_components", "format_slices_csv", "read_slices_csv", "discover_models",
            "PredictionFolder", "settings_fingerprint", "read_record"]
@@ -64,9 +64,11 @@ DETECTOR_CSV = "detector_slices.csv"
 RECORD = "predict.json"
 PROBABILITIES = "probabilities"
 DICOM_SEG = "dicom_seg"
+#: TID 1500 measurement reports (DICOM SR) of DICOM input, ``sr/<case>.dcm``.
+SR = "sr"
 PREVIEW = "preview"
 #: Sub-folders of a model folder: parts of the model's output, never models or cases.
-SUBFOLDERS = (PROBABILITIES, DICOM_SEG, PREVIEW)
+SUBFOLDERS = (PROBABILITIES, DICOM_SEG, SR, PREVIEW)
 SLICES_COLUMNS = ("case", "slice", "probability")
 #: Hidden folder of per-case part records (ignored by every reader).
 PARTS = ".parts"

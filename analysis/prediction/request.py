@@ -55,6 +55,8 @@ class PredictRequest:
         series: SeriesInstanceUID to use among a folder's DICOM series.
         probabilities: also write ``probabilities/<case>.nii.gz`` (uint8, scale 1/255).
         dicom_seg: also write ``dicom_seg/<case>.dcm`` for DICOM input.
+        sr: also write ``sr/<case>.dcm`` for DICOM input, a TID 1500 measurement report of the
+            lesions (:mod:`analysis.imaging.dicom_sr`), with the SEG it references.
         preview: write ``preview/<case>.png``.
         crop: run the segmenter on the body's bounding box (per slab) instead of whole slices.
             Off by default in both wings: whole slices give the exact result; the crop is a
@@ -70,6 +72,7 @@ class PredictRequest:
     series: str | None = None
     probabilities: bool = False
     dicom_seg: bool = False
+    sr: bool = False
     preview: bool = True
     crop: bool = False
     bones: str | None = None
@@ -110,12 +113,13 @@ class PredictRequest:
             return {"series": self.series}
         return {"min_size_voxels": self.min_size,
                 **{k: getattr(self, k) for k in ("probabilities", "dicom_seg", "preview", "crop", "series", "bones",
-                                                 "bones_from")}}
+                                                 "bones_from")},
+                **({"sr": True} if self.sr else {})}
 
     def outputs(self, *, threshold: float, detector_threshold: float = 0.5) -> Outputs:
         """What the runner writes per case besides the mask."""
         return Outputs(threshold=float(threshold), min_size=self.min_size, detector_threshold=detector_threshold,
-                       probabilities=self.probabilities, dicom_seg=self.dicom_seg, preview=self.preview,
+                       probabilities=self.probabilities, dicom_seg=self.dicom_seg, sr=self.sr, preview=self.preview,
                        lesions=True, bones=None if self.bones is None else Path(self.bones), bones_from=self.bones_from)
 
     def to_json(self) -> dict[str, Any]:
@@ -184,7 +188,7 @@ def plan_request(request: PredictRequest, dataset: str | os.PathLike | None,
     """
     request.check()
     return plan_inputs(dataset, images, cases=request.cases, shard=request.shard, series=request.series,
-                       dicom_seg=request.dicom_seg)
+                       dicom_seg=request.dicom_seg or request.sr)
 
 
 def predict_folder(request: PredictRequest, wing: WingRun, out: str | os.PathLike, *,
@@ -238,7 +242,7 @@ def _common_record(request: PredictRequest, inputs: InputPlan, wing: WingRun, do
         "min_size_voxels": request.min_size if segment else None,
         "connectivity": CONNECTIVITY,
         "crop": request.crop if segment else None,
-        "outputs": {k: getattr(request, k) for k in ("probabilities", "dicom_seg", "preview")} if segment else None,
+        "outputs": {k: getattr(request, k) for k in ("probabilities", "dicom_seg", "sr", "preview")} if segment else None,
         "bones": {"folder": request.bones, "kind": request.bones_from} if request.bones else None,
         "request": request.to_json(),
     }

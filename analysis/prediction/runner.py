@@ -42,6 +42,7 @@ from analysis.prediction.folder import (
     DICOM_SEG,
     PREVIEW,
     PROBABILITIES,
+    SR,
     PredictionFolder,
     check_ct,
     mask_path,
@@ -99,7 +100,10 @@ class Outputs:
         min_size: remove 3D components (26-connected) smaller than this many voxels.
         detector_threshold: cascade: slices whose detector probability is >= this are segmented.
         probabilities: write ``probabilities/<case>.nii.gz``.
-        dicom_seg: write ``dicom_seg/<case>.dcm`` (DICOM input only).
+        dicom_seg: write ``dicom_seg/<case>.dcm`` (DICOM input only): one segment per lesion
+            when the lesions are computed.
+        sr: write ``sr/<case>.dcm``, the TID 1500 report of the lesions referencing the SEG
+            (DICOM input only; :mod:`analysis.imaging.dicom_sr`).
         preview: write ``preview/<case>.png``.
         lesions: compute the case's lesion and patient rows.
         bones: ``DIR`` of bone maps ``DIR/<case>.nii.gz``; None: none.
@@ -111,6 +115,7 @@ class Outputs:
     detector_threshold: float = 0.5
     probabilities: bool = False
     dicom_seg: bool = False
+    sr: bool = False
     preview: bool = True
     lesions: bool = True
     bones: Path | None = None
@@ -362,11 +367,20 @@ def _case_figures(case: InputCase, mask: np.ndarray, native: np.ndarray, geometr
 
         write_preview(staging / PREVIEW / f"{case.case_id}.png", native, mask, geometry, labels,
                       title=f"{case.case_id}: {net.name}, {part.get('lesions', int(mask.any()))} lesion(s)")
-    if outputs.dicom_seg and case.series is not None:
+    if (outputs.dicom_seg or outputs.sr) and case.series is not None:
         from analysis.imaging.dicom_seg import write_dicom_seg
 
-        part["dicom_seg"] = write_dicom_seg(mask, case.series, staging / DICOM_SEG / f"{case.case_id}.dcm",
-                                            model_name=net.name, model_version=net.fingerprint)
+        # results carry UIDs derived from the source series and the model: a resend replaces
+        seed = f"{case.series.series_uid}|{net.fingerprint}"
+        seg = write_dicom_seg(mask, case.series, staging / DICOM_SEG / f"{case.case_id}.dcm", model_name=net.name,
+                              model_version=net.fingerprint, labels=labels, uid_seed=seed)
+        part["dicom_seg"] = seg
+        if outputs.sr:
+            from analysis.imaging.dicom_sr import write_measurement_report
+
+            part["sr"] = write_measurement_report(case.series, staging / SR / f"{case.case_id}.dcm",
+                                                  lesions=part.get("lesion_rows", []), seg_path=seg["path"],
+                                                  model_name=net.name, model_version=net.fingerprint, uid_seed=seed)
 
 
 def run_cases(folder: PredictionFolder, cases: Sequence[InputCase], net: Network, outputs: Outputs, *,

@@ -1,0 +1,251 @@
+"""A lesion measurement report as a DICOM Comprehensive 3D SR, TID 1500 ("Measurement Report"),
+written with highdicom and verified by reading it back.
+
+What a radiologist reads from a PACS instead of ``lesions.csv``:
+
+- one TID 1411 volumetric measurement group per lesion, with a tracking identifier (text
+  ``"lesion N"``, N the ``lesion_id`` of ``lesions.csv``, and a UID: the segment's TrackingUID in
+  the SEG, or one derived from ``uid_seed``), the lesion referenced as segment N of the DICOM
+  SEG (:mod:`analysis.imaging.dicom_seg`, one segment per lesion), finding type SCT 14799000
+  "Neoplasm, Secondary" (the SEG's property type), and the measurements:
+
+  * SCT 118565006 "Volume" in UCUM ``cm3`` (1 cm3 = 1 ml: ``volume_ml``);
+  * DCM 112031 "Attenuation Coefficient" in UCUM ``[hnsf'U]`` with derivation SCT 373098007
+    "Mean" (``hu_mean``) and SCT 56851009 "Maximum" (``hu_max``), the way dcmqi and 3D Slicer's
+    Quantitative Reporting encode region statistics (TID 1419 concept + CID 7464 derivation);
+
+  and, when a bone map is known, the finding site (TID 1411 row 7, SNOMED CT body structures:
+  :data:`BONE_SITES`);
+- one TID 1501 measurement group "all lesions" with SCT 246206008 "Number of lesions" (UCUM
+  ``1``) and the total Volume (``cm3``), the patient-level numbers of ``patients.csv``;
+- the algorithm's name and version (TID 4019) in every group, and the model as the device
+  observer (TID 1004).
+
+The report sits in the source's Study (highdicom copies Patient/Study from the evidence: the
+SEG, then the source images) and lists the SEG and the source series as evidence.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import highdicom as hd
+import pydicom
+from pydicom.sr.codedict import codes
+
+from analysis import __version__
+from analysis.errors import InputError
+from analysis.imaging.dicom import DicomSeries
+from analysis.imaging.dicom_seg import PROPERTY_TYPE, _with_defaults, result_uid
+from analysis.imaging.io import atomic_file
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BONE_SITES", "write_measurement_report", "read_measurement_report"]
+
+#: Finding sites of the project's bone regions (``bone`` of ``lesions.csv``), SNOMED CT body
+#: structures as pydicom's SNOMED table (from DICOM PS3.16) names them. "extremity" is told apart
+#: by ``weight_bearing`` (lower limb: weight-bearing, analysis.lesions.WEIGHT_BEARING_CODES).
+BONE_SITES = {
+    "skull": codes.SCT.BoneStructureOfCranium,      # 89546000
+    "spine": codes.SCT.BoneStructureOfSpine,        # 51282000
+    "rib": codes.SCT.BoneStructureOfRib,            # 113197003
+    "pelvis": codes.SCT.BoneStructureOfPelvis,      # 118645006
+    ("extremity", False): codes.SCT.BoneOfUpperLimb,  # 371195002
+    ("extremity", True): codes.SCT.BoneOfLowerLimb,   # 72001000
+    "other": codes.SCT.BoneStructure,               # 272673000
+}
+VOLUME = codes.SCT.Volume
+CM3 = codes.UCUM.CubicCentimeter
+HU_NAME = codes.DCM.AttenuationCoefficient
+HU = codes.UCUM.HounsfieldUnit
+TOTAL_ID = "all lesions"
+#: Relative tolerance of a read-back value (DS holds at most 16 characters).
+_RTOL = 1e-6
+
+
+def _site(row: Mapping[str, Any]) -> list[hd.sr.FindingSite] | None:
+    bone = row.get("bone")
+    if not bone:
+        return None
+    code = BONE_SITES.get((bone, bool(row.get("weight_bearing")))) or BONE_SITES.get(bone)
+    return None if code is None else [hd.sr.FindingSite(anatomic_location=code)]
+
+
+def _lesion_group(row: Mapping[str, Any], seg: pydicom.Dataset | None, algorithm: hd.sr.AlgorithmIdentification,
+                  uid_seed: str) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    n = int(row["lesion_id"])
+    tracking_uid = None
+    if seg is not None:
+        segment = next(s for s in seg.SegmentSequence if int(s.SegmentNumber) == n)
+        tracking_uid = segment.get("TrackingUID")
+    tracking = hd.sr.TrackingIdentifier(uid=tracking_uid or result_uid(uid_seed, f"lesion {n}"),
+                                        identifier=f"lesion {n}")
+    measurements = [
+        hd.sr.Measurement(name=VOLUME, value=float(row["volume_ml"]), unit=CM3, algorithm_id=algorithm),
+        hd.sr.Measurement(name=HU_NAME, value=float(row["hu_mean"]), unit=HU, derivation=codes.SCT.Mean,
+                          algorithm_id=algorithm),
+        hd.sr.Measurement(name=HU_NAME, value=float(row["hu_max"]), unit=HU, derivation=codes.SCT.Maximum,
+                          algorithm_id=algorithm),
+    ]
+    referenced = None
+    if seg is not None:  # built here: from_segmentation needs per-frame segment items, a one-segment SEG shares them
+        referenced = hd.sr.ReferencedSegment(
+            sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID), segment_number=n,
+            source_series=hd.sr.SourceSeriesForSegmentation(str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)))
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking, referenced_segment=referenced, finding_type=PROPERTY_TYPE,
+        algorithm_id=algorithm, finding_sites=_site(row), measurements=measurements)
+
+
+def _total_group(rows: Sequence[Mapping[str, Any]], algorithm: hd.sr.AlgorithmIdentification,
+                 uid_seed: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    total = float(sum(float(r["volume_ml"]) for r in rows))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(uid_seed, TOTAL_ID), identifier=TOTAL_ID),
+        finding_type=PROPERTY_TYPE, algorithm_id=algorithm,
+        measurements=[hd.sr.Measurement(name=codes.SCT.NumberOfLesions, value=len(rows), unit=codes.UCUM.NoUnits,
+                                        algorithm_id=algorithm),
+                      hd.sr.Measurement(name=VOLUME, value=total, unit=CM3, algorithm_id=algorithm)])
+
+
+def read_measurement_report(path: str | os.PathLike) -> dict[str, Any]:
+    """The numbers of a report written by :func:`write_measurement_report`, read with highdicom.
+
+    Returns:
+        ``{"lesions": [{"lesion_id", "tracking_uid", "volume_ml", "hu_mean", "hu_max", "site",
+        "segment"}...], "count": int, "total_volume_ml": float, "sop_instance_uid": str,
+        "series_instance_uid": str, "study_uid": str}``; ``site`` is a SNOMED CT code value or
+        None, ``segment`` the referenced SEG segment number or None.
+
+    Raises:
+        InputError: not a readable TID 1500 report.
+    """
+    try:
+        sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
+        content = sr.content
+        groups = content.get_volumetric_roi_measurement_groups()
+        totals = [g for g in content.get_image_measurement_groups() if str(g.tracking_identifier) == TOTAL_ID]
+    except Exception as exc:  # highdicom/pydicom raise many kinds for a foreign file
+        raise InputError(f"{path}: not a readable TID 1500 measurement report ({type(exc).__name__}: {exc})") from None
+
+    def value(group: Any, name: Any, derivation: Any = None) -> float | None:
+        for m in group.get_measurements(name=name):
+            if derivation is None or (m.derivation is not None and m.derivation.value == derivation.value):
+                return float(m.value)
+        return None
+
+    lesions = []
+    for g in groups:
+        ident = str(g.tracking_identifier)
+        ref = g.referenced_segment
+        segment = None if ref is None else int(ref.referenced_segment_numbers[0])
+        sites = g.finding_sites
+        lesions.append({"lesion_id": int(ident.split()[-1]) if ident.startswith("lesion ") else None,
+                        "tracking_uid": str(g.tracking_uid), "volume_ml": value(g, VOLUME),
+                        "hu_mean": value(g, HU_NAME, codes.SCT.Mean), "hu_max": value(g, HU_NAME, codes.SCT.Maximum),
+                        "site": str(sites[0].value.value) if sites else None, "segment": segment})
+    total = totals[0] if totals else None
+    return {"lesions": lesions, "count": None if total is None else int(value(total, codes.SCT.NumberOfLesions)),
+            "total_volume_ml": None if total is None else value(total, VOLUME),
+            "sop_instance_uid": str(sr.SOPInstanceUID), "series_instance_uid": str(sr.SeriesInstanceUID),
+            "study_uid": str(sr.StudyInstanceUID)}
+
+
+def _verify(path: Path, rows: Sequence[Mapping[str, Any]], with_seg: bool) -> None:
+    back = read_measurement_report(path)
+    got = {r["lesion_id"]: r for r in back["lesions"]}
+    if sorted(got) != sorted(int(r["lesion_id"]) for r in rows) or back["count"] != len(rows):
+        raise InputError(f"{path}: the report read back lists lesions {sorted(got)} (count {back['count']}); "
+                         f"expected {len(rows)}; not written")
+    for row in rows:
+        n = int(row["lesion_id"])
+        for key in ("volume_ml", "hu_mean", "hu_max"):
+            if not math.isclose(got[n][key], float(row[key]), rel_tol=_RTOL, abs_tol=1e-9):
+                raise InputError(f"{path}: lesion {n} {key} read back {got[n][key]}, expected {row[key]}; not written")
+        if with_seg and got[n]["segment"] != n:
+            raise InputError(f"{path}: lesion {n} references segment {got[n]['segment']}; not written")
+    total = sum(float(r["volume_ml"]) for r in rows)
+    if not math.isclose(back["total_volume_ml"], total, rel_tol=_RTOL, abs_tol=1e-9):
+        raise InputError(f"{path}: total volume read back {back['total_volume_ml']}, expected {total}; not written")
+
+
+def write_measurement_report(series: DicomSeries, out_path: str | os.PathLike, *,
+                             lesions: Sequence[Mapping[str, Any]], seg_path: str | os.PathLike | None,
+                             model_name: str, model_version: str, uid_seed: str,
+                             series_number: int = 9901) -> dict[str, Any]:
+    """Write the lesions of one series as a TID 1500 report (module docstring), read back before
+    it is moved into place.
+
+    Args:
+        series: the source series (its files are the report's evidence).
+        out_path: the SR file to write (its folder is created).
+        lesions: one mapping per lesion with ``lesion_id`` (1..N), ``volume_ml``, ``hu_mean``,
+            ``hu_max`` and optionally ``bone`` (a region name of ``lesions.csv``, or None) and
+            ``weight_bearing`` (rows of ``lesions.csv``).
+        seg_path: the DICOM SEG of the same lesions, one segment per lesion (segment N = lesion
+            N), or None (no lesion voxels: no SEG; the report then says 0 lesions).
+        model_name: AlgorithmName and the device observer's name.
+        model_version: AlgorithmVersion (the model's fingerprint).
+        uid_seed: the Series/SOP Instance UIDs (and tracking UIDs without a SEG) derive from it
+            (:func:`analysis.imaging.dicom_seg.result_uid`): a resend replaces.
+        series_number: SeriesNumber of the report.
+
+    Returns:
+        ``{"written": True, "path", "bytes", "sop_instance_uid", "series_instance_uid",
+        "study_uid", "lesions", "total_volume_ml", "referenced_seg", "verified"}``.
+
+    Raises:
+        InputError: unreadable source headers or SEG, a SEG without a lesion's segment, or a
+            report that does not read back equal (nothing is left behind).
+    """
+    out_path = Path(out_path)
+    if lesions and seg_path is None:
+        raise InputError(f"{out_path}: {len(lesions)} lesion(s) but no SEG to reference; write the SEG first")
+    evidence: list[pydicom.Dataset] = []
+    seg = None
+    if seg_path is not None:
+        try:
+            seg = pydicom.dcmread(seg_path)
+        except Exception as exc:  # pydicom raises many kinds for a damaged file
+            raise InputError(f"{seg_path}: unreadable DICOM SEG ({type(exc).__name__})") from None
+        numbers = {int(item.SegmentNumber) for item in seg.SegmentSequence}
+        missing = sorted({int(r["lesion_id"]) for r in lesions} - numbers)
+        if missing:
+            raise InputError(f"{seg_path}: the SEG has no segment {missing[0]} (of {len(missing)} lesion(s) without "
+                             f"one); expected one segment per lesion (write_dicom_seg(labels=...))")
+        evidence.append(seg)
+    thickness = series.slice_thickness or series.slice_spacing
+    for f in sorted(set(series.files)):
+        try:
+            evidence.append(_with_defaults(pydicom.dcmread(f, stop_before_pixels=True), thickness))
+        except Exception as exc:  # pydicom raises many kinds for a damaged file
+            raise InputError(f"{f}: unreadable DICOM header ({type(exc).__name__})") from None
+    algorithm = hd.sr.AlgorithmIdentification(name=model_name[:64], version=model_version[:64])
+    device = hd.sr.DeviceObserverIdentifyingAttributes(uid=result_uid(model_version, "device observer"),
+                                                       name=model_name[:64], manufacturer_name="bonemets",
+                                                       model_name=model_name[:64])
+    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    rows = sorted(lesions, key=lambda r: int(r["lesion_id"]))
+    groups = [_lesion_group(r, seg, algorithm, uid_seed) for r in rows] + [_total_group(rows, algorithm, uid_seed)]
+    report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+                                     imaging_measurements=groups)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence, content=report, series_instance_uid=result_uid(uid_seed, "sr-series"),
+        series_number=series_number, sop_instance_uid=result_uid(uid_seed, "sr"), instance_number=1,
+        manufacturer="bonemets", is_complete=True, series_description=f"bonemets {model_name} report"[:64],
+        software_versions=f"bonemets {__version__}")
+    with atomic_file(out_path, suffix=".dcm") as tmp:
+        sr.save_as(tmp, enforce_file_format=True)
+        _verify(tmp, rows, seg is not None)
+    total = sum(float(r["volume_ml"]) for r in rows)
+    log.info("%s: TID 1500 report of %d lesion(s), %.3f ml", out_path, len(rows), total)
+    return {"written": True, "path": str(out_path), "bytes": out_path.stat().st_size,
+            "sop_instance_uid": str(sr.SOPInstanceUID), "series_instance_uid": str(sr.SeriesInstanceUID),
+            "study_uid": str(sr.StudyInstanceUID), "lesions": len(rows), "total_volume_ml": total,
+            "referenced_seg": None if seg is None else str(seg.SOPInstanceUID),
+            "verified": "read back with highdicom: every lesion's volume, mean and max HU and segment, and the total"}
