@@ -156,15 +156,38 @@ def split(dataset: str, test_fraction: float, folds: int, seed: int) -> None:
 @main.command("import-dicom")
 @click.argument("dicom_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--dataset", required=True, type=click.Path(path_type=str), help="Cohort folder (created when missing).")
-@click.option("--case", "case", required=True, help="Case id for the imported series.")
-@click.option("--label", type=click.Path(exists=True, dir_okay=False, path_type=str), help="Lesion mask (NIfTI/NRRD) with the CT's geometry.")
+@click.option("--case", "case", help="Case id for the imported series (not with --all).")
+@click.option("--label", type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="Lesion label: a mask (NIfTI/NRRD) with the CT's geometry, a DICOM-SEG or an RTSTRUCT of the series.")
+@click.option("--segment", metavar="NUMBER|LABEL|all", help="DICOM-SEG label: the segment (default: the only one; all: merged).")
+@click.option("--roi", "rois", multiple=True, metavar="NAME", help="RTSTRUCT label: the ROI (repeat to merge several).")
 @click.option("--series", help="SeriesInstanceUID to pick when the folder holds several series.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing case of the same id.")
-def import_dicom_cmd(dicom_dir: str, dataset: str, case: str, label: str | None, series: str | None, overwrite: bool) -> None:
-    """Import a CT DICOM series (HU) as imagesTr/ID_0000.nii.gz, with an optional mask."""
+@click.option("--all", "all_", is_flag=True, help="DICOM_DIR holds one folder per patient: import them all (resumable).")
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="With --all: CSV case,label_path[,roi_or_segment]; else a SEG/RTSTRUCT beside the series is used.")
+def import_dicom_cmd(dicom_dir: str, dataset: str, case: str | None, label: str | None, segment: str | None,
+                     rois: tuple[str, ...], series: str | None, overwrite: bool, all_: bool, labels_csv: str | None) -> None:
+    """Import a CT DICOM series (HU) as imagesTr/ID_0000.nii.gz with an optional label, or a whole export (--all)."""
+    if all_:
+        given = [name for name, value in (("--case", case), ("--label", label), ("--segment", segment),
+                                          ("--roi", rois), ("--series", series)) if value]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} choose within one case; with --all use --labels CSV")
+        from analysis.cohort.import_all import import_all
+
+        summary = import_all(dicom_dir, dataset, labels_csv=labels_csv, overwrite=overwrite,
+                             progress=lambda done, total, o: log.info("[%d/%d] %s: %s", done, total, o.case, o.status))
+        click.echo(summary.table())
+        if summary.failed:
+            raise DataProblems([f"case {o.case}: {o.message}" for o in summary.failed])
+        return
+    if case is None or labels_csv is not None:
+        raise click.UsageError("--case ID is required (or --all for a folder of patients; --labels goes with --all)")
     from analysis.cohort.imports import import_dicom
 
-    path = import_dicom(dicom_dir, dataset, case, label=label, series=series, overwrite=overwrite)
+    path = import_dicom(dicom_dir, dataset, case, label=label, series=series, overwrite=overwrite,
+                        segment=segment, rois=rois)
     click.echo(f"wrote {path}")
 
 

@@ -182,7 +182,7 @@ CASES = [
     ("validate", "label multi-label", multilabel, [L, "label values {2} found; expected only 0 and 1", "binarise"]),
     ("analyze", "label multi-label", multilabel, [L, "expected values 0 and 1, found 2", "binarise"]),
     ("import-dicom-label", "label multi-label", lambda w: dicom_and_mask(w, values=(0, 1, 3)),
-     ["mask.nii.gz", "label values [3] found; expected only 0 and 1", "binarise"]),
+     ["mask.nii.gz", "label values {3} found; expected only 0 and 1", "binarise"]),
     ("import-dicom-label", "label size", lambda w: dicom_and_mask(w, shape=(5, 12, 11)),
      ["mask.nii.gz", "size (11, 12, 5) differs from (10, 12, 5)"]),
     # NaN / infinite HU

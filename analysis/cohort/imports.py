@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -98,7 +99,7 @@ def import_bones(seg: str | os.PathLike, dataset: str | os.PathLike, case: str) 
 
 def import_dicom(dicom_dir: str | os.PathLike, dataset: str | os.PathLike, case: str, *,
                  label: str | os.PathLike | None = None, series: str | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, segment: str | None = None, rois: Sequence[str] = ()) -> Path:
     """Read a CT DICOM series and add it to a cohort as ``imagesTr/<case>_0000.nii.gz``.
 
     The series is chosen and read by :func:`analysis.imaging.dicom.read_dicom`: localizers, other
@@ -112,9 +113,13 @@ def import_dicom(dicom_dir: str | os.PathLike, dataset: str | os.PathLike, case:
         dicom_dir: folder directly holding the series' files.
         dataset: cohort folder.
         case: case id for the new case.
-        label: optional lesion mask (NIfTI/NRRD) with the CT's geometry; written to labelsTr.
+        label: optional lesion label, written to labelsTr: a mask file (NIfTI/NRRD) with the
+            CT's geometry, a DICOM-SEG or an RTSTRUCT of the series
+            (:func:`analysis.cohort.dicom_labels.label_for_series`).
         series: SeriesInstanceUID to use instead of the automatic choice.
         overwrite: replace an existing case of the same id.
+        segment: DICOM-SEG label only: segment number or label, or ``"all"``.
+        rois: RTSTRUCT label only: ROI names, merged.
 
     Returns:
         Path of the written image.
@@ -122,7 +127,10 @@ def import_dicom(dicom_dir: str | os.PathLike, dataset: str | os.PathLike, case:
     Raises:
         InputError: no CT series, only localizers, equally large series (pick one with
             ``series``), one slice, gaps or uneven spacing, gantry tilt, an existing case,
-            or a bad label.
+            or a bad label. Nothing is written then.
+
+    The label is written before the image, so a case whose image exists is complete
+    (what :func:`analysis.cohort.import_all.import_all` resumes by).
     """
     check_case_id(case)
     dicom_dir = Path(dicom_dir)
@@ -139,17 +147,15 @@ def import_dicom(dicom_dir: str | os.PathLike, dataset: str | os.PathLike, case:
 
     mask_arr = None
     if label is not None:
-        mask_arr, mgeom = read_array(label)
-        mismatch = geom.mismatch(mgeom)
-        if mismatch:
-            raise InputError(f"{label}: {mismatch} of the DICOM series in {dicom_dir}")
-        values = [v for v in np.unique(mask_arr).tolist() if v not in (0, 1)]
-        if values:
-            raise InputError(f"{label}: label values {values[:8]} found; expected only 0 and 1 "
-                             f"(a multi-label or probability mask? binarise it first)")
+        from analysis.cohort.dicom_labels import label_for_series
 
-    write_image(out, img_path)
+        mask_arr, kind = label_for_series(label, chosen, out, segment=segment, rois=rois)
+        log.info("%s: %s label, %d lesion voxels", label, kind, int(mask_arr.sum()))
+    elif segment is not None or rois:
+        raise InputError("--segment and --roi choose within a --label file; no --label was given")
+
     if mask_arr is not None:
-        write_array(mask_arr.astype(np.uint8), geom, lab_path)
+        write_array(mask_arr, geom, lab_path)
+    write_image(out, img_path)
     write_dataset_json(cohort.root, len(cohort.cases()))
     return img_path
