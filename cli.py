@@ -126,7 +126,10 @@ def phantom(out: str, cases: int, seed: int, shape, spacing, scale: str | None, 
 # ---- BEGIN validate/split/import ----
 @main.command()
 @click.argument("dataset", type=click.Path(file_okay=False, path_type=str))
-def validate(dataset: str) -> None:
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str),
+              help="Also write a quality-control report (index.html and PNGs, one row and overlay per case) here.")
+@click.option("--overwrite", is_flag=True, help="With --report: replace an existing non-empty report folder.")
+def validate(dataset: str, report_dir: str | None, overwrite: bool) -> None:
     """Check a cohort folder and print a summary table (exit 2 on any problem)."""
     from analysis.cohort.validate import validate_dataset
 
@@ -135,6 +138,11 @@ def validate(dataset: str) -> None:
         click.echo(f"warning: {warning}", err=True)
     if report.cases:
         click.echo(report.table())
+    if report_dir is not None:
+        from analysis.cohort.qc_report import write_qc_report
+
+        qc = write_qc_report(dataset, report_dir, problems=report.problems, overwrite=overwrite)
+        click.echo(f"wrote {qc.index} ({len(qc.rows)} cases, {qc.n_flagged} flagged)")
     if not report.ok:
         raise DataProblems(report.problems)
     click.echo(f"{dataset}: OK")
