@@ -17,13 +17,14 @@ from typing import Mapping
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+from pydicom.uid import RTStructureSetStorage, generate_uid
 from skimage.measure import find_contours
 
 from analysis.imaging.dicom import DicomSeries
+from tests.test_dicom import _base
 
 
 def mask_contours(mask_slice: np.ndarray) -> list[np.ndarray]:
@@ -64,16 +65,10 @@ def write_rtstruct(path: Path, rois: Mapping[str, np.ndarray], series: DicomSeri
             (without ContourImageSequence).
         empty_rois: ROI names defined without any contour.
     """
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.Modality = "RTSTRUCT"
+    ds = _base(RTStructureSetStorage, series_uid=generate_uid(), description="lesions", series_number=60,
+               modality="RTSTRUCT")
+    del ds.FrameOfReferenceUID            # an RTSTRUCT names it per ROI and in the referenced frames
     ds.StudyInstanceUID = series.study_uid
-    ds.SeriesInstanceUID = generate_uid()
     ds.PatientID = series.patient_id
     ds.StructureSetLabel = "lesions"
     for_uid = frame_of_reference or series.frame_of_reference_uid
