@@ -353,6 +353,8 @@ def prediction_options(command):
         click.option("--dicom-seg", is_flag=True, help="Also write dicom_seg/<case>.dcm (DICOM input only)."),
         click.option("--sr", is_flag=True, help="Also write sr/<case>.dcm, a TID 1500 measurement report of the "
                                                 "lesions, with the SEG it references (DICOM input only)."),
+        click.option("--sr", is_flag=True, help="Also write sr/<case>.dcm, a TID 1500 measurement report of the "
+                                                "lesions, with the SEG it references (DICOM input only)."),
         click.option("--preview/--no-preview", default=True, show_default=True, help="Draw preview/<case>.png."),
         click.option("--crop/--no-crop", default=False, show_default=True,
                      help="Run the segmenter on the body's bounding box instead of whole slices: faster, but masks "
@@ -516,6 +518,91 @@ def nnunet_predict_cmd(dataset: str | None, images: str | None, work: str, out: 
                       images=images)
     click.echo(f"wrote {len(written)} mask(s) to {out}")
 # ---- END nnunet ----
+
+# ---- BEGIN serve ----
+def _node_options(command):
+    """predict's own options that mean the same for the node (declared once in prediction_options);
+    its input comes from the network and its output goes to the spool, so not the others."""
+    before = list(getattr(command, "__click_params__", []))
+    command = prediction_options(command)
+    keep = {"crop", "min_size", "bones", "bones_from"}
+    command.__click_params__ = [p for p in command.__click_params__ if p.name in keep or p in before]
+    return command
+
+
+def _series_predictor(model: str | None, nnunet_work: str | None, options: dict):
+    """``predict_series(series_dir, out_dir)`` of the one wing asked for: the same prediction as
+    ``predict --images series_dir --dicom-seg --sr`` (or ``nnunet predict``); only that wing is imported."""
+    shared = {**options, "dicom_seg": True, "sr": True, "preview": False}
+    if model is not None:
+        from bonemets_tf.predict import PredictOptions, predict
+
+        opts = PredictOptions.from_options(shared)
+        return lambda series_dir, out: predict(model, None, out, options=opts, images=series_dir)
+    from nnunet_bridge.predict import PredictOptions, predict
+
+    opts = PredictOptions.from_options({k: v for k, v in shared.items() if k not in ("threshold", "precision")})
+    return lambda series_dir, out: predict(None, nnunet_work, out, opts, images=series_dir)
+
+
+@main.command("serve")
+@click.option("--model", default=None, type=click.Path(exists=True, path_type=str),
+              help="Keras RUN folder or SavedModel (as predict).")
+@click.option("--nnunet-work", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="nnU-Net work folder instead of --model (as nnunet predict).")
+@click.option("--spool", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Spool folder: received instances, jobs, failed/ and undelivered/ (a journal: restart with it).")
+@click.option("--destination", required=True, metavar="AE@HOST:PORT|dicomweb:URL",
+              help="Where SEG and SR go: a DICOM node (C-STORE) or a DICOMweb root (STOW-RS).")
+@click.option("--port", default=11112, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--ae-title", default="BONEMETS", show_default=True, help="The node's AE title.")
+@click.option("--allow", default=None, metavar="AE[,AE...]", help="Accept associations only from these calling AE titles.")
+@click.option("--idle-seconds", default=10.0, show_default=True, type=float,
+              help="A series is complete when no instance of it arrived for this long.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Series predicted at once.")
+@click.option("--no-dicom-seg", is_flag=True, help="Do not send the SEG.")
+@click.option("--no-sr", is_flag=True, help="Do not send the measurement report.")
+@click.option("--min-free-gb", default=1.0, show_default=True, type=float,
+              help="Refuse instances (out of resources) below this much free space on the spool's disk.")
+@click.option("--retries", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Delivery retries before a result goes to the spool's undelivered/ folder.")
+@click.option("--retry-seconds", default=5.0, show_default=True, type=float,
+              help="Wait before the first retry; doubled for each next one.")
+@click.option("--once", is_flag=True, help="Process what is in the spool (no listening) and exit.")
+@click.option("--resend", is_flag=True, help="First move undelivered results back to be delivered again.")
+@_node_options
+@click.option("--threshold", default="0.5", show_default=True, callback=_threshold_or_auto, metavar="P|auto",
+              help="Keras: as predict --threshold.")
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "mixed_bfloat16"]),
+              help="Keras: as predict --precision.")
+def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destination: str, port: int, host: str,
+              ae_title: str, allow: str | None, idle_seconds: float, workers: int, no_dicom_seg: bool, no_sr: bool,
+              min_free_gb: float, retries: int, retry_seconds: float, once: bool, resend: bool, **options) -> None:
+    """A DICOM node: receive CT (C-STORE) from a PACS, predict each complete series as
+    `predict --images` does, and send the SEG and the TID 1500 report back (C-STORE or STOW-RS)."""
+    import signal
+    from pathlib import Path
+
+    from analysis.node.deliver import Destination
+    from analysis.node.server import Node, NodeConfig
+    from analysis.node.spool import Spool
+
+    if (model is None) == (nnunet_work is None):
+        raise InputError("give either --model (Keras RUN or SavedModel) or --nnunet-work (nnU-Net work folder)")
+    config = NodeConfig(spool=Path(spool), destination=Destination.parse(destination), ae_title=ae_title, host=host,
+                        port=port, allow=tuple(a.strip() for a in allow.split(",") if a.strip()) if allow else (),
+                        idle_seconds=idle_seconds, workers=workers, min_free_gb=min_free_gb, retries=retries,
+                        retry_seconds=retry_seconds, deliver_seg=not no_dicom_seg, deliver_sr=not no_sr)
+    config.check()
+    if resend:
+        moved = Spool(config.spool).resend()
+        log.info("serve --resend: %d result folder(s) to deliver again", len(moved))
+    node = Node(config, _series_predictor(model, nnunet_work, options))
+    signal.signal(signal.SIGTERM, lambda *_: node.stop())
+    done = node.run(once=once)
+    click.echo(f"serve: {done} series predicted; spool {spool}")
+# ---- END serve ----
 
 # ==== whole study ===================================================================
 # ---- BEGIN demo ----

@@ -1,0 +1,291 @@
+"""The node's storage SCP (pynetdicom) and the loop that completes, predicts and delivers series.
+
+- C-ECHO is answered; C-STORE of CT (CT Image, Enhanced CT Image) is written to the spool
+  (:mod:`analysis.node.spool`); other instances are acknowledged and ignored with a log line.
+- A malformed instance (undecodable, no UIDs, pixel data shorter than its rows x columns x
+  frames) is answered 0xC210 / 0xA900 (failure) and logged; the rest of its series still goes.
+- With less than ``min_free_gb`` free on the spool's disk an instance is refused with 0xA700
+  ("Out of resources", PS3.4 Annex B.2.3).
+- Associations from calling AE titles outside ``allow`` are rejected (when given).
+- A series with no new instance for ``idle_seconds`` is complete: it is claimed and given to
+  ``predict_series(series_dir, out_dir)``, the same prediction as ``predict --images``; its
+  SEG and SR go to the destination, with at most ``retries`` retries ``retry_seconds`` x 2^k
+  apart, then to ``undelivered/`` with one log line.
+- SIGTERM (:meth:`Node.stop`) lets the running predictions finish, then the node exits.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from analysis.errors import DataProblems, InputError
+from analysis.node.deliver import DeliveryError, Destination, deliver
+from analysis.node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+#: ``predict_series(series_dir, out_dir)``: predict one series folder into the PRED folder
+#: ``out_dir`` (``dicom_seg/`` and ``sr/`` inside); raises InputError/DataProblems with predict's reason.
+PredictSeries = Callable[[Path, Path], Any]
+
+CT_STORAGE = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1")  # CT Image, Enhanced CT Image
+OUT_OF_RESOURCES, CANNOT_UNDERSTAND, DATASET_MISMATCH = 0xA700, 0xC210, 0xA900
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """How the node listens, waits, and delivers (the options of ``serve``)."""
+
+    spool: Path
+    destination: Destination
+    ae_title: str = "BONEMETS"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allow: tuple[str, ...] = ()
+    idle_seconds: float = 10.0
+    workers: int = 1
+    min_free_gb: float = 1.0
+    retries: int = 5
+    retry_seconds: float = 5.0
+    deliver_seg: bool = True
+    deliver_sr: bool = True
+
+    def check(self) -> None:
+        """Raise :class:`InputError` (one line, naming the option) for an out-of-range value."""
+        if not 0 < len(self.ae_title) <= 16:
+            raise InputError(f"--ae-title {self.ae_title!r}: expected 1 to 16 characters")
+        if not 0 <= self.port < 65536:
+            raise InputError(f"--port {self.port}: expected 0..65535")
+        for name, value in (("--idle-seconds", self.idle_seconds), ("--min-free-gb", self.min_free_gb),
+                            ("--retry-seconds", self.retry_seconds), ("--retries", self.retries)):
+            if value < 0:
+                raise InputError(f"{name} {value}: expected >= 0")
+        if self.workers < 1:
+            raise InputError(f"--workers {self.workers}: expected >= 1")
+
+
+def _pixel_problem(ds) -> str | None:
+    """Why a decoded CT instance cannot be used (None when it can)."""
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if not ds.get(keyword):
+            return f"no {keyword}"
+    if "PixelData" not in ds:
+        return "no PixelData"
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        return None
+    expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+                * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8)
+    got = len(ds.PixelData)
+    return None if got >= expected else f"PixelData of {got} bytes; {expected} expected (truncated)"
+
+
+class Node:
+    """The node: call :meth:`run`; :meth:`stop` (e.g. from SIGTERM) ends it after the running work."""
+
+    def __init__(self, config: NodeConfig, predict_series: PredictSeries) -> None:
+        config.check()
+        self.config = config
+        self.predict_series = predict_series
+        self.spool = Spool(config.spool)
+        self._stop = threading.Event()
+        self._assocs: dict[int, dict[str, int]] = {}
+        self._lock = threading.Lock()
+        self.server = None
+        self.started = time.time()
+
+    # --- the SCP ----------------------------------------------------------------------------
+
+    def listen(self) -> tuple[str, int]:
+        """Start the storage SCP in the background; returns the address it listens on."""
+        from pydicom.uid import AllTransferSyntaxes
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.config.ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+        ae.add_supported_context(Verification)
+        if self.config.allow:
+            ae.require_calling_aet = list(self.config.allow)
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted),
+                    (evt.EVT_REJECTED, self._on_rejected), (evt.EVT_RELEASED, self._on_end),
+                    (evt.EVT_ABORTED, self._on_end)]
+        self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        self.started = time.time()
+        host, port = self.server.server_address[:2]
+        log.info("serve: %s listening on %s:%d, spool %s, results to %s", self.config.ae_title, host, port,
+                 self.config.spool, self.config.destination)
+        return host, port
+
+    def _count(self, event, key: str) -> None:
+        with self._lock:
+            self._assocs.setdefault(id(event.assoc), {"stored": 0, "ignored": 0, "refused": 0})[key] += 1
+
+    def _on_accepted(self, event) -> None:
+        with self._lock:
+            self._assocs[id(event.assoc)] = {"stored": 0, "ignored": 0, "refused": 0}
+
+    def _on_rejected(self, event) -> None:
+        req = event.assoc.requestor
+        log.warning("association from %s (%s:%s) rejected: calling AE title not in --allow", req.ae_title,
+                    req.address, req.port)
+
+    def _on_end(self, event) -> None:
+        req = event.assoc.requestor
+        with self._lock:
+            counts = self._assocs.pop(id(event.assoc), None)
+        if counts is None:
+            return
+        how = "released" if event.event.name == "EVT_RELEASED" else "aborted"
+        log.info("association from %s (%s:%s) %s: %d instance(s) stored, %d ignored, %d refused", req.ae_title,
+                 req.address, req.port, how, counts["stored"], counts["ignored"], counts["refused"])
+
+    def _on_store(self, event) -> int:
+        if self.spool.free_gb() < self.config.min_free_gb:
+            log.error("refused an instance: %.2f GB free on the spool's disk, --min-free-gb %.2f",
+                      self.spool.free_gb(), self.config.min_free_gb)
+            self._count(event, "refused")
+            return OUT_OF_RESOURCES
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            sop_class = str(ds.get("SOPClassUID", event.request.AffectedSOPClassUID))
+            if sop_class not in CT_STORAGE:
+                log.info("ignored an instance of SOP class %s (%s): not CT", sop_class, ds.get("Modality", "?"))
+                self._count(event, "ignored")
+                return 0x0000
+            problem = _pixel_problem(ds)
+        except Exception as exc:  # pydicom raises many kinds for a malformed data set
+            log.error("refused an undecodable instance from %s: %s", event.assoc.requestor.ae_title,
+                      f"{type(exc).__name__}: {exc}"[:200])
+            self._count(event, "refused")
+            return CANNOT_UNDERSTAND
+        if problem:
+            log.error("refused instance %s of series %s: %s", ds.get("SOPInstanceUID"), ds.get("SeriesInstanceUID"),
+                      problem)
+            self._count(event, "refused")
+            return DATASET_MISMATCH
+        try:
+            self.spool.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                             event.encoded_dataset(include_meta=True))
+        except ValueError as exc:
+            log.error("refused an instance: %s", exc)
+            self._count(event, "refused")
+            return CANNOT_UNDERSTAND
+        except OSError as exc:
+            log.error("could not spool an instance: %s", exc)
+            self._count(event, "refused")
+            return OUT_OF_RESOURCES
+        self._count(event, "stored")
+        return 0x0000
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish the running predictions and deliveries, then return from :meth:`run`."""
+        self._stop.set()
+
+    def run(self, *, once: bool = False, poll: float = 0.2) -> int:
+        """Serve until :meth:`stop` (``once``: process the spool's content and return).
+
+        Returns:
+            The number of series predicted.
+        """
+        if not once and self.server is None:
+            self.listen()
+        done = 0
+        running: dict[str, Future] = {}
+        with ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="predict") as pool:
+            while True:
+                for job, future in list(running.items()):
+                    if future.done():
+                        running.pop(job)
+                        done += future.result()
+                if not self._stop.is_set():
+                    idle = 0.0 if once else self.config.idle_seconds
+                    for series in self.spool.complete_series(idle, 0.0 if once else self.started):
+                        self.spool.claim(series)
+                    for job in self.spool.to_predict():
+                        if job not in running and len(running) < self.config.workers:
+                            running[job] = pool.submit(self._predict, job)
+                waiting = self._deliver_due()
+                if self._stop.is_set() and not running:
+                    break
+                if once and not running and not self.spool.to_predict() and waiting is None:
+                    break
+                time.sleep(poll if waiting is None else max(0.0, min(poll, waiting)))
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        return done
+
+    def _predict(self, job: str) -> int:
+        spool = self.spool
+        t0 = time.perf_counter()
+        out = spool.job_path(job, "pred")
+        try:
+            self.predict_series(spool.job_path(job, "input"), out)
+        except DataProblems as exc:
+            self._failed(job, "; ".join(exc.problems))
+            return 0
+        except InputError as exc:
+            self._failed(job, str(exc))
+            return 0
+        results = []
+        if self.config.deliver_seg:
+            results += sorted((out / "dicom_seg").glob("*.dcm"))
+        if self.config.deliver_sr:
+            results += sorted((out / "sr").glob("*.dcm"))
+        lesions = _count_lesions(out)
+        spool.open_outbox(job, results)
+        log.info("series %s: predicted in %.1f s, %d lesion(s), %d result(s) to deliver", job.rsplit("-", 1)[0],
+                 time.perf_counter() - t0, lesions, len(results))
+        return 1
+
+    def _failed(self, job: str, reason: str) -> None:
+        target = self.spool.fail(job, reason)
+        log.error("series %s: not predicted (%s); kept in %s", job.rsplit("-", 1)[0], reason, target)
+
+    def _deliver_due(self) -> float | None:
+        """Deliver every outbox whose next attempt is due; seconds until the next one (None: none waits)."""
+        spool, cfg = self.spool, self.config
+        wait = None
+        for job in spool.jobs("outbox"):
+            record = spool.delivery(job)
+            now = time.time()
+            if record["next_at"] > now:
+                wait = min(wait if wait is not None else float("inf"), record["next_at"] - now)
+                continue
+            try:
+                for path in spool.pending(job):
+                    deliver(path, cfg.destination, calling_ae=cfg.ae_title)
+                    spool.mark_sent(path)
+            except (DeliveryError, OSError) as exc:
+                attempts = record["attempts"] + 1
+                if attempts > cfg.retries:
+                    target = spool.give_up(job)
+                    log.error("series %s: delivery to %s failed %d times (%s); results kept in %s (serve --resend)",
+                              job.rsplit("-", 1)[0], cfg.destination, attempts, exc, target)
+                    continue
+                delay = cfg.retry_seconds * 2 ** (attempts - 1)
+                spool.set_delivery(job, {"attempts": attempts, "next_at": now + delay, "last_error": str(exc)})
+                log.warning("series %s: delivery to %s failed (%s); retry %d/%d in %.0f s", job.rsplit("-", 1)[0],
+                            cfg.destination, exc, attempts, cfg.retries, delay)
+                wait = min(wait if wait is not None else float("inf"), delay)
+                continue
+            sent = len(list((spool.job_path(job, "outbox") / "sent").glob("*.dcm")))
+            spool.finish(job)
+            log.info("series %s: delivered %d result(s) to %s", job.rsplit("-", 1)[0], sent, cfg.destination)
+        return wait
+
+
+def _count_lesions(pred: Path) -> int:
+    table = pred / "lesions.csv"
+    if not table.is_file():
+        return 0
+    return max(0, len(table.read_text(encoding="utf-8").strip().splitlines()) - 1)
