@@ -163,6 +163,14 @@ def test_pydicom_bundled_rtstruct_is_refused_naming_its_series_and_frame_of_refe
     assert str(tmp_path / "ct") in line
 
 
+def test_other_dicom_objects_are_refused_as_labels(tmp_path):
+    """pydicom's bundled RT Dose (an image, but no label) and RT Plan."""
+    write_ct(tmp_path / "ct", hu_volume())
+    for name, modality in (("rtdose.dcm", "RTDOSE"), ("rtplan.dcm", "RTPLAN")):
+        _refused(tmp_path, ["--label", get_testdata_file(name)], f"{name}: a DICOM {modality} object; expected a "
+                 f"DICOM-SEG or RTSTRUCT of the series, or a mask image file")
+
+
 def test_pydicom_bundled_rtstruct_on_the_series_it_references(tmp_path):
     """The same real file on a series that carries its references: ROI 'patient' (a 400 x 300 mm
     rectangle at z = -200, -190 and -180 mm) rasterises; ROI 'Isocenter 1' holds only a POINT: an

@@ -103,6 +103,10 @@ def label_for_series(path: str | os.PathLike, series: DicomSeries, image: sitk.I
     if rois and kind != "RTSTRUCT":
         raise InputError(f"{path}: --roi applies to an RTSTRUCT label; this is {_kind_name(kind)}")
     if kind == "image":
+        other = _other_dicom_modality(path)
+        if other is not None:
+            raise InputError(f"{path}: a DICOM {other} object; expected a DICOM-SEG or RTSTRUCT of the series, "
+                             f"or a mask image file (NIfTI/NRRD)")
         return _image_label(path, image), kind
     if kind == "SEG":
         from analysis.imaging.seg_labels import read_seg_label
@@ -116,6 +120,14 @@ def label_for_series(path: str | os.PathLike, series: DicomSeries, image: sitk.I
     if mask.shape != expected:  # the readers place by the series' headers; the image must agree
         raise InputError(f"{path}: label of shape {mask.shape}; expected the series' (slices, rows, cols) {expected}")
     return mask, kind
+
+
+def _other_dicom_modality(path: Path) -> str | None:
+    """The Modality of a DICOM file (with its preamble) that is not a label, else None."""
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", "?"))
+    except Exception:  # not a DICOM file: an image file for SimpleITK
+        return None
 
 
 def _kind_name(kind: LabelKind) -> str:
