@@ -353,12 +353,12 @@ def prediction_options(command):
         click.option("--dicom-seg", is_flag=True, help="Also write dicom_seg/<case>.dcm (DICOM input only)."),
         click.option("--sr", is_flag=True, help="Also write sr/<case>.dcm, a TID 1500 measurement report of the "
                                                 "lesions, with the SEG it references (DICOM input only)."),
-        click.option("--sr", is_flag=True, help="Also write sr/<case>.dcm, a TID 1500 measurement report of the "
-                                                "lesions, with the SEG it references (DICOM input only)."),
         click.option("--preview/--no-preview", default=True, show_default=True, help="Draw preview/<case>.png."),
         click.option("--crop/--no-crop", default=False, show_default=True,
-                     help="Run the segmenter on the body's bounding box instead of whole slices: faster, but masks "
-                          "differ near the box's edge (BENCHMARKS.md); whole slices give the exact result."),
+                     help="Run the segmenter on windows around the body instead of whole slices. Keras: exact (each "
+                          "window holds the network's receptive radius of real context on its stride grid); "
+                          "nnU-Net: approximate (its sliding window moves). Checked on one slice per case "
+                          "(predict.json)."),
         click.option("--min-size", default=0, show_default=True, type=int, metavar="VOXELS",
                      help="Remove 3D components (26-connected) smaller than this; 0 keeps all."),
         click.option("--bones", default=None, type=click.Path(path_type=str),
@@ -396,6 +396,9 @@ def _threshold_or_auto(ctx, param, value: str) -> float | str:
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Slices per network call.")
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "mixed_bfloat16"]),
               help="mixed_bfloat16: faster on CPUs and GPUs with bf16 units (RUN folders only).")
+@click.option("--mirror", is_flag=True,
+              help="Average the segmenter over the slice and its mirror images along rows, cols and both "
+                   "(4 passes): nnU-Net's 2D test-time mirroring, for a like-for-like comparison.")
 def predict_cmd(model: str, dataset: str | None, images: str | None, out: str, detector: str | None,
                 **options) -> None:
     """Segment volumes to PRED/NAME/<case>.nii.gz (plus lesions.csv, patients.csv, previews),

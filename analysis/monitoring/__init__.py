@@ -1,0 +1,3 @@
+"""Monitoring: two CTs of one patient compared lesion by lesion (rigid registration, matching,
+status, the follow-up outputs). Sits beside :mod:`analysis.evaluation` at the top of the core;
+it may import imaging, lesions, cohort and prediction."""

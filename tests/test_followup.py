@@ -1,0 +1,198 @@
+"""`followup`: two CTs of one patient compared lesion by lesion (framework-free).
+
+Evidence: the follow-up phantom's truth (lesions linked through the exact, known motion; volumes
+on each scan's own grid) for every lesion's status, and its known rigid transform for the
+registration; hand-made pairs for splits, merges, empty pairs and refusals.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.cohort.followup_phantom import ORIENTATIONS, TRANSFORMS_CSV, TRUTH_CSV, Followups
+from analysis.cohort.phantom import generate_cohort
+from analysis.imaging.io import Geometry, read_array, write_array
+from analysis.monitoring.followup import LESION_COLUMNS, SUMMARY_COLUMNS
+from analysis.monitoring.registration import rotation_angle_deg
+from analysis.records import read_csv
+from tests.badinput import assert_clean_error, invoke, snapshot
+from tests.conftest import wrong_modes
+
+CASES = 6  # seed 0: case_000 is lesion-free, the other five carry lesions
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("followup") / "DS"
+    return generate_cohort(root, cases=CASES, seed=0, companion=Followups())
+
+
+def _args(ds: Path, case: str, out: Path, *extra, followup_case: str | None = None) -> list:
+    other = followup_case or case
+    return ["followup", "--baseline", ds / "imagesTr" / f"{case}_0000.nii.gz",
+            "--followup", ds / "followup" / "imagesTr" / f"{other}_0000.nii.gz",
+            "--baseline-mask", ds / "labelsTr" / f"{case}.nii.gz",
+            "--followup-mask", ds / "followup" / "labelsTr" / f"{other}.nii.gz", "--out", out, *extra]
+
+
+def _transform_errors(record: dict, truth: dict[str, str], points: np.ndarray) -> tuple[float, float]:
+    """(rotation error in degrees, largest displacement error in mm over ``points``)."""
+    m_est = np.asarray(record["matrix"]).reshape(3, 3)
+    t_est = np.asarray(record["offset_mm"])
+    m_true = np.array([[float(truth[f"m{i}{j}"]) for j in range(3)] for i in range(3)])
+    t_true = np.array([float(truth[f"offset_{a}_mm"]) for a in "xyz"])
+    rotation = rotation_angle_deg(m_est.T @ m_true)
+    shift = np.linalg.norm(points @ m_est.T + t_est - (points @ m_true.T + t_true), axis=1).max()
+    return rotation, float(shift)
+
+
+def _corners(geometry: Geometry) -> np.ndarray:
+    d = np.asarray(geometry.direction).reshape(3, 3)
+    idx = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) * (np.asarray(geometry.size) - 1)
+    return np.asarray(geometry.origin) + (idx * np.asarray(geometry.spacing)) @ d.T
+
+
+def test_the_phantom_follow_ups_cover_every_status_orientation_and_spacing(cohort):
+    truth = read_csv(cohort / TRUTH_CSV)
+    transforms = read_csv(cohort / TRANSFORMS_CSV)
+    assert {r["status"] for r in truth} == {"new", "resolved", "grown", "shrunk", "stable"}
+    assert len({r["orientation"] for r in transforms}) >= 4 and {r["orientation"] for r in transforms} <= set(ORIENTATIONS)
+    assert len({(r["spacing_x"], r["spacing_z"]) for r in transforms}) >= 4
+    _, g = read_array(cohort / "followup" / "imagesTr" / "case_005_0000.nii.gz")
+    assert g.direction == (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # RAS storage vs the LPS baseline
+    assert not any(r["case"] == "case_000" for r in truth)                 # the lesion-free patient stays so
+
+
+@pytest.mark.parametrize("case", [f"case_{i:03d}" for i in range(1, CASES)])
+def test_every_lesion_status_equals_the_truth_and_the_motion_is_recovered(cohort, tmp_path, case):
+    out = tmp_path / "out"
+    result = invoke(_args(cohort, case, out, "--baseline-bones", cohort / "bonesTr" / f"{case}.nii.gz"))
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out / "lesions.csv")
+    truth = [r for r in read_csv(cohort / TRUTH_CSV) if r["case"] == case]
+    assert truth
+    got = [(r["lesion"], r["status"], r["baseline_id"], r["followup_id"]) for r in rows]
+    assert got == [(r["lesion"], r["status"], r["baseline_id"], r["followup_id"]) for r in truth]
+    for r, t in zip(rows, truth):  # volumes from each scan's own grid (NIfTI keeps spacings as float32)
+        assert float(r["baseline_ml"]) == pytest.approx(float(t["baseline_ml"]), rel=1e-6)
+        assert float(r["followup_ml"]) == pytest.approx(float(t["followup_ml"]), rel=1e-6)
+        assert r["bone"] or not r["baseline_id"]
+    record = json.loads((out / "followup.json").read_text(encoding="utf-8"))
+    motion = next(r for r in read_csv(cohort / TRANSFORMS_CSV) if r["case"] == case)
+    _, g = read_array(cohort / "imagesTr" / f"{case}_0000.nii.gz")
+    rotation, shift = _transform_errors(record["registration"], motion, _corners(g))
+    assert rotation < 1.0 and shift < 1.0, (rotation, shift)
+    assert record["registration"]["bone_dice"] >= 0.7
+    summary = read_csv(out / "summary.csv")[0]
+    assert list(summary) == list(SUMMARY_COLUMNS) and list(rows[0]) == list(LESION_COLUMNS)
+    for status in ("new", "resolved", "grown", "shrunk", "stable"):
+        assert int(summary[status]) == sum(r["status"] == status for r in truth)
+    assert summary["new_lesions_flag"] == str(int(int(summary["new"]) >= 2))
+    status, sg = read_array(out / "status.nii.gz")
+    assert sg.mismatch(g) is None and set(np.unique(status).tolist()) <= {0, 1, 2, 3, 4, 5}
+    _, rg = read_array(out / "followup_registered.nii.gz")
+    assert rg.mismatch(g) is None
+    assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_pair_without_lesions_gives_an_all_zero_summary(cohort, tmp_path):
+    out = tmp_path / "out"
+    result = invoke(_args(cohort, "case_000", out))
+    assert result.exit_code == 0, result.output
+    summary = read_csv(out / "summary.csv")[0]
+    assert all(float(v) == 0 for v in summary.values()), summary
+    assert read_csv(out / "lesions.csv") == []
+    status, _ = read_array(out / "status.nii.gz")
+    assert not status.any()
+
+
+def test_two_different_patients_are_refused_with_one_line_and_nothing_written(cohort, tmp_path):
+    before = snapshot(tmp_path)
+    line = assert_clean_error(invoke(_args(cohort, "case_002", tmp_path / "out", followup_case="case_001")),
+                              ["case_001_0000.nii.gz", "could not be aligned", "bone Dice"])
+    assert "same patient" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_out_is_refused_when_it_exists_and_outputs_honour_the_umask(cohort, tmp_path, umask_022):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_clean_error(invoke(_args(cohort, "case_000", out)), [str(out), "--overwrite"])
+    assert list(out.iterdir()) == []
+    os.umask(0o027)
+    try:
+        assert invoke(_args(cohort, "case_000", out, "--overwrite")).exit_code == 0
+        assert wrong_modes(out, 0o027) == []
+    finally:
+        os.umask(0o022)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+
+
+def test_a_failure_while_writing_leaves_no_partial_output(cohort, tmp_path, monkeypatch):
+    import analysis.monitoring.followup as followup
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(followup, "write_followup_preview", fail)
+    with pytest.raises(OSError):
+        followup.run_followup(cohort / "imagesTr" / "case_000_0000.nii.gz",
+                              cohort / "followup" / "imagesTr" / "case_000_0000.nii.gz", tmp_path / "out",
+                              baseline_mask=cohort / "labelsTr" / "case_000.nii.gz",
+                              followup_mask=cohort / "followup" / "labelsTr" / "case_000.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mask_whose_geometry_is_not_its_cts_is_refused(cohort, tmp_path):
+    mask, g = read_array(cohort / "followup" / "labelsTr" / "case_003.nii.gz")
+    shifted = Geometry(g.size, g.spacing, (g.origin[0] + 2.0, *g.origin[1:]), g.direction)
+    write_array(mask, shifted, tmp_path / "moved_mask.nii.gz")
+    before = snapshot(tmp_path)
+    args = _args(cohort, "case_003", tmp_path / "out")
+    args[args.index("--followup-mask") + 1] = tmp_path / "moved_mask.nii.gz"
+    assert_clean_error(invoke(args), ["moved_mask.nii.gz", "origin", "expected the CT's geometry"])
+    assert snapshot(tmp_path) == before
+    only_one = _args(cohort, "case_003", tmp_path / "out")[:-4] + ["--out", tmp_path / "out"]
+    assert_clean_error(invoke(only_one), ["--baseline-mask", "--followup-mask"])
+
+
+def _tiny_pair(tmp: Path, baseline_boxes, followup_boxes) -> list:
+    """A 20 x 40 x 40 CT with a bone block and box lesions, stored twice (no motion)."""
+    g = Geometry((40, 40, 20), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    ct = np.full((20, 40, 40), 40, np.int16)
+    ct[2:18, 5:35, 5:35] = 400
+    paths = []
+    for name, boxes in (("b", baseline_boxes), ("f", followup_boxes)):
+        mask = np.zeros(ct.shape, np.uint8)
+        for z0, z1, y0, y1, x0, x1 in boxes:
+            mask[z0:z1, y0:y1, x0:x1] = 1
+        write_array(ct, g, tmp / f"{name}_ct.nii.gz")
+        write_array(mask, g, tmp / f"{name}_mask.nii.gz")
+        paths += [tmp / f"{name}_ct.nii.gz", tmp / f"{name}_mask.nii.gz"]
+    return ["followup", "--baseline", paths[0], "--followup", paths[2], "--baseline-mask", paths[1],
+            "--followup-mask", paths[3], "--no-registration"]
+
+
+def test_splits_merges_and_centroid_matches_are_recorded(tmp_path):
+    # baseline: A splits into two, B and C merge into one, D moves 6 mm along x (no overlap left)
+    base = [(4, 8, 6, 16, 6, 12), (10, 12, 20, 24, 6, 9), (10, 12, 20, 24, 11, 14), (14, 16, 28, 30, 28, 30)]
+    fu = [(4, 8, 6, 10, 6, 12), (4, 8, 13, 16, 6, 12), (10, 12, 20, 24, 6, 14), (14, 16, 28, 30, 22, 24)]
+    out = tmp_path / "out"
+    result = invoke([*_tiny_pair(tmp_path, base, fu), "--min-change-ml", "0.02", "--out", out])
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out / "lesions.csv")
+    # voxels of 2 mm^3: A 240 -> 96 + 72 (0.48 -> 0.336 ml, ratio 0.7); B + C 2 x 24 -> 64 (0.096 -> 0.128 ml,
+    # ratio 1.33, +0.032 ml >= the 0.02 ml floor); D 8 -> 8 voxels
+    assert [(r["baseline_id"], r["followup_id"], r["status"]) for r in rows] == [
+        ("1", "1;2", "shrunk"), ("2;3", "3", "grown"), ("4", "4", "stable")]
+    assert [float(r["change_ml"]) for r in rows] == pytest.approx([-0.144, 0.032, 0.0])
+    assert float(rows[0]["change_pct"]) == pytest.approx(-30.0)
+    record = json.loads((out / "followup.json").read_text(encoding="utf-8"))
+    assert record["splits"] == [1] and record["merges"] == [2]
+    assert float(rows[2]["distance_mm"]) == pytest.approx(6.0)
+    assert "PCWG3" in record["definitions"]["new_lesions_flag"]
+    assert record["registration"]["registered"] is False
