@@ -18,10 +18,13 @@ from dataclasses import dataclass
 import cc3d
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 __all__ = ["LesionTable", "lesion_instances", "lesion_table", "count_neighbours", "match_lesions",
            "bone_identity", "diffuse_fractions", "BONE_NAMES", "WEIGHT_BEARING_CODES",
-           "LOCATION_CATEGORIES", "DEFAULT_BONE_HU", "IN_PLANE_DILATION"]
+           "LOCATION_CATEGORIES", "DEFAULT_BONE_HU", "IN_PLANE_DILATION", "CHANGE_CODES", "change_status",
+           "DEFAULT_CHANGE", "DEFAULT_MIN_CHANGE_ML", "Group", "group_lesions"]
 
 #: Paper's words for the ``bonesTr`` codes (see ``analysis.cohort.layout.BONE_CODES``).
 #: Upper and lower extremity (5, 6) are both "extremity"; 7 is "other".
@@ -322,3 +325,114 @@ def seg_lesion_centroids(seg_path: str | os.PathLike) -> list[tuple[float, float
         k, i, j = np.nonzero(labels == lesion)
         out.append(tuple(float(v) for v in seg.points(k, i, j).mean(axis=0)))
     return out  # type: ignore[return-value]
+
+
+#: Status of a lesion between a baseline and a follow-up scan, with its code in the follow-up's
+#: label map (``status.nii.gz``, :mod:`analysis.monitoring.followup`).
+CHANGE_CODES: dict[str, int] = {"stable": 1, "grown": 2, "shrunk": 3, "new": 4, "resolved": 5}
+#: Relative volume change that counts as growth or shrinkage (``--change``).
+DEFAULT_CHANGE = 0.2
+#: Smallest absolute volume change (ml) that counts (``--min-change-ml``): below it a change is
+#: within what a voxel grid and a threshold can move by themselves.
+DEFAULT_MIN_CHANGE_ML = 0.1
+
+
+def change_status(baseline_ml: float, followup_ml: float, *, change: float = DEFAULT_CHANGE,
+                  min_change_ml: float = DEFAULT_MIN_CHANGE_ML) -> str:
+    """The follow-up status of one tracked lesion from its volumes at the two time points.
+
+    Rule: **new** without a baseline volume, **resolved** without a follow-up volume;
+    otherwise **grown** when ``followup / baseline >= 1 + change`` and the volume rose by at
+    least ``min_change_ml``, **shrunk** when ``followup / baseline <= 1 - change`` and it fell by
+    at least ``min_change_ml``, **stable** otherwise. (A volume rule in the spirit of the
+    volumetric criteria used for bone lesions, not RECIST's diameters; the thresholds are options.)
+
+    Args:
+        baseline_ml: the lesion's (or its matched group's) volume on the baseline, ml; 0 if absent.
+        followup_ml: the same on the follow-up, ml; 0 if absent.
+        change: relative change threshold (0.2 = 20 %).
+        min_change_ml: absolute change floor in ml.
+
+    Examples:
+        >>> [change_status(1.0, v) for v in (0.0, 0.5, 0.9, 1.3)]
+        ['resolved', 'shrunk', 'stable', 'grown']
+        >>> change_status(0.0, 0.2), change_status(0.1, 0.15)
+        ('new', 'stable')
+    """
+    if baseline_ml <= 0 and followup_ml <= 0:
+        raise ValueError("a lesion needs a volume at one time point at least")
+    if baseline_ml <= 0:
+        return "new"
+    if followup_ml <= 0:
+        return "resolved"
+    ratio, delta = followup_ml / baseline_ml, followup_ml - baseline_ml
+    if ratio >= 1 + change and delta >= min_change_ml:
+        return "grown"
+    if ratio <= 1 - change and -delta >= min_change_ml:
+        return "shrunk"
+    return "stable"
+
+
+@dataclass(frozen=True)
+class Group:
+    """One tracked lesion: the baseline and follow-up lesions linked by matches.
+
+    Attributes:
+        baseline: baseline lesion ids (empty: new).
+        followup: follow-up lesion ids (empty: resolved).
+        baseline_ml, followup_ml: summed volumes, each from its scan's grid.
+        status: ``new``, ``resolved``, ``grown``, ``shrunk`` or ``stable``.
+    """
+
+    baseline: tuple[int, ...]
+    followup: tuple[int, ...]
+    baseline_ml: float
+    followup_ml: float
+    status: str
+
+    @property
+    def event(self) -> str:
+        """``one-to-one``, ``split``, ``merge``, ``split-merge``, ``new`` or ``resolved``."""
+        nb, nf = len(self.baseline), len(self.followup)
+        if nb == 0 or nf == 0:
+            return self.status
+        return {(True, True): "one-to-one", (True, False): "split", (False, True): "merge"}.get(
+            (nb == 1, nf == 1), "split-merge")
+
+
+def group_lesions(pairs: set[tuple[int, int]], baseline_ml: np.ndarray, followup_ml: np.ndarray, *,
+                  change: float = DEFAULT_CHANGE, min_change_ml: float = DEFAULT_MIN_CHANGE_ML) -> list[Group]:
+    """Tracked lesions: the connected groups of baseline and follow-up lesions linked by ``pairs``
+    (how pairs are found is the caller's: :func:`analysis.monitoring.matching.match`, or the
+    follow-up phantom's exact frame), each with its status from its summed volumes
+    (:func:`change_status`). Order: groups holding baseline lesions by their lowest baseline
+    id, then new lesions by follow-up id.
+
+    Args:
+        pairs: ``(baseline_id, followup_id)`` links, ids ``1..n`` of each scan.
+        baseline_ml, followup_ml: ``(n_b,)`` and ``(n_f,)`` lesion volumes (ml), each on its own grid.
+        change, min_change_ml: the status thresholds of :func:`change_status`.
+
+    Examples:
+        >>> gs = group_lesions({(1, 1), (1, 2)}, np.array([1.0, 0.5]), np.array([0.9, 0.9, 0.3]))
+        >>> [(g.baseline, g.followup, g.status, g.event) for g in gs]
+        [((1,), (1, 2), 'grown', 'split'), ((2,), (), 'resolved', 'resolved'), ((), (3,), 'new', 'new')]
+    """
+    nb, nf = len(baseline_ml), len(followup_ml)
+    rows = [i - 1 for i, _ in pairs]
+    cols = [nb + j - 1 for _, j in pairs]
+    graph = coo_matrix((np.ones(len(pairs)), (rows, cols)), shape=(nb + nf, nb + nf))
+    _, comp = connected_components(graph, directed=False)
+    members: dict[int, tuple[list[int], list[int]]] = {}
+    for i in range(nb):
+        members.setdefault(int(comp[i]), ([], []))[0].append(i + 1)
+    for j in range(nf):
+        members.setdefault(int(comp[nb + j]), ([], []))[1].append(j + 1)
+    ordered = sorted(members.values(), key=lambda m: (0, m[0][0]) if m[0] else (1, m[1][0]))
+    groups = []
+    for b, f in ordered:
+        bml = float(sum(baseline_ml[i - 1] for i in b))
+        fml = float(sum(followup_ml[j - 1] for j in f))
+        groups.append(Group(tuple(b), tuple(f), bml, fml,
+                            change_status(bml, fml, change=change, min_change_ml=min_change_ml)))
+    return groups

@@ -39,7 +39,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -874,7 +874,8 @@ def _check_grid(shape: Sequence[int], spacing: Sequence[float]) -> tuple[tuple[i
 
 
 def generate_case(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, spacing: Sequence[float] = DEFAULT_SPACING, *,
-                  include_head: bool | None = None, lesion_free: bool | None = None) -> PhantomCase:
+                  include_head: bool | None = None, lesion_free: bool | None = None,
+                  edit: Callable[[_Plan], None] | None = None) -> PhantomCase:
     """Generate one synthetic patient, deterministically from ``seed``.
 
     Args:
@@ -883,6 +884,9 @@ def generate_case(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, spacing: Sequ
         spacing: voxel size in mm, ITK order ``(x, y, z)``.
         include_head: scan up to the skull vertex (None: about one case in three).
         lesion_free: place no lesions (None: about one case in six).
+        edit: called with the patient's plan before any voxel is computed (the follow-up
+            phantom, :mod:`analysis.cohort.followup_phantom`, changes its lesions there); the
+            rest of the patient, noise included, stays identical.
 
     Returns:
         The case: ``ct`` int16 HU, ``label`` uint8 0/1, ``bones`` uint8 codes, all
@@ -893,6 +897,8 @@ def generate_case(seed: int, shape: Sequence[int] = DEFAULT_SHAPE, spacing: Sequ
     """
     shape_, spacing_ = _check_grid(shape, spacing)
     plan = _plan(int(seed), shape_, spacing_, include_head, lesion_free)
+    if edit is not None:
+        edit(plan)
     ct = np.empty(shape_, np.int16)
     label = np.empty(shape_, np.uint8)
     bones = np.empty(shape_, np.uint8)
@@ -920,7 +926,7 @@ def cohort_design(seed: int, cases: int) -> list[tuple[str, int, bool, bool]]:
 
 def generate_cohort(out: str | os.PathLike, *, cases: int = 8, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE,
                     spacing: Sequence[float] = DEFAULT_SPACING, scale: str | None = None, overwrite: bool = False,
-                    progress: Callable[[int, int, str], None] | None = None) -> Path:
+                    progress: Callable[[int, int, str], None] | None = None, companion: Any = None) -> Path:
     """Write a synthetic cohort in the project's layout, one case at a time.
 
     Writes ``imagesTr/<case>_0000.nii.gz``, ``labelsTr/<case>.nii.gz``, ``bonesTr/<case>.nii.gz``
@@ -937,6 +943,10 @@ def generate_cohort(out: str | os.PathLike, *, cases: int = 8, seed: int = 0, sh
             replacing ``shape`` and ``spacing``; None keeps them.
         overwrite: replace an existing non-empty ``out``.
         progress: called as ``progress(done, total, case_id)`` after each case is written.
+        companion: writes more files per case into the folder being built: its
+            ``add(root, case, seed, include_head, lesion_free, phantom_case)`` is called after
+            each case and ``finish(root)`` at the end (the follow-up phantom,
+            :class:`analysis.cohort.followup_phantom.Followups`).
 
     Returns:
         The dataset folder.
@@ -962,8 +972,12 @@ def generate_cohort(out: str | os.PathLike, *, cases: int = 8, seed: int = 0, sh
             write_array(pc.label, pc.geometry, cohort.label_path(case))
             write_array(pc.bones, pc.geometry, cohort.bones_path(case))
             log.debug("%s: %d lesion voxels, head=%s", case, int(pc.label.sum()), head)
+            if companion is not None:
+                companion.add(tmp, case, cseed, head, free, pc)
             del pc
             if progress is not None:
                 progress(done, len(design), case)
         write_dataset_json(tmp, len(design), description=PHANTOM_DESCRIPTION)
+        if companion is not None:
+            companion.finish(tmp)
     return Path(out)
