@@ -108,7 +108,11 @@ def _triple(kind: type, name: str, order: str):
 @click.option("--scale", type=click.Choice(["paper"]), default=None,
               help="paper: 512x512 in-plane, 385 slices of 2.5 mm (replaces --shape/--spacing).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output folder.")
-def phantom(out: str, cases: int, seed: int, shape, spacing, scale: str | None, overwrite: bool) -> None:
+@click.option("--followup", is_flag=True,
+              help="Also a second CT per patient, moved and with known lesion changes: followup/ (a cohort "
+                   "layout), followup_truth.csv and followup_transforms.csv.")
+def phantom(out: str, cases: int, seed: int, shape, spacing, scale: str | None, overwrite: bool,
+            followup: bool) -> None:
     """Write a synthetic CT cohort with lesion masks and bone maps (no patient data needed)."""
     from analysis.cohort.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, generate_cohort
 
@@ -118,9 +122,16 @@ def phantom(out: str, cases: int, seed: int, shape, spacing, scale: str | None, 
     def progress(done: int, total: int, case: str) -> None:
         log.info("phantom: wrote %s (%d/%d)", case, done, total)
 
+    companion = None
+    if followup:
+        from analysis.cohort.followup_phantom import Followups
+
+        companion = Followups()
     root = generate_cohort(out, cases=cases, seed=seed, shape=shape or DEFAULT_SHAPE,
-                           spacing=spacing or DEFAULT_SPACING, scale=scale, overwrite=overwrite, progress=progress)
-    click.echo(f"wrote {cases} cases (imagesTr, labelsTr, bonesTr, dataset.json) to {root}")
+                           spacing=spacing or DEFAULT_SPACING, scale=scale, overwrite=overwrite, progress=progress,
+                           companion=companion)
+    click.echo(f"wrote {cases} cases (imagesTr, labelsTr, bonesTr, dataset.json"
+               f"{', followup/, followup_truth.csv' if followup else ''}) to {root}")
 # ---- END phantom ----
 
 # ---- BEGIN validate/split/import ----
@@ -606,6 +617,76 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
     done = node.run(once=once)
     click.echo(f"serve: {done} series predicted; spool {spool}")
 # ---- END serve ----
+
+# ---- BEGIN followup ----
+@main.command("followup")
+@click.option("--baseline", required=True, type=click.Path(exists=True, path_type=str),
+              help="Baseline CT: a NIfTI/NRRD/MHA file or a DICOM series folder (as predict --images).")
+@click.option("--followup", "followup_ct", required=True, type=click.Path(exists=True, path_type=str),
+              help="Follow-up CT of the same patient, in any of those forms.")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Folder to write (refused if it exists).")
+@click.option("--model", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Keras RUN or SavedModel: predict both CTs (as `predict`).")
+@click.option("--nnunet-work", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="nnU-Net work folder: predict both CTs (as `nnunet predict`).")
+@click.option("--baseline-mask", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="Baseline lesion mask (the CT's geometry) instead of a model.")
+@click.option("--followup-mask", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="Follow-up lesion mask (the CT's geometry) instead of a model.")
+@click.option("--baseline-bones", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="Baseline bone map (project codes) for the bone column.")
+@click.option("--followup-bones", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="Follow-up bone map (project codes), for new lesions.")
+@click.option("--match-mm", default=10.0, show_default=True, type=float,
+              help="Lesions that overlap nothing match when their centroids are this close (mm, after registration).")
+@click.option("--change", default=0.2, show_default=True, type=float,
+              help="Relative volume change for grown / shrunk (0.2 = 20 %).")
+@click.option("--min-change-ml", default=0.1, show_default=True, type=float,
+              help="Smallest absolute volume change for grown / shrunk (ml).")
+@click.option("--no-registration", is_flag=True, help="The scans are already aligned: skip the registration and its check.")
+@click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, nnunet_work: str | None,
+                 baseline_mask: str | None, followup_mask: str | None, baseline_bones: str | None,
+                 followup_bones: str | None, match_mm: float, change: float, min_change_ml: float,
+                 no_registration: bool, series: str | None, overwrite: bool) -> None:
+    """Compare two CTs of one patient lesion by lesion: new, resolved, grown, shrunk, stable.
+
+    The follow-up is registered rigidly to the baseline (refused when their bones do not align),
+    lesions are matched in the baseline frame, and OUT gets lesions.csv, summary.csv,
+    status.nii.gz, followup_registered.nii.gz, preview.png and followup.json.
+    """
+    from analysis.monitoring.followup import FollowupSettings, run_followup
+
+    masks = (baseline_mask is not None) + (followup_mask is not None)
+    if (model is not None) + (nnunet_work is not None) + (masks > 0) != 1 or masks == 1:
+        raise InputError("followup: give exactly one of --model RUN|SAVEDMODEL, --nnunet-work WORK, or both "
+                         "--baseline-mask and --followup-mask")
+    predictor = None
+    if model is not None:  # the Keras wing only: TensorFlow and torch never share a process
+        from bonemets_tf.predict import PredictOptions, predict
+
+        def predictor(images: str, folder) -> None:
+            predict(model, None, str(folder), options=PredictOptions(cases="all", series=series, preview=False),
+                    images=images)
+    elif nnunet_work is not None:
+        from nnunet_bridge.predict import PredictOptions as NnunetOptions, predict as nnunet_predict
+
+        def predictor(images: str, folder) -> None:
+            nnunet_predict(None, nnunet_work, str(folder), NnunetOptions(cases="all", series=series, preview=False),
+                           images=images)
+    settings = FollowupSettings(match_mm=match_mm, change=change, min_change_ml=min_change_ml,
+                                register=not no_registration)
+    path = run_followup(baseline, followup_ct, out, baseline_mask=baseline_mask, followup_mask=followup_mask,
+                        predictor=predictor, model=model or nnunet_work, baseline_bones=baseline_bones,
+                        followup_bones=followup_bones, settings=settings, series=series, overwrite=overwrite)
+    from analysis.records import read_csv
+
+    summary = read_csv(path / "summary.csv")[0]
+    click.echo(f"wrote {path}: {summary['baseline_lesions']} -> {summary['followup_lesions']} lesions; "
+               f"{summary['new']} new, {summary['resolved']} resolved, {summary['grown']} grown, "
+               f"{summary['shrunk']} shrunk, {summary['stable']} stable")
+# ---- END followup ----
 
 # ==== whole study ===================================================================
 # ---- BEGIN demo ----

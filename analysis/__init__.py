@@ -12,7 +12,9 @@ proves the order):
 * :mod:`analysis.prediction`: the PRED folder contract, the prediction request, the case
   runner, shards, probability maps, previews, the lesion and patient tables;
 * :mod:`analysis.evaluation`: metrics, statistics, bootstrap, radiomics, ``analyze``, the
-  report and the paper's values.
+  report and the paper's values;
+* :mod:`analysis.monitoring` (beside evaluation): two scans of one patient compared lesion by
+  lesion (rigid registration, matching, status, the ``followup`` outputs).
 """
 from __future__ import annotations
 

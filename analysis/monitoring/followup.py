@@ -262,7 +262,6 @@ def compare(baseline: Scan, followup: Scan, settings: FollowupSettings, *, where
             ``settings.register`` False).
     """
     seconds: dict[str, float] = {}
-    start = time.perf_counter()
     reg = register_rigid(baseline.image, followup.image, bone_hu=settings.bone_hu) if settings.register else identity()
     seconds["registration"] = reg.seconds
     t0 = time.perf_counter()
@@ -301,8 +300,7 @@ def compare(baseline: Scan, followup: Scan, settings: FollowupSettings, *, where
         num_f[list(g.followup)] = k
     codes_b, codes_f = lut_b[base.labels], lut_f[moved]
     status = np.where(codes_b > 0, codes_b, codes_f).astype(np.uint8)
-    seconds["matching_and_outputs"] = time.perf_counter() - t0
-    seconds["total"] = time.perf_counter() - start
+    seconds["resampling_and_matching"] = time.perf_counter() - t0
     return Comparison(registration=reg, bone_dice=dice, baseline=base, followup=fu, groups=groups, rows=rows,
                       summary=_summary(groups, base, fu), registered_ct=registered_ct,
                       panels=[(codes_b, num_b[base.labels]), (codes_f, num_f[moved])], status=status, seconds=seconds)
@@ -369,11 +367,15 @@ def run_followup(baseline: str, followup: str, out: str | os.PathLike, *, baseli
                                      if out.resolve().parent.is_dir() else None) as tmp:
         if predictor is not None:
             (baseline_mask, followup_mask), model_record = _predict_masks(predictor, cases, Path(tmp))
+        t_read = time.perf_counter()
         base = _load(cases[0], baseline_mask, baseline_bones, what="baseline")
         fu = _load(cases[1], followup_mask, followup_bones, what="follow-up")
+        reading = time.perf_counter() - t_read
         if predictor is not None:
             base.record["mask"] = fu.record["mask"] = "predicted"
         comparison = compare(base, fu, settings, where=str(followup))
+        comparison.seconds = {"prediction": t_read - start if predictor is not None else 0.0, "reading": reading,
+                              **comparison.seconds}
     t0 = time.perf_counter()
     with atomic_directory(out, overwrite=True) as tmp_out:
         _write(tmp_out, comparison, base, fu, settings, model=model, model_record=model_record,

@@ -1,0 +1,43 @@
+"""`followup --model`: both CTs predicted through the Keras wing's one prediction path, then
+compared (a tiny one-step UNet RUN; its masks are whatever it predicts, so the check is that the
+comparison sees exactly the masks `predict --images` writes for each CT)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from analysis.cohort.followup_phantom import Followups
+from analysis.cohort.phantom import generate_cohort
+from analysis.records import read_csv
+from bonemets_tf.predict import PredictOptions, predict
+from tests.badinput import invoke
+from tests.tf.infer_runs import shared_runs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return shared_runs(tmp_path_factory)
+
+
+def test_followup_with_a_keras_model_runs_end_to_end(runs, tmp_path):
+    ds = generate_cohort(tmp_path / "DS", cases=2, seed=0, companion=Followups())
+    baseline = ds / "imagesTr" / "case_001_0000.nii.gz"
+    followup = ds / "followup" / "imagesTr" / "case_001_0000.nii.gz"
+    out = tmp_path / "out"
+    result = invoke(["followup", "--baseline", baseline, "--followup", followup, "--model", runs.segmenter,
+                     "--out", out])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "followup.json").read_text(encoding="utf-8"))
+    assert record["model"]["model"] == str(runs.segmenter)
+    assert record["model"]["predict"]["baseline"]["model"]["arch"] == "unet"
+    assert record["registration"]["bone_dice"] >= 0.7
+    summary = read_csv(out / "summary.csv")[0]
+    for name, ct in (("baseline", baseline), ("followup", followup)):
+        pred = tmp_path / f"pred_{name}"
+        predict(str(runs.segmenter), None, str(pred), options=PredictOptions(cases="all", preview=False),
+                images=str(ct))
+        lesions = read_csv(pred / "lesions.csv")
+        assert int(summary[f"{name}_lesions"]) == len(lesions)
+        assert float(summary[f"{name}_ml"]) == pytest.approx(sum(float(r["volume_ml"]) for r in lesions), rel=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["DS", "out", "pred_baseline", "pred_followup"]
