@@ -15,6 +15,7 @@ inside the model, the same bilinear resize the training pipeline applies.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Sequence
 
 import numpy as np
@@ -151,6 +152,90 @@ class Predictor:
             if isinstance(layer, keras.layers.Conv2D):
                 return int(layer.filters)
         return 64
+
+
+#: ``(left, right, jump)``: an output at input position ``x`` depends on inputs in
+#: ``[x - left, x + right]``; ``jump`` input pixels lie between neighbouring outputs.
+Reach = tuple[float, float, float]
+
+
+def _conv_reach(k: int, s: int, d: int, reach: Reach) -> Reach:
+    """A 'same' convolution (TensorFlow pads ``total = (k - 1) d + 1 - s`` for a size divisible
+    by ``s``, the smaller half before); 'valid' and odd splits are covered by the same bound."""
+    left, right, jump = reach
+    total = max((k - 1) * d + 1 - s, 0)
+    before = total // 2
+    return left + before * jump, right + ((k - 1) * d - before) * jump, jump * s
+
+
+def _spatial_step(layer, reaches: list[Reach]) -> Reach | None:
+    """How one layer grows the reach of its inputs; None for a layer whose reach is unknown."""
+    import keras
+
+    left = max(r[0] for r in reaches)
+    right = max(r[1] for r in reaches)
+    jump = reaches[0][2]
+    name = type(layer).__name__
+    if isinstance(layer, keras.layers.Conv2DTranspose):  # each output takes k taps of the input below it
+        k, s = max(layer.kernel_size), max(layer.strides)
+        return left + k * jump, right + k * jump, jump / s
+    if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+        return _conv_reach(max(layer.kernel_size), max(layer.strides), max(layer.dilation_rate), (left, right, jump))
+    if isinstance(layer, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)):
+        return _conv_reach(max(layer.pool_size), max(layer.strides), 1, (left, right, jump))
+    if isinstance(layer, keras.layers.UpSampling2D):  # nearest: from the input at or before; bilinear: both sides
+        return left + jump, right + (jump if layer.interpolation != "nearest" else 0.0), jump / max(layer.size)
+    if name == "ResizeLike":  # onto its reference's grid (the second input); bilinear reads both neighbours
+        coarse = max(r[2] for r in reaches)
+        return left + coarse, right + coarse, min(r[2] for r in reaches)
+    if isinstance(layer, keras.Model) or name in ("GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten",
+                                                  "Dense", "Resizing", "Cropping2D", "ZeroPadding2D"):
+        return None
+    return left, right, jump  # pointwise: activations, normalisation, merges, windowing, padding, crop-back
+
+
+def receptive_radius(model) -> int | None:
+    """The receptive radius of a Keras segmenter in input pixels, from its layers: how far from
+    an output pixel an input pixel (or a layer's zero padding) can change it.
+
+    Walks the functional graph in order, tracking for each tensor how far left and right of
+    an output's position its inputs reach and the step between outputs: a 'same' convolution
+    of kernel ``k`` and dilation ``d`` adds its padding split of ``(k - 1) d`` steps, a
+    pooling window likewise, a nearest upsampling one step on the left (bilinear both sides),
+    and strides multiply the step; merges take the largest reach. A bound, not an estimate:
+    an exact crop (:func:`analysis.prediction.runner.context_window`) that gives the network
+    this much real context on each side keeps exactly the whole-slice output.
+
+    Returns:
+        The larger of the two reaches, rounded up to whole pixels, or None when a layer's reach
+        is unknown (a nested model, a resize to a fixed size): the crop then cannot be exact.
+    """
+    info: dict[int, Reach] = {id(t): (0.0, 0.0, 1.0) for t in model.inputs}
+    for layer in model.layers:
+        for node in getattr(layer, "_inbound_nodes", []):
+            ins = [info.get(id(t)) for t in node.input_tensors]
+            if not ins or any(i is None for i in ins):
+                continue  # an input layer, or a node of another graph
+            step = _spatial_step(layer, ins)
+            if step is None:
+                return None
+            for out in node.outputs:
+                info[id(out)] = step
+    found = info.get(id(model.outputs[0]))
+    return None if found is None else int(math.ceil(max(found[0], found[1])))
+
+
+def crop_context(predictor: Predictor) -> int | None:
+    """Context (pixels, a multiple of the stride) an exact crop gives a segmenter on each side:
+    its receptive radius (:func:`receptive_radius`) rounded up to the stride. None for a
+    SavedModel (its layers are not read) or a network of unknown reach: no exact crop."""
+    if predictor.model is None:
+        return None
+    radius = receptive_radius(predictor.model)
+    if radius is None:
+        return None
+    stride = max(1, predictor.run.stride)
+    return -(-radius // stride) * stride
 
 
 def slice_probabilities(predictor: Predictor, volume: np.ndarray, z: Sequence[int], batch_size: int) -> np.ndarray:

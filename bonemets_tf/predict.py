@@ -46,8 +46,8 @@ from analysis.errors import InputError
 from analysis.prediction.folder import DETECTOR_CSV, SLICES_CSV
 from analysis.prediction.request import PredictRequest, WingRun, plan_request, predict_folder, raise_failures
 from analysis.prediction.runner import InputPlan, Network
-from bonemets_tf.inference import (PRECISIONS, Predictor, check_memory, detect_volume, estimate_case_bytes,
-                                   slice_probabilities)
+from bonemets_tf.inference import (PRECISIONS, Predictor, check_memory, crop_context, detect_volume,
+                                   estimate_case_bytes, slice_probabilities)
 from bonemets_tf.models.catalog import DETECT, SEGMENT
 from bonemets_tf.run import RunInfo, calibrated_threshold, read_run, training_status
 
@@ -71,12 +71,15 @@ class PredictOptions(PredictRequest):
             probability is >= this (a value above 1 segments nothing).
         batch_size: slices per network call.
         precision: ``float32`` or ``mixed_bfloat16`` (CPUs and GPUs with bf16 units).
+        mirror: average the segmenter's logits over the slice and its mirror images along
+            rows, cols and both (4 passes), the test-time mirroring nnU-Net applies in 2D.
     """
 
     threshold: float | str = 0.5
     detector_threshold: float = 0.5
     batch_size: int = 8
     precision: str = "float32"
+    mirror: bool = False
 
     def check(self) -> None:
         """Raise :class:`InputError` for out-of-range values."""
@@ -183,10 +186,13 @@ def predict(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
         settings={"model": str(models.main.path), "detector": str(models.det.path) if models.mode == "cascade" else None,
                   "threshold": options.threshold if seg else None,
                   "detector_threshold": options.detector_threshold if models.mode == "cascade" else None,
-                  "precision": options.precision},
+                  "precision": options.precision, "mirror": options.mirror if seg else None},
         network=lambda plan: _network(models, plan),
         outputs=options.outputs(threshold=float(options.threshold), detector_threshold=options.detector_threshold),
         record=lambda: _record(models),
+        inference=lambda: {"precision": options.precision, "threshold": options.threshold if seg else None,
+                           "threshold_source": models.threshold_source, "folds": None, "tile_step": None,
+                           "batch_size": options.batch_size},
         versions=("tensorflow", "keras"),
         slices_name=None if models.det is None else (DETECTOR_CSV if seg else SLICES_CSV),
         summary=_summary,
@@ -215,12 +221,22 @@ def _network(models: _Models, inputs: InputPlan) -> Iterator[Network]:
         check_memory(need, f"case {biggest[0]} {tuple(biggest[1])} with {p.run.arch}")
         p.warm_up()
     main = seg or det
-    log.info("predict: %d case(s) with %s%s (tensorflow %s)", len(inputs.cases), main.run.arch,
-             f" after detector {det.run.arch}" if seg and det else "", tf.__version__)
+    crop, context = options.crop and seg is not None, None
+    if crop:
+        context = crop_context(seg)
+        if context is None:
+            log.warning("predict: %s: its receptive radius is not known (a SavedModel, or a layer of unknown "
+                        "reach), so the crop is approximate: masks may differ from whole slices near the "
+                        "windows' edges (predict.json records the check)", seg.run.arch)
+        else:
+            log.info("predict: exact crop with %d px of context (%s's receptive radius)", context, seg.run.arch)
+    log.info("predict: %d case(s) with %s%s%s (tensorflow %s)", len(inputs.cases), main.run.arch,
+             f" after detector {det.run.arch}" if seg and det else "", ", mirrored" if options.mirror else "",
+             tf.__version__)
     yield Network(name=main.run.arch, fingerprint=main.run.fingerprint(),
                   segment=None if seg is None else (lambda v, z, _: slice_probabilities(seg, v, z, options.batch_size)),
                   detect=None if det is None else (lambda v: detect_volume(det, v, options.batch_size)),
-                  stride=main.run.stride, crop=options.crop)
+                  stride=main.run.stride, crop=crop, context=context, mirror=options.mirror and seg is not None)
 
 
 def _summary(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -244,4 +260,5 @@ def _record(models: _Models) -> dict[str, Any]:
         "detector_threshold": options.detector_threshold if cascade else None,
         "batch_size": options.batch_size,
         "precision": options.precision,
+        "mirroring": options.mirror if seg else None,
     }

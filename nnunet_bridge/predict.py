@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 #: nnU-Net's own mask is the argmax of its two classes' softmax: lesion probability > 0.5
 #: (the runner's ``>=`` differs only on exact ties).
 NNUNET_THRESHOLD = 0.5
+#: Sliding-window step as a fraction of the patch (nnU-Net's default: tiles overlap by half).
+TILE_STEP = 0.5
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,10 @@ def predict(dataset: str | Path | None, work: str | Path, out: str | Path, optio
                                   "framework": "nnU-Net v2", "fingerprint": fingerprint},
                         "training": training, "folds": folds, "mirroring": options.mirroring,
                         "device": device.type, "threshold": NNUNET_THRESHOLD},
+        inference=lambda: {"precision": "float32", "threshold": NNUNET_THRESHOLD,
+                           "threshold_source": "nnU-Net: argmax of the two classes", "folds": folds,
+                           "tile_step": TILE_STEP, "mirroring": options.mirroring,
+                           "mirror_passes": 4 if options.mirroring else 1},
         versions=("nnunetv2", "torch"),
     )
     result = predict_folder(options, wing, out, inputs=inputs)
@@ -159,7 +165,7 @@ def _network(layout: WorkLayout, folds: list[int], device: Any, options: Predict
     with nnunet_environment(layout.work):
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=options.mirroring,
+        predictor = nnUNetPredictor(tile_step_size=TILE_STEP, use_gaussian=True, use_mirroring=options.mirroring,
                                     perform_everything_on_device=device.type == "cuda", device=device,
                                     verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(layout.model_folder), use_folds=tuple(folds))

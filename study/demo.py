@@ -323,12 +323,19 @@ class Demo:
                   self.preds / "nnunet"),
         ]
 
+    def like_for_like(self) -> dict[str, Any]:
+        """The inference settings every compared Keras segmenter shares with nnU-Net here: whole
+        slices (no crop) and nnU-Net's mirroring (the analysis report's "How each model was run"
+        table shows them and says whether the rows are like for like)."""
+        return {"crop": False, "mirror": self.budget.nnunet_mirroring}
+
     def predict_stage(self, arch: str) -> Stage:
         # masks at the fixed threshold 0.5: on the default demo's models the validation-calibrated
         # threshold (`--threshold auto`) gave test per-slice Dice 0.533/0.551/0.546 (unet/resunet/
         # resattunet) vs 0.549/0.552/0.551 at 0.5, so the report shows the calibration beside it
         # segmenters also write probability maps: analyze's FROC reads them
-        options = {"cases": "test", **({"probabilities": True} if arch in SEGMENTERS else {})}
+        # like for like (issue #23): every segmenter on whole slices with nnU-Net's mirroring setting
+        options = {"cases": "test", **({"probabilities": True, **self.like_for_like()} if arch in SEGMENTERS else {})}
         return Stage(f"predict-{arch}", "predict", {"model": str(self.runs / arch), "dataset": str(self.dataset),
                                                     "out": str(self.preds / arch), "options": options},
                      self.preds / arch)
@@ -355,7 +362,8 @@ class Demo:
         stages = [Stage(f"predict-{name}", "predict", {
                       "model": str(self.runs / best_seg), "dataset": str(self.dataset), "out": str(self.preds / name),
                       "detector": str(self.runs / best_det),
-                      "options": {"cases": "test", "detector_threshold": 0.5, "probabilities": True}},
+                      "options": {"cases": "test", "detector_threshold": 0.5, "probabilities": True,
+                                  **self.like_for_like()}},
                         self.preds / name),
                   *self.new_patient_stages(best_seg),
                   Stage("gradcam", "gradcam", {"model": str(self.runs / best_det), "dataset": str(self.dataset),

@@ -104,7 +104,7 @@ def test_killed_analyze_leaves_no_output_and_rerun_is_identical(study, tmp_path)
     r = invoke(_analyze_args(study, out))
     assert r.exit_code == 0, r.output
     assert not _partials(tmp_path, "OUT"), "the rerun did not remove the killed run's partial folder"
-    assert _csvs(out) == _csvs(reference) and len(_csvs(out)) == 16  # the paper's tables plus the lesion-level and flag tables
+    assert _csvs(out) == _csvs(reference) and len(_csvs(out)) == 17  # the paper's tables plus the lesion-level, flag and models tables
 
 
 @pytest.mark.slow

@@ -129,6 +129,90 @@ def test_crop_to_the_body_gives_the_uncropped_mask_and_shows_less(tmp_path):
     assert ((seen.sum(axis=0) > 0).sum(axis=1) % 8 == 0).all()  # boxes padded to the stride
 
 
+def strided_blur(radius: int, stride: int):
+    """A stand-in for a strided network of two 'same' layers: lesion evidence (HU above 700)
+    plus a bias (so air is not 0 inside the network), summed over a (2 radius + 1)^2 window
+    with zero padding at the input's edge, averaged over stride x stride blocks from the
+    input's first row and column and repeated back (pooling and upsampling), then summed over
+    the same window again. The input is padded to a multiple of the stride at its bottom and
+    right, as the Keras segmenters do. Its receptive radius is 2 radius + stride - 1; its
+    output depends on where the stride grid starts and, within that radius of the input's
+    edge, on the zero padding there."""
+
+    def segment(volume: np.ndarray, z: np.ndarray, spacing_zyx) -> np.ndarray:
+        out = []
+        for k in z:
+            rows, cols = volume[k].shape
+            x = np.pad(np.clip((volume[k] - 700.0) / 200.0, 0.0, 1.0) + 0.25, ((0, (-rows) % stride), (0, (-cols) % stride)))
+            s = ndimage.uniform_filter(x, size=2 * radius + 1, mode="constant")
+            h, w = s.shape
+            s = np.repeat(np.repeat(s.reshape(h // stride, stride, w // stride, stride).mean(axis=(1, 3)), stride, 0),
+                          stride, 1)
+            s = ndimage.uniform_filter(s, size=2 * radius + 1, mode="constant")
+            out.append(np.clip((s - 0.25) * 24.0, 0.0, 1.0)[:rows, :cols])
+        return np.asarray(out, np.float32)
+
+    return segment
+
+
+def wide_field_of_view_ct() -> np.ndarray:
+    """A body off-centre in a wide field of view, its box starting at an odd row and column."""
+    ct = np.full((5, 150, 190), -1000, np.float32)
+    ct[:, 41:99, 57:131] = 40  # body
+    ct[:, 55:80, 70:110] = 400  # bone
+    ct[1:4, 60:66, 75:83] = 900  # lesions, one of them at the body's edge
+    ct[2, 42:46, 100:106] = 900
+    return ct
+
+
+def test_the_exact_crop_gives_the_whole_slice_output_where_the_approximate_one_does_not():
+    ct = wide_field_of_view_ct()
+    spacing = (3.0, 1.0, 1.0)
+    segment = strided_blur(radius=4, stride=16)
+    whole, _, _ = segment_canonical(Network("n", "0", segment=segment, crop=False), ct, spacing)
+    context = 32  # the stand-in's receptive radius (23) rounded up to the stride
+    exact = Network("n", "0", segment=segment, stride=16, crop=True, context=context)
+    cropped, seen, info = segment_canonical(exact, ct, spacing, threshold=0.5)
+    assert whole.max() > 0.5 and (whole >= 0.5).sum() > 20
+    np.testing.assert_allclose(cropped[seen], whole[seen], atol=1e-6)  # kept part: the whole-slice output
+    assert not whole[~seen].any()  # and nothing lies outside it
+    assert info["mode"] == "exact" and info["context_px"] == context and info["pixel_fraction"] < 1.0
+    assert info["check"]["max_abs_diff"] < 1e-6 and info["check"]["dice"] == 1.0
+    # the crop window starts on the stride grid of the whole slice: the body box starts at odd row 41 - 10
+    rows = np.flatnonzero(seen.any(axis=(0, 2)))
+    assert rows[0] % 2 == 0 and rows[0] < 31
+    # the approximate crop (no context) sees zero padding where the slice holds tissue: it differs
+    approx = Network("n", "0", segment=segment, stride=16, crop=True)
+    loose, _, info_a = segment_canonical(approx, ct, spacing, threshold=0.5)
+    assert info_a["mode"] == "approximate"
+    assert np.abs(loose - whole).max() > 0.01
+    # a window off the stride grid would differ too: the same crop one pixel to the right
+    shifted = np.abs(segment(ct[:, :, 1:], np.arange(5), spacing) - whole[:, :, 1:]).max()
+    assert shifted > 0.01
+
+
+def test_mirroring_averages_the_logits_of_four_passes():
+    ct = wide_field_of_view_ct()
+    spacing = (3.0, 1.0, 1.0)
+
+    def lopsided(volume, z, spacing_zyx):  # not mirror-symmetric: more evidence to the right
+        ramp = np.linspace(0.2, 0.8, volume.shape[2], dtype=np.float32)
+        return np.broadcast_to(ramp, (len(z),) + volume.shape[1:]).copy()
+
+    one, _, _ = segment_canonical(Network("n", "0", segment=lopsided, crop=False), ct, spacing)
+    four, _, info = segment_canonical(Network("n", "0", segment=lopsided, crop=False, mirror=True), ct, spacing)
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    expected = 1 / (1 + np.exp(-(logit(one) + logit(one[:, :, ::-1])) / 2))  # cols flipped in 2 of 4 passes
+    np.testing.assert_allclose(four, expected, atol=1e-6)
+    assert np.allclose(four, 0.5, atol=1e-6) and info["mirror_passes"] == 4
+    # mirroring with the exact crop still gives the mirrored whole-slice output
+    segment = strided_blur(radius=3, stride=8)
+    whole, _, _ = segment_canonical(Network("n", "0", segment=segment, crop=False, mirror=True), ct, spacing)
+    cropped, seen, _ = segment_canonical(Network("n", "0", segment=segment, stride=8, crop=True, context=24,
+                                                 mirror=True), ct, spacing)
+    np.testing.assert_allclose(cropped[seen], whole[seen], atol=1e-5)
+
+
 def test_lesions_csv_against_scipy_and_simpleitk(tmp_path):
     ct = phantom_ct()
     images = tmp_path / "images"

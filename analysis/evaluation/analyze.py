@@ -59,6 +59,7 @@ from analysis.evaluation.metrics.lesionwise import (
     size_bin_counts,
 )
 from analysis.evaluation.metrics.overlap import case_overlap, slice_overlap
+from analysis.evaluation.settings import MODEL_COLUMNS, differences, model_rows
 from analysis.evaluation.stats import holm, paired_ttest
 from analysis.imaging.io import (
     Geometry,
@@ -109,6 +110,7 @@ CSV_COLUMNS: dict[str, tuple[str, ...]] = {
     "froc_summary.csv": ("model", *(f"sens_at_{r:g}" for r in FROC_RATES), "cpm"),
     "bootstrap.csv": ("model", "metric", "estimate", "ci_low", "ci_high", "n_boot"),
     "model_flags.csv": ("model", "task", "learned", "flag", "reason", "compared"),
+    "models.csv": MODEL_COLUMNS,
     "detection_thresholds.csv": ("model", "source", "threshold", "precision", "recall", "f1", "positive_calls",
                                  "n_slices"),
 }
@@ -813,8 +815,12 @@ def _write_tables(tmp: Path, inputs: _Inputs, config: AnalysisConfig, res: _Resu
         "lesion_sizes.csv": _size_rows(inputs, res),
         "bootstrap.csv": _bootstrap_rows(inputs, res, config),
         "model_flags.csv": _flag_rows(inputs, res, config, training),
+        "models.csv": model_rows(inputs.predictions, inputs.segmenters + inputs.detectors,
+                                 {**dict.fromkeys(inputs.segmenters, "segment"), **dict.fromkeys(inputs.detectors, "detect")}),
         "detection_thresholds.csv": _threshold_rows(inputs, res, config.threshold),
     }
+    for line in differences(tables["models.csv"], compared):
+        log.warning("analyze: compared segmenters were not run alike: %s", line)
     tables["froc.csv"], tables["froc_summary.csv"] = _froc_rows(inputs, res)
     if config.radiomics:
         tables["radiomics_features.csv"], tables["radiomics_icc.csv"] = _radiomics_rows(res, compared, config.jobs)

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from analysis.evaluation import paper
+from analysis.evaluation.settings import differences
 from analysis.imaging.display import window
 from analysis.lesions import DEFAULT_BONE_HU
 
@@ -304,6 +305,39 @@ def _status_section(rows: Sequence[Sequence[Any]]) -> list[str]:
                    [(r[0], r[1], r[3], r[4] or "–", "yes" if r[5] else "no") for r in flagged]), ""]
 
 
+def _settings_section(rows: Sequence[Sequence[Any]], compared: Sequence[str]) -> list[str]:
+    """"How each model was run": ``models.csv`` as a table, and one line per setting that changes
+    results and differs between the segmenters compared (:func:`analysis.evaluation.settings.differences`)."""
+    if not rows:
+        return []
+
+    def cell(v: Any, fmt: str = "{}") -> str:
+        if v is None or v == "":
+            return "–"
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        return fmt.format(v)
+
+    table = []
+    for r in rows:
+        crop = "no" if not r[3] else f"{r[4] or 'yes'}" + (f", {r[5]} px context" if r[5] else "")
+        if r[3] and r[6] is not None:
+            crop += f"; checked: max |Δp| {r[6]:.3g}" + (f", Dice {r[7]:.4f}" if r[7] is not None else "")
+        mirror = cell(r[8]) + (f" ({r[9]} passes)" if r[8] else "")
+        table.append((r[0], r[2] or "–", crop, mirror, cell(r[10]), cell(r[11], "{:g}"), cell(r[12]), cell(r[13]),
+                      cell(r[14], "{:g}"), cell(r[15])))
+    lines = differences(rows, compared)
+    verdict = (["**Not like for like.** " + "; ".join(lines) + ". Differences between these models' rows below "
+                "may come from how they were run, not only from the models."] if lines else
+               ["The compared segmenters were run alike in every setting that changes results (mirroring, "
+                "threshold, crop)."])
+    return ["## How each model was run", "",
+            "Inference settings from each model's `predict.json` (`models.csv`). Whole slices and the exact crop "
+            "give the same masks; mirroring averages the logits of the slice and its mirror images.", "",
+            _table(["model", "framework", "crop", "mirroring", "precision", "threshold", "threshold source",
+                    "folds", "tile step", "min size (voxels)"], table), "", *verdict, ""]
+
+
 def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str, Any] | None = None,
                  synthetic: bool = False, settings: dict[str, Any] | None = None,
                  bone_source: dict[str, str] | None = None) -> Path:
@@ -335,6 +369,8 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
     flags = {r[0]: r[3] for r in tables.get("model_flags.csv", []) if r[3]}
     not_compared = [r[0] for r in tables.get("model_flags.csv", []) if not r[5]]
     md += _status_section(tables.get("model_flags.csv", []))
+    md += _settings_section(tables.get("models.csv", []), [r[0] for r in tables.get("model_flags.csv", []) if r[5]
+                                                           and r[1] == "segment"])
 
     def name(model: str) -> str:
         return f"{model} (**{flags[model]}**)" if model in flags else model

@@ -142,6 +142,9 @@ class WingRun:
             :meth:`PredictRequest.outputs`.
         record: ``record()``: the wing's own fields of ``predict.json`` (model, training,
             thresholds and their source, folds, device, precision, ...), called after the run.
+        inference: ``inference()``: the wing's inference settings for ``predict.json["inference"]``
+            (``precision``, ``threshold``, ``threshold_source``, ``mirroring``, ``folds``,
+            ``tile_step``), beside the crop and min size the request and the network give.
         versions: the wing's distributions for ``predict.json["versions"]``.
         slices_name: ``slices.csv`` (detector) or ``detector_slices.csv`` (cascade); None: none.
         summary: ``summary(parts)``: fields over every finished case added to the record.
@@ -152,6 +155,7 @@ class WingRun:
     network: Callable[[InputPlan], ContextManager[Network]]
     outputs: Outputs
     record: Callable[[], dict[str, Any]]
+    inference: Callable[[], dict[str, Any]] = dict
     versions: tuple[str, ...] = ()
     slices_name: str | None = None
     summary: Callable[[dict[str, dict[str, Any]]], dict[str, Any]] | None = None
@@ -215,6 +219,7 @@ def predict_folder(request: PredictRequest, wing: WingRun, out: str | os.PathLik
     t0 = time.perf_counter()
     with wing.network(inputs) as net:
         done, failures, seconds = run_cases(folder, inputs.cases, net, wing.outputs, strict=inputs.strict)
+    inference = {**_inference(request, net), **wing.inference()} if wing.segments else wing.inference()
     failures = inputs.failures + failures
     slices = sum((p["slices"] if net.detect is not None else 0)
                  + (p.get("segmented", 0) if net.segment is not None else 0) for p in done)
@@ -222,9 +227,14 @@ def predict_folder(request: PredictRequest, wing: WingRun, out: str | os.PathLik
               "slices_per_s": round(slices / seconds, 3) if seconds > 0 else None,
               "seconds_total": round(time.perf_counter() - t0, 3)}
     record = {"mode": wing.mode, **wing.record(), **_common_record(request, inputs, wing, done, failures),
-              "timing": timing, "versions": versions(*wing.versions, "numpy")}
+              "inference": inference, "timing": timing, "versions": versions(*wing.versions, "numpy")}
+
+    def summary(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return {**(wing.summary(parts) if wing.summary else {}),
+                **({"crop_agreement": crop_agreement(parts)} if wing.segments and request.crop else {})}
+
     written = folder.finish(record, slices_name=wing.slices_name,
-                            tables=lesion_tables() if wing.segments else (), summary=wing.summary)
+                            tables=lesion_tables() if wing.segments else (), summary=summary)
     log.info("predict: %d case(s) in %.1f s (%d slices through the networks in %.1f s); wrote %s", len(done),
              timing["seconds_total"], slices, seconds, folder.out)
     return PredictResult(out=folder.out, record=written, done=done, failures=failures)
@@ -246,6 +256,27 @@ def _common_record(request: PredictRequest, inputs: InputPlan, wing: WingRun, do
         "bones": {"folder": request.bones, "kind": request.bones_from} if request.bones else None,
         "request": request.to_json(),
     }
+
+
+def _inference(request: PredictRequest, net: Network) -> dict[str, Any]:
+    """The request's and the network's part of ``predict.json["inference"]``."""
+    return {"crop": request.crop, "crop_mode": net.crop_mode, "crop_context_px": net.context if net.crop else None,
+            "mirroring": net.mirror, "mirror_passes": 4 if net.mirror else 1, "min_size_voxels": request.min_size}
+
+
+def crop_agreement(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The crop's measured agreement with whole slices over every finished case: each case's check
+    slice (:func:`analysis.prediction.runner.segment_canonical`), the largest probability
+    difference and the smallest Dice of the two masks (None where both masks were empty).
+
+    >>> crop_agreement({"a": {"crop": {"check": {"max_abs_diff": 0.002, "dice": 1.0}}},
+    ...                 "b": {"crop": {"check": {"max_abs_diff": 0.0, "dice": None}}}})
+    {'cases': 2, 'max_abs_diff': 0.002, 'min_dice': 1.0}
+    """
+    checks = [p["crop"]["check"] for p in parts.values() if isinstance(p.get("crop"), dict) and "check" in p["crop"]]
+    dice = [c["dice"] for c in checks if c.get("dice") is not None]
+    return {"cases": len(checks), "max_abs_diff": max((c["max_abs_diff"] for c in checks), default=None),
+            "min_dice": min(dice, default=None)}
 
 
 def raise_failures(result: PredictResult) -> None:

@@ -6,10 +6,15 @@ columns the patient's right to left); everything around it is done here, once:
 
 1. each case is read (a cohort image, an image file, or a DICOM series,
    :mod:`analysis.imaging.inputs`) and reoriented to the canonical view (a numpy view, no copy);
-2. optionally cropped to the body (:mod:`analysis.imaging.body`): per slab of :data:`SLAB` slices,
-   the in-plane box of the largest region above -500 HU with a 10 mm margin, padded to the
-   network's stride; the network sees the whole volume cropped in-plane to that box, for the
-   slab's centre slices, so context slices stay intact. Outside the box the probability is 0;
+2. the segmenter runs on whole slices, or with ``--crop`` on windows around the body
+   (:mod:`analysis.imaging.body`: per slab of :data:`SLAB` slices, the in-plane box of the
+   largest region above -500 HU with a 10 mm margin). A window holds the box plus the
+   network's receptive radius of real context and lies on the network's stride grid in the
+   whole slice's coordinates (:func:`context_window`), so the part kept equals the whole-slice
+   output (an ``exact`` crop; without a known radius, as for nnU-Net's sliding window, the
+   crop is ``approximate``). Outside the kept part the probability is 0. Every crop is checked
+   on one slice per case against the whole slice. With ``mirror`` the logits of the image and
+   its three mirror images are averaged (nnU-Net's 2D test-time mirroring);
 3. the probabilities go back to the input's exact storage order and geometry; the mask is
    ``probability >= threshold``, then 3D components smaller than ``min_size`` are removed;
 4. the case's outputs are written into its staging folder of the
@@ -49,7 +54,7 @@ from analysis.prediction.folder import (
     remove_small_components,
     select_cases,
 )
-from analysis.prediction.probabilities import SLOPE, quantise, write_stored
+from analysis.prediction.probabilities import LEVELS, quantise, write_stored
 from analysis.prediction.shards import Shard, shard_cases
 
 log = logging.getLogger(__name__)
@@ -79,8 +84,18 @@ class Network:
         fingerprint: identifies the trained weights (RUN/WORK hash) for provenance.
         segment: the segmenter (None for a detector-only run).
         detect: the detector (None unless a detector or cascade).
-        stride: crop boxes are padded to a multiple of this (the network's downsampling).
-        crop: crop to the body before the network (``--no-crop`` turns it off).
+        stride: the network's total downsampling: crop windows start on multiples of it in the
+            whole slice's coordinates and span multiples of it, so the network sees the grid of
+            the whole slice.
+        crop: run the segmenter on windows around the body instead of whole slices (``--crop``).
+        context: pixels on each side of an output pixel that it depends on (the network's
+            receptive radius, rounded up to the stride): the crop window holds that much real
+            context around the part that is kept, so the kept part equals the whole-slice
+            output (``exact`` crop). None: unknown (nnU-Net's sliding window): the window is the
+            body box, an ``approximate`` crop.
+        mirror: average the network's logits over the image and its mirror images along rows,
+            cols and both (4 passes), as nnU-Net's 2D test-time mirroring does; for a network that
+            does not mirror itself.
     """
 
     name: str
@@ -89,6 +104,16 @@ class Network:
     detect: DetectFn | None = None
     stride: int = 1
     crop: bool = True
+    context: int | None = None
+    mirror: bool = False
+
+    @property
+    def crop_mode(self) -> str | None:
+        """``exact`` when the crop gives the whole-slice result (a known ``context``), else
+        ``approximate``; None without a crop."""
+        if not self.crop:
+            return None
+        return "exact" if self.context is not None else "approximate"
 
 
 @dataclass(frozen=True)
@@ -215,43 +240,144 @@ def sha256_of(case: InputCase) -> str:
     return h.hexdigest()
 
 
-def crop_boxes(ct: np.ndarray, spacing_zyx: Sequence[float], stride: int) -> list[tuple[slice, slice, slice]]:
-    """Per-slab ``(slices, rows, cols)`` boxes of the body in a canonical volume (:mod:`analysis.imaging.body`)."""
+def crop_boxes(ct: np.ndarray, spacing_zyx: Sequence[float]) -> list[tuple[slice, slice, slice]]:
+    """Per-slab ``(slices, rows, cols)`` boxes of the body in a canonical volume (:mod:`analysis.imaging.body`):
+    the parts of each slab whose output is kept."""
     from analysis.imaging.body import slab_boxes
 
-    return slab_boxes(ct, SLAB, margin_mm=BODY_MARGIN_MM, spacing_xy=(spacing_zyx[2], spacing_zyx[1]), stride=stride)
+    return slab_boxes(ct, SLAB, margin_mm=BODY_MARGIN_MM, spacing_xy=(spacing_zyx[2], spacing_zyx[1]), stride=1)
 
 
-def segment_canonical(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float],
-                      slices: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Lesion probabilities of a canonical volume, cropped to the body unless ``net.crop`` is off.
+def context_window(inner: slice, size: int, *, context: int, stride: int) -> tuple[slice, slice]:
+    """The window a network runs on so that its output inside ``inner`` is its whole-slice output.
+
+    ``inner`` grows by ``context`` pixels on each side (the network's receptive radius); the
+    window then starts on a multiple of ``stride`` and spans a multiple of it (both clipped to
+    the slice), so the network's pooling grid is the whole slice's grid. Where the window is
+    clipped at the slice's edge the network sees what it sees on the whole slice; elsewhere the
+    part within ``context`` of the window's edge depends on the zero padding there and is not
+    kept.
 
     Args:
-        ct: canonical HU ``(slices, rows, cols)``.
-        slices: centre slices to segment (None: all); the others stay 0.
+        inner: the part of the axis whose output is wanted.
+        size: the axis' length in the whole slice.
+        context: receptive radius in pixels (0: the window is ``inner`` on the stride grid).
+        stride: the network's total stride.
 
     Returns:
-        ``(probabilities, seen, info)``: float32 of ``ct``'s shape (0 where the network did not
-        look), the voxels the network looked at (bool, same shape), and the fraction of slice
-        pixels it saw (``pixel_fraction``) and the number of crop boxes.
+        ``(window, kept)``: slices of the whole axis; ``kept`` contains ``inner``.
+
+    Examples:
+        A body box starting at an odd row, a network of stride 16 and receptive radius 20:
+
+        >>> context_window(slice(37, 61), 128, context=20, stride=16)
+        (slice(16, 96, None), slice(36, 76, None))
+
+        Clipped at both edges of a 100-pixel axis, the window is the whole axis:
+
+        >>> context_window(slice(10, 90), 100, context=20, stride=16)
+        (slice(0, 100, None), slice(0, 100, None))
     """
+    lo = max(0, inner.start - context)
+    lo -= lo % stride
+    want = min(size, inner.stop + context)
+    hi = min(size, lo + -(-(want - lo) // stride) * stride)
+    kept = slice(lo + context if lo > 0 else 0, hi - context if hi < size else size)
+    return slice(lo, hi), kept
+
+
+#: Mirror passes of 2D test-time mirroring (nnU-Net v2 ``_internal_maybe_mirror_and_predict``:
+#: the image and its flips along every non-empty combination of the 2 in-plane axes), as
+#: axes of a canonical ``(slices, rows, cols)`` volume.
+MIRROR_AXES = ((), (1,), (2,), (1, 2))
+#: Probabilities are clipped to [eps, 1 - eps] before their logits are averaged.
+_LOGIT_EPS = 1e-7
+
+
+def _segment_once(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float], todo: np.ndarray,
+                  crop: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     prob = np.zeros(ct.shape, np.float32)
     seen = np.zeros(ct.shape, bool)
-    todo = np.arange(ct.shape[0]) if slices is None else np.asarray(sorted(slices), np.int64)
-    if todo.size == 0:
-        return prob, seen, {"pixel_fraction": 0.0, "boxes": 0}
-    if not net.crop:
+    if not crop:
         prob[todo] = net.segment(ct, todo, spacing_zyx)
         seen[todo] = True
         return prob, seen, {"pixel_fraction": 1.0, "boxes": 1}
-    boxes = crop_boxes(ct, spacing_zyx, net.stride)
+    context = net.context or 0
+    boxes = crop_boxes(ct, spacing_zyx)
+    computed = 0
     for zs, rows, cols in boxes:
         z = todo[(todo >= zs.start) & (todo < zs.stop)]
         if z.size == 0:
             continue
-        prob[z, rows, cols] = net.segment(ct[:, rows, cols], z, spacing_zyx)
-        seen[z, rows, cols] = True
-    return prob, seen, {"pixel_fraction": round(float(seen[todo].mean()), 4), "boxes": len(boxes)}
+        run_r, keep_r = context_window(rows, ct.shape[1], context=context, stride=net.stride)
+        run_c, keep_c = context_window(cols, ct.shape[2], context=context, stride=net.stride)
+        out = net.segment(ct[:, run_r, run_c], z, spacing_zyx)
+        prob[z, keep_r, keep_c] = out[:, keep_r.start - run_r.start:keep_r.stop - run_r.start,
+                                      keep_c.start - run_c.start:keep_c.stop - run_c.start]
+        seen[z, keep_r, keep_c] = True
+        computed += z.size * (run_r.stop - run_r.start) * (run_c.stop - run_c.start)
+    total = todo.size * ct.shape[1] * ct.shape[2]
+    return prob, seen, {"pixel_fraction": round(computed / total, 4), "kept_fraction": round(float(seen[todo].mean()), 4),
+                        "boxes": len(boxes), "mode": net.crop_mode, "context_px": net.context}
+
+
+def _segment(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float], todo: np.ndarray,
+             crop: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One pass, or the mirror-averaged passes (logits averaged, as nnU-Net does) with ``net.mirror``."""
+    if not net.mirror:
+        return _segment_once(net, ct, spacing_zyx, todo, crop)
+    logit_sum = None
+    seen_all = None
+    for axes in MIRROR_AXES:
+        view = np.flip(ct, axes) if axes else ct
+        prob, seen, info = _segment_once(net, view, spacing_zyx, todo, crop)
+        if axes:
+            prob, seen = np.flip(prob, axes), np.flip(seen, axes)
+        p = np.clip(prob, _LOGIT_EPS, 1 - _LOGIT_EPS)
+        logit = np.log(p) - np.log1p(-p)
+        logit_sum = logit if logit_sum is None else logit_sum + logit
+        seen_all = seen if seen_all is None else seen_all & seen
+        del prob, p, logit
+    prob = (1.0 / (1.0 + np.exp(-logit_sum / len(MIRROR_AXES)))).astype(np.float32)
+    prob[~seen_all] = 0.0
+    return prob, np.ascontiguousarray(seen_all), {**info, "mirror_passes": len(MIRROR_AXES)}
+
+
+def segment_canonical(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float],
+                      slices: np.ndarray | None = None, *,
+                      threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Lesion probabilities of a canonical volume: whole slices, or crop windows around the body
+    with ``net.crop`` (:func:`context_window`), mirror-averaged with ``net.mirror``.
+
+    With the crop, the middle slice to segment is also run on the whole slice and the two
+    compared (``info["check"]``: the largest probability difference over the slice and the
+    Dice of the two masks at ``threshold``): the crop's measured agreement, in every record.
+
+    Args:
+        ct: canonical HU ``(slices, rows, cols)``.
+        slices: centre slices to segment (None: all); the others stay 0.
+        threshold: the mask threshold, for the crop check's Dice.
+
+    Returns:
+        ``(probabilities, seen, info)``: float32 of ``ct``'s shape (0 where the network's
+        output was not kept), the voxels whose output was kept (bool, same shape), and
+        ``pixel_fraction`` (the share of slice pixels the network computed), ``boxes``,
+        and with the crop its ``mode``, ``context_px`` and ``check``.
+    """
+    todo = np.arange(ct.shape[0]) if slices is None else np.asarray(sorted(slices), np.int64)
+    if todo.size == 0:
+        return np.zeros(ct.shape, np.float32), np.zeros(ct.shape, bool), {"pixel_fraction": 0.0, "boxes": 0}
+    prob, seen, info = _segment(net, ct, spacing_zyx, todo, net.crop)
+    if net.crop:
+        z = todo[todo.size // 2: todo.size // 2 + 1]
+        whole, _, _ = _segment(net, ct, spacing_zyx, z, False)
+        a, b = prob[z[0]], whole[z[0]]
+        ma, mb = a >= threshold, b >= threshold
+        both = int(ma.sum() + mb.sum())
+        info["check"] = {"slice": int(z[0]), "max_abs_diff": round(float(np.abs(a - b).max()), 6),
+                         # None: both masks empty on that slice (Dice undefined; see overlap.dice)
+                         "dice": None if both == 0 else round(2.0 * int((ma & mb).sum()) / both, 6)}
+    return prob, seen, info
 
 
 def _bones(outputs: Outputs, case: str, geometry: Geometry) -> np.ndarray | None:
@@ -312,7 +438,7 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
         part["seconds"] = round(time.perf_counter() - t0, 3)
         return
     chosen = det_c_chosen(det_probs, outputs, reo)
-    prob_c, seen, crop = segment_canonical(net, ct, spacing_zyx, chosen)
+    prob_c, seen, crop = segment_canonical(net, ct, spacing_zyx, chosen, threshold=outputs.threshold)
     part["seconds_network"] = round(time.perf_counter() - t_net, 3)
     raw = reo.backward(seen & (prob_c >= outputs.threshold))  # never lesion where the network did not look
     del seen
@@ -352,7 +478,7 @@ def _case_lesions(case: InputCase, mask: np.ndarray, native: np.ndarray, geometr
 
     labels = lesion_instances(mask)
     rows = lesion_rows(case.case_id, mask, native, geometry, probability=stored, bones=bones, labels=labels,
-                       probability_scale=float(SLOPE))
+                       probability_scale=1.0 / LEVELS)  # float64: level 255 scores 1.0 exactly
     part["lesion_rows"] = rows
     part["patient"] = patient_row(case.case_id, rows, has_bones=bones is not None)
     part["lesions"] = len(rows)

@@ -140,7 +140,9 @@ def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry,
         labels: ``lesion_instances(mask, 26)`` when the caller has it already (saves a
             labelling of a large volume).
         probability_scale: ``probability`` holds stored values times this (e.g. the uint8
-            map of :mod:`analysis.prediction.probabilities` with its 1/255).
+            map of :mod:`analysis.prediction.probabilities`: pass the float64 ``1 / 255``, not
+            the file's float32 slope, whose 255 x float32(1/255) = 1.0000000591 is above 1;
+            a score is a probability and stays in [0, 1]).
 
     Returns:
         Dicts keyed by :data:`LESION_COLUMNS` in that order, lesion ids ``1..N``:

@@ -93,7 +93,8 @@ def test_lps_ras_and_dicom_storage_give_one_mask(lively, tmp_path):
     dicom = record["per_case"]["site_pt_7"]["input"]["dicom"]
     assert dicom["n_slices"] == 6 and [s["reason"] for s in dicom["skipped"]] == ["localizer"]
     assert all(len(record["per_case"][c]["input"]["sha256"]) == 64 for c in record["cases"])
-    assert record["per_case"]["lps"]["crop"]["pixel_fraction"] < 1.0  # the body crop was on (--crop)
+    crop = record["per_case"]["lps"]["crop"]  # the body crop was on (--crop): exact, and checked
+    assert crop["mode"] == "exact" and crop["boxes"] >= 1 and crop["check"]["max_abs_diff"] <= 1e-4
     assert record["request"]["crop"] is True and record["crop"] is True
 
 
