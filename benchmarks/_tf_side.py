@@ -194,27 +194,77 @@ def _dice(a, b) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
+def bf16_units(tf) -> str | None:
+    """Why mixed_bfloat16 cannot help here (None when it can): a GPU, or a CPU with bf16 units
+    (avx512_bf16 or AMX), computes in bfloat16; elsewhere TensorFlow emulates it (0.11-0.14x
+    float32 measured on an AVX2 CPU), so timing it only makes a run slow."""
+    if _gpu(tf):
+        return None
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+                     if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "no /proc/cpuinfo to tell whether the CPU has bf16 units"
+    if {"avx512_bf16", "amx_bf16"} & set(flags):
+        return None
+    return "this CPU has no bf16 units (no avx512_bf16 or amx_bf16 flag): bfloat16 is emulated, 0.11-0.14x float32"
+
+
+def forward_flops(model, size: int) -> int:
+    """FLOPs of one ``size x size`` slice through a Keras model, counted by TensorFlow's profiler
+    on the frozen graph (2 per multiply-add of every convolution and matmul)."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    spec = tf.TensorSpec([1, size, size, model.inputs[0].shape[-1]], tf.float32)
+    frozen = convert_variables_to_constants_v2(tf.function(lambda x: model(x, training=False)).get_concrete_function(spec))
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    return int(tf.compat.v1.profiler.profile(graph=frozen.graph, options=options).total_float_ops)
+
+
+def matmul_peak(tf, n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 matmul FLOP/s of this machine through TensorFlow (the best of ``repeats``)."""
+    a = tf.random.normal((n, n))
+    b = tf.random.normal((n, n))
+    mm = tf.function(lambda x, y: tf.matmul(x, y))
+    mm(a, b).numpy()
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mm(a, b).numpy()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+    return best
+
+
 def newpatients(args) -> None:
-    """Seconds per volume of ``predict`` on new-patient CT: whole slices vs the body crop, float32
-    vs mixed_bfloat16, and the masks' agreement (Dice) with the float32 whole-slice result."""
+    """Seconds per volume of ``predict`` on new-patient CT: whole slices vs the exact body crop vs
+    mirroring, float32 vs mixed_bfloat16 (where the CPU has bf16 units), the masks' agreement
+    (Dice) with the float32 whole-slice result, and the inference MFU: network FLOPs per slice
+    (TensorFlow's profiler) x slices/s over the measured float32 matmul peak."""
     import tensorflow as tf
 
     from analysis.imaging.io import read_array
     from analysis.prediction.folder import read_record
     from bonemets_tf.predict import PredictOptions, predict
+    from bonemets_tf.run import read_run
 
     runs = Path(args.runs)
-    variants = {"nocrop_f32": dict(crop=False), "crop_f32": dict(crop=True),
+    variants = {"nocrop_f32": dict(crop=False), "crop_f32": dict(crop=True), "mirror_f32": dict(crop=False, mirror=True),
                 "crop_bf16": dict(crop=True, precision="mixed_bfloat16"),
                 "nocrop_bf16": dict(crop=False, precision="mixed_bfloat16")}
-    metrics, info = {}, {}
+    no_bf16 = bf16_units(tf)
+    metrics, info = {"matmul_f32_flops": matmul_peak(tf)}, {"bf16_skipped": no_bf16}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.models.split(","):
             detector = runs / DETECTOR if arch == "cascade" else None
             model = runs / ("unet" if arch == "cascade" else arch)
+            if arch != "cascade":
+                size = max(read_array(p)[0].shape[1] for p in sorted(Path(args.dataset, "imagesTr").glob("*.nii.gz")))
+                metrics[f"{arch}_flops_per_slice"] = forward_flops(read_run(model).load_model(), size)
             masks = {}
             for name, extra in variants.items():
-                if arch == "cascade" and name != "crop_f32":
+                if (arch == "cascade" and name != "crop_f32") or (no_bf16 and "bf16" in name):
                     continue
                 options = PredictOptions(cases="all", batch_size=args.batch, detector_threshold=0.5, **extra)
                 out = Path(tmp) / f"{arch}_{name}"
@@ -223,7 +273,11 @@ def newpatients(args) -> None:
                 predict(model, args.dataset, out, options=options, detector=detector, overwrite=True)
                 metrics[f"{arch}_{name}_s"] = time.perf_counter() - t
                 record = read_record(out)
-                info[f"{arch}_{name}_crop"] = [p.get("crop") for p in record["per_case"].values()]
+                metrics[f"{arch}_{name}_network_s"] = float(record["timing"]["seconds_network"])
+                crops = [p.get("crop") for p in record["per_case"].values()]
+                info[f"{arch}_{name}_crop"] = crops
+                if extra.get("crop"):
+                    metrics[f"{arch}_{name}_pixel_fraction"] = float(np.mean([c["pixel_fraction"] for c in crops]))
                 masks[name] = [read_array(m)[0] for m in sorted(out.glob("*.nii.gz"))]
             for name in masks:
                 if name != "nocrop_f32" and "nocrop_f32" in masks:

@@ -155,9 +155,41 @@ def nnunet(args) -> None:
             for ct, geo in volumes:
                 predict_volume(predictors["nnunet_nomirror_s"], ct, geo, crop=True)
             times["nnunet_crop_nomirror_s"].append(time.perf_counter() - t)
+        flops = slice_flops(predictors["nnunet_nomirror_s"], volumes[0])
     params = sum(x.numel() for x in predictors["nnunet_mirror_s"].network.parameters())
-    _emit({k: statistics.median(v) for k, v in times.items()}, device=device.type, torch=torch.__version__,
+    metrics = {k: statistics.median(v) for k, v in times.items()}
+    metrics.update(nnunet_flops_per_slice=flops, matmul_f32_flops=matmul_peak(device, torch.float32, 2048))
+    _emit(metrics, device=device.type, torch=torch.__version__,
           patch_size=conf.get("patch_size"), params=params, slices=int(sum(v[0].shape[0] for v in volumes)))
+
+
+def slice_flops(predictor, volume) -> int:
+    """Convolution FLOPs (2 per multiply-add) of one whole slice through nnU-Net's sliding window
+    without mirroring, counted by forward hooks on the network's convolutions while it predicts."""
+    import torch
+
+    from nnunet_bridge.predict import lesion_probability
+
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        k = 1
+        for s in module.kernel_size:
+            k *= s
+        if isinstance(module, torch.nn.ConvTranspose2d):  # each input pixel writes a k x Cout patch
+            total += 2 * inputs[0].numel() // inputs[0].shape[0] * module.out_channels * k // module.groups
+        else:
+            total += 2 * output.numel() // output.shape[0] * (module.in_channels // module.groups) * k
+    handles = [m.register_forward_hook(hook) for m in predictor.network.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    try:
+        ct, geo = volume
+        lesion_probability(predictor, ct[:1].astype("float32"), tuple(reversed(geo.spacing)))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
 
 
 def main() -> None:

@@ -54,6 +54,8 @@ PY = sys.executable
 CASES = ("pipeline", "train", "infer", "newpatients", "analysis", "memory")
 #: Slices of the paper volume in the new-patients case (full 512 x 512; s/volume = x385/slices).
 NEW_PATIENT_SLAB = 32
+#: Keras segmenters of the new-patients case (full width, random init).
+NEW_PATIENT_MODELS = ("unet", "resunet", "resattunet")
 log = logging.getLogger("bench")
 
 
@@ -263,12 +265,12 @@ def case_infer(s: Settings) -> dict[str, Any]:
 def case_newpatients(s: Settings) -> dict[str, Any]:
     """predict on new-patient CT: body crop and bf16 vs today's whole-slice float32, full-width UNet
     and ResAttUNet, the cascade, and nnU-Net's predictor (mirroring off / on, and cropped)."""
-    n = NEW_PATIENT_SLAB if s.name != "tiny" else 2
+    n = {"tiny": 2, "quick": 8}.get(s.name, NEW_PATIENT_SLAB)
     slab = ensure_slab(n)
     runs = ensure_runs()
     work = ensure_nnunet()
     res = alternate({"keras": tf_side("--case", "newpatients", "--dataset", slab, "--runs", runs, "--batch", 4,
-                                      "--models", "unet,resattunet,cascade"),
+                                      "--models", ",".join((*NEW_PATIENT_MODELS, "cascade"))),
                      "nnunet": torch_side("--case", "nnunet", "--dataset", slab, "--work", work, "--rounds", 1)}, 1)
     res["slices"] = n
     return res
@@ -412,15 +414,29 @@ def build_rows(res: dict[str, Any], s: Settings) -> list[Row]:
         n = res["newpatients"]["slices"]
         per_vol = 385 / n
         note = f"{n} slices of the paper phantom at 512x512 (s/volume = x{per_vol:.1f}); random-init full width"
-        for arch in ("unet", "resattunet"):
+        peak = _m(res, "newpatients", "keras", "matmul_f32_flops")
+        skipped = res["newpatients"]["keras"].get("info", {}).get("bf16_skipped")
+        for arch in NEW_PATIENT_MODELS:
             base = _m(res, "newpatients", "keras", f"{arch}_nocrop_f32_s")
-            for name, label in (("crop_f32", "body crop"), ("nocrop_bf16", "bf16, whole slices"),
-                                ("crop_bf16", "body crop + bf16")):
+            for name, label in (("crop_f32", "exact body crop"), ("mirror_f32", "mirroring (4 passes)"),
+                                ("nocrop_bf16", "bf16, whole slices"), ("crop_bf16", "exact crop + bf16")):
                 sec = _m(res, "newpatients", "keras", f"{arch}_{name}_s")
+                if sec is None and "bf16" in name and skipped:
+                    rows.append(Row(f"new patients: {arch} {label}: skipped", None, None, "s/vol", skipped))
+                    continue
                 dice = _m(res, "newpatients", "keras", f"{arch}_{name}_dice")
                 rows.append(Row(f"new patients: {arch} {label} vs whole-slice float32 (s/volume, speed-up)",
                                 base * per_vol if base else None, sec * per_vol if sec else None, "s/vol",
                                 f"{note}; mask Dice vs whole-slice f32 {dice:.4f}" if dice is not None else note))
+            flops = _m(res, "newpatients", "keras", f"{arch}_flops_per_slice")
+            for name, label, passes in (("nocrop_f32", "whole slices", 1), ("mirror_f32", "mirroring", 4),
+                                        ("crop_f32", "exact crop", None)):
+                sec = _m(res, "newpatients", "keras", f"{arch}_{name}_network_s")
+                frac = _m(res, "newpatients", "keras", f"{arch}_{name}_pixel_fraction") if passes is None else passes
+                if flops and sec and peak and frac:
+                    rows.append(Row(f"MFU: {arch} inference, {label} (network FLOP/s vs f32 matmul peak)",
+                                    flops * frac * n / sec, peak, "FLOP/s",
+                                    f"{flops / 1e9:.1f} GFLOP per 512^2 slice x {frac:g} (passes or pixel share)"))
         casc = _m(res, "newpatients", "keras", "cascade_crop_f32_s")
         unet = _m(res, "newpatients", "keras", "unet_crop_f32_s")
         rows.append(Row("new patients: unet cropped vs cascade cropped (s/volume)", unet * per_vol if unet else None,
@@ -428,6 +444,13 @@ def build_rows(res: dict[str, Any], s: Settings) -> list[Row]:
         nn = _m(res, "newpatients", "nnunet", "nnunet_nomirror_s")
         nm = _m(res, "newpatients", "nnunet", "nnunet_mirror_s")
         nc = _m(res, "newpatients", "nnunet", "nnunet_crop_nomirror_s")
+        nflops = _m(res, "newpatients", "nnunet", "nnunet_flops_per_slice")
+        npeak = _m(res, "newpatients", "nnunet", "matmul_f32_flops")
+        for sec, label, passes in ((nn, "no mirroring", 1), (nm, "mirroring", 4)):
+            if nflops and sec and npeak:
+                rows.append(Row(f"MFU: nnU-Net inference, {label} (network FLOP/s vs f32 matmul peak, torch)",
+                                nflops * passes * n / sec, npeak, "FLOP/s",
+                                f"{nflops / 1e9:.1f} GFLOP per slice through its sliding window; tiny trained plan"))
         rows.append(Row("new patients: nnU-Net mirroring vs no mirroring (s/volume)", nm * per_vol if nm else None,
                         nn * per_vol if nn else None, "s/vol", "tiny trained 2d plan; whole slices"))
         rows.append(Row("new patients: nnU-Net whole slices vs body crop, no mirroring (s/volume)",
