@@ -353,3 +353,25 @@ def test_detector_rows_come_in_the_stored_slice_order(tmp_path):
     head = [float(r["probability"]) for r in rows if r["case"] == "head"]
     feet = [float(r["probability"]) for r in rows if r["case"] == "feet"]
     assert head == [0, 1, 1, 1, 1, 0] and feet == head[::-1]
+
+
+def test_lesion_scores_are_probabilities_exactly(tmp_path):
+    """A lesion whose map holds the top level 255 scores 1.0, not 255 x float32(1/255) = 1.0000000591."""
+    images = tmp_path / "images"
+    write_array(phantom_ct(), LPS, images / "pt.nii.gz")
+
+    def certain(volume, z, spacing_zyx):
+        return np.where(volume[z] > 500, 1.0, 0.0).astype(np.float32)
+
+    out, done, failures = _run(tmp_path, images, Network("c", "0", segment=certain, crop=False),
+                               Outputs(probabilities=True))
+    assert not failures
+    with open(out / "lesions.csv", encoding="utf-8", newline="") as fh:
+        scores = [float(r["score"]) for r in csv.DictReader(fh)]
+    assert scores and all(s == 1.0 for s in scores)
+    import nibabel as nib
+
+    stored = nib.load(out / "probabilities" / "pt.nii.gz")
+    assert stored.get_fdata().max() > 1.0  # the float32 slope applied in float64 overshoots
+    assert int(np.asarray(stored.dataobj.get_unscaled()).max()) == 255  # the stored level, as the README says
+    assert read_probability(out / "probabilities" / "pt.nii.gz").max() == 1.0  # the project's reader clips
