@@ -196,3 +196,40 @@ def test_splits_merges_and_centroid_matches_are_recorded(tmp_path):
     assert float(rows[2]["distance_mm"]) == pytest.approx(6.0)
     assert "PCWG3" in record["definitions"]["new_lesions_flag"]
     assert record["registration"]["registered"] is False
+
+
+def _as_dicom(nifti: Path, folder: Path, patient_id: str, series_uid: str) -> Path:
+    """The CT of an LPS-stored NIfTI file as a DICOM series with a PatientID."""
+    import pydicom
+
+    from tests.test_imports import write_dicom_series
+
+    hu, g = read_array(nifti)
+    assert g.direction == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    write_dicom_series(folder, hu, spacing=g.spacing, origin=g.origin, series_uid=series_uid)
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.PatientID = patient_id
+        ds.save_as(f)
+    return folder
+
+
+def test_dicom_series_work_and_two_patient_ids_are_refused(cohort, tmp_path):
+    case = "case_004"  # its follow-up is stored LPS, so both can be written as plain axial series
+    base = _as_dicom(cohort / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / "dicom" / "2025", "P7", "1.2.3.4.5.1")
+    fu = _as_dicom(cohort / "followup" / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / "dicom" / "2026", "P7",
+                   "1.2.3.4.5.2")
+    masks = ["--baseline-mask", cohort / "labelsTr" / f"{case}.nii.gz",
+             "--followup-mask", cohort / "followup" / "labelsTr" / f"{case}.nii.gz"]
+    result = invoke(["followup", "--baseline", base, "--followup", fu, *masks, "--out", tmp_path / "out"])
+    assert result.exit_code == 0, result.output
+    truth = [(r["status"], r["baseline_id"], r["followup_id"]) for r in read_csv(cohort / TRUTH_CSV) if r["case"] == case]
+    assert [(r["status"], r["baseline_id"], r["followup_id"]) for r in read_csv(tmp_path / "out" / "lesions.csv")] == truth
+    record = json.loads((tmp_path / "out" / "followup.json").read_text(encoding="utf-8"))
+    assert record["inputs"]["followup"]["dicom"]["series_uid"] == "1.2.3.4.5.2"
+    other = _as_dicom(cohort / "followup" / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / "dicom" / "other", "P8",
+                      "1.2.3.4.5.3")
+    before = snapshot(tmp_path)
+    assert_clean_error(invoke(["followup", "--baseline", base, "--followup", other, *masks, "--out", tmp_path / "o2"]),
+                       ["PatientID 'P8'", "'P7'", "same patient"])
+    assert snapshot(tmp_path) == before

@@ -47,6 +47,7 @@ from analysis.lesions import (
     DEFAULT_MIN_CHANGE_ML,
     Group,
     bone_identity,
+    group_lesions,
     lesion_table,
 )
 from analysis.monitoring.matching import DEFAULT_MATCH_MM, ScanLesions, match, overlap_pairs, scan_lesions
@@ -59,7 +60,6 @@ from analysis.monitoring.registration import (
     register_rigid,
     resample_to,
 )
-from analysis.lesions import group_lesions
 from analysis.prediction.folder import mask_path, read_record
 from analysis.records import csv_text, versions
 
@@ -269,7 +269,9 @@ def compare(baseline: Scan, followup: Scan, settings: FollowupSettings, *, where
     registered_ct = sitk.GetArrayFromImage(registered)
     ones = sitk.Image(followup.image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(followup.image)
-    footprint = sitk.GetArrayViewFromImage(resample_to(ones, baseline.image, reg.transform, labels=True)) > 0
+    covered = resample_to(ones, baseline.image, reg.transform, labels=True)
+    footprint = sitk.GetArrayViewFromImage(covered) > 0  # a view: `covered` must outlive it
+    del ones, covered
     dice = bone_dice(baseline.ct, registered_ct, footprint, bone_hu=settings.bone_hu)
     log.info("followup: bone Dice %.3f after registration", dice)
     if settings.register and dice < settings.dice_floor:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis.imaging.io import Geometry
-from analysis.lesions import Group, group_lesions, lesion_instances
+from analysis.lesions import lesion_instances
 
-__all__ = ["ScanLesions", "Group", "scan_lesions", "overlap_pairs", "match", "group_lesions", "DEFAULT_MATCH_MM"]
+__all__ = ["ScanLesions", "scan_lesions", "overlap_pairs", "match", "DEFAULT_MATCH_MM"]
 
 #: Centroids of two otherwise unmatched lesions at most this far apart (mm) match (``--match-mm``).
 DEFAULT_MATCH_MM = 10.0

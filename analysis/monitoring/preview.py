@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from analysis.imaging.display import window
-from analysis.imaging.io import Geometry, atomic_file
+from analysis.imaging.io import Geometry
 from analysis.imaging.orientation import Reorientation
 from analysis.lesions import CHANGE_CODES
+from analysis.prediction.preview import DPI, pyplot, save_png
 
 __all__ = ["STATUS_COLOURS", "write_followup_preview", "coronal_panel"]
 
@@ -27,17 +28,7 @@ __all__ = ["STATUS_COLOURS", "write_followup_preview", "coronal_panel"]
 STATUS_COLOURS: dict[str, tuple[float, float, float]] = {
     "stable": (1.0, 1.0, 0.0), "grown": (1.0, 0.5, 0.0), "shrunk": (0.0, 0.8, 1.0),
     "new": (1.0, 0.0, 0.0), "resolved": (0.0, 0.9, 0.0)}
-DPI = 100
 PANEL_HEIGHT_IN = 7.0
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def coronal_panel(volume: np.ndarray, geometry: Geometry, *, reduce: str = "max") -> tuple[np.ndarray, tuple[float, float]]:
@@ -81,7 +72,7 @@ def write_followup_preview(path: str | os.PathLike, baseline_ct: np.ndarray, reg
             (:data:`analysis.lesions.CHANGE_CODES`) and the ``lesions.csv`` number of each voxel.
         title: one line above the panels.
     """
-    plt = _plt()
+    plt = pyplot()
     from matplotlib import patheffects
 
     names = {code: name for name, code in CHANGE_CODES.items()}
@@ -114,9 +105,7 @@ def write_followup_preview(path: str | os.PathLike, baseline_ct: np.ndarray, reg
         for i, (name, colour) in enumerate(STATUS_COLOURS.items()):
             fig.text((i + 0.5) / len(STATUS_COLOURS), 0.15 / fig_h, name, color=colour, fontsize=9, ha="center",
                      va="center")
-        path = Path(path)
-        with atomic_file(path, suffix=".tmp.png") as tmp:
-            fig.savefig(tmp, format="png", facecolor="black", dpi=DPI)
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return save_png(fig, path)

@@ -34,7 +34,7 @@ from analysis.imaging.orientation import Reorientation
 from analysis.lesions import lesion_instances
 
 __all__ = ["write_preview", "preview_panels", "label_positions", "panel_layout",
-           "radiological_axial", "PreviewPanels"]
+           "radiological_axial", "PreviewPanels", "pyplot", "save_png"]
 
 #: Colour of lesion outlines and numbers (pure red is absent from a grey CT, so tests find it).
 OUTLINE = (1.0, 0.0, 0.0)
@@ -47,13 +47,26 @@ GAP_IN = 0.25
 PAD_IN = 0.1
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """Save a figure as PNG atomically (black background, :data:`DPI`) and close it; the
+    figure is closed on failure too. Returns the path (permissions as the umask leaves 0o666)."""
+    try:
+        path = Path(path)
+        with atomic_file(path, suffix=".tmp.png") as tmp:
+            fig.savefig(tmp, format="png", facecolor="black", dpi=DPI)
+    finally:
+        pyplot().close(fig)
+    return path
 
 
 @dataclass
@@ -182,7 +195,7 @@ def write_preview(path: str | os.PathLike, ct: np.ndarray, mask: np.ndarray, geo
         The path written (permissions as the umask leaves 0o666).
     """
     panels = preview_panels(ct, mask, geometry, lesion_ids)
-    plt = _plt()
+    plt = pyplot()
     from matplotlib import patheffects
 
     outline = [patheffects.withStroke(linewidth=2, foreground="black")]  # numbers stay legible on bone
@@ -209,12 +222,10 @@ def write_preview(path: str | os.PathLike, ct: np.ndarray, mask: np.ndarray, geo
             ax.set_axis_off()
         fig.text(0.5, 1 - (PAD_IN + TITLE_IN / 2) / fig_h, title, color="white", fontsize=11,
                  ha="center", va="center")
-        path = Path(path)
-        with atomic_file(path, suffix=".tmp.png") as tmp:
-            fig.savefig(tmp, format="png", facecolor="black", dpi=DPI)
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return save_png(fig, path)
 
 
 def radiological_axial(native_slice: np.ndarray, geometry: Geometry) -> np.ndarray:
