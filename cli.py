@@ -55,9 +55,10 @@ class BonemetsGroup(click.Group):
 def main(debug: bool, verbose: int) -> None:
     """Detect and segment osseous metastases on CT (Pawan, Rich et al.).
 
-    Data commands (phantom, validate, split, import-dicom, import-bones, analyze) need
-    neither TensorFlow nor PyTorch; Keras commands (models, train, predict, gradcam,
-    export) use TensorFlow; `nnunet` commands use PyTorch. Never both in one process.
+    Data commands (phantom, validate, split, import-dicom, import-bones, analyze, and
+    followup with masks) need neither TensorFlow nor PyTorch; Keras commands (models,
+    train, predict, gradcam, export) use TensorFlow; `nnunet` commands use PyTorch;
+    serve and followup use the wing of the model they are given. Never both in one process.
     """
     level = logging.DEBUG if verbose >= 2 or debug else logging.INFO if verbose == 1 else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
