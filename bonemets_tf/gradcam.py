@@ -36,15 +36,8 @@ from analysis.cohort.layout import Cohort
 from analysis.errors import DataProblems, InputError
 from analysis.imaging.display import BONE_WINDOW, window
 from analysis.imaging.inputs import read_input
-from analysis.imaging.io import (
-    Geometry,
-    atomic_directory,
-    atomic_write_json,
-    atomic_write_text,
-    check_output_folder,
-    read_array,
-    write_array,
-)
+from analysis.imaging.io import (Geometry, atomic_directory, atomic_write_json, atomic_write_text, check_output_folder,
+                                 read_array, write_array)
 from analysis.imaging.orientation import CANONICAL, Reorientation
 from analysis.prediction.runner import plan_inputs
 from analysis.records import csv_text

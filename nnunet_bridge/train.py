@@ -33,15 +33,8 @@ from analysis.imaging.io import atomic_write_json, read_json
 from analysis.records import versions
 from nnunet_bridge.convert import convert_patients, nnunet_splits, write_splits_final
 from nnunet_bridge.device import resolve_device
-from nnunet_bridge.env import (
-    CONFIGURATION,
-    DATASET_ID,
-    PLANS,
-    TRAINER,
-    WorkLayout,
-    default_processes,
-    nnunet_environment,
-)
+from nnunet_bridge.env import (CONFIGURATION, DATASET_ID, PLANS, TRAINER, WorkLayout, default_processes,
+                               nnunet_environment)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -8,13 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis.evaluation.bootstrap import (
-    case_weights,
-    percentile_interval,
-    ratio_interval,
-    resample_indices,
-    statistic_interval,
-)
+from analysis.evaluation.bootstrap import (case_weights, percentile_interval, ratio_interval, resample_indices,
+                                           statistic_interval)
 from analysis.evaluation.metrics.detection import roc_auc
 
 

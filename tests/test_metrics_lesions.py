@@ -8,14 +8,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
-from analysis.lesions import (
-    bone_identity,
-    count_neighbours,
-    diffuse_fractions,
-    lesion_instances,
-    lesion_table,
-    match_lesions,
-)
+from analysis.lesions import (bone_identity, count_neighbours, diffuse_fractions, lesion_instances, lesion_table,
+                              match_lesions)
 
 
 def _two_lesions():

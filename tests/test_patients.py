@@ -9,15 +9,8 @@ from analysis.errors import InputError
 from analysis.imaging.io import Geometry, array_to_image, write_array
 from analysis.imaging.orientation import Reorientation
 from analysis.lesions import BONE_NAMES, WEIGHT_BEARING_CODES
-from analysis.prediction.tables import (
-    LESION_COLUMNS,
-    PATIENT_COLUMNS,
-    bones_from,
-    lesion_rows,
-    patient_row,
-    read_rows,
-    write_rows,
-)
+from analysis.prediction.tables import (LESION_COLUMNS, PATIENT_COLUMNS, bones_from, lesion_rows, patient_row,
+                                        read_rows, write_rows)
 
 # The reference storage: non-identity direction (y and z flipped), off-origin, anisotropic.
 SPACING = (0.75, 1.1, 2.5)

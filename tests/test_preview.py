@@ -9,14 +9,8 @@ import pytest
 
 from analysis.imaging.io import Geometry
 from analysis.lesions import lesion_instances
-from analysis.prediction.preview import (
-    DPI,
-    label_positions,
-    panel_layout,
-    preview_panels,
-    radiological_axial,
-    write_preview,
-)
+from analysis.prediction.preview import (DPI, label_positions, panel_layout, preview_panels, radiological_axial,
+                                         write_preview)
 from analysis.prediction.tables import lesion_rows
 
 # Canonical (LPS) phantom: (slices, rows, cols) = (z up, y to posterior, x to patient's left)

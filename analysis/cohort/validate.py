@@ -11,14 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from analysis.cohort.case import label_problems
-from analysis.cohort.layout import (
-    FILE_ENDING,
-    IMAGE_SUFFIX,
-    MAX_BONE_CODE,
-    Cohort,
-    dataset_json_problems,
-    splits_problems,
-)
+from analysis.cohort.layout import (FILE_ENDING, IMAGE_SUFFIX, MAX_BONE_CODE, Cohort, dataset_json_problems,
+                                    splits_problems)
 from analysis.errors import InputError
 from analysis.imaging.io import read_array, read_json
 

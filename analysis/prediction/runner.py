@@ -43,17 +43,8 @@ from analysis.errors import DataProblems, InputError
 from analysis.imaging.inputs import InputCase, discover_inputs, read_input
 from analysis.imaging.io import Geometry, read_header
 from analysis.imaging.orientation import CANONICAL, Reorientation
-from analysis.prediction.folder import (
-    DICOM_SEG,
-    PREVIEW,
-    PROBABILITIES,
-    SR,
-    PredictionFolder,
-    check_ct,
-    mask_path,
-    remove_small_components,
-    select_cases,
-)
+from analysis.prediction.folder import (DICOM_SEG, PREVIEW, PROBABILITIES, SR, PredictionFolder, check_ct, mask_path,
+                                        remove_small_components, select_cases)
 from analysis.prediction.probabilities import LEVELS, quantise, write_stored
 from analysis.prediction.shards import Shard, shard_cases
 

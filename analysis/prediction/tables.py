@@ -38,15 +38,8 @@ import numpy as np
 from analysis.cohort.imports import bones_from  # noqa: F401  (part of this module's API)
 from analysis.errors import InputError
 from analysis.imaging.io import Geometry, atomic_write_text
-from analysis.lesions import (
-    DEFAULT_BONE_HU,
-    LOCATION_CATEGORIES,
-    bone_identity,
-    count_neighbours,
-    diffuse_fractions,
-    lesion_instances,
-    lesion_table,
-)
+from analysis.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone_identity, count_neighbours, diffuse_fractions,
+                              lesion_instances, lesion_table)
 from analysis.records import csv_text
 
 __all__ = ["LESION_COLUMNS", "PATIENT_COLUMNS", "REGION_COLUMNS", "lesion_rows", "patient_row", "bones_from",

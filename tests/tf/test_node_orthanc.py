@@ -3,7 +3,6 @@ the real Keras predict of a tiny RUN); the SEG and SR come back into Orthanc's s
 through Orthanc's DICOMweb and compared with ``predict --images`` on the same files."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import requests
 
 from analysis.cohort.examples import write_dicom_series
 from analysis.imaging.dicom_sr import read_measurement_report
