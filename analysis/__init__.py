@@ -3,18 +3,24 @@
 Rooms, bottom to top; each imports only from the rooms below it (``tests/test_architecture.py``
 proves the order):
 
-* :mod:`analysis.errors`, :mod:`analysis.resources`: the floor (error types, memory checks);
+* :mod:`analysis.errors`, :mod:`analysis.resources`, :mod:`analysis.records`: the floor (error
+  types, memory checks, the one CSV format and ``versions()``);
 * :mod:`analysis.imaging`: image and DICOM reading and writing, orientation, the body crop,
-  input discovery, DICOM-SEG;
+  input discovery, the display window, DICOM-SEG and TID 1500 SR writing, DICOM-SEG and
+  RTSTRUCT labels;
 * :mod:`analysis.lesions`: lesion instances and their attributes (bone identity, diffuse,
   neighbours), the domain primitives of everything above;
-* :mod:`analysis.cohort`: the cohort layout, splits, validation, imports, the phantom, examples;
+* :mod:`analysis.cohort`: the cohort layout, reading one case, splits, validation and its
+  quality-control report, imports (one case or a whole DICOM export), the phantom and its
+  follow-up scans, examples;
 * :mod:`analysis.prediction`: the PRED folder contract, the prediction request, the case
   runner, shards, probability maps, previews, the lesion and patient tables;
 * :mod:`analysis.evaluation`: metrics, statistics, bootstrap, radiomics, ``analyze``, the
   report and the paper's values;
 * :mod:`analysis.monitoring` (beside evaluation): two scans of one patient compared lesion by
-  lesion (rigid registration, matching, status, the ``followup`` outputs).
+  lesion (rigid registration, matching, status, the ``followup`` outputs);
+* :mod:`analysis.node` (beside evaluation): the DICOM node of ``serve`` (spool, delivery, the
+  storage SCP), calling a wing's prediction on each complete series.
 """
 from __future__ import annotations
 
