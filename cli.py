@@ -646,11 +646,13 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
               help="Smallest absolute volume change for grown / shrunk (ml).")
 @click.option("--no-registration", is_flag=True, help="The scans are already aligned: skip the registration and its check.")
 @click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID.")
+@click.option("--sr", is_flag=True, help="DICOM baseline: also write followup_sr.dcm (TID 1500 report of the "
+              "statuses and changes) and followup_seg.dcm (the tracked lesions) on the baseline series.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, nnunet_work: str | None,
                  baseline_mask: str | None, followup_mask: str | None, baseline_bones: str | None,
                  followup_bones: str | None, match_mm: float, change: float, min_change_ml: float,
-                 no_registration: bool, series: str | None, overwrite: bool) -> None:
+                 no_registration: bool, series: str | None, sr: bool, overwrite: bool) -> None:
     """Compare two CTs of one patient lesion by lesion: new, resolved, grown, shrunk, stable.
 
     The follow-up is registered rigidly to the baseline (refused when their bones do not align),
@@ -680,7 +682,8 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
                                 register=not no_registration)
     path = run_followup(baseline, followup_ct, out, baseline_mask=baseline_mask, followup_mask=followup_mask,
                         predictor=predictor, model=model or nnunet_work, baseline_bones=baseline_bones,
-                        followup_bones=followup_bones, settings=settings, series=series, overwrite=overwrite)
+                        followup_bones=followup_bones, settings=settings, series=series, overwrite=overwrite,
+                        sr=sr)
     from analysis.records import read_csv
 
     summary = read_csv(path / "summary.csv")[0]

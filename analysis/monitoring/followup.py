@@ -12,7 +12,9 @@ Steps (definitions in :mod:`analysis.monitoring.matching` and :mod:`analysis.mon
 4. matching, groups and statuses; the outputs, written atomically into OUT.
 
 OUT holds ``lesions.csv``, ``summary.csv``, ``status.nii.gz``, ``followup_registered.nii.gz``,
-``preview.png`` and ``followup.json`` (see the README's "Follow-up" section).
+``preview.png`` and ``followup.json`` (see the README's "Follow-up" section); with ``sr`` and a
+DICOM baseline also ``followup_seg.dcm`` and ``followup_sr.dcm``
+(:mod:`analysis.monitoring.followup_dicom`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from analysis.errors import InputError
+from analysis.imaging.dicom import DicomSeries
 from analysis.imaging.inputs import InputCase, discover_inputs, read_input
 from analysis.imaging.io import (
     Geometry,
@@ -165,6 +168,14 @@ class Comparison:
     panels: list[tuple[np.ndarray, np.ndarray]]
     status: np.ndarray
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def lesion_numbers(self) -> np.ndarray:
+        """The tracked lesion (``lesion`` of lesions.csv) of each baseline voxel, 0 elsewhere,
+        ``(slices, rows, cols)``: a baseline lesion's voxels, then the registered follow-up's (as
+        ``status``)."""
+        (_, baseline), (_, followup) = self.panels
+        return np.where(baseline > 0, baseline, followup)
 
 
 def _sha256(path: Path) -> str:
@@ -332,7 +343,7 @@ def run_followup(baseline: str, followup: str, out: str | os.PathLike, *, baseli
                  followup_mask: str | None = None, predictor: Predictor | None = None, model: str | None = None,
                  baseline_bones: str | None = None, followup_bones: str | None = None,
                  settings: FollowupSettings = FollowupSettings(), series: str | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, sr: bool = False) -> Path:
     """Compare two CTs of one patient and write OUT (see the module docstring).
 
     Args:
@@ -346,12 +357,15 @@ def run_followup(baseline: str, followup: str, out: str | os.PathLike, *, baseli
         settings: thresholds and registration.
         series: DICOM: the SeriesInstanceUID to use in a folder holding several.
         overwrite: replace an existing OUT.
+        sr: also write the DICOM SEG and TID 1500 report on the baseline series
+            (:mod:`analysis.monitoring.followup_dicom`); the baseline must be a DICOM series.
 
     Returns:
         OUT.
 
     Raises:
-        InputError: bad inputs (one line naming the file), OUT existing, the scans not aligned.
+        InputError: bad inputs (one line naming the file), OUT existing, the scans not aligned,
+            ``sr`` with a baseline that is not a DICOM series.
     """
     start = time.perf_counter()
     settings.check()
@@ -364,6 +378,9 @@ def run_followup(baseline: str, followup: str, out: str | os.PathLike, *, baseli
         raise InputError("followup: give --model or --nnunet-work, or both --baseline-mask and --followup-mask")
     cases = (one_case(baseline, what="baseline", series=series), one_case(followup, what="follow-up", series=series))
     check_same_patient(*cases)
+    if sr and cases[0].series is None:
+        raise InputError(f"--sr: {baseline} is not a DICOM series; a DICOM SR and SEG reference the baseline's "
+                         f"DICOM images (give the baseline as a DICOM series folder)")
     model_record = None
     with tempfile.TemporaryDirectory(prefix=".followup-predict-", dir=out.resolve().parent
                                      if out.resolve().parent.is_dir() else None) as tmp:
@@ -381,7 +398,7 @@ def run_followup(baseline: str, followup: str, out: str | os.PathLike, *, baseli
     t0 = time.perf_counter()
     with atomic_directory(out, overwrite=True) as tmp_out:
         _write(tmp_out, comparison, base, fu, settings, model=model, model_record=model_record,
-               seconds_so_far=time.perf_counter() - start, t0=t0)
+               seconds_so_far=time.perf_counter() - start, t0=t0, dicom=cases[0].series if sr else None)
     log.info("followup: wrote %s", out)
     return out
 
@@ -406,7 +423,8 @@ def _predict_masks(predictor: Predictor, cases: tuple[InputCase, InputCase],
 
 
 def _write(tmp: Path, c: Comparison, base: Scan, fu: Scan, settings: FollowupSettings, *, model: str | None,
-           model_record: dict[str, Any] | None, seconds_so_far: float, t0: float) -> None:
+           model_record: dict[str, Any] | None, seconds_so_far: float, t0: float,
+           dicom: DicomSeries | None = None) -> None:
     g = base.geometry
     atomic_write_text(tmp / "lesions.csv", csv_text(LESION_COLUMNS, c.rows))
     atomic_write_text(tmp / "summary.csv", csv_text(SUMMARY_COLUMNS, [c.summary]))
@@ -417,6 +435,16 @@ def _write(tmp: Path, c: Comparison, base: Scan, fu: Scan, settings: FollowupSet
     title = (f"follow-up: {s['baseline_lesions']} -> {s['followup_lesions']} lesions; {s['new']} new, "
              f"{s['resolved']} resolved, {s['grown']} grown, {s['shrunk']} shrunk, {s['stable']} stable")
     write_followup_preview(tmp / "preview.png", base.ct, registered, g, c.panels, title=title)
+    outputs = list(OUTPUTS)
+    dicom_record = None
+    if dicom is not None:
+        from analysis.monitoring.followup_dicom import write_followup_dicom
+
+        fu_dicom = fu.record.get("dicom") or {}
+        fu_id = fu_dicom.get("series_uid") or f"sha256:{fu.record['sha256'][:32]}"
+        dicom_record = write_followup_dicom(tmp, dicom, c.lesion_numbers, rows=c.rows, summary=c.summary,
+                                            followup_sha256=fu.record["sha256"], followup_id=fu_id)
+        outputs += [r["path"] for r in (dicom_record["seg"], dicom_record["sr"]) if r["written"]]
     seconds = {**{k: round(v, 3) for k, v in c.seconds.items()}, "writing": round(time.perf_counter() - t0, 3)}
     seconds["total"] = round(seconds_so_far + seconds["writing"], 3)
     record = {
@@ -433,7 +461,8 @@ def _write(tmp: Path, c: Comparison, base: Scan, fu: Scan, settings: FollowupSet
                     "followup_id": r["followup_id"]} for r in c.rows],
         "splits": [r["lesion"] for r in c.rows if r["event"] in ("split", "split-merge")],
         "merges": [r["lesion"] for r in c.rows if r["event"] in ("merge", "split-merge")],
-        "outputs": list(OUTPUTS),
+        "outputs": outputs,
+        "dicom": dicom_record,
         "versions": versions(core=True),
         "seconds": seconds,
     }

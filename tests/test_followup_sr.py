@@ -1,0 +1,151 @@
+"""``followup --sr``: the follow-up as a TID 1500 report and a SEG on the baseline DICOM series.
+
+Evidence: a hand-made pair with every status (boxes with hand-counted volumes), the baseline a
+DICOM series; the report and the SEG read back with highdicom / pydicom and compared with
+lesions.csv and summary.csv, which the other follow-up tests check against the phantom's truth.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from analysis.cohort.examples import write_dicom_series
+from analysis.imaging.dicom_sr import PRIVATE_SCHEME, STATUS, read_followup_report
+from analysis.imaging.io import Geometry, write_array
+from analysis.records import read_csv
+from tests.badinput import assert_clean_error, invoke, snapshot
+
+BASE = Geometry((40, 40, 20), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+#: the follow-up sees 8 mm more on the left (x 40..47 mm): a lesion there has no voxel in the baseline frame
+FOLLOW = Geometry((48, 40, 20), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+# (z0, z1, y0, y1, x0, x1); voxels of 2 mm^3 = 0.002 ml
+BASELINE_BOXES = [
+    (4, 8, 6, 12, 6, 12),      # stable: 144 voxels
+    (10, 12, 20, 26, 6, 12),   # grown: 72 -> 144
+    (4, 8, 20, 30, 20, 30),    # shrunk: 400 -> 200
+    (14, 16, 28, 32, 28, 32),  # resolved: 32
+]
+FOLLOWUP_BOXES = [
+    (4, 8, 6, 12, 6, 12), (10, 14, 20, 26, 6, 12), (4, 6, 20, 30, 20, 30),
+    (14, 16, 6, 10, 26, 30),   # new: 32
+    (14, 16, 30, 34, 42, 46),  # new, outside the baseline's field of view: 32
+]
+SERIES_UID = "1.2.826.0.1.3680043.8.498.77"
+
+
+def _pair(tmp: Path, *, dicom_baseline: bool = True) -> list:
+    paths = {}
+    for name, g, boxes in (("b", BASE, BASELINE_BOXES), ("f", FOLLOW, FOLLOWUP_BOXES)):
+        shape = g.size[::-1]
+        ct = np.full(shape, 40, np.int16)
+        ct[2:18, 5:35, 5:35] = 400
+        mask = np.zeros(shape, np.uint8)
+        for z0, z1, y0, y1, x0, x1 in boxes:
+            mask[z0:z1, y0:y1, x0:x1] = 1
+        write_array(mask, g, tmp / f"{name}_mask.nii.gz")
+        if name == "b" and dicom_baseline:
+            write_dicom_series(ct, g, tmp / "dicom" / "baseline", patient_id="P3", localizer=False)
+            for f in (tmp / "dicom" / "baseline").iterdir():  # a known SeriesInstanceUID
+                ds = pydicom.dcmread(f)
+                ds.SeriesInstanceUID = SERIES_UID
+                ds.save_as(f)
+            paths[name] = tmp / "dicom" / "baseline"
+        else:
+            write_array(ct, g, tmp / f"{name}_ct.nii.gz")
+            paths[name] = tmp / f"{name}_ct.nii.gz"
+    return ["followup", "--baseline", paths["b"], "--followup", paths["f"], "--baseline-mask", tmp / "b_mask.nii.gz",
+            "--followup-mask", tmp / "f_mask.nii.gz", "--no-registration", "--min-change-ml", "0.02",
+            "--match-mm", "5"]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("followup_sr")
+    result = invoke([*_pair(tmp), "--sr", "--out", tmp / "out"])
+    assert result.exit_code == 0, result.output
+    return tmp / "out"
+
+
+def test_every_tracked_lesion_is_one_group_with_its_status_volumes_and_change(written):
+    rows = read_csv(written / "lesions.csv")
+    assert sorted(r["status"] for r in rows) == ["grown", "new", "new", "resolved", "shrunk", "stable"]
+    back = read_followup_report(written / "followup_sr.dcm")
+    assert [g["lesion"] for g in back["lesions"]] == [int(r["lesion"]) for r in rows]
+    for row, group in zip(rows, back["lesions"]):
+        assert group["status"] == row["status"]
+        for key in ("baseline_ml", "followup_ml", "change_ml"):
+            assert group[key] == pytest.approx(float(row[key]), rel=1e-9, abs=1e-12), (row["lesion"], key)
+        assert group["change_pct"] == (None if row["change_pct"] == "" else pytest.approx(float(row["change_pct"])))
+        assert group["time_point"] == "follow-up"
+    by_status = {g["status"]: g for g in back["lesions"]}
+    assert by_status["grown"]["change_ml"] == pytest.approx(0.144)
+    assert by_status["grown"]["change_pct"] == pytest.approx(100)
+    assert by_status["shrunk"]["followup_ml"] == pytest.approx(0.4) and by_status["resolved"]["followup_ml"] == 0
+    # the coded statuses: SNOMED CT where one fits, the private scheme for "resolved"
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(written / "followup_sr.dcm"))
+    values = set()
+    for g in [*sr.content.get_volumetric_roi_measurement_groups(), *sr.content.get_image_measurement_groups()]:
+        values |= {(e.value.scheme_designator, e.value.value) for e in g.get_qualitative_evaluations(name=STATUS)}
+    assert values == {("SCT", "129721008"), ("SCT", "15454001"), ("SCT", "19776001"), ("SCT", "260388006"),
+                      (PRIVATE_SCHEME, "RESOLVED")}
+
+
+def test_the_patient_group_equals_summary_csv(written):
+    summary = read_csv(written / "summary.csv")[0]
+    back = read_followup_report(written / "followup_sr.dcm")["summary"]
+    assert list(back) == list(summary)
+    for key, value in summary.items():
+        assert back[key] == pytest.approx(float(value)), key
+    assert (back["new"], back["resolved"], back["new_lesions_flag"]) == (2, 1, 1)
+
+
+def test_the_seg_holds_the_lesions_in_the_baseline_frame_and_the_report_references_it(written):
+    rows = read_csv(written / "lesions.csv")
+    seg = pydicom.dcmread(written / "followup_seg.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == SERIES_UID
+    outside = next(r for r in rows if r["followup_id"] == "5")  # the lesion beyond the baseline's field of view
+    tracked = [f"lesion {r['lesion']}" for r in rows if r is not outside]
+    assert [s.TrackingID for s in seg.SegmentSequence] == tracked
+    assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == list(range(1, len(tracked) + 1))
+    back = read_followup_report(written / "followup_sr.dcm")
+    segments = {s.TrackingID: (int(s.SegmentNumber), str(s.TrackingUID)) for s in seg.SegmentSequence}
+    for group in back["lesions"]:
+        if group["lesion"] == int(outside["lesion"]):
+            assert group["segment"] is None  # a TID 1501 group: nothing in the baseline frame to point at
+        else:
+            assert (group["segment"], group["tracking_uid"]) == segments[f"lesion {group['lesion']}"]
+    # each segment's voxels are its tracked lesion's: the stable box is the first baseline lesion's voxels
+    stable = next(r for r in rows if r["status"] == "stable")
+    volume = hd.seg.segread(written / "followup_seg.dcm").get_volume(combine_segments=True)
+    assert int((np.asarray(volume.array) == segments[f"lesion {stable['lesion']}"][0]).sum()) == 144
+    sr = pydicom.dcmread(written / "followup_sr.dcm")
+    assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage and sr.PatientID == "P3"
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID
+    record = json.loads((written / "followup.json").read_text(encoding="utf-8"))
+    assert record["dicom"]["sr"]["sop_instance_uid"] == sr.SOPInstanceUID
+    assert record["dicom"]["sr"]["path"] == "followup_sr.dcm"
+    assert record["dicom"]["seg"]["sop_instance_uid"] == seg.SOPInstanceUID
+    assert {"followup_sr.dcm", "followup_seg.dcm"} <= set(record["outputs"])
+
+
+def test_the_same_comparison_gives_the_same_uids(written, tmp_path):
+    # the pair written again (the same follow-up bytes, the same baseline SeriesInstanceUID)
+    result = invoke([*_pair(tmp_path), "--sr", "--out", tmp_path / "again"])
+    assert result.exit_code == 0, result.output
+    first = read_followup_report(written / "followup_sr.dcm")
+    again = read_followup_report(tmp_path / "again" / "followup_sr.dcm")
+    assert [g["tracking_uid"] for g in again["lesions"]] == [g["tracking_uid"] for g in first["lesions"]]
+    assert again["sop_instance_uid"] == first["sop_instance_uid"]
+
+
+def test_a_nifti_baseline_with_sr_is_refused_with_one_line_and_nothing_written(tmp_path):
+    args = _pair(tmp_path, dicom_baseline=False)
+    before = snapshot(tmp_path)
+    assert_clean_error(invoke([*args, "--sr", "--out", tmp_path / "out"]),
+                       ["--sr", "b_ct.nii.gz", "not a DICOM series"])
+    assert snapshot(tmp_path) == before
