@@ -3,6 +3,7 @@ split, six Keras trainings, nnU-Net training, every prediction, the cascade, Gra
 SavedModel export, analyze, report). Slow (minutes): it is the project's smoke test."""
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -41,6 +42,12 @@ def test_quick_demo_runs_every_stage_and_reports_every_model(tmp_path):
         t = json.loads((out / "runs" / seg / "calibration.json").read_text(encoding="utf-8"))["threshold"]
         assert re.search(rf"\|\s*{seg}\s*\|\s*0\.5\s*\|\s*{t:.2f}\s*\|", report), seg
     assert "## Segmentation thresholds" in report
+    # like for like by construction (issue #23): every compared segmenter on whole slices with nnU-Net's mirroring
+    assert "## How each model was run" in report and "were run alike in every setting" in report
+    with open(out / "analysis" / "models.csv", encoding="utf-8", newline="") as fh:
+        models = {r["model"]: r for r in csv.DictReader(fh)}
+    for seg in (*SEGMENTERS, "nnunet", cascade):
+        assert models[seg]["crop"] == "false" and models[seg]["mirroring"] == models["nnunet"]["mirroring"], seg
     # the Keras predictions shared one TensorFlow process; nnU-Net's shared one with its training
     shared = [json.loads(m.read_text(encoding="utf-8")).get("shared_process") for m in (out / ".stages").glob("predict-*.json")]
     assert len(shared) == 8 and all(shared)
