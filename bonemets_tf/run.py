@@ -244,20 +244,20 @@ def training_status(run: RunInfo) -> dict[str, Any]:
 
 
 def _best_history_value(path: Path, column: str) -> float | None:
-    import csv
     import math
+
+    from analysis.records import read_csv
 
     if not path.is_file():
         return None
     best = None
-    with open(path, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            try:
-                value = float(row.get(column) or "nan")
-            except ValueError:
-                continue
-            if math.isfinite(value) and (best is None or value > best):
-                best = value
+    for row in read_csv(path):
+        try:
+            value = float(row.get(column) or "nan")
+        except ValueError:
+            continue
+        if math.isfinite(value) and (best is None or value > best):
+            best = value
     return best
 
 

@@ -51,6 +51,7 @@ from analysis.cohort.layout import Cohort, fold_cases
 from analysis.errors import InputError
 from analysis.imaging.io import atomic_write_json, check_output_folder, read_json
 from analysis.imaging.orientation import CANONICAL
+from analysis.records import versions
 from bonemets_tf import cache
 from bonemets_tf.cache import CachedCase
 from bonemets_tf.checkpoint import RunCheckpoint, RunState
@@ -599,8 +600,6 @@ def _learning_rate(config: TrainConfig, scale: float = 1.0):
 def _record(config: TrainConfig, *, splits: dict[str, Any] | None, train_cases: list[str], val_cases: list[str],
             cached: list[CachedCase], strategy) -> dict[str, Any]:
     """The content of ``config.json`` (see the module docstring)."""
-    import keras
-    import tensorflow as tf
 
     return {
         "settings": {**config.get_config(), "dataset": str(Path(config.dataset).resolve())},
@@ -614,8 +613,7 @@ def _record(config: TrainConfig, *, splits: dict[str, Any] | None, train_cases: 
         "runtime": _runtime(config, strategy),
         "model": {"stride": CATALOG[config.arch].stride, "input": "raw HU (batch, rows, cols, context)",
                   "output": "sigmoid probability " + ("(batch, 1)" if config.task == DETECT else "(batch, rows, cols, 1)")},
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
-                     "python": sys.version.split()[0]},
+        "versions": versions("tensorflow", "keras", "numpy"),
     }
 
 
