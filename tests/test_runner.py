@@ -208,9 +208,10 @@ def test_mirroring_averages_the_logits_of_four_passes():
     # mirroring with the exact crop still gives the mirrored whole-slice output
     segment = strided_blur(radius=3, stride=8)
     whole, _, _ = segment_canonical(Network("n", "0", segment=segment, crop=False, mirror=True), ct, spacing)
-    cropped, seen, _ = segment_canonical(Network("n", "0", segment=segment, stride=8, crop=True, context=24,
-                                                 mirror=True), ct, spacing)
+    cropped, seen, info = segment_canonical(Network("n", "0", segment=segment, stride=8, crop=True, context=24,
+                                                    mirror=True), ct, spacing)
     np.testing.assert_allclose(cropped[seen], whole[seen], atol=1e-5)
+    assert info["check"]["max_abs_diff"] < 1e-5  # the check's mirrored whole slice is the same reference
 
 
 def test_lesions_csv_against_scipy_and_simpleitk(tmp_path):
