@@ -211,7 +211,7 @@ def test_mirroring_averages_the_logits_of_four_passes():
     cropped, seen, info = segment_canonical(Network("n", "0", segment=segment, stride=8, crop=True, context=24,
                                                     mirror=True), ct, spacing)
     np.testing.assert_allclose(cropped[seen], whole[seen], atol=1e-5)
-    assert info["check"]["max_abs_diff"] < 1e-5  # the check's mirrored whole slice is the same reference
+    assert info["check"]["max_abs_diff"] < 1e-3  # over the whole slice: outside the kept part the stand-in gives ~5e-5
 
 
 def test_lesions_csv_against_scipy_and_simpleitk(tmp_path):

@@ -339,7 +339,7 @@ def _whole_slice(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float], z: 
     ``net.mirror``), without a volume-sized array: the crop check's reference."""
     if not net.mirror:
         return np.asarray(net.segment(ct, z, spacing_zyx), np.float32)[0]
-    logit_sum = np.zeros(ct.shape[1:], np.float64)
+    logit_sum = np.zeros(ct.shape[1:], np.float32)  # the same arithmetic as _segment
     for axes in MIRROR_AXES:
         out = np.asarray(net.segment(np.flip(ct, axes) if axes else ct, z, spacing_zyx), np.float32)[0]
         p = np.clip(np.flip(out, tuple(a - 1 for a in axes)) if axes else out, _LOGIT_EPS, 1 - _LOGIT_EPS)
