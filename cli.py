@@ -684,7 +684,7 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
                         predictor=predictor, model=model or nnunet_work, baseline_bones=baseline_bones,
                         followup_bones=followup_bones, settings=settings, series=series, overwrite=overwrite,
                         sr=sr)
-    from analysis.records import read_csv
+    from analysis.imaging.records import read_csv
 
     summary = read_csv(path / "summary.csv")[0]
     click.echo(f"wrote {path}: {summary['baseline_lesions']} -> {summary['followup_lesions']} lesions; "

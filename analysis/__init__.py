@@ -3,9 +3,9 @@
 Rooms, bottom to top; each imports only from the rooms below it (``tests/test_architecture.py``
 proves the order):
 
-* :mod:`analysis.errors`, :mod:`analysis.resources`, :mod:`analysis.records`: the floor (error
-  types, memory checks, the one CSV format and ``versions()``);
-* :mod:`analysis.imaging`: image and DICOM reading and writing, orientation, the body crop,
+* :mod:`analysis.errors`, :mod:`analysis.resources`: the floor (error types, memory checks);
+* :mod:`analysis.imaging`: file formats (images, DICOM, JSON, the one CSV format and
+  ``versions()`` in :mod:`analysis.imaging.records`) read and written, orientation, the body crop,
   input discovery, the display window, DICOM-SEG and TID 1500 SR writing, DICOM-SEG and
   RTSTRUCT labels;
 * :mod:`analysis.lesions`: lesion instances and their attributes (bone identity, diffuse,

@@ -40,7 +40,7 @@ from analysis.imaging.io import (Geometry, atomic_directory, atomic_write_json, 
                                  read_array, write_array)
 from analysis.imaging.orientation import CANONICAL, Reorientation
 from analysis.prediction.runner import plan_inputs
-from analysis.records import csv_text
+from analysis.imaging.records import csv_text
 from bonemets_tf.models.catalog import DETECT
 from bonemets_tf.run import read_run
 

@@ -246,7 +246,7 @@ def training_status(run: RunInfo) -> dict[str, Any]:
 def _best_history_value(path: Path, column: str) -> float | None:
     import math
 
-    from analysis.records import read_csv
+    from analysis.imaging.records import read_csv
 
     if not path.is_file():
         return None

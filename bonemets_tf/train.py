@@ -51,7 +51,7 @@ from analysis.cohort.layout import Cohort, fold_cases
 from analysis.errors import InputError
 from analysis.imaging.io import atomic_write_json, check_output_folder, read_json
 from analysis.imaging.orientation import CANONICAL
-from analysis.records import versions
+from analysis.imaging.records import versions
 from bonemets_tf import cache
 from bonemets_tf.cache import CachedCase
 from bonemets_tf.checkpoint import RunCheckpoint, RunState

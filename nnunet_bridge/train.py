@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from analysis.cohort.layout import Cohort
 from analysis.errors import InputError
 from analysis.imaging.io import atomic_write_json, read_json
-from analysis.records import versions
+from analysis.imaging.records import versions
 from nnunet_bridge.convert import convert_patients, nnunet_splits, write_splits_final
 from nnunet_bridge.device import resolve_device
 from nnunet_bridge.env import (CONFIGURATION, DATASET_ID, PLANS, TRAINER, WorkLayout, default_processes,

@@ -94,7 +94,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 #: The core's rooms, bottom to top (analysis/__init__.py). A module may import its own room
 #: and the rooms below it, never one above.
-ROOMS = (("analysis.errors", "analysis.resources", "analysis.records"), ("analysis.imaging",), ("analysis.lesions",),
+ROOMS = (("analysis.errors", "analysis.resources"), ("analysis.imaging",), ("analysis.lesions",),
          ("analysis.cohort",), ("analysis.prediction",), ("analysis.evaluation", "analysis.node", "analysis.monitoring"))
 
 

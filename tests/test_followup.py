@@ -18,7 +18,7 @@ from analysis.cohort.phantom import generate_cohort
 from analysis.imaging.io import Geometry, read_array, write_array
 from analysis.monitoring.followup import LESION_COLUMNS, SUMMARY_COLUMNS
 from analysis.monitoring.registration import rotation_angle_deg
-from analysis.records import read_csv
+from analysis.imaging.records import read_csv
 from tests.badinput import assert_clean_error, invoke, snapshot
 from tests.conftest import wrong_modes
 

@@ -17,7 +17,7 @@ import pytest
 from analysis.cohort.examples import write_dicom_series
 from analysis.imaging.dicom_sr import PRIVATE_SCHEME, STATUS, read_followup_report
 from analysis.imaging.io import Geometry, write_array
-from analysis.records import read_csv
+from analysis.imaging.records import read_csv
 from tests.badinput import assert_clean_error, invoke, snapshot
 
 BASE = Geometry((40, 40, 20), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))

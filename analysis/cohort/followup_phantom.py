@@ -41,7 +41,7 @@ from analysis.cohort import phantom as ph
 from analysis.cohort.layout import Cohort, write_dataset_json
 from analysis.imaging.io import Geometry, array_to_image, atomic_write_text, write_array
 from analysis.lesions import group_lesions, lesion_instances
-from analysis.records import csv_text
+from analysis.imaging.records import csv_text
 
 __all__ = ["Followups", "FollowupCase", "generate_followup", "VARIANTS", "TRUTH_CSV", "TRANSFORMS_CSV",
            "TRUTH_COLUMNS", "TRANSFORM_COLUMNS", "ORIENTATIONS"]

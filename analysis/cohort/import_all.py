@@ -33,7 +33,7 @@ from analysis.cohort.imports import import_dicom
 from analysis.cohort.layout import Cohort, check_case_id
 from analysis.errors import InputError
 from analysis.imaging.dicom import DicomSeries, find_series, series_folders
-from analysis.records import read_csv
+from analysis.imaging.records import read_csv
 
 log = logging.getLogger(__name__)
 

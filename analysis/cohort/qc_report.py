@@ -44,7 +44,7 @@ from analysis.imaging.display import window
 from analysis.imaging.io import Geometry, atomic_directory, read_array
 from analysis.imaging.orientation import Reorientation
 from analysis.lesions import lesion_instances
-from analysis.records import csv_text
+from analysis.imaging.records import csv_text
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ from analysis.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone_identit
 from analysis.prediction.folder import (PROBABILITIES, RECORD, SLICES_CSV, check_ct, discover_models, mask_path,
                                        read_record, read_slices_csv)
 from analysis.prediction.probabilities import read_probability
-from analysis.records import csv_text, versions
+from analysis.imaging.records import csv_text, versions
 from analysis.resources import ANALYZE_BYTES_PER_VOXEL, require_memory, voxels
 
 log = logging.getLogger(__name__)
@@ -685,7 +685,7 @@ def _radiomics_rows(res: _Results, segmenters: Sequence[str], jobs: int) -> tupl
 
 
 def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
-    """Write rows as CSV in the project's one format (:func:`analysis.records.csv_text`)."""
+    """Write rows as CSV in the project's one format (:func:`analysis.imaging.records.csv_text`)."""
     path.write_text(csv_text(columns, rows), encoding="utf-8")
     return path
 

@@ -64,7 +64,7 @@ from analysis.monitoring.registration import (
     resample_to,
 )
 from analysis.prediction.folder import mask_path, read_record
-from analysis.records import csv_text, versions
+from analysis.imaging.records import csv_text, versions
 
 log = logging.getLogger(__name__)
 

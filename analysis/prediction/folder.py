@@ -41,7 +41,7 @@ from analysis.errors import InputError
 from analysis.imaging.io import (Geometry, atomic_write_json, atomic_write_text, check_output_folder, count_nonfinite,
                                  nonfinite_error, read_header, remove_stale_partials)
 from analysis.prediction.shards import Shard, shard_cases
-from analysis.records import csv_text
+from analysis.imaging.records import csv_text
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from analysis.imaging.orientation import CANONICAL
 from analysis.prediction.folder import PredictionFolder
 from analysis.prediction.runner import InputPlan, Network, Outputs, lesion_tables, plan_inputs, run_cases
 from analysis.prediction.shards import Shard, check_shard, parse_shard
-from analysis.records import versions
+from analysis.imaging.records import versions
 
 log = logging.getLogger(__name__)
 

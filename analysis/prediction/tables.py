@@ -40,7 +40,7 @@ from analysis.errors import InputError
 from analysis.imaging.io import Geometry, atomic_write_text
 from analysis.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone_identity, count_neighbours, diffuse_fractions,
                               lesion_instances, lesion_table)
-from analysis.records import csv_text
+from analysis.imaging.records import csv_text
 
 __all__ = ["LESION_COLUMNS", "PATIENT_COLUMNS", "REGION_COLUMNS", "lesion_rows", "patient_row", "bones_from",
            "csv_text", "write_rows", "read_rows", "LESIONS_CSV", "PATIENTS_CSV"]
@@ -226,7 +226,7 @@ def patient_row(case: str, lesion_rows: Sequence[dict[str, Any]], *, has_bones: 
 
 
 def write_rows(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> Path:
-    """Write dict rows as CSV atomically, in the project's one CSV format (:mod:`analysis.records`).
+    """Write dict rows as CSV atomically, in the project's one CSV format (:mod:`analysis.imaging.records`).
 
     Empty for None/NaN, ``true``/``false`` for booleans, floats with 10 significant digits.
     """

@@ -11,7 +11,7 @@ import pytest
 from analysis.cohort.followup_phantom import Followups
 from analysis.cohort.phantom import generate_cohort
 from analysis.cohort.splits import write_splits
-from analysis.records import read_csv
+from analysis.imaging.records import read_csv
 from tests.badinput import invoke
 from tests.conftest import write_tiny_cohort
 

@@ -9,7 +9,7 @@ import pytest
 
 from analysis.cohort.followup_phantom import Followups
 from analysis.cohort.phantom import generate_cohort
-from analysis.records import read_csv
+from analysis.imaging.records import read_csv
 from bonemets_tf.predict import PredictOptions, predict
 from tests.badinput import invoke
 from tests.tf.infer_runs import shared_runs

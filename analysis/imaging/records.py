@@ -1,4 +1,4 @@
-"""Records and tables, one format for the whole project (the floor of :mod:`analysis`).
+"""Records and tables, one format for the whole project (imaging room: file formats).
 
 * :func:`format_value` / :func:`csv_text` / :func:`read_csv`: every CSV bonemets writes
   (``analyze``'s tables, ``lesions.csv``, ``patients.csv``, ``slices.csv``, training
@@ -7,7 +7,7 @@
   ``\\n`` line ends, UTF-8.
 * :func:`versions`: the ``versions`` record written beside every result.
 
-Imports nothing from the rest of the core.
+Imports nothing from the rest of the core (only the package version).
 """
 from __future__ import annotations
 
