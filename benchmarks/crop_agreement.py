@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.cohort.layout import Cohort  # noqa: E402
+from analysis.evaluation.metrics.overlap import dice  # noqa: E402
 from analysis.imaging.io import read_array  # noqa: E402
 from analysis.imaging.orientation import Reorientation  # noqa: E402
 from analysis.prediction.runner import SLAB, BODY_MARGIN_MM, Network, segment_canonical  # noqa: E402
@@ -58,11 +59,6 @@ def widen(ct: np.ndarray, rows: int = 77, cols: int = 133) -> np.ndarray:
     out = np.full((ct.shape[0], ct.shape[1] + rows + rows // 3, ct.shape[2] + cols + cols // 3), -1000, ct.dtype)
     out[:, rows:rows + ct.shape[1], cols:cols + ct.shape[2]] = ct
     return out
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum() + b.sum())
-    return float("nan") if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -117,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                     prob, seen, info = segment_canonical(net, ct, spacing, threshold=args.threshold)
                     fraction = info["pixel_fraction"]
                 result[f"{variant}_s"] = round(time.perf_counter() - t, 3)
-                result[f"{variant}_dice"] = round(_dice(ref, (prob >= args.threshold) & seen), 6)
+                result[f"{variant}_dice"] = round(dice((prob >= args.threshold) & seen, ref), 6)
                 result[f"{variant}_max_diff"] = round(float(np.abs(prob - whole).max()), 6)
                 result[f"{variant}_max_diff_kept"] = round(float(np.abs(prob - whole)[seen].max()), 6) if seen.any() else 0.0
                 result[f"{variant}_pixel_fraction"] = round(fraction, 4)

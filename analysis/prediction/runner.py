@@ -312,6 +312,16 @@ def _segment_once(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float], to
                         "boxes": len(boxes), "mode": net.crop_mode, "context_px": net.context}
 
 
+def _logit(prob: np.ndarray) -> np.ndarray:
+    p = np.clip(prob, _LOGIT_EPS, 1 - _LOGIT_EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def _mean_of_logits(logit_sum: np.ndarray) -> np.ndarray:
+    """The probability of the mean of :data:`MIRROR_AXES`' logits (float32)."""
+    return (1.0 / (1.0 + np.exp(-logit_sum / len(MIRROR_AXES)))).astype(np.float32)
+
+
 def _segment(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float], todo: np.ndarray,
              crop: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """One pass, or the mirror-averaged passes (logits averaged, as nnU-Net does) with ``net.mirror``."""
@@ -320,16 +330,14 @@ def _segment(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float], todo: n
     logit_sum = None
     seen_all = None
     for axes in MIRROR_AXES:
-        view = np.flip(ct, axes) if axes else ct
-        prob, seen, info = _segment_once(net, view, spacing_zyx, todo, crop)
+        prob, seen, info = _segment_once(net, np.flip(ct, axes) if axes else ct, spacing_zyx, todo, crop)
         if axes:
             prob, seen = np.flip(prob, axes), np.flip(seen, axes)
-        p = np.clip(prob, _LOGIT_EPS, 1 - _LOGIT_EPS)
-        logit = np.log(p) - np.log1p(-p)
+        logit = _logit(prob)
         logit_sum = logit if logit_sum is None else logit_sum + logit
         seen_all = seen if seen_all is None else seen_all & seen
-        del prob, p, logit
-    prob = (1.0 / (1.0 + np.exp(-logit_sum / len(MIRROR_AXES)))).astype(np.float32)
+        del prob, logit
+    prob = _mean_of_logits(logit_sum)
     prob[~seen_all] = 0.0
     return prob, np.ascontiguousarray(seen_all), {**info, "mirror_passes": len(MIRROR_AXES)}
 
@@ -339,12 +347,11 @@ def _whole_slice(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float], z: 
     ``net.mirror``), without a volume-sized array: the crop check's reference."""
     if not net.mirror:
         return np.asarray(net.segment(ct, z, spacing_zyx), np.float32)[0]
-    logit_sum = np.zeros(ct.shape[1:], np.float32)  # the same arithmetic as _segment
+    logit_sum = np.zeros(ct.shape[1:], np.float32)
     for axes in MIRROR_AXES:
         out = np.asarray(net.segment(np.flip(ct, axes) if axes else ct, z, spacing_zyx), np.float32)[0]
-        p = np.clip(np.flip(out, tuple(a - 1 for a in axes)) if axes else out, _LOGIT_EPS, 1 - _LOGIT_EPS)
-        logit_sum += np.log(p) - np.log1p(-p)
-    return (1.0 / (1.0 + np.exp(-logit_sum / len(MIRROR_AXES)))).astype(np.float32)
+        logit_sum += _logit(np.flip(out, tuple(a - 1 for a in axes)) if axes else out)
+    return _mean_of_logits(logit_sum)
 
 
 def segment_canonical(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float],
