@@ -43,7 +43,7 @@ from analysis.imaging.body import body_mask
 from analysis.imaging.display import window
 from analysis.imaging.io import Geometry, atomic_directory, read_array
 from analysis.imaging.orientation import Reorientation
-from analysis.lesions import lesion_instances
+from analysis.lesions import DEFAULT_BONE_HU, lesion_instances
 from analysis.imaging.records import csv_text
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,6 @@ SPACING_FACTOR = 1.5
 #: A left-right flip is suspected when the mirrored label's share on bone exceeds the stored
 #: label's by at least this much and the stored label is mostly off the bone.
 FLIP_GAIN = 0.3
-#: HU above which a voxel counts as dense bone when the bone map is compared with the CT.
-DENSE_BONE_HU = 150.0
 #: Height of each image panel in pixels; widths follow the physical aspect ratio.
 PANEL_PX = 240
 DPI = 100
@@ -196,7 +194,7 @@ def case_flags(ct: np.ndarray, label: np.ndarray, bones: np.ndarray | None) -> t
     figures.update(on_bone=stored, on_bone_mirrored=mirrored)
     if stored < MIN_ON_BONE and mirrored - stored >= FLIP_GAIN:
         flags.append(f"left-right flip? the label is {100 * stored:.0f}% on bone, {100 * mirrored:.0f}% when mirrored")
-    dense = ct > DENSE_BONE_HU
+    dense = ct > DEFAULT_BONE_HU  # the project's bone threshold (analysis.lesions)
     as_is, flipped = _share(bone, dense), _share(mirror_lr(bone, centre), dense)
     if flipped - as_is >= FLIP_GAIN / 2 and as_is < 0.6:
         flags.append(f"left-right flip? the bone map is {100 * as_is:.0f}% on dense bone, "
