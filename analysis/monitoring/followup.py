@@ -18,7 +18,6 @@ DICOM baseline also ``followup_seg.dcm`` and ``followup_sr.dcm``
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -64,6 +63,7 @@ from analysis.monitoring.registration import (
     resample_to,
 )
 from analysis.prediction.folder import mask_path, read_record
+from analysis.prediction.runner import sha256_of
 from analysis.imaging.records import csv_text, versions
 
 log = logging.getLogger(__name__)
@@ -176,16 +176,6 @@ class Comparison:
         ``status``)."""
         (_, baseline), (_, followup) = self.panels
         return np.where(baseline > 0, baseline, followup)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in files:
-        with open(p, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def one_case(path: str | os.PathLike, *, what: str, series: str | None = None) -> InputCase:
@@ -329,7 +319,9 @@ def _load(case: InputCase, mask: str, bones: str | None, *, what: str) -> Scan:
     geometry = Geometry.of(image)
     m = _read_map(mask, geometry, path, f"{what} mask")
     b = _read_map(bones, geometry, path, f"{what} bone map") if bones else None
-    record = {**record, "sha256": _sha256(Path(path)), "mask": str(mask), "mask_sha256": _sha256(Path(mask)),
+    # the same input hash as predict's record (a series: its own files in slice order, not the folder)
+    mask_file = InputCase(case_id="mask", kind="image", path=Path(mask))
+    record = {**record, "sha256": sha256_of(case), "mask": str(mask), "mask_sha256": sha256_of(mask_file),
               "bones": bones, "geometry": geometry.to_json()}
     return Scan(image=image, ct=ct, geometry=geometry, mask=m, bones=b, record=record)
 
