@@ -1,5 +1,6 @@
 """Training flags in analyze and the report: "did not learn", "not trained (N iterations)",
-detectors whose calls are all one class, and not-trained nnU-Net left out of the comparisons."""
+detectors whose calls are all one class, and not-trained nnU-Net left out of the comparisons;
+the training budgets and the paper's order above the segmentation table."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +12,7 @@ import pytest
 
 from analysis.evaluation.analyze import run_analysis
 from nnunet_bridge.env import CHECKPOINT, WorkLayout
-from nnunet_bridge.train import MINIMUM_ITERATIONS, training_status
+from nnunet_bridge.train import training_status
 from tests.test_analyze import make_cohort
 
 
@@ -30,10 +31,13 @@ def _record(pred: Path, name: str, training: dict | None, **extra) -> None:
 def test_flags_exclusions_and_calibrated_detector_threshold(tmp_path):
     ds, pred = make_cohort(tmp_path)
     shutil.copytree(pred / "partial", pred / "nnunet", ignore=shutil.ignore_patterns("probabilities", "dicom_seg"))
-    _record(pred, "nnunet", {"learned": False, "reason": "not trained (6 iterations; nnU-Net needs at least 5000 here)",
-                             "iterations": 6, "minimum_iterations": 5000})
+    _record(pred, "nnunet", {"learned": False, "reason": "not trained: validation Dice 0.012 after 6 iterations ...",
+                             "iterations": 6, "validation_dice": 0.012},
+            budget={"width": 0.25, "steps": 6, "batch_size": 16, "samples": 96, "patch": [64, 64],
+                    "plan": "nnUNetPlans_w0.25_b16_p64x64"})
     _record(pred, "perfect", {"learned": False, "reason": "did not learn: best validation dice 0.000",
-                              "best_val": 0.0, "empty_level": 0.0, "guard_events": 0})
+                              "best_val": 0.0, "empty_level": 0.0, "guard_events": 0},
+            budget={"width": 0.25, "steps": 240, "batch_size": 16, "samples": 3840, "patch": [64, 64], "plan": None})
     # "partial" has no predict.json: unknown, no flag
     rows = ["case,slice,probability"] + [f"case_{i:02d},{z},{0.1 + 0.04 * z}" for i in range(2) for z in range(8)]
     (pred / "detector" / "slices.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")  # all below 0.5
@@ -46,7 +50,8 @@ def test_flags_exclusions_and_calibrated_detector_threshold(tmp_path):
     out = run_analysis(ds, pred, tmp_path / "OUT", cases="all", radiomics=True, jobs=1)
 
     flags = {r["model"]: r for r in _rows(out, "model_flags.csv")}
-    assert flags["nnunet"]["flag"] == "not trained (6 iterations)" and flags["nnunet"]["compared"] == "false"
+    assert flags["nnunet"]["flag"] == "not trained (6 iterations; validation Dice 0.012)"
+    assert flags["nnunet"]["compared"] == "false"
     assert flags["perfect"]["flag"] == "did not learn" and flags["perfect"]["compared"] == "true"
     assert flags["partial"]["flag"] == "" and flags["partial"]["learned"] == ""
     assert flags["detector"]["flag"] == "all 16 slice calls negative at 0.5"
@@ -62,9 +67,21 @@ def test_flags_exclusions_and_calibrated_detector_threshold(tmp_path):
     assert float(calibrated["precision"]) == pytest.approx(4 / 6) and float(calibrated["recall"]) == pytest.approx(4 / 10)
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "## Model training status" in report
-    assert "perfect (**did not learn**)" in report and "nnunet (**not trained (6 iterations)**)" in report
+    assert "perfect (**did not learn**)" in report
+    assert "nnunet (**not trained (6 iterations; validation Dice 0.012)**)" in report
     assert report.count("Left out (not trained): nnunet.") == 2  # t-tests and radiomics
     assert "validation-calibrated" in report
+    start = report.index("## Segmentation\n")
+    segmentation = report[start:report.index("| model | n slices", start)]
+    assert ("nnunet: width 0.25, 96 samples seen (6 steps of 16 patches of 64×64), plan nnUNetPlans_w0.25_b16_p64x64"
+            in segmentation)
+    assert "perfect: width 0.25, 3,840 samples seen (240 steps of 16 crops of 64×64)" in segmentation
+    assert "partial: training budget not recorded" in segmentation
+    assert "**Not comparable budgets**: width not recorded for every model; crop not recorded" in segmentation
+    assert "samples seen not recorded for every model" in segmentation
+    nnunet_dice = next(float(r["dice_mean"]) for r in _rows(out, "segmentation_summary.csv") if r["model"] == "nnunet")
+    assert (f"Order by Dice: paper nnUNetv2 73.4 > ResAttUNet 61.6 > ResUNet 59.0 > UNet 55.9; here nnunet "
+            f"{100 * nnunet_dice:.1f}.") in segmentation
     assert json.loads((out / "config.json").read_text(encoding="utf-8"))["not_compared"] == ["nnunet"]
 
 
@@ -88,13 +105,31 @@ def test_nnunet_training_status_from_work_records(tmp_path):
     (layout.fold_folder(1) / "training_log_2026_1_1.txt").write_text(
         "Epoch 0\nEpoch time: 1.0 s\nEpoch 1\nEpoch time: 1.1 s\nEpoch 2\n", encoding="utf-8")
     status = training_status(layout)
-    assert status == {"learned": False, "reason": status["reason"], "iterations": 6,
-                      "minimum_iterations": MINIMUM_ITERATIONS}
-    assert status["reason"].startswith("not trained (6 iterations")
+    assert (status["learned"], status["iterations"], status["validation_dice"]) == (False, 6, None)
+    assert status["reason"] == "not trained (fold 1 unfinished: 6 iterations)"
     (layout.fold_folder(1) / CHECKPOINT).write_bytes(b"")
+    # both final, no validation result: unknown
+    assert training_status(layout)["learned"] is None and training_status(layout)["iterations"] == 6
+    # nnU-Net's validation (summary.json): Dice pooled over the slices; the least good fold counts
+    _summary(layout.fold_folder(0), [(9, 1, 2), (0, 0, 0)])  # 18 / 21
+    _summary(layout.fold_folder(1), [(1, 30, 9), (0, 0, 0)])  # 2 / 41 = 0.049: at the empty level
+    status = training_status(layout)
+    assert status["learned"] is False and status["validation_dice"] == pytest.approx(2 / 41, abs=1e-4)
+    assert status["reason"].startswith("not trained: validation Dice 0.049 after 6 iterations")
+    _summary(layout.fold_folder(1), [(3, 1, 2), (0, 2, 0)])  # 6 / 11
     settings["schedule"] = {}  # nnU-Net's defaults: 1000 epochs of 250 iterations
     layout.train_settings_json.write_text(json.dumps(settings), encoding="utf-8")
-    assert training_status(layout)["learned"] is True and training_status(layout)["iterations"] == 250_000
+    status = training_status(layout)
+    assert status["learned"] is True and status["iterations"] == 250_000
+    assert status["validation_dice"] == pytest.approx(6 / 11, abs=1e-4) and status["plans"] == "nnUNetPlans"
+
+
+def _summary(fold: Path, cases: list[tuple[int, int, int]]) -> None:
+    """nnU-Net's ``validation/summary.json`` with per-case (TP, FP, FN) of label 1 (the fields read)."""
+    (fold / "validation").mkdir(exist_ok=True)
+    per_case = [{"metrics": {"1": {"TP": tp, "FP": fp, "FN": fn, "Dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn
+                                   else float("nan")}}} for tp, fp, fn in cases]
+    (fold / "validation" / "summary.json").write_text(json.dumps({"metric_per_case": per_case}), encoding="utf-8")
 
 
 def test_study_report_training_section(tmp_path):

@@ -36,7 +36,7 @@ from analysis.imaging.records import versions
 log = logging.getLogger(__name__)
 
 __all__ = ["BONES_FROM", "CONNECTIVITY", "PredictRequest", "WingRun", "PredictResult", "plan_request", "predict_folder",
-           "raise_failures"]
+           "raise_failures", "training_budget"]
 
 #: What a bone map holds: the cohort's own bone codes, or TotalSegmentator "total" ids.
 BONES_FROM = ("project", "totalsegmentator")
@@ -163,6 +163,31 @@ class WingRun:
     @property
     def segments(self) -> bool:
         return self.mode != "detect"
+
+
+def training_budget(*, width: float | None, steps: int | None, batch_size: int | None,
+                    patch: tuple[int, ...] | list[int] | None, plan: str | None = None) -> dict[str, Any]:
+    """What a model was trained with, for ``predict.json["budget"]`` (both wings write one; ``analyze``
+    puts it in ``models.csv`` and says above its segmentation table whether the rows are comparable).
+
+    Args:
+        width: feature-width multiplier (1: the published width).
+        steps: training steps (iterations) over the whole run.
+        batch_size: samples per step.
+        patch: the training crop or patch, ``(rows, cols)`` voxels.
+        plan: nnU-Net's plans identifier (None for the Keras wing).
+
+    Returns:
+        ``{"width", "steps", "batch_size", "samples", "patch", "plan"}``; ``samples`` is
+        ``steps * batch_size`` (None when either is unknown).
+
+    >>> training_budget(width=0.25, steps=240, batch_size=16, patch=(64, 64))["samples"]
+    3840
+    """
+    samples = None if steps is None or batch_size is None else int(steps) * int(batch_size)
+    return {"width": None if width is None else float(width), "steps": None if steps is None else int(steps),
+            "batch_size": None if batch_size is None else int(batch_size), "samples": samples,
+            "patch": None if patch is None else [int(p) for p in patch], "plan": plan}
 
 
 @dataclass(frozen=True)
