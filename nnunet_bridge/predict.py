@@ -21,7 +21,8 @@ import numpy as np
 
 from analysis.errors import InputError
 from analysis.prediction.folder import mask_path
-from analysis.prediction.request import PredictRequest, WingRun, plan_request, predict_folder, raise_failures
+from analysis.prediction.request import (PredictRequest, WingRun, plan_request, predict_folder, raise_failures,
+                                         training_budget)
 from analysis.prediction.runner import InputPlan, Network
 from nnunet_bridge.device import resolve_device
 from nnunet_bridge.env import CHECKPOINT, WorkLayout, nnunet_environment
@@ -143,8 +144,12 @@ def predict(dataset: str | Path | None, work: str | Path, out: str | Path, optio
         network=lambda plan: _network(layout, folds, device, options, plan, fingerprint),
         outputs=options.outputs(threshold=NNUNET_THRESHOLD),
         record=lambda: {"model": {"work": str(layout.work), "model_folder": str(layout.model_folder), "folds": folds,
-                                  "framework": "nnU-Net v2", "fingerprint": fingerprint},
+                                  "plans": layout.plans_identifier, "framework": "nnU-Net v2",
+                                  "fingerprint": fingerprint},
                         "training": training, "folds": folds, "mirroring": options.mirroring,
+                        "budget": training_budget(width=training.get("width"), steps=training.get("iterations"),
+                                                  batch_size=training.get("batch_size"),
+                                                  patch=training.get("patch_size"), plan=training.get("plans")),
                         "device": device.type, "threshold": NNUNET_THRESHOLD},
         inference=lambda: {"precision": "float32", "threshold": NNUNET_THRESHOLD,
                            "threshold_source": "nnU-Net: argmax of the two classes", "folds": folds,

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from analysis.evaluation import paper
-from analysis.evaluation.settings import differences
+from analysis.evaluation.settings import budget_sentence, differences
 from analysis.imaging.display import window
 from analysis.lesions import DEFAULT_BONE_HU
 
@@ -287,6 +287,22 @@ def _lesion_section(fig_dir: Path, tables: dict[str, list[tuple]], settings: dic
     return md
 
 
+def paper_order(summary: Sequence[Sequence[Any]]) -> str:
+    """The paper's order of the segmenters by Dice beside ours (per-slice Dice of ``summary`` rows,
+    the models the paper has), whatever ours is.
+
+    >>> print(paper_order([("unet", 10, 0.55), ("nnunet", 10, 0.51), ("resunet", 10, 0.56)]))
+    Order by Dice: paper nnUNetv2 73.4 > ResAttUNet 61.6 > ResUNet 59.0 > UNet 55.9; here resunet 56.0 > unet 55.0 > nnunet 51.0.
+    """
+    ours = sorted(((r[0], r[2]) for r in summary if paper.paper_name(r[0]) in paper.SEGMENTATION
+                   and isinstance(r[2], (int, float)) and math.isfinite(r[2])), key=lambda mv: -mv[1])
+    theirs = sorted(paper.SEGMENTATION.items(), key=lambda kv: -kv[1]["dice"])
+    text = "Order by Dice: paper " + " > ".join(f"{n} {v['dice']:.1f}" for n, v in theirs)
+    if ours:
+        text += "; here " + " > ".join(f"{m} {100 * v:.1f}" for m, v in ours)
+    return text + "."
+
+
 def _status_section(rows: Sequence[Sequence[Any]]) -> list[str]:
     """The "Model training status" section: one row per flagged model (none: no section).
 
@@ -298,7 +314,8 @@ def _status_section(rows: Sequence[Sequence[Any]]) -> list[str]:
     return ["## Model training status", "",
             "These models are flagged: a model that **did not learn** never rose above the validation score "
             "of an empty prediction (Dice 0 / AUC 0.5), so its numbers below describe a model that predicts "
-            "nothing; **not trained** marks an nnU-Net run shorter than the minimum stated in its reason, left "
+            "nothing; **not trained** marks an nnU-Net run that did not learn by the same rule (nnU-Net's own "
+            "validation Dice at the end of training, or a fold left unfinished), left "
             "out of the t-tests and the radiomics agreement; a detector whose calls are **all one class** at "
             "the threshold separates nothing there (see its calibrated threshold).", "",
             _table(["model", "task", "flag", "reason", "in comparisons"],
@@ -405,7 +422,11 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
            "Per slice: over the slices where the ground truth has lesion voxels (the same slices for every model; "
            "an empty prediction there scores 0). Per case: 3D over the whole volume, left empty for a case with no "
            "ground-truth lesion. Values in %; per-slice Dice also as mean ± sd.", ""]
+    budgets = budget_sentence(tables.get("models.csv", []), [r[0] for r in summ])
+    if budgets:
+        md += [budgets, ""]
     if summ:
+        md += [paper_order(summ), ""]
         rows = []
         for r in summ:
             case_vals = np.array([c[2] for c in cases if c[0] == r[0]], float)

@@ -12,6 +12,11 @@ differ between the models compared:
   classes is the fixed 0.5) or one calibrated on validation patients (``--threshold auto``);
 * an approximate crop (nnU-Net ``--crop``): the exact crop of the Keras segmenters and whole
   slices give the same masks, an approximate one does not.
+
+It also reads what each model was trained with (``predict.json["budget"]``,
+:func:`analysis.prediction.request.training_budget`: width, steps, batch, samples seen, crop or
+patch, nnU-Net's plan) and says in one sentence (:func:`budget_sentence`) whether the
+segmenters compared were trained at a comparable budget.
 """
 from __future__ import annotations
 
@@ -20,12 +25,16 @@ from typing import Any, Sequence
 
 from analysis.prediction.folder import read_record
 
-__all__ = ["MODEL_COLUMNS", "model_rows", "differences"]
+__all__ = ["MODEL_COLUMNS", "model_rows", "differences", "budget_sentence", "SAMPLES_TOLERANCE"]
 
 #: Columns of ``models.csv``.
 MODEL_COLUMNS = ("model", "task", "framework", "crop", "crop_mode", "crop_context_px", "crop_max_abs_diff",
                  "crop_min_dice", "mirroring", "mirror_passes", "precision", "threshold", "threshold_source",
-                 "folds", "tile_step", "min_size_voxels")
+                 "folds", "tile_step", "min_size_voxels", "train_width", "train_steps", "train_batch",
+                 "train_samples", "train_patch", "plan")
+#: Training budgets count as comparable when the samples seen differ by at most this fraction
+#: of the largest (and width and crop/patch are equal).
+SAMPLES_TOLERANCE = 0.1
 
 
 def _framework(record: dict[str, Any]) -> str:
@@ -44,6 +53,8 @@ def model_rows(predictions: Path, models: Sequence[str], tasks: dict[str, str]) 
         inf = record.get("inference") or {}
         agreement = record.get("crop_agreement") or {}
         folds = inf.get("folds", record.get("folds"))
+        budget = record.get("budget") if isinstance(record.get("budget"), dict) else {}
+        patch = budget.get("patch")
         rows.append((
             model, tasks.get(model, record.get("mode", "")), _framework(record),
             inf.get("crop", record.get("crop")), inf.get("crop_mode"), inf.get("crop_context_px"),
@@ -53,6 +64,8 @@ def model_rows(predictions: Path, models: Sequence[str], tasks: dict[str, str]) 
             inf.get("threshold_source", record.get("threshold_source")),
             None if folds is None else ";".join(str(f) for f in folds), inf.get("tile_step"),
             inf.get("min_size_voxels", record.get("min_size_voxels")),
+            budget.get("width"), budget.get("steps"), budget.get("batch_size"), budget.get("samples"),
+            None if not patch else "x".join(str(int(p)) for p in patch), budget.get("plan"),
         ))
     return rows
 
@@ -95,3 +108,47 @@ def differences(rows: Sequence[tuple], compared: Sequence[str]) -> list[str]:
         lines.append(f"an approximate crop (masks differ from whole slices near its edges) was used for "
                      f"{', '.join(approximate)}")
     return lines
+
+
+def _budget_phrase(row: tuple) -> str:
+    width, steps, batch, samples, patch, plan = row[16:22]
+    if samples is None and width is None:
+        return f"{row[0]}: training budget not recorded"
+    unit = "patches" if plan else "crops"
+    parts = [f"width {width:g}" if isinstance(width, (int, float)) else "width unknown"]
+    if samples is not None:
+        parts.append(f"{samples:,} samples seen ({steps:,} steps of {batch} {unit}"
+                     + (f" of {patch.replace('x', chr(215))}" if patch else "") + ")")
+    if plan:
+        parts.append(f"plan {plan}")
+    return f"{row[0]}: " + ", ".join(parts)
+
+
+def budget_sentence(rows: Sequence[tuple], compared: Sequence[str]) -> str:
+    """One sentence naming each compared model's width, samples seen and plan, and whether their
+    training budgets are comparable: the same width and crop/patch, and samples seen within
+    :data:`SAMPLES_TOLERANCE` of the largest. Empty when no compared model is in ``rows``.
+
+    >>> rows = [("unet",) + (None,) * 15 + (0.25, 240, 16, 3840, "64x64", None),
+    ...         ("nnunet",) + (None,) * 15 + (0.25, 240, 16, 3840, "64x64", "nnUNetPlans_w0.25_b16_p64x64")]
+    >>> print(budget_sentence(rows, ["unet", "nnunet"]))
+    Training budgets: unet: width 0.25, 3,840 samples seen (240 steps of 16 crops of 64×64); nnunet: width 0.25, 3,840 samples seen (240 steps of 16 patches of 64×64), plan nnUNetPlans_w0.25_b16_p64x64. Comparable: the same width, crop and samples seen.
+    """
+    chosen = [r for r in rows if r[0] in set(compared)]
+    if not chosen:
+        return ""
+    text = "Training budgets: " + "; ".join(_budget_phrase(r) for r in chosen) + "."
+    problems = []
+    for what, i in (("width", 16), ("crop", 20)):
+        values = {r[i] for r in chosen}
+        if None in values or len(values) > 1:
+            problems.append(f"{what} differs" if None not in values else f"{what} not recorded for every model")
+    samples = [r[19] for r in chosen]
+    if any(s is None for s in samples):
+        problems.append("samples seen not recorded for every model")
+    elif max(samples) > 0 and (max(samples) - min(samples)) / max(samples) > SAMPLES_TOLERANCE:
+        low, high = min(chosen, key=lambda r: r[19]), max(chosen, key=lambda r: r[19])
+        problems.append(f"samples seen differ ({high[0]} {high[19]:,} vs {low[0]} {low[19]:,})")
+    if problems:
+        return text + " **Not comparable budgets**: " + "; ".join(problems) + "."
+    return text + " Comparable: the same width, crop and samples seen."
