@@ -24,6 +24,7 @@ since each fold writes only its own ``fold_K`` folder.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -437,13 +438,17 @@ def training_status(layout: WorkLayout) -> dict[str, Any]:
         what = f"fold {unfinished[0]} unfinished" if unfinished else "no fold recorded"
         status.update(learned=False, reason=f"not trained ({what}: {iterations} iterations)")
         return status
-    dices = [validation_dice(layout.fold_folder(f)) for f in folds]
-    if any(d is None for d in dices):
-        missing = folds[[d is None for d in dices].index(True)]
-        status["reason"] = (f"{layout.fold_folder(missing) / 'validation' / 'summary.json'}: no validation result "
-                            f"after {iterations} iterations")
-        return status
-    dice = min(d for d in dices if d is not None)
+    dices = {f: validation_dice(layout.fold_folder(f)) for f in folds}
+    for f, d in dices.items():
+        if d is None:
+            status["reason"] = (f"{layout.fold_folder(f) / 'validation' / 'summary.json'}: no validation result "
+                                f"after {iterations} iterations")
+            return status
+        if math.isnan(d):
+            status["reason"] = (f"unknown: fold {f}'s validation slices hold no lesion, so validation Dice cannot "
+                                f"tell (an empty prediction scores 1 there)")
+            return status
+    dice = min(d for d in dices.values() if d is not None)
     status["validation_dice"] = round(dice, 4)
     level = EMPTY_LEVEL[TASK]
     if learned(TASK, dice):
@@ -457,8 +462,9 @@ def training_status(layout: WorkLayout) -> dict[str, Any]:
 
 def validation_dice(fold_folder: Path) -> float | None:
     """Dice of nnU-Net's validation of a fold, pooled over its slices: ``2 sum TP / (2 sum TP + sum FP +
-    sum FN)`` over ``validation/summary.json``'s cases (label 1); 1.0 when every slice is empty in both,
-    None without a readable summary."""
+    sum FN)`` over ``validation/summary.json``'s cases (label 1); NaN when its slices hold no lesion
+    (``sum TP + sum FN`` = 0: Dice cannot tell an empty prediction from a model), None without a
+    readable summary."""
     path = fold_folder / "validation" / "summary.json"
     if not path.is_file():
         return None
@@ -469,7 +475,7 @@ def validation_dice(fold_folder: Path) -> float | None:
         fn = sum(float(c["metrics"]["1"]["FN"]) for c in cases)
     except (InputError, KeyError, TypeError, ValueError):
         return None
-    return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+    return math.nan if tp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 def _logged_epochs(fold_folder: Path) -> int:
     """Epochs an nnU-Net training log reports finished (its "Epoch time" lines), 0 without a log."""
     logs = sorted(fold_folder.glob("training_log_*.txt"))

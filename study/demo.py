@@ -121,8 +121,8 @@ QUICK = Budget(
 #: help, and 480 steps instead of 240 did not either (0.53). ResNet34: 300 steps with a cosine
 #: decay gave test AUC 0.83 vs 0.80 for 100 steps, and 450 steps 0.87 (the whole demo then
 #: took 27.6 min); 2.5D input 0.77. A validation-calibrated threshold, flip averaging and
-#: small-component removal did not raise the segmenters' test Dice (see README). The demo says
-#: which models it scaled down. Issue #16: with these budgets ResUNet seed 0 collapsed on an
+#: small-component removal did not raise the segmenters' test Dice (see docs/demo.md). The demo
+#: says which models it scaled down. Issue #16: with these budgets ResUNet seed 0 collapsed on an
 #: AVX-512/bf16 CPU (validation Dice 0 in every epoch) under the old training defaults; with
 #: `train`'s robust defaults (logit losses, batch Dice, prior bias, warm-up, clipping, guard) the
 #: same run reached test per-slice Dice 0.595 there (BENCHMARKS.md, "Training robustness", which

@@ -116,6 +116,9 @@ def test_nnunet_training_status_from_work_records(tmp_path):
     status = training_status(layout)
     assert status["learned"] is False and status["validation_dice"] == pytest.approx(2 / 41, abs=1e-4)
     assert status["reason"].startswith("not trained: validation Dice 0.049 after 6 iterations")
+    _summary(layout.fold_folder(1), [(0, 3, 0), (0, 0, 0)])  # no lesion in its validation: unknown
+    status = training_status(layout)
+    assert status["learned"] is None and status["reason"].startswith("unknown: fold 1's validation slices hold no")
     _summary(layout.fold_folder(1), [(3, 1, 2), (0, 2, 0)])  # 6 / 11
     settings["schedule"] = {}  # nnU-Net's defaults: 1000 epochs of 250 iterations
     layout.train_settings_json.write_text(json.dumps(settings), encoding="utf-8")
