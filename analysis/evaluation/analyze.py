@@ -466,7 +466,7 @@ def training_records(predictions: Path, models: Sequence[str]) -> dict[str, dict
     The predict commands copy it from the model's own records (``bonemets_tf.run.training_status``
     for Keras RUNs: ``learned``, ``reason``, ``best_val``, ``empty_level``, ``guard_events``;
     ``nnunet_bridge.train.training_status`` for nnU-Net: ``learned``, ``reason``,
-    ``iterations``, ``minimum_iterations``).
+    ``iterations``, ``validation_dice``, ``plans``, ``width``, ``batch_size``, ``samples``).
 
     Raises:
         InputError: a ``predict.json`` that is not JSON, or whose ``"training"`` is not an object.
