@@ -52,13 +52,13 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return out + [""]
 
 
-def _samples(steps: Any, batch: Any, side: Any, unit: str) -> str:
-    """``3,840 (240 x 16 crops of 64^2)``, or – when the steps or the batch are unknown."""
+def _samples(steps: Any, batch: Any, what: str) -> str:
+    """``3,840 (240 × 16 crops of 64×64)``, or – when the steps or the batch are unknown."""
     try:
         steps, batch = int(steps), int(batch)
     except (TypeError, ValueError):
         return "–"
-    return f"{steps * batch:,} ({steps} × {batch} {unit}" + (f" of {side}" if side else "") + ")"
+    return f"{steps * batch:,} ({steps} × {batch} {what})"
 
 
 def model_sizes(out: Path, models: list[str]) -> list[list[Any]]:
@@ -74,8 +74,9 @@ def model_sizes(out: Path, models: list[str]) -> list[list[Any]]:
             trained, width = data.get("model", {}).get("params"), settings.get("width")
             steps = (settings.get("epochs") or 0) * (settings.get("steps_per_epoch") or 0) or None
             size = settings.get("image_size")
-            unit = "crops" if settings.get("task") == "segment" else "slices resized"
-            samples = _samples(steps, settings.get("batch_size"), f"{size}²" if size else None, unit)
+            side = f"{size}×{size}" if size else "?"
+            what = f"crops of {side}" if settings.get("task") == "segment" else f"slices resized to {side}"
+            samples = _samples(steps, settings.get("batch_size"), what)
         if model == "nnunet":
             trained, width, samples, plan = _nnunet_size(out / "nnunet_work")
         pname = paper.paper_name(model)
@@ -96,8 +97,8 @@ def _nnunet_size(work: Path) -> tuple[Any, Any, str, str]:
 
     status = training_status(WorkLayout(work))
     patch = params.get("patch_size") or status.get("patch_size")
-    side = "×".join(str(p) for p in patch) if patch else None
-    samples = _samples(status.get("iterations"), status.get("batch_size"), side, "patches")
+    side = "×".join(str(p) for p in patch) if patch else "?"
+    samples = _samples(status.get("iterations"), status.get("batch_size"), f"patches of {side}")
     plan = params.get("plans") or status.get("plans") or "nnUNetPlans"
     features = params.get("features_per_stage")
     return (params.get("parameters"), params.get("width", 1.0), samples,

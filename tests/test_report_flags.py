@@ -159,3 +159,30 @@ def test_study_report_training_section(tmp_path):
     assert "| unet | 0.700 | 0 | learned |" in lines
     assert "| resunet | – | 4 | **did not learn** | training failed (guard outcome failed) |" in lines
     assert "| densenet | 0.500 | 0 | **did not learn** |" in lines
+
+
+def test_study_report_model_table_names_width_samples_and_plan(tmp_path):
+    from study.report import model_sizes
+
+    run = tmp_path / "runs" / "unet"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": {"params": 435_025}, "settings": {
+        "task": "segment", "width": 0.25, "epochs": 6, "steps_per_epoch": 40, "batch_size": 16, "image_size": 64}}),
+        encoding="utf-8")
+    plan = "nnUNetPlans_w0.25_b16_p64x64"
+    layout = WorkLayout(tmp_path / "nnunet_work", plan)
+    layout.fold_folder(0).mkdir(parents=True)
+    (layout.fold_folder(0) / CHECKPOINT).write_bytes(b"")
+    layout.train_settings_json.write_text(json.dumps({"plans": plan, "folds": [0], "scale": {"width": 0.25},
+                                                      "schedule": {"num_epochs": 24, "num_iterations_per_epoch": 40}}),
+                                          encoding="utf-8")
+    (layout.model_folder / "plans.json").write_text(json.dumps({"plans_name": plan, "configurations": {"2d": {
+        "batch_size": 16, "patch_size": [64, 64],
+        "architecture": {"arch_kwargs": {"features_per_stage": [8, 16, 32, 64, 128]}}}}}), encoding="utf-8")
+    layout.params_json.write_text(json.dumps({"parameters": 487_384, "width": 0.25, "plans": plan,
+                                              "features_per_stage": [8, 16, 32, 64, 128], "patch_size": [64, 64]}),
+                                  encoding="utf-8")
+    rows = model_sizes(tmp_path, ["unet", "nnunet"])
+    assert rows[0] == ["unet", "0.44M", "0.25", "3,840 (240 × 16 crops of 64×64)", "–", "6.7M"]
+    assert rows[1] == ["nnunet", "0.49M", "0.25", "15,360 (960 × 16 patches of 64×64)",
+                       f"`{plan}` (features 8-16-32-64-128)", "30.6M"]
