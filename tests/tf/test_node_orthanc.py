@@ -19,20 +19,12 @@ from analysis.imaging.dicom_sr import read_measurement_report
 from analysis.imaging.io import Geometry, read_array
 from analysis.prediction.tables import LESION_COLUMNS, read_rows
 from tests.badinput import invoke
-from tests.orthanc import Orthanc, free_port, require_orthanc
+from tests.orthanc import Orthanc, free_port
 from tests.tf.test_new_patients import lively, runs  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 GEOMETRY = Geometry(size=(64, 64, 8), spacing=(0.8, 0.8, 2.5), origin=(-20.0, -10.0, 30.0),
                     direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    require_orthanc()
-    server = Orthanc(tmp_path_factory.mktemp("orthanc"), {"bonemets": ("BONEMETS", "127.0.0.1", 1)})
-    yield server
-    server.stop()
 
 
 def _ct(seed: int) -> np.ndarray:
