@@ -376,7 +376,9 @@ class ViewerPage:
 
     def viewport_text(self) -> list[str]:
         """Text drawn over the viewport's image (an SR measurement's label box), line by line."""
-        return [t for t in self.page.locator('[data-cy="viewport-pane"] svg text').all_inner_texts() if t.strip()]
+        return self.page.locator('[data-cy="viewport-pane"] svg text').evaluate_all(
+            """els => els.flatMap(e => { const spans = Array.from(e.querySelectorAll('tspan'));
+                return (spans.length ? spans : [e]).map(s => (s.textContent || '').trim()); }).filter(t => t)""")
 
     def next_measurement(self) -> None:
         """The SR viewport's "next measurement" arrow."""

@@ -49,9 +49,9 @@ def threshold(lively, tmp_path_factory):  # noqa: F811
                 "--no-preview"])
     assert r.exit_code == 0, r.output
     (prob,) = (folder / "out" / "probabilities").glob("*.nii.gz")
-    stored = read_array(prob)[0]
-    assert stored.max() > stored.min(), "the lively RUN gives one probability everywhere"
-    return (float(np.quantile(stored, 0.97)) + 0.5) / 255.0  # between two stored steps: the top 3 %
+    levels = np.rint(read_array(prob)[0] * 255)  # the stored steps of 1/255 (the file's slope applied on reading)
+    assert levels.max() > levels.min(), "the lively RUN gives one probability everywhere"
+    return (float(np.quantile(levels, 0.97)) + 0.5) / 255.0  # between two stored steps: the top 3 %
 
 
 class Node:
