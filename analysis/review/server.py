@@ -52,7 +52,7 @@ class ReviewConfig:
     retries: Retries = field(default_factory=Retries)
     secure_cookies: bool = False
     idle_minutes: float = 30.0
-    threads: int = 4
+    threads: int = 8
 
     def sources(self) -> list[Source]:
         """The review roots.
