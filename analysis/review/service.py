@@ -20,7 +20,7 @@ import numpy as np
 from analysis.errors import InputError
 from analysis.imaging.orientation import Reorientation
 from analysis.review import signing, views
-from analysis.review.growing import GrowRefused, decode_voxels, encode_voxels, grow
+from analysis.review.growing import GrowRefused, decode_voxels, encode_voxels, grow, point_to_index
 from analysis.review.journal import (NOTE_MAX, REASONS, Decision, Entry, Journal, lesion_states, now, signature,
                                      valid_uid)
 from analysis.review.store import Study, StudyStore, Volume
@@ -166,8 +166,6 @@ class ReviewService:
         n = views.slice_count(reo)
         if not lesions:
             return n // 2
-        from analysis.review.growing import point_to_index
-
         volume = self._volume(study)
         first = lesions[0]
         index = point_to_index((first["x_mm"], first["y_mm"], first["z_mm"]), volume.geometry)
@@ -176,15 +174,15 @@ class ReviewService:
 
     # --- pictures -------------------------------------------------------------------------
 
-    def _labels(self, study: Study, volume: Volume, entries: list[Entry]) -> tuple[np.ndarray, list[int]]:
-        """Lesion ids with the added lesions painted in, and the added ids."""
+    def _taken(self, volume: Volume, entries: list[Entry]) -> np.ndarray:
+        """Lesion ids of every lesion there, the added ones painted in (a copy when there are any)."""
         added = signing.added_voxels(entries)
         if not added:
-            return volume.labels, []
+            return volume.labels
         labels = volume.labels.copy()
         for lid, voxels in added.items():
             labels.flat[voxels] = lid
-        return labels, sorted(added)
+        return labels
 
     def _cached(self, key: tuple, make) -> bytes:
         with self._lock:
@@ -208,15 +206,16 @@ class ReviewService:
         if lesion is None:
             raise NotFound(f"study {uid} has no lesion {lesion_id}")
 
-        def make() -> bytes:
+        def make() -> dict[str, bytes]:
             volume = self._volume(study)
-            labels, _ = self._labels(study, volume, entries)
-            reo = Reorientation.of(volume.geometry)
-            from analysis.review.growing import point_to_index
-
+            if lesion["added"]:
+                mask = np.zeros(volume.labels.shape, bool)
+                mask.flat[signing.added_voxels(entries)[lesion_id]] = True
+            else:
+                mask = volume.labels == lesion_id
             centroid = point_to_index((lesion["x_mm"], lesion["y_mm"], lesion["z_mm"]), volume.geometry)
-            centre = views.centre_voxel(labels, lesion_id, centroid)
-            return views.lesion_views(volume.ct, labels, reo, lesion_id, centre)
+            centre = views.centre_voxel(np.argwhere(mask), centroid)
+            return views.lesion_views(volume.ct, mask, Reorientation.of(volume.geometry), centre)
 
         key = ("lesion", study.uid, study.predicted, lesion_id)
         with self._lock:
@@ -238,8 +237,7 @@ class ReviewService:
         entries = self.journal(study).read(study.uid)
 
         def make() -> bytes:
-            labels, added = self._labels(study, volume, entries)
-            return views.axial_slice(volume.ct, labels, reo, k, added)
+            return views.axial_slice(volume.ct, volume.labels, reo, k, signing.added_voxels(entries))
 
         n_added = sum(e.decision.decision == "add" for e in entries)
         return self._cached(("slice", study.uid, study.predicted, n_added, k), make)
@@ -293,9 +291,8 @@ class ReviewService:
         volume = self._volume(study)
         with self.journal(study).study(study.uid) as journal:
             self._refuse_signed(journal.entries)
-            labels, _ = self._labels(study, volume, journal.entries)
             try:
-                grown = grow(volume.ct, volume.geometry, [float(v) for v in point], labels)
+                grown = grow(volume.ct, volume.geometry, [float(v) for v in point], self._taken(volume, journal.entries))
             except GrowRefused as exc:
                 raise (Conflict if exc.lesion else Unprocessable)(str(exc)) from None
             lesion_id = int(max([len(volume.rows), *(e.decision.lesion_id for e in journal.entries
@@ -334,7 +331,7 @@ class ReviewService:
             out = signing.signed_folder(study.source.root, study.uid)
             try:
                 final = signing.write_final(volume, journal.entries, reader, pred, out)
-            except InputError as exc:
+            except (InputError, OSError) as exc:  # OSError: a node's job moved on under it; sign again
                 log.error("study %s: not signed: %s", study.uid, exc)
                 raise Conflict(f"not signed: {exc}") from None
             job = signing.new_job(study)

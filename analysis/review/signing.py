@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 
-from analysis.errors import InputError
 from analysis.node.spool import Outbox
 from analysis.prediction.folder import DICOM_SEG, REVIEW
 from analysis.review.growing import GROW_HU, GROW_RADIUS_MM, decode_voxels
@@ -182,10 +181,7 @@ def recover(root: Path, journal_studies: dict[str, list[Entry]]) -> list[str]:
         journal_studies: each study's journal entries.
 
     Returns:
-        The jobs opened.
-
-    Raises:
-        InputError: a signed study whose files are gone.
+        The jobs opened. A signed study whose files are gone is logged (sign it again by hand).
     """
     outbox = outbox_of(root)
     opened = []
@@ -196,7 +192,8 @@ def recover(root: Path, journal_studies: dict[str, list[Entry]]) -> list[str]:
         files = [signed_folder(root, uid) / f for f in sign.detail["files"]]
         missing = [f for f in files if not f.is_file()]
         if missing:
-            raise InputError(f"{missing[0]}: the signed result of study {uid} is gone; sign it again by hand")
+            log.error("%s: the signed result of study %s is gone and was not sent", missing[0], uid)
+            continue
         outbox.open_outbox(sign.detail["job"], files)
         opened.append(sign.detail["job"])
         log.warning("study %s: the outbox of its signature was not open (a kill); opened it", uid)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,12 +155,28 @@ class StudyStore:
         cache: how many studies' volumes stay in memory.
     """
 
-    def __init__(self, sources: list[Source], cache: int = 2) -> None:
+    def __init__(self, sources: list[Source], cache: int = 2, rescan_seconds: float = 2.0) -> None:
         self.sources = sources
+        self.rescan_seconds = rescan_seconds
         self._headers: dict[Path, dict[str, str]] = {}
+        self._records: dict[Path, tuple[float, dict[str, Any]]] = {}
+        self._tables: dict[Path, tuple[float, list[dict[str, Any]]]] = {}
+        self._found: tuple[float, list[Study]] | None = None
         self._volumes: OrderedDict[tuple[str, str], Volume] = OrderedDict()
+        self._loading: dict[tuple[str, str], threading.Lock] = {}
         self._cache = cache
         self._lock = threading.Lock()
+
+    def _record(self, pred: Path) -> tuple[dict[str, Any], float]:
+        """``predict.json`` of a PRED folder and its modification time (read again when it changes)."""
+        mtime = (pred / RECORD).stat().st_mtime
+        with self._lock:
+            known = self._records.get(pred)
+        if known is None or known[0] != mtime:
+            known = (mtime, read_record(pred))
+            with self._lock:
+                self._records[pred] = known
+        return known[1], mtime
 
     # --- finding studies ------------------------------------------------------------------
 
@@ -175,8 +192,7 @@ class StudyStore:
         found = []
         for job, pred, series_folder in self._cases(source):
             try:
-                record = read_record(pred)
-                predicted = (pred / RECORD).stat().st_mtime
+                record, predicted = self._record(pred)
             except (InputError, OSError) as exc:  # a job moving on, or a damaged folder
                 log.debug("%s: skipped (%s)", pred, exc)
                 continue
@@ -201,13 +217,21 @@ class StudyStore:
         return found
 
     def studies(self) -> list[Study]:
-        """Every study, newest first (study date and time, then prediction time); one per StudyInstanceUID."""
+        """Every study, newest first (study date and time, then prediction time); one per StudyInstanceUID.
+        The roots are looked at again at most every ``rescan_seconds``."""
+        now = time.monotonic()
+        with self._lock:
+            if self._found is not None and now - self._found[0] < self.rescan_seconds:
+                return list(self._found[1])
         newest: dict[str, Study] = {}
         for source in self.sources:
             for study in self._studies_of(source):
                 if study.uid not in newest or study.predicted > newest[study.uid].predicted:
                     newest[study.uid] = study
-        return sorted(newest.values(), key=lambda s: (s.study_date, s.study_time, s.predicted), reverse=True)
+        found = sorted(newest.values(), key=lambda s: (s.study_date, s.study_time, s.predicted), reverse=True)
+        with self._lock:
+            self._found = (now, found)
+        return list(found)
 
     def get(self, uid: str) -> Study | None:
         """The study ``uid`` (a StudyInstanceUID), or None: unknown, or not a UID at all."""
@@ -224,7 +248,7 @@ class StudyStore:
             InputError: the study's files are gone.
         """
         if study.job is None:
-            record = read_record(study.source.root)
+            record, _ = self._record(study.source.root)
             dicom = record["per_case"][study.case]["input"]["dicom"]
             return study.source.root, Path(dicom["folder"])
         from analysis.node.spool import Spool
@@ -237,7 +261,15 @@ class StudyStore:
     def rows(self, study: Study) -> list[dict[str, Any]]:
         """The study's rows of ``lesions.csv``, in the file's order."""
         pred, _ = self.folders(study)
-        return [r for r in read_rows(pred / LESIONS_CSV, LESION_COLUMNS) if r["case"] == study.case]
+        path = pred / LESIONS_CSV
+        mtime = path.stat().st_mtime if path.is_file() else -1.0
+        with self._lock:
+            known = self._tables.get(path)
+        if known is None or known[0] != mtime:
+            known = (mtime, read_rows(path, LESION_COLUMNS))
+            with self._lock:
+                self._tables[path] = known
+        return [r for r in known[1] if r["case"] == study.case]
 
     def volume(self, study: Study) -> Volume:
         """The study's CT, lesion labels and rows (cached for the last few studies).
@@ -247,14 +279,17 @@ class StudyStore:
         """
         key = (study.uid, f"{study.job}|{study.case}|{study.predicted}")
         with self._lock:
-            if key in self._volumes:
-                self._volumes.move_to_end(key)
-                return self._volumes[key]
-        volume = self._read(study)
-        with self._lock:
-            self._volumes[key] = volume
-            while len(self._volumes) > self._cache:
-                self._volumes.popitem(last=False)
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # one reader of a study's CT at a time; the others wait for it
+            with self._lock:
+                if key in self._volumes:
+                    self._volumes.move_to_end(key)
+                    return self._volumes[key]
+            volume = self._read(study)
+            with self._lock:
+                self._volumes[key] = volume
+                while len(self._volumes) > self._cache:
+                    self._loading.pop(self._volumes.popitem(last=False)[0], None)
         return volume
 
     def _read(self, study: Study) -> Volume:

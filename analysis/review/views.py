@@ -16,7 +16,7 @@ aspect without knowing the voxel size.
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -61,14 +61,17 @@ def _paint(rgb: np.ndarray, mask: np.ndarray, colour: Sequence[float]) -> None:
     rgb[_outline(mask)] = np.rint(np.asarray(colour) * 255).astype(np.uint8)
 
 
-def centre_voxel(labels: np.ndarray, lesion_id: int, centroid_index: Sequence[float]) -> tuple[int, int, int]:
-    """The lesion's voxel nearest its centroid (a centroid may lie outside an irregular lesion),
-    ``(k, j, i)`` in the stored order."""
-    where = np.argwhere(labels == lesion_id)
-    if where.size == 0:
-        raise ValueError(f"lesion {lesion_id} has no voxel")
-    d = ((where - np.asarray(centroid_index)) ** 2).sum(axis=1)
-    return tuple(int(v) for v in where[int(np.argmin(d))])
+def centre_voxel(voxels: np.ndarray, centroid_index: Sequence[float]) -> tuple[int, int, int]:
+    """The lesion voxel nearest its centroid (a centroid may lie outside an irregular lesion).
+
+    Args:
+        voxels: the lesion's ``(n, 3)`` ``(k, j, i)`` indices in the stored order.
+        centroid_index: its centroid, the same order.
+    """
+    if len(voxels) == 0:
+        raise ValueError("a lesion without a voxel")
+    d = ((np.asarray(voxels) - np.asarray(centroid_index)) ** 2).sum(axis=1)
+    return tuple(int(v) for v in voxels[int(np.argmin(d))])
 
 
 def _resample(plane: np.ndarray, pixel_mm: tuple[float, float], centre: tuple[float, float] | None,
@@ -95,22 +98,20 @@ def _resample(plane: np.ndarray, pixel_mm: tuple[float, float], centre: tuple[fl
     return out
 
 
-def lesion_views(ct: np.ndarray, labels: np.ndarray, reo: Reorientation, lesion_id: int,
-                 centre: Sequence[int]) -> dict[str, bytes]:
+def lesion_views(ct: np.ndarray, lesion: np.ndarray, reo: Reorientation, centre: Sequence[int]) -> dict[str, bytes]:
     """The card's three PNGs of one lesion.
 
     Args:
         ct: HU ``(slices, rows, cols)``, stored order.
-        labels: lesion ids, same layout (the lesion is ``labels == lesion_id``).
+        lesion: the lesion's bool mask, same layout.
         reo: the stored volume's :class:`Reorientation`.
-        lesion_id: the lesion.
         centre: the stored ``(k, j, i)`` voxel to cut through (:func:`centre_voxel`).
 
     Returns:
         ``{"axial", "coronal", "sagittal"}``: :data:`CARD_PX` square PNGs of the same field.
     """
     ct_c = reo.forward(ct)
-    lesion_c = reo.forward(labels == lesion_id)
+    lesion_c = reo.forward(np.asarray(lesion, bool))
     where = np.argwhere(lesion_c)
     extent_mm = (where.max(axis=0) - where.min(axis=0) + 1) * np.asarray(reo.canonical_spacing_zyx)
     field = float(np.clip(4 * extent_mm.max(), *FIELD_MM))
@@ -136,17 +137,23 @@ def slice_count(reo: Reorientation) -> int:
     return int(reo.canonical_geometry.size[2])
 
 
-def axial_slice(ct: np.ndarray, labels: np.ndarray, reo: Reorientation, k: int, added: Sequence[int] = ()) -> bytes:
-    """PNG of canonical axial slice ``k`` (0: the most inferior), lesions outlined (``added`` ids cyan)."""
+def axial_slice(ct: np.ndarray, labels: np.ndarray, reo: Reorientation, k: int,
+                added: Mapping[int, np.ndarray] | None = None) -> bytes:
+    """PNG of canonical axial slice ``k`` (0: the most inferior) with the lesions outlined: ``labels``
+    (stored order) red, ``added`` (lesion id: flat stored-order voxel indices) cyan."""
     ct_c = reo.forward(ct)
-    lab_c = reo.forward(labels)
+    lab = np.array(reo.forward(labels)[k])
+    for lesion_id, voxels in (added or {}).items():
+        native = np.stack(np.unravel_index(np.asarray(voxels), labels.shape), axis=1)
+        canonical = np.rint(reo.index_forward(native.astype(np.float64))).astype(int)
+        here = canonical[canonical[:, 0] == k]
+        lab[here[:, 1], here[:, 2]] = lesion_id
     pixel_mm = plane_pixel_mm(reo.canonical_geometry.spacing)["axial"]
     plane = _resample(np.asarray(ct_c[k]), pixel_mm, None, None, None)
-    lab = _resample(np.asarray(lab_c[k]), pixel_mm, None, None, None)
+    lab = _resample(lab, pixel_mm, None, None, None)
     rgb = _grey(plane)
-    added = set(int(a) for a in added)
     for lesion in np.unique(lab[lab > 0]):
-        _paint(rgb, lab == lesion, ADDED if int(lesion) in added else OUTLINE)
+        _paint(rgb, lab == lesion, ADDED if int(lesion) in (added or {}) else OUTLINE)
     return png(rgb)
 
 
