@@ -362,6 +362,29 @@ def test_a_study_of_which_every_lesion_is_rejected_signs_a_report_of_none(pred):
     assert not (final / "seg.dcm").exists() and read_measurement_report(final / "sr.dcm")["count"] == 0
 
 
+def test_a_signature_goes_through_the_node_outbox_undelivered_resend_and_recovery(pred, tmp_path):
+    from analysis.node.deliver import Destination, Retries, deliver_due
+    from analysis.review.server import ReviewConfig, resend
+    from analysis.review.signing import outbox_of
+
+    service, uid = _service(pred)
+    for lesion in (1, 2, 3):
+        service.decide(uid, lesion, {"decision": "accept"}, "alice")
+    service.sign(uid, "alice")
+    outbox = outbox_of(pred)
+    (job,) = outbox.jobs("outbox")
+    shutil.rmtree(outbox.job_path(job, "outbox"))  # killed after the journal's sign, before the outbox opened
+    ReviewService(StudyStore([Source.pred(pred)])).recover()
+    assert outbox.jobs("outbox") == [job] and len(outbox.pending(job)) == 2
+    nowhere = Destination.parse("X@127.0.0.1:1")
+    assert deliver_due(outbox, nowhere, calling_ae="BONEMETS", retries=Retries(0, 0.0), what="review") is None
+    assert [p.name for p in (outbox.root / "undelivered").iterdir()] == [job]
+    assert resend(ReviewConfig(spool=None, preds=(pred,), users=tmp_path / "u")) == [job]
+    assert outbox.jobs("outbox") == [job]
+    ReviewService(StudyStore([Source.pred(pred)])).recover()  # the job exists: nothing opened twice
+    assert outbox.jobs("outbox") == [job] and not list((outbox.root / "done").iterdir())
+
+
 def test_the_node_keeps_each_series_and_prediction_for_review(tmp_path):
     files = fx.write_study(tmp_path / "in" / "pt")
     fx.node_spool(tmp_path / "spool", files, "X@127.0.0.1:1", retries=0, retry_seconds=0.0)  # nowhere to deliver
@@ -417,6 +440,8 @@ def test_every_route_needs_a_signed_in_reader(web):
         r = client.open(path, method=method, json={"decision": "accept"})
         assert r.status_code == 401 and r.get_json() == {"error": "sign in first"}, (method, path)
     assert client.get("/login").status_code == 200 and client.get("/login.css").status_code == 200
+    r = client.get("/login?next=//evil.example/")
+    assert 'name="next" value="/"' in r.get_data(as_text=True)
     rules = {r.rule for r in app.url_map.iter_rules()}
     assert rules == {"/", "/studies/<uid>", "/api/studies", "/api/studies/<uid>", "/api/studies/<uid>/lesions",
                      "/api/studies/<uid>/lesions/<int:lesion_id>", "/api/studies/<uid>/sign",
@@ -436,8 +461,8 @@ def test_a_wrong_password_does_not_sign_in_and_repeated_ones_are_slowed(web):
     time.sleep(0.35)  # the second failure waits 0.6 s
     assert client.post("/login", data={"user": "alice", "password": "alice-password"}).status_code == 429
     time.sleep(0.3)
-    r = client.post("/login", data={"user": "alice", "password": "alice-password", "next": "//evil.example/"})
-    assert r.status_code == 302 and r.headers["Location"] == "/"
+    r = client.post("/login", data={"user": "alice", "password": "alice-password", "next": "/\\evil.example/"})
+    assert r.status_code == 302 and r.headers["Location"] == "/"  # no open redirect (browsers read /\ as //)
     cookie = r.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
     assert client.get("/api/studies").status_code == 200

@@ -198,6 +198,8 @@ def test_a_reader_reviews_and_signs_in_a_browser_and_the_pacs_gets_the_result_on
     page = context.new_page()
     problems: list[str] = []
     page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" and "favicon" not in msg.text
+            and "404" not in msg.text else None)  # a CSP violation is logged here
     try:
         _sign_in(page, server.url, "alice")
         page.wait_for_selector(f'tr[data-study-uid="{uid}"]')

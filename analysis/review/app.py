@@ -122,11 +122,20 @@ def create_app(service: ReviewService, users: dict[str, str], *, sessions: Sessi
     def _too_large(exc):
         return _error(413, "request body too large")
 
+    @app.errorhandler(500)
+    def _internal(exc):
+        log.error("%s %s failed: %s", request.method, request.path, getattr(exc, "original_exception", exc))
+        if _wants_json():
+            return _error(500, "internal error; the server's log says why")
+        return render_template("error.html", status=500, message="internal error"), 500
+
     # --- sign-in ----------------------------------------------------------------------------
 
     def _next_page() -> str:
+        """Where to go after signing in: a path of this server only (never ``//host`` or ``/\\host``)."""
         target = request.values.get("next") or "/"
-        return target if target.startswith("/") and not target.startswith("//") else "/"
+        safe = target.startswith("/") and not target.startswith("//") and "\\" not in target
+        return target if safe else "/"
 
     @app.get("/login")
     def login():
