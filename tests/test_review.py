@@ -414,7 +414,8 @@ def web(pred, tmp_path):
     auth.add_user(users, "alice", "alice-password", **FAST)
     auth.add_user(users, "bob", "bob-password", **FAST)
     service, uid = _service(pred)
-    app = create_app(service, auth.read_users(users), throttle=auth.LoginThrottle(base=0.3))
+    app = create_app(service, auth.UsersFile(users), throttle=auth.LoginThrottle(base=0.3))
+    app.config["USERS_FILE"] = users
     return app, uid
 
 
@@ -466,6 +467,18 @@ def test_a_wrong_password_does_not_sign_in_and_repeated_ones_are_slowed(web):
     cookie = r.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
     assert client.get("/api/studies").status_code == 200
+
+
+def test_a_reader_added_or_removed_while_the_server_runs(web):
+    app, _ = web
+    users = app.config["USERS_FILE"]
+    bob, _ = _sign_in(app, "bob")
+    auth.add_user(users, "carol", "carol-password", **FAST)
+    _sign_in(app, "carol")
+    text = "".join(line + "\n" for line in users.read_text(encoding="utf-8").splitlines() if not line.startswith("bob:"))
+    time.sleep(0.01)
+    users.write_text(text, encoding="utf-8")
+    assert bob.get("/api/studies").status_code == 401  # his session ends with him
 
 
 def test_a_post_without_the_csrf_token_or_from_another_site_is_refused(web):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, g, jsonify, redirect, render_template, request, url_for
@@ -56,13 +56,15 @@ def _wants_json() -> bool:
     return request.path.startswith("/api/")
 
 
-def create_app(service: ReviewService, users: dict[str, str], *, sessions: Sessions | None = None,
+def create_app(service: ReviewService, users: Callable[[], dict[str, str]] | dict[str, str], *,
+               sessions: Sessions | None = None,
                throttle: LoginThrottle | None = None, secure_cookies: bool = False) -> Flask:
     """The application.
 
     Args:
         service: the review.
-        users: ``{name: password hash}`` (:func:`analysis.review.auth.read_users`).
+        users: ``{name: password hash}`` (:func:`analysis.review.auth.read_users`), or a callable
+            giving it (:class:`analysis.review.auth.UsersFile`: a removed reader's sessions end).
         sessions, throttle: the session store and the sign-in slow-down (new ones by default).
         secure_cookies: mark the session cookie ``Secure`` (behind a TLS proxy).
     """
@@ -71,10 +73,14 @@ def create_app(service: ReviewService, users: dict[str, str], *, sessions: Sessi
     app.json.sort_keys = False
     sessions = sessions or Sessions()
     throttle = throttle or LoginThrottle()
+    readers = users if callable(users) else (lambda: users)
 
     @app.before_request
     def _guard():
         g.session = sessions.get(request.cookies.get(COOKIE))
+        if g.session is not None and g.session.user not in readers():  # removed from the users file
+            sessions.end(request.cookies.get(COOKIE))
+            g.session = None
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             origin = request.headers.get("Origin")  # browsers send it on every cross-site POST
             if origin and urlsplit(origin).netloc != request.host:
@@ -158,7 +164,7 @@ def create_app(service: ReviewService, users: dict[str, str], *, sessions: Sessi
                                                 next=_next_page(), user=name), status=429)
             response.headers["Retry-After"] = str(max(1, round(wait)))
             return response
-        if not check_password(users, name, password):
+        if not check_password(readers(), name, password):
             throttle.failed(*keys)
             log.warning("failed sign-in for %r from %s", name[:64], request.remote_addr)
             return render_template("login.html", message="Wrong user name or password.", next=_next_page(),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -28,8 +29,10 @@ from pathlib import Path
 from analysis.errors import InputError
 from analysis.imaging.io import atomic_file
 
-__all__ = ["SCRYPT", "USER_NAME", "hash_password", "verify_password", "read_users", "add_user", "Session",
-           "Sessions", "LoginThrottle", "IDLE_MINUTES", "MAX_HOURS"]
+log = logging.getLogger(__name__)
+
+__all__ = ["SCRYPT", "USER_NAME", "hash_password", "verify_password", "read_users", "add_user", "check_password",
+           "UsersFile", "Session", "Sessions", "LoginThrottle", "IDLE_MINUTES", "MAX_HOURS"]
 
 #: scrypt cost (OWASP Password Storage Cheat Sheet: N=2^15, r=8, p=3 is one of its equivalent minimums).
 SCRYPT = {"n": 2 ** 15, "r": 8, "p": 3}
@@ -113,6 +116,40 @@ def add_user(path: str | os.PathLike, name: str, password: str, **cost: int) -> 
         os.chmod(tmp, 0o600)
     os.chmod(path, 0o600)  # atomic_file gives the umask's mode: a password file is the owner's alone
     return new
+
+
+class UsersFile:
+    """A users file, read again when it changes (a reader added or removed while the server runs).
+
+    Calling it returns ``{name: hash}``; a file that became unreadable keeps the last good readers
+    (logged), so a half-edited file never locks everyone out or lets anyone in.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._stamp: tuple[float, int] | None = None
+        self._users = read_users(self.path)
+        self._stamp = self._stat()
+        self._lock = threading.Lock()
+
+    def _stat(self) -> tuple[float, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size)
+
+    def __call__(self) -> dict[str, str]:
+        stamp = self._stat()
+        with self._lock:
+            if stamp != self._stamp and stamp is not None:
+                try:
+                    self._users = read_users(self.path)
+                    log.info("%s: read again, %d reader(s)", self.path, len(self._users))
+                except InputError as exc:
+                    log.error("%s: %s; keeping the %d reader(s) read before", self.path, exc, len(self._users))
+                self._stamp = stamp
+            return dict(self._users)
 
 
 def check_password(users: dict[str, str], name: str, password: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Callable
 
 from analysis.errors import InputError
 from analysis.node.deliver import Destination, Retries, deliver_due
-from analysis.review.auth import Sessions, read_users
+from analysis.review.auth import Sessions, UsersFile
 from analysis.review.signing import outbox_of
 from analysis.review.store import Source, StudyStore
 
@@ -98,8 +98,8 @@ def serve(config: ReviewConfig, *, on_listen: Callable[[str, int], None] | None 
     from analysis.review.app import create_app
     from analysis.review.service import ReviewService
 
-    users = read_users(config.users)
-    if not users:
+    users = UsersFile(config.users)
+    if not users():
         raise InputError(f"--users {config.users}: no reader in it; add one with `review add-user NAME --users ...`")
     store = StudyStore(config.sources())
     service = ReviewService(store)
@@ -116,7 +116,7 @@ def serve(config: ReviewConfig, *, on_listen: Callable[[str, int], None] | None 
     server = create_server(app, host=config.host, port=config.port, threads=config.threads, ident="bonemets-review")
     host, port = str(server.effective_host), int(server.effective_port)
     log.info("review: listening on http://%s:%d (%d study(ies), %d reader(s))", host, port, len(store.studies()),
-             len(users))
+             len(users()))
     if on_listen is not None:
         on_listen(host, port)
     try:
