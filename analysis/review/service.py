@@ -209,13 +209,14 @@ class ReviewService:
         def make() -> dict[str, bytes]:
             volume = self._volume(study)
             if lesion["added"]:
-                mask = np.zeros(volume.labels.shape, bool)
-                mask.flat[signing.added_voxels(entries)[lesion_id]] = True
+                flat = signing.added_voxels(entries)[lesion_id]
+                labels = np.zeros(volume.labels.shape, np.int32)  # untouched pages cost nothing
+                labels.flat[flat] = lesion_id
+                voxels = np.stack(np.unravel_index(flat, labels.shape), axis=1)
             else:
-                mask = volume.labels == lesion_id
+                labels, voxels = volume.labels, volume.voxels(lesion_id)
             centroid = point_to_index((lesion["x_mm"], lesion["y_mm"], lesion["z_mm"]), volume.geometry)
-            centre = views.centre_voxel(np.argwhere(mask), centroid)
-            return views.lesion_views(volume.ct, mask, Reorientation.of(volume.geometry), centre)
+            return views.lesion_views(volume.ct, labels, lesion_id, voxels, Reorientation.of(volume.geometry), centroid)
 
         key = ("lesion", study.uid, study.predicted, lesion_id)
         with self._lock:

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,16 @@ class Volume:
     labels: np.ndarray
     rows: list[dict[str, Any]]
     series: Any
+    boxes: list[Any] = field(default_factory=list)
+
+    def voxels(self, lesion_id: int) -> np.ndarray:
+        """The ``(n, 3)`` ``(k, j, i)`` indices of predicted lesion ``lesion_id`` (read in its bounding box)."""
+        if not self.boxes:
+            from scipy import ndimage
+
+            self.boxes = ndimage.find_objects(self.labels)
+        box = self.boxes[lesion_id - 1]
+        return np.argwhere(self.labels[box] == lesion_id) + np.array([s.start for s in box])
 
 
 def _header(folder: Path) -> dict[str, str]:

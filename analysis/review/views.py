@@ -98,26 +98,30 @@ def _resample(plane: np.ndarray, pixel_mm: tuple[float, float], centre: tuple[fl
     return out
 
 
-def lesion_views(ct: np.ndarray, lesion: np.ndarray, reo: Reorientation, centre: Sequence[int]) -> dict[str, bytes]:
-    """The card's three PNGs of one lesion.
+def lesion_views(ct: np.ndarray, labels: np.ndarray, lesion_id: int, voxels: np.ndarray, reo: Reorientation,
+                 centroid_index: Sequence[float]) -> dict[str, bytes]:
+    """The card's three PNGs of one lesion, without a pass over the whole volume.
 
     Args:
         ct: HU ``(slices, rows, cols)``, stored order.
-        lesion: the lesion's bool mask, same layout.
+        labels: lesion ids, same layout (the lesion is ``labels == lesion_id``; only three planes are read).
+        lesion_id: the lesion.
+        voxels: the lesion's ``(n, 3)`` stored ``(k, j, i)`` indices.
         reo: the stored volume's :class:`Reorientation`.
-        centre: the stored ``(k, j, i)`` voxel to cut through (:func:`centre_voxel`).
+        centroid_index: the lesion's centroid, stored ``(k, j, i)`` (the planes go through its
+            nearest voxel, :func:`centre_voxel`).
 
     Returns:
         ``{"axial", "coronal", "sagittal"}``: :data:`CARD_PX` square PNGs of the same field.
     """
-    ct_c = reo.forward(ct)
-    lesion_c = reo.forward(np.asarray(lesion, bool))
-    where = np.argwhere(lesion_c)
-    extent_mm = (where.max(axis=0) - where.min(axis=0) + 1) * np.asarray(reo.canonical_spacing_zyx)
+    canonical = reo.index_forward(np.asarray(voxels, np.float64))
+    extent_mm = (canonical.max(axis=0) - canonical.min(axis=0) + 1) * np.asarray(reo.canonical_spacing_zyx)
     field = float(np.clip(4 * extent_mm.max(), *FIELD_MM))
+    centre = centre_voxel(voxels, centroid_index)
     k, j, i = (int(v) for v in np.rint(reo.index_forward(np.asarray([centre], np.float64))[0]))
+    ct_c = reo.forward(ct)
     planes = radiological_planes(ct_c, (k, j, i))
-    masks = radiological_planes(lesion_c, (k, j, i))
+    masks = radiological_planes(reo.forward(labels), (k, j, i))
     nz = ct_c.shape[0]
     # where the centre falls in each displayed plane: (row, col)
     at = {"axial": (j, i), "coronal": (nz - 1 - k, i), "sagittal": (nz - 1 - k, j)}
@@ -125,7 +129,7 @@ def lesion_views(ct: np.ndarray, lesion: np.ndarray, reo: Reorientation, centre:
     out = {}
     for view, plane in planes.items():
         hu = _resample(np.asarray(plane), pixel_mm[view], at[view], CARD_PX, field)
-        mask = _resample(np.asarray(masks[view]), pixel_mm[view], at[view], CARD_PX, field)
+        mask = _resample(np.asarray(masks[view]) == lesion_id, pixel_mm[view], at[view], CARD_PX, field)
         rgb = _grey(hu)
         _paint(rgb, mask, OUTLINE)
         out[view] = png(rgb)
