@@ -1,8 +1,9 @@
 """The review in a real browser against a real PACS: Debian's Chromium driven by Playwright, ``python
 cli.py review`` as a subprocess on a node's spool, Debian's Orthanc as the PACS.
 
-A reader signs in, rejects a lesion with a reason, accepts the others (a button, then the keyboard),
-adds the lesion the model missed by clicking it in the slice viewer, and signs; the review server is
+A reader signs in, rejects a lesion with a reason (the keyboard), accepts the others (a button, the
+keyboard), adds the lesion the model missed by clicking it in the slice viewer (rejects it again with
+the button, and accepts it), and signs; the review server is
 killed with SIGKILL between two decisions and right after the signature. Orthanc then holds the final
 SEG (its segments exactly the accepted and added lesions, voxel for voxel) and the VERIFIED report
 naming the reader, once each; ``reviews.csv`` holds every decision. Screenshots and the server's logs
@@ -208,11 +209,14 @@ def test_a_reader_reviews_and_signs_in_a_browser_and_the_pacs_gets_the_result_on
         page.click(f'tr[data-study-uid="{uid}"] a')
         page.wait_for_selector("#study[data-ready='true']")
         ids = _ids(page, uid)
-        # reject the bone island with its reason, accept the hot lesion
+        # reject the bone island with its reason ("r" asks for the reason first), accept the hot lesion
         island = _card(page, ids["island"])
-        island.locator('select[name="reason"]').select_option("bone island")
         island.locator('input[name="note"]').fill("dense, round")
-        island.locator('[data-action="reject"]').click()
+        island.locator("h3").click()
+        page.keyboard.press("r")
+        page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Choose a reason')")
+        assert island.get_attribute("data-decision") == ""
+        island.locator('select[name="reason"]').select_option("bone island")
         _wait_decision(page, ids["island"], "reject")
         _card(page, ids["hot"]).locator('[data-action="accept"]').click()
         _wait_decision(page, ids["hot"], "accept")
@@ -234,6 +238,13 @@ def test_a_reader_reviews_and_signs_in_a_browser_and_the_pacs_gets_the_result_on
         _click_missed_lesion(page)
         page.wait_for_selector('.card[data-added="true"][data-lesion-id="4"]')
         assert page.locator('.card[data-added="true"]').count() == 1
+        # an added lesion can be rejected again (the button), and accepted again
+        added = _card(page, 4)
+        added.locator('select[name="reason"]').select_option("other")
+        added.locator('[data-action="reject"]').click()
+        _wait_decision(page, 4, "reject")
+        added.locator('[data-action="accept"]').click()
+        _wait_decision(page, 4, "accept")
         page.wait_for_selector('button[data-action="sign"]:not([disabled])')
         page.wait_for_function("() => Array.from(document.querySelectorAll('.card img')).every(i => i.complete "
                                "&& i.naturalWidth > 0)")
@@ -294,7 +305,8 @@ def test_a_reader_reviews_and_signs_in_a_browser_and_the_pacs_gets_the_result_on
     rows = Journal(spool).rows()
     assert [(r["lesion_id"], r["decision"], r["reason"]) for r in rows] == [
         (str(ids["island"]), "reject", "bone island"), (str(ids["hot"]), "accept", ""),
-        (str(ids["warm"]), "accept", ""), ("4", "add", ""), ("", "sign", "")]
+        (str(ids["warm"]), "accept", ""), ("4", "add", ""), ("4", "reject", "other"), ("4", "accept", ""),
+        ("", "sign", "")]
     assert {(r["reader"], r["source"], r["study_uid"]) for r in rows} == {("alice", "page", uid)}
     assert rows[0]["note"] == "dense, round"
     assert "DOE" not in server_text.upper() and "JANE" not in server_text.upper()
