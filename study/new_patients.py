@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.evaluation.metrics import overlap
+from analysis.lesions import overlap
 from analysis.imaging.io import read_array
 from analysis.prediction.folder import read_record
 
@@ -46,7 +46,7 @@ def new_patients_section(out: Path, figures: Path, table) -> list[str]:
             truth = root / "inputs" / "truth" / f"{case}.nii.gz"  # the phantom's lesions, in the input's geometry
             dice = ""
             if truth.is_file() and (folder / f"{case}.nii.gz").is_file():
-                # the project's Dice (analysis.evaluation.metrics.overlap): NaN, shown "-", when both are empty
+                # the project's Dice (analysis.lesions.overlap): NaN, shown "-", when both are empty
                 value = overlap.dice(read_array(folder / f"{case}.nii.gz")[0], read_array(truth)[0])
                 dice = "-" if np.isnan(value) else f"{value:.2f}"
             seg = record.get("per_case", {}).get(case, {}).get("dicom_seg")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from analysis.errors import DataProblems, InputError
 from analysis.imaging.inputs import InputCase, discover_inputs, read_input
 from analysis.imaging.io import Geometry, read_header
 from analysis.imaging.orientation import CANONICAL, Reorientation
+from analysis.lesions.overlap import dice
 from analysis.prediction.folder import (DICOM_SEG, PREVIEW, PROBABILITIES, SR, PredictionFolder, check_ct, mask_path,
                                         remove_small_components, select_cases)
 from analysis.prediction.probabilities import LEVELS, quantise, write_stored
@@ -382,11 +384,10 @@ def segment_canonical(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float]
     if net.crop:
         z = todo[todo.size // 2: todo.size // 2 + 1]
         a, b = prob[z[0]], _whole_slice(net, ct, spacing_zyx, z)
-        ma, mb = a >= threshold, b >= threshold
-        both = int(ma.sum() + mb.sum())
+        agreement = dice(a >= threshold, b >= threshold)
         info["check"] = {"slice": int(z[0]), "max_abs_diff": round(float(np.abs(a - b).max()), 6),
-                         # None: both masks empty on that slice (Dice undefined; see overlap.dice)
-                         "dice": None if both == 0 else round(2.0 * int((ma & mb).sum()) / both, 6)}
+                         # null: both masks empty on that slice (the metric's NaN, undefined), not a number
+                         "dice": None if math.isnan(agreement) else round(agreement, 6)}
     return prob, seen, info
 
 
