@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from analysis.cohort.examples import write_dicom_series
-from analysis.imaging.dicom_sr import PRIVATE_SCHEME, STATUS, read_followup_report
+from analysis.monitoring.followup_sr import PRIVATE_SCHEME, STATUS, read_followup_report
 from analysis.imaging.io import Geometry, write_array
 from analysis.imaging.records import read_csv
 from tests.badinput import assert_clean_error, invoke, snapshot
@@ -149,3 +149,12 @@ def test_a_nifti_baseline_with_sr_is_refused_with_one_line_and_nothing_written(t
     assert_clean_error(invoke([*args, "--sr", "--out", tmp_path / "out"]),
                        ["--sr", "b_ct.nii.gz", "not a DICOM series"])
     assert snapshot(tmp_path) == before
+
+
+def test_the_report_keys_off_the_one_status_vocabulary():
+    from analysis.lesions.change import NEW_LESIONS_FLAG, STATUSES
+    from analysis.monitoring.followup_sr import NEW_LESIONS_RULE, STATUS_COUNTS, STATUS_VALUES
+
+    assert list(STATUS_VALUES) == list(STATUS_COUNTS) == list(STATUSES)
+    assert len({(c.scheme_designator, c.value) for c in STATUS_VALUES.values()}) == len(STATUSES)
+    assert NEW_LESIONS_RULE.meaning.startswith(f"At least {NEW_LESIONS_FLAG} new lesions")
