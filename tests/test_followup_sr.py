@@ -15,6 +15,7 @@ import pydicom
 import pytest
 
 from analysis.cohort.examples import write_dicom_series
+from analysis.monitoring.followup import LESIONS_CSV, read_summary
 from analysis.monitoring.followup_sr import PRIVATE_SCHEME, STATUS, read_followup_report
 from analysis.imaging.io import Geometry, write_array
 from analysis.imaging.records import read_csv
@@ -72,7 +73,7 @@ def written(tmp_path_factory) -> Path:
 
 
 def test_every_tracked_lesion_is_one_group_with_its_status_volumes_and_change(written):
-    rows = read_csv(written / "lesions.csv")
+    rows = read_csv(written / LESIONS_CSV)
     assert sorted(r["status"] for r in rows) == ["grown", "new", "new", "resolved", "shrunk", "stable"]
     back = read_followup_report(written / "followup_sr.dcm")
     assert [g["lesion"] for g in back["lesions"]] == [int(r["lesion"]) for r in rows]
@@ -96,7 +97,7 @@ def test_every_tracked_lesion_is_one_group_with_its_status_volumes_and_change(wr
 
 
 def test_the_patient_group_equals_summary_csv(written):
-    summary = read_csv(written / "summary.csv")[0]
+    summary = read_summary(written)
     back = read_followup_report(written / "followup_sr.dcm")["summary"]
     assert list(back) == list(summary)
     for key, value in summary.items():
@@ -105,7 +106,7 @@ def test_the_patient_group_equals_summary_csv(written):
 
 
 def test_the_seg_holds_the_lesions_in_the_baseline_frame_and_the_report_references_it(written):
-    rows = read_csv(written / "lesions.csv")
+    rows = read_csv(written / LESIONS_CSV)
     seg = pydicom.dcmread(written / "followup_seg.dcm")
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == SERIES_UID
     outside = next(r for r in rows if r["followup_id"] == "5")  # the lesion beyond the baseline's field of view

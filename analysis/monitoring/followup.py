@@ -74,20 +74,40 @@ from analysis.monitoring.registration import (
 )
 from analysis.prediction.folder import mask_path, read_record
 from analysis.prediction.runner import sha256_of
-from analysis.imaging.records import csv_text, versions
+from analysis.imaging.records import csv_text, read_csv, versions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FollowupSettings", "Comparison", "compare", "run_followup", "LESION_COLUMNS", "SUMMARY_COLUMNS",
-           "DEFINITIONS"]
+__all__ = ["FollowupSettings", "Comparison", "compare", "run_followup", "LESIONS_CSV", "SUMMARY_CSV", "LESION_COLUMNS",
+           "SUMMARY_COLUMNS", "DEFINITIONS", "read_summary"]
 
+#: The tracked lesions of a follow-up (one row per tracked lesion, :data:`LESION_COLUMNS`) and its
+#: patient-level summary (one row, :data:`SUMMARY_COLUMNS`). Not predict's lesions.csv: a row here
+#: links lesions of two scans (:data:`analysis.prediction.tables.LESION_COLUMNS` is one scan's).
+LESIONS_CSV = "lesions.csv"
+SUMMARY_CSV = "summary.csv"
 LESION_COLUMNS = ("lesion", "status", "baseline_id", "followup_id", "baseline_ml", "followup_ml", "change_ml",
                   "change_pct", "x_mm", "y_mm", "z_mm", "distance_mm", "bone")
 SUMMARY_COLUMNS = ("baseline_lesions", "followup_lesions", *STATUSES, "baseline_ml", "followup_ml", "change_ml",
                    "change_pct", "new_lesions_flag")
-OUTPUTS = ("lesions.csv", "summary.csv", "status.nii.gz", "followup_registered.nii.gz", "preview.png",
+OUTPUTS = (LESIONS_CSV, SUMMARY_CSV, "status.nii.gz", "followup_registered.nii.gz", "preview.png",
            "followup.json")
 
+
+
+def read_summary(out: str | os.PathLike) -> dict[str, str]:
+    """The row of a follow-up's :data:`SUMMARY_CSV` as text (``{column: text}``, :data:`SUMMARY_COLUMNS`).
+
+    Raises:
+        InputError: no table, or one whose header is not :data:`SUMMARY_COLUMNS` or without one row.
+    """
+    path = Path(out) / SUMMARY_CSV
+    if not path.is_file():
+        raise InputError(f"{path}: not found; expected a followup output folder")
+    rows = read_csv(path)
+    if len(rows) != 1 or tuple(rows[0]) != SUMMARY_COLUMNS:
+        raise InputError(f"{path}: expected one row of the columns {','.join(SUMMARY_COLUMNS)}")
+    return rows[0]
 
 @dataclass(frozen=True)
 class FollowupSettings:
@@ -322,7 +342,7 @@ def _load(case: InputCase, mask: str, bones: str | None, *, what: str) -> Scan:
     if case.series is not None:
         record["patient_id"] = case.series.patient_id
     ct = sitk.GetArrayFromImage(image)
-    require_finite(ct, path)
+    require_finite(case.path, ct, where=case.describe())  # predict's check: a float NIfTI's NaN too
     geometry = Geometry.of(image)
     m = _read_map(mask, geometry, path, f"{what} mask")
     b = _read_map(bones, geometry, path, f"{what} bone map") if bones else None
@@ -425,8 +445,8 @@ def _write(tmp: Path, c: Comparison, base: Scan, fu: Scan, settings: FollowupSet
            model_record: dict[str, Any] | None, seconds_so_far: float, t0: float,
            dicom: DicomSeries | None = None) -> None:
     g = base.geometry
-    atomic_write_text(tmp / "lesions.csv", csv_text(LESION_COLUMNS, c.rows))
-    atomic_write_text(tmp / "summary.csv", csv_text(SUMMARY_COLUMNS, [c.summary]))
+    atomic_write_text(tmp / LESIONS_CSV, csv_text(LESION_COLUMNS, c.rows))
+    atomic_write_text(tmp / SUMMARY_CSV, csv_text(SUMMARY_COLUMNS, [c.summary]))
     write_image(array_to_image(c.status, g), tmp / "status.nii.gz")
     registered = np.clip(np.rint(c.registered_ct), -32768, 32767).astype(np.int16)
     write_image(array_to_image(registered, g), tmp / "followup_registered.nii.gz")

@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from analysis.cohort.bone_maps import PROJECT
 from analysis.errors import DataProblems, InputError
 from analysis.imaging.inputs import InputCase, discover_inputs, read_input
 from analysis.imaging.io import Geometry, read_header
@@ -137,7 +138,7 @@ class Outputs:
     preview: bool = True
     lesions: bool = True
     bones: Path | None = None
-    bones_from: str = "project"
+    bones_from: str = PROJECT
 
 
 @dataclass(frozen=True)
@@ -415,7 +416,7 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     t0 = time.perf_counter()
     import SimpleITK as sitk
 
-    from analysis.imaging.io import count_nonfinite, nonfinite_error, require_finite, write_mask
+    from analysis.imaging.io import require_finite, write_mask
 
     image, record = read_input(case)
     geometry = Geometry.of(image)
@@ -423,11 +424,7 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
         raise InputError(f"{case.describe()}: is a {len(geometry.size)}D image, expected a 3D CT")
     native = sitk.GetArrayFromImage(image)  # its stored type: the networks cast each batch (memory)
     del image
-    require_finite(native, case.describe())
-    if case.kind == "image" and np.issubdtype(native.dtype, np.floating):
-        bad = count_nonfinite(case.path)  # ITK reads NaN in NIfTI as 0: ask nibabel
-        if bad:
-            raise nonfinite_error(case.path, bad)
+    require_finite(case.path, native, where=case.describe())
     bones = _bones(outputs, case.case_id, geometry)
     reo = Reorientation.of(geometry)
     ct = reo.forward(native)
