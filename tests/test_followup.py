@@ -16,7 +16,7 @@ import pytest
 from analysis.cohort.followup_phantom import ORIENTATIONS, TRANSFORMS_CSV, TRUTH_CSV, Followups
 from analysis.cohort.phantom import generate_cohort
 from analysis.imaging.io import Geometry, read_array, write_array
-from analysis.lesions.change import NEW, NEW_LESIONS_FLAG, STATUSES
+from analysis.lesions.change import GROWN, NEW, NEW_LESIONS_FLAG, SHRUNK, STABLE, STATUSES
 from analysis.monitoring.followup import LESION_COLUMNS, LESIONS_CSV, SUMMARY_COLUMNS, read_summary
 from analysis.monitoring.registration import rotation_angle_deg
 from analysis.imaging.records import read_csv
@@ -189,7 +189,7 @@ def test_splits_merges_and_centroid_matches_are_recorded(tmp_path):
     # voxels of 2 mm^3: A 240 -> 96 + 72 (0.48 -> 0.336 ml, ratio 0.7); B + C 2 x 24 -> 64 (0.096 -> 0.128 ml,
     # ratio 1.33, +0.032 ml >= the 0.02 ml floor); D 8 -> 8 voxels
     assert [(r["baseline_id"], r["followup_id"], r["status"]) for r in rows] == [
-        ("1", "1;2", "shrunk"), ("2;3", "3", "grown"), ("4", "4", "stable")]
+        ("1", "1;2", SHRUNK), ("2;3", "3", GROWN), ("4", "4", STABLE)]
     assert [float(r["change_ml"]) for r in rows] == pytest.approx([-0.144, 0.032, 0.0])
     assert float(rows[0]["change_pct"]) == pytest.approx(-30.0)
     record = json.loads((out / "followup.json").read_text(encoding="utf-8"))

@@ -14,6 +14,18 @@ with ``P`` the predicted (or second) and ``R`` the reference (or first) voxels.
 * empty reference, non-empty prediction: Dice 0, precision 0, recall NaN;
 * empty prediction, non-empty reference: Dice 0, precision 0, recall 0.
 
+For example (one shared voxel of 2 + 2), then the three empty cases::
+
+    >>> a, b, empty = np.array([1, 1, 0, 0]), np.array([0, 1, 1, 0]), np.zeros(4)
+    >>> dice(a, b), precision(a, b), recall(a, b)
+    (0.5, 0.5, 0.5)
+    >>> dice(empty, empty), precision(empty, empty), recall(empty, empty)
+    (nan, nan, nan)
+    >>> dice(a, empty), precision(a, empty), recall(a, empty)  # an empty reference
+    (0.0, 0.0, nan)
+    >>> dice(empty, b), precision(empty, b), recall(empty, b)  # an empty prediction
+    (0.0, 0.0, 0.0)
+
 Why NaN and not 1 (or 0) when both are empty: Dice is 0/0 there, and each number a
 convention puts in its place answers a question of the caller's, not of the masks. 1
 ("perfect agreement") lifts a cohort's mean with every lesion-free case a model leaves
@@ -112,42 +124,17 @@ def recall_from_counts(c: OverlapCounts) -> np.ndarray:
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Dice coefficient of two binary masks of one shape (empty masks: module docstring).
-
-    Examples:
-        One shared voxel out of 2 + 2: ``2 * 1 / 4``. Two empty masks give NaN:
-
-        >>> dice(np.array([1, 1, 0, 0]), np.array([0, 1, 1, 0]))
-        0.5
-        >>> dice(np.zeros(4), np.zeros(4))
-        nan
-        >>> dice(np.array([1, 0]), np.zeros(2))
-        0.0
-    """
+    """Dice coefficient of two binary masks of one shape (examples and empty masks: module docstring)."""
     return float(dice_from_counts(overlap_counts(pred, ref)))
 
 
 def precision(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Precision (positive predictive value) of ``pred`` against ``ref`` (empty masks: module docstring).
-
-    Examples:
-        >>> precision(np.array([1, 1, 1, 0]), np.array([0, 1, 0, 0]))
-        0.3333333333333333
-        >>> precision(np.zeros(2), np.array([1, 0]))
-        0.0
-    """
+    """Precision (positive predictive value) of ``pred`` against ``ref`` (module docstring)."""
     return float(precision_from_counts(overlap_counts(pred, ref)))
 
 
 def recall(pred: np.ndarray, ref: np.ndarray) -> float:
-    """Recall (sensitivity) of ``pred`` against ``ref`` (empty masks: module docstring).
-
-    Examples:
-        >>> recall(np.array([1, 1, 1, 0]), np.array([0, 1, 0, 1]))
-        0.5
-        >>> recall(np.array([1, 0]), np.zeros(2))
-        nan
-    """
+    """Recall (sensitivity) of ``pred`` against ``ref`` (module docstring)."""
     return float(recall_from_counts(overlap_counts(pred, ref)))
 
 
