@@ -9,7 +9,7 @@ lesions of two scans are paired is the caller's (:mod:`analysis.monitoring.match
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -72,7 +72,6 @@ def change_status(baseline_ml: float, followup_ml: float, *, change: float = DEF
     return STABLE
 
 
-
 def status_rule(change: float = DEFAULT_CHANGE, min_change_ml: float = DEFAULT_MIN_CHANGE_ML) -> str:
     """:func:`change_status`'s rule in one line with its thresholds (the records' definition).
 
@@ -91,7 +90,7 @@ def status_rule(change: float = DEFAULT_CHANGE, min_change_ml: float = DEFAULT_M
 NEW_LESIONS_FLAG = 2
 
 
-def status_counts(statuses: list[str] | tuple[str, ...]) -> dict[str, int]:
+def status_counts(statuses: Sequence[str]) -> dict[str, int]:
     """How many tracked lesions have each status, in :data:`STATUSES` order.
 
     Examples:
