@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.errors import InputError
-from analysis.node.spool import SENT, Outbox
+from analysis.node.spool import OUTBOX, SENT, Outbox, parse_job
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,10 @@ def deliver_due(outbox: Outbox, destination: Destination, *, calling_ae: str, re
         Seconds until the next attempt of a waiting job (None: none waits).
     """
     wait = None
-    for job in outbox.jobs("outbox"):
+    for job in outbox.jobs(OUTBOX):
         record = outbox.delivery(job)
         now = time.time()
-        name = job.rsplit("-", 1)[0]
+        name = parse_job(job)[0]
         if record["next_at"] > now:
             wait = min(wait if wait is not None else float("inf"), record["next_at"] - now)
             continue
@@ -165,7 +165,7 @@ def deliver_due(outbox: Outbox, destination: Destination, *, calling_ae: str, re
                         attempts, retries.retries, delay)
             wait = min(wait if wait is not None else float("inf"), delay)
             continue
-        sent = len(list((outbox.job_path(job, "outbox") / SENT).glob("*.dcm")))
+        sent = len(list((outbox.job_path(job, OUTBOX) / SENT).glob("*.dcm")))
         outbox.finish(job)
         log.info("%s %s: delivered %d result(s) to %s", what, name, sent, destination)
     return wait

@@ -36,7 +36,7 @@ import shutil
 import time
 from pathlib import Path
 
-from analysis.imaging.io import atomic_write_json, atomic_write_text, read_json, umask_mode
+from analysis.imaging.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,24 @@ SENT = "sent"
 DELIVERY = "delivery.json"
 REASON = "reason.txt"
 _UID = re.compile(r"^[0-9.]{1,64}$")
+#: The parts of a job in ``jobs/``: ``<job>.input``, ``<job>.pred``, ``<job>.outbox`` (and its ``.tmp``).
+INPUT, PRED, OUTBOX, OUTBOX_TMP = "input", "pred", "outbox", "outbox.tmp"
+
+
+def job_id(series_uid: str, ns: int | None = None) -> str:
+    """A new job's id, ``<SeriesInstanceUID>-<nanoseconds>`` (the time of the claim by default).
+
+    Examples:
+        >>> job_id("1.2.3", 42), parse_job("1.2.3-42")
+        ('1.2.3-42', ('1.2.3', 42))
+    """
+    return f"{series_uid}-{time.time_ns() if ns is None else ns}"
+
+
+def parse_job(job: str) -> tuple[str, int]:
+    """``(SeriesInstanceUID, nanoseconds)`` of a job id (:func:`job_id`)."""
+    series, _, ns = job.rpartition("-")
+    return series, int(ns)
 
 
 def safe_uid(uid: str, what: str) -> str:
@@ -71,17 +89,18 @@ class Outbox:
             (self.root / name).mkdir(parents=True, exist_ok=True)
 
     def job_path(self, job: str, part: str) -> Path:
+        """``jobs/<job>.<part>``, ``part`` one of :data:`INPUT`, :data:`PRED`, :data:`OUTBOX`, :data:`OUTBOX_TMP`."""
         return self.root / JOBS / f"{job}.{part}"
 
     def jobs(self, part: str) -> list[str]:
-        """Jobs that have ``jobs/<job>.<part>`` (``input``, ``outbox``), oldest first."""
+        """Jobs that have ``jobs/<job>.<part>`` (:data:`INPUT`, :data:`OUTBOX`), oldest first."""
         names = [p.name[: -len(part) - 1] for p in (self.root / JOBS).iterdir() if p.name.endswith(f".{part}")]
-        return sorted(names, key=lambda n: int(n.rsplit("-", 1)[-1]))
+        return sorted(names, key=lambda n: parse_job(n)[1])
 
     def open_outbox(self, job: str, results: list[Path]) -> Path:
         """Copy ``results`` into ``jobs/<job>.outbox`` (appears whole, one rename)."""
-        final = self.job_path(job, "outbox")
-        tmp = self.job_path(job, "outbox.tmp")
+        final = self.job_path(job, OUTBOX)
+        tmp = self.job_path(job, OUTBOX_TMP)
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / SENT).mkdir(parents=True)
         for path in results:  # dicom_seg/<case>.dcm, sr/<case>.dcm: one name each
@@ -92,23 +111,23 @@ class Outbox:
 
     def where(self, job: str) -> Path | None:
         """The folder holding ``job``'s results now (its outbox, ``done/`` or ``undelivered/``), or None."""
-        for path in (self.job_path(job, "outbox"), self.root / DONE / job, self.root / UNDELIVERED / job):
+        for path in (self.job_path(job, OUTBOX), self.root / DONE / job, self.root / UNDELIVERED / job):
             if path.is_dir():
                 return path
         return None
 
     def pending(self, job: str) -> list[Path]:
         """Results of ``job`` not yet delivered."""
-        return sorted(p for p in self.job_path(job, "outbox").glob("*.dcm"))
+        return sorted(p for p in self.job_path(job, OUTBOX).glob("*.dcm"))
 
     def mark_sent(self, path: Path) -> None:
         os.replace(path, path.parent / SENT / path.name)
 
     def delivery(self, job: str) -> dict:
-        return read_json(self.job_path(job, "outbox") / DELIVERY, what="delivery record")
+        return read_json(self.job_path(job, OUTBOX) / DELIVERY, what="delivery record")
 
     def set_delivery(self, job: str, record: dict) -> None:
-        atomic_write_json(self.job_path(job, "outbox") / DELIVERY, record)
+        atomic_write_json(self.job_path(job, OUTBOX) / DELIVERY, record)
 
     def _settle(self, job: str) -> None:
         """What happens to a job's other folders when its outbox closes (nothing here)."""
@@ -117,14 +136,14 @@ class Outbox:
         """All results delivered: the outbox becomes ``done/<job>``."""
         self._settle(job)
         target = self.root / DONE / job
-        os.rename(self.job_path(job, "outbox"), target)
+        os.rename(self.job_path(job, OUTBOX), target)
         return target
 
     def give_up(self, job: str) -> Path:
         """Delivery gave up: the outbox becomes ``undelivered/<job>`` (``--resend``)."""
         self._settle(job)
         target = self.root / UNDELIVERED / job
-        os.rename(self.job_path(job, "outbox"), target)
+        os.rename(self.job_path(job, OUTBOX), target)
         return target
 
     def resend(self) -> list[str]:
@@ -135,7 +154,7 @@ class Outbox:
                 continue
             atomic_write_json(folder / DELIVERY, {"attempts": 0, "next_at": 0.0, "last_error": None})
             (folder / SENT).mkdir(exist_ok=True)
-            os.rename(folder, self.job_path(folder.name, "outbox"))
+            os.rename(folder, self.job_path(folder.name, OUTBOX))
             jobs.append(folder.name)
         return jobs
 
@@ -150,21 +169,14 @@ class Spool(Outbox):
         return shutil.disk_usage(self.root).free / 1e9
 
     # --- reception ------------------------------------------------------------------------
+
     def store(self, study: str, series: str, sop: str, data: bytes) -> Path:
         """Write one received instance atomically to ``incoming/<study>/<series>/<sop>.dcm``."""
         folder = self.root / INCOMING / safe_uid(study, "StudyInstanceUID") / safe_uid(series, "SeriesInstanceUID")
         path = folder / f"{safe_uid(sop, 'SOPInstanceUID')}.dcm"
         for _ in range(3):  # the series folder may be claimed (renamed) while we write: write again
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
             try:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.chmod(tmp, umask_mode())
-                os.replace(tmp, path)  # also moves the folder's mtime: the series' idle clock
-                return path
+                return atomic_write_bytes(path, data)  # the rename also moves the folder's mtime: its idle clock
             except FileNotFoundError:
                 continue
         raise OSError(f"{path}: the series folder kept moving while the instance was written")
@@ -185,10 +197,10 @@ class Spool(Outbox):
 
     def claim(self, series_dir: Path) -> str:
         """Move a complete series into ``jobs/<job>.input`` (one rename) and return ``<job>``."""
-        job = f"{series_dir.name}-{time.time_ns()}"
-        target = self.root / JOBS / f"{job}.input"
+        job = job_id(series_dir.name)
+        target = self.job_path(job, INPUT)
         os.rename(series_dir, target)
-        for tmp in target.glob(".*.tmp"):  # an instance write cut off by a kill
+        for tmp in target.glob(".*.tmp"):  # an instance write cut off by a kill (atomic_file's temporary name)
             tmp.unlink()
         with contextlib.suppress(OSError):
             series_dir.parent.rmdir()  # the study folder, when it was its last series
@@ -198,7 +210,7 @@ class Spool(Outbox):
 
     def to_predict(self) -> list[str]:
         """Claimed jobs whose results are not yet in an outbox (a kill during prediction included)."""
-        return [j for j in self.jobs("input") if not self.job_path(j, "outbox").exists()]
+        return [j for j in self.jobs(INPUT) if not self.job_path(j, OUTBOX).exists()]
 
     def open_outbox(self, job: str, results: list[Path]) -> Path:
         """Open the job's outbox (:meth:`Outbox.open_outbox`), then move the series and its
@@ -210,40 +222,40 @@ class Spool(Outbox):
     def _settle(self, job: str) -> None:
         """Move ``jobs/<job>.input`` and ``.pred`` into the open outbox (each one rename; a kill
         between leaves the rest for the next call) and drop a half-made ``outbox.tmp``."""
-        outbox = self.job_path(job, "outbox")
-        for part in ("input", "pred"):
+        outbox = self.job_path(job, OUTBOX)
+        for part in (INPUT, PRED):
             source = self.job_path(job, part)
             if source.is_dir() and not (outbox / part).exists():
                 os.rename(source, outbox / part)
             else:
                 shutil.rmtree(source, ignore_errors=True)
-        shutil.rmtree(self.job_path(job, "outbox.tmp"), ignore_errors=True)
+        shutil.rmtree(self.job_path(job, OUTBOX_TMP), ignore_errors=True)
 
     def kept(self) -> list[tuple[str, Path, Path]]:
         """``(job, pred, input)`` of every job whose prediction is complete and kept (an open
         outbox, ``done/`` or ``undelivered/``): where its PRED folder and series folder are now,
         oldest first. They move (into the outbox, then with it): look again before each use."""
         found = []
-        for job in self.jobs("outbox"):
-            outbox = self.job_path(job, "outbox")
+        for job in self.jobs(OUTBOX):
+            outbox = self.job_path(job, OUTBOX)
             found.append((job, *(self.job_path(job, part) if self.job_path(job, part).is_dir() else outbox / part
-                                 for part in ("pred", "input"))))
+                                 for part in (PRED, INPUT))))
         for part in (DONE, UNDELIVERED):
             for folder in (self.root / part).iterdir():
-                if folder.is_dir() and (folder / "pred").is_dir():
-                    found.append((folder.name, folder / "pred", folder / "input"))
-        return sorted(found, key=lambda item: int(item[0].rsplit("-", 1)[-1]))
+                if folder.is_dir() and (folder / PRED).is_dir():
+                    found.append((folder.name, folder / PRED, folder / INPUT))
+        return sorted(found, key=lambda item: parse_job(item[0])[1])
 
     def fail(self, job: str, reason: str) -> Path:
         """The series could not be predicted: its input becomes ``failed/<job>`` with ``reason.txt``."""
         target = self.root / FAILED / job
-        os.rename(self.job_path(job, "input"), target)
+        os.rename(self.job_path(job, INPUT), target)
         atomic_write_text(target / REASON, reason.rstrip("\n") + "\n")
-        for part in ("pred", "outbox.tmp"):
+        for part in (PRED, OUTBOX_TMP):
             shutil.rmtree(self.job_path(job, part), ignore_errors=True)
         return target
 
     def is_empty(self) -> bool:
         """Nothing received, claimed or waiting for delivery."""
         return not any((self.root / INCOMING).iterdir()) and not any(
-            p.name.endswith((".input", ".outbox")) for p in (self.root / JOBS).iterdir())
+            p.name.endswith((f".{INPUT}", f".{OUTBOX}")) for p in (self.root / JOBS).iterdir())

@@ -31,13 +31,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from analysis.node.spool import Outbox
+from analysis.node.spool import Outbox, job_id
 from analysis.prediction.folder import DICOM_SEG, REVIEW
 from analysis.review.growing import GROW_HU, GROW_RADIUS_MM, decode_voxels
 from analysis.review.journal import Entry, lesion_states
@@ -161,8 +160,8 @@ def write_final(volume: Volume, entries: list[Entry], reader: str, pred: Path, o
 
 
 def new_job(study: Study) -> str:
-    """An outbox job name, ``<SeriesInstanceUID>-<nanoseconds>`` as the node's."""
-    return f"{study.series_uid}-{time.time_ns()}"
+    """An outbox job name, ``<SeriesInstanceUID>-<nanoseconds>`` as the node's (:func:`analysis.node.spool.job_id`)."""
+    return job_id(study.series_uid)
 
 
 def open_outbox(root: Path, study_uid: str, job: str, files: list[str]) -> None:

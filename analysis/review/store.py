@@ -11,7 +11,7 @@ Two kinds of review root:
 
 Everything about a case is read through the PRED folder contract: ``predict.json``
 (:func:`analysis.prediction.folder.read_record`), ``lesions.csv``
-(:func:`analysis.prediction.tables.read_rows`), the mask ``<case>.nii.gz``
+(:func:`analysis.prediction.tables.read_lesions`), the mask ``<case>.nii.gz``
 (:func:`analysis.prediction.folder.mask_path`); the lesion ids are those of
 :func:`analysis.lesions.lesion_instances` on the stored mask, as ``lesions.csv`` numbers them.
 
@@ -34,7 +34,7 @@ import numpy as np
 from analysis.errors import InputError
 from analysis.imaging.io import Geometry
 from analysis.prediction.folder import RECORD, mask_path, read_record
-from analysis.prediction.tables import LESION_COLUMNS, LESIONS_CSV, read_rows
+from analysis.prediction.tables import LESIONS_CSV, read_lesions
 from analysis.review.journal import valid_uid
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class StudyStore:
         if source.kind == "spool":
             from analysis.node.spool import Spool
 
-            return [(job, pred, series) for job, pred, series in Spool(source.root).kept()]
+            return Spool(source.root).kept()
         return [(None, source.root, None)]
 
     def _studies_of(self, source: Source) -> list[Study]:
@@ -276,7 +276,7 @@ class StudyStore:
         with self._lock:
             known = self._tables.get(path)
         if known is None or known[0] != mtime:
-            known = (mtime, read_rows(path, LESION_COLUMNS))
+            known = (mtime, read_lesions(pred))
             with self._lock:
                 self._tables[path] = known
         return [r for r in known[1] if r["case"] == study.case]
