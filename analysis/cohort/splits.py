@@ -13,7 +13,7 @@ import numpy as np
 
 from analysis.cohort.layout import Cohort
 from analysis.errors import InputError
-from analysis.imaging.io import atomic_write_json
+from analysis.imaging.io import atomic_write_json, require_writable
 
 
 def make_splits(cases: Sequence[str], *, test_fraction: float = 0.2, folds: int = 5, seed: int = 0) -> dict[str, Any]:
@@ -69,10 +69,11 @@ def write_splits(dataset: str | os.PathLike, *, test_fraction: float = 0.2, fold
     """Make splits over the cohort's cases and write ``DATASET/splits.json`` atomically.
 
     Raises:
-        InputError: the cohort is missing or has too few cases.
+        InputError: the cohort is missing, has too few cases, or cannot be written (a read-only mount).
     """
     cohort = Cohort(dataset)
     cohort.require_exists()
+    require_writable(cohort.root)
     cases = cohort.cases()
     if not cases:
         raise InputError(f"{cohort.root}: no case has both imagesTr/<case>_0000.nii.gz and labelsTr/<case>.nii.gz")
