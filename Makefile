@@ -66,9 +66,10 @@ lock:
 # the project's TF and test extras, every package shared with requirements.lock at its pin.
 lock-gpu-tf:
 	rm -rf build/lock-tf && $(PYTHON) -m venv build/lock-tf
-	build/lock-tf/bin/python -m pip install --quiet -c requirements.lock ".[tf,test]" \
+	build/lock-tf/bin/python -m pip install --quiet -c requirements.lock ".[tf,test]" setuptools wheel \
 	    "tensorflow[and-cuda]==$$(grep -i '^tensorflow==' requirements.lock | cut -d= -f3)"
-	build/lock-tf/bin/python -m pip freeze --exclude-editable --exclude bonemets | sort -f > requirements-gpu-tf.lock
+	build/lock-tf/bin/python -m pip freeze --all --exclude-editable --exclude bonemets --exclude pip \
+	    | sort -f > requirements-gpu-tf.lock
 	rm -rf build/lock-tf
 
 clean:

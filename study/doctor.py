@@ -146,6 +146,15 @@ def _why_no_gpu(facts: dict[str, Any], host: Host) -> str:
     return f"{name} {version} loaded {runtime[0]} but finds no usable GPU" + (f": {said}" if said else "")
 
 
+def _mixed_cuda(libraries: list[str]) -> list[str]:
+    """The CUDA runtime and cuBLAS libraries loaded when they come from more than one CUDA major
+    (``libcudart.so.12`` beside ``libcudart.so.13``): what a cuDNN or NCCL overwritten by another
+    CUDA major's wheel drags into the process. Empty when they agree."""
+    versioned = [Path(p).name for p in libraries if re.match(r"lib(cudart|cublas|cublasLt)\.so\.\d+", Path(p).name)]
+    majors = {name.split(".so.")[1].split(".")[0] for name in versioned}
+    return sorted(versioned) if len(majors) > 1 else []
+
+
 def diagnose(host: Host, probes: list[dict[str, Any]], require_gpu: bool = False) -> Diagnosis:
     """The report of ``cli.py doctor`` from the machine's facts and each wing's probe.
 
@@ -181,6 +190,11 @@ def diagnose(host: Host, probes: list[dict[str, Any]], require_gpu: bool = False
         libraries = facts.get("cuda_libraries") or []
         shown = [p.split("site-packages/", 1)[-1] for p in libraries]  # nvidia/<wheel folder>/lib/<file>
         lines.append(f"  CUDA libraries loaded: {', '.join(shown) if shown else 'none'}")
+        mixed = _mixed_cuda(libraries)
+        if mixed:
+            errors.append(f"{wing}: {facts['framework']} loaded libraries of several CUDA majors ({', '.join(mixed)}): "
+                          f"another CUDA major's wheel overwrote files of its own (cuDNN, NCCL); "
+                          f"`{facts['python']} tools/check_wheels.py` names them; reinstall its environment")
         if host.gpus and not facts.get("gpus"):
             errors.append(f"{wing}: a GPU is present but {facts['framework']} cannot use it (it would run on the "
                           f"CPU): {_why_no_gpu(facts, host)}")

@@ -98,3 +98,10 @@ def test_not_a_site_packages_folder_is_one_line_and_exit_2(tmp_path):
     result = _check(tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"check_wheels: {tmp_path}: not a site-packages folder (expected *.dist-info folders)"
+
+
+def test_make_setup_checks_every_environment_it_installs():
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    for venv in ("$(PY)", "$(TF_VENV)/bin/python"):
+        install = makefile.index(f"{venv} -m pip install --quiet --no-deps -e .")
+        assert makefile[install:].split("\n")[1].strip() == f"{venv} tools/check_wheels.py"

@@ -165,3 +165,16 @@ def test_doctor_probes_this_machines_frameworks(gpu_path):
                         errors[0]), errors[0]
     # torch has its CUDA 13 runtime; what it lacks here is the driver
     assert re.fullmatch(r"error: torch: .* the NVIDIA driver's library does not load \(libcuda\.so\.1.*", errors[1])
+
+
+def test_cuda_libraries_of_two_majors_in_one_process_are_an_error_without_a_gpu():
+    """What torch loads in an environment where tensorflow[and-cuda] overwrote its cuDNN (measured:
+    torch 2.14.1+cu130 beside nvidia-cudnn-cu12 9.28 reports cuDNN 9.28.0 and maps CUDA 12's runtime)."""
+    site = "/venv/lib/python3.11/site-packages/nvidia"
+    loaded = [f"{site}/cu13/lib/libcudart.so.13", f"{site}/cu13/lib/libcublas.so.13", f"{site}/cublas/lib/libcublas.so.12",
+              f"{site}/cuda_runtime/lib/libcudart.so.12", f"{site}/cudnn/lib/libcudnn.so.9"]
+    d = diagnose(Host(), [_tf(gpus=0, devices=["CPU:0"]),
+                          _torch(gpus=0, devices=["CPU"], cudnn_loaded="9.28.0", cuda_libraries=loaded, python="/venv/bin/python")])
+    assert _errors(d) == ["error: torch: torch loaded libraries of several CUDA majors (libcublas.so.12, libcublas.so.13, "
+                          "libcudart.so.12, libcudart.so.13): another CUDA major's wheel overwrote files of its own "
+                          "(cuDNN, NCCL); `/venv/bin/python tools/check_wheels.py` names them; reinstall its environment"]
