@@ -97,3 +97,29 @@ def test_every_stage_kind_names_its_wing():
     assert {kind: stage_wing(kind) for kind in KINDS} == {
         "phantom": None, "split": None, "examples": None, "analyze": None, "train": "tf", "predict": "tf",
         "gradcam": "tf", "export": "tf", "nnunet-train": "torch", "nnunet-predict": "torch"}
+
+
+def test_the_demo_starts_each_framework_group_with_its_wings_interpreter(tmp_path):
+    torch = _environment(tmp_path / "venv")
+    record = tmp_path / "handed.txt"
+    fake_tf = tmp_path / "tf-python"
+    fake_tf.write_text(f'#!/bin/sh\necho "$@" >> {record}\n', encoding="utf-8")
+    fake_tf.chmod(0o755)
+    (tmp_path / "venv" / CONFIG_NAME).write_text(json.dumps({"tf": str(fake_tf), "torch": str(torch)}),
+                                                 encoding="utf-8")
+    code = f"""
+from pathlib import Path
+from study.demo import QUICK, Demo, StageFailed
+demo = Demo(Path({str(tmp_path / 'demo')!r}), QUICK)
+demo.run_group(demo.data_stages()[:2], 1, 3)        # phantom and split: no framework, run here
+try:
+    demo.run_group([demo.train_stage("unet")], 3, 3)  # Keras: handed to the tf interpreter
+except StageFailed as exc:
+    print("failed", exc.stage)
+"""
+    proc = _run(torch, "-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["failed", "train-unet"]  # the stand-in ran nothing
+    assert (tmp_path / "demo" / "dataset" / "splits.json").is_file()
+    handed = record.read_text(encoding="utf-8").split()
+    assert handed[:2] == ["-m", "study.batch"] and handed[2].endswith("group-train-unet.plan.json")
