@@ -123,3 +123,29 @@ except StageFailed as exc:
     assert (tmp_path / "demo" / "dataset" / "splits.json").is_file()
     handed = record.read_text(encoding="utf-8").split()
     assert handed[:2] == ["-m", "study.batch"] and handed[2].endswith("group-train-unet.plan.json")
+
+
+def test_the_wing_table_covers_every_command_that_imports_a_wing():
+    """cli.py's WING_OF cannot drift from the commands: a command whose code imports a wing is
+    handed to that wing (serve and followup import both and go by their model option)."""
+    import inspect
+
+    import click
+
+    import cli
+
+    def sources(command: click.Command) -> str:
+        if isinstance(command, click.Group):
+            return "".join(sources(c) for c in command.commands.values())
+        text = inspect.getsource(command.callback)
+        helpers = [h for h in ("_series_predictor",) if h in text]  # code the command calls in cli.py
+        return text + "".join(inspect.getsource(getattr(cli, h)) for h in helpers)
+
+    for name, command in cli.main.commands.items():
+        text = sources(command)
+        wings = {wing for wing, package in (("tf", "bonemets_tf"), ("torch", "nnunet_bridge")) if package in text}
+        if len(wings) == 2:
+            assert name in ("serve", "followup"), name
+            assert command_wing([name, "--model", "M"]) == "tf" and command_wing([name, "--nnunet-work", "W"]) == "torch"
+        else:
+            assert command_wing([name]) == (wings.pop() if wings else None), name
