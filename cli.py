@@ -14,7 +14,12 @@ import sys
 
 import click
 
+from analysis.cohort.bone_maps import BONE_MAP_KINDS
 from analysis.errors import DataProblems, InputError
+# the option vocabularies, from their owners: plain data, no TensorFlow, torch or image readers
+from bonemets_tf import choices as tf_choices
+from bonemets_tf.models.catalog import TASKS
+from nnunet_bridge.device import DEVICES as NNUNET_DEVICES
 
 log = logging.getLogger("bonemets")
 
@@ -58,7 +63,8 @@ def main(debug: bool, verbose: int) -> None:
     Data commands (phantom, validate, split, import-dicom, import-bones, analyze, and
     followup with masks) need neither TensorFlow nor PyTorch; Keras commands (models,
     train, predict, gradcam, export) use TensorFlow; `nnunet` commands use PyTorch;
-    serve and followup use the wing of the model they are given. Never both in one process.
+    serve and followup use the wing of the model they are given; review (the reader's web
+    application) uses neither. Never both in one process.
     """
     level = logging.DEBUG if verbose >= 2 or debug else logging.INFO if verbose == 1 else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -293,7 +299,7 @@ def models_cmd(as_json: bool) -> None:
 
 @main.command("train")
 @click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False), help="Cohort folder.")
-@click.option("--task", required=True, type=click.Choice(["detect", "segment"]), help="Detection or segmentation.")
+@click.option("--task", required=True, type=click.Choice(TASKS), help="Detection or segmentation.")
 @click.option("--arch", required=True, type=click.Choice(_arch_names()), help="Registered model (see `models`).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="RUN folder to write.")
 @click.option("--fold", default=0, show_default=True, type=click.IntRange(min=0), help="Fold of splits.json.")
@@ -306,7 +312,7 @@ def models_cmd(as_json: bool) -> None:
               help="Filter-count multiplier (segmenters and resnet34).")
 @click.option("--context", default=1, show_default=True, type=click.IntRange(min=1), help="Adjacent slices as channels (odd).")
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Adam learning rate.")
-@click.option("--lr-schedule", default="constant", show_default=True, type=click.Choice(["constant", "cosine"]),
+@click.option("--lr-schedule", default="constant", show_default=True, type=click.Choice(tf_choices.LR_SCHEDULES),
               help="cosine: decay from --lr to 1% of it over all training steps.")
 @click.option("--positive-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Share of lesion slices among the training samples.")
@@ -315,8 +321,8 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--jit/--no-jit", default=None, help="XLA-compile the train step [default: on when a GPU is visible].")
 @click.option("--precision", default="float32", show_default=True,
-              type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]))
-@click.option("--strategy", default="auto", show_default=True, type=click.Choice(["auto", "mirrored", "multiworker"]),
+              type=click.Choice(tf_choices.TRAIN_PRECISIONS))
+@click.option("--strategy", default="auto", show_default=True, type=click.Choice(tf_choices.STRATEGIES),
               help="auto: one device; mirrored: all local GPUs; multiworker: TF_CONFIG cluster (chief writes RUN).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out after its last completed epoch.")
 @click.option("--deterministic", is_flag=True, help="Enable TensorFlow op determinism (slower).")
@@ -376,7 +382,7 @@ def prediction_options(command):
         click.option("--bones", default=None, type=click.Path(path_type=str),
                      help="Folder of bone maps <case>.nii.gz for the lesion table's bone and weight-bearing columns."),
         click.option("--bones-from", default="project", show_default=True,
-                     type=click.Choice(["project", "totalsegmentator"]),
+                     type=click.Choice(BONE_MAP_KINDS),
                      help="Bone maps hold the cohort's bone codes, or TotalSegmentator 'total' ids."),
         click.option("--overwrite", is_flag=True, help="Replace a --out written with other settings, or redo its cases."),
     ]
@@ -406,7 +412,7 @@ def _threshold_or_auto(ctx, param, value: str) -> float | str:
 @click.option("--detector-threshold", default=0.5, show_default=True, type=float,
               help="Cascade: segment slices whose detector probability is >= this.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Slices per network call.")
-@click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "mixed_bfloat16"]),
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(tf_choices.PREDICT_PRECISIONS),
               help="mixed_bfloat16: faster on CPUs and GPUs with bf16 units (RUN folders only).")
 @click.option("--mirror", is_flag=True,
               help="Average the segmenter over the slice and its mirror images along rows, cols and both "
@@ -433,7 +439,7 @@ def predict_cmd(model: str, dataset: str | None, images: str | None, out: str, d
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Output folder (written atomically).")
 @click.option("--cases", default="test", show_default=True, help=CASES_HELP)
 @click.option("--max-slices", default=4, show_default=True, type=int, help="Overlays per case (its most confident slices).")
-@click.option("--method", default="gradcam", show_default=True, type=click.Choice(["gradcam", "gradcam++"]))
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(tf_choices.GRADCAM_METHODS))
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Slices per network call.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 def gradcam_cmd(model: str, dataset: str | None, images: str | None, out: str, cases: str, max_slices: int, method: str, batch_size: int,
@@ -460,7 +466,6 @@ def export_cmd(model: str, out: str, overwrite: bool) -> None:
 
 # ==== nnU-Net / PyTorch (nnunet_bridge) =============================================
 # ---- BEGIN nnunet ----
-NNUNET_DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def _nnunet_folds(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -589,7 +594,7 @@ def _series_predictor(model: str | None, nnunet_work: str | None, options: dict)
 @_node_options
 @click.option("--threshold", default="0.5", show_default=True, callback=_threshold_or_auto, metavar="P|auto",
               help="Keras: as predict --threshold.")
-@click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "mixed_bfloat16"]),
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(tf_choices.PREDICT_PRECISIONS),
               help="Keras: as predict --precision.")
 def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destination: str, port: int, host: str,
               ae_title: str, allow: str | None, idle_seconds: float, workers: int, no_dicom_seg: bool, no_sr: bool,
@@ -618,6 +623,75 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
     done = node.run(once=once)
     click.echo(f"serve: {done} series predicted; spool {spool}")
 # ---- END serve ----
+
+# ---- BEGIN review ----
+@main.group("review", invoke_without_command=True)
+@click.option("--spool", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="A node's spool (serve --spool): review the studies it predicted.")
+@click.option("--pred", "preds", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="A PRED/NAME folder of predict --images on DICOM (repeatable).")
+@click.option("--users", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="The readers and their password hashes (review add-user NAME --users FILE).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; put a TLS proxy in front of anything but 127.0.0.1 (docs/review.md).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--destination", default=None, metavar="AE@HOST:PORT|dicomweb:URL",
+              help="Where signed results go (as serve); without it they wait in the review outbox.")
+@click.option("--ae-title", default="BONEMETS", show_default=True, help="Calling AE title of a C-STORE.")
+@click.option("--retries", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Delivery retries before a signed result goes to review/outbox/undelivered/.")
+@click.option("--retry-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="Wait before the first retry; doubled for each next one.")
+@click.option("--resend", is_flag=True, help="First move undelivered signed results back to be delivered again.")
+@click.option("--secure-cookies", is_flag=True, help="Mark the session cookie Secure (served through HTTPS by a proxy).")
+@click.option("--idle-minutes", default=30.0, show_default=True, type=click.FloatRange(min=1),
+              help="A reader's session ends after this long without a request.")
+@click.pass_context
+def review_cmd(ctx: click.Context, spool: str | None, preds: tuple[str, ...], users: str | None, host: str, port: int,
+               destination: str | None, ae_title: str, retries: int, retry_seconds: float, resend: bool,
+               secure_cookies: bool, idle_minutes: float) -> None:
+    """A web application for the reader: accept or reject each predicted lesion, add missed ones,
+    sign; the final SEG and verified report go to the PACS (docs/review.md)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import signal
+    from pathlib import Path
+
+    from analysis.node.deliver import Destination, Retries
+    from analysis.review.server import ReviewConfig, resend as resend_undelivered, serve
+
+    if users is None:
+        raise InputError("review: --users FILE is required (create it with `review add-user NAME --users FILE`)")
+    config = ReviewConfig(spool=Path(spool) if spool else None, preds=tuple(Path(p) for p in preds),
+                          users=Path(users), host=host, port=port,
+                          destination=Destination.parse(destination) if destination else None, ae_title=ae_title,
+                          retries=Retries(retries, retry_seconds), secure_cookies=secure_cookies,
+                          idle_minutes=idle_minutes)
+    if resend:
+        log.info("review --resend: %d signed result(s) to deliver again", len(resend_undelivered(config)))
+
+    def _end(*_):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _end)
+    serve(config)
+
+
+@review_cmd.command("add-user")
+@click.argument("name")
+@click.option("--users", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="The users file (created if missing; mode 0600).")
+def review_add_user_cmd(name: str, users: str) -> None:
+    """Add reader NAME (or set a new password); the password is asked for, or read from standard input."""
+    from analysis.review.auth import add_user
+
+    if sys.stdin.isatty():
+        password = click.prompt(f"password for {name}", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    new = add_user(users, name, password)
+    click.echo(f"{'added' if new else 'updated'} reader {name} in {users}")
+# ---- END review ----
 
 # ---- BEGIN followup ----
 @main.command("followup")
@@ -684,12 +758,12 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
                         predictor=predictor, model=model or nnunet_work, baseline_bones=baseline_bones,
                         followup_bones=followup_bones, settings=settings, series=series, overwrite=overwrite,
                         sr=sr)
-    from analysis.imaging.records import read_csv
+    from analysis.lesions.change import describe_counts
+    from analysis.monitoring.followup import read_summary
 
-    summary = read_csv(path / "summary.csv")[0]
+    summary = read_summary(path)
     click.echo(f"wrote {path}: {summary['baseline_lesions']} -> {summary['followup_lesions']} lesions; "
-               f"{summary['new']} new, {summary['resolved']} resolved, {summary['grown']} grown, "
-               f"{summary['shrunk']} shrunk, {summary['stable']} stable")
+               f"{describe_counts(summary)}")
 # ---- END followup ----
 
 # ==== whole study ===================================================================
@@ -717,6 +791,52 @@ def demo(out: str, quick: bool, cases: int | None, seed: int) -> None:
     click.echo(f"report (HTML, figures embedded): {report.with_suffix('.html')}")
 # ---- END demo ----
 
+# ---- BEGIN doctor ----
+@main.command("doctor")
+@click.option("--require-gpu", is_flag=True, help="A machine without a GPU is an error too (benchmarks/gpu.sh).")
+def doctor_cmd(require_gpu: bool) -> None:
+    """What each framework sees (each in its own process, with its wing's interpreter): versions,
+    devices, CUDA/cuDNN, XLA, CPU bf16. Exit 1 when a GPU is present that a framework cannot use."""
+    from study.doctor import run_doctor
+
+    report = run_doctor(require_gpu=require_gpu)
+    click.echo("\n".join(report.lines))
+    sys.exit(0 if report.ok else 1)
+# ---- END doctor ----
+
+# ---- BEGIN wings ----
+#: Commands that run one wing's framework (serve and followup: the wing of the model option given).
+WING_OF = {"models": "tf", "train": "tf", "predict": "tf", "gradcam": "tf", "export": "tf", "nnunet": "torch"}
+MODEL_OPTION_WING = {"--model": "tf", "--nnunet-work": "torch"}
+
+
+def command_wing(args: list[str]) -> str | None:
+    """The wing whose framework the command line ``args`` (without the program) runs, or None."""
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command in ("serve", "followup"):
+        return next((MODEL_OPTION_WING[a.split("=")[0]] for a in args if a.split("=")[0] in MODEL_OPTION_WING), None)
+    return WING_OF.get(command)
+
+
+def run() -> None:
+    """Entry point: a wing's command runs with that wing's interpreter (study.wings; two
+    environments after `make setup GPU=1`), everything else in this one."""
+    import os
+
+    from study.wings import runs_here, wing_python
+
+    wing = command_wing(sys.argv[1:])
+    if wing and not os.environ.get("BONEMETS_WING"):  # set below: a handed-over command is never handed on
+        try:
+            python = wing_python(wing)
+        except InputError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        if not runs_here(python):
+            os.execve(python, [python, os.path.abspath(__file__), *sys.argv[1:]], {**os.environ, "BONEMETS_WING": wing})
+    main()
+# ---- END wings ----
+
 
 if __name__ == "__main__":  # nnU-Net's worker pools use "spawn": keep this guard
-    main()
+    run()

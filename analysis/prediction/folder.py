@@ -10,7 +10,9 @@ meaning of a prediction folder cannot drift between them. A folder ``PRED/<model
   ``slices.csv`` so that ``analyze`` scores the folder as the segmenter it is);
 * ``predict.json``: the record of the runs that wrote the folder (every case listed);
 * sub-folders that belong to the model and are never models or cases:
-  :data:`SUBFOLDERS` (``probabilities/``, ``dicom_seg/``, ``preview/``);
+  :data:`SUBFOLDERS` (``probabilities/``, ``dicom_seg/``, ``sr/``, ``preview/``, and ``review/``,
+  the reader's review of the folder's cases: :mod:`analysis.review`);
+* ``reviews.csv``: every decision readers made on the folder's lesions (:data:`REVIEWS_CSV`);
 * a hidden ``.parts/`` folder: one record per finished case (see
   :class:`PredictionFolder`). Every reader ignores hidden names.
 
@@ -38,15 +40,15 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from analysis.errors import InputError
-from analysis.imaging.io import (Geometry, atomic_write_json, atomic_write_text, check_output_folder, count_nonfinite,
-                                 nonfinite_error, read_header, remove_stale_partials)
+from analysis.imaging.io import (Geometry, atomic_write_json, atomic_write_text, check_output_folder, read_header,
+                                 remove_stale_partials, require_finite)
 from analysis.prediction.shards import Shard, shard_cases
 from analysis.imaging.records import csv_text
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MASK_SUFFIX", "SLICES_CSV", "DETECTOR_CSV", "RECORD", "PROBABILITIES", "DICOM_SEG", "SR", "PREVIEW",
-           "SUBFOLDERS", "SLICES_COLUMNS", "PARTS", "mask_path", "check_output_folder", "select_cases",
+           "REVIEW", "REVIEWS_CSV", "SUBFOLDERS", "SLICES_COLUMNS", "PARTS", "mask_path", "check_output_folder", "select_cases",
            "check_ct", "remove_small_components", "format_slices_csv", "read_slices_csv", "discover_models",
            "PredictionFolder", "settings_fingerprint", "read_record"]
 
@@ -59,8 +61,12 @@ DICOM_SEG = "dicom_seg"
 #: TID 1500 measurement reports (DICOM SR) of DICOM input, ``sr/<case>.dcm``.
 SR = "sr"
 PREVIEW = "preview"
+#: The readers' review of the folder's cases (per-study journals, signed results, their outbox).
+REVIEW = "review"
+#: Every review decision on the folder's lesions, one row each (:mod:`analysis.review.journal`).
+REVIEWS_CSV = "reviews.csv"
 #: Sub-folders of a model folder: parts of the model's output, never models or cases.
-SUBFOLDERS = (PROBABILITIES, DICOM_SEG, SR, PREVIEW)
+SUBFOLDERS = (PROBABILITIES, DICOM_SEG, SR, PREVIEW, REVIEW)
 SLICES_COLUMNS = ("case", "slice", "probability")
 #: Hidden folder of per-case part records (ignored by every reader).
 PARTS = ".parts"
@@ -107,9 +113,7 @@ def check_ct(path: str | os.PathLike) -> Geometry:
     geometry = read_header(path, ndim=None)
     if len(geometry.size) != 3:
         raise InputError(f"{path}: is a {len(geometry.size)}D image, expected a 3D CT")
-    bad = count_nonfinite(path)  # decodes float files only; integer CTs are finite
-    if bad:
-        raise nonfinite_error(path, bad)
+    require_finite(path)  # the file alone: decodes float NIfTI files only (ITK would read NaN as 0)
     return geometry
 
 
