@@ -177,6 +177,8 @@ class _Handler(SimpleHTTPRequestHandler):
     upstream: tuple[str, int] = ("127.0.0.1", 0)
     config: bytes = b""
     requests_seen: list[str]
+    activity: dict[str, int]  # DICOMweb requests forwarded so far and in flight now
+    lock: threading.Lock
 
     def end_headers(self) -> None:
         self.send_header("Cross-Origin-Opener-Policy", "same-origin")
@@ -188,6 +190,16 @@ class _Handler(SimpleHTTPRequestHandler):
         pass
 
     def _proxy(self) -> None:
+        with self.lock:
+            self.activity["in_flight"] += 1
+            self.activity["requests"] += 1
+        try:
+            self._forward()
+        finally:
+            with self.lock:
+                self.activity["in_flight"] -= 1
+
+    def _forward(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
@@ -240,12 +252,14 @@ class ViewerServer:
 
     def __init__(self, dist: Path, orthanc_url: str) -> None:
         up = urlsplit(orthanc_url)
-        handler = type("Handler", (_Handler,), {"upstream": (up.hostname, up.port), "requests_seen": []})
+        handler = type("Handler", (_Handler,), {"upstream": (up.hostname, up.port), "requests_seen": [],
+                                                 "activity": {"requests": 0, "in_flight": 0}, "lock": threading.Lock()})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(dist)))
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         handler.config = app_config(self.url).encode("utf-8")
         self.requests_seen = handler.requests_seen
+        self.activity = handler.activity
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), name="ohif-viewer", daemon=True)
         self.thread.start()
 
@@ -288,6 +302,7 @@ class ViewerPage:
 
     def __init__(self, page: Any, server: ViewerServer, study_uid: str) -> None:
         self.page = page
+        self.server = server
         self.console: list[str] = []
         self.errors: list[str] = []
         page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
@@ -296,6 +311,18 @@ class ViewerPage:
         self.wait_for("() => window.services && services.displaySetService.getActiveDisplaySets().length > 0",
                       what="display sets of the study")
         self.answer("Skip all")
+        self.settle()
+
+    def settle(self, quiet: float = 1.5, timeout: float = 60.0) -> None:
+        """Wait until the viewer has asked the archive for nothing during ``quiet`` seconds (the
+        images it shows are loaded): OHIF fails when a display set is swapped while it loads."""
+        deadline = time.time() + timeout
+        activity = self.server.activity
+        seen, since = activity["requests"], time.time()
+        while time.time() - since < quiet and time.time() < deadline:
+            self.page.wait_for_timeout(250)
+            if activity["requests"] != seen or activity["in_flight"]:
+                seen, since = activity["requests"], time.time()
 
     def wait_for(self, js: str, *, what: str, timeout: float = 60.0) -> Any:
         """Poll the page's JavaScript function ``js`` until it returns something truthy."""
@@ -339,6 +366,7 @@ class ViewerPage:
         self._open(series_uid)
         self.answer("Yes", timeout=20)
         self.wait_for("() => services.segmentationService.getSegmentations().length > 0", what="segmentation")
+        self.settle()
         panel = self.page.locator('[data-cy="panelSegmentation-btn"]')
         if panel.count():
             panel.first.click()
@@ -355,6 +383,7 @@ class ViewerPage:
         "loaded", "labels": [[label, value]...], "sop_instance_uid", "graphic_type", "points"}`` per
         measurement (``loaded``: OHIF placed it on an image of the study; ``points`` the SCOORD's
         GraphicData as (column, row) pairs)."""
+        self.settle()
         uid = self._open(series_uid)
         self.answer("No", timeout=10)
         js = f"""() => {{ const d = services.displaySetService.getDisplaySetByUID('{uid}');
@@ -372,6 +401,10 @@ class ViewerPage:
                           timeout=20)
         except AssertionError:
             pass
+        self.settle()
+        deadline = time.time() + 15
+        while not self.viewport_text() and time.time() < deadline:  # the first lesion's label box drawn
+            self.page.wait_for_timeout(250)
         return self.page.evaluate(js) or found
 
     def viewport_text(self) -> list[str]:
@@ -401,13 +434,14 @@ class ViewerPage:
         self.page.context.close()
 
 
-def small_png(page: ViewerPage, path: Path, *, colours: int = 64) -> Path:
-    """A screenshot of ``page`` reduced to ``colours`` colours (a few tens of kB: fit for docs/)."""
+def small_png(page: ViewerPage, path: Path, *, colours: int = 256) -> Path:
+    """A screenshot of ``page`` as a palette PNG of ``colours`` colours (about 25 kB instead of 120:
+    fit for docs/)."""
     import io
 
     from PIL import Image
 
     image = Image.open(io.BytesIO(page.page.screenshot())).convert("RGB")
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.quantize(colors=colours, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    image.quantize(colors=colours, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
     return path
