@@ -372,7 +372,8 @@ class ViewerPage:
             panel.first.click()
         js = """() => { const s = services.segmentationService.getSegmentations()[0];
             const segs = Object.values(s.segments);
-            if (!segs.every(g => g.cachedStats && g.cachedStats.namedStats && g.cachedStats.namedStats.volume)) return null;
+            const ready = g => g.cachedStats && g.cachedStats.namedStats && g.cachedStats.namedStats.volume;
+            if (!segs.every(ready)) return null;
             return segs.map(g => { const n = g.cachedStats.namedStats; return {label: g.label, count: n.count.value,
                 volume_mm3: n.volume.value, mean: n.mean.value, max: n.max.value, center: n.center.value}; }); }"""
         return self.wait_for(js, what="segment statistics", timeout=90)

@@ -164,7 +164,8 @@ def test_runner_writes_seg_per_lesion_and_a_report_matching_lesions_csv(tmp_path
     for row, lesion in zip(rows, back["lesions"]):
         assert lesion["lesion_id"] == row["lesion_id"] and lesion["volume_ml"] == pytest.approx(row["volume_ml"])
         assert lesion["hu_max"] == pytest.approx(row["hu_max"])
-        assert [lesion["long_axis_mm"], lesion["short_axis_mm"]] == pytest.approx([row["long_axis_mm"], row["short_axis_mm"]], rel=1e-9)
+        axes = [row["long_axis_mm"], row["short_axis_mm"]]
+        assert [lesion["long_axis_mm"], lesion["short_axis_mm"]] == pytest.approx(axes, rel=1e-9)
     seg = pydicom.dcmread(out / "dicom_seg" / "pt.dcm")
     assert len(seg.SegmentSequence) == 2 and back["sop_instance_uid"] == done[0]["sr"]["sop_instance_uid"]
     # the SEG's UIDs derive from the source series and the model: a rerun gives the same ones

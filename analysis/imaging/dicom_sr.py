@@ -453,7 +453,8 @@ def observer(model_name: str, model_version: str) -> tuple[hd.sr.AlgorithmIdenti
     return algorithm, context
 
 
-def _report(context: hd.sr.ObservationContext, groups: list[Any], evaluations: Sequence[Any]) -> hd.sr.MeasurementReport:
+def _report(context: hd.sr.ObservationContext, groups: list[Any],
+            evaluations: Sequence[Any]) -> hd.sr.MeasurementReport:
     """TID 1500 with ``groups`` in its Imaging Measurements container (row 6; left out when there is
     none, as row 12 then stands in) and ``evaluations`` in a Qualitative Evaluations container (row 12)."""
     if not groups and not evaluations:
@@ -478,7 +479,8 @@ def _report(context: hd.sr.ObservationContext, groups: list[Any], evaluations: S
 
 def save_report(out_path: Path, evidence: list[pydicom.Dataset], groups: list[Any], context: hd.sr.ObservationContext,
                 *, uid_seed: str, series_number: int, description: str, verify: Callable[[Path], None],
-                evaluations: Sequence[Any] = (), verification: tuple[str, str] | None = None) -> hd.sr.Comprehensive3DSR:
+                evaluations: Sequence[Any] = (),
+                verification: tuple[str, str] | None = None) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 report (:func:`_report`), save it to a temporary file, ``verify`` it and
     move it into place; ``verification``: ``(observer, organisation)`` of a verified, final report."""
     verified = {} if verification is None else {

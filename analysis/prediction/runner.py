@@ -476,7 +476,8 @@ def det_c_chosen(det_probs: np.ndarray | None, outputs: Outputs, reo: Reorientat
 
 
 def _case_lesions(case: InputCase, mask: np.ndarray, native: np.ndarray, geometry: Geometry, stored: np.ndarray,
-                  bones: np.ndarray | None, outputs: Outputs, part: dict[str, Any]) -> tuple[np.ndarray | None, list]:
+                  bones: np.ndarray | None, outputs: Outputs,
+                  part: dict[str, Any]) -> tuple[np.ndarray | None, list[Any]]:
     """The case's lesion and patient rows into ``part`` (``score`` from the stored map, 1/255
     steps); returns the lesion labels (or None) and each lesion's largest cross-section (the
     report draws it)."""
@@ -496,7 +497,7 @@ def _case_lesions(case: InputCase, mask: np.ndarray, native: np.ndarray, geometr
 
 
 def _case_figures(case: InputCase, mask: np.ndarray, native: np.ndarray, geometry: Geometry,
-                  labels: np.ndarray | None, sections: list, outputs: Outputs, staging: Path, part: dict[str, Any],
+                  labels: np.ndarray | None, sections: list[Any], outputs: Outputs, staging: Path, part: dict[str, Any],
                   net: Network) -> None:
     if outputs.preview:
         from analysis.prediction.preview import write_preview

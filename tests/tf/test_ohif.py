@@ -28,12 +28,13 @@ from analysis.imaging.dicom_sr import BONE_SITES
 from analysis.imaging.io import write_array
 from analysis.imaging.records import read_csv
 from analysis.imaging.rtstruct import fill_even_odd
-from analysis.prediction.tables import LESION_COLUMNS, read_rows
+from analysis.prediction.tables import read_lesions
 from tests import ohif
 from tests.badinput import invoke
 from tests.orthanc import Orthanc
 from tests.tf.test_new_patients import lively, runs  # noqa: F401  (fixtures)
-from tests.tf.test_node_orthanc import GEOMETRY, Node, _series, _slice_uids, threshold  # noqa: F401  (threshold: fixture)
+from tests.tf.test_node_orthanc import GEOMETRY, Node, _series, _slice_uids
+from tests.tf.test_node_orthanc import threshold  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS_SCREENSHOT = ROOT / "docs" / "images" / "ohif-report.png"
@@ -151,7 +152,7 @@ def test_a_study_through_serve_opens_in_ohif(orthanc, viewer, browser, screens, 
     r = invoke(["predict", "--model", lively, "--images", tmp_path / "in", "--out", tmp_path / "ref",
                 "--no-preview", "--threshold", f"{threshold:.6f}"])
     assert r.exit_code == 0, r.output
-    rows = read_rows(tmp_path / "ref" / "lesions.csv", LESION_COLUMNS)
+    rows = read_lesions(tmp_path / "ref")
     assert rows
     uids = _slice_uids(files)
     segments = _segments(pydicom.dcmread(pydicom.filebase.DicomBytesIO(found["SEG"][0])), uids)
@@ -175,7 +176,7 @@ def test_predict_sr_opens_in_ohif(orthanc, viewer, browser, screens, lively, thr
     r = invoke(["predict", "--model", lively, "--images", tmp_path / "in", "--out", tmp_path / "out", "--sr",
                 "--bones", tmp_path / "bones", "--no-preview", "--threshold", f"{threshold:.6f}", "--min-size", "20"])
     assert r.exit_code == 0, r.output
-    rows = read_rows(tmp_path / "out" / "lesions.csv", LESION_COLUMNS)
+    rows = read_lesions(tmp_path / "out")
     (seg,) = (tmp_path / "out" / "dicom_seg").glob("*.dcm")
     (sr,) = (tmp_path / "out" / "sr").glob("*.dcm")
     study = orthanc.upload([*files, seg, sr])
@@ -226,4 +227,5 @@ def test_followup_report_opens_in_ohif(orthanc, viewer, browser, screens, tmp_pa
         labels = dict(m["labels"])
         for name, key in (("Volume", "followup_ml"), ("Volume at baseline", "baseline_ml"),
                           ("Volume change since baseline", "change_ml")):
-            assert _shown(labels, name, "cm3") == pytest.approx(float(row[key]), abs=0.005 + 1e-9), (row["lesion"], name)
+            shown = _shown(labels, name, "cm3")
+            assert shown == pytest.approx(float(row[key]), abs=0.005 + 1e-9), (row["lesion"], name)
