@@ -57,6 +57,9 @@ def test_report_reads_back_with_volumes_hu_sites_and_segments(tmp_path):
     ds = pydicom.dcmread(seg["path"])
     assert seg["segments"] == n == 2 and [s.SegmentLabel for s in ds.SegmentSequence] == [
         "bone metastasis 1", "bone metastasis 2"]
+    # a colour of its own for each lesion (a viewer without one picks its own and says so)
+    colours = [tuple(s.RecommendedDisplayCIELabValue) for s in ds.SegmentSequence]
+    assert len(set(colours)) == 2
     voxel_ml = 0.8 * 0.8 * 3.0 / 1000
     rows = [{"lesion_id": i, "volume_ml": float((labels == i).sum() * voxel_ml), "hu_mean": float(ct[labels == i].mean()),
              "hu_max": float(ct[labels == i].max()), "bone": bone, "weight_bearing": wb}

@@ -108,6 +108,7 @@ def check_seg(page: ohif.ViewerPage, series_uid: str, rows: list[dict]) -> None:
         assert got["max"] == pytest.approx(row["hu_max"])
         assert got["center"] == pytest.approx([row["x_mm"], row["y_mm"], row["z_mm"]], abs=1e-3)
     assert not page.boundary_errors()
+    assert not page.page.get_by_text("RecommendedDisplayCIELabValue not found").count()  # the SEG's own colours
 
 
 def check_report(page: ohif.ViewerPage, series_uid: str, rows: list[dict], segments: dict[int, np.ndarray],
