@@ -20,6 +20,7 @@ from analysis.monitoring.followup import LESIONS_CSV, read_summary
 from analysis.monitoring.followup_sr import PRIVATE_SCHEME, STATUS, read_followup_report
 from analysis.imaging.io import Geometry, write_array
 from analysis.imaging.records import read_csv
+from analysis.imaging.rtstruct import fill_even_odd
 from tests.badinput import assert_clean_error, invoke, snapshot
 
 BASE = Geometry((40, 40, 20), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -83,7 +84,8 @@ def test_every_tracked_lesion_is_one_group_with_its_status_volumes_and_change(wr
         for key in ("baseline_ml", "followup_ml", "change_ml"):
             assert group[key] == pytest.approx(float(row[key]), rel=1e-9, abs=1e-12), (row["lesion"], key)
         assert group["change_pct"] == (None if row["change_pct"] == "" else pytest.approx(float(row["change_pct"])))
-        assert group["time_point"] == "follow-up"
+        # a lesion without a voxel in the baseline frame is listed among the report's evaluations
+        assert group["time_point"] == (None if row["followup_id"] == "5" else "follow-up")
     by_status = {g["status"]: g for g in back["lesions"]}
     assert by_status[GROWN]["change_ml"] == pytest.approx(0.144)
     assert by_status[GROWN]["change_pct"] == pytest.approx(100)
@@ -91,7 +93,7 @@ def test_every_tracked_lesion_is_one_group_with_its_status_volumes_and_change(wr
     # the coded statuses: SNOMED CT where one fits, the private scheme for "resolved"
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(written / "followup_sr.dcm"))
     values = set()
-    for g in [*sr.content.get_volumetric_roi_measurement_groups(), *sr.content.get_image_measurement_groups()]:
+    for g in sr.content.get_volumetric_roi_measurement_groups():
         values |= {(e.value.scheme_designator, e.value.value) for e in g.get_qualitative_evaluations(name=STATUS)}
     assert values == {("SCT", "129721008"), ("SCT", "15454001"), ("SCT", "19776001"), ("SCT", "260388006"),
                       (PRIVATE_SCHEME, "RESOLVED")}
@@ -118,7 +120,8 @@ def test_the_seg_holds_the_lesions_in_the_baseline_frame_and_the_report_referenc
     segments = {s.TrackingID: (int(s.SegmentNumber), str(s.TrackingUID)) for s in seg.SegmentSequence}
     for group in back["lesions"]:
         if group["lesion"] == int(outside["lesion"]):
-            assert group["segment"] is None  # a TID 1501 group: nothing in the baseline frame to point at
+            # nothing in the baseline frame to point at: a TEXT item of the Qualitative Evaluations container
+            assert group["segment"] is None and group["outline"] is None
         else:
             assert (group["segment"], group["tracking_uid"]) == segments[f"lesion {group['lesion']}"]
     # each segment's voxels are its tracked lesion's: the stable box is the first baseline lesion's voxels
@@ -133,6 +136,34 @@ def test_the_seg_holds_the_lesions_in_the_baseline_frame_and_the_report_referenc
     assert record["dicom"]["sr"]["path"] == "followup_sr.dcm"
     assert record["dicom"]["seg"]["sop_instance_uid"] == seg.SOPInstanceUID
     assert {"followup_sr.dcm", "followup_seg.dcm"} <= set(record["outputs"])
+
+
+def test_every_lesion_in_the_baseline_frame_is_outlined_on_its_largest_baseline_slice(written):
+    """OHIF draws a group only with image coordinates: each segment's lesion is outlined on the
+    baseline instance of its largest cross-section, with the time point of what it outlines."""
+    rows = {int(r["lesion"]): r for r in read_csv(written / LESIONS_CSV)}
+    seg = pydicom.dcmread(written / "followup_seg.dcm")
+    files = sorted((written.parent / "dicom" / "baseline").iterdir())
+    headers = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in files),
+                     key=lambda h: float(h.ImagePositionPatient[2]))
+    uids = [str(h.SOPInstanceUID) for h in headers]
+    pixels = hd.seg.Segmentation.from_dataset(seg)
+    back = {g["lesion"]: g for g in read_followup_report(written / "followup_sr.dcm")["lesions"]}
+    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(written / "followup_sr.dcm"))
+    assert not sr.content.get_image_measurement_groups()  # no group without coordinates
+    for item in seg.SegmentSequence:
+        n = int(str(item.TrackingID).split()[-1])
+        mask = np.asarray(pixels.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids, segment_numbers=[int(item.SegmentNumber)], combine_segments=True,
+            assert_missing_frames_are_empty=True)) > 0
+        z = int(np.argmax(mask.sum(axis=(1, 2))))
+        group = back[n]
+        assert group["outline_sop_instance_uid"] == uids[z]
+        xy = group["outline"]
+        inside = fill_even_odd([np.stack([xy[:, 1] - 0.5, xy[:, 0] - 0.5], axis=1)], mask.shape[1:])
+        np.testing.assert_array_equal(inside, mask[z])
+        # the baseline lesion where there is one, else the follow-up lesion registered onto the baseline
+        assert group["outline_time_point"] == ("baseline" if float(rows[n]["baseline_ml"]) > 0 else "follow-up")
 
 
 def test_the_same_comparison_gives_the_same_uids(written, tmp_path):

@@ -223,7 +223,8 @@ def test_lesions_csv_against_scipy_and_simpleitk(tmp_path):
     out, _, _ = _run(tmp_path, images, net, Outputs(probabilities=True))
     rows = list(csv.DictReader(open(out / "lesions.csv", encoding="utf-8")))
     assert list(rows[0]) == ["case", "lesion_id", "voxels", "volume_ml", "x_mm", "y_mm", "z_mm", "z_first", "z_last",
-                             "hu_mean", "hu_max", "score", "n_neighbours", "diffuse", "bone", "weight_bearing"]
+                             "hu_mean", "hu_max", "score", "n_neighbours", "diffuse", "bone", "weight_bearing",
+                             "long_axis_mm", "short_axis_mm"]  # the axes last: readers of the others are unchanged
     mask, geometry = read_array(out / "pt.nii.gz")
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
     assert n == len(rows) == 3

@@ -55,6 +55,11 @@ SEGMENT_LABEL = "bone metastasis"
 CATEGORY = codes.cid7150.MorphologicallyAbnormalStructure
 #: CID 7151: Neoplasm, Secondary (SCT 14799000, SNOMED CT "Neoplasm, metastatic").
 PROPERTY_TYPE = codes.cid7151.NeoplasmSecondary
+#: Recommended display colours of the segments (RecommendedDisplayCIELabValue, PS3.3 C.8.20.2), by
+#: lesion id in turn: eight of Trubetskoy's "20 distinct colours" in CIE L*a*b* (D65), so a viewer
+#: shows neighbouring lesions apart (OHIF otherwise warns that the SEG has none and picks its own).
+DISPLAY_COLOURS = ((49.5, 73.3, 28.1), (65.0, -54.7, 43.3), (89.5, -6.7, 86.4), (52.0, -3.8, -44.5),
+                   (66.2, 38.7, 60.7), (38.3, 65.3, -54.4), (87.0, -41.7, -12.5), (58.5, 86.0, -49.9))
 #: CID 7162: Artificial Intelligence (DCM 123110).
 ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence
 #: Type 2 attributes highdicom copies from the source; anonymised exports may lack them.
@@ -186,7 +191,8 @@ def _build(mask: np.ndarray, series: DicomSeries, headers: list[pydicom.Dataset]
         segmented_property_category=CATEGORY, segmented_property_type=PROPERTY_TYPE, **how(ids[i - 1]),
         tracking_id=f"lesion {ids[i - 1]}" if per_lesion else None,
         tracking_uid=(tracking_uids.get(ids[i - 1]) or result_uid(uids[0], f"lesion {ids[i - 1]}")) if per_lesion
-        else None) for i in range(1, n + 1)]
+        else None, display_color=hd.color.CIELabColor(*DISPLAY_COLOURS[(ids[i - 1] - 1) % len(DISPLAY_COLOURS)]))
+        for i in range(1, n + 1)]
     row_spacing, col_spacing = series.pixel_spacing
     thickness = series.slice_thickness if series.slice_thickness else series.slice_spacing
     measures = hd.PixelMeasuresSequence(pixel_spacing=(row_spacing, col_spacing), slice_thickness=thickness,

@@ -459,11 +459,11 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     part.update(segmented=segmented, skipped=int(native.shape[0]) - segmented, crop=crop,
                 lesion_voxels=int(mask.sum()))
     write_mask(mask, geometry, mask_path(staging, case.case_id))
-    labels = _case_lesions(case, mask, native, geometry, stored, bones, outputs, part)
+    labels, sections = _case_lesions(case, mask, native, geometry, stored, bones, outputs, part)
     if outputs.probabilities:
         write_stored(stored, geometry, staging / PROBABILITIES / f"{case.case_id}.nii.gz")
     del stored
-    _case_figures(case, mask, native, geometry, labels, outputs, staging, part, net)
+    _case_figures(case, mask, native, geometry, labels, sections, outputs, staging, part, net)
     part["seconds"] = round(time.perf_counter() - t0, 3)
 
 
@@ -476,25 +476,28 @@ def det_c_chosen(det_probs: np.ndarray | None, outputs: Outputs, reo: Reorientat
 
 
 def _case_lesions(case: InputCase, mask: np.ndarray, native: np.ndarray, geometry: Geometry, stored: np.ndarray,
-                  bones: np.ndarray | None, outputs: Outputs, part: dict[str, Any]) -> np.ndarray | None:
+                  bones: np.ndarray | None, outputs: Outputs,
+                  part: dict[str, Any]) -> tuple[np.ndarray | None, list[Any]]:
     """The case's lesion and patient rows into ``part`` (``score`` from the stored map, 1/255
-    steps); returns the lesion labels (or None)."""
+    steps); returns the lesion labels (or None) and each lesion's largest cross-section (the
+    report draws it)."""
     if not outputs.lesions:
-        return None
+        return None, []
     from analysis.lesions import lesion_instances
-    from analysis.prediction.tables import lesion_rows, patient_row
+    from analysis.prediction.tables import lesion_rows, lesion_sections, patient_row
 
     labels = lesion_instances(mask)
+    sections = lesion_sections(labels, geometry)
     rows = lesion_rows(case.case_id, mask, native, geometry, probability=stored, bones=bones, labels=labels,
-                       probability_scale=1.0 / LEVELS)  # float64: level 255 scores 1.0 exactly
+                       sections=sections, probability_scale=1.0 / LEVELS)  # float64: level 255 scores 1.0 exactly
     part["lesion_rows"] = rows
     part["patient"] = patient_row(case.case_id, rows, has_bones=bones is not None)
     part["lesions"] = len(rows)
-    return labels[0]
+    return labels[0], sections
 
 
 def _case_figures(case: InputCase, mask: np.ndarray, native: np.ndarray, geometry: Geometry,
-                  labels: np.ndarray | None, outputs: Outputs, staging: Path, part: dict[str, Any],
+                  labels: np.ndarray | None, sections: list[Any], outputs: Outputs, staging: Path, part: dict[str, Any],
                   net: Network) -> None:
     if outputs.preview:
         from analysis.prediction.preview import write_preview
@@ -514,6 +517,7 @@ def _case_figures(case: InputCase, mask: np.ndarray, native: np.ndarray, geometr
 
             part["sr"] = write_measurement_report(case.series, staging / SR / f"{case.case_id}.dcm",
                                                   lesions=part.get("lesion_rows", []), seg_path=seg["path"],
+                                                  anchors={i + 1: c for i, c in enumerate(sections)},
                                                   model_name=net.name, model_version=net.fingerprint, uid_seed=seed)
 
 

@@ -41,3 +41,14 @@ def make_cohort(root: Path, *, cases: int = 5, shape=(6, 40, 48), seed: int = 0,
 @pytest.fixture
 def cohort_dir(tmp_path: Path) -> Path:
     return make_cohort(tmp_path / "DATASET")
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """One real Orthanc (tests/orthanc.py) for the session: the node's PACS and the viewer tests' archive."""
+    from tests.orthanc import Orthanc, require_orthanc
+
+    require_orthanc()
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"), {"bonemets": ("BONEMETS", "127.0.0.1", 1)})
+    yield server
+    server.stop()
