@@ -9,8 +9,16 @@ inside the commands that need them, so ``--help``, ``phantom``, ``validate`` and
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.machinery
 import logging
+import os
+import re
 import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
 
 import click
 
@@ -48,6 +56,107 @@ class BonemetsGroup(click.Group):
             sys.exit(130)
 
 
+# ---- BEGIN tensorflow start-up output ----
+#: TensorFlow's C++ log level for the CLI's process (and its children) unless the user set one:
+#: 1 hides INFO; warnings and errors show.
+TF_LOG_LEVEL = "1"
+#: An absl log line: severity, date, time, thread, ``file:line]``, message.
+_ABSL_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:[\d.]+\s+\d+ \S+:\d+\] (.*)$")
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+#: Messages of a machine without an NVIDIA driver: the CUDA platform of a GPU build of TensorFlow
+#: (TF 2.21: ``cuda_platform.cc``: E "failed call to cuInit: ... UNKNOWN ERROR (303)" when the
+#: devices are first listed; ``cudart_stub.cc``: I "Could not find cuda drivers").
+_NO_DRIVER = ("failed call to cuInit", "Could not find cuda drivers")
+
+
+def nvidia_driver() -> bool:
+    """Whether an NVIDIA kernel driver is loaded (Linux: ``/proc/driver/nvidia/version``)."""
+    return Path("/proc/driver/nvidia/version").exists()
+
+
+def tensorflow_output(lines: Iterable[str], *, driver: bool, show_info: bool) -> list[str]:
+    """The lines of TensorFlow's start-up output worth showing.
+
+    Dropped: absl INFO lines (and the lines continuing them) unless ``show_info`` (TF 2.21 prints
+    them before it reads ``TF_CPP_MIN_LOG_LEVEL``), absl's preamble about that, and, on a machine
+    without an NVIDIA driver, the CUDA platform's failure to find one. Every other line, errors
+    included, is kept.
+
+    >>> tensorflow_output(["E0000 00:00:17.5 8123 cuda_platform.cc:52] failed call to cuInit: INTERNAL: x",
+    ...                    "E0000 00:00:17.6 8123 op.cc:1] a real error"], driver=False, show_info=False)
+    ['E0000 00:00:17.6 8123 op.cc:1] a real error']
+    """
+    keep, dropping = [], False
+    for line in lines:
+        match = _ABSL_LINE.match(line)
+        if match:
+            severity, message = match.groups()
+            dropping = (severity == "I" and not show_info) or (not driver and any(n in message for n in _NO_DRIVER))
+        elif line.startswith(_ABSL_PREAMBLE):
+            continue
+        elif re.match(r"^\S+:\d+: \w*Warning:", line) or line.startswith("Traceback"):
+            dropping = False  # a Python warning or traceback is its own message
+        if not dropping:
+            keep.append(line)
+    return keep
+
+
+@contextlib.contextmanager
+def _filtered_stderr() -> Iterator[None]:
+    """Collect what is written to file descriptor 2 (C++ and Python) during the block, then write
+    back the lines :func:`tensorflow_output` keeps."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines = tmp.read().decode("utf-8", "replace").splitlines()
+            show_info = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0").strip() in ("", "0")
+            for line in tensorflow_output(lines, driver=nvidia_driver(), show_info=show_info):
+                sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+
+class QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """On the process's first ``import tensorflow``: import it and list its devices (where the
+    CUDA platform starts) with stderr filtered by :func:`tensorflow_output`, then step aside.
+
+    Installed by the CLI only (``main``); commands that never import TensorFlow pay nothing.
+    """
+
+    def find_spec(self, fullname: str, path, target=None):  # noqa: D102 - importlib API
+        if fullname != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def quietly(module) -> None:
+            with _filtered_stderr():
+                exec_module(module)
+                module.config.list_physical_devices()
+
+        spec.loader.exec_module = quietly
+        return spec
+
+
+def quiet_tensorflow() -> None:
+    """Set TensorFlow's log level (:data:`TF_LOG_LEVEL`, unless set) and filter its start-up
+    output (:class:`QuietTensorFlowImport`), before TensorFlow is imported; the CLI only."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", TF_LOG_LEVEL)
+    if "tensorflow" not in sys.modules and not any(isinstance(f, QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, QuietTensorFlowImport())
+# ---- END tensorflow start-up output ----
+
+
 @click.group(cls=BonemetsGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
@@ -66,6 +175,7 @@ def main(debug: bool, verbose: int) -> None:
     logging.getLogger("bonemets").setLevel(min(level, logging.INFO))
     for name in ("analysis", "bonemets_tf", "nnunet_bridge", "study"):
         logging.getLogger(name).setLevel(min(level, logging.INFO))
+    quiet_tensorflow()
 
 
 def _version() -> str:

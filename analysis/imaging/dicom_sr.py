@@ -45,7 +45,7 @@ from pydicom.sr.codedict import codes
 from analysis import __version__
 from analysis.errors import InputError
 from analysis.imaging.dicom import DicomSeries
-from analysis.imaging.dicom_seg import PROPERTY_TYPE, _with_defaults, result_uid
+from analysis.imaging.dicom_seg import PROPERTY_TYPE, _with_defaults, names_from_source, result_uid
 from analysis.imaging.io import atomic_file
 
 log = logging.getLogger(__name__)
@@ -297,11 +297,12 @@ def _save(out_path: Path, evidence: list[pydicom.Dataset], groups: list[Any], co
     """Build the TID 1500 report, save it to a temporary file, ``verify`` it and move it into place."""
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
                                      imaging_measurements=groups)
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence, content=report, series_instance_uid=result_uid(uid_seed, "sr-series"),
-        series_number=series_number, sop_instance_uid=result_uid(uid_seed, "sr"), instance_number=1,
-        manufacturer="bonemets", is_complete=True, series_description=description[:64],
-        software_versions=f"bonemets {__version__}")
+    with names_from_source():  # Patient/Study are the evidence's own
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence, content=report, series_instance_uid=result_uid(uid_seed, "sr-series"),
+            series_number=series_number, sop_instance_uid=result_uid(uid_seed, "sr"), instance_number=1,
+            manufacturer="bonemets", is_complete=True, series_description=description[:64],
+            software_versions=f"bonemets {__version__}")
     with atomic_file(out_path, suffix=".dcm") as tmp:
         sr.save_as(tmp, enforce_file_format=True)
         verify(tmp)
