@@ -39,10 +39,13 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
+from analysis.imaging.hounsfield import AIR_OR_LUNG_HU
+
 __all__ = ["body_mask", "fill_slice_holes", "body_box", "slab_boxes", "crop", "paste", "box_from_extent", "BODY_HU", "POOL"]
 
-#: Voxels above this many HU can be body (air and most lung lie below).
-BODY_HU = -500.0
+#: Voxels above this many HU can be body (air and aerated lung lie below: the one constant of
+#: :mod:`analysis.imaging.hounsfield`).
+BODY_HU = AIR_OR_LUNG_HU
 #: Max-pooling factor along each axis before labelling.
 POOL = 2
 
