@@ -521,6 +521,10 @@ def _threshold_or_auto(ctx, param, value: str) -> float | str:
 @click.option("--mirror", is_flag=True,
               help="Average the segmenter over the slice and its mirror images along rows, cols and both "
                    "(4 passes): nnU-Net's 2D test-time mirroring, for a like-for-like comparison.")
+@click.option("--resample/--no-resample", default=True, show_default=True,
+              help="Run the model on slices resampled in-plane to the pixel spacing it was trained at "
+                   "(config.json) and bring the probabilities back linearly; --no-resample: at each input's "
+                   "own spacing (lesions then scale with the scanner's pixel size).")
 def predict_cmd(model: str, dataset: str | None, images: str | None, out: str, detector: str | None,
                 **options) -> None:
     """Segment volumes to PRED/NAME/<case>.nii.gz (plus lesions.csv, patients.csv, previews),
