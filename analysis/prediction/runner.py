@@ -444,7 +444,7 @@ def network_grid(shape_zyx: Sequence[int], spacing_zyx: Sequence[float],
     return NetworkGrid(new, (float(spacing_zyx[0]), *after), True)  # type: ignore[arg-type]
 
 
-def _to_grid(ct: np.ndarray, grid: NetworkGrid) -> np.ndarray:
+def to_network_grid(ct: np.ndarray, grid: NetworkGrid) -> np.ndarray:
     """The canonical volume on the network's grid (linear, anti-aliased; integer CT stays integer)."""
     from analysis.imaging.resample import resample_in_plane
 
@@ -454,7 +454,7 @@ def _to_grid(ct: np.ndarray, grid: NetworkGrid) -> np.ndarray:
     return resample_in_plane(ct, grid.shape_rc, order=1, antialias=True, dtype=dtype)
 
 
-def _from_grid(prob: np.ndarray, seen: np.ndarray, shape_rc: Sequence[int],
+def from_network_grid(prob: np.ndarray, seen: np.ndarray, shape_rc: Sequence[int],
                grid: NetworkGrid) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities (linear) and the looked-at voxels (nearest) back onto the input's grid."""
     from analysis.imaging.resample import resample_in_plane
@@ -517,7 +517,7 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
             raise InputError(f"{case.describe()}: stored with axis 0 not head-to-feet ({reo.perm}); slice detection "
                              f"needs axial slices along the file's third index")
         det_grid = network_grid(ct.shape, spacing_zyx, net.detect_spacing_xy)
-        det_c = np.asarray(net.detect(np.ascontiguousarray(_to_grid(ct, det_grid))), np.float32)
+        det_c = np.asarray(net.detect(np.ascontiguousarray(to_network_grid(ct, det_grid))), np.float32)
         det_probs = det_c[reo.canonical_slices(np.arange(det_c.size))]  # stored slice s: canonical one's value
         part["slice_probabilities"] = [float(p) for p in det_probs]
         part["detector_spacing"] = det_grid.record(spacing_zyx, net.detect_spacing_xy)
@@ -528,9 +528,9 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     chosen = det_c_chosen(det_probs, outputs, reo)
     grid = network_grid(ct.shape, spacing_zyx, net.spacing_xy)
     part["spacing"] = grid.record(spacing_zyx, net.spacing_xy)
-    prob_n, seen_n, crop = segment_canonical(net, _to_grid(ct, grid), grid.spacing_zyx, chosen,
+    prob_n, seen_n, crop = segment_canonical(net, to_network_grid(ct, grid), grid.spacing_zyx, chosen,
                                              threshold=outputs.threshold)
-    prob_c, seen = _from_grid(prob_n, seen_n, ct.shape[1:], grid)
+    prob_c, seen = from_network_grid(prob_n, seen_n, ct.shape[1:], grid)
     del prob_n, seen_n
     part["seconds_network"] = round(time.perf_counter() - t_net, 3)
     raw = reo.backward(seen & (prob_c >= outputs.threshold))  # never lesion where the network did not look
