@@ -114,7 +114,7 @@ QUICK = Budget(
 #: help, and 480 steps instead of 240 did not either (0.53). ResNet34: 300 steps with a cosine
 #: decay gave test AUC 0.83 vs 0.80 for 100 steps, and 450 steps 0.87 (the whole demo then
 #: took 27.6 min); 2.5D input 0.77. A validation-calibrated threshold, flip averaging and
-#: small-component removal did not raise the segmenters' test Dice (see README). nnU-Net, at
+#: small-component removal did not raise the segmenters' test Dice (see docs/demo.md). nnU-Net, at
 #: ~12 s per iteration of its planned batch (36 slices of 128^2) on this CPU, gets a token run
 #: that shows the bridge working end to end, not a trained model: the report marks it "not
 #: trained (6 iterations)" and leaves it out of the t-tests and the radiomics agreement. The demo

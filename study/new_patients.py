@@ -33,7 +33,7 @@ def new_patients_section(out: Path, figures: Path, table) -> list[str]:
           "The best Keras segmenter on two phantom patients that are not in the cohort, given as new CT "
           "arrives: `new_patients/inputs/nifti/pt_nifti.nii.gz` (stored RAS) and the DICOM folder "
           "`new_patients/inputs/dicom/pt_dicom/` (a CT series in random file order beside a localizer, "
-          "which is skipped). Commands: `predict --images ...` (see README \"New patients\"); outputs in "
+          "which is skipped). Commands: `predict --images ...` (see docs/new-patients.md); outputs in "
           "`new_patients/nifti/` and `new_patients/dicom/` (masks in each input's geometry, `lesions.csv`, "
           "`patients.csv`, previews, probability maps, and a DICOM-SEG for the DICOM case).", ""]
     header = ["input", "case", "lesions", "volume ml", "largest ml", "weight-bearing", "diffuse",

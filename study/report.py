@@ -26,7 +26,7 @@ from study.new_patients import new_patients_section
 SYNTHETIC = ("**The cohort is synthetic.** Every number below comes from a computer-generated CT phantom "
              "with known ground truth, not from patients; it shows that the pipeline works end to end and "
              "is not a replication of the paper's clinical results. Run the same commands on your own cohort "
-             "(see the README: `import-dicom`, `import-bones`, `validate`, `split`) for real findings.")
+             "(see docs/cohort.md: `import-dicom`, `import-bones`, `validate`, `split`) for real findings.")
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
