@@ -376,3 +376,29 @@ def test_lesion_scores_are_probabilities_exactly(tmp_path):
     assert stored.get_fdata().max() > 1.0  # the float32 slope applied in float64 overshoots
     assert int(np.asarray(stored.dataobj.get_unscaled()).max()) == 255  # the stored level, as the README says
     assert read_probability(out / "probabilities" / "pt.nii.gz").max() == 1.0  # the project's reader clips
+
+
+def test_components_in_air_or_lung_are_removed_and_counted(tmp_path):
+    """A network that also calls an air pocket inside the body (and the air around it) lesion: the
+    components whose median HU is below -500 are dropped from the mask and counted in predict.json."""
+    from analysis.prediction.request import removed_in_air
+
+    ct = phantom_ct()
+    ct[2:5, 18:24, 20:28] = -850.0  # lung-like air inside the body: 3 x 6 x 8 voxels
+
+    def bright_or_air(volume, z, spacing_zyx):
+        return np.where((volume[z] > 500) | ((volume[z] < -800) & (volume[z] > -900)), 0.9, 0.05).astype(np.float32)
+
+    images = tmp_path / "images"
+    write_array(ct, LPS, images / "pt.nii.gz")
+    out, done, failures = _run(tmp_path, images, Network(name="air", fingerprint="0", segment=bright_or_air,
+                                                          crop=False), Outputs(preview=False))
+    assert failures == []
+    mask = read_array(out / "pt.nii.gz")[0]
+    assert np.array_equal(mask, (ct > 500).astype(np.uint8))
+    voxel_ml = 0.9 * 0.8 * 3.0 / 1000
+    assert done[0]["removed_in_air"] == {"lesions": 1, "ml": pytest.approx(3 * 6 * 8 * voxel_ml)}
+    summary = removed_in_air({p["case"]: p for p in done})
+    assert summary["lesions"] == 1 and summary["cases"] == ["pt"]
+    rows = list(csv.DictReader((out / "lesions.csv").open(encoding="utf-8")))
+    assert len(rows) == 3 and all(float(r["hu_mean"]) > 500 for r in rows)

@@ -20,7 +20,9 @@ columns the patient's right to left); everything around it is done here, once:
    probabilities come back onto the input's grid linearly (:func:`network_grid`); the crop and
    the mirror passes happen on the network's grid, where the crop stays exact;
 3. the probabilities go back to the input's exact storage order and geometry; the mask is
-   ``probability >= threshold``, then 3D components smaller than ``min_size`` are removed;
+   ``probability >= threshold``, then 3D components smaller than ``min_size`` are removed, and
+   those whose median HU is that of air or lung (:func:`analysis.prediction.folder.remove_components_in_air`:
+   no bone metastasis lies there; counted in the case's record, ``removed_in_air``);
 4. the case's outputs are written into its staging folder of the
    :class:`analysis.prediction.folder.PredictionFolder` (the PRED contract): ``<case>.nii.gz``,
    optionally ``probabilities/<case>.nii.gz`` (:mod:`analysis.prediction.probabilities`),
@@ -48,7 +50,7 @@ from analysis.imaging.inputs import InputCase, discover_inputs, read_input
 from analysis.imaging.io import Geometry, read_header
 from analysis.imaging.orientation import CANONICAL, Reorientation
 from analysis.prediction.folder import (DICOM_SEG, PREVIEW, PROBABILITIES, SR, PredictionFolder, check_ct, mask_path,
-                                        remove_small_components, select_cases)
+                                        remove_components_in_air, remove_small_components, select_cases)
 from analysis.prediction.probabilities import LEVELS, quantise, write_stored
 from analysis.prediction.shards import Shard, shard_cases
 
@@ -539,7 +541,8 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     # a quarter of the float map's memory from here on
     stored = quantise(reo.backward(prob_c), outputs.threshold, above=raw)
     del prob_c
-    mask = remove_small_components(raw, outputs.min_size)
+    mask, in_air = remove_components_in_air(remove_small_components(raw, outputs.min_size), native)
+    part["removed_in_air"] = {"lesions": int(in_air.size), "ml": round(float(in_air.sum()) * geometry.voxel_volume_ml, 6)}
     segmented = int(native.shape[0] if chosen is None else len(chosen))
     part.update(segmented=segmented, skipped=int(native.shape[0]) - segmented, crop=crop,
                 lesion_voxels=int(mask.sum()))
