@@ -447,13 +447,13 @@ def network_grid(shape_zyx: Sequence[int], spacing_zyx: Sequence[float],
 
 
 def to_network_grid(ct: np.ndarray, grid: NetworkGrid) -> np.ndarray:
-    """The canonical volume on the network's grid (linear, anti-aliased; integer CT stays integer)."""
+    """The canonical volume on the network's grid (linear, anti-aliased, float32 whatever the stored
+    type: an int16 DICOM series and its float NIfTI copy give one answer)."""
     from analysis.imaging.resample import resample_in_plane
 
     if not grid.resampled:
         return ct
-    dtype = ct.dtype if np.issubdtype(ct.dtype, np.integer) else np.float32
-    return resample_in_plane(ct, grid.shape_rc, order=1, antialias=True, dtype=dtype)
+    return resample_in_plane(ct, grid.shape_rc, order=1, antialias=True)
 
 
 def from_network_grid(prob: np.ndarray, seen: np.ndarray, shape_rc: Sequence[int],
