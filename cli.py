@@ -28,6 +28,13 @@ log = logging.getLogger("bonemets")
 
 CASES_HELP = "Cases: 'test' (splits.json's test set; all when there is none), 'all', or ID,ID,..."
 
+#: Is it CT? Declared once; predict, nnunet predict, serve, followup, validate and analyze share it
+#: (the check: analysis.imaging.hounsfield.ct_problem).
+CT_CHECK = click.option(
+    "--no-ct-check", "ct_check", is_flag=True, flag_value=False, default=True,
+    help="Accept volumes that do not look like CT in Hounsfield units (no air near -1000 HU in the field of "
+         "view, nothing denser than air, values beyond CT's range), e.g. a genuine CT cropped tightly.")
+
 
 class BonemetsGroup(click.Group):
     """Click group that reports bad input as one line and exit code 2."""
@@ -489,6 +496,7 @@ def prediction_options(command):
                      type=click.Choice(["project", "totalsegmentator"]),
                      help="Bone maps hold the cohort's bone codes, or TotalSegmentator 'total' ids."),
         click.option("--overwrite", is_flag=True, help="Replace a --out written with other settings, or redo its cases."),
+        CT_CHECK,
     ]
     for option in reversed(shared):
         command = option(command)
@@ -654,7 +662,7 @@ def _node_options(command):
     its input comes from the network and its output goes to the spool, so not the others."""
     before = list(getattr(command, "__click_params__", []))
     command = prediction_options(command)
-    keep = {"crop", "min_size", "bones", "bones_from"}
+    keep = {"crop", "min_size", "bones", "bones_from", "ct_check"}
     command.__click_params__ = [p for p in command.__click_params__ if p.name in keep or p in before]
     return command
 

@@ -25,6 +25,7 @@ GEOMETRY = Geometry(size=(32, 32, 6), spacing=(0.8, 0.8, 3.0), origin=(-5.0, 2.0
 
 def _series(tmp_path: Path) -> tuple[Path, np.ndarray]:
     ct = np.full((6, 32, 32), 40.0)
+    ct[:, 28:, :] = -1000.0         # air below the patient (a CT's field of view holds some)
     ct[1:3, 4:8, 4:8] = 900.0       # lesion 1: 2 x 4 x 4 voxels
     ct[3:6, 20:24, 20:26] = 700.0   # lesion 2: 3 x 4 x 6 voxels
     ct[4, 21, 21] = 1300.0          # its maximum

@@ -60,3 +60,16 @@ def test_real_ct_is_accepted_and_a_real_mr_refused():
         assert ct_problem(pydicom_slice(name)[None]) is None, name
     assert ct_problem(pydicom_slice("MR_small.dcm")[None]) == (
         "values 127..2145 with nothing below 0: not CT in Hounsfield units (air is -1000 HU)")
+
+
+def test_require_ct_names_the_file_and_the_way_out():
+    from analysis.errors import InputError
+    from analysis.imaging.hounsfield import require_ct
+
+    mr = pydicom_slice("MR_small.dcm")[None]
+    with pytest.raises(InputError) as exc:
+        require_ct(mr, "scans/mr.nii.gz")
+    assert str(exc.value) == ("scans/mr.nii.gz: values 127..2145 with nothing below 0: not CT in Hounsfield units "
+                              "(air is -1000 HU); --no-ct-check accepts it (a CT cropped tightly)")
+    require_ct(mr, "scans/mr.nii.gz", check=False)
+    require_ct(_ct(), "ct.nii.gz")

@@ -15,11 +15,15 @@ scales reach further for metal.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
+from analysis.errors import InputError
+
 __all__ = ["AIR_HU", "AIR_OR_LUNG_HU", "CT_MAX_HU", "MIN_AIR_FRACTION", "MIN_BODY_FRACTION", "MAX_ABOVE_FRACTION",
-           "ct_problem", "SAMPLE_VOXELS"]
+           "ct_problem", "SAMPLE_VOXELS",
+           "CT_CHECK_OPTION", "require_ct"]
 
 #: Air, by the scale's definition.
 AIR_HU = -1000.0
@@ -112,3 +116,28 @@ def ct_problem(volume: np.ndarray) -> str | None:
         return (f"{seen} with {100 * above:.2g} % of voxels above {_hu(CT_MAX_HU)} HU (the top of CT's 12-bit "
                 f"range; at most {100 * MAX_ABOVE_FRACTION:g} % expected): {not_hu}")
     return None
+
+
+#: The option that turns the check off, named in every refusal (declared once in ``cli.py``).
+CT_CHECK_OPTION = "--no-ct-check"
+
+
+def require_ct(values: np.ndarray, where: str | os.PathLike, *, check: bool = True) -> None:
+    """Refuse a volume that does not look like CT in HU (:func:`ct_problem`), with one line naming
+    ``where`` (the file, or a DICOM case with its series) and what was seen.
+
+    Args:
+        values: the decoded voxels.
+        where: what the message names.
+        check: False (:data:`CT_CHECK_OPTION`) accepts anything, for genuine CT without air
+            (a tightly cropped volume).
+
+    Raises:
+        InputError: e.g. ``mr.nii.gz: values 0..3057 with nothing below 0: not CT in Hounsfield
+            units (air is -1000 HU); --no-ct-check accepts it (a CT cropped tightly)``.
+    """
+    if not check:
+        return
+    problem = ct_problem(values)
+    if problem is not None:
+        raise InputError(f"{where}: {problem}; {CT_CHECK_OPTION} accepts it (a CT cropped tightly)")

@@ -65,6 +65,9 @@ class PredictRequest:
         bones_from: ``project`` (the cohort's bone codes) or ``totalsegmentator`` ("total" ids).
         min_size: remove 3D lesions (26-connected) smaller than this many voxels; 0 keeps all.
         overwrite: replace a folder written with other settings, or redo finished cases.
+        ct_check: refuse a case that does not look like CT in HU
+            (:func:`analysis.imaging.hounsfield.require_ct`); False (``--no-ct-check``) for genuine
+            CT without air, such as a tightly cropped volume.
     """
 
     cases: str = "test"
@@ -79,6 +82,7 @@ class PredictRequest:
     bones_from: str = "project"
     min_size: int = 0
     overwrite: bool = False
+    ct_check: bool = True
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "PredictRequest":
@@ -120,7 +124,8 @@ class PredictRequest:
         """What the runner writes per case besides the mask."""
         return Outputs(threshold=float(threshold), min_size=self.min_size, detector_threshold=detector_threshold,
                        probabilities=self.probabilities, dicom_seg=self.dicom_seg, sr=self.sr, preview=self.preview,
-                       lesions=True, bones=None if self.bones is None else Path(self.bones), bones_from=self.bones_from)
+                       lesions=True, bones=None if self.bones is None else Path(self.bones), bones_from=self.bones_from,
+                       ct_check=self.ct_check)
 
     def to_json(self) -> dict[str, Any]:
         """The request as JSON (``predict.json["request"]``)."""

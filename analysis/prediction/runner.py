@@ -137,6 +137,8 @@ class Outputs:
         lesions: compute the case's lesion and patient rows.
         bones: ``DIR`` of bone maps ``DIR/<case>.nii.gz``; None: none.
         bones_from: ``project`` codes or ``totalsegmentator`` "total" ids.
+        ct_check: refuse a case that does not look like CT in HU
+            (:func:`analysis.imaging.hounsfield.require_ct`).
     """
 
     threshold: float = 0.5
@@ -149,6 +151,7 @@ class Outputs:
     lesions: bool = True
     bones: Path | None = None
     bones_from: str = "project"
+    ct_check: bool = True
 
 
 @dataclass(frozen=True)
@@ -486,12 +489,14 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     ``part`` receives the case's record (input, orientation, slices, timing, lesion rows).
 
     Raises:
-        InputError: the case cannot be read, holds non-finite HU, or is not stored with
-            axial slices along axis 0 (detectors only), or its bone map is missing/unlike it.
+        InputError: the case cannot be read, holds non-finite HU, does not look like CT in HU
+            (unless ``outputs.ct_check`` is off), or is not stored with axial slices along axis 0
+            (detectors only), or its bone map is missing/unlike it.
     """
     t0 = time.perf_counter()
     import SimpleITK as sitk
 
+    from analysis.imaging.hounsfield import require_ct
     from analysis.imaging.io import count_nonfinite, nonfinite_error, require_finite, write_mask
 
     image, record = read_input(case)
@@ -505,6 +510,7 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
         bad = count_nonfinite(case.path)  # ITK reads NaN in NIfTI as 0: ask nibabel
         if bad:
             raise nonfinite_error(case.path, bad)
+    require_ct(native, case.describe(), check=outputs.ct_check)
     bones = _bones(outputs, case.case_id, geometry)
     reo = Reorientation.of(geometry)
     ct = reo.forward(native)
