@@ -258,13 +258,12 @@ def phantom(out: str, cases: int, seed: int, shape, spacing, scale: str | None, 
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str),
               help="Also write a quality-control report (index.html and PNGs, one row and overlay per case) here.")
 @click.option("--overwrite", is_flag=True, help="With --report: replace an existing non-empty report folder.")
-def validate(dataset: str, report_dir: str | None, overwrite: bool) -> None:
+@CT_CHECK
+def validate(dataset: str, report_dir: str | None, overwrite: bool, ct_check: bool) -> None:
     """Check a cohort folder and print a summary table (exit 2 on any problem)."""
     from analysis.cohort.validate import validate_dataset
 
-    report = validate_dataset(dataset)
-    for warning in report.warnings:
-        click.echo(f"warning: {warning}", err=True)
+    report = validate_dataset(dataset, ct_check=ct_check)
     if report.cases:
         click.echo(report.table())
     if report_dir is not None:
@@ -364,9 +363,10 @@ def import_bones_cmd(seg: str, dataset: str, case: str) -> None:
               help="Patient-level bootstrap resamples for 95% intervals (0: none).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the bootstrap.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUT.")
+@CT_CHECK
 def analyze_cmd(dataset: str, predictions: str, out: str, cases: str, no_radiomics: bool, jobs: int, connectivity: str,
                 cluster_slices: int, diffuse_fraction: float, threshold: float, bone_hu: float | None, froc_floor: float,
-                bootstrap: int, seed: int, overwrite: bool) -> None:
+                bootstrap: int, seed: int, overwrite: bool, ct_check: bool) -> None:
     """Segmentation, detection, clinical lesion metrics, t-tests and radiomics ICC into OUT."""
     from analysis.evaluation.analyze import run_analysis
     from analysis.lesions import DEFAULT_BONE_HU
@@ -375,7 +375,7 @@ def analyze_cmd(dataset: str, predictions: str, out: str, cases: str, no_radiomi
                         connectivity=int(connectivity), cluster_slices=cluster_slices,
                         diffuse_fraction=diffuse_fraction, threshold=threshold,
                         bone_hu=DEFAULT_BONE_HU if bone_hu is None else bone_hu, froc_floor=froc_floor,
-                        bootstrap=bootstrap, seed=seed, overwrite=overwrite)
+                        bootstrap=bootstrap, seed=seed, overwrite=overwrite, ct_check=ct_check)
     click.echo(f"wrote {path / 'report.md'}")
 # ---- END analyze ----
 
