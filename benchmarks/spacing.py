@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.cohort.layout import Cohort, write_dataset_json  # noqa: E402
-from analysis.evaluation.metrics.overlap import dice  # noqa: E402
+from analysis.lesions.overlap import dice  # noqa: E402
 from analysis.imaging.io import Geometry, read_array, write_array, write_mask  # noqa: E402
 from analysis.imaging.resample import resample_in_plane  # noqa: E402
 from analysis.lesions import lesion_instances  # noqa: E402
