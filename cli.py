@@ -770,16 +770,22 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
               help="Relative volume change for grown / shrunk (0.2 = 20 %).")
 @click.option("--min-change-ml", default=0.1, show_default=True, type=float,
               help="Smallest absolute volume change for grown / shrunk (ml).")
+@click.option("--min-lesion-ml", default=None, type=float, metavar="ML",
+              help="A lesion on one scan only is new or resolved from this volume up; smaller ones are "
+                   "'indeterminate' and do not count toward the new-lesion flag [default: 0.1, a 5.8 mm sphere: "
+                   "the Fleischner Society's smallest CT finding that is followed; 0: every one counts].")
 @click.option("--no-registration", is_flag=True, help="The scans are already aligned: skip the registration and its check.")
 @click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID.")
 @click.option("--sr", is_flag=True, help="DICOM baseline: also write followup_sr.dcm (TID 1500 report of the "
               "statuses and changes) and followup_seg.dcm (the tracked lesions) on the baseline series.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@CT_CHECK
 def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, nnunet_work: str | None,
                  baseline_mask: str | None, followup_mask: str | None, baseline_bones: str | None,
                  followup_bones: str | None, match_mm: float, change: float, min_change_ml: float,
-                 no_registration: bool, series: str | None, sr: bool, overwrite: bool) -> None:
-    """Compare two CTs of one patient lesion by lesion: new, resolved, grown, shrunk, stable.
+                 min_lesion_ml: float | None, no_registration: bool, series: str | None, sr: bool, overwrite: bool,
+                 ct_check: bool) -> None:
+    """Compare two CTs of one patient lesion by lesion: new, resolved, grown, shrunk, stable, indeterminate.
 
     The follow-up is registered rigidly to the baseline (refused when their bones do not align),
     lesions are matched in the baseline frame, and OUT gets lesions.csv, summary.csv,
@@ -796,20 +802,21 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
         from bonemets_tf.predict import PredictOptions, predict
 
         def predictor(images: str, folder) -> None:
-            predict(model, None, str(folder), options=PredictOptions(cases="all", series=series, preview=False),
-                    images=images)
+            predict(model, None, str(folder), options=PredictOptions(cases="all", series=series, preview=False,
+                                                                     ct_check=ct_check), images=images)
     elif nnunet_work is not None:
         from nnunet_bridge.predict import PredictOptions as NnunetOptions, predict as nnunet_predict
 
         def predictor(images: str, folder) -> None:
-            nnunet_predict(None, nnunet_work, str(folder), NnunetOptions(cases="all", series=series, preview=False),
-                           images=images)
+            nnunet_predict(None, nnunet_work, str(folder), NnunetOptions(cases="all", series=series, preview=False,
+                                                                         ct_check=ct_check), images=images)
     settings = FollowupSettings(match_mm=match_mm, change=change, min_change_ml=min_change_ml,
-                                register=not no_registration)
+                                register=not no_registration,
+                                **({} if min_lesion_ml is None else {"min_lesion_ml": min_lesion_ml}))
     path = run_followup(baseline, followup_ct, out, baseline_mask=baseline_mask, followup_mask=followup_mask,
                         predictor=predictor, model=model or nnunet_work, baseline_bones=baseline_bones,
                         followup_bones=followup_bones, settings=settings, series=series, overwrite=overwrite,
-                        sr=sr)
+                        sr=sr, ct_check=ct_check)
     from analysis.lesions.change import describe_counts
     from analysis.monitoring.followup import read_summary
 

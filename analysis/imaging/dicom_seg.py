@@ -29,6 +29,7 @@ frame ``k`` is pixel for pixel the source slice at mask slice ``k``'s position.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
