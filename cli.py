@@ -563,13 +563,14 @@ def predict_cmd(model: str, dataset: str | None, images: str | None, out: str, d
 @click.option("--method", default="gradcam", show_default=True, type=click.Choice(tf_choices.GRADCAM_METHODS))
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Slices per network call.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@CT_CHECK
 def gradcam_cmd(model: str, dataset: str | None, images: str | None, out: str, cases: str, max_slices: int, method: str, batch_size: int,
-                overwrite: bool) -> None:
+                overwrite: bool, ct_check: bool) -> None:
     """Grad-CAM overlays (PNG), heat-map volumes (NIfTI) and gradcam.csv for a detector."""
     from bonemets_tf.gradcam import gradcam
 
     path = gradcam(model, dataset, out, cases=cases, max_slices=max_slices, method=method, batch_size=batch_size,
-                   overwrite=overwrite, images=images)
+                   overwrite=overwrite, images=images, ct_check=ct_check)
     click.echo(f"wrote {path}")
 
 

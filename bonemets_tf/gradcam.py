@@ -39,6 +39,7 @@ from analysis.imaging.inputs import read_input
 from analysis.imaging.io import (Geometry, atomic_directory, atomic_write_json, atomic_write_text, check_output_folder,
                                  read_array, require_finite, write_array)
 from analysis.imaging.orientation import CANONICAL, Reorientation
+from analysis.imaging.hounsfield import require_ct
 from analysis.imaging.resample import resample_in_plane
 from analysis.prediction.runner import network_grid, plan_inputs, to_network_grid
 from analysis.imaging.records import csv_text
@@ -201,7 +202,7 @@ def overlay_png(ct_slice: np.ndarray, cam: np.ndarray, label_slice: np.ndarray |
 
 def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: str | os.PathLike, *,
             cases: str = "test", max_slices: int = 4, method: str = "gradcam", batch_size: int = 8,
-            overwrite: bool = False, images: str | os.PathLike | None = None) -> Path:
+            overwrite: bool = False, images: str | os.PathLike | None = None, ct_check: bool = True) -> Path:
     """Write Grad-CAM overlays, heat-map volumes and ``gradcam.csv`` for a detector RUN.
 
     The detector sees each CT in the canonical orientation it was trained in (LPS,
@@ -223,6 +224,7 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
         batch_size: slices per network call.
         overwrite: replace a non-empty ``out``.
         images: ``--images`` PATH (:mod:`analysis.imaging.inputs`) instead of a cohort (no outlines then).
+        ct_check: refuse a case that does not look like CT in HU (``--no-ct-check``).
 
     Returns:
         ``out``.
@@ -267,6 +269,7 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
                                  f"detector needs axial slices along the file's third index")
             native = sitk.GetArrayFromImage(image)
             require_finite(source.path, native, where=source.describe())  # predict's check of a CT
+            require_ct(native, source.describe(), check=ct_check)           # and its "is it CT?"
             native = native.astype(np.float32, copy=False)
             volume = np.ascontiguousarray(reo.forward(native))
             label = np.ascontiguousarray(reo.forward(read_array(labels[case])[0])) if case in labels else None
