@@ -223,7 +223,7 @@ def test_lesions_csv_against_scipy_and_simpleitk(tmp_path):
     out, _, _ = _run(tmp_path, images, net, Outputs(probabilities=True))
     rows = list(csv.DictReader(open(out / "lesions.csv", encoding="utf-8")))
     assert list(rows[0]) == ["case", "lesion_id", "voxels", "volume_ml", "x_mm", "y_mm", "z_mm", "z_first", "z_last",
-                             "hu_mean", "hu_max", "score", "n_neighbours", "diffuse", "bone", "weight_bearing"]
+                             "hu_mean", "hu_max", "score", "n_neighbours", "diffuse", "bone", "weight_bearing", "off_bone"]
     mask, geometry = read_array(out / "pt.nii.gz")
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
     assert n == len(rows) == 3
@@ -239,7 +239,7 @@ def test_lesions_csv_against_scipy_and_simpleitk(tmp_path):
         assert g[0] == e[0] and g[4:] == e[4:]
         np.testing.assert_allclose(g[1:4], e[1:4], atol=1e-6)
     assert all(float(r["score"]) == pytest.approx(0.9, abs=1 / 255) for r in rows)
-    assert all(r["bone"] == "" and r["weight_bearing"] == "" for r in rows)
+    assert all(r["bone"] == "" and r["weight_bearing"] == "" and r["off_bone"] == "" for r in rows)
     patients = list(csv.DictReader(open(out / "patients.csv", encoding="utf-8")))
     assert patients[0]["case"] == "pt" and patients[0]["lesions"] == "3" and patients[0]["spine"] == ""
     prob = read_probability(out / "probabilities" / "pt.nii.gz")
