@@ -6,7 +6,7 @@ mm; ``tests/real_ct.py`` reads it). Steps, with one Keras RUN (``--run``, e.g. t
 
 1. ``predict --images head.nii.gz``: the case passes the CT check, runs resampled to the RUN's
    pixel spacing; lesions kept, components removed in air or lung;
-2. the same CT moved rigidly (``--rotation`` degrees about z and x, ``--shift`` mm; linear
+2. the same CT moved rigidly (``--rotation`` degrees about z and half of it about x, ``--shift`` mm; linear
    resampling onto the same grid, air outside), then ``followup --model RUN --baseline head
    --followup moved``: the motion recovered by the registration, the statuses, and the
    new-lesion flag, which an unchanged patient must not raise.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -26,29 +25,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analysis.imaging.io import Geometry, write_array  # noqa: E402
+from analysis.imaging.io import write_array  # noqa: E402
 from analysis.imaging.records import read_csv  # noqa: E402
-
-
-def moved(ct: np.ndarray, geometry: Geometry, rotation_deg: float, shift_mm: tuple[float, float, float]) -> np.ndarray:
-    """``ct`` moved rigidly about its centre (rotation about z, then x; then the shift), on its own grid."""
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(ct)
-    image.SetSpacing(geometry.spacing)
-    image.SetOrigin(geometry.origin)
-    image.SetDirection(geometry.direction)
-    centre = image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in image.GetSize()])
-    transform = sitk.Euler3DTransform(centre, math.radians(rotation_deg / 2), 0.0, math.radians(rotation_deg),
-                                      shift_mm)
-    return sitk.GetArrayFromImage(sitk.Resample(image, image, transform.GetInverse(), sitk.sitkLinear, -1024.0))
 
 
 def main(argv: list[str] | None = None) -> dict:
     from click.testing import CliRunner
 
     from cli import main as cli
-    from tests.real_ct import head_ct
+    from tests.real_ct import head_ct, moved
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, type=Path)

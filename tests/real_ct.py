@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import plistlib
 import tarfile
@@ -53,3 +54,18 @@ def pydicom_slice(name: str) -> np.ndarray:
 
     ds = pydicom.dcmread(get_testdata_file(name))
     return ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+
+
+def moved(ct: np.ndarray, geometry: Geometry, rotation_deg: float, shift_mm: tuple[float, float, float]) -> np.ndarray:
+    """``ct`` moved rigidly about its centre (``rotation_deg`` about z, half of it about x, then ``shift_mm``),
+    resampled linearly onto its own grid (air, -1024 HU, where it leaves nothing)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(ct)
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    centre = image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in image.GetSize()])
+    transform = sitk.Euler3DTransform(centre, math.radians(rotation_deg / 2), 0.0, math.radians(rotation_deg),
+                                      shift_mm)
+    return sitk.GetArrayFromImage(sitk.Resample(image, image, transform.GetInverse(), sitk.sitkLinear, -1024.0))
