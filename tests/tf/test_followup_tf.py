@@ -42,4 +42,3 @@ def test_followup_with_a_keras_model_runs_end_to_end(runs, tmp_path):
         assert int(summary[f"{name}_lesions"]) == len(lesions)
         assert float(summary[f"{name}_ml"]) == pytest.approx(sum(float(r["volume_ml"]) for r in lesions), rel=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["DS", "out", "pred_baseline", "pred_followup"]
-
