@@ -296,7 +296,11 @@ def test_predict_refuses_what_is_not_ct_and_accepts_a_real_ct(world):
     assert (world["tmp"] / "forced" / "mr.nii.gz").is_file()
     head, head_geometry = head_ct()
     real = world["tmp"] / "real" / "head.nii.gz"
-    write_array(head[40:48], head_geometry, real)  # 8 slices through the skull keep the test short
+    from analysis.imaging.io import Geometry
+
+    slab = Geometry(size=(256, 256, 8), spacing=head_geometry.spacing, origin=head_geometry.origin,
+                    direction=head_geometry.direction)
+    write_array(head[40:48], slab, real)  # 8 slices through the skull keep the test short
     r = invoke(["predict", "--model", world["seg"], "--images", real, "--out", world["tmp"] / "head", "--no-preview"])
     assert r.exit_code == 0, r.output
     record = json.loads((world["tmp"] / "head" / "predict.json").read_text(encoding="utf-8"))

@@ -14,7 +14,7 @@ from analysis.cohort.layout import Cohort, write_dataset_json
 from analysis.errors import InputError
 from analysis.imaging.io import read_array, read_header, write_array
 from analysis.imaging.orientation import Reorientation
-from analysis.prediction.folder import remove_small_components
+from analysis.prediction.folder import remove_components_in_air, remove_small_components
 from analysis.prediction.shards import parse_shard, shard_cases
 from bonemets_tf.inference import Predictor, check_memory, context_batch, context_indices, estimate_case_bytes
 from bonemets_tf.predict import PredictOptions, predict
@@ -171,9 +171,13 @@ def test_threshold_and_min_size_shape_the_mask(runs, seg, tmp_path):
                   options=PredictOptions(cases=case, threshold=threshold, min_size=4, crop=False,
                                          resample=False))
     mask = read_array(out / f"{case}.nii.gz")[0]
-    np.testing.assert_array_equal(mask, _stored(runs.oblique_dataset, case,
-                                                remove_small_components(probs >= threshold, 4)))
+    # --min-size, then the components whose median HU is air's (the cohort's HU are random, -1000..1500)
+    kept, in_air = remove_components_in_air(remove_small_components(probs >= threshold, 4), volume)
+    np.testing.assert_array_equal(mask, _stored(runs.oblique_dataset, case, kept))
     assert 0 < mask.sum() <= (probs >= threshold).sum()
+    record = json.loads((out / "predict.json").read_text(encoding="utf-8"))
+    assert record["per_case"][case]["removed_in_air"]["lesions"] == in_air.size
+    assert record["removed_in_air"]["lesions"] == in_air.size
 
 
 def test_detector_slices_csv_covers_every_slice(runs, det, tmp_path):
