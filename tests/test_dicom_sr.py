@@ -30,6 +30,7 @@ GEOMETRY = Geometry(size=(32, 32, 6), spacing=(0.8, 0.8, 3.0), origin=(-5.0, 2.0
 
 def _series(tmp_path: Path) -> tuple[Path, np.ndarray]:
     ct = np.full((6, 32, 32), 40.0)
+    ct[:, 28:, :] = -1000.0         # air below the patient (a CT's field of view holds some)
     ct[1:3, 4:8, 4:8] = 900.0       # lesion 1: 2 x 4 x 4 voxels
     ct[3:6, 20:24, 20:26] = 700.0   # lesion 2: 3 x 4 x 6 voxels
     ct[4, 21, 21] = 1300.0          # its maximum
@@ -173,3 +174,29 @@ def test_runner_writes_seg_per_lesion_and_a_report_matching_lesions_csv(tmp_path
     assert len(seg.SegmentSequence) == 2 and back["sop_instance_uid"] == done[0]["sr"]["sop_instance_uid"]
     # the SEG's UIDs derive from the source series and the model: a rerun gives the same ones
     assert seg.SOPInstanceUID == done[0]["dicom_seg"]["sop_instance_uid"] and seg.SOPInstanceUID.startswith("2.25.")
+
+
+def test_an_anonymised_name_from_the_source_raises_no_person_name_warning(tmp_path):
+    """highdicom warns about a PatientName without '^' ("Anonymous"); the SEG and the report copy
+    the source's own name, so they write it without that warning (other warnings still show)."""
+    import warnings
+
+    images, ct = _series(tmp_path)
+    for f in (images / "pt").glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.PatientName = "Anonymous"
+        ds.save_as(f)
+    (case,) = discover_inputs(images)
+    mask = (ct > 500).astype(np.uint8)
+    labels, _ = lesion_instances(mask)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seg = write_dicom_seg(mask, case.series, tmp_path / "seg.dcm", model_name="m", model_version="v",
+                              labels=labels, uid_seed="S|v")
+        rows = [{"lesion_id": i, "volume_ml": 1.0, "hu_mean": 1.0, "hu_max": 1.0} for i in (1, 2)]
+        write_measurement_report(case.series, tmp_path / "sr.dcm", lesions=rows, seg_path=seg["path"],
+                                 model_name="m", model_version="v", uid_seed="S|v")
+        warnings.warn("another warning")
+    assert [str(w.message) for w in caught] == ["another warning"]
+    assert pydicom.dcmread(seg["path"]).PatientName == "Anonymous"
+    assert pydicom.dcmread(tmp_path / "sr.dcm").PatientName == "Anonymous"

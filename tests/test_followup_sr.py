@@ -37,6 +37,7 @@ FOLLOWUP_BOXES = [
     (4, 8, 6, 12, 6, 12), (10, 14, 20, 26, 6, 12), (4, 6, 20, 30, 20, 30),
     (14, 16, 6, 10, 26, 30),   # new: 32
     (14, 16, 30, 34, 42, 46),  # new, outside the baseline's field of view: 32
+    (18, 19, 34, 36, 34, 35),  # indeterminate: 2 voxels, below --min-lesion-ml 0.02
 ]
 SERIES_UID = "1.2.826.0.1.3680043.8.498.77"
 
@@ -47,6 +48,7 @@ def _pair(tmp: Path, *, dicom_baseline: bool = True) -> list:
         shape = g.size[::-1]
         ct = np.full(shape, 40, np.int16)
         ct[2:18, 5:35, 5:35] = 400
+        ct[:, :3, :] = -1000  # air in front of the patient (a CT's field of view holds some)
         mask = np.zeros(shape, np.uint8)
         for z0, z1, y0, y1, x0, x1 in boxes:
             mask[z0:z1, y0:y1, x0:x1] = 1
@@ -63,7 +65,7 @@ def _pair(tmp: Path, *, dicom_baseline: bool = True) -> list:
             paths[name] = tmp / f"{name}_ct.nii.gz"
     return ["followup", "--baseline", paths["b"], "--followup", paths["f"], "--baseline-mask", tmp / "b_mask.nii.gz",
             "--followup-mask", tmp / "f_mask.nii.gz", "--no-registration", "--min-change-ml", "0.02",
-            "--match-mm", "5"]
+            "--min-lesion-ml", "0.02", "--match-mm", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +92,13 @@ def test_every_tracked_lesion_is_one_group_with_its_status_volumes_and_change(wr
     assert by_status[GROWN]["change_ml"] == pytest.approx(0.144)
     assert by_status[GROWN]["change_pct"] == pytest.approx(100)
     assert by_status[SHRUNK]["followup_ml"] == pytest.approx(0.4) and by_status[RESOLVED]["followup_ml"] == 0
-    # the coded statuses: SNOMED CT where one fits, the private scheme for "resolved"
+    # the coded statuses: SNOMED CT where one fits (indeterminate too), the private scheme for "resolved"
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(written / "followup_sr.dcm"))
     values = set()
     for g in sr.content.get_volumetric_roi_measurement_groups():
         values |= {(e.value.scheme_designator, e.value.value) for e in g.get_qualitative_evaluations(name=STATUS)}
     assert values == {("SCT", "129721008"), ("SCT", "15454001"), ("SCT", "19776001"), ("SCT", "260388006"),
-                      (PRIVATE_SCHEME, "RESOLVED")}
+                      ("SCT", "82334004"), (PRIVATE_SCHEME, "RESOLVED")}  # 82334004: Indeterminate
 
 
 def test_the_patient_group_equals_summary_csv(written):

@@ -29,10 +29,12 @@ frame ``k`` is pixel for pixel the source slice at mask slice ``k``'s position.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -67,6 +69,23 @@ _PATIENT_STUDY_DEFAULTS = ("PatientName", "PatientID", "PatientBirthDate", "Pati
                            "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
 #: Largest distance (mm) between a mask slice's position and its source image's.
 POSITION_TOL_MM = 1e-3
+
+
+@contextlib.contextmanager
+def names_from_source() -> Any:
+    """Silence highdicom's person-name check while it copies names from the source headers.
+
+    highdicom (``base.py``, ``check_person_name``) warns when PatientName or
+    ReferringPhysicianName has no ``^`` ("unlikely to represent the intended person name"),
+    which an anonymised export's "Anonymous" has; the name is the source series' own, copied
+    unchanged as the standard requires, so the warning says nothing the user can act on (nor does
+    it for a verifying reader's user name, one PN component as it is meant to be). Other
+    warnings pass.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name",
+                                category=UserWarning)
+        yield
 
 
 def _code_record(code: Any) -> dict[str, str]:
@@ -205,15 +224,16 @@ def _build(mask: np.ndarray, series: DicomSeries, headers: list[pydicom.Dataset]
             pixels[num - 1] = mask[k]
     else:
         pixels = mask
-    return hd.seg.Segmentation(
-        source_images=[_with_defaults(ds, thickness) for ds in headers], pixel_array=pixels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
-        series_instance_uid=uids[0], series_number=series_number, sop_instance_uid=uids[1], instance_number=1,
-        manufacturer="bonemets", manufacturer_model_name=model_name[:64],
-        software_versions=f"bonemets {__version__}", device_serial_number=model_version[:64],
-        transfer_syntax_uid=ExplicitVRLittleEndian, pixel_measures=measures,
-        content_label="BONEMETS", content_description=f"{SEGMENT_LABEL} ({model_name})"[:64],
-        series_description=series_description[:64], omit_empty_frames=True)
+    with names_from_source():  # Patient/Study are the source's own
+        return hd.seg.Segmentation(
+            source_images=[_with_defaults(ds, thickness) for ds in headers], pixel_array=pixels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
+            series_instance_uid=uids[0], series_number=series_number, sop_instance_uid=uids[1], instance_number=1,
+            manufacturer="bonemets", manufacturer_model_name=model_name[:64],
+            software_versions=f"bonemets {__version__}", device_serial_number=model_version[:64],
+            transfer_syntax_uid=ExplicitVRLittleEndian, pixel_measures=measures,
+            content_label="BONEMETS", content_description=f"{SEGMENT_LABEL} ({model_name})"[:64],
+            series_description=series_description[:64], omit_empty_frames=True)
 
 
 def _read_back(path: Path, series: DicomSeries) -> np.ndarray:

@@ -48,7 +48,6 @@ import logging
 import math
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -60,7 +59,7 @@ from pydicom.sr.codedict import codes
 from analysis import __version__
 from analysis.errors import InputError
 from analysis.imaging.dicom import DicomSeries
-from analysis.imaging.dicom_seg import PROPERTY_TYPE, _with_defaults, result_uid
+from analysis.imaging.dicom_seg import PROPERTY_TYPE, _with_defaults, names_from_source, result_uid
 from analysis.imaging.io import atomic_file
 
 log = logging.getLogger(__name__)
@@ -486,8 +485,8 @@ def save_report(out_path: Path, evidence: list[pydicom.Dataset], groups: list[An
     verified = {} if verification is None else {
         "is_final": True, "is_verified": True, "verifying_observer_name": verification[0][:64],
         "verifying_organization": verification[1][:64]}
-    with warnings.catch_warnings():  # a reader's user name is one PN component, as it is meant to be
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+    # Patient/Study are the evidence's own; a reader's user name is one PN component, as it is meant to be
+    with names_from_source():
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence, content=_report(context, groups, evaluations),
             series_instance_uid=result_uid(uid_seed, "sr-series"), series_number=series_number,

@@ -25,7 +25,7 @@ from scipy.spatial import ConvexHull
 __all__ = ["LesionTable", "lesion_instances", "lesion_table", "count_neighbours", "bone_identity",
            "CrossSection", "cross_sections", "bidirectional", "outline",
            "diffuse_fractions", "seg_lesion_centroids", "BONE_NAMES", "UNKNOWN", "WEIGHT_BEARING_CODES",
-           "LOCATION_CATEGORIES", "DEFAULT_BONE_HU", "IN_PLANE_DILATION"]
+           "LOCATION_CATEGORIES", "DEFAULT_BONE_HU", "IN_PLANE_DILATION", "MIN_ON_BONE", "on_bone_fractions"]
 
 #: Paper's words for the ``bonesTr`` codes (see ``analysis.cohort.layout.BONE_CODES``).
 #: Upper and lower extremity (5, 6) are both "extremity"; 7 is "other".
@@ -43,6 +43,31 @@ WEIGHT_BEARING_CODES = frozenset({2, 4, 6})
 DEFAULT_BONE_HU = 150.0
 #: Fallback for bone identity: chessboard (8-neighbour) dilation by this many voxels in-plane.
 IN_PLANE_DILATION = 2
+#: A lesion with less than this share of its voxels on the bone map is "off bone": mostly where a
+#: bone metastasis cannot be (the QC report's ``off bone`` flag, predict's ``lesions.csv`` column).
+MIN_ON_BONE = 0.5
+
+
+def on_bone_fractions(labels: np.ndarray, n: int, bone: np.ndarray) -> np.ndarray:
+    """Each lesion's share of voxels on the bone map.
+
+    Args:
+        labels: ``(slices, rows, cols)`` lesion labels ``0..n`` (:func:`lesion_instances`).
+        n: the number of lesions.
+        bone: bool (or non-zero) bone voxels, same shape.
+
+    Returns:
+        float64 ``(n,)``, index ``id - 1``.
+
+    Examples:
+        >>> labels = np.array([[[1, 1, 0, 2]]])
+        >>> on_bone_fractions(labels, 2, np.array([[[1, 0, 0, 0]]])).tolist()
+        [0.5, 0.0]
+    """
+    inside = labels != 0
+    voxels = np.bincount(labels[inside].ravel(), minlength=n + 1)[1:]
+    on = np.bincount(labels[inside & (np.asarray(bone) != 0)].ravel(), minlength=n + 1)[1:]
+    return on / np.maximum(voxels, 1)
 
 
 def lesion_instances(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:

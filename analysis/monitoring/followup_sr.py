@@ -33,7 +33,7 @@ from analysis.imaging.dicom_sr import (CM3, PRIVATE_SCHEME, RTOL, TOTAL_VOLUME, 
                                        measurement_value, number_text, observer, planar_group, read_evaluations,
                                        read_groups, read_number, read_outline, read_seg, referenced_segment,
                                        report_evidence, report_identity, save_report, text_item, tracking_identifier)
-from analysis.lesions.change import GROWN, NEW, NEW_LESIONS_FLAG, RESOLVED, SHRUNK, STABLE, STATUSES
+from analysis.lesions.change import GROWN, INDETERMINATE, NEW, NEW_LESIONS_FLAG, RESOLVED, SHRUNK, STABLE, STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,15 @@ STATUS = hd.sr.CodedConcept("FUSTATUS", PRIVATE_SCHEME, "Follow-up status")
 #: Values of :data:`STATUS`: SNOMED CT where a finding fits (pydicom's tables, from PS3.16: "New
 #: finding" and the size changes are CID 6002 "Change Since Last Mammogram or Prior Surgery"
 #: values, "No change" is in CID 3235), a private code for "resolved" (SNOMED CT's "Problem
-#: resolved" is a problem-list status, not an imaging finding).
+#: resolved" is a problem-list status, not an imaging finding); SNOMED CT 82334004 "Indeterminate"
+#: (a qualifier value in pydicom's table) for a lesion too small to call new or resolved.
 STATUS_VALUES: dict[str, Any] = {
     NEW: codes.SCT.NewFinding,              # 129721008
     RESOLVED: hd.sr.CodedConcept("RESOLVED", PRIVATE_SCHEME, "Resolved"),
     GROWN: codes.SCT.IncreaseInSize,        # 15454001
     SHRUNK: codes.SCT.DecreaseInSize,       # 19776001
     STABLE: codes.SCT.NoChange,             # 260388006
+    INDETERMINATE: codes.SCT.Indeterminate,  # 82334004
 }
 BASELINE_VOLUME = hd.sr.CodedConcept("BLVOLUME", PRIVATE_SCHEME, "Volume at baseline")
 VOLUME_CHANGE = hd.sr.CodedConcept("VOLCHANGE", PRIVATE_SCHEME, "Volume change since baseline")

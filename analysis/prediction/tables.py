@@ -18,6 +18,9 @@
   cross-section along array axis 0 (:func:`~analysis.lesions.cross_sections`: the maximum Feret
   diameter in that slice and the longest extent perpendicular to it, RECIST 1.1's axial long and
   short axis); the two last columns, so that readers of the earlier columns are unchanged.
+* ``off_bone``: less than :data:`~analysis.lesions.MIN_ON_BONE` of the lesion's voxels on the
+  bone map (mostly where a bone metastasis cannot be; the QC report's ``off bone`` rule); empty
+  without a bone map; the last column.
 
 Everything is computed on the arrays in the stored file's order, as ``analyze`` does,
 so ``z_first``/``z_last`` and the slice-based definitions (neighbours, diffuse) follow
@@ -42,8 +45,9 @@ import numpy as np
 from analysis.cohort.imports import bones_from  # noqa: F401  (part of this module's API)
 from analysis.errors import InputError
 from analysis.imaging.io import Geometry, atomic_write_text
-from analysis.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, CrossSection, bone_identity, count_neighbours,
-                              cross_sections, diffuse_fractions, lesion_instances, lesion_table)
+from analysis.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, MIN_ON_BONE, CrossSection, bone_identity,
+                              count_neighbours, cross_sections, diffuse_fractions, lesion_instances, lesion_table,
+                              on_bone_fractions)
 from analysis.imaging.records import csv_text
 
 __all__ = ["LESION_COLUMNS", "PATIENT_COLUMNS", "REGION_COLUMNS", "lesion_rows", "lesion_sections", "patient_row",
@@ -58,7 +62,7 @@ PATIENTS_CSV = "patients.csv"
 #: Columns of ``lesions.csv`` (other tools read these: do not rename).
 LESION_COLUMNS: tuple[str, ...] = ("case", "lesion_id", "voxels", "volume_ml", "x_mm", "y_mm", "z_mm", "z_first",
                                    "z_last", "hu_mean", "hu_max", "score", "n_neighbours", "diffuse", "bone",
-                                   "weight_bearing", "long_axis_mm", "short_axis_mm")
+                                   "weight_bearing", "long_axis_mm", "short_axis_mm", "off_bone")
 #: Bone regions counted per patient (``bone`` values of :data:`LESION_COLUMNS`).
 REGION_COLUMNS: tuple[str, ...] = (*LOCATION_CATEGORIES, "other", "unknown")
 #: Columns of ``patients.csv``.
@@ -68,7 +72,7 @@ PATIENT_COLUMNS: tuple[str, ...] = ("case", "lesions", "volume_ml", "largest_ml"
 _INT = {"lesion_id", "voxels", "z_first", "z_last", "n_neighbours", "lesions", *REGION_COLUMNS}
 _FLOAT = {"volume_ml", "x_mm", "y_mm", "z_mm", "hu_mean", "hu_max", "score", "largest_ml", "long_axis_mm",
           "short_axis_mm"}
-_BOOL_LESION = {"diffuse", "weight_bearing"}          # bools in lesions.csv, counts in patients.csv
+_BOOL_LESION = {"diffuse", "weight_bearing", "off_bone"}          # bools in lesions.csv, counts in patients.csv
 
 
 
@@ -153,8 +157,8 @@ def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry,
         index mapped to ITK physical space: LPS mm), ``z_first``/``z_last`` array axis 0
         indices, ``hu_mean``/``hu_max`` HU over the lesion's voxels, ``score`` float or
         None, ``n_neighbours`` int, ``diffuse`` bool, ``bone`` str or None,
-        ``weight_bearing`` bool or None, ``long_axis_mm``/``short_axis_mm`` mm. An empty mask
-        gives no rows.
+        ``weight_bearing`` bool or None, ``long_axis_mm``/``short_axis_mm`` mm, ``off_bone`` bool
+        or None. An empty mask gives no rows.
 
     Raises:
         ValueError: an array whose shape differs from the geometry's.
@@ -174,6 +178,7 @@ def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry,
     neighbours = count_neighbours(table.z_first, table.z_last, cluster_slices)
     names, wb = bone_identity(labels, table, bones) if bones is not None else (None, None)
     sections = lesion_sections((labels, n), geometry, table=table) if sections is None else sections
+    off = on_bone_fractions(labels, n, bones) < MIN_ON_BONE if bones is not None else None
     rows = []
     for i in range(n):
         rows.append({
@@ -187,6 +192,7 @@ def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry,
             "bone": None if names is None else names[i],
             "weight_bearing": None if wb is None else bool(wb[i]),
             "long_axis_mm": float(sections[i].long_axis_mm), "short_axis_mm": float(sections[i].short_axis_mm),
+            "off_bone": None if off is None else bool(off[i]),
         })
     return rows
 
