@@ -9,7 +9,9 @@ proves the order):
   input discovery, the display window, DICOM-SEG and TID 1500 SR writing, DICOM-SEG and
   RTSTRUCT labels;
 * :mod:`analysis.lesions`: lesion instances and their attributes (bone identity, diffuse,
-  neighbours), the domain primitives of everything above;
+  neighbours), how two masks or two sets of lesions overlap (the one Dice and its rule for empty
+  masks, the one pairing of overlapping lesions) and how a lesion changed (the one vocabulary of
+  follow-up statuses): the domain primitives of everything above;
 * :mod:`analysis.cohort`: the cohort layout, reading one case, splits, validation and its
   quality-control report, imports (one case or a whole DICOM export), the phantom and its
   follow-up scans, examples;
@@ -20,7 +22,9 @@ proves the order):
 * :mod:`analysis.monitoring` (beside evaluation): two scans of one patient compared lesion by
   lesion (rigid registration, matching, status, the ``followup`` outputs);
 * :mod:`analysis.node` (beside evaluation): the DICOM node of ``serve`` (spool, delivery, the
-  storage SCP), calling a wing's prediction on each complete series.
+  storage SCP), calling a wing's prediction on each complete series;
+* :mod:`analysis.review` (beside evaluation): the reader's review of ``review`` (decisions
+  journal, sign-in, the web application, signing and delivering the final SEG and report).
 """
 from __future__ import annotations
 

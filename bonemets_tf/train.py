@@ -3,7 +3,9 @@
 RUN layout (read by ``predict``/``gradcam``/``export``; the names are :mod:`bonemets_tf.run`'s)::
 
     RUN/config.json        every setting (TrainConfig), the split used (case lists),
-                           dataset path + fingerprint, resolved runtime (jit, strategy,
+                           dataset path + fingerprint, the in-plane pixel spacing trained at
+                           (``spacing``: the training cases' median, which ``predict``
+                           resamples every CT to), resolved runtime (jit, strategy,
                            replicas, store), versions of tensorflow/keras/numpy, the
                            checkpoint rule and the epoch it kept ("checkpoint")
     RUN/model.keras        best model by the validation monitor (val_dice for segmenters,
@@ -58,7 +60,8 @@ from analysis.imaging.records import versions
 from bonemets_tf import cache
 from bonemets_tf.cache import CachedCase
 from bonemets_tf.checkpoint import CheckpointRule, RunCheckpoint, RunState, write_checkpoint
-from bonemets_tf.distribute import (STRATEGIES, is_chief, keras_multiworker_fixes, make_strategy, num_workers,
+from bonemets_tf.choices import LR_SCHEDULES, STRATEGIES, TRAIN_PRECISIONS
+from bonemets_tf.distribute import (is_chief, keras_multiworker_fixes, make_strategy, num_workers,
                                     strategy_name, worker_index, worker_scratch)
 from bonemets_tf.guard import GUARD_MAX_EVENTS, CollapseGuard, write_guard
 from bonemets_tf.models.catalog import CATALOG, DETECT
@@ -67,13 +70,10 @@ from bonemets_tf.run import (CALIBRATION_FILE, CONFIG_FILE, EMPTY_LEVEL, HISTORY
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-
 #: Settings that must match when resuming a run (the others, e.g. epochs, may change).
 RESUME_MUST_MATCH = ("dataset", "task", "arch", "fold", "batch_size", "steps_per_epoch", "image_size",
                      "width", "context", "lr", "seed", "precision", "positive_fraction", "lesion_crop_p", "bn_momentum",
                      "lr_schedule", "warmup_steps", "clip_norm", "logit_loss", "batch_dice")
-LR_SCHEDULES = ("constant", "cosine")
 
 #: Lesion-pixel prior bounds for the segmenters' initial logit bias.
 PRIOR_RANGE = (1e-4, 0.5)
@@ -228,8 +228,8 @@ class TrainConfig:
         """The sampling, runtime and optimizer settings."""
         if not 0.0 <= self.positive_fraction <= 1.0:
             raise InputError(f"positive_fraction {self.positive_fraction}: expected a value in [0, 1]")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise InputError(f"--precision {self.precision}: expected one of {', '.join(TRAIN_PRECISIONS)}")
         if self.strategy not in STRATEGIES:
             raise InputError(f"--strategy {self.strategy}: expected one of {', '.join(STRATEGIES)}")
         if self.run_eagerly and self.jit:
@@ -625,11 +625,24 @@ def _record(config: TrainConfig, *, splits: dict[str, Any] | None, train_cases: 
         # the slice cache holds every case in this orientation (bonemets_tf.cache); predict
         # reorients its input the same way and refuses RUNs without this record
         "orientation": CANONICAL,
+        "spacing": training_spacing(Cohort(config.dataset), train_cases),
         "runtime": _runtime(config, strategy),
         "model": {"stride": CATALOG[config.arch].stride, "input": "raw HU (batch, rows, cols, context)",
                   "output": "sigmoid probability " + ("(batch, 1)" if config.task == DETECT else "(batch, rows, cols, 1)")},
         "versions": versions("tensorflow", "keras", "numpy"),
     }
+
+
+def training_spacing(cohort: Cohort, cases: list[str]) -> dict[str, Any]:
+    """``config.json["spacing"]``: the in-plane pixel spacing a model is trained at, the median over
+    its training cases' canonical views (``(x, y)`` mm), which ``predict`` resamples each CT to
+    (:func:`analysis.prediction.runner.network_grid`). Slices are fed at their own spacing in
+    training, so a cohort of mixed spacings trains at its median (nnU-Net's plans take the
+    median spacing as the target too)."""
+    from analysis.imaging.resample import median_spacing_xy
+
+    xy = median_spacing_xy([cohort.image_path(c) for c in cases])
+    return {"in_plane_xy_mm": [round(v, 6) for v in xy], "source": f"median over the {len(cases)} training cases"}
 
 
 def _runtime(config: TrainConfig, strategy) -> dict[str, Any]:

@@ -95,7 +95,8 @@ def test_the_cycle_finder_finds_a_cycle():
 #: The core's rooms, bottom to top (analysis/__init__.py). A module may import its own room
 #: and the rooms below it, never one above.
 ROOMS = (("analysis.errors", "analysis.resources"), ("analysis.imaging",), ("analysis.lesions",),
-         ("analysis.cohort",), ("analysis.prediction",), ("analysis.evaluation", "analysis.node", "analysis.monitoring"))
+         ("analysis.cohort",), ("analysis.prediction",),
+         ("analysis.evaluation", "analysis.node", "analysis.monitoring", "analysis.review"))
 
 
 def _room(module: str) -> int | None:
@@ -125,6 +126,18 @@ def test_every_core_module_lives_in_a_room():
 
 def test_core_rooms_import_only_from_below():
     assert _upward_imports(_graph()) == []
+
+
+def test_the_lesions_room_stands_on_imaging_and_the_floor_only():
+    graph = _graph()
+    lesions = ROOMS.index(("analysis.lesions",))
+    modules = sorted(m for m in graph if _room(m) == lesions)
+    assert modules == ["analysis.lesions", "analysis.lesions.change", "analysis.lesions.instances",
+                       "analysis.lesions.overlap"]
+    for module in modules:
+        core = {t for t in graph[module] if _room(t) is not None}
+        assert all(_room(t) <= lesions for t in core), f"{module} imports {sorted(core)}"
+        assert not {t for t in graph[module] if t.split(".")[0] in ("bonemets_tf", "nnunet_bridge", "study", "cli")}
 
 
 def test_the_room_check_sees_an_upward_import():

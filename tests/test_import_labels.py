@@ -25,6 +25,7 @@ from analysis.errors import InputError
 from analysis.imaging.dicom import read_dicom
 from analysis.imaging.dicom_seg import write_dicom_seg
 from analysis.imaging.io import read_array, write_mask
+from analysis.lesions.overlap import dice
 from analysis.cohort.phantom import generate_case
 from cli import main
 from tests.dicom_rt import write_rtstruct, write_seg
@@ -55,10 +56,6 @@ def _enhanced(folder: Path, hu: np.ndarray) -> None:
 
 
 GEOMETRIES = {"standard": _standard, "columns-anterior": _columns_anterior, "enhanced-multiframe": _enhanced}
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float(np.count_nonzero(a & b)) / float(np.count_nonzero(a) + np.count_nonzero(b))
 
 
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
@@ -108,6 +105,27 @@ def test_segments_chosen_by_number_label_or_all(tmp_path):
         import_dicom(tmp_path / "ct", tmp_path / "ds", case, label=seg, segment=segment)
         label, _ = read_array(tmp_path / "ds" / "labelsTr" / f"{case}.nii.gz")
         assert np.array_equal(label, expected), segment
+
+
+def test_many_overlapping_segments_merge_and_a_refusal_lists_ten(tmp_path):
+    """--segment all is the union of every segment, overlaps included (read combined, one volume);
+    without --segment the one-line refusal names ten segments and the count."""
+    ct, mask = phantom(3)
+    _standard(tmp_path / "ct", ct)
+    _, series = read_dicom(tmp_path / "ct")
+    segments = {}
+    for i in range(12):
+        m = np.zeros_like(mask)
+        m[i % PHANTOM_SHAPE[0], 2 * i:2 * i + 6, 4:10] = 1       # each overlaps the next
+        segments[f"vertebra {i + 1}"] = m
+    segments["lesion"] = mask
+    seg = write_seg(tmp_path / "many.dcm", segments, series)
+    line = _refused(tmp_path, ["--label", str(seg)], "13 segments (1 'vertebra 1', 2 'vertebra 2',",
+                    "10 'vertebra 10' and 3 more)")
+    assert "'lesion'" not in line and len(line) - len(str(seg)) < 300
+    import_dicom(tmp_path / "ct", tmp_path / "ds", "all", label=seg, segment="all")
+    label, _ = read_array(tmp_path / "ds" / "labelsTr" / "all.nii.gz")
+    assert np.array_equal(label, np.any(np.stack(list(segments.values())), axis=0).astype(np.uint8))
 
 
 # --- refusals: one line naming what is there, nothing written -----------------------------------

@@ -32,12 +32,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -48,7 +48,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from analysis import __version__
 from analysis.errors import InputError
 from analysis.imaging.dicom import DicomSeries
-from analysis.imaging.io import umask_mode
+from analysis.imaging.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,11 @@ SEGMENT_LABEL = "bone metastasis"
 CATEGORY = codes.cid7150.MorphologicallyAbnormalStructure
 #: CID 7151: Neoplasm, Secondary (SCT 14799000, SNOMED CT "Neoplasm, metastatic").
 PROPERTY_TYPE = codes.cid7151.NeoplasmSecondary
+#: Recommended display colours of the segments (RecommendedDisplayCIELabValue, PS3.3 C.8.20.2), by
+#: lesion id in turn: eight of Trubetskoy's "20 distinct colours" in CIE L*a*b* (D65), so a viewer
+#: shows neighbouring lesions apart (OHIF otherwise warns that the SEG has none and picks its own).
+DISPLAY_COLOURS = ((49.5, 73.3, 28.1), (65.0, -54.7, 43.3), (89.5, -6.7, 86.4), (52.0, -3.8, -44.5),
+                   (66.2, 38.7, 60.7), (38.3, 65.3, -54.4), (87.0, -41.7, -12.5), (58.5, 86.0, -49.9))
 #: CID 7162: Artificial Intelligence (DCM 123110).
 ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence
 #: Type 2 attributes highdicom copies from the source; anonymised exports may lack them.
@@ -64,6 +69,23 @@ _PATIENT_STUDY_DEFAULTS = ("PatientName", "PatientID", "PatientBirthDate", "Pati
                            "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
 #: Largest distance (mm) between a mask slice's position and its source image's.
 POSITION_TOL_MM = 1e-3
+
+
+@contextlib.contextmanager
+def names_from_source() -> Any:
+    """Silence highdicom's person-name check while it copies names from the source headers.
+
+    highdicom (``base.py``, ``check_person_name``) warns when PatientName or
+    ReferringPhysicianName has no ``^`` ("unlikely to represent the intended person name"),
+    which an anonymised export's "Anonymous" has; the name is the source series' own, copied
+    unchanged as the standard requires, so the warning says nothing the user can act on (nor does
+    it for a verifying reader's user name, one PN component as it is meant to be). Other
+    warnings pass.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name",
+                                category=UserWarning)
+        yield
 
 
 def _code_record(code: Any) -> dict[str, str]:
@@ -164,18 +186,32 @@ def _check_mask(mask: np.ndarray, series: DicomSeries) -> np.ndarray:
 
 def _build(mask: np.ndarray, series: DicomSeries, headers: list[pydicom.Dataset], *, model_name: str,
            model_version: str, series_number: int, series_description: str, per_lesion: bool,
-           uids: tuple[str, str], lesion_ids: Sequence[int] | None = None) -> hd.seg.Segmentation:
+           uids: tuple[str, str], lesion_ids: Sequence[int] | None = None,
+           tracking_uids: Mapping[int, str] | None = None,
+           semiautomatic: Mapping[int, tuple[str, str]] | None = None) -> hd.seg.Segmentation:
     """``mask``: 0/1 (one segment) or segment numbers 1..N (``per_lesion``: segment i is lesion
     ``lesion_ids[i - 1]``, default lesion i)."""
     algorithm = hd.AlgorithmIdentificationSequence(name=model_name, family=ALGORITHM_FAMILY, version=model_version)
     n = int(mask.max()) if per_lesion else 1
     ids = list(lesion_ids) if lesion_ids is not None else list(range(1, n + 1))
+    tracking_uids = tracking_uids or {}
+    semiautomatic = semiautomatic or {}
+
+    def how(lesion: int) -> dict[str, Any]:
+        if lesion not in semiautomatic:
+            return {"algorithm_type": hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, "algorithm_identification": algorithm}
+        name, version = semiautomatic[lesion]
+        return {"algorithm_type": hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+                "algorithm_identification": hd.AlgorithmIdentificationSequence(name=name, family=ALGORITHM_FAMILY,
+                                                                               version=version)}
+
     segments = [hd.seg.SegmentDescription(
         segment_number=i, segment_label=f"{SEGMENT_LABEL} {ids[i - 1]}" if per_lesion else SEGMENT_LABEL,
-        segmented_property_category=CATEGORY, segmented_property_type=PROPERTY_TYPE,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+        segmented_property_category=CATEGORY, segmented_property_type=PROPERTY_TYPE, **how(ids[i - 1]),
         tracking_id=f"lesion {ids[i - 1]}" if per_lesion else None,
-        tracking_uid=result_uid(uids[0], f"lesion {ids[i - 1]}") if per_lesion else None) for i in range(1, n + 1)]
+        tracking_uid=(tracking_uids.get(ids[i - 1]) or result_uid(uids[0], f"lesion {ids[i - 1]}")) if per_lesion
+        else None, display_color=hd.color.CIELabColor(*DISPLAY_COLOURS[(ids[i - 1] - 1) % len(DISPLAY_COLOURS)]))
+        for i in range(1, n + 1)]
     row_spacing, col_spacing = series.pixel_spacing
     thickness = series.slice_thickness if series.slice_thickness else series.slice_spacing
     measures = hd.PixelMeasuresSequence(pixel_spacing=(row_spacing, col_spacing), slice_thickness=thickness,
@@ -188,15 +224,16 @@ def _build(mask: np.ndarray, series: DicomSeries, headers: list[pydicom.Dataset]
             pixels[num - 1] = mask[k]
     else:
         pixels = mask
-    return hd.seg.Segmentation(
-        source_images=[_with_defaults(ds, thickness) for ds in headers], pixel_array=pixels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
-        series_instance_uid=uids[0], series_number=series_number, sop_instance_uid=uids[1], instance_number=1,
-        manufacturer="bonemets", manufacturer_model_name=model_name[:64],
-        software_versions=f"bonemets {__version__}", device_serial_number=model_version[:64],
-        transfer_syntax_uid=ExplicitVRLittleEndian, pixel_measures=measures,
-        content_label="BONEMETS", content_description=f"{SEGMENT_LABEL} ({model_name})"[:64],
-        series_description=series_description[:64], omit_empty_frames=True)
+    with names_from_source():  # Patient/Study are the source's own
+        return hd.seg.Segmentation(
+            source_images=[_with_defaults(ds, thickness) for ds in headers], pixel_array=pixels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
+            series_instance_uid=uids[0], series_number=series_number, sop_instance_uid=uids[1], instance_number=1,
+            manufacturer="bonemets", manufacturer_model_name=model_name[:64],
+            software_versions=f"bonemets {__version__}", device_serial_number=model_version[:64],
+            transfer_syntax_uid=ExplicitVRLittleEndian, pixel_measures=measures,
+            content_label="BONEMETS", content_description=f"{SEGMENT_LABEL} ({model_name})"[:64],
+            series_description=series_description[:64], omit_empty_frames=True)
 
 
 def _read_back(path: Path, series: DicomSeries) -> np.ndarray:
@@ -230,7 +267,9 @@ def _frames_aligned(path: Path, series: DicomSeries) -> str | None:
 def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.PathLike, *, model_name: str,
                     model_version: str, series_number: int = 9900,
                     series_description: str | None = None, labels: np.ndarray | None = None,
-                    uid_seed: str | None = None, lesion_ids: Sequence[int] | None = None) -> dict[str, Any]:
+                    uid_seed: str | None = None, lesion_ids: Sequence[int] | None = None,
+                    tracking_uids: Mapping[int, str] | None = None,
+                    semiautomatic: Mapping[int, tuple[str, str]] | None = None) -> dict[str, Any]:
     """Write a lesion mask as a DICOM SEG of its source series, verified before it is moved into place.
 
     The SEG is written to a temporary file in ``out_path``'s folder, read back with
@@ -256,6 +295,11 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
             (its label "bone metastasis K", TrackingID "lesion K" and TrackingUID), for lesion ids
             that are not 1..N (e.g. ``followup``'s tracked lesions absent from the baseline
             frame); None: segment i is lesion i.
+        tracking_uids: with ``labels``: the TrackingUID of some lesions by lesion id (a reviewed
+            SEG keeps the preliminary one's); the others derive from the SEG's series UID.
+        semiautomatic: with ``labels``: lesions drawn with a reader's help, by lesion id, each with
+            the ``(name, version)`` of the tool (e.g. the review's region growing): their segments
+            are SEMIAUTOMATIC with that algorithm; the others AUTOMATIC with the model.
 
     Returns:
         A JSON-able record. With lesion voxels::
@@ -293,12 +337,9 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
     uids = (result_uid(uid_seed, "seg-series"), result_uid(uid_seed, "seg")) if uid_seed else (hd.UID(), hd.UID())
     seg = _build(mask, series, headers, model_name=model_name, model_version=model_version,
                  series_number=series_number, series_description=series_description or f"bonemets {model_name}",
-                 per_lesion=labels is not None, uids=uids, lesion_ids=lesion_ids)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+                 per_lesion=labels is not None, uids=uids, lesion_ids=lesion_ids, tracking_uids=tracking_uids,
+                 semiautomatic=semiautomatic)
+    with atomic_file(out_path) as tmp:  # moved into place only when it reads back equal
         seg.save_as(tmp)
         back = _read_back(tmp, series)
         if back.shape != mask.shape or not np.array_equal(back, mask):
@@ -308,12 +349,6 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
         misaligned = _frames_aligned(tmp, series)
         if misaligned:
             raise InputError(f"{out_path}: a SEG frame is not at its source image's position ({misaligned}); not written")
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     seconds = time.perf_counter() - start
     log.info("%s: SEG of %d lesion voxels, %d frames, %.2f s", out_path, voxels, int(seg.NumberOfFrames), seconds)
     return {

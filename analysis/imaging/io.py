@@ -8,6 +8,7 @@ index used everywhere in the project (``slices.csv``, ``z_first``/``z_last``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import io
 import json
@@ -276,41 +277,54 @@ def nonfinite_error(where: str | os.PathLike, bad: int) -> InputError:
     return InputError(f"{where}: {bad} voxel(s) are NaN or infinite; expected finite values (HU)")
 
 
-def require_finite(values: np.ndarray, where: str | os.PathLike) -> None:
-    """Refuse a decoded floating-point volume holding NaN or infinite voxels (integers pass).
+def require_finite(path: str | os.PathLike, values: np.ndarray | None = None, *,
+                   where: str | os.PathLike | None = None) -> None:
+    """Refuse an image holding NaN or infinite voxels, with one message (:func:`nonfinite_error`):
+    the one finite check of every CT the project reads (``predict``, ``followup``, ``gradcam``,
+    ``analyze``, ``validate``) and of every image :func:`read_array` reads.
+
+    Two places can hide them: the decoded voxels (a floating-point volume: an NRRD file, a DICOM
+    series with a fractional rescale), and a NIfTI file itself, whose NaN ITK's reader silently
+    decodes as 0 (:func:`count_nonfinite` reads the stored values with nibabel).
+
+    Args:
+        path: the image file, or a DICOM series folder (then only ``values`` are checked).
+        values: the decoded voxels when they are read already; None checks the file alone (its
+            header and, for a floating-point NIfTI file, one nibabel decode; no ITK decode).
+        where: what the message names for ``values`` (default ``path``, e.g. a DICOM case with
+            its series UID).
 
     Raises:
         InputError: :func:`nonfinite_error`.
     """
-    if np.issubdtype(values.dtype, np.floating):
+    if values is not None:
+        if not np.issubdtype(values.dtype, np.floating):
+            return  # ITK decodes a floating-point file to floating point: integer voxels came from integers
         bad = int(values.size - np.count_nonzero(np.isfinite(values)))
         if bad:
-            raise nonfinite_error(where, bad)
+            raise nonfinite_error(path if where is None else where, bad)
+    bad = count_nonfinite(path)  # 0 for anything but a floating-point NIfTI file
+    if bad:
+        raise nonfinite_error(path, bad)
 
 
-def read_array(path: str | os.PathLike, *, ndim: int | None = 3,
-               require_finite: bool = True) -> tuple[np.ndarray, Geometry]:
+def read_array(path: str | os.PathLike, *, ndim: int | None = 3) -> tuple[np.ndarray, Geometry]:
     """Read an image as a numpy array ``(slices, rows, cols)`` and its :class:`Geometry`.
 
     Args:
         path: image file.
         ndim: required dimension (None accepts any).
-        require_finite: refuse floating-point files holding NaN or infinite values
-            (ITK would silently read NaN as 0).
 
     Raises:
-        InputError: see :func:`read_image`; NaN/infinite values; pixel data that cannot
-            be decoded.
+        InputError: see :func:`read_image`; NaN/infinite values (:func:`require_finite`); pixel
+            data that cannot be decoded.
     """
     image = read_image(path, ndim=ndim)
-    if require_finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        bad = count_nonfinite(path)
-        if bad:
-            raise nonfinite_error(path, bad)
     try:
         array = sitk.GetArrayFromImage(image)
     except RuntimeError as exc:
         raise InputError(f"{path}: pixel data cannot be decoded ({_first_line(str(exc))})") from None
+    require_finite(path, array)
     return array, Geometry.of(image)
 
 
@@ -372,6 +386,44 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~current
 
 
+#: What the system answers when a folder cannot be written into: a read-only file system (a
+#: `docker run -v ...:ro` mount), or permissions.
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def not_writable(folder: str | os.PathLike, reason: str) -> InputError:
+    """The one-line error for an output that would go into a folder that cannot be written."""
+    return InputError(f"{folder}: cannot write into this folder ({reason}); the command writes its output here, "
+                      f"so give a writable folder (a read-only mount, or another user's folder?)")
+
+
+def require_writable(folder: str | os.PathLike) -> None:
+    """Refuse before any work when this process cannot create files in ``folder`` (or, when it
+    does not exist yet, in its nearest existing parent): a read-only mount, or permissions.
+    ``os.access`` asks the kernel with the real user's rights, so root passes a ``chmod a-w``
+    folder (root can write there) but not a read-only mount.
+
+    Raises:
+        InputError: the folder cannot be written.
+    """
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        raise not_writable(folder, os.strerror(errno.EROFS if read_only else errno.EACCES))
+
+
+@contextlib.contextmanager
+def _writing_into(folder: Path) -> Iterator[None]:
+    """Turn the failure to create a file or folder in ``folder`` into :func:`not_writable`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _NOT_WRITABLE:
+            raise not_writable(folder, exc.strerror or str(exc)) from None
+        raise
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it gets the umask's mode
@@ -383,8 +435,9 @@ def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
         suffix: ending of the temporary name (writers that choose a format by it need it).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    with _writing_into(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -518,9 +571,11 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
     """
     final = Path(final)
     check_output_folder(final, overwrite=overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_HOST}.{os.getpid()}.", suffix=".partial", dir=final.parent))
+    with _writing_into(final.parent):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_HOST}.{os.getpid()}.", suffix=".partial",
+                                    dir=final.parent))
     os.chmod(tmp, umask_mode(0o777))
     try:
         yield tmp

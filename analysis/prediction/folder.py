@@ -10,7 +10,9 @@ meaning of a prediction folder cannot drift between them. A folder ``PRED/<model
   ``slices.csv`` so that ``analyze`` scores the folder as the segmenter it is);
 * ``predict.json``: the record of the runs that wrote the folder (every case listed);
 * sub-folders that belong to the model and are never models or cases:
-  :data:`SUBFOLDERS` (``probabilities/``, ``dicom_seg/``, ``preview/``);
+  :data:`SUBFOLDERS` (``probabilities/``, ``dicom_seg/``, ``sr/``, ``preview/``, and ``review/``,
+  the reader's review of the folder's cases: :mod:`analysis.review`);
+* ``reviews.csv``: every decision readers made on the folder's lesions (:data:`REVIEWS_CSV`);
 * a hidden ``.parts/`` folder: one record per finished case (see
   :class:`PredictionFolder`). Every reader ignores hidden names.
 
@@ -36,18 +38,20 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from analysis.errors import InputError
-from analysis.imaging.io import (Geometry, atomic_write_json, atomic_write_text, check_output_folder, count_nonfinite,
-                                 nonfinite_error, read_header, remove_stale_partials)
+from analysis.imaging.hounsfield import AIR_OR_LUNG_HU
+from analysis.imaging.io import (Geometry, atomic_write_json, atomic_write_text, check_output_folder, read_header,
+                                 remove_stale_partials, require_finite)
 from analysis.prediction.shards import Shard, shard_cases
 from analysis.imaging.records import csv_text
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MASK_SUFFIX", "SLICES_CSV", "DETECTOR_CSV", "RECORD", "PROBABILITIES", "DICOM_SEG", "SR", "PREVIEW",
-           "SUBFOLDERS", "SLICES_COLUMNS", "PARTS", "mask_path", "check_output_folder", "select_cases",
-           "check_ct", "remove_small_components", "format_slices_csv", "read_slices_csv", "discover_models",
+           "REVIEW", "REVIEWS_CSV", "SUBFOLDERS", "SLICES_COLUMNS", "PARTS", "mask_path", "check_output_folder", "select_cases",
+           "check_ct", "remove_small_components", "remove_components_in_air", "format_slices_csv", "read_slices_csv", "discover_models",
            "PredictionFolder", "settings_fingerprint", "read_record"]
 
 MASK_SUFFIX = ".nii.gz"
@@ -59,8 +63,12 @@ DICOM_SEG = "dicom_seg"
 #: TID 1500 measurement reports (DICOM SR) of DICOM input, ``sr/<case>.dcm``.
 SR = "sr"
 PREVIEW = "preview"
+#: The readers' review of the folder's cases (per-study journals, signed results, their outbox).
+REVIEW = "review"
+#: Every review decision on the folder's lesions, one row each (:mod:`analysis.review.journal`).
+REVIEWS_CSV = "reviews.csv"
 #: Sub-folders of a model folder: parts of the model's output, never models or cases.
-SUBFOLDERS = (PROBABILITIES, DICOM_SEG, SR, PREVIEW)
+SUBFOLDERS = (PROBABILITIES, DICOM_SEG, SR, PREVIEW, REVIEW)
 SLICES_COLUMNS = ("case", "slice", "probability")
 #: Hidden folder of per-case part records (ignored by every reader).
 PARTS = ".parts"
@@ -107,9 +115,7 @@ def check_ct(path: str | os.PathLike) -> Geometry:
     geometry = read_header(path, ndim=None)
     if len(geometry.size) != 3:
         raise InputError(f"{path}: is a {len(geometry.size)}D image, expected a 3D CT")
-    bad = count_nonfinite(path)  # decodes float files only; integer CTs are finite
-    if bad:
-        raise nonfinite_error(path, bad)
+    require_finite(path)  # the file alone: decodes float NIfTI files only (ITK would read NaN as 0)
     return geometry
 
 
@@ -132,6 +138,45 @@ def remove_small_components(mask: np.ndarray, min_size: int, connectivity: int =
     keep = np.bincount(labels.ravel()) >= min_size
     keep[0] = False
     return keep[labels].astype(np.uint8)
+
+
+def remove_components_in_air(mask: np.ndarray, ct: np.ndarray, *, below_hu: float = AIR_OR_LUNG_HU,
+                             connectivity: int = 26) -> tuple[np.ndarray, np.ndarray]:
+    """Drop 3D components whose median HU is that of air or aerated lung, where no bone metastasis
+    can be: below :data:`analysis.imaging.hounsfield.AIR_OR_LUNG_HU` (-500 HU; lung parenchyma is
+    about -900..-500 HU, air -1000), the rule of the QC report's ``in air`` flag.
+
+    Args:
+        mask: ``(slices, rows, cols)``, non-zero is lesion.
+        ct: HU, same shape.
+
+    Returns:
+        ``(mask, removed)``: uint8 0/1 without those components, and the voxel count of each one
+        removed (int64, in label order).
+
+    Examples:
+        >>> ct = np.full((2, 4, 4), -1000.0)
+        >>> ct[:, :, 2:] = 700.0
+        >>> mask = np.zeros((2, 4, 4), np.uint8)
+        >>> mask[:, 0, 0] = mask[:, 3, 3] = 1
+        >>> kept, removed = remove_components_in_air(mask, ct)
+        >>> kept[:, 3, 3].tolist(), int(kept.sum()), removed.tolist()
+        ([1, 1], 2, [2])
+    """
+    from analysis.lesions import lesion_instances
+
+    mask = (np.asarray(mask) != 0).astype(np.uint8)
+    if not mask.any():
+        return mask, np.zeros(0, np.int64)
+    labels, n = lesion_instances(mask, connectivity)
+    index = np.arange(1, n + 1)
+    median = np.asarray(ndimage.median(np.asarray(ct, np.float32), labels, index), np.float64).reshape(-1)
+    gone = index[median < below_hu]
+    if gone.size == 0:
+        return mask, np.zeros(0, np.int64)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    mask[np.isin(labels, gone)] = 0
+    return mask, sizes[gone].astype(np.int64)
 
 
 # --- slices.csv --------------------------------------------------------------------------

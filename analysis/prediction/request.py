@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping
 
+from analysis.cohort.bone_maps import BONE_MAP_KINDS, PROJECT
 from analysis.errors import DataProblems, InputError
 from analysis.imaging.orientation import CANONICAL
 from analysis.prediction.folder import PredictionFolder
@@ -35,11 +36,9 @@ from analysis.imaging.records import versions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BONES_FROM", "CONNECTIVITY", "PredictRequest", "WingRun", "PredictResult", "plan_request", "predict_folder",
+__all__ = ["CONNECTIVITY", "PredictRequest", "WingRun", "PredictResult", "plan_request", "predict_folder",
            "raise_failures", "training_budget"]
 
-#: What a bone map holds: the cohort's own bone codes, or TotalSegmentator "total" ids.
-BONES_FROM = ("project", "totalsegmentator")
 #: Connectivity of the 3D lesions (``--min-size``, lesion tables).
 CONNECTIVITY = 26
 
@@ -62,9 +61,13 @@ class PredictRequest:
             Off by default in both wings: whole slices give the exact result; the crop is a
             shortcut whose masks differ near the box's edge (BENCHMARKS.md, "New patients").
         bones: folder of bone maps ``<case>.nii.gz`` for the lesion table's bone columns.
-        bones_from: ``project`` (the cohort's bone codes) or ``totalsegmentator`` ("total" ids).
+        bones_from: what the bone maps hold, one of :data:`analysis.cohort.bone_maps.BONE_MAP_KINDS`:
+            ``project`` (the cohort's bone codes) or ``totalsegmentator`` ("total" ids).
         min_size: remove 3D lesions (26-connected) smaller than this many voxels; 0 keeps all.
         overwrite: replace a folder written with other settings, or redo finished cases.
+        ct_check: refuse a case that does not look like CT in HU
+            (:func:`analysis.imaging.hounsfield.require_ct`); False (``--no-ct-check``) for genuine
+            CT without air, such as a tightly cropped volume.
     """
 
     cases: str = "test"
@@ -76,9 +79,10 @@ class PredictRequest:
     preview: bool = True
     crop: bool = False
     bones: str | None = None
-    bones_from: str = "project"
+    bones_from: str = PROJECT
     min_size: int = 0
     overwrite: bool = False
+    ct_check: bool = True
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "PredictRequest":
@@ -101,8 +105,8 @@ class PredictRequest:
             raise InputError(f"--min-size {self.min_size}: expected >= 0 voxels (0 disables it)")
         if self.shard is not None:
             check_shard(self.shard)
-        if self.bones_from not in BONES_FROM:
-            raise InputError(f"--bones-from {self.bones_from}: expected project or totalsegmentator")
+        if self.bones_from not in BONE_MAP_KINDS:
+            raise InputError(f"--bones-from {self.bones_from}: expected one of {', '.join(BONE_MAP_KINDS)}")
         if self.bones is not None and not Path(self.bones).is_dir():
             raise InputError(f"--bones {self.bones}: not a folder; expected DIR/<case>.nii.gz bone maps")
 
@@ -120,7 +124,8 @@ class PredictRequest:
         """What the runner writes per case besides the mask."""
         return Outputs(threshold=float(threshold), min_size=self.min_size, detector_threshold=detector_threshold,
                        probabilities=self.probabilities, dicom_seg=self.dicom_seg, sr=self.sr, preview=self.preview,
-                       lesions=True, bones=None if self.bones is None else Path(self.bones), bones_from=self.bones_from)
+                       lesions=True, bones=None if self.bones is None else Path(self.bones), bones_from=self.bones_from,
+                       ct_check=self.ct_check)
 
     def to_json(self) -> dict[str, Any]:
         """The request as JSON (``predict.json["request"]``)."""
@@ -256,6 +261,7 @@ def predict_folder(request: PredictRequest, wing: WingRun, out: str | os.PathLik
 
     def summary(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {**(wing.summary(parts) if wing.summary else {}),
+                **({"removed_in_air": removed_in_air(parts)} if wing.segments else {}),
                 **({"crop_agreement": crop_agreement(parts)} if wing.segments and request.crop else {})}
 
     written = folder.finish(record, slices_name=wing.slices_name,
@@ -302,6 +308,21 @@ def crop_agreement(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     dice = [c["dice"] for c in checks if c.get("dice") is not None]
     return {"cases": len(checks), "max_abs_diff": max((c["max_abs_diff"] for c in checks), default=None),
             "min_dice": min(dice, default=None)}
+
+
+def removed_in_air(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The predicted components removed for lying in air or lung over every finished case
+    (:func:`analysis.prediction.folder.remove_components_in_air`): how many, their ml, the rule.
+
+    >>> removed_in_air({"a": {"removed_in_air": {"lesions": 2, "ml": 0.5}}, "b": {}})
+    {'lesions': 2, 'ml': 0.5, 'cases': ['a'], 'rule': 'median HU below -500 (air or aerated lung)'}
+    """
+    from analysis.imaging.hounsfield import AIR_OR_LUNG_HU
+
+    hits = {c: p["removed_in_air"] for c, p in sorted(parts.items()) if p.get("removed_in_air", {}).get("lesions")}
+    return {"lesions": sum(int(h["lesions"]) for h in hits.values()),
+            "ml": round(sum(float(h["ml"]) for h in hits.values()), 6), "cases": list(hits),
+            "rule": f"median HU below {AIR_OR_LUNG_HU:.0f} (air or aerated lung)"}
 
 
 def raise_failures(result: PredictResult) -> None:
