@@ -107,14 +107,15 @@ class RunInfo:
     def budget(self) -> dict[str, Any]:
         """What the model was trained with (:func:`analysis.prediction.request.training_budget`): width,
         ``epochs * steps_per_epoch`` steps of ``batch_size`` crops (segmenters) or resized slices
-        (detectors) of ``image_size``^2, from ``config.json``'s settings."""
+        (detectors) of ``image_size``^2, from ``config.json``'s settings, and the pixel spacing it was
+        trained at (:meth:`training_spacing`)."""
         from analysis.prediction.request import training_budget
 
         settings = self.config.get("settings", {})
         epochs, per_epoch = settings.get("epochs"), settings.get("steps_per_epoch")
         steps = None if epochs is None or per_epoch is None else int(epochs) * int(per_epoch)
         return training_budget(width=settings.get("width"), steps=steps, batch_size=settings.get("batch_size"),
-                               patch=(self.image_size, self.image_size))
+                               patch=(self.image_size, self.image_size), spacing_xy=self.training_spacing()[0])
 
     def fingerprint(self) -> str:
         """sha256 (16 hex digits) of the model file (``model.keras`` or ``saved_model.pb``) and its config."""

@@ -197,8 +197,12 @@ def write_scaled_plans(preprocessed_dataset: Path, scale: PlanScale, configurati
 
 
 def plan_summary(plans: dict[str, Any], configuration: str = "2d") -> dict[str, Any]:
-    """What a plan trains: identifier, features per stage, patch and batch (for the records)."""
+    """What a plan trains: identifier, features per stage, patch and batch, and the in-plane pixel
+    spacing ``(x, y)`` mm its preprocessing resamples every slice to (for the records; nnU-Net
+    stores a 2d configuration's ``spacing`` in array order, ``(rows, cols)`` = ``(y, x)``)."""
     config = plans["configurations"][configuration]
+    spacing = config.get("spacing")
     return {"plans": plans["plans_name"],
             "features_per_stage": list(config["architecture"]["arch_kwargs"]["features_per_stage"]),
-            "patch_size": list(config["patch_size"]), "batch_size": int(config["batch_size"])}
+            "patch_size": list(config["patch_size"]), "batch_size": int(config["batch_size"]),
+            "spacing_xy_mm": None if not spacing else [float(v) for v in reversed(spacing[-2:])]}

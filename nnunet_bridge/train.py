@@ -411,9 +411,11 @@ def training_status(layout: WorkLayout) -> dict[str, Any]:
     Returns:
         ``{"learned": bool | None, "reason": str, "iterations": int, "validation_dice": float | None,
         "plans": str, "width": float, "batch_size": int | None, "patch_size": list | None,
-        "samples": int | None}``; ``learned`` is None when WORK holds no training record or no
-        validation result, False when a fold is unfinished or its validation Dice is at the
-        empty level ("not trained"), True above it.
+        "samples": int | None, "spacing_xy_mm": list | None}`` (``spacing_xy_mm``: the plan's pixel
+        spacing, which nnU-Net's preprocessing resamples every slice to in training and prediction
+        alike); ``learned`` is None when WORK holds no training record or no validation result,
+        False when a fold is unfinished or its validation Dice is at the empty level ("not
+        trained"), True above it.
     """
     status: dict[str, Any] = {"learned": None, "reason": "", "iterations": 0, "validation_dice": None,
                               "plans": layout.plans_identifier}
@@ -432,7 +434,8 @@ def training_status(layout: WorkLayout) -> dict[str, Any]:
     width = (settings.get("scale") or {}).get("width")
     batch = plan.get("batch_size")
     status.update(iterations=iterations, width=1.0 if width is None else float(width), batch_size=batch,
-                  patch_size=plan.get("patch_size"), samples=None if batch is None else iterations * int(batch))
+                  patch_size=plan.get("patch_size"), samples=None if batch is None else iterations * int(batch),
+                  spacing_xy_mm=plan.get("spacing_xy_mm"))
     unfinished = [f for f in folds if f not in final]
     if not folds or unfinished:
         what = f"fold {unfinished[0]} unfinished" if unfinished else "no fold recorded"

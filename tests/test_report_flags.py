@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from analysis.evaluation.analyze import run_analysis
+from analysis.evaluation.settings import differences, model_rows
 from nnunet_bridge.env import CHECKPOINT, WorkLayout
 from nnunet_bridge.train import training_status
 from tests.test_analyze import make_cohort
@@ -34,10 +35,13 @@ def test_flags_exclusions_and_calibrated_detector_threshold(tmp_path):
     _record(pred, "nnunet", {"learned": False, "reason": "not trained: validation Dice 0.012 after 6 iterations ...",
                              "iterations": 6, "validation_dice": 0.012},
             budget={"width": 0.25, "steps": 6, "batch_size": 16, "samples": 96, "patch": [64, 64],
-                    "plan": "nnUNetPlans_w0.25_b16_p64x64"})
+                    "plan": "nnUNetPlans_w0.25_b16_p64x64", "spacing_xy_mm": [1.0, 1.0]},
+            inference={"spacing": {"resample": True, "model": {"xy_mm": [1.0, 1.0], "used": "model's (nnU-Net's ...)"}}})
     _record(pred, "perfect", {"learned": False, "reason": "did not learn: best validation dice 0.000",
                               "best_val": 0.0, "empty_level": 0.0, "guard_events": 0},
-            budget={"width": 0.25, "steps": 240, "batch_size": 16, "samples": 3840, "patch": [64, 64], "plan": None})
+            budget={"width": 0.25, "steps": 240, "batch_size": 16, "samples": 3840, "patch": [64, 64], "plan": None,
+                    "spacing_xy_mm": [1.0, 1.0]},
+            inference={"spacing": {"resample": False, "model": {"xy_mm": [1.0, 1.0], "used": "input's own"}}})
     # "partial" has no predict.json: unknown, no flag
     rows = ["case,slice,probability"] + [f"case_{i:02d},{z},{0.1 + 0.04 * z}" for i in range(2) for z in range(8)]
     (pred / "detector" / "slices.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")  # all below 0.5
@@ -73,11 +77,20 @@ def test_flags_exclusions_and_calibrated_detector_threshold(tmp_path):
     assert "validation-calibrated" in report
     start = report.index("## Segmentation\n")
     segmentation = report[start:report.index("| model | n slices", start)]
-    assert ("nnunet: width 0.25, 96 samples seen (6 steps of 16 patches of 64×64), plan nnUNetPlans_w0.25_b16_p64x64"
-            in segmentation)
-    assert "perfect: width 0.25, 3,840 samples seen (240 steps of 16 crops of 64×64)" in segmentation
+    assert ("nnunet: width 0.25, 96 samples seen (6 steps of 16 patches of 64×64), plan nnUNetPlans_w0.25_b16_p64x64, "
+            "trained at 1×1 mm pixels;" in segmentation)
+    assert "perfect: width 0.25, 3,840 samples seen (240 steps of 16 crops of 64×64), trained at 1×1 mm pixels" in segmentation
     assert "partial: training budget not recorded" in segmentation
-    assert "**Not comparable budgets**: width not recorded for every model; crop not recorded" in segmentation
+    assert ("**Not comparable budgets**: width not recorded for every model; crop not recorded for every model; "
+            "pixel spacing not recorded" in segmentation)
+    models = {r["model"]: r for r in _rows(out, "models.csv")}
+    assert (models["nnunet"]["train_spacing_mm"], models["nnunet"]["spacing_used"]) == ("1x1", "training")
+    assert (models["perfect"]["train_spacing_mm"], models["perfect"]["spacing_used"]) == ("1x1", "input's own")
+    assert models["partial"]["spacing_used"] == ""
+    # perfect ran with --no-resample, nnU-Net at its plan's spacing: a difference when they are compared
+    assert differences(model_rows(pred, ["perfect", "nnunet"], {}), ["perfect", "nnunet"]) == [
+        "the pixel spacing run at differs: each input's own for perfect; each model's training spacing for nnunet"]
+    assert "| training (1×1 mm) |" in report and "| input's own |" in report
     assert "samples seen not recorded for every model" in segmentation
     nnunet_dice = next(float(r["dice_mean"]) for r in _rows(out, "segmentation_summary.csv") if r["model"] == "nnunet")
     assert (f"Order by Dice: paper nnUNetv2 73.4 > ResAttUNet 61.6 > ResUNet 59.0 > UNet 55.9; here nnunet "

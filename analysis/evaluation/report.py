@@ -341,18 +341,23 @@ def _settings_section(rows: Sequence[Sequence[Any]], compared: Sequence[str]) ->
         if r[3] and r[6] is not None:
             crop += f"; checked: max |Δp| {r[6]:.3g}" + (f", Dice {r[7]:.4f}" if r[7] is not None else "")
         mirror = cell(r[8]) + (f" ({r[9]} passes)" if r[8] else "")
+        spacing = r[23] if len(r) > 23 else None
+        spacing = cell(None if spacing is None else "training (" + (r[22] or "?").replace("x", "×") + " mm)"
+                       if spacing == "training" else spacing)
         table.append((r[0], r[2] or "–", crop, mirror, cell(r[10]), cell(r[11], "{:g}"), cell(r[12]), cell(r[13]),
-                      cell(r[14], "{:g}"), cell(r[15])))
+                      cell(r[14], "{:g}"), cell(r[15]), spacing))
     lines = differences(rows, compared)
     verdict = (["**Not like for like.** " + "; ".join(lines) + ". Differences between these models' rows below "
                 "may come from how they were run, not only from the models."] if lines else
                ["The compared segmenters were run alike in every setting that changes results (mirroring, "
-                "threshold, crop)."])
+                "threshold, crop, pixel spacing)."])
     return ["## How each model was run", "",
             "Inference settings from each model's `predict.json` (`models.csv`). Whole slices and the exact crop "
-            "give the same masks; mirroring averages the logits of the slice and its mirror images.", "",
+            "give the same masks; mirroring averages the logits of the slice and its mirror images; pixel spacing: "
+            "each slice resampled to the spacing the model was trained at (the Keras RUN's recorded one, "
+            "nnU-Net's plan's) or run at the input's own.", "",
             _table(["model", "framework", "crop", "mirroring", "precision", "threshold", "threshold source",
-                    "folds", "tile step", "min size (voxels)"], table), "", *verdict, ""]
+                    "folds", "tile step", "min size (voxels)", "pixel spacing"], table), "", *verdict, ""]
 
 
 def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str, Any] | None = None,

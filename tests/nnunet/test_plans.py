@@ -193,8 +193,16 @@ def test_default_plan_is_nnunets_and_a_scaled_plan_trains_counts_and_predicts(tm
     record = json.loads((pred / "predict.json").read_text(encoding="utf-8"))
     assert record["model"]["plans"] == "nnUNetPlans_w0.5_b3_p16x16"
     assert record["model"]["model_folder"].endswith("nnUNetTrainerBonemets__nnUNetPlans_w0.5_b3_p16x16__2d")
-    assert record["budget"] == {"width": 0.5, "steps": 1, "batch_size": 3, "samples": 3, "patch": [16, 16],
-                                "plan": "nnUNetPlans_w0.5_b3_p16x16"}
+    budget = dict(record["budget"])
+    # the pixel spacing trained at: the plan's (nnU-Net keeps it (rows, cols)), here the cohort's 0.8 x 0.9 mm
+    assert budget.pop("spacing_xy_mm") == pytest.approx([0.8, 0.9])
+    assert budget == {"width": 0.5, "steps": 1, "batch_size": 3, "samples": 3, "patch": [16, 16],
+                      "plan": "nnUNetPlans_w0.5_b3_p16x16"}
+    assert scaled["configurations"]["2d"]["spacing"] == pytest.approx([0.9, 0.8])
+    assert record["model"]["spacing_xy_mm"] == pytest.approx([0.8, 0.9])
+    spacing = record["inference"]["spacing"]
+    assert spacing["resample"] is True and spacing["model"]["xy_mm"] == pytest.approx([0.8, 0.9])
+    assert spacing["model"]["used"].startswith("model's")
     assert record["training"]["validation_dice"] is not None
 
 
