@@ -36,7 +36,8 @@ def test_flags_exclusions_and_calibrated_detector_threshold(tmp_path):
                              "iterations": 6, "validation_dice": 0.012},
             budget={"width": 0.25, "steps": 6, "batch_size": 16, "samples": 96, "patch": [64, 64],
                     "plan": "nnUNetPlans_w0.25_b16_p64x64", "spacing_xy_mm": [1.0, 1.0]},
-            inference={"spacing": {"resample": True, "model": {"xy_mm": [1.0, 1.0], "used": "model's (nnU-Net's ...)"}}})
+            inference={"spacing": {"resample": True,
+                                   "model": {"xy_mm": [1.0, 1.0], "used": "model's (nnU-Net's ...)"}}})
     _record(pred, "perfect", {"learned": False, "reason": "did not learn: best validation dice 0.000",
                               "best_val": 0.0, "empty_level": 0.0, "guard_events": 0},
             budget={"width": 0.25, "steps": 240, "batch_size": 16, "samples": 3840, "patch": [64, 64], "plan": None,
@@ -79,7 +80,8 @@ def test_flags_exclusions_and_calibrated_detector_threshold(tmp_path):
     segmentation = report[start:report.index("| model | n slices", start)]
     assert ("nnunet: width 0.25, 96 samples seen (6 steps of 16 patches of 64×64), plan nnUNetPlans_w0.25_b16_p64x64, "
             "trained at 1×1 mm pixels;" in segmentation)
-    assert "perfect: width 0.25, 3,840 samples seen (240 steps of 16 crops of 64×64), trained at 1×1 mm pixels" in segmentation
+    assert ("perfect: width 0.25, 3,840 samples seen (240 steps of 16 crops of 64×64), trained at 1×1 mm pixels"
+            in segmentation)
     assert "partial: training budget not recorded" in segmentation
     assert ("**Not comparable budgets**: width not recorded for every model; crop not recorded for every model; "
             "pixel spacing not recorded" in segmentation)
