@@ -112,8 +112,12 @@ def _triple(kind: type, name: str, order: str):
 @click.option("--followup", is_flag=True,
               help="Also a second CT per patient, moved and with known lesion changes: followup/ (a cohort "
                    "layout), followup_truth.csv and followup_transforms.csv.")
+@click.option("--timepoints", type=click.IntRange(2, 4), default=None,
+              help="Also N CTs per patient over time (2-4) with a stated schedule of lesion events: timeline/t0.. "
+                   "(cohort layouts), timeline_scans.csv (dates, motion, PCWG3 states), timeline_truth.csv (tracks) "
+                   "and timeline_schedule.csv.")
 def phantom(out: str, cases: int, seed: int, shape, spacing, scale: str | None, overwrite: bool,
-            followup: bool) -> None:
+            followup: bool, timepoints: int | None) -> None:
     """Write a synthetic CT cohort with lesion masks and bone maps (no patient data needed)."""
     from analysis.cohort.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, generate_cohort
 
@@ -123,16 +127,21 @@ def phantom(out: str, cases: int, seed: int, shape, spacing, scale: str | None, 
     def progress(done: int, total: int, case: str) -> None:
         log.info("phantom: wrote %s (%d/%d)", case, done, total)
 
-    companion = None
+    companions = []
     if followup:
         from analysis.cohort.followup_phantom import Followups
 
-        companion = Followups()
+        companions.append(Followups())
+    if timepoints:
+        from analysis.monitoring.timeline_phantom import Timelines
+
+        companions.append(Timelines(timepoints))
     root = generate_cohort(out, cases=cases, seed=seed, shape=shape or DEFAULT_SHAPE,
                            spacing=spacing or DEFAULT_SPACING, scale=scale, overwrite=overwrite, progress=progress,
-                           companion=companion)
+                           companion=companions)
     click.echo(f"wrote {cases} cases (imagesTr, labelsTr, bonesTr, dataset.json"
-               f"{', followup/, followup_truth.csv' if followup else ''}) to {root}")
+               f"{', followup/, followup_truth.csv' if followup else ''}"
+               f"{', timeline/, timeline_scans.csv, timeline_truth.csv' if timepoints else ''}) to {root}")
 # ---- END phantom ----
 
 # ---- BEGIN validate/split/import ----

@@ -117,3 +117,29 @@ def test_appending_a_scan_never_changes_the_earlier_tracks(timeline):
     for k, s in enumerate(scans):
         on_tracks = sorted(j for step in full.steps[k] for j in step.lesions)
         assert on_tracks == list(range(1, s.n + 1))
+
+
+def test_a_track_outside_a_scans_field_of_view_is_not_resolved():
+    """The second scan sees only columns >= 20: lesion 1 (columns 2..6) is outside it, not resolved,
+    and compared with its last seen volume when a later scan sees it again."""
+    half = scan((0, 4, 24, 28))
+    half = PlacedScan(half.moved, half.centroid_mm, half.volume_ml, sees=lambda flat: flat % SHAPE[2] >= 20)
+    t = track_lesions([scan((0, 4, 2, 6), (0, 4, 24, 28)), half, scan((0, 4, 2, 6), (0, 4, 24, 28))])
+    assert [(s.track, s.status, s.event) for s in t.steps[1]] == [(1, None, "outside field of view"),
+                                                                  (2, "stable", "one-to-one")]
+    assert (t.step(2, 1).status, t.step(2, 1).previous_ml) == ("stable", 0.016)
+    # a lesion first seen where an earlier scan did not look records it: it cannot be new against that scan
+    t = track_lesions([scan((0, 4, 24, 28)), half, scan((0, 4, 24, 28), (0, 4, 2, 6))])
+    assert t.step(2, 2).unseen_by == (1,) and t.step(2, 2).status == "new"
+
+
+def test_pcwg3_of_tracks_counts_neither_small_nor_unseen_new_lesions():
+    import datetime as dt
+
+    from analysis.monitoring.pcwg3 import pcwg3_tracks
+
+    d = [dt.date(2026, 1, 1), dt.date(2026, 4, 1), dt.date(2026, 7, 1)]
+    t = track_lesions([scan((0, 4, 2, 6)), scan((0, 4, 2, 6), (0, 4, 14, 18), (0, 4, 30, 31)),
+                       scan((0, 4, 2, 6), (0, 4, 14, 18), (0, 2, 22, 25), (0, 4, 30, 31), (0, 4, 36, 39))])
+    assert [s.state for s in pcwg3_tracks(d, t)][1] == "progression (2026-04-01)"
+    assert [s.state for s in pcwg3_tracks(d, t, min_size_ml=0.01)][1] == "no progression"  # 0.004 ml is too small

@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import AbstractSet, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Sequence
+
+if TYPE_CHECKING:
+    from analysis.monitoring.tracking import Tracking
 
 __all__ = ["Pcwg3Rule", "TimePointState", "pcwg3_bone", "STATES", "BASELINE", "NO_PROGRESSION", "UNCONFIRMED",
-           "PROGRESSION", "NOT_CONFIRMED", "NOT_EVALUABLE", "progression_state"]
+           "PROGRESSION", "NOT_CONFIRMED", "NOT_EVALUABLE", "progression_state", "pcwg3_tracks"]
 
 BASELINE = "baseline"
 NO_PROGRESSION = "no progression"
@@ -222,3 +225,21 @@ def pcwg3_bone(dates: Sequence[dt.date], present: Sequence[AbstractSet[int]],
         break
     assert all(s is not None for s in out), "every scan has a state"
     return out  # type: ignore[return-value]
+
+
+def pcwg3_tracks(dates: Sequence[dt.date], tracking: "Tracking", *, rule: Pcwg3Rule = Pcwg3Rule(),
+                 min_size_ml: float = 0.0) -> list[TimePointState]:
+    """:func:`pcwg3_bone` of a timeline's lesion tracks (:mod:`analysis.monitoring.tracking`).
+
+    A track is present at a scan when it has a lesion there; it may count as new at tk when its
+    volume there is at least ``min_size_ml`` (not ``indeterminate``) and tk's reference scan (t0 for t1,
+    t1 after) held its place in its field of view (a lesion outside the reference's field of view
+    cannot be called new against it).
+    """
+    present, countable = [], []
+    for k, steps in enumerate(tracking.steps):
+        ref = 0 if k <= 1 else 1
+        here = [s for s in steps if s.present]
+        present.append({s.track for s in here})
+        countable.append({s.track for s in here if s.volume_ml >= min_size_ml and ref not in s.unseen_by})
+    return pcwg3_bone(dates, present, countable, rule=rule)

@@ -18,14 +18,18 @@ in date order:
     and their volumes add up, as a split lesion's fragments do in RECIST 1.1);
   - several tracks with lesions: a **merge**; the lowest (oldest) id continues, the others end
     (``merged into N``) and are not counted as resolved;
-  - a track without a lesion is absent; **resolved** at the first scan it is missing from;
-  - a track absent at t(k-1) whose footprint a lesion of tk matches **reappears**: same id.
+  - a track without a lesion is absent: **resolved** at the first scan it is missing from, unless
+    less than half of its footprint lies in that scan's field of view (``outside field of view``: the
+    scan cannot tell; the track keeps its last volume);
+  - a track absent before whose footprint a lesion of tk matches **reappears**: same id.
 
-  The status of a continuing track against the previous scan comes from its components' summed
-  volumes at t(k-1) and tk (:func:`analysis.lesions.change_status`): ``new`` when it had no lesion at
-  t(k-1) (a new track, or one reappearing), ``resolved`` when it has none at tk, else grown, shrunk,
-  stable. With ``min_size_ml`` > 0, a new or resolved track below it is ``indeterminate`` (the
-  minimum size of issue #32: not counted as new by the PCWG3 rule).
+  The status of a continuing track compares its components' summed volumes at tk with those at the
+  last scan whose field of view held it (normally t(k-1); :func:`analysis.lesions.change_status`):
+  ``new`` when it had no lesion there (a new track, or one reappearing), ``resolved`` when it has
+  none at tk, else grown, shrunk, stable. With ``min_size_ml`` > 0, a new or resolved track below it
+  is ``indeterminate`` (the minimum size of issue #32: not counted as new by the PCWG3 rule). Each
+  present track also records which earlier scans' fields of view did not hold its place
+  (:attr:`TrackStep.unseen_by`): a lesion there cannot be called new against them.
 
 Nothing of a scan depends on later scans, so appending a scan never changes the tracks of earlier
 ones (what lets the node reuse a track's DICOM tracking UID across studies). The two-scan case is
@@ -35,17 +39,18 @@ exactly ``followup``'s matching: its groups are the components at t1
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from analysis.imaging.io import Geometry
 from analysis.lesions import DEFAULT_CHANGE, DEFAULT_MIN_CHANGE_ML, Group, change_status
 from analysis.monitoring.matching import DEFAULT_MATCH_MM, match
 
 __all__ = ["PlacedScan", "TrackStep", "Tracking", "track_lesions", "followup_groups", "INDETERMINATE",
-           "REAPPEARED", "MERGED_INTO", "BASELINE_EVENT", "ABSENT"]
+           "REAPPEARED", "MERGED_INTO", "BASELINE_EVENT", "ABSENT", "OUTSIDE", "SEEN_FRACTION", "field_of_view"]
 
 #: Status of a new or resolved track below the minimum size (issue #32's vocabulary).
 INDETERMINATE = "indeterminate"
@@ -53,6 +58,9 @@ INDETERMINATE = "indeterminate"
 #: vanished before and came back, one that merged into another (``merged into N``), one absent
 #: at this scan and the one before.
 BASELINE_EVENT, REAPPEARED, MERGED_INTO, ABSENT = "baseline", "reappeared", "merged into", "absent"
+OUTSIDE = "outside field of view"
+#: A track is outside a scan's field of view when less than this fraction of its footprint lies in it.
+SEEN_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -64,11 +72,14 @@ class PlacedScan:
             resampled nearest neighbour through its registration (the first scan: its own labels).
         centroid_mm: ``(n, 3)`` volume-weighted centroids mapped into the first scan's frame (LPS mm).
         volume_ml: ``(n,)`` volumes from the scan's own grid.
+        sees: which voxels of the first scan's grid (flat indices) lie in this scan's field of view
+            (a bool per index); None: all of them (the first scan itself).
     """
 
     moved: np.ndarray
     centroid_mm: np.ndarray
     volume_ml: np.ndarray
+    sees: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def n(self) -> int:
@@ -87,8 +98,11 @@ class TrackStep:
         status: against the previous scan: new, resolved, grown, shrunk, stable, indeterminate;
             None at t0 and for a track absent at both scans or merged into another.
         event: ``baseline`` (t0), one-to-one, split, merge, split-merge, new, reappeared, resolved,
-            ``merged into N`` or ``absent``.
-        previous_ml: the volume the status compared against (at t(k-1), merged tracks included).
+            ``merged into N``, ``outside field of view`` or ``absent``.
+        previous_ml: the volume the status compared against (at the last scan that saw the track's
+            place, merged tracks included).
+        unseen_by: for a present track, the earlier scans whose field of view held less than half
+            of its place (its first-frame voxels at this scan).
     """
 
     track: int
@@ -98,6 +112,7 @@ class TrackStep:
     status: str | None
     event: str
     previous_ml: float = 0.0
+    unseen_by: tuple[int, ...] = ()
 
     @property
     def present(self) -> bool:
@@ -168,6 +183,12 @@ def _voxels(moved: np.ndarray, ids: Sequence[int]) -> np.ndarray:
     return np.flatnonzero(np.isin(flat, np.asarray(ids, flat.dtype)))
 
 
+def _seen(scan: PlacedScan, voxels: np.ndarray) -> bool:
+    if scan.sees is None or voxels.size == 0:
+        return True
+    return float(np.mean(scan.sees(voxels))) >= SEEN_FRACTION
+
+
 def _status(previous_ml: float, volume_ml: float, change: float, min_change_ml: float, min_size_ml: float) -> str:
     status = change_status(previous_ml, volume_ml, change=change, min_change_ml=min_change_ml)
     if min_size_ml > 0 and ((status == "new" and volume_ml < min_size_ml)
@@ -228,14 +249,15 @@ def track_lesions(scans: Sequence[PlacedScan], *, match_mm: float = DEFAULT_MATC
         centroids = np.array([foot[t].centroid for t in alive]).reshape(-1, 3)
         pairs = match(overlaps, centroids, scan.centroid_mm.reshape(-1, 3), match_mm)
         previous = {t: foot[t].volume_ml for t in alive}
-        was_present = tracking.present(k - 1)
         updates: dict[int, _Footprint] = {}
         for a_ids, lesions in _components(pairs, len(alive), scan.n):
             tracks = [alive[a - 1] for a in a_ids]
             volume = float(sum(scan.volume_ml[j - 1] for j in lesions))
             if not lesions:  # one track, absent here
                 (t,) = tracks
-                if t in was_present:
+                if not _seen(scan, foot[t].voxels):
+                    steps.append(TrackStep(t, k, (), 0.0, None, OUTSIDE, previous[t]))
+                elif previous[t] > 0:
                     steps.append(TrackStep(t, k, (), 0.0, _status(previous[t], 0.0, change, min_change_ml,
                                                                    min_size_ml), "resolved", previous[t]))
                     foot[t].volume_ml = 0.0
@@ -255,9 +277,10 @@ def track_lesions(scans: Sequence[PlacedScan], *, match_mm: float = DEFAULT_MATC
                         steps.append(TrackStep(t, k, (), 0.0, None, f"{MERGED_INTO} {survivor}", previous[t]))
                         tracking.merged[t] = (k, survivor)
                         del foot[t]
-            steps.append(TrackStep(survivor, k, tuple(lesions), volume, status, event, before))
-            updates[survivor] = _Footprint(_voxels(scan.moved, lesions),
-                                           _weighted(scan.centroid_mm, scan.volume_ml, lesions), volume)
+            place = _voxels(scan.moved, lesions)
+            unseen = tuple(j for j in range(k) if not _seen(scans[j], place))
+            steps.append(TrackStep(survivor, k, tuple(lesions), volume, status, event, before, unseen))
+            updates[survivor] = _Footprint(place, _weighted(scan.centroid_mm, scan.volume_ml, lesions), volume)
         for t, fp in updates.items():
             if fp.voxels.size == 0 and t in foot:  # a lesion outside the first scan's field of view
                 fp.voxels = foot[t].voxels
@@ -288,3 +311,37 @@ def followup_groups(tracking: Tracking, baseline_ml: np.ndarray) -> list[Group]:
         groups.append(Group(baseline, s.lesions, float(sum(baseline_ml[i - 1] for i in baseline)), s.volume_ml,
                             s.status))
     return sorted(groups, key=lambda g: (0, g.baseline[0]) if g.baseline else (1, g.followup[0]))
+
+
+def field_of_view(first: Geometry, scan: Geometry, to_scan: Callable[[np.ndarray], np.ndarray]
+                  ) -> Callable[[np.ndarray], np.ndarray]:
+    """:attr:`PlacedScan.sees` for a scan on grid ``scan`` registered to the first scan's grid.
+
+    Args:
+        first: the first scan's geometry (the frame's grid).
+        scan: the scan's own geometry.
+        to_scan: maps first-frame points ``(n, 3)`` LPS mm to the scan's points (the registration).
+
+    Returns:
+        ``sees(flat)``: for flat indices of ``(slices, rows, cols)`` voxels of the first grid, whether
+        each lies within the scan's voxel centres' box (half a voxel beyond the outer centres).
+
+    Examples:
+        >>> g = Geometry((4, 1, 1), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+        >>> short = Geometry((2, 1, 1), (1.0, 1.0, 1.0), (2.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+        >>> field_of_view(g, short, lambda p: p)(np.arange(4)).tolist()
+        [False, False, True, True]
+    """
+    d0 = np.asarray(first.direction, np.float64).reshape(3, 3)
+    d1 = np.asarray(scan.direction, np.float64).reshape(3, 3)
+    o0, s0 = np.asarray(first.origin, np.float64), np.asarray(first.spacing, np.float64)
+    o1, s1 = np.asarray(scan.origin, np.float64), np.asarray(scan.spacing, np.float64)
+    size = np.asarray(scan.size, np.float64)
+
+    def sees(flat: np.ndarray) -> np.ndarray:
+        z, y, x = np.unravel_index(np.asarray(flat, np.int64), first.shape)
+        points = o0 + (np.stack([x, y, z], axis=1) * s0) @ d0.T
+        index = ((to_scan(points) - o1) @ d1) / s1         # d1 orthonormal: its inverse is its transpose
+        return np.all((index >= -0.5) & (index <= size - 0.5), axis=1)
+
+    return sees
