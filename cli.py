@@ -629,6 +629,47 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
 # ---- END serve ----
 
 # ---- BEGIN followup ----
+def _comparison_options(command):
+    """The matching, status and registration options followup and timeline share (one declaration)."""
+    for option in reversed([
+        click.option("--match-mm", default=10.0, show_default=True, type=float,
+                     help="Lesions that overlap nothing match when their centroids are this close (mm, after "
+                          "registration)."),
+        click.option("--change", default=0.2, show_default=True, type=float,
+                     help="Relative volume change for grown / shrunk (0.2 = 20 %)."),
+        click.option("--min-change-ml", default=0.1, show_default=True, type=float,
+                     help="Smallest absolute volume change for grown / shrunk (ml)."),
+        click.option("--no-registration", is_flag=True,
+                     help="The scans are already aligned: skip the registration and its check."),
+        click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _scan_predictor(model: str | None, nnunet_work: str | None, series: str | None):
+    """``predictor(images, folder)``: one CT predicted into a PRED folder by the one wing asked for
+    (followup and timeline); None without a model. Only that wing is imported."""
+    if model is not None:  # the Keras wing only: TensorFlow and torch never share a process
+        from bonemets_tf.predict import PredictOptions, predict
+
+        def predictor(images: str, folder) -> None:
+            predict(model, None, str(folder), options=PredictOptions(cases="all", series=series, preview=False),
+                    images=images)
+
+        return predictor
+    if nnunet_work is not None:
+        from nnunet_bridge.predict import PredictOptions as NnunetOptions, predict as nnunet_predict
+
+        def predictor(images: str, folder) -> None:
+            nnunet_predict(None, nnunet_work, str(folder), NnunetOptions(cases="all", series=series, preview=False),
+                           images=images)
+
+        return predictor
+    return None
+
+
 @main.command("followup")
 @click.option("--baseline", required=True, type=click.Path(exists=True, path_type=str),
               help="Baseline CT: a NIfTI/NRRD/MHA file or a DICOM series folder (as predict --images).")
@@ -647,17 +688,9 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
               help="Baseline bone map (project codes) for the bone column.")
 @click.option("--followup-bones", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="Follow-up bone map (project codes), for new lesions.")
-@click.option("--match-mm", default=10.0, show_default=True, type=float,
-              help="Lesions that overlap nothing match when their centroids are this close (mm, after registration).")
-@click.option("--change", default=0.2, show_default=True, type=float,
-              help="Relative volume change for grown / shrunk (0.2 = 20 %).")
-@click.option("--min-change-ml", default=0.1, show_default=True, type=float,
-              help="Smallest absolute volume change for grown / shrunk (ml).")
-@click.option("--no-registration", is_flag=True, help="The scans are already aligned: skip the registration and its check.")
-@click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID.")
+@_comparison_options
 @click.option("--sr", is_flag=True, help="DICOM baseline: also write followup_sr.dcm (TID 1500 report of the "
               "statuses and changes) and followup_seg.dcm (the tracked lesions) on the baseline series.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, nnunet_work: str | None,
                  baseline_mask: str | None, followup_mask: str | None, baseline_bones: str | None,
                  followup_bones: str | None, match_mm: float, change: float, min_change_ml: float,
@@ -674,19 +707,7 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
     if (model is not None) + (nnunet_work is not None) + (masks > 0) != 1 or masks == 1:
         raise InputError("followup: give exactly one of --model RUN|SAVEDMODEL, --nnunet-work WORK, or both "
                          "--baseline-mask and --followup-mask")
-    predictor = None
-    if model is not None:  # the Keras wing only: TensorFlow and torch never share a process
-        from bonemets_tf.predict import PredictOptions, predict
-
-        def predictor(images: str, folder) -> None:
-            predict(model, None, str(folder), options=PredictOptions(cases="all", series=series, preview=False),
-                    images=images)
-    elif nnunet_work is not None:
-        from nnunet_bridge.predict import PredictOptions as NnunetOptions, predict as nnunet_predict
-
-        def predictor(images: str, folder) -> None:
-            nnunet_predict(None, nnunet_work, str(folder), NnunetOptions(cases="all", series=series, preview=False),
-                           images=images)
+    predictor = _scan_predictor(model, nnunet_work, series)
     settings = FollowupSettings(match_mm=match_mm, change=change, min_change_ml=min_change_ml,
                                 register=not no_registration)
     path = run_followup(baseline, followup_ct, out, baseline_mask=baseline_mask, followup_mask=followup_mask,
@@ -699,6 +720,60 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
     click.echo(f"wrote {path}: {summary['baseline_lesions']} -> {summary['followup_lesions']} lesions; "
                f"{summary['new']} new, {summary['resolved']} resolved, {summary['grown']} grown, "
                f"{summary['shrunk']} shrunk, {summary['stable']} stable")
+
+
+@main.command("timeline")
+@click.argument("cts", nargs=-1, required=True, type=click.Path(exists=True, path_type=str))
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Folder to write (refused if it exists).")
+@click.option("--masks", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="A lesion mask per CT, in the same order (repeat the option), instead of a model.")
+@click.option("--model", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Keras RUN or SavedModel: predict every CT (as `predict`).")
+@click.option("--nnunet-work", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="nnU-Net work folder: predict every CT (as `nnunet predict`).")
+@click.option("--dates", default=None, metavar="YYYY-MM-DD,...",
+              help="Each CT's date, in the same order (default: DICOM StudyDate; image files carry none).")
+@click.option("--bones", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="A bone map (project codes) per CT, in the same order, for tracks.csv's bone column.")
+@_comparison_options
+@click.option("--min-size-ml", default=0.0, show_default=True, type=float,
+              help="New or resolved tracks below this volume are indeterminate and never count as new for PCWG3.")
+@click.option("--pcwg3-new", default=2, show_default=True, type=int,
+              help="New lesions that make a scan unconfirmed (PCWG3: 2).")
+@click.option("--pcwg3-additional", default=2, show_default=True, type=int,
+              help="Additional new lesions the confirming scan of t1 must show (PCWG3: 2).")
+@click.option("--pcwg3-persist", default=2, show_default=True, type=int,
+              help="New lesions of a later scan that must persist on its confirming scan (PCWG3: 2).")
+@click.option("--pcwg3-interval-days", default=42, show_default=True, type=int,
+              help="A confirming scan is at least this many days after the scan it confirms (PCWG3: 6 weeks).")
+def timeline_cmd(cts: tuple[str, ...], out: str, masks: tuple[str, ...], model: str | None, nnunet_work: str | None,
+                 dates: str | None, bones: tuple[str, ...], match_mm: float, change: float, min_change_ml: float,
+                 no_registration: bool, series: str | None, overwrite: bool, min_size_ml: float, pcwg3_new: int,
+                 pcwg3_additional: int, pcwg3_persist: int, pcwg3_interval_days: int) -> None:
+    """Track a patient's CTs over time: one id per lesion for life, the PCWG3 bone rule per scan.
+
+    CTs in date order (image files or DICOM series folders); every scan is registered rigidly and
+    directly to the first. OUT gets timeline.csv, tracks.csv, timeline.png, a preview per scan,
+    index.html and timeline.json.
+    """
+    from analysis.monitoring.timeline import TimelineSettings, run_timeline
+
+    if (model is not None) + (nnunet_work is not None) + bool(masks) != 1:
+        raise InputError("timeline: give exactly one of --model RUN|SAVEDMODEL, --nnunet-work WORK, or --masks "
+                         "(one per CT)")
+    settings = TimelineSettings(match_mm=match_mm, change=change, min_change_ml=min_change_ml,
+                                register=not no_registration, min_size_ml=min_size_ml, min_new=pcwg3_new,
+                                min_additional=pcwg3_additional, min_persist=pcwg3_persist,
+                                interval_days=pcwg3_interval_days)
+    path = run_timeline(list(cts), out, masks=list(masks) or None, predictor=_scan_predictor(model, nnunet_work, series),
+                        model=model or nnunet_work, dates=dates.split(",") if dates else None,
+                        bones=list(bones) or None, settings=settings, series=series, overwrite=overwrite)
+    from analysis.imaging.records import read_csv
+
+    rows = read_csv(path / "timeline.csv")
+    tracks = {r["track"] for r in read_csv(path / "tracks.csv")}
+    click.echo(f"wrote {path}: {len(rows)} scans, {len(tracks)} lesion tracks; last scan {rows[-1]['date']}: "
+               f"{rows[-1]['state']}")
 # ---- END followup ----
 
 # ==== whole study ===================================================================

@@ -50,7 +50,7 @@ from analysis.lesions import DEFAULT_CHANGE, DEFAULT_MIN_CHANGE_ML, Group, chang
 from analysis.monitoring.matching import DEFAULT_MATCH_MM, match
 
 __all__ = ["PlacedScan", "TrackStep", "Tracking", "track_lesions", "followup_groups", "INDETERMINATE",
-           "REAPPEARED", "MERGED_INTO", "BASELINE_EVENT", "ABSENT", "OUTSIDE", "SEEN_FRACTION", "field_of_view"]
+           "Tracker", "REAPPEARED", "MERGED_INTO", "BASELINE_EVENT", "ABSENT", "OUTSIDE", "SEEN_FRACTION", "field_of_view"]
 
 #: Status of a new or resolved track below the minimum size (issue #32's vocabulary).
 INDETERMINATE = "indeterminate"
@@ -183,18 +183,108 @@ def _voxels(moved: np.ndarray, ids: Sequence[int]) -> np.ndarray:
     return np.flatnonzero(np.isin(flat, np.asarray(ids, flat.dtype)))
 
 
-def _seen(scan: PlacedScan, voxels: np.ndarray) -> bool:
-    if scan.sees is None or voxels.size == 0:
-        return True
-    return float(np.mean(scan.sees(voxels))) >= SEEN_FRACTION
-
-
 def _status(previous_ml: float, volume_ml: float, change: float, min_change_ml: float, min_size_ml: float) -> str:
     status = change_status(previous_ml, volume_ml, change=change, min_change_ml=min_change_ml)
     if min_size_ml > 0 and ((status == "new" and volume_ml < min_size_ml)
                             or (status == "resolved" and previous_ml < min_size_ml)):
         return INDETERMINATE
     return status
+
+
+class Tracker:
+    """:func:`track_lesions` one scan at a time (a scan's tracks never depend on later scans, so a
+    timeline can drop each scan's images once it is tracked).
+
+    Args:
+        match_mm, change, min_change_ml, min_size_ml: as :func:`track_lesions`.
+    """
+
+    def __init__(self, *, match_mm: float = DEFAULT_MATCH_MM, change: float = DEFAULT_CHANGE,
+                 min_change_ml: float = DEFAULT_MIN_CHANGE_ML, min_size_ml: float = 0.0) -> None:
+        self.match_mm, self.change, self.min_change_ml, self.min_size_ml = match_mm, change, min_change_ml, min_size_ml
+        self.tracking = Tracking()
+        self._foot: dict[int, _Footprint] = {}
+        self._sees: list[Callable[[np.ndarray], np.ndarray] | None] = []
+        self._shape: tuple[int, ...] | None = None
+        self._next = 1
+
+    def _status(self, previous_ml: float, volume_ml: float) -> str:
+        return _status(previous_ml, volume_ml, self.change, self.min_change_ml, self.min_size_ml)
+
+    def _seen_by(self, j: int, voxels: np.ndarray) -> bool:
+        sees = self._sees[j]
+        return sees is None or voxels.size == 0 or float(np.mean(sees(voxels))) >= SEEN_FRACTION
+
+    def add(self, scan: PlacedScan) -> list[TrackStep]:
+        """Track the next scan; returns its steps (one per track known at it, by track id).
+
+        Raises:
+            ValueError: ``scan.moved`` is not on the first scan's grid.
+        """
+        k = len(self.tracking.steps)
+        if k == 0:
+            self._shape = scan.moved.shape
+        elif scan.moved.shape != self._shape:
+            raise ValueError(f"scan {k}: lesion ids on a grid of shape {scan.moved.shape}; expected the first "
+                             f"scan's {self._shape}")
+        self._sees.append(scan.sees)
+        foot = self._foot
+        steps: list[TrackStep] = []
+        if k == 0:
+            for i in range(1, scan.n + 1):
+                steps.append(TrackStep(i, 0, (i,), float(scan.volume_ml[i - 1]), None, BASELINE_EVENT))
+                foot[i] = _Footprint(_voxels(scan.moved, [i]), scan.centroid_mm[i - 1].copy(),
+                                     float(scan.volume_ml[i - 1]))
+            self._next = scan.n + 1
+            self.tracking.steps.append(steps)
+            return steps
+        alive = sorted(foot)
+        flat = scan.moved.ravel()
+        overlaps = set()
+        for a, t in enumerate(alive, start=1):
+            hit = np.unique(flat[foot[t].voxels])
+            overlaps |= {(a, int(j)) for j in hit if j}
+        centroids = np.array([foot[t].centroid for t in alive]).reshape(-1, 3)
+        pairs = match(overlaps, centroids, scan.centroid_mm.reshape(-1, 3), self.match_mm)
+        previous = {t: foot[t].volume_ml for t in alive}
+        updates: dict[int, _Footprint] = {}
+        for a_ids, lesions in _components(pairs, len(alive), scan.n):
+            tracks = [alive[a - 1] for a in a_ids]
+            volume = float(sum(scan.volume_ml[j - 1] for j in lesions))
+            if not lesions:  # one track, absent here
+                (t,) = tracks
+                if not self._seen_by(k, foot[t].voxels):
+                    steps.append(TrackStep(t, k, (), 0.0, None, OUTSIDE, previous[t]))
+                elif previous[t] > 0:
+                    steps.append(TrackStep(t, k, (), 0.0, self._status(previous[t], 0.0), "resolved", previous[t]))
+                    foot[t].volume_ml = 0.0
+                else:
+                    steps.append(TrackStep(t, k, (), 0.0, None, ABSENT))
+                continue
+            before = float(sum(previous[t] for t in tracks))
+            status = self._status(before, volume)
+            if not tracks:
+                survivor, event = self._next, "new"
+                self._next += 1
+            else:
+                survivor = min(tracks)
+                event = REAPPEARED if before == 0 else _link_event(len(tracks), len(lesions))
+                for t in tracks:
+                    if t != survivor:
+                        steps.append(TrackStep(t, k, (), 0.0, None, f"{MERGED_INTO} {survivor}", previous[t]))
+                        self.tracking.merged[t] = (k, survivor)
+                        del foot[t]
+            place = _voxels(scan.moved, lesions)
+            unseen = tuple(j for j in range(k) if not self._seen_by(j, place))
+            steps.append(TrackStep(survivor, k, tuple(lesions), volume, status, event, before, unseen))
+            updates[survivor] = _Footprint(place, _weighted(scan.centroid_mm, scan.volume_ml, lesions), volume)
+        for t, fp in updates.items():
+            if fp.voxels.size == 0 and t in foot:  # a lesion outside the first scan's field of view
+                fp.voxels = foot[t].voxels
+            foot[t] = fp
+        steps.sort(key=lambda s: s.track)
+        self.tracking.steps.append(steps)
+        return steps
 
 
 def track_lesions(scans: Sequence[PlacedScan], *, match_mm: float = DEFAULT_MATCH_MM, change: float = DEFAULT_CHANGE,
@@ -208,7 +298,10 @@ def track_lesions(scans: Sequence[PlacedScan], *, match_mm: float = DEFAULT_MATC
         min_size_ml: new or resolved tracks below this volume are ``indeterminate`` (0: off).
 
     Returns:
-        The :class:`Tracking`.
+        The :class:`Tracking` (:class:`Tracker` adds one scan at a time).
+
+    Raises:
+        ValueError: a scan's ``moved`` is not on the first scan's grid.
 
     Examples:
         Lesion 1 of t0 resolves at t1 and comes back at t2 at its place; a new one appears at t1 50 mm
@@ -223,70 +316,10 @@ def track_lesions(scans: Sequence[PlacedScan], *, match_mm: float = DEFAULT_MATC
         >>> [[(s.track, s.status, s.event) for s in k] for k in t.steps]
         [[(1, None, 'baseline')], [(1, 'resolved', 'resolved'), (2, 'new', 'new')], [(1, 'new', 'reappeared'), (2, 'stable', 'one-to-one')]]
     """
-    shape = scans[0].moved.shape if scans else None
-    tracking = Tracking()
-    foot: dict[int, _Footprint] = {}
-    next_id = 1
-    for k, scan in enumerate(scans):
-        if scan.moved.shape != shape:
-            raise ValueError(f"scan {k}: lesion ids on a grid of shape {scan.moved.shape}; expected the first "
-                             f"scan's {shape}")
-        steps: list[TrackStep] = []
-        if k == 0:
-            for i in range(1, scan.n + 1):
-                steps.append(TrackStep(i, 0, (i,), float(scan.volume_ml[i - 1]), None, BASELINE_EVENT))
-                foot[i] = _Footprint(_voxels(scan.moved, [i]), scan.centroid_mm[i - 1].copy(),
-                                     float(scan.volume_ml[i - 1]))
-            next_id = scan.n + 1
-            tracking.steps.append(steps)
-            continue
-        alive = sorted(foot)
-        flat = scan.moved.ravel()
-        overlaps = set()
-        for a, t in enumerate(alive, start=1):
-            hit = np.unique(flat[foot[t].voxels])
-            overlaps |= {(a, int(j)) for j in hit if j}
-        centroids = np.array([foot[t].centroid for t in alive]).reshape(-1, 3)
-        pairs = match(overlaps, centroids, scan.centroid_mm.reshape(-1, 3), match_mm)
-        previous = {t: foot[t].volume_ml for t in alive}
-        updates: dict[int, _Footprint] = {}
-        for a_ids, lesions in _components(pairs, len(alive), scan.n):
-            tracks = [alive[a - 1] for a in a_ids]
-            volume = float(sum(scan.volume_ml[j - 1] for j in lesions))
-            if not lesions:  # one track, absent here
-                (t,) = tracks
-                if not _seen(scan, foot[t].voxels):
-                    steps.append(TrackStep(t, k, (), 0.0, None, OUTSIDE, previous[t]))
-                elif previous[t] > 0:
-                    steps.append(TrackStep(t, k, (), 0.0, _status(previous[t], 0.0, change, min_change_ml,
-                                                                   min_size_ml), "resolved", previous[t]))
-                    foot[t].volume_ml = 0.0
-                else:
-                    steps.append(TrackStep(t, k, (), 0.0, None, ABSENT))
-                continue
-            before = float(sum(previous[t] for t in tracks))
-            status = _status(before, volume, change, min_change_ml, min_size_ml)
-            if not tracks:
-                survivor, event = next_id, "new"
-                next_id += 1
-            else:
-                survivor = min(tracks)
-                event = REAPPEARED if before == 0 else _link_event(len(tracks), len(lesions))
-                for t in tracks:
-                    if t != survivor:
-                        steps.append(TrackStep(t, k, (), 0.0, None, f"{MERGED_INTO} {survivor}", previous[t]))
-                        tracking.merged[t] = (k, survivor)
-                        del foot[t]
-            place = _voxels(scan.moved, lesions)
-            unseen = tuple(j for j in range(k) if not _seen(scans[j], place))
-            steps.append(TrackStep(survivor, k, tuple(lesions), volume, status, event, before, unseen))
-            updates[survivor] = _Footprint(place, _weighted(scan.centroid_mm, scan.volume_ml, lesions), volume)
-        for t, fp in updates.items():
-            if fp.voxels.size == 0 and t in foot:  # a lesion outside the first scan's field of view
-                fp.voxels = foot[t].voxels
-            foot[t] = fp
-        tracking.steps.append(sorted(steps, key=lambda s: s.track))
-    return tracking
+    tracker = Tracker(match_mm=match_mm, change=change, min_change_ml=min_change_ml, min_size_ml=min_size_ml)
+    for scan in scans:
+        tracker.add(scan)
+    return tracker.tracking
 
 
 def followup_groups(tracking: Tracking, baseline_ml: np.ndarray) -> list[Group]:
