@@ -593,6 +593,10 @@ def _series_predictor(model: str | None, nnunet_work: str | None, options: dict)
               help="Delivery retries before a result goes to the spool's undelivered/ folder.")
 @click.option("--retry-seconds", default=5.0, show_default=True, type=float,
               help="Wait before the first retry; doubled for each next one.")
+@click.option("--priors", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Per new CT series, up to this many earlier CT studies of the patient (the node's archive, then "
+                   "the destination by C-FIND/C-GET or QIDO/WADO-RS; newest first) make a timeline whose report is "
+                   "delivered in place of predict's; 0: none, nothing archived.")
 @click.option("--once", is_flag=True, help="Process what is in the spool (no listening) and exit.")
 @click.option("--resend", is_flag=True, help="First move undelivered results back to be delivered again.")
 @_node_options
@@ -602,7 +606,8 @@ def _series_predictor(model: str | None, nnunet_work: str | None, options: dict)
               help="Keras: as predict --precision.")
 def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destination: str, port: int, host: str,
               ae_title: str, allow: str | None, idle_seconds: float, workers: int, no_dicom_seg: bool, no_sr: bool,
-              min_free_gb: float, retries: int, retry_seconds: float, once: bool, resend: bool, **options) -> None:
+              min_free_gb: float, retries: int, retry_seconds: float, priors: int, once: bool, resend: bool,
+              **options) -> None:
     """A DICOM node: receive CT (C-STORE) from a PACS, predict each complete series as
     `predict --images` does, and send the SEG and the TID 1500 report back (C-STORE or STOW-RS)."""
     import signal
@@ -617,7 +622,8 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
     config = NodeConfig(spool=Path(spool), destination=Destination.parse(destination), ae_title=ae_title, host=host,
                         port=port, allow=tuple(a.strip() for a in allow.split(",") if a.strip()) if allow else (),
                         idle_seconds=idle_seconds, workers=workers, min_free_gb=min_free_gb, retries=retries,
-                        retry_seconds=retry_seconds, deliver_seg=not no_dicom_seg, deliver_sr=not no_sr)
+                        retry_seconds=retry_seconds, deliver_seg=not no_dicom_seg, deliver_sr=not no_sr,
+                        priors=priors)
     config.check()
     if resend:
         moved = Spool(config.spool).resend()
