@@ -752,10 +752,12 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
               help="New lesions of a later scan that must persist on its confirming scan (PCWG3: 2).")
 @click.option("--pcwg3-interval-days", default=42, show_default=True, type=int,
               help="A confirming scan is at least this many days after the scan it confirms (PCWG3: 6 weeks).")
+@click.option("--sr", is_flag=True, help="DICOM series: also a SEG and a TID 1500 report per follow-up study in "
+              "OUT/dicom/ (one tracking identifier and UID per track in every study, the PCWG3 state).")
 def timeline_cmd(cts: tuple[str, ...], out: str, masks: tuple[str, ...], model: str | None, nnunet_work: str | None,
                  dates: str | None, bones: tuple[str, ...], match_mm: float, change: float, min_change_ml: float,
                  no_registration: bool, series: str | None, overwrite: bool, min_size_ml: float, pcwg3_new: int,
-                 pcwg3_additional: int, pcwg3_persist: int, pcwg3_interval_days: int) -> None:
+                 pcwg3_additional: int, pcwg3_persist: int, pcwg3_interval_days: int, sr: bool) -> None:
     """Track a patient's CTs over time: one id per lesion for life, the PCWG3 bone rule per scan.
 
     CTs in date order (image files or DICOM series folders); every scan is registered rigidly and
@@ -773,7 +775,7 @@ def timeline_cmd(cts: tuple[str, ...], out: str, masks: tuple[str, ...], model: 
                                 interval_days=pcwg3_interval_days)
     path = run_timeline(list(cts), out, masks=list(masks) or None, predictor=_scan_predictor(model, nnunet_work, series),
                         model=model or nnunet_work, dates=dates.split(",") if dates else None,
-                        bones=list(bones) or None, settings=settings, series=series, overwrite=overwrite)
+                        bones=list(bones) or None, settings=settings, series=series, overwrite=overwrite, sr=sr)
     from analysis.imaging.records import read_csv
 
     rows = read_csv(path / "timeline.csv")

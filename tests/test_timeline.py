@@ -255,3 +255,46 @@ def test_dicom_dates_studies_and_one_patient(tmp_path):
     assert_clean_error(run([*studies, other], tmp_path / "o"), ["patient 'P2'", "'P1'", "one patient"])
     assert_clean_error(run([studies[0], undated], tmp_path / "o"), ["no StudyDate", "--dates"])
     assert snapshot(tmp_path) == before
+
+
+def test_sr_one_report_per_follow_up_study_with_one_uid_per_track(tmp_path):
+    from analysis.monitoring.timeline_dicom import read_timeline_report
+
+    a = (2, 6, 6, 12, 6, 12)
+    b = (2, 6, 24, 30, 24, 30)
+    c = (7, 10, 6, 12, 24, 30)
+    d = (7, 10, 26, 32, 6, 12)
+    e = (7, 10, 32, 38, 32, 38)
+    studies = [_tiny_study(tmp_path, "s0", [a], date="20250106"),
+               _tiny_study(tmp_path, "s1", [a, b, d], date="20250331"),
+               _tiny_study(tmp_path, "s2", [b, c, d, e], date="20250623")]
+    args = ["timeline", *(s[0] for s in studies)]
+    for s in studies:
+        args += ["--masks", s[1]]
+    out = tmp_path / "out"
+    result = invoke([*args, "--no-registration", "--sr", "--out", out])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "dicom").iterdir()) == ["t1_seg.dcm", "t1_sr.dcm", "t2_seg.dcm", "t2_sr.dcm"]
+    r1, r2 = (read_timeline_report(out / "dicom" / f"t{k}_sr.dcm") for k in (1, 2))
+    record = json.loads((out / "timeline.json").read_text(encoding="utf-8"))
+    uids = record["tracking_uids"]
+    assert [(t["track"], t["status"]) for t in r1["tracks"]] == [(1, "stable"), (2, "new"), (3, "new")]
+    assert [(t["track"], t["status"]) for t in r2["tracks"]] == [(1, "resolved"), (2, "stable"), (3, "stable"),
+                                                                  (4, "new"), (5, "new")]
+    for report in (r1, r2):  # one identifier and UID per track, in every study
+        assert all(t["tracking_uid"] == uids[str(t["track"])] for t in report["tracks"])
+    assert r1["summary"]["state"] == "progression (2025-03-31)" and r2["summary"]["state"] == "progression (2025-03-31)"
+    assert r2["tracks"][0]["segment"] is None and r2["tracks"][0]["previous_ml"] > 0  # resolved: no segment
+    import pydicom
+
+    seg2 = pydicom.dcmread(out / "dicom" / "t2_seg.dcm")
+    study2 = pydicom.dcmread(next(studies[2][0].iterdir()), stop_before_pixels=True)
+    assert (r2["study_uid"], str(seg2.StudyInstanceUID)) == (str(study2.StudyInstanceUID),) * 2
+    assert {(str(i.TrackingID), str(i.TrackingUID)) for i in seg2.SegmentSequence} == {
+        (f"lesion {t}", uids[str(t)]) for t in (2, 3, 4, 5)}
+    # without DICOM inputs --sr is refused before any work
+    before = snapshot(tmp_path)
+    assert_clean_error(invoke(["timeline", studies[0][1], studies[1][0], "--masks", studies[0][1], "--masks",
+                               studies[1][1], "--sr", "--out", tmp_path / "o"]), ["--sr", "s0_mask.nii.gz",
+                                                                                  "not a DICOM series"])
+    assert snapshot(tmp_path) == before

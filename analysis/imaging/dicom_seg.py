@@ -164,7 +164,8 @@ def _check_mask(mask: np.ndarray, series: DicomSeries) -> np.ndarray:
 
 def _build(mask: np.ndarray, series: DicomSeries, headers: list[pydicom.Dataset], *, model_name: str,
            model_version: str, series_number: int, series_description: str, per_lesion: bool,
-           uids: tuple[str, str], lesion_ids: Sequence[int] | None = None) -> hd.seg.Segmentation:
+           uids: tuple[str, str], lesion_ids: Sequence[int] | None = None,
+           tracking_uids: Sequence[str] | None = None) -> hd.seg.Segmentation:
     """``mask``: 0/1 (one segment) or segment numbers 1..N (``per_lesion``: segment i is lesion
     ``lesion_ids[i - 1]``, default lesion i)."""
     algorithm = hd.AlgorithmIdentificationSequence(name=model_name, family=ALGORITHM_FAMILY, version=model_version)
@@ -175,7 +176,8 @@ def _build(mask: np.ndarray, series: DicomSeries, headers: list[pydicom.Dataset]
         segmented_property_category=CATEGORY, segmented_property_type=PROPERTY_TYPE,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
         tracking_id=f"lesion {ids[i - 1]}" if per_lesion else None,
-        tracking_uid=result_uid(uids[0], f"lesion {ids[i - 1]}") if per_lesion else None) for i in range(1, n + 1)]
+        tracking_uid=(tracking_uids[i - 1] if tracking_uids else result_uid(uids[0], f"lesion {ids[i - 1]}"))
+        if per_lesion else None) for i in range(1, n + 1)]
     row_spacing, col_spacing = series.pixel_spacing
     thickness = series.slice_thickness if series.slice_thickness else series.slice_spacing
     measures = hd.PixelMeasuresSequence(pixel_spacing=(row_spacing, col_spacing), slice_thickness=thickness,
@@ -230,7 +232,8 @@ def _frames_aligned(path: Path, series: DicomSeries) -> str | None:
 def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.PathLike, *, model_name: str,
                     model_version: str, series_number: int = 9900,
                     series_description: str | None = None, labels: np.ndarray | None = None,
-                    uid_seed: str | None = None, lesion_ids: Sequence[int] | None = None) -> dict[str, Any]:
+                    uid_seed: str | None = None, lesion_ids: Sequence[int] | None = None,
+                    tracking_uids: Sequence[str] | None = None) -> dict[str, Any]:
     """Write a lesion mask as a DICOM SEG of its source series, verified before it is moved into place.
 
     The SEG is written to a temporary file in ``out_path``'s folder, read back with
@@ -256,6 +259,8 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
             (its label "bone metastasis K", TrackingID "lesion K" and TrackingUID), for lesion ids
             that are not 1..N (e.g. ``followup``'s tracked lesions absent from the baseline
             frame); None: segment i is lesion i.
+        tracking_uids: with ``labels``: segment i's TrackingUID (e.g. a lesion track's UID kept across
+            studies by ``timeline``); None: derived from the SEG's series UID and "lesion K".
 
     Returns:
         A JSON-able record. With lesion voxels::
@@ -281,6 +286,9 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
         if lesion_ids is not None and len(lesion_ids) != int(mask.max()):
             raise InputError(f"labels for series {series.series_uid}: {int(mask.max())} segment(s) but "
                              f"{len(lesion_ids)} lesion id(s); expected one id per segment")
+        if tracking_uids is not None and len(tracking_uids) != int(mask.max()):
+            raise InputError(f"labels for series {series.series_uid}: {int(mask.max())} segment(s) but "
+                             f"{len(tracking_uids)} tracking UID(s); expected one per segment")
     voxels = int(np.count_nonzero(mask))
     if voxels == 0:
         return {"written": False, "path": None, "reason": "no lesion voxels", "lesion_voxels": 0,
@@ -293,7 +301,7 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
     uids = (result_uid(uid_seed, "seg-series"), result_uid(uid_seed, "seg")) if uid_seed else (hd.UID(), hd.UID())
     seg = _build(mask, series, headers, model_name=model_name, model_version=model_version,
                  series_number=series_number, series_description=series_description or f"bonemets {model_name}",
-                 per_lesion=labels is not None, uids=uids, lesion_ids=lesion_ids)
+                 per_lesion=labels is not None, uids=uids, lesion_ids=lesion_ids, tracking_uids=tracking_uids)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     os.close(fd)

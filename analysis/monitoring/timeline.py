@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -54,6 +54,7 @@ from analysis.monitoring.followup import (
 from analysis.monitoring.matching import scan_lesions
 from analysis.monitoring.pcwg3 import Pcwg3Rule, TimePointState, pcwg3_tracks
 from analysis.monitoring.registration import Registration, bone_dice, identity, register_rigid, resample_to
+from analysis.monitoring.timeline_dicom import track_uid, write_study_report, write_study_seg
 from analysis.monitoring.timeline_figures import STATUS_NUMBERS, write_scan_preview, write_timeline_figure
 from analysis.monitoring.tracking import PlacedScan, Tracker, TrackStep, field_of_view
 from analysis.prediction.folder import mask_path, read_record
@@ -211,13 +212,15 @@ class _Placed:
     registration: Registration
     dice: float | None
     registered_ct: np.ndarray
+    labels: np.ndarray  # the scan's own lesion ids, its own grid
 
 
 def _place(first: Scan, scan: Scan, settings: TimelineSettings, where: str, *, is_first: bool) -> _Placed:
     """Register ``scan`` to ``first`` (checked), and place its lesions in the first scan's frame."""
     lesions = scan_lesions(scan.mask, scan.geometry)
     if is_first:
-        return _Placed(PlacedScan(lesions.labels, lesions.centroid_mm, lesions.volume_ml), identity(), None, first.ct)
+        return _Placed(PlacedScan(lesions.labels, lesions.centroid_mm, lesions.volume_ml), identity(), None, first.ct,
+                       lesions.labels)
     reg = register_rigid(first.image, scan.image, bone_hu=settings.bone_hu) if settings.register else identity()
     registered = sitk.GetArrayFromImage(resample_to(scan.image, first.image, reg.transform))
     ones = sitk.Image(scan.image.GetSize(), sitk.sitkUInt8) + 1
@@ -234,7 +237,7 @@ def _place(first: Scan, scan: Scan, settings: TimelineSettings, where: str, *, i
     moved = sitk.GetArrayFromImage(resample_to(image, first.image, reg.transform, labels=True))
     centroids = reg.to_baseline(lesions.centroid_mm) if lesions.n else np.zeros((0, 3))
     sees = field_of_view(first.geometry, scan.geometry, reg.to_followup)
-    return _Placed(PlacedScan(moved, centroids, lesions.volume_ml, sees), reg, dice, registered)
+    return _Placed(PlacedScan(moved, centroids, lesions.volume_ml, sees), reg, dice, registered, lesions.labels)
 
 
 def _maps(placed: PlacedScan, steps: Sequence[TrackStep], first_scan: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -266,7 +269,8 @@ def _study(case: InputCase) -> str:
 def run_timeline(cts: Sequence[str], out: str | os.PathLike, *, masks: Sequence[str] | None = None,
                  predictor: Predictor | None = None, model: str | None = None, dates: Sequence[str] | None = None,
                  bones: Sequence[str] | None = None, settings: TimelineSettings = TimelineSettings(),
-                 series: str | None = None, overwrite: bool = False) -> Path:
+                 series: str | None = None, overwrite: bool = False, sr: bool = False,
+                 lesion_uids: Sequence[Mapping[int, str] | None] | None = None) -> Path:
     """Track a patient's CTs over time and write OUT (see the module docstring).
 
     Args:
@@ -280,6 +284,10 @@ def run_timeline(cts: Sequence[str], out: str | os.PathLike, *, masks: Sequence[
         settings: thresholds, registration and the PCWG3 rule.
         series: DICOM: the SeriesInstanceUID to use in folders holding several.
         overwrite: replace an existing OUT.
+        sr: also write each follow-up study's SEG and TID 1500 report into ``OUT/dicom/``
+            (:mod:`analysis.monitoring.timeline_dicom`); every CT must then be a DICOM series.
+        lesion_uids: per CT, ``{lesion id: TrackingUID}`` of the SEG ``predict`` wrote for it (None where
+            there is none): a track keeps the UID of its first lesion.
 
     Returns:
         OUT.
@@ -302,6 +310,11 @@ def run_timeline(cts: Sequence[str], out: str | os.PathLike, *, masks: Sequence[
         if values is not None and len(values) != len(cts):
             raise InputError(f"{name}: {len(values)} files for {len(cts)} CTs; expected one per CT, in the same order")
     cases = [one_case(p, what=f"t{k}", series=series) for k, p in enumerate(cts)]
+    if sr:
+        for case in cases:
+            if case.series is None:
+                raise InputError(f"--sr: {case.path} is not a DICOM series; each study's SEG and report reference "
+                                 "its DICOM images (give every CT as a DICOM series folder)")
     when, date_sources = _check_inputs(cases, dates)
     with tempfile.TemporaryDirectory(prefix=".timeline-predict-", dir=out.resolve().parent
                                      if out.resolve().parent.is_dir() else None) as tmp, \
@@ -309,10 +322,10 @@ def run_timeline(cts: Sequence[str], out: str | os.PathLike, *, masks: Sequence[
         model_record = None
         if predictor is not None:
             masks, model_record = _predict_all(predictor, cases, Path(tmp))
-        result = _track(cases, masks, bones, when, settings, staging)
+        result = _track(cases, masks, bones, when, settings, staging, sr=sr, lesion_uids=lesion_uids)
         states = pcwg3_tracks(when, result["tracker"].tracking, rule=settings.rule, min_size_ml=settings.min_size_ml)
         _write(staging, cases, when, date_sources, states, result, settings, model=model,
-               model_record=model_record, seconds_so_far=time.perf_counter() - start)
+               model_record=model_record, seconds_so_far=time.perf_counter() - start, sr=sr)
     log.info("timeline: wrote %s", out)
     return out
 
@@ -335,12 +348,19 @@ def _predict_all(predictor: Predictor, cases: Sequence[InputCase], tmp: Path) ->
     return masks, record
 
 
+def _scan_id(case: InputCase, record: dict[str, Any]) -> str:
+    return case.series.series_uid if case.series is not None else f"sha256:{record['sha256'][:32]}"
+
+
 def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str] | None, when: Sequence[dt.date],
-           settings: TimelineSettings, staging: Path) -> dict[str, Any]:
-    """Load, register, place, track and preview each scan in turn (the first kept, the others released)."""
+           settings: TimelineSettings, staging: Path, *, sr: bool,
+           lesion_uids: Sequence[Mapping[int, str] | None] | None) -> dict[str, Any]:
+    """Load, register, place, track and preview each scan in turn (the first kept, the others released);
+    with ``sr`` also each follow-up study's SEG (its tracks known once the scan is tracked)."""
     tracker = Tracker(match_mm=settings.match_mm, change=settings.change, min_change_ml=settings.min_change_ml,
                       min_size_ml=settings.min_size_ml)
-    records, registrations, seconds, track_bones = [], [], [], []
+    records, registrations, seconds, track_bones, segs = [], [], [], [], {}
+    uids: dict[int, str] = {}
     first: Scan | None = None
     for k, case in enumerate(cases):
         t0 = time.perf_counter()
@@ -349,6 +369,16 @@ def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str
             first = scan
         p = _place(first, scan, settings, str(case.path), is_first=k == 0)
         steps = tracker.add(p.placed)
+        for st in steps:  # a track keeps the UID of the lesion it was first seen as
+            if st.present and st.track not in uids:
+                uids[st.track] = track_uid(_scan_id(case, scan.record), min(st.lesions),
+                                           lesion_uids[k] if lesion_uids else None)
+        if sr and k:
+            lut = np.zeros(p.placed.n + 1, np.uint32)
+            for st in steps:
+                lut[list(st.lesions)] = st.track
+            segs[k] = write_study_seg(_dicom_dir(staging), k, case.series, lut[p.labels], uids,
+                                      seed=f"{case.series.series_uid}|timeline|{scan.record['sha256'][:32]}")
         codes, numbers = _maps(p.placed, steps, k == 0)
         present = [s for s in steps if s.present]
         title = (f"t{k} {when[k].isoformat()}\n{len(present)} tracked lesion(s), "
@@ -363,7 +393,13 @@ def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str
         if k:
             del scan
     return {"tracker": tracker, "records": records, "registrations": registrations, "seconds": seconds,
-            "bones": track_bones}
+            "bones": track_bones, "uids": uids, "segs": segs}
+
+
+def _dicom_dir(staging: Path) -> Path:
+    folder = staging / "dicom"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def _rows(when: Sequence[dt.date], cases: Sequence[InputCase], steps: Sequence[Sequence[TrackStep]],
@@ -381,6 +417,24 @@ def _rows(when: Sequence[dt.date], cases: Sequence[InputCase], steps: Sequence[S
                            "volume_ml": s.volume_ml, "status": s.status or "", "bone": bones[k].get(s.track),
                            "lesion_ids": ";".join(map(str, s.lesions)), "event": s.event})
     return scans, tracks
+
+
+def _write_reports(staging: Path, cases: Sequence[InputCase], scans: Sequence[dict[str, Any]],
+                   steps: Sequence[Sequence[TrackStep]], result: dict[str, Any]) -> dict[str, Any]:
+    """Each follow-up study's TID 1500 report (its SEG is already written)."""
+    out = {}
+    for k in range(1, len(cases)):
+        rows = [{"track": s.track, "tracking_uid": result["uids"][s.track], "status": s.status,
+                 "volume_ml": s.volume_ml, "previous_ml": s.previous_ml, "bone": result["bones"][k].get(s.track)}
+                for s in steps[k] if s.present or (s.status is not None)]
+        seg = result["segs"][k]
+        record = cases[k].series
+        sr = write_study_report(_dicom_dir(staging), k, record, rows=rows, summary=scans[k],
+                                date=scans[k]["date"].isoformat(),
+                                seg_path=_dicom_dir(staging) / seg["path"] if seg["written"] else None,
+                                seed=f"{record.series_uid}|timeline-sr|{result['records'][k]['sha256'][:32]}")
+        out[f"t{k}"] = {"seg": seg, "sr": sr}
+    return out
 
 
 def _html(scans: Sequence[dict[str, Any]], tracks: Sequence[dict[str, Any]], settings: TimelineSettings) -> str:
@@ -416,10 +470,11 @@ def _cell(value: Any) -> str:
 
 def _write(staging: Path, cases: Sequence[InputCase], when: Sequence[dt.date], date_sources: Sequence[str],
            states: Sequence[TimePointState], result: dict[str, Any], settings: TimelineSettings, *,
-           model: str | None, model_record: dict[str, Any] | None, seconds_so_far: float) -> None:
+           model: str | None, model_record: dict[str, Any] | None, seconds_so_far: float, sr: bool) -> None:
     t0 = time.perf_counter()
     tracking = result["tracker"].tracking
     scans, tracks = _rows(when, cases, tracking.steps, states, result["bones"])
+    dicom = _write_reports(staging, cases, scans, tracking.steps, result) if sr else None
     atomic_write_text(staging / "timeline.csv", csv_text(TIMELINE_COLUMNS, scans))
     atomic_write_text(staging / "tracks.csv", csv_text(TRACK_COLUMNS, tracks))
     write_timeline_figure(staging / "timeline.png", scans, tracks)
@@ -440,8 +495,12 @@ def _write(staging: Path, cases: Sequence[InputCase], when: Sequence[dt.date], d
         "splits": sorted({(t, k) for t, k, e in events if e in ("split", "split-merge")}),
         "merges": [{"track": t, "scan": k, "into": into} for t, (k, into) in sorted(tracking.merged.items())],
         "reappeared": sorted({(t, k) for t, k, e in events if e == "reappeared"}),
+        "tracking_uids": {str(t): u for t, u in sorted(result["uids"].items())},
         "model": None if model is None else {"model": model, "predict": model_record},
-        "outputs": [*OUTPUTS, *(f"preview_t{k}.png" for k in range(len(cases)))],
+        "dicom": dicom,
+        "outputs": [*OUTPUTS, *(f"preview_t{k}.png" for k in range(len(cases))),
+                    *(f"dicom/{r[part]['path']}" for r in (dicom or {}).values() for part in ("seg", "sr")
+                      if r[part]["written"])],
         "versions": versions(core=True),
         "seconds": {"scans": result["seconds"], "writing": round(time.perf_counter() - t0, 3),
                     "total": round(seconds_so_far + time.perf_counter() - t0, 3)},
