@@ -82,15 +82,24 @@ def timeline_report(spool: Path, job: str, series_dir: Path, pred_dir: Path, *, 
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _lesion_uids(pred: Path) -> dict[int, str] | None:
+    """The TrackingUID of each lesion's segment in the SEG predict wrote into a PRED folder."""
+    from analysis.monitoring.timeline_dicom import seg_tracking_uids
+
+    segs = sorted((pred / "dicom_seg").glob("*.dcm"))
+    return seg_tracking_uids(segs[0]) if len(segs) == 1 else None
+
+
 def _build(stored: Path, priors: list, header: dict[str, Any]) -> list[Path]:
     from analysis.monitoring.timeline import run_timeline
 
     out = stored / TIMELINE
     try:
+        preds = [p.pred for p in priors] + [stored / "pred"]
         cts = [str(p.ct) for p in priors] + [str(stored / "ct")]
-        masks = [str(mask_in(p.pred)) for p in priors] + [str(mask_in(stored / "pred"))]
-        run_timeline(cts, out, masks=masks, overwrite=True)
-    except (InputError, DataProblems, OSError, ValueError) as exc:
+        run_timeline(cts, out, masks=[str(mask_in(p)) for p in preds], overwrite=True, sr=True,
+                     lesion_uids=[_lesion_uids(p) for p in preds])
+    except (InputError, DataProblems, OSError, ValueError, KeyError) as exc:
         log.warning("series %s: timeline with %d prior(s) not built (%s); delivering predict's results",
                     header["series_uid"], len(priors), str(exc)[:300])
         return []
