@@ -367,7 +367,9 @@ def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str
         scan = _load(case, masks[k], bones[k] if bones else None, what=f"t{k}")
         if first is None:
             first = scan
+        t_read = time.perf_counter()
         p = _place(first, scan, settings, str(case.path), is_first=k == 0)
+        t_place = time.perf_counter()
         steps = tracker.add(p.placed)
         for st in steps:  # a track keeps the UID of the lesion it was first seen as
             if st.present and st.track not in uids:
@@ -379,6 +381,7 @@ def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str
                 lut[list(st.lesions)] = st.track
             segs[k] = write_study_seg(_dicom_dir(staging), k, case.series, lut[p.labels], uids,
                                       seed=f"{case.series.series_uid}|timeline|{scan.record['sha256'][:32]}")
+        t_track = time.perf_counter()
         codes, numbers = _maps(p.placed, steps, k == 0)
         present = [s for s in steps if s.present]
         title = (f"t{k} {when[k].isoformat()}\n{len(present)} tracked lesion(s), "
@@ -388,8 +391,10 @@ def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str
         records.append(scan.record)
         registrations.append(None if k == 0 else {**p.registration.to_json(), "to": "t0", "direct": True,
                                                   "bone_dice": round(p.dice, 6)})
-        seconds.append({"scan": k, "registration": round(p.registration.seconds, 3),
-                        "total": round(time.perf_counter() - t0, 3)})
+        seconds.append({"scan": k, "reading": round(t_read - t0, 3), "registration": round(p.registration.seconds, 3),
+                        "placement": round(t_place - t_read - p.registration.seconds, 3),
+                        "tracking_and_seg": round(t_track - t_place, 3),
+                        "preview": round(time.perf_counter() - t_track, 3), "total": round(time.perf_counter() - t0, 3)})
         if k:
             del scan
     return {"tracker": tracker, "records": records, "registrations": registrations, "seconds": seconds,

@@ -54,8 +54,12 @@ def orthanc(tmp_path_factory):
     server.stop()
 
 
+#: Seconds to wait for a result: a prediction per prior and the registrations on a loaded 2-CPU machine.
+WAIT = 600
+
+
 def _report(orthanc: Orthanc, study: str, tmp: Path, modality: str = "SR") -> Path:
-    (data,) = orthanc.wait_for(study, (modality,))[modality]
+    (data,) = orthanc.wait_for(study, (modality,), timeout=WAIT)[modality]
     path = tmp / f"{study}.{modality}.dcm"
     path.write_bytes(data)
     return path
@@ -71,7 +75,7 @@ def test_the_third_study_reuses_the_tracking_uids_of_the_first_two(orthanc, live
     first = read_measurement_report(_report(orthanc, ids[0], tmp_path))
     assert first["lesions"], "the lively RUN found no lesion: nothing to track"
     assert orthanc.send("bonemets", ids[1]).ok
-    node.wait_log("timeline of 2 scans")
+    node.wait_log("timeline of 2 scans", timeout=WAIT)
     second = read_timeline_report(_report(orthanc, ids[1], tmp_path))
     assert node.term() == 0
     assert "1 earlier CT study" in node.text() and "from the archive" in node.text()
@@ -82,7 +86,7 @@ def test_the_third_study_reuses_the_tracking_uids_of_the_first_two(orthanc, live
     node = Node(lively, tmp_path / "spool_b", dest, threshold, "--priors", "3")
     orthanc.set_modality("bonemets", "BONEMETS", node.port)
     assert orthanc.send("bonemets", ids[2]).ok
-    node.wait_log("timeline of 3 scans", timeout=180)
+    node.wait_log("timeline of 3 scans", timeout=WAIT)
     third = read_timeline_report(_report(orthanc, ids[2], tmp_path))
     assert node.term() == 0
     log = node.text()
@@ -102,7 +106,7 @@ def test_a_prior_that_cannot_be_retrieved_leaves_the_new_result_delivered(orthan
     orthanc.set_modality("bonemets", "BONEMETS", node.port, AllowGet=False)  # C-FIND answered, C-GET refused
     try:
         assert orthanc.send("bonemets", ids[2]).ok
-        node.wait_log("delivered 2 result(s)", timeout=120)
+        node.wait_log("delivered 2 result(s)", timeout=WAIT)
     finally:
         orthanc.set_modality("bonemets", "BONEMETS", node.port)
     assert node.term() == 0
