@@ -373,9 +373,10 @@ def find_priors(header: dict[str, Any], archive: Archive, pacs: PacsClient | Non
     if len(set(dates)) != len(dates):  # two studies of one day: keep the first found of each day
         seen: set[dt.date] = set()
         chosen = [p for p in chosen if not (p.date in seen or seen.add(p.date))]
+    chosen.sort(key=lambda p: p.date)
     log.info("priors: %d earlier CT stud%s for series %s (%s)", len(chosen), "y" if len(chosen) == 1 else "ies",
              header["series_uid"], ", ".join(f"{p.date} from the {p.source}" for p in chosen) or "none")
-    return sorted(chosen, key=lambda p: p.date)
+    return chosen
 
 
 def _fetch(study_uid: str, date: dt.date, key: PatientKey, archive: Archive, pacs: PacsClient, predict: Predict,
