@@ -4,8 +4,10 @@ Writes (or reuses) ``phantom --scale paper --cases 1 --timepoints 4`` (385 x 512
 2.5 mm; each later scan moved and stored on its own grid), then runs ``python cli.py timeline`` in mask mode
 on the first 2, 3 and 4 scans, each as a subprocess under ``/usr/bin/time -v``, and prints, per run, the
 seconds of each scan (reading, registration to the first, placement, tracking, preview) from
-``timeline.json``, the total, the peak resident memory, and whether every track and status (and, for all
-four scans, every PCWG3 state) equals the phantom's truth. Usage: ``python benchmarks/timeline_scans.py [--work DIR]``.
+``timeline.json``, the total, the peak resident memory, and whether every track and status (and, for
+all four scans, every PCWG3 state) equals the phantom's truth; then ``followup`` on t0 and t1 (the
+two-scan case) in the same minutes, for the ratio. Usage:
+``python benchmarks/timeline_scans.py [--work DIR]``.
 """
 from __future__ import annotations
 
@@ -61,7 +63,20 @@ def main() -> None:
                         "tracks_equal_truth": got == want, "states_equal_truth": same_states,
                         "bone_dice": [r and r["bone_dice"] for r in record["registrations"]]})
         print(json.dumps(results[-1]), flush=True)
-    print(json.dumps({"work": str(work), "results": results}, indent=1))
+    # the same machine, the same minutes: followup on t0 and t1, the two-scan case, for the ratio
+    folder = [scan_folder(ds, k) for k in (0, 1)]
+    cmd = [sys.executable, str(ROOT / "cli.py"), "followup", "--baseline", str(folder[0] / "imagesTr" / f"{CASE}_0000.nii.gz"),
+           "--followup", str(folder[1] / "imagesTr" / f"{CASE}_0000.nii.gz"),
+           "--baseline-mask", str(folder[0] / "labelsTr" / f"{CASE}.nii.gz"),
+           "--followup-mask", str(folder[1] / "labelsTr" / f"{CASE}.nii.gz"), "--out", str(work / "followup"),
+           "--overwrite"]
+    run = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=ROOT, capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(run.stderr[-2000:])
+    pair = json.loads((work / "followup" / "followup.json").read_text(encoding="utf-8"))["seconds"]
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1)) / 1e6
+    print(json.dumps({"followup_pair": pair, "peak_rss_gb": round(rss, 2)}), flush=True)
+    print(json.dumps({"work": str(work), "results": results, "followup_pair": pair}, indent=1))
 
 
 if __name__ == "__main__":

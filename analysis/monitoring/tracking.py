@@ -178,9 +178,19 @@ def _weighted(centroids: np.ndarray, volumes: np.ndarray, ids: Sequence[int]) ->
     return (centroids[idx] * w[:, None]).sum(axis=0) / max(float(w.sum()), 1e-12)
 
 
-def _voxels(moved: np.ndarray, ids: Sequence[int]) -> np.ndarray:
+def _by_lesion(moved: np.ndarray) -> dict[int, np.ndarray]:
+    """The flat indices of each lesion id's voxels, one pass over the volume."""
     flat = moved.ravel()
-    return np.flatnonzero(np.isin(flat, np.asarray(ids, flat.dtype)))
+    nz = np.flatnonzero(flat)
+    ids = flat[nz]
+    order = np.argsort(ids, kind="stable")
+    labels, starts = np.unique(ids[order], return_index=True)
+    return {int(i): nz[order[a:b]] for i, a, b in zip(labels, starts, [*starts[1:], len(order)])}
+
+
+def _voxels(by_lesion: dict[int, np.ndarray], ids: Sequence[int]) -> np.ndarray:
+    parts = [by_lesion[i] for i in ids if i in by_lesion]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def _status(previous_ml: float, volume_ml: float, change: float, min_change_ml: float, min_size_ml: float) -> str:
@@ -230,10 +240,11 @@ class Tracker:
         self._sees.append(scan.sees)
         foot = self._foot
         steps: list[TrackStep] = []
+        by_lesion = _by_lesion(scan.moved)
         if k == 0:
             for i in range(1, scan.n + 1):
                 steps.append(TrackStep(i, 0, (i,), float(scan.volume_ml[i - 1]), None, BASELINE_EVENT))
-                foot[i] = _Footprint(_voxels(scan.moved, [i]), scan.centroid_mm[i - 1].copy(),
+                foot[i] = _Footprint(_voxels(by_lesion, [i]), scan.centroid_mm[i - 1].copy(),
                                      float(scan.volume_ml[i - 1]))
             self._next = scan.n + 1
             self.tracking.steps.append(steps)
@@ -274,7 +285,7 @@ class Tracker:
                         steps.append(TrackStep(t, k, (), 0.0, None, f"{MERGED_INTO} {survivor}", previous[t]))
                         self.tracking.merged[t] = (k, survivor)
                         del foot[t]
-            place = _voxels(scan.moved, lesions)
+            place = _voxels(by_lesion, lesions)
             unseen = tuple(j for j in range(k) if not self._seen_by(j, place))
             steps.append(TrackStep(survivor, k, tuple(lesions), volume, status, event, before, unseen))
             updates[survivor] = _Footprint(place, _weighted(scan.centroid_mm, scan.volume_ml, lesions), volume)
