@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis.lesions import group_lesions, lesion_instances
-from analysis.monitoring.matching import match, overlap_pairs
+from analysis.lesions import group_lesions, lesion_instances, overlap_pairs
+from analysis.monitoring.matching import match
 from analysis.monitoring.tracking import INDETERMINATE, PlacedScan, followup_groups, track_lesions
 
 SHAPE = (1, 4, 40)
@@ -100,7 +100,8 @@ def _random_scan(boxes) -> PlacedScan:
 @given(masks, masks, st.floats(0.0, 15.0))
 def test_two_scans_group_exactly_as_followup_does(a, b, match_mm):
     base, fu = _random_scan(a), _random_scan(b)
-    expected = group_lesions(match(overlap_pairs(base.moved, fu.moved), base.centroid_mm, fu.centroid_mm, match_mm),
+    shared_b, shared_f, _ = overlap_pairs(base.moved, fu.moved)
+    expected = group_lesions(match(zip(shared_b, shared_f), base.centroid_mm, fu.centroid_mm, match_mm),
                              base.volume_ml, fu.volume_ml)
     got = followup_groups(track_lesions([base, fu], match_mm=match_mm), base.volume_ml)
     assert got == expected

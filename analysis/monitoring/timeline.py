@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 
 from analysis.errors import InputError
 from analysis.imaging.inputs import InputCase
-from analysis.imaging.io import array_to_image, atomic_directory, atomic_write_json, atomic_write_text
+from analysis.imaging.io import atomic_directory, atomic_write_json, atomic_write_text
 from analysis.imaging.records import csv_text, versions
+from analysis.lesions import NEW, RESOLVED, STABLE
 from analysis.monitoring.followup import (
     FollowupSettings,
     Predictor,
@@ -50,10 +50,11 @@ from analysis.monitoring.followup import (
     _load,
     definitions as followup_definitions,
     one_case,
+    place,
 )
 from analysis.monitoring.matching import scan_lesions
 from analysis.monitoring.pcwg3 import Pcwg3Rule, TimePointState, pcwg3_tracks
-from analysis.monitoring.registration import Registration, bone_dice, identity, register_rigid, resample_to
+from analysis.monitoring.registration import Registration, identity
 from analysis.monitoring.timeline_dicom import track_uid, write_study_report, write_study_seg
 from analysis.monitoring.timeline_figures import STATUS_NUMBERS, write_scan_preview, write_timeline_figure
 from analysis.monitoring.tracking import PlacedScan, Tracker, TrackStep, field_of_view
@@ -216,28 +217,16 @@ class _Placed:
 
 
 def _place(first: Scan, scan: Scan, settings: TimelineSettings, where: str, *, is_first: bool) -> _Placed:
-    """Register ``scan`` to ``first`` (checked), and place its lesions in the first scan's frame."""
-    lesions = scan_lesions(scan.mask, scan.geometry)
+    """Register ``scan`` to ``first`` (``followup``'s step and check) and place its lesions in the first
+    scan's frame, with the part of that frame the scan's field of view holds."""
     if is_first:
+        lesions = scan_lesions(scan.mask, scan.geometry)
         return _Placed(PlacedScan(lesions.labels, lesions.centroid_mm, lesions.volume_ml), identity(), None, first.ct,
                        lesions.labels)
-    reg = register_rigid(first.image, scan.image, bone_hu=settings.bone_hu) if settings.register else identity()
-    registered = sitk.GetArrayFromImage(resample_to(scan.image, first.image, reg.transform))
-    ones = sitk.Image(scan.image.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(scan.image)
-    covered = resample_to(ones, first.image, reg.transform, labels=True)
-    dice = bone_dice(first.ct, registered, sitk.GetArrayViewFromImage(covered) > 0, bone_hu=settings.bone_hu)
-    del ones, covered
-    log.info("timeline: %s bone Dice %.3f after registration to the first scan", where, dice)
-    if settings.register and dice < settings.dice_floor:
-        raise InputError(f"{where}: could not be aligned with the first CT (bone Dice {dice:.2f} after rigid "
-                         f"registration, below {settings.dice_floor:g}); expected CTs of the same patient and body "
-                         f"region (--no-registration for scans already aligned)")
-    image = array_to_image(lesions.labels.astype(np.uint32), scan.geometry)
-    moved = sitk.GetArrayFromImage(resample_to(image, first.image, reg.transform, labels=True))
-    centroids = reg.to_baseline(lesions.centroid_mm) if lesions.n else np.zeros((0, 3))
-    sees = field_of_view(first.geometry, scan.geometry, reg.to_followup)
-    return _Placed(PlacedScan(moved, centroids, lesions.volume_ml, sees), reg, dice, registered, lesions.labels)
+    p = place(first, scan, settings, where=where, against="the first CT")
+    sees = field_of_view(first.geometry, scan.geometry, p.registration.to_followup)
+    return _Placed(PlacedScan(p.moved, p.centroids, p.lesions.volume_ml, sees), p.registration, p.bone_dice,
+                   p.registered_ct, p.lesions.labels)
 
 
 def _maps(placed: PlacedScan, steps: Sequence[TrackStep], first_scan: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -246,7 +235,7 @@ def _maps(placed: PlacedScan, steps: Sequence[TrackStep], first_scan: bool) -> t
     codes = np.zeros(n + 1, np.uint8)
     ids = np.zeros(n + 1, np.uint16)
     for s in steps:
-        status = "baseline" if first_scan else (s.status or "stable")
+        status = "baseline" if first_scan else (s.status or STABLE)
         for j in s.lesions:
             codes[j] = STATUS_NUMBERS[status]
             ids[j] = s.track
@@ -385,7 +374,7 @@ def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str
         codes, numbers = _maps(p.placed, steps, k == 0)
         present = [s for s in steps if s.present]
         title = (f"t{k} {when[k].isoformat()}\n{len(present)} tracked lesion(s), "
-                 f"{sum(s.status == 'new' for s in steps)} new, {sum(s.status == 'resolved' for s in steps)} resolved")
+                 f"{sum(s.status == NEW for s in steps)} new, {sum(s.status == RESOLVED for s in steps)} resolved")
         write_scan_preview(staging / f"preview_t{k}.png", p.registered_ct, first.geometry, codes, numbers, title=title)
         track_bones.append(_bones_of(scan, steps))
         records.append(scan.record)
@@ -414,7 +403,7 @@ def _rows(when: Sequence[dt.date], cases: Sequence[InputCase], steps: Sequence[S
     for k, (scan_steps, state) in enumerate(zip(steps, states)):
         present = [s for s in scan_steps if s.present]
         scans.append({"scan": k, "date": when[k], "study": _study(cases[k]), "lesions": sum(len(s.lesions) for s in present),
-                      "new": len(state.new), "resolved": sum(s.status == "resolved" for s in scan_steps),
+                      "new": len(state.new), "resolved": sum(s.status == RESOLVED for s in scan_steps),
                       "total_ml": float(sum(s.volume_ml for s in present)), "state": state.state,
                       "reference": "" if state.reference is None else f"t{state.reference}", "note": state.note})
         for s in scan_steps:

@@ -40,22 +40,22 @@ from analysis.imaging.dicom import DicomSeries
 from analysis.imaging.dicom_seg import PROPERTY_TYPE, result_uid, write_dicom_seg
 from analysis.imaging.dicom_sr import (
     CM3,
-    PRIVATE_SCHEME,
-    STATUS,
-    STATUS_CODES,
     TOTAL_ID,
     VOLUME,
-    _evidence,
-    _identity,
-    _read_groups,
-    _read_seg,
-    _reference,
-    _save,
-    _site,
-    _value,
-    _observer,
+    finding_site,
+    measurement_value,
+    observer,
+    read_groups,
+    read_seg,
+    referenced_segment,
+    report_evidence,
+    report_identity,
+    save_report,
 )
+from analysis.lesions.change import STATUSES
 from analysis.monitoring.followup_dicom import segment_labels
+from analysis.monitoring.followup_sr import PRIVATE_SCHEME, STATUS, STATUS_VALUES
+from analysis.monitoring.tracking import INDETERMINATE
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,12 @@ __all__ = ["ALGORITHM", "seg_name", "sr_name", "write_study_seg", "write_study_r
            "STATE", "STATE_CODES", "track_uid", "seg_tracking_uids"]
 
 ALGORITHM = "bonemets timeline"
-#: Status values beyond followup's (:data:`analysis.imaging.dicom_sr.STATUS_CODES`).
-TIMELINE_STATUS_CODES = {**STATUS_CODES,
-                         "indeterminate": hd.sr.CodedConcept("INDETERM", PRIVATE_SCHEME, "Indeterminate")}
+#: Status values: followup's (:data:`analysis.monitoring.followup_sr.STATUS_VALUES`, keyed by
+#: :data:`analysis.lesions.change.STATUSES`) and a private Indeterminate for new or resolved tracks below the
+#: minimum size.
+TIMELINE_STATUS_CODES = {**{name: STATUS_VALUES[name] for name in STATUSES},
+                         INDETERMINATE: STATUS_VALUES.get(INDETERMINATE) or
+                         hd.sr.CodedConcept("INDETERM", PRIVATE_SCHEME, "Indeterminate")}
 PREVIOUS_VOLUME = hd.sr.CodedConcept("PRVOLUME", PRIVATE_SCHEME, "Volume at previous scan")
 PREVIOUS_CHANGE = hd.sr.CodedConcept("PRVOLCHANGE", PRIVATE_SCHEME, "Volume change since previous scan")
 PREVIOUS_RELATIVE = hd.sr.CodedConcept("PRRELCHANGE", PRIVATE_SCHEME, "Relative volume change since previous scan")
@@ -144,12 +147,12 @@ def _track_group(row: Mapping[str, Any], seg: pydicom.Dataset | None, algorithm:
     common = dict(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=row["tracking_uid"], identifier=ident),
         time_point_context=time_point, finding_type=PROPERTY_TYPE, algorithm_id=algorithm,
-        finding_sites=_site(row),
+        finding_sites=finding_site(row),
         measurements=[hd.sr.Measurement(name=n, value=v, unit=u, algorithm_id=algorithm) for n, v, u in values],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(STATUS, TIMELINE_STATUS_CODES[row["status"]])])
     if item is None:
         return hd.sr.MeasurementsAndQualitativeEvaluations(**common)
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=_reference(seg, item), **common)
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=referenced_segment(seg, item), **common)
 
 
 def _total_group(summary: Mapping[str, Any], algorithm: Any, seed: str, time_point: hd.sr.TimePointContext) -> Any:
@@ -173,7 +176,7 @@ def read_timeline_report(path: str | Path) -> dict[str, Any]:
         "time_point"}...], "summary": {"lesions", "new", "resolved", "total_ml", "state"}, "sop_instance_uid",
         "series_instance_uid", "study_uid"}``.
     """
-    sr, volumetric, others, total = _read_groups(path)
+    sr, volumetric, others, total = read_groups(path)
     names = {(c.value, c.scheme_designator): s for s, c in TIMELINE_STATUS_CODES.items()}
     tracks = []
     for g in [*volumetric, *others]:
@@ -184,17 +187,17 @@ def read_timeline_report(path: str | Path) -> dict[str, Any]:
         tracks.append({"track": int(ident.split()[-1]) if ident.startswith("lesion ") else None,
                        "tracking_uid": str(g.tracking_uid),
                        "status": names.get((status[0].value.value, status[0].value.scheme_designator)) if status else None,
-                       "volume_ml": _value(g, VOLUME), "previous_ml": _value(g, PREVIOUS_VOLUME),
+                       "volume_ml": measurement_value(g, VOLUME), "previous_ml": measurement_value(g, PREVIOUS_VOLUME),
                        "segment": None if ref is None else int(ref.referenced_segment_numbers[0]),
                        "time_point": str(tp[0].value) if tp else None})
     tracks.sort(key=lambda r: r["track"] or 0)
     summary = None
     if total is not None:
         state = total.get_qualitative_evaluations(name=STATE)
-        summary = {"lesions": _value(total, codes.SCT.NumberOfLesions), "new": _value(total, NEW_COUNT),
-                   "resolved": _value(total, RESOLVED_COUNT), "total_ml": _value(total, VOLUME),
+        summary = {"lesions": measurement_value(total, codes.SCT.NumberOfLesions), "new": measurement_value(total, NEW_COUNT),
+                   "resolved": measurement_value(total, RESOLVED_COUNT), "total_ml": measurement_value(total, VOLUME),
                    "state": str(state[0].value.meaning) if state else None}
-    return {"tracks": tracks, "summary": summary, **_identity(sr)}
+    return {"tracks": tracks, "summary": summary, **report_identity(sr)}
 
 
 def _close(a: float | None, b: float) -> bool:
@@ -239,18 +242,18 @@ def write_study_report(out: Path, k: int, series: DicomSeries, *, rows: Sequence
     unknown = sorted({str(r["status"]) for r in rows} - set(TIMELINE_STATUS_CODES))
     if unknown:
         raise InputError(f"{out / sr_name(k)}: status {unknown[0]!r}; expected one of {', '.join(TIMELINE_STATUS_CODES)}")
-    seg = None if seg_path is None else _read_seg(seg_path)
+    seg = None if seg_path is None else read_seg(seg_path)
     segments = {} if seg is None else {int(str(s.TrackingID).split()[-1]): int(s.SegmentNumber)
                                        for s in seg.SegmentSequence if str(s.get("TrackingID", "")).startswith("lesion ")}
-    algorithm, context = _observer(ALGORITHM, __version__)
+    algorithm, context = observer(ALGORITHM, __version__)
     time_point = hd.sr.TimePointContext(time_point=f"t{k}", time_point_order=k + 1,
                                         subject_time_point_identifier=date)
     rows = sorted(rows, key=lambda r: int(r["track"]))
     groups = [_track_group(r, seg, algorithm, time_point) for r in rows]
     groups.append(_total_group(summary, algorithm, seed, time_point))
     path = out / sr_name(k)
-    sr = _save(path, _evidence(series, seg), groups, context, uid_seed=seed, series_number=9921,
+    sr = save_report(path, report_evidence(series, seg), groups, context, uid_seed=seed, series_number=9921,
                description="bonemets timeline report", verify=lambda tmp: _verify(tmp, rows, summary, segments))
     log.info("%s: TID 1500 timeline report of t%d, %d track(s), %s", path, k, len(rows), summary["state"])
-    return {"written": True, "path": sr_name(k), **_identity(sr), "tracks": len(rows), "state": summary["state"],
+    return {"written": True, "path": sr_name(k), **report_identity(sr), "tracks": len(rows), "state": summary["state"],
             "referenced_seg": None if seg is None else str(seg.SOPInstanceUID)}

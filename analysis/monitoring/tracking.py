@@ -46,7 +46,18 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from analysis.imaging.io import Geometry
-from analysis.lesions import DEFAULT_CHANGE, DEFAULT_MIN_CHANGE_ML, Group, change_status
+from analysis.lesions import (
+    DEFAULT_CHANGE,
+    DEFAULT_MIN_CHANGE_ML,
+    MERGE,
+    NEW,
+    ONE_TO_ONE,
+    RESOLVED,
+    SPLIT,
+    SPLIT_MERGE,
+    Group,
+    change_status,
+)
 from analysis.monitoring.matching import DEFAULT_MATCH_MM, match
 
 __all__ = ["PlacedScan", "TrackStep", "Tracking", "track_lesions", "followup_groups", "INDETERMINATE",
@@ -168,8 +179,8 @@ def _components(pairs: set[tuple[int, int]], n_a: int, n_b: int) -> list[tuple[l
 
 def _link_event(n_tracks: int, n_lesions: int) -> str:
     """How tracks and lesions are linked, in :attr:`analysis.lesions.Group.event`'s words."""
-    return {(True, True): "one-to-one", (True, False): "split", (False, True): "merge"}.get(
-        (n_tracks == 1, n_lesions == 1), "split-merge")
+    return {(True, True): ONE_TO_ONE, (True, False): SPLIT, (False, True): MERGE}.get(
+        (n_tracks == 1, n_lesions == 1), SPLIT_MERGE)
 
 
 def _weighted(centroids: np.ndarray, volumes: np.ndarray, ids: Sequence[int]) -> np.ndarray:
@@ -195,8 +206,8 @@ def _voxels(by_lesion: dict[int, np.ndarray], ids: Sequence[int]) -> np.ndarray:
 
 def _status(previous_ml: float, volume_ml: float, change: float, min_change_ml: float, min_size_ml: float) -> str:
     status = change_status(previous_ml, volume_ml, change=change, min_change_ml=min_change_ml)
-    if min_size_ml > 0 and ((status == "new" and volume_ml < min_size_ml)
-                            or (status == "resolved" and previous_ml < min_size_ml)):
+    if min_size_ml > 0 and ((status == NEW and volume_ml < min_size_ml)
+                            or (status == RESOLVED and previous_ml < min_size_ml)):
         return INDETERMINATE
     return status
 
@@ -267,7 +278,7 @@ class Tracker:
                 if not self._seen_by(k, foot[t].voxels):
                     steps.append(TrackStep(t, k, (), 0.0, None, OUTSIDE, previous[t]))
                 elif previous[t] > 0:
-                    steps.append(TrackStep(t, k, (), 0.0, self._status(previous[t], 0.0), "resolved", previous[t]))
+                    steps.append(TrackStep(t, k, (), 0.0, self._status(previous[t], 0.0), RESOLVED, previous[t]))
                     foot[t].volume_ml = 0.0
                 else:
                     steps.append(TrackStep(t, k, (), 0.0, None, ABSENT))
@@ -275,7 +286,7 @@ class Tracker:
             before = float(sum(previous[t] for t in tracks))
             status = self._status(before, volume)
             if not tracks:
-                survivor, event = self._next, "new"
+                survivor, event = self._next, NEW
                 self._next += 1
             else:
                 survivor = min(tracks)
