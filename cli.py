@@ -777,7 +777,8 @@ def timeline_cmd(cts: tuple[str, ...], out: str, masks: tuple[str, ...], model: 
                                 register=not no_registration, min_size_ml=min_size_ml, min_new=pcwg3_new,
                                 min_additional=pcwg3_additional, min_persist=pcwg3_persist,
                                 interval_days=pcwg3_interval_days)
-    path = run_timeline(list(cts), out, masks=list(masks) or None, predictor=_scan_predictor(model, nnunet_work, series),
+    path = run_timeline(list(cts), out, masks=list(masks) or None,
+                        predictor=_scan_predictor(model, nnunet_work, series),
                         model=model or nnunet_work, dates=dates.split(",") if dates else None,
                         bones=list(bones) or None, settings=settings, series=series, overwrite=overwrite, sr=sr)
     from analysis.imaging.records import read_csv

@@ -146,7 +146,8 @@ def test_every_track_id_status_and_state_equals_the_truth(cohort, tmp_path, case
     assert [r["date"] for r in got] == [r["date"] for r in expected]
     for r in got:  # the table's counts are the tracks'
         k = r["scan"]
-        assert int(r["lesions"]) == sum(len(t["lesion_ids"].split(";")) for t in rows if t["scan"] == k and t["present"] == "1")
+        assert int(r["lesions"]) == sum(len(t["lesion_ids"].split(";")) for t in rows
+                                        if t["scan"] == k and t["present"] == "1")
         assert int(r["resolved"]) == sum(t["status"] == "resolved" for t in rows if t["scan"] == k)
     record = json.loads((out / "timeline.json").read_text(encoding="utf-8"))
     assert record["registrations"][0] is None and "directly to the first" in record["registration_scheme"]

@@ -233,7 +233,7 @@ def _read_map(path: str | os.PathLike, geometry: Geometry, ct_path: str, what: s
     return array
 
 
-def _lesion_bones(lesions: ScanLesions, bones: np.ndarray | None) -> list[str] | None:
+def lesion_bones(lesions: ScanLesions, bones: np.ndarray | None) -> list[str] | None:
     if bones is None:
         return None
     table = lesion_table(lesions.labels, lesions.n, spacing_mm=(1.0, 1.0, 1.0))
@@ -350,8 +350,8 @@ def compare(baseline: Scan, followup: Scan, settings: FollowupSettings, *, where
                               PlacedScan(moved, fu_centroids, fu.volume_ml)], match_mm=settings.match_mm,
                              change=settings.change, min_change_ml=settings.min_change_ml)
     groups = followup_groups(tracking, base.volume_ml)
-    base_bones = _lesion_bones(base, baseline.bones)
-    fu_bones = _lesion_bones(fu, followup.bones)
+    base_bones = lesion_bones(base, baseline.bones)
+    fu_bones = lesion_bones(fu, followup.bones)
     rows = _rows(groups, base, fu, fu_centroids, base_bones, fu_bones)
     # per-voxel status and lesion number on the baseline grid: baseline lesions and registered follow-up lesions
     lut_b = np.zeros(base.n + 1, np.uint8)
@@ -372,7 +372,7 @@ def compare(baseline: Scan, followup: Scan, settings: FollowupSettings, *, where
                       panels=[(codes_b, num_b[base.labels]), (codes_f, num_f[moved])], status=status, seconds=seconds)
 
 
-def _load(case: InputCase, mask: str, bones: str | None, *, what: str) -> Scan:
+def load_scan(case: InputCase, mask: str, bones: str | None, *, what: str) -> Scan:
     path = str(case.path)
     image, record = read_input(case)
     if case.series is not None:
@@ -442,8 +442,8 @@ def run_followup(baseline: str, followup: str, out: str | os.PathLike, *, baseli
         if predictor is not None:
             (baseline_mask, followup_mask), model_record = _predict_masks(predictor, cases, Path(tmp))
         t_read = time.perf_counter()
-        base = _load(cases[0], baseline_mask, baseline_bones, what="baseline")
-        fu = _load(cases[1], followup_mask, followup_bones, what="follow-up")
+        base = load_scan(cases[0], baseline_mask, baseline_bones, what="baseline")
+        fu = load_scan(cases[1], followup_mask, followup_bones, what="follow-up")
         reading = time.perf_counter() - t_read
         if predictor is not None:
             base.record["mask"] = fu.record["mask"] = "predicted"

@@ -46,9 +46,9 @@ from analysis.monitoring.followup import (
     FollowupSettings,
     Predictor,
     Scan,
-    _lesion_bones,
-    _load,
     definitions as followup_definitions,
+    lesion_bones,
+    load_scan,
     one_case,
     place,
 )
@@ -162,8 +162,8 @@ def _check_inputs(cases: Sequence[InputCase], dates: Sequence[str] | None) -> tu
             continue
         found = scan_date(case)
         if found is None:
-            raise InputError(f"{case.path}: no StudyDate ({'an image file carries none' if case.series is None else 'the series has none'}); "
-                             "give every CT's date with --dates YYYY-MM-DD,...")
+            why = "an image file carries none" if case.series is None else "the series has none"
+            raise InputError(f"{case.path}: no StudyDate ({why}); give every CT's date with --dates YYYY-MM-DD,...")
         out.append(found)
         sources.append("StudyDate")
     for k in range(1, len(out)):
@@ -247,7 +247,7 @@ def _bones_of(scan: Scan, steps: Sequence[TrackStep]) -> dict[int, str | None]:
     if scan.bones is None:
         return {}
     lesions = scan_lesions(scan.mask, scan.geometry)
-    names = _lesion_bones(lesions, scan.bones)
+    names = lesion_bones(lesions, scan.bones)
     return {s.track: names[max(s.lesions, key=lambda j: lesions.volume_ml[j - 1]) - 1] for s in steps if s.lesions}
 
 
@@ -353,7 +353,7 @@ def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str
     first: Scan | None = None
     for k, case in enumerate(cases):
         t0 = time.perf_counter()
-        scan = _load(case, masks[k], bones[k] if bones else None, what=f"t{k}")
+        scan = load_scan(case, masks[k], bones[k] if bones else None, what=f"t{k}")
         if first is None:
             first = scan
         t_read = time.perf_counter()
@@ -383,7 +383,8 @@ def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str
         seconds.append({"scan": k, "reading": round(t_read - t0, 3), "registration": round(p.registration.seconds, 3),
                         "placement": round(t_place - t_read - p.registration.seconds, 3),
                         "tracking_and_seg": round(t_track - t_place, 3),
-                        "preview": round(time.perf_counter() - t_track, 3), "total": round(time.perf_counter() - t0, 3)})
+                        "preview": round(time.perf_counter() - t_track, 3),
+                        "total": round(time.perf_counter() - t0, 3)})
         if k:
             del scan
     return {"tracker": tracker, "records": records, "registrations": registrations, "seconds": seconds,
@@ -402,7 +403,8 @@ def _rows(when: Sequence[dt.date], cases: Sequence[InputCase], steps: Sequence[S
     scans, tracks = [], []
     for k, (scan_steps, state) in enumerate(zip(steps, states)):
         present = [s for s in scan_steps if s.present]
-        scans.append({"scan": k, "date": when[k], "study": _study(cases[k]), "lesions": sum(len(s.lesions) for s in present),
+        scans.append({"scan": k, "date": when[k], "study": _study(cases[k]),
+                      "lesions": sum(len(s.lesions) for s in present),
                       "new": len(state.new), "resolved": sum(s.status == RESOLVED for s in scan_steps),
                       "total_ml": float(sum(s.volume_ml for s in present)), "state": state.state,
                       "reference": "" if state.reference is None else f"t{state.reference}", "note": state.note})

@@ -152,7 +152,8 @@ def _track_group(row: Mapping[str, Any], seg: pydicom.Dataset | None, algorithm:
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(STATUS, TIMELINE_STATUS_CODES[row["status"]])])
     if item is None:
         return hd.sr.MeasurementsAndQualitativeEvaluations(**common)
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=referenced_segment(seg, item), **common)
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=referenced_segment(seg, item),
+                                                                     **common)
 
 
 def _total_group(summary: Mapping[str, Any], algorithm: Any, seed: str, time_point: hd.sr.TimePointContext) -> Any:
@@ -186,7 +187,8 @@ def read_timeline_report(path: str | Path) -> dict[str, Any]:
         tp = hd.sr.utils.find_content_items(g[0], name=hd.sr.CodedConcept("C2348792", "UMLS", "Time Point"))
         tracks.append({"track": int(ident.split()[-1]) if ident.startswith("lesion ") else None,
                        "tracking_uid": str(g.tracking_uid),
-                       "status": names.get((status[0].value.value, status[0].value.scheme_designator)) if status else None,
+                       "status": names.get((status[0].value.value, status[0].value.scheme_designator))
+                       if status else None,
                        "volume_ml": measurement_value(g, VOLUME), "previous_ml": measurement_value(g, PREVIOUS_VOLUME),
                        "segment": None if ref is None else int(ref.referenced_segment_numbers[0]),
                        "time_point": str(tp[0].value) if tp else None})
@@ -194,8 +196,9 @@ def read_timeline_report(path: str | Path) -> dict[str, Any]:
     summary = None
     if total is not None:
         state = total.get_qualitative_evaluations(name=STATE)
-        summary = {"lesions": measurement_value(total, codes.SCT.NumberOfLesions), "new": measurement_value(total, NEW_COUNT),
-                   "resolved": measurement_value(total, RESOLVED_COUNT), "total_ml": measurement_value(total, VOLUME),
+        value = measurement_value
+        summary = {"lesions": value(total, codes.SCT.NumberOfLesions), "new": value(total, NEW_COUNT),
+                   "resolved": value(total, RESOLVED_COUNT), "total_ml": value(total, VOLUME),
                    "state": str(state[0].value.meaning) if state else None}
     return {"tracks": tracks, "summary": summary, **report_identity(sr)}
 
@@ -204,7 +207,8 @@ def _close(a: float | None, b: float) -> bool:
     return a is not None and math.isclose(a, b, rel_tol=_RTOL, abs_tol=1e-9)
 
 
-def _verify(path: Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], segments: Mapping[int, int]) -> None:
+def _verify(path: Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
+            segments: Mapping[int, int]) -> None:
     back = read_timeline_report(path)
     got = {r["track"]: r for r in back["tracks"]}
     if sorted(got) != sorted(int(r["track"]) for r in rows):
@@ -216,7 +220,8 @@ def _verify(path: Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str,
                                                                segments.get(int(row["track"]))):
             raise InputError(f"{path}: track {row['track']} read back as {g['status']} {g['tracking_uid']} (segment "
                              f"{g['segment']}); not written")
-        if not (_close(g["volume_ml"], float(row["volume_ml"])) and _close(g["previous_ml"], float(row["previous_ml"]))):
+        if not (_close(g["volume_ml"], float(row["volume_ml"]))
+                and _close(g["previous_ml"], float(row["previous_ml"]))):
             raise InputError(f"{path}: track {row['track']} volumes read back {g['volume_ml']}, {g['previous_ml']}; "
                              "not written")
     s = back["summary"] or {}
@@ -241,10 +246,12 @@ def write_study_report(out: Path, k: int, series: DicomSeries, *, rows: Sequence
     """
     unknown = sorted({str(r["status"]) for r in rows} - set(TIMELINE_STATUS_CODES))
     if unknown:
-        raise InputError(f"{out / sr_name(k)}: status {unknown[0]!r}; expected one of {', '.join(TIMELINE_STATUS_CODES)}")
+        raise InputError(f"{out / sr_name(k)}: status {unknown[0]!r}; expected one of "
+                         f"{', '.join(TIMELINE_STATUS_CODES)}")
     seg = None if seg_path is None else read_seg(seg_path)
-    segments = {} if seg is None else {int(str(s.TrackingID).split()[-1]): int(s.SegmentNumber)
-                                       for s in seg.SegmentSequence if str(s.get("TrackingID", "")).startswith("lesion ")}
+    items = [] if seg is None else [s for s in seg.SegmentSequence
+                                    if str(s.get("TrackingID", "")).startswith("lesion ")]
+    segments = {int(str(s.TrackingID).split()[-1]): int(s.SegmentNumber) for s in items}
     algorithm, context = observer(ALGORITHM, __version__)
     time_point = hd.sr.TimePointContext(time_point=f"t{k}", time_point_order=k + 1,
                                         subject_time_point_identifier=date)

@@ -412,7 +412,8 @@ def generate_timeline(seed: int, baseline: ph.PhantomCase, scenario: Scenario, *
         orientation, factors = VARIANTS[(index + k) % len(VARIANTS)]
         grid = followup_grid(g0, orientation, factors)
         back = motion.GetInverse()
-        ct = np.clip(np.rint(resample_onto(frame.ct, g0, grid, back, labels=False)), ph.HU_MIN, ph.HU_MAX).astype(np.int16)
+        ct = np.clip(np.rint(resample_onto(frame.ct, g0, grid, back, labels=False)), ph.HU_MIN,
+                     ph.HU_MAX).astype(np.int16)
         label = (resample_onto(frame.label, g0, grid, back, labels=True) > 0).astype(np.uint8)
         bones = resample_onto(frame.bones, g0, grid, back, labels=True).astype(np.uint8)
         scans.append((ct, label, bones, grid, orientation, motion))

@@ -61,7 +61,8 @@ from analysis.lesions import (
 from analysis.monitoring.matching import DEFAULT_MATCH_MM, match
 
 __all__ = ["PlacedScan", "TrackStep", "Tracking", "track_lesions", "followup_groups", "INDETERMINATE",
-           "Tracker", "REAPPEARED", "MERGED_INTO", "BASELINE_EVENT", "ABSENT", "OUTSIDE", "SEEN_FRACTION", "field_of_view"]
+           "Tracker", "REAPPEARED", "MERGED_INTO", "BASELINE_EVENT", "ABSENT", "OUTSIDE", "SEEN_FRACTION",
+           "field_of_view"]
 
 #: Status of a new or resolved track below the minimum size (issue #32's vocabulary).
 INDETERMINATE = "indeterminate"
@@ -335,8 +336,11 @@ def track_lesions(scans: Sequence[PlacedScan], *, match_mm: float = DEFAULT_MATC
         ...     for i, x in zip(ids, cents): m[0, 0, x] = i
         ...     return PlacedScan(m, np.array([[10.0 * x, 0, 0] for x in cents]), np.array(vols, float))
         >>> t = track_lesions([scan([1], [1], [1.0]), scan([1], [6], [0.5]), scan([1, 2], [1, 6], [1.0, 0.5])])
-        >>> [[(s.track, s.status, s.event) for s in k] for k in t.steps]
-        [[(1, None, 'baseline')], [(1, 'resolved', 'resolved'), (2, 'new', 'new')], [(1, 'new', 'reappeared'), (2, 'stable', 'one-to-one')]]
+        >>> for k in t.steps:
+        ...     print([(s.track, s.status, s.event) for s in k])
+        [(1, None, 'baseline')]
+        [(1, 'resolved', 'resolved'), (2, 'new', 'new')]
+        [(1, 'new', 'reappeared'), (2, 'stable', 'one-to-one')]
     """
     tracker = Tracker(match_mm=match_mm, change=change, min_change_ml=min_change_ml, min_size_ml=min_size_ml)
     for scan in scans:
