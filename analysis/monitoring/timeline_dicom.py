@@ -60,7 +60,7 @@ from analysis.monitoring.tracking import INDETERMINATE
 log = logging.getLogger(__name__)
 
 __all__ = ["ALGORITHM", "seg_name", "sr_name", "write_study_seg", "write_study_report", "read_timeline_report",
-           "STATE", "STATE_CODES", "track_uid", "seg_tracking_uids"]
+           "STATE", "STATE_CODES", "track_uid"]
 
 ALGORITHM = "bonemets timeline"
 #: Status values: followup's (:data:`analysis.monitoring.followup_sr.STATUS_VALUES`, keyed by
@@ -98,17 +98,6 @@ def track_uid(scan_id: str, lesion: int, given: Mapping[int, str] | None = None)
     return result_uid(f"{scan_id}|timeline", f"lesion {lesion}")
 
 
-def seg_tracking_uids(seg_path: str | Path) -> dict[int, str]:
-    """``{lesion id: TrackingUID}`` of the segments (TrackingID "lesion N") of a SEG ``predict`` wrote."""
-    ds = pydicom.dcmread(seg_path, stop_before_pixels=True)
-    out = {}
-    for item in ds.SegmentSequence:
-        ident = str(item.get("TrackingID", ""))
-        if ident.startswith("lesion ") and item.get("TrackingUID"):
-            out[int(ident.split()[-1])] = str(item.TrackingUID)
-    return out
-
-
 def _state_code(state: str) -> hd.sr.CodedConcept:
     key = "progression" if state.startswith("progression (") else state
     return hd.sr.CodedConcept(STATE_CODES[key], PRIVATE_SCHEME, state[:64])
@@ -130,7 +119,7 @@ def write_study_seg(out: Path, k: int, series: DicomSeries, numbers: np.ndarray,
     record = write_dicom_seg((labels > 0).astype(np.uint8), series, out / seg_name(k), model_name=ALGORITHM,
                              model_version=__version__, series_number=9920,
                              series_description="bonemets timeline lesions", labels=labels, uid_seed=seed,
-                             lesion_ids=tracks, tracking_uids=[uids[t] for t in tracks])
+                             lesion_ids=tracks, tracking_uids={t: uids[t] for t in tracks})
     if record["written"]:
         record["path"] = seg_name(k)
     return record

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.errors import DataProblems, InputError
+from analysis.prediction.folder import DICOM_SEG
 from analysis.node.priors import Archive, PacsClient, PatientKey, Predict, find_priors, series_header
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,10 @@ def timeline_report(spool: Path, job: str, series_dir: Path, pred_dir: Path, *, 
 
 def _lesion_uids(pred: Path) -> dict[int, str] | None:
     """The TrackingUID of each lesion's segment in the SEG predict wrote into a PRED folder."""
-    from analysis.monitoring.timeline_dicom import seg_tracking_uids
+    from analysis.imaging.dicom_seg import segment_tracking_uids
 
-    segs = sorted((pred / "dicom_seg").glob("*.dcm"))
-    return seg_tracking_uids(segs[0]) if len(segs) == 1 else None
+    segs = sorted((pred / DICOM_SEG).glob("*.dcm"))
+    return segment_tracking_uids(segs[0]) if len(segs) == 1 else None
 
 
 def _build(stored: Path, priors: list, header: dict[str, Any]) -> list[Path]:
