@@ -884,6 +884,52 @@ def demo(out: str, quick: bool, cases: int | None, seed: int) -> None:
     click.echo(f"report (HTML, figures embedded): {report.with_suffix('.html')}")
 # ---- END demo ----
 
+# ---- BEGIN doctor ----
+@main.command("doctor")
+@click.option("--require-gpu", is_flag=True, help="A machine without a GPU is an error too (benchmarks/gpu.sh).")
+def doctor_cmd(require_gpu: bool) -> None:
+    """What each framework sees (each in its own process, with its wing's interpreter): versions,
+    devices, CUDA/cuDNN, XLA, CPU bf16. Exit 1 when a GPU is present that a framework cannot use."""
+    from study.doctor import run_doctor
+
+    report = run_doctor(require_gpu=require_gpu)
+    click.echo("\n".join(report.lines))
+    sys.exit(0 if report.ok else 1)
+# ---- END doctor ----
+
+# ---- BEGIN wings ----
+#: Commands that run one wing's framework (serve and followup: the wing of the model option given).
+WING_OF = {"models": "tf", "train": "tf", "predict": "tf", "gradcam": "tf", "export": "tf", "nnunet": "torch"}
+MODEL_OPTION_WING = {"--model": "tf", "--nnunet-work": "torch"}
+
+
+def command_wing(args: list[str]) -> str | None:
+    """The wing whose framework the command line ``args`` (without the program) runs, or None."""
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command in ("serve", "followup"):
+        return next((MODEL_OPTION_WING[a.split("=")[0]] for a in args if a.split("=")[0] in MODEL_OPTION_WING), None)
+    return WING_OF.get(command)
+
+
+def run() -> None:
+    """Entry point: a wing's command runs with that wing's interpreter (study.wings; two
+    environments after `make setup GPU=1`), everything else in this one."""
+    import os
+
+    from study.wings import runs_here, wing_python
+
+    wing = command_wing(sys.argv[1:])
+    if wing and not os.environ.get("BONEMETS_WING"):  # set below: a handed-over command is never handed on
+        try:
+            python = wing_python(wing)
+        except InputError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        if not runs_here(python):
+            os.execve(python, [python, os.path.abspath(__file__), *sys.argv[1:]], {**os.environ, "BONEMETS_WING": wing})
+    main()
+# ---- END wings ----
+
 
 if __name__ == "__main__":  # nnU-Net's worker pools use "spawn": keep this guard
-    main()
+    run()
