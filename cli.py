@@ -906,7 +906,7 @@ MODEL_OPTION_WING = {"--model": "tf", "--nnunet-work": "torch"}
 def command_wing(args: list[str]) -> str | None:
     """The wing whose framework the command line ``args`` (without the program) runs, or None."""
     command = next((a for a in args if not a.startswith("-")), None)
-    if command in ("serve", "followup"):
+    if command in ("serve", "followup", "timeline"):
         return next((MODEL_OPTION_WING[a.split("=")[0]] for a in args if a.split("=")[0] in MODEL_OPTION_WING), None)
     return WING_OF.get(command)
 
