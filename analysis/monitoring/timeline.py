@@ -311,7 +311,8 @@ def run_timeline(cts: Sequence[str], out: str | os.PathLike, *, masks: Sequence[
         model_record = None
         if predictor is not None:
             masks, model_record = _predict_all(predictor, cases, Path(tmp))
-        result = _track(cases, masks, bones, when, settings, staging, sr=sr, lesion_uids=lesion_uids)
+        result = _track(cases, masks, bones, when, settings, staging, sr=sr, lesion_uids=lesion_uids,
+                        predicted=predictor is not None)
         states = pcwg3_tracks(when, result["tracker"].tracking, rule=settings.rule, min_size_ml=settings.min_size_ml)
         _write(staging, cases, when, date_sources, states, result, settings, model=model,
                model_record=model_record, seconds_so_far=time.perf_counter() - start, sr=sr)
@@ -343,7 +344,7 @@ def _scan_id(case: InputCase, record: dict[str, Any]) -> str:
 
 def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str] | None, when: Sequence[dt.date],
            settings: TimelineSettings, staging: Path, *, sr: bool,
-           lesion_uids: Sequence[Mapping[int, str] | None] | None) -> dict[str, Any]:
+           lesion_uids: Sequence[Mapping[int, str] | None] | None, predicted: bool) -> dict[str, Any]:
     """Load, register, place, track and preview each scan in turn (the first kept, the others released);
     with ``sr`` also each follow-up study's SEG (its tracks known once the scan is tracked)."""
     tracker = Tracker(match_mm=settings.match_mm, change=settings.change, min_change_ml=settings.min_change_ml,
@@ -354,6 +355,8 @@ def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str
     for k, case in enumerate(cases):
         t0 = time.perf_counter()
         scan = load_scan(case, masks[k], bones[k] if bones else None, what=f"t{k}")
+        if predicted:  # the mask lived in a temporary PRED folder (as followup records it)
+            scan.record["mask"] = "predicted"
         if first is None:
             first = scan
         t_read = time.perf_counter()
