@@ -147,3 +147,19 @@ def test_an_unreachable_pacs_leaves_the_archive_with_one_log_line(tmp_path, capl
                            work=tmp_path / "work") == []
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("analysis")]
     assert len(lines) == 1 and "query" in lines[0] and "archive only" in lines[0]  # (beside pynetdicom's own)
+
+
+def test_the_archive_keeps_the_newest_studies_of_a_patient(tmp_path):
+    archive = Archive(tmp_path / "spool")
+    key = PatientKey("P1")
+    uids = []
+    for k, date in enumerate(["20250106", "20250331", "20250623", "20250901"]):
+        files = write_dicom_series(_ct(k), G, tmp_path / f"s{k}", patient_id="P1", localizer=False, study_date=date,
+                                   seed=k)
+        header = series_header(files[0].parent)
+        threshold_predict(files[0].parent, tmp_path / f"p{k}")
+        archive.add(key, header, files[0].parent, tmp_path / f"p{k}")
+        uids.append(header["study_uid"])
+    assert archive.prune(key, keep=2) == sorted(uids[:2])
+    assert sorted(archive.studies(key)) == sorted(uids[2:])
+    assert (tmp_path / "s0").is_dir()  # the archive's copies go, not the inputs

@@ -2,7 +2,8 @@
 
 With ``--priors N`` > 0, once a CT series is predicted the node
 
-1. keeps it in its archive (:class:`analysis.node.priors.Archive`) for later timelines;
+1. keeps it in its archive (:class:`analysis.node.priors.Archive`) for later timelines (per patient the
+   N + 1 newest studies: older ones can no longer enter a timeline of N priors);
 2. finds the patient's earlier CT studies (:func:`analysis.node.priors.find_priors`: its archive first,
    then the PACS, newest first, at most N);
 3. with at least one prior, builds the timeline of the priors and the new series
@@ -81,6 +82,7 @@ def timeline_report(spool: Path, job: str, series_dir: Path, pred_dir: Path, *, 
         return _build(stored, priors, header)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        archive.prune(key, keep=limit + 1)
 
 
 def _lesion_uids(pred: Path) -> dict[int, str] | None:

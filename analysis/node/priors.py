@@ -127,6 +127,21 @@ class Archive:
         os.rename(tmp, target)
         return target
 
+    def prune(self, key: PatientKey, keep: int) -> list[str]:
+        """Remove the patient's archived studies but the ``keep`` newest (by StudyDate; undated ones go
+        first): the archive holds what later timelines can use, not every CT ever received. Returns the
+        removed study UIDs."""
+        folder = self.root / key.folder
+        dated = []
+        for entry in sorted(folder.glob(f"*/*/{STUDY_JSON}")):
+            record = read_json(entry, what="archived study")
+            dated.append((record.get("study_date") or "", entry.parent.parent.name))
+        newest = {uid for _, uid in sorted(set(dated), reverse=True)[:keep]}
+        gone = sorted({uid for _, uid in dated} - newest)
+        for uid in gone:
+            shutil.rmtree(folder / uid, ignore_errors=True)
+        return gone
+
     def studies(self, key: PatientKey) -> dict[str, Prior]:
         """The patient's archived studies with a date: ``{study_uid: Prior}`` (per study, the series with
         most instances)."""
