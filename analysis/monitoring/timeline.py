@@ -451,7 +451,7 @@ def _html(scans: Sequence[dict[str, Any]], tracks: Sequence[dict[str, Any]], set
             "td,th{border:1px solid #bbb;padding:2px 6px}figure{display:inline-block;margin:4px}"
             "figure img{background:#000}</style></head><body>\n"
             f"<h1>Timeline: {len(scans)} CTs, {len({r['track'] for r in tracks})} lesion tracks</h1>\n"
-            f"<p>{e(settings.rule.describe())}. {e(REGISTRATION_SCHEME)}.</p>\n"
+            f"<p>{e(settings.rule.describe())}. Registration: {e(REGISTRATION_SCHEME)}.</p>\n"
             f'<img src="timeline.png" alt="timeline"><h2>Scans</h2><table><tr>{head}</tr>{body}</table>\n'
             f"<h2>Each scan in the first scan's frame (coronal MIP, tracks numbered)</h2>{previews}\n"
             f"<h2>Tracks</h2><table><tr>{thead}</tr>{tbody}</table>\n</body></html>\n")
