@@ -47,7 +47,8 @@ def main() -> None:
                *(str(scan_folder(ds, k) / "imagesTr" / f"{CASE}_0000.nii.gz") for k in range(n))]
         for k in range(n):
             cmd += ["--masks", str(scan_folder(ds, k) / "labelsTr" / f"{CASE}.nii.gz")]
-        cmd += ["--dates", ",".join(dates[:n]), "--out", str(out), "--overwrite"]
+        # the truth calls changes of any size (as the follow-up phantom's): no minimum lesion size here
+        cmd += ["--dates", ",".join(dates[:n]), "--min-lesion-ml", "0", "--out", str(out), "--overwrite"]
         run = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=ROOT, capture_output=True, text=True)
         if run.returncode:
             sys.exit(run.stderr[-2000:])

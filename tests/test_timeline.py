@@ -128,7 +128,7 @@ def _transform_errors(record: dict, truth: dict[str, str], points: np.ndarray) -
 def test_every_track_id_status_and_state_equals_the_truth(cohort, tmp_path, case):
     out = tmp_path / "out"
     bones = [a for k in range(TIMEPOINTS) for a in ("--bones", scan_folder(cohort, k) / "bonesTr" / f"{case}.nii.gz")]
-    result = invoke(_timeline_args(cohort, case, out, *bones))
+    result = invoke(_timeline_args(cohort, case, out, *bones, "--min-lesion-ml", "0"))  # the truth's: any size
     assert result.exit_code == 0, result.output
     rows = read_csv(out / "tracks.csv")
     assert list(rows[0]) == list(TRACK_COLUMNS)
@@ -165,6 +165,42 @@ def test_every_track_id_status_and_state_equals_the_truth(cohort, tmp_path, case
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "index.html").read_text(encoding="utf-8")
     assert 'src="timeline.png"' in page and all(f'src="preview_t{k}.png"' in page for k in range(TIMEPOINTS))
+
+
+def test_by_default_tracks_new_or_resolved_below_the_minimum_size_are_indeterminate(cohort, tmp_path):
+    """followup's 0.1 ml floor: a track new or resolved below it is indeterminate, and the PCWG3 rule
+    does not count it as new; every id, event and other status is the truth's."""
+    from analysis.monitoring.pcwg3 import pcwg3_bone
+    import datetime as dt
+
+    case = "case_004"  # the scenario "early": lesion C comes back at t3 as 0.09 ml on t3's coarser grid
+    out = tmp_path / "out"
+    result = invoke(_timeline_args(cohort, case, out))
+    assert result.exit_code == 0, result.output
+    truth = [r for r in read_csv(cohort / TRUTH_CSV) if r["case"] == case]
+    last: dict[str, float] = {}
+    expected = []
+    for t in truth:
+        status = t["status"]
+        if status in ("new", "resolved"):
+            size = float(t["volume_ml"]) if status == "new" else last[t["track"]]
+            status = status if size >= 0.1 else "indeterminate"
+        if t["present"] == "1":
+            last[t["track"]] = float(t["volume_ml"])
+        expected.append((t["scan"], t["track"], t["event"], status))
+    rows = read_csv(out / "tracks.csv")
+    assert [(r["scan"], r["track"], r["event"], r["status"]) for r in rows] == expected
+    assert ("3", "3", "reappeared", "indeterminate") in expected
+    # PCWG3 on the truth's tracks, counting as new only lesions of at least 0.1 ml
+    n = TIMEPOINTS
+    present = [{t["track"] for t in truth if t["scan"] == str(k) and t["present"] == "1"} for k in range(n)]
+    countable = [{t["track"] for t in truth if t["scan"] == str(k) and t["present"] == "1"
+                  and float(t["volume_ml"]) >= 0.1} for k in range(n)]
+    dates = [dt.date.fromisoformat(r["date"]) for r in read_csv(cohort / SCANS_CSV) if r["case"] == case]
+    got = read_csv(out / "timeline.csv")
+    states = pcwg3_bone(dates, present, countable)
+    assert [r["state"] for r in got] == [s.state for s in states]
+    assert [int(r["new"]) for r in got] == [len(s.new) for s in states]
 
 
 def test_a_patient_without_lesions_has_no_tracks_and_no_progression(cohort, tmp_path):
@@ -204,8 +240,10 @@ TINY = Geometry((40, 40, 12), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 
 
 
 def _tiny_study(tmp: Path, name: str, boxes, *, date: str, patient: str = "P1") -> tuple[Path, Path]:
-    """A DICOM CT series (bone block, box lesions) of ``patient`` dated ``date``, and its mask file."""
-    ct = np.full((12, 40, 40), 40, np.int16)
+    """A DICOM CT series (air around soft tissue, a bone block, box lesions) of ``patient`` dated ``date``,
+    and its mask file."""
+    ct = np.full((12, 40, 40), -1000, np.int16)  # air beside the patient: the CT check sees Hounsfield units
+    ct[:, 2:38, 2:38] = 40
     ct[1:11, 5:35, 5:35] = 400
     mask = np.zeros(ct.shape, np.uint8)
     for z0, z1, y0, y1, x0, x1 in boxes:
@@ -259,6 +297,8 @@ def test_dicom_dates_studies_and_one_patient(tmp_path):
 
 
 def test_sr_one_report_per_follow_up_study_with_one_uid_per_track(tmp_path):
+    import pydicom
+
     from analysis.monitoring.timeline_dicom import read_timeline_report
 
     a = (2, 6, 6, 12, 6, 12)
@@ -266,9 +306,10 @@ def test_sr_one_report_per_follow_up_study_with_one_uid_per_track(tmp_path):
     c = (7, 10, 6, 12, 24, 30)
     d = (7, 10, 26, 32, 6, 12)
     e = (7, 10, 32, 38, 32, 38)
+    tiny = (10, 11, 2, 4, 36, 38)  # 0.008 ml: below followup's 0.1 ml, indeterminate rather than new
     studies = [_tiny_study(tmp_path, "s0", [a], date="20250106"),
                _tiny_study(tmp_path, "s1", [a, b, d], date="20250331"),
-               _tiny_study(tmp_path, "s2", [b, c, d, e], date="20250623")]
+               _tiny_study(tmp_path, "s2", [b, c, d, e, tiny], date="20250623")]
     args = ["timeline", *(s[0] for s in studies)]
     for s in studies:
         args += ["--masks", s[1]]
@@ -281,18 +322,24 @@ def test_sr_one_report_per_follow_up_study_with_one_uid_per_track(tmp_path):
     uids = record["tracking_uids"]
     assert [(t["track"], t["status"]) for t in r1["tracks"]] == [(1, "stable"), (2, "new"), (3, "new")]
     assert [(t["track"], t["status"]) for t in r2["tracks"]] == [(1, "resolved"), (2, "stable"), (3, "stable"),
-                                                                  (4, "new"), (5, "new")]
+                                                                  (4, "new"), (5, "new"), (6, "indeterminate")]
+    # the two new lesions of t2 confirm t1 (the indeterminate one does not count as new against t1)
+    assert (r1["summary"]["new"], r2["summary"]["new"], r2["summary"]["resolved"]) == (2, 2, 1)
+    assert r2["summary"]["lesions"] == 5 and r2["summary"]["total_ml"] == pytest.approx(0.288 + 3 * 0.216 + 0.008)
+    # every present track is drawn where OHIF can place it: an outline on one of t2's CT instances
+    instances = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in studies[2][0].iterdir()}
+    for t in r2["tracks"][1:]:
+        assert t["outline_sop_instance_uid"] in instances and t["long_axis_mm"] >= t["short_axis_mm"] > 0, t
+        assert t["time_point"] == "t2" and t["segment"] is not None
     for report in (r1, r2):  # one identifier and UID per track, in every study
         assert all(t["tracking_uid"] == uids[str(t["track"])] for t in report["tracks"])
     assert r1["summary"]["state"] == "progression (2025-03-31)" and r2["summary"]["state"] == "progression (2025-03-31)"
     assert r2["tracks"][0]["segment"] is None and r2["tracks"][0]["previous_ml"] > 0  # resolved: no segment
-    import pydicom
-
     seg2 = pydicom.dcmread(out / "dicom" / "t2_seg.dcm")
     study2 = pydicom.dcmread(next(studies[2][0].iterdir()), stop_before_pixels=True)
     assert (r2["study_uid"], str(seg2.StudyInstanceUID)) == (str(study2.StudyInstanceUID),) * 2
     assert {(str(i.TrackingID), str(i.TrackingUID)) for i in seg2.SegmentSequence} == {
-        (f"lesion {t}", uids[str(t)]) for t in (2, 3, 4, 5)}
+        (f"lesion {t}", uids[str(t)]) for t in (2, 3, 4, 5, 6)}
     # without DICOM inputs --sr is refused before any work
     before = snapshot(tmp_path)
     assert_clean_error(invoke(["timeline", studies[0][1], studies[1][0], "--masks", studies[0][1], "--masks",

@@ -9,8 +9,9 @@ The rule as this project specifies it (issue #36), with scans in date order t0 (
 first post-treatment scan), t2, ...:
 
 * a lesion is **new at tk against a reference scan** when its track had no lesion at the
-  reference; it **counts** only when it is not ``indeterminate`` (below the minimum size of
-  :mod:`analysis.monitoring.followup`; the caller passes what may count in ``countable``);
+  reference; it **counts** only when it is not ``indeterminate``: below ``followup``'s minimum size
+  (:data:`analysis.lesions.DEFAULT_MIN_LESION_ML`, ``--min-lesion-ml``) it is too small to call new
+  (:func:`pcwg3_tracks`; the caller of :func:`pcwg3_bone` passes what may count in ``countable``);
 * **at t1**: at least ``min_new`` (2) new lesions against t0 make t1 ``unconfirmed``; it becomes
   ``progression (t1's date)`` when the confirming scan shows at least ``min_additional`` (2)
   *additional* new lesions against t1, else ``not confirmed (flare)``;
@@ -35,6 +36,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AbstractSet, Sequence
+
+from analysis.lesions import DEFAULT_MIN_LESION_ML
 
 if TYPE_CHECKING:
     from analysis.monitoring.tracking import Tracking
@@ -228,18 +231,26 @@ def pcwg3_bone(dates: Sequence[dt.date], present: Sequence[AbstractSet[int]],
 
 
 def pcwg3_tracks(dates: Sequence[dt.date], tracking: "Tracking", *, rule: Pcwg3Rule = Pcwg3Rule(),
-                 min_size_ml: float = 0.0) -> list[TimePointState]:
+                 min_lesion_ml: float = DEFAULT_MIN_LESION_ML) -> list[TimePointState]:
     """:func:`pcwg3_bone` of a timeline's lesion tracks (:mod:`analysis.monitoring.tracking`).
 
-    A track is present at a scan when it has a lesion there; it may count as new at tk when its
-    volume there is at least ``min_size_ml`` (not ``indeterminate``) and tk's reference scan (t0 for t1,
-    t1 after) held its place in its field of view (a lesion outside the reference's field of view
-    cannot be called new against it).
+    A track is present at a scan when it has a lesion there (any size: a small lesion still persists
+    and still keeps a later one from being new); it may count as new at tk when its volume there is at
+    least ``min_lesion_ml`` (smaller, it is ``indeterminate``, as
+    :func:`analysis.lesions.change_status` calls a new lesion below it) and tk's reference scan (t0
+    for t1, t1 after) held its place in its field of view (a lesion outside the reference's field of
+    view cannot be called new against it).
+
+    Args:
+        dates: the scans' dates, strictly increasing.
+        tracking: the timeline's tracks, one step list per scan.
+        rule: counts and interval.
+        min_lesion_ml: ``followup``'s minimum size (ml); 0: every new lesion counts.
     """
     present, countable = [], []
     for k, steps in enumerate(tracking.steps):
         ref = 0 if k <= 1 else 1
         here = [s for s in steps if s.present]
         present.append({s.track for s in here})
-        countable.append({s.track for s in here if s.volume_ml >= min_size_ml and ref not in s.unseen_by})
+        countable.append({s.track for s in here if s.volume_ml >= min_lesion_ml and ref not in s.unseen_by})
     return pcwg3_bone(dates, present, countable, rule=rule)

@@ -76,15 +76,13 @@ REGISTRATION_SCHEME = (
 
 @dataclass(frozen=True)
 class TimelineSettings(FollowupSettings):
-    """``followup``'s thresholds and registration, the minimum size and the PCWG3 rule's settings.
+    """``followup``'s thresholds and registration (its ``min_lesion_ml``: new or resolved tracks below it
+    are ``indeterminate`` and never count as new lesions for PCWG3) and the PCWG3 rule's settings.
 
     Attributes:
-        min_size_ml: new or resolved tracks below this volume are ``indeterminate`` and never count
-            as new lesions for PCWG3 (0: off).
         min_new, min_additional, min_persist, interval_days: :class:`analysis.monitoring.pcwg3.Pcwg3Rule`.
     """
 
-    min_size_ml: float = 0.0
     min_new: int = Pcwg3Rule.min_new
     min_additional: int = Pcwg3Rule.min_additional
     min_persist: int = Pcwg3Rule.min_persist
@@ -97,8 +95,6 @@ class TimelineSettings(FollowupSettings):
     def check(self) -> None:
         """Raise :class:`InputError` (naming the option) for an out-of-range value."""
         super().check()
-        if not self.min_size_ml >= 0:
-            raise InputError(f"--min-size-ml {self.min_size_ml}: expected a volume >= 0 ml")
         for option, value in (("--pcwg3-new", self.min_new), ("--pcwg3-additional", self.min_additional),
                               ("--pcwg3-persist", self.min_persist)):
             if value < 1:
@@ -198,7 +194,7 @@ def definitions(settings: TimelineSettings) -> dict[str, str]:
                  "id; a track with less than half of its footprint in a scan's field of view is 'outside field of "
                  "view' there, not resolved",
         "status": base["status"] + " (against the last scan that saw the track's place; indeterminate: new or "
-                  f"resolved below {settings.min_size_ml:g} ml)",
+                  f"resolved below {settings.min_lesion_ml:g} ml)",
         "pcwg3": settings.rule.describe(),
         "new": "timeline.csv's new: lesions new against the scan's PCWG3 reference (t0 for t1, t1 after) that count",
         "resolved": "timeline.csv's resolved: tracks resolved against the previous scan",
@@ -259,7 +255,7 @@ def run_timeline(cts: Sequence[str], out: str | os.PathLike, *, masks: Sequence[
                  predictor: Predictor | None = None, model: str | None = None, dates: Sequence[str] | None = None,
                  bones: Sequence[str] | None = None, settings: TimelineSettings = TimelineSettings(),
                  series: str | None = None, overwrite: bool = False, sr: bool = False,
-                 lesion_uids: Sequence[Mapping[int, str] | None] | None = None) -> Path:
+                 lesion_uids: Sequence[Mapping[int, str] | None] | None = None, ct_check: bool = True) -> Path:
     """Track a patient's CTs over time and write OUT (see the module docstring).
 
     Args:
@@ -277,6 +273,7 @@ def run_timeline(cts: Sequence[str], out: str | os.PathLike, *, masks: Sequence[
             (:mod:`analysis.monitoring.timeline_dicom`); every CT must then be a DICOM series.
         lesion_uids: per CT, ``{lesion id: TrackingUID}`` of the SEG ``predict`` wrote for it (None where
             there is none): a track keeps the UID of its first lesion.
+        ct_check: refuse a volume that does not look like CT in Hounsfield units (``followup``'s check).
 
     Returns:
         OUT.
@@ -312,8 +309,9 @@ def run_timeline(cts: Sequence[str], out: str | os.PathLike, *, masks: Sequence[
         if predictor is not None:
             masks, model_record = _predict_all(predictor, cases, Path(tmp))
         result = _track(cases, masks, bones, when, settings, staging, sr=sr, lesion_uids=lesion_uids,
-                        predicted=predictor is not None)
-        states = pcwg3_tracks(when, result["tracker"].tracking, rule=settings.rule, min_size_ml=settings.min_size_ml)
+                        predicted=predictor is not None, ct_check=ct_check)
+        states = pcwg3_tracks(when, result["tracker"].tracking, rule=settings.rule,
+                              min_lesion_ml=settings.min_lesion_ml)
         _write(staging, cases, when, date_sources, states, result, settings, model=model,
                model_record=model_record, seconds_so_far=time.perf_counter() - start, sr=sr)
     log.info("timeline: wrote %s", out)
@@ -344,17 +342,18 @@ def _scan_id(case: InputCase, record: dict[str, Any]) -> str:
 
 def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str] | None, when: Sequence[dt.date],
            settings: TimelineSettings, staging: Path, *, sr: bool,
-           lesion_uids: Sequence[Mapping[int, str] | None] | None, predicted: bool) -> dict[str, Any]:
+           lesion_uids: Sequence[Mapping[int, str] | None] | None, predicted: bool,
+           ct_check: bool) -> dict[str, Any]:
     """Load, register, place, track and preview each scan in turn (the first kept, the others released);
     with ``sr`` also each follow-up study's SEG (its tracks known once the scan is tracked)."""
     tracker = Tracker(match_mm=settings.match_mm, change=settings.change, min_change_ml=settings.min_change_ml,
-                      min_size_ml=settings.min_size_ml)
-    records, registrations, seconds, track_bones, segs = [], [], [], [], {}
+                      min_lesion_ml=settings.min_lesion_ml)
+    records, registrations, seconds, track_bones, segs, anchors = [], [], [], [], {}, {}
     uids: dict[int, str] = {}
     first: Scan | None = None
     for k, case in enumerate(cases):
         t0 = time.perf_counter()
-        scan = load_scan(case, masks[k], bones[k] if bones else None, what=f"t{k}")
+        scan = load_scan(case, masks[k], bones[k] if bones else None, what=f"t{k}", ct_check=ct_check)
         if predicted:  # the mask lived in a temporary PRED folder (as followup records it)
             scan.record["mask"] = "predicted"
         if first is None:
@@ -371,8 +370,8 @@ def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str
             lut = np.zeros(p.placed.n + 1, np.uint32)
             for st in steps:
                 lut[list(st.lesions)] = st.track
-            segs[k] = write_study_seg(_dicom_dir(staging), k, case.series, lut[p.labels], uids,
-                                      seed=f"{case.series.series_uid}|timeline|{scan.record['sha256'][:32]}")
+            seed = f"{case.series.series_uid}|timeline|{scan.record['sha256'][:32]}"
+            segs[k], anchors[k] = write_study_seg(_dicom_dir(staging), k, case.series, lut[p.labels], uids, seed=seed)
         t_track = time.perf_counter()
         codes, numbers = _maps(p.placed, steps, k == 0)
         present = [s for s in steps if s.present]
@@ -391,7 +390,7 @@ def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str
         if k:
             del scan
     return {"tracker": tracker, "records": records, "registrations": registrations, "seconds": seconds,
-            "bones": track_bones, "uids": uids, "segs": segs}
+            "bones": track_bones, "uids": uids, "segs": segs, "anchors": anchors}
 
 
 def _dicom_dir(staging: Path) -> Path:
@@ -431,6 +430,7 @@ def _write_reports(staging: Path, cases: Sequence[InputCase], scans: Sequence[di
         sr = write_study_report(_dicom_dir(staging), k, record, rows=rows, summary=scans[k],
                                 date=scans[k]["date"].isoformat(),
                                 seg_path=_dicom_dir(staging) / seg["path"] if seg["written"] else None,
+                                anchors=result["anchors"][k],
                                 seed=f"{record.series_uid}|timeline-sr|{result['records'][k]['sha256'][:32]}")
         out[f"t{k}"] = {"seg": seg, "sr": sr}
     return out

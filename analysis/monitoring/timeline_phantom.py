@@ -46,8 +46,11 @@ and scan) and a 9 mm shorter field of view at both ends, as the follow-up phanto
 
 **Truth** is measured, as the follow-up phantom's: lesions are the 26-connected components of each
 scan's own mask, volumes from its own grid; they are placed in t0's frame through the *exact* motion
-(no registration) and tracked by :func:`analysis.monitoring.tracking.track_lesions` with its defaults;
-the PCWG3 states follow from those tracks (:func:`analysis.monitoring.pcwg3.pcwg3_tracks`). The
+(no registration) and tracked by :func:`analysis.monitoring.tracking.track_lesions` with its defaults
+but the minimum size: every change is called whatever its size (``min_lesion_ml=0``, as the follow-up
+phantom's truth; a lesion can measure under ``followup``'s 0.1 ml on a coarse later grid, and
+``timeline --min-lesion-ml 0`` reproduces the truth); the PCWG3 states follow from those tracks
+(:func:`analysis.monitoring.pcwg3.pcwg3_tracks`, every new lesion counting). The
 schedule is written beside it with the truth track each event landed on, so a test can check both that
 the truth shows what the schedule meant and that ``timeline`` recovers the truth.
 
@@ -420,8 +423,8 @@ def generate_timeline(seed: int, baseline: ph.PhantomCase, scenario: Scenario, *
         placed.append(_placed(label, grid, g0, motion))
         edits.append(edit)
         del frame
-    tracking = track_lesions(placed)
-    states = [s.state for s in pcwg3_tracks(dates, tracking)]
+    tracking = track_lesions(placed, min_lesion_ml=0.0)  # the phantom's own changes, any size
+    states = [s.state for s in pcwg3_tracks(dates, tracking, min_lesion_ml=0.0)]
     schedule = []
     for k, edit in enumerate(edits):
         for verb, role in edit.applied:

@@ -26,8 +26,8 @@ in date order:
   The status of a continuing track compares its components' summed volumes at tk with those at the
   last scan whose field of view held it (normally t(k-1); :func:`analysis.lesions.change_status`):
   ``new`` when it had no lesion there (a new track, or one reappearing), ``resolved`` when it has
-  none at tk, else grown, shrunk, stable. With ``min_size_ml`` > 0, a new or resolved track below it
-  is ``indeterminate`` (the minimum size of issue #32: not counted as new by the PCWG3 rule). Each
+  none at tk, else grown, shrunk, stable; a new or resolved track below ``min_lesion_ml`` is
+  ``indeterminate`` (``followup``'s rule: too small to call, and not counted as new by PCWG3). Each
   present track also records which earlier scans' fields of view did not hold its place
   (:attr:`TrackStep.unseen_by`): a lesion there cannot be called new against them.
 
@@ -49,6 +49,7 @@ from analysis.imaging.io import Geometry
 from analysis.lesions import (
     DEFAULT_CHANGE,
     DEFAULT_MIN_CHANGE_ML,
+    DEFAULT_MIN_LESION_ML,
     MERGE,
     NEW,
     ONE_TO_ONE,
@@ -60,12 +61,10 @@ from analysis.lesions import (
 )
 from analysis.monitoring.matching import DEFAULT_MATCH_MM, match
 
-__all__ = ["PlacedScan", "TrackStep", "Tracking", "track_lesions", "followup_groups", "INDETERMINATE",
+__all__ = ["PlacedScan", "TrackStep", "Tracking", "track_lesions", "followup_groups",
            "Tracker", "REAPPEARED", "MERGED_INTO", "BASELINE_EVENT", "ABSENT", "OUTSIDE", "SEEN_FRACTION",
            "field_of_view"]
 
-#: Status of a new or resolved track below the minimum size (issue #32's vocabulary).
-INDETERMINATE = "indeterminate"
 #: Events beyond :attr:`analysis.lesions.Group.event`'s: a track seen at t0, one whose lesions
 #: vanished before and came back, one that merged into another (``merged into N``), one absent
 #: at this scan and the one before.
@@ -107,7 +106,7 @@ class TrackStep:
         scan: the scan index (0 = t0).
         lesions: this scan's lesion ids on the track (empty: absent).
         volume_ml: their summed volume (own grid), 0.0 when absent.
-        status: against the previous scan: new, resolved, grown, shrunk, stable, indeterminate;
+        status: against the previous scan (:data:`analysis.lesions.STATUSES`);
             None at t0 and for a track absent at both scans or merged into another.
         event: ``baseline`` (t0), one-to-one, split, merge, split-merge, new, reappeared, resolved,
             ``merged into N``, ``outside field of view`` or ``absent``.
@@ -205,25 +204,18 @@ def _voxels(by_lesion: dict[int, np.ndarray], ids: Sequence[int]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def _status(previous_ml: float, volume_ml: float, change: float, min_change_ml: float, min_size_ml: float) -> str:
-    status = change_status(previous_ml, volume_ml, change=change, min_change_ml=min_change_ml)
-    if min_size_ml > 0 and ((status == NEW and volume_ml < min_size_ml)
-                            or (status == RESOLVED and previous_ml < min_size_ml)):
-        return INDETERMINATE
-    return status
-
-
 class Tracker:
     """:func:`track_lesions` one scan at a time (a scan's tracks never depend on later scans, so a
     timeline can drop each scan's images once it is tracked).
 
     Args:
-        match_mm, change, min_change_ml, min_size_ml: as :func:`track_lesions`.
+        match_mm, change, min_change_ml, min_lesion_ml: as :func:`track_lesions`.
     """
 
     def __init__(self, *, match_mm: float = DEFAULT_MATCH_MM, change: float = DEFAULT_CHANGE,
-                 min_change_ml: float = DEFAULT_MIN_CHANGE_ML, min_size_ml: float = 0.0) -> None:
-        self.match_mm, self.change, self.min_change_ml, self.min_size_ml = match_mm, change, min_change_ml, min_size_ml
+                 min_change_ml: float = DEFAULT_MIN_CHANGE_ML, min_lesion_ml: float = DEFAULT_MIN_LESION_ML) -> None:
+        self.match_mm, self.change, self.min_change_ml = match_mm, change, min_change_ml
+        self.min_lesion_ml = min_lesion_ml
         self.tracking = Tracking()
         self._foot: dict[int, _Footprint] = {}
         self._sees: list[Callable[[np.ndarray], np.ndarray] | None] = []
@@ -231,7 +223,8 @@ class Tracker:
         self._next = 1
 
     def _status(self, previous_ml: float, volume_ml: float) -> str:
-        return _status(previous_ml, volume_ml, self.change, self.min_change_ml, self.min_size_ml)
+        return change_status(previous_ml, volume_ml, change=self.change, min_change_ml=self.min_change_ml,
+                             min_lesion_ml=self.min_lesion_ml)
 
     def _seen_by(self, j: int, voxels: np.ndarray) -> bool:
         sees = self._sees[j]
@@ -311,14 +304,15 @@ class Tracker:
 
 
 def track_lesions(scans: Sequence[PlacedScan], *, match_mm: float = DEFAULT_MATCH_MM, change: float = DEFAULT_CHANGE,
-                  min_change_ml: float = DEFAULT_MIN_CHANGE_ML, min_size_ml: float = 0.0) -> Tracking:
+                  min_change_ml: float = DEFAULT_MIN_CHANGE_ML,
+                  min_lesion_ml: float = DEFAULT_MIN_LESION_ML) -> Tracking:
     """The tracks of ``scans`` (date order, all in the first scan's frame; the rule: module docstring).
 
     Args:
         scans: the placed scans, t0 first; every ``moved`` on the same grid.
         match_mm: centroids of otherwise unmatched tracks and lesions within this distance match.
-        change, min_change_ml: the status thresholds of :func:`analysis.lesions.change_status`.
-        min_size_ml: new or resolved tracks below this volume are ``indeterminate`` (0: off).
+        change, min_change_ml, min_lesion_ml: the status thresholds of :func:`analysis.lesions.change_status`
+            (new or resolved tracks below ``min_lesion_ml`` are ``indeterminate``; 0: every one counts).
 
     Returns:
         The :class:`Tracking` (:class:`Tracker` adds one scan at a time).
@@ -342,7 +336,7 @@ def track_lesions(scans: Sequence[PlacedScan], *, match_mm: float = DEFAULT_MATC
         [(1, 'resolved', 'resolved'), (2, 'new', 'new')]
         [(1, 'new', 'reappeared'), (2, 'stable', 'one-to-one')]
     """
-    tracker = Tracker(match_mm=match_mm, change=change, min_change_ml=min_change_ml, min_size_ml=min_size_ml)
+    tracker = Tracker(match_mm=match_mm, change=change, min_change_ml=min_change_ml, min_lesion_ml=min_lesion_ml)
     for scan in scans:
         tracker.add(scan)
     return tracker.tracking

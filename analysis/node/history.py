@@ -100,8 +100,9 @@ def _build(stored: Path, priors: list, header: dict[str, Any]) -> list[Path]:
     try:
         preds = [p.pred for p in priors] + [stored / "pred"]
         cts = [str(p.ct) for p in priors] + [str(stored / "ct")]
+        # every series was predicted by this node (predict's CT check as serve was told: --no-ct-check or not)
         run_timeline(cts, out, masks=[str(mask_in(p)) for p in preds], overwrite=True, sr=True,
-                     lesion_uids=[_lesion_uids(p) for p in preds])
+                     lesion_uids=[_lesion_uids(p) for p in preds], ct_check=False)
     except (InputError, DataProblems, OSError, ValueError, KeyError) as exc:
         log.warning("series %s: timeline with %d prior(s) not built (%s); delivering predict's results",
                     header["series_uid"], len(priors), str(exc)[:300])
