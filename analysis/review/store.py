@@ -180,13 +180,17 @@ class StudyStore:
     def _record(self, pred: Path) -> tuple[dict[str, Any], float]:
         """``predict.json`` of a PRED folder and its modification time (read again when it changes)."""
         mtime = (pred / RECORD).stat().st_mtime
+        return self._fresh(self._records, pred, mtime, lambda: read_record(pred)), mtime
+
+    def _fresh(self, cache: dict, key: Any, mtime: float, load: Any) -> Any:
+        """``cache[key]``'s value while its file's ``mtime`` is unchanged, else ``load()`` again."""
         with self._lock:
-            known = self._records.get(pred)
+            known = cache.get(key)
         if known is None or known[0] != mtime:
-            known = (mtime, read_record(pred))
+            known = (mtime, load())
             with self._lock:
-                self._records[pred] = known
-        return known[1], mtime
+                cache[key] = known
+        return known[1]
 
     # --- finding studies ------------------------------------------------------------------
 
@@ -273,13 +277,7 @@ class StudyStore:
         pred, _ = self.folders(study)
         path = pred / LESIONS_CSV
         mtime = path.stat().st_mtime if path.is_file() else -1.0
-        with self._lock:
-            known = self._tables.get(path)
-        if known is None or known[0] != mtime:
-            known = (mtime, read_lesions(pred))
-            with self._lock:
-                self._tables[path] = known
-        return [r for r in known[1] if r["case"] == study.case]
+        return [r for r in self._fresh(self._tables, path, mtime, lambda: read_lesions(pred)) if r["case"] == study.case]
 
     def volume(self, study: Study) -> Volume:
         """The study's CT, lesion labels and rows (cached for the last few studies).
