@@ -41,7 +41,7 @@ from analysis.errors import InputError
 from analysis.imaging.inputs import InputCase
 from analysis.imaging.io import atomic_directory, atomic_write_json, atomic_write_text
 from analysis.imaging.records import csv_text, versions
-from analysis.lesions import NEW, RESOLVED, STABLE
+from analysis.lesions import INDETERMINATE, NEW, RESOLVED, STABLE
 from analysis.monitoring.followup import (
     FollowupSettings,
     Predictor,
@@ -375,8 +375,10 @@ def _track(cases: Sequence[InputCase], masks: Sequence[str], bones: Sequence[str
         t_track = time.perf_counter()
         codes, numbers = _maps(p.placed, steps, k == 0)
         present = [s for s in steps if s.present]
+        small = sum(s.status == INDETERMINATE for s in steps)
         title = (f"t{k} {when[k].isoformat()}\n{len(present)} tracked lesion(s), "
-                 f"{sum(s.status == NEW for s in steps)} new, {sum(s.status == RESOLVED for s in steps)} resolved")
+                 f"{sum(s.status == NEW for s in steps)} new, {sum(s.status == RESOLVED for s in steps)} resolved"
+                 + (f", {small} indeterminate" if small else ""))
         write_scan_preview(staging / f"preview_t{k}.png", p.registered_ct, first.geometry, codes, numbers, title=title)
         track_bones.append(_bones_of(scan, steps))
         records.append(scan.record)
