@@ -264,6 +264,19 @@ def _frames_aligned(path: Path, series: DicomSeries) -> str | None:
     return None
 
 
+def segment_tracking_uids(path: str | os.PathLike) -> dict[int, str]:
+    """``{lesion id: TrackingUID}`` of the segments of a SEG whose TrackingID is "lesion N" (as
+    :func:`write_dicom_seg` writes them with ``labels``): what a later object about the same lesions
+    reuses (the reviewed SEG, a timeline's tracks)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    out = {}
+    for item in ds.SegmentSequence:
+        ident = str(item.get("TrackingID", ""))
+        if ident.startswith("lesion ") and item.get("TrackingUID"):
+            out[int(ident.split()[-1])] = str(item.TrackingUID)
+    return out
+
+
 def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.PathLike, *, model_name: str,
                     model_version: str, series_number: int = 9900,
                     series_description: str | None = None, labels: np.ndarray | None = None,

@@ -11,6 +11,9 @@
   ``predict_series(series_dir, out_dir)``, the same prediction as ``predict --images``; its
   SEG and SR go to the destination, with at most ``retries`` retries ``retry_seconds`` x 2^k
   apart, then to ``undelivered/`` with one log line.
+- With ``priors`` > 0 the predicted series is archived and, when the patient has earlier CT
+  studies (the archive, then the destination's query/retrieve), its timeline's SEG and report
+  replace predict's (:mod:`analysis.node.history`).
 - SIGTERM (:meth:`Node.stop`) lets the running predictions finish, then the node exits.
 """
 from __future__ import annotations
@@ -57,6 +60,7 @@ class NodeConfig:
     retry_seconds: float = 5.0
     deliver_seg: bool = True
     deliver_sr: bool = True
+    priors: int = 0
 
     def check(self) -> None:
         """Raise :class:`InputError` (one line, naming the option) for an out-of-range value."""
@@ -70,6 +74,8 @@ class NodeConfig:
                 raise InputError(f"{name} {value}: expected >= 0")
         if self.workers < 1:
             raise InputError(f"--workers {self.workers}: expected >= 1")
+        if self.priors < 0:
+            raise InputError(f"--priors {self.priors}: expected >= 0")
 
 
 def _pixel_problem(ds) -> str | None:
@@ -244,6 +250,14 @@ class Node:
             results += sorted((out / DICOM_SEG).glob("*.dcm"))
         if self.config.deliver_sr:
             results += sorted((out / SR).glob("*.dcm"))
+        if self.config.priors:  # with earlier studies: the timeline's SEG and report replace predict's
+            from analysis.node.history import timeline_report
+
+            report = timeline_report(spool.root, job, spool.job_path(job, "input"), out, limit=self.config.priors,
+                                     destination=self.config.destination, calling_ae=self.config.ae_title,
+                                     predict=self.predict_series)
+            if report:
+                results = [r for r in report if (self.config.deliver_seg if "_seg" in r.name else self.config.deliver_sr)]
         lesions = len(read_lesions(out)) if (out / LESIONS_CSV).is_file() else 0  # a detector writes none
         spool.open_outbox(job, results)
         log.info("series %s: predicted in %.1f s, %d lesion(s), %d result(s) to deliver", parse_job(job)[0],
