@@ -293,8 +293,15 @@ def models_cmd(as_json: bool) -> None:
 
 @main.command("train")
 @click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False), help="Cohort folder.")
-@click.option("--task", required=True, type=click.Choice(["detect", "segment"]), help="Detection or segmentation.")
-@click.option("--arch", required=True, type=click.Choice(_arch_names()), help="Registered model (see `models`).")
+@click.option("--task", default=None, type=click.Choice(["detect", "segment"]),
+              help="Detection or segmentation (required unless --init-from).")
+@click.option("--arch", default=None, type=click.Choice(_arch_names()),
+              help="Registered model (see `models`; required unless --init-from).")
+@click.option("--init-from", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Fine-tune a RUN: start from its weights, with its architecture (task, arch, width, context) "
+                   "and spacing; config.json records it as the parent.")
+@click.option("--hard-negative-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of training crops centred on hard negatives (negativesTr/, from import-reviews).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="RUN folder to write.")
 @click.option("--fold", default=0, show_default=True, type=click.IntRange(min=0), help="Fold of splits.json.")
 @click.option("--epochs", default=50, show_default=True, type=click.IntRange(min=1))
@@ -336,11 +343,21 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
               help="Slice cache folder [default: ~/.cache/bonemets/slices].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
-def train_cmd(out: str, resume: bool, overwrite: bool, cache_dir: str | None, **settings) -> None:
+@click.pass_context
+def train_cmd(ctx: click.Context, out: str, resume: bool, overwrite: bool, cache_dir: str | None, **settings) -> None:
     """Train a Keras detector or segmenter and write a RUN folder (model.keras, config.json,
-    history.csv, checkpoints/, logs/)."""
+    history.csv, checkpoints/, logs/); --init-from fine-tunes a RUN."""
     from bonemets_tf.train import TrainConfig, train
 
+    if settings["init_from"] is not None:
+        from bonemets_tf.lineage import inherited_settings, parent_run
+
+        given = {k: v for k, v in settings.items()
+                 if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+        defaults = {k: v for k, v in settings.items() if k not in given}
+        settings = {**defaults, **inherited_settings(parent_run(settings["init_from"]), given)}
+    elif settings["task"] is None or settings["arch"] is None:
+        raise click.UsageError("--task and --arch are required (unless --init-from RUN)")
     path = train(TrainConfig(**settings), out, resume=resume, overwrite=overwrite, cache_dir=cache_dir)
     click.echo(f"wrote {path}")
 # ---- END tf ----
