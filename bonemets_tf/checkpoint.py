@@ -7,6 +7,10 @@ from which ``resume=True`` continues after the last committed epoch, with histor
 best model consistent; the input pipeline continues its random stream (see
 :mod:`bonemets_tf.data`) instead of replaying it.
 
+Which epoch is "best" is a :class:`CheckpointRule`, recorded in ``config.json["checkpoint"]``
+(issue #31): the highest validation Dice (segmenters) or AUC (detectors) when the validation
+cases hold lesion, else the last epoch.
+
 Importing this module imports Keras (:class:`RunCheckpoint` is a Keras callback).
 """
 from __future__ import annotations
@@ -26,9 +30,65 @@ import keras
 
 from analysis.imaging.io import atomic_write_json, atomic_write_text, read_json
 from bonemets_tf.guard import GUARD_LR_FACTOR, CollapseGuard
-from bonemets_tf.run import CHECKPOINTS_DIR, HISTORY_FILE, MODEL_FILE, STATE_FILE
+from bonemets_tf.run import CHECKPOINTS_DIR, CONFIG_FILE, HISTORY_FILE, MODEL_FILE, MONITOR, STATE_FILE
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointRule:
+    """Which epoch's model becomes ``model.keras``.
+
+    With lesion in the validation cases, the epoch of the highest ``monitor``
+    (:data:`bonemets_tf.run.MONITOR`: ``val_dice``, ``val_auc``). Without any, neither is
+    defined: Keras's pooled Dice reads 1 for a model that predicts nothing and 0 for any
+    other, so the highest "Dice" is the emptiest model (the first epoch, at the lesion
+    prior), and slice AUC needs a positive slice. Validation loss is no better: on slices
+    without lesion it is lowest for the model that predicts least. Then the *last* epoch
+    is kept (``monitor`` None), as nnU-Net predicts with its final checkpoint by default
+    (Isensee et al., Nat. Methods 2021), except an epoch where the collapse guard acted,
+    which is never kept.
+
+    Attributes:
+        monitor: the validation log key to maximise, or None: the last epoch.
+        reason: why this rule, recorded beside it.
+    """
+
+    monitor: str | None
+    reason: str
+
+    @classmethod
+    def for_validation(cls, task: str, val_lesion: bool) -> CheckpointRule:
+        """The rule for a ``task`` whose validation cases hold lesion voxels (``val_lesion``) or not."""
+        if val_lesion:
+            return cls(MONITOR[task], f"highest validation {MONITOR[task][4:]}")
+        return cls(None, f"the validation cases hold no lesion voxel: validation {MONITOR[task][4:]} is undefined there "
+                         f"and validation loss is lowest for a model that predicts nothing, so the last epoch is kept")
+
+    def improved(self, value: float, best: float | None, best_epoch: int | None, *, guard_event: bool) -> bool:
+        """Whether an epoch with monitored ``value`` (and a guard event or not) replaces the
+        kept one (``best``/``best_epoch``; None before the first)."""
+        if self.monitor is None:
+            return not guard_event
+        if best_epoch is None:
+            return True
+        return math.isfinite(value) and (best is None or not math.isfinite(best) or value > best)
+
+    def record(self) -> dict[str, Any]:
+        """``config.json["checkpoint"]`` before training: the rule."""
+        return {"monitor": self.monitor, "mode": "max" if self.monitor else "last", "reason": self.reason}
+
+
+def write_checkpoint(run: Path, rule: CheckpointRule, state: RunState) -> None:
+    """Record the rule and the kept epoch (``epoch``, its monitored ``value``) in
+    ``config.json["checkpoint"]``; a folder without ``config.json`` (a non-chief worker's
+    scratch folder) is left alone."""
+    config_path = run / CONFIG_FILE
+    if not config_path.is_file():
+        return
+    saved = read_json(config_path, what="run config")
+    atomic_write_json(config_path, {**saved, "checkpoint": {**rule.record(), "epoch": state.best_epoch,
+                                                            "value": state.best}})
 
 
 @dataclass
@@ -38,7 +98,8 @@ class RunState:
     Attributes:
         run: RUN folder.
         epoch: completed epochs.
-        best: best monitored value so far (None before the first epoch).
+        best: best monitored value so far (None before the first epoch, and with the
+            last-epoch rule).
         best_epoch: 1-based epoch of ``model.keras``.
         history: one dict per completed epoch (``epoch`` 1-based plus Keras logs).
         lr_scale: the collapse guard's factor on the learning-rate curve (1 before any event).
@@ -152,15 +213,15 @@ class RunCheckpoint(keras.callbacks.Callback):
     Args:
         run: RUN folder.
         state: the run's state (updated in place).
-        monitor: validation log key to maximise (e.g. ``"val_dice"``).
+        rule: which epoch is kept as ``model.keras``.
         model: the model to save as ``model.keras`` (None: the fitted one).
         guard: the collapse guard (None: off).
     """
 
-    def __init__(self, run: Path, state: RunState, monitor: str, *, model=None,
+    def __init__(self, run: Path, state: RunState, rule: CheckpointRule, *, model=None,
                  guard: CollapseGuard | None = None) -> None:
         super().__init__()
-        self.run, self.state, self.monitor, self.inference, self.guard = run, state, monitor, model, guard
+        self.run, self.state, self.rule, self.inference, self.guard = run, state, rule, model, guard
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = {k: float(v) for k, v in (logs or {}).items()}
@@ -168,13 +229,14 @@ class RunCheckpoint(keras.callbacks.Callback):
         st = self.state
         st.folder.mkdir(parents=True, exist_ok=True)
         _save_atomic(lambda p: self.model.save_weights(p), st.weights_path(done))
-        value = logs.get(self.monitor, float("nan"))
-        improved = st.best is None or (math.isfinite(value) and (not math.isfinite(st.best) or value > st.best))
-        if improved:
-            _save_atomic(lambda p: (self.inference or self.model).save(p), st.best_path(done))
-            st.best, st.best_epoch = (value if math.isfinite(value) else float("-inf")), done
+        value = logs.get(self.rule.monitor, float("nan")) if self.rule.monitor else float("nan")
         if self.guard is not None:
             logs.update(self._guard(done, logs))
+        improved = self.rule.improved(value, st.best, st.best_epoch, guard_event=bool(logs.get("guard_event")))
+        if improved:
+            _save_atomic(lambda p: (self.inference or self.model).save(p), st.best_path(done))
+            st.best_epoch = done
+            st.best = None if self.rule.monitor is None else value if math.isfinite(value) else float("-inf")
         previous = st.epoch
         st.epoch = done
         st.history = [row for row in st.history if row["epoch"] < done] + [{"epoch": done, **logs}]

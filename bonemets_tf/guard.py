@@ -21,7 +21,9 @@ train raises :class:`bonemets_tf.train.TrainingFailed` (one line, exit code 3 fr
 removes ``model.keras``, so no model that predicts nothing is left to ``predict``;
 ``config.json["guard"]["outcome"]`` is ``"ok"``, ``"recovered"`` or ``"failed"``. A run too
 short for the guard to act (one epoch: the patience is two) ends normally;
-:func:`bonemets_tf.run.training_status` then says whether it learned.
+:func:`bonemets_tf.run.training_status` then says whether it learned. When the validation
+cases hold no lesion (issue #31) there is no validation level to judge: only the
+constant-calls rule acts, every other epoch is good, and nothing is judged learned or not.
 
 This module holds the rule and its record; :class:`bonemets_tf.checkpoint.RunCheckpoint`
 applies it at each epoch end and :mod:`bonemets_tf.train` restores and restarts. It imports
@@ -51,15 +53,18 @@ class CollapseGuard:
 
     Args:
         task: ``"detect"`` or ``"segment"``.
-        monitor: validation key (``val_dice``/``val_auc``).
+        monitor: validation key (``val_dice``/``val_auc``), or None: validation holds no
+            lesion, so it has no empty level (only the constant-calls rule acts).
     """
 
-    def __init__(self, task: str, monitor: str) -> None:
+    def __init__(self, task: str, monitor: str | None) -> None:
         self.task, self.monitor = task, monitor
         self.empty = EMPTY_LEVEL[task] + EMPTY_MARGIN[task]
 
     def val_empty(self, logs: dict[str, float]) -> bool:
-        """Validation at (or below) the empty-prediction level, or not finite."""
+        """Validation at (or below) the empty-prediction level, or not finite (never without a monitor)."""
+        if self.monitor is None:
+            return False
         value = logs.get(self.monitor, float("nan"))
         return not (math.isfinite(value) and value > self.empty)
 

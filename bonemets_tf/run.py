@@ -30,6 +30,9 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"
 #: TensorBoard logs (when the tensorboard package is installed).
 LOGS_DIR = "logs"
+#: The validation metric whose highest value picks ``model.keras`` when validation holds
+#: lesion (``config.json["checkpoint"]``; see :class:`bonemets_tf.checkpoint.CheckpointRule`).
+MONITOR = {SEGMENT: "val_dice", DETECT: "val_auc"}
 #: What a model that predicts nothing (or one constant output) scores on validation: pooled
 #: Dice 0 on validation slices with lesion (segmenters), slice AUC 0.5 (detectors).
 EMPTY_LEVEL = {SEGMENT: 0.0, DETECT: 0.5}
@@ -227,7 +230,9 @@ def training_status(run: RunInfo) -> dict[str, Any]:
     detectors) and, when there is no history, ``calibration.json``. A model *did not learn*
     when :func:`learned` says so of its best validation value (validation Dice <= 0.05,
     AUC <= 0.55: the score of an empty or constant prediction), or when the guard recorded
-    the outcome ``"failed"``.
+    the outcome ``"failed"``. Whether it learned is unknown when its validation cases hold
+    no lesion (``config.json["checkpoint"]["monitor"]`` null): an empty prediction scores
+    Dice 1 there.
 
     Args:
         run: the RUN (:func:`read_run`).
@@ -241,15 +246,20 @@ def training_status(run: RunInfo) -> dict[str, Any]:
     guard = run.config.get("guard") if isinstance(run.config.get("guard"), dict) else {}
     events = guard.get("events") if isinstance(guard.get("events"), list) else []
     level = EMPTY_LEVEL[task]
-    monitor = "val_auc" if task == DETECT else "val_dice"
-    best, source = _best_history_value(run.path / HISTORY_FILE, monitor), HISTORY_FILE
-    if best is None:
+    monitor = MONITOR[task]
+    checkpoint = run.config.get("checkpoint") if isinstance(run.config.get("checkpoint"), dict) else {}
+    no_lesion = "monitor" in checkpoint and checkpoint["monitor"] is None
+    best, source = (None, "") if no_lesion else (_best_history_value(run.path / HISTORY_FILE, monitor), HISTORY_FILE)
+    if best is None and not no_lesion:
         best, source = _calibration_value(run.path / CALIBRATION_FILE, task), CALIBRATION_FILE
     status: dict[str, Any] = {"learned": None, "reason": "", "best_val": best, "empty_level": level,
                               "guard_events": len(events)}
     name = monitor[4:]
     if guard.get("outcome") == "failed":
         status.update(learned=False, reason=f"training failed: the collapse guard gave up after {len(events)} event(s)")
+    elif no_lesion:
+        status["reason"] = (f"unknown: its validation cases hold no lesion, so validation {name} cannot tell "
+                            f"(model.keras is epoch {checkpoint.get('epoch')}, the last)")
     elif best is None:
         status["reason"] = f"no validation {name} recorded in {HISTORY_FILE} or {CALIBRATION_FILE}"
     elif learned(task, best):

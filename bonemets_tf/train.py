@@ -4,14 +4,17 @@ RUN layout (read by ``predict``/``gradcam``/``export``; the names are :mod:`bone
 
     RUN/config.json        every setting (TrainConfig), the split used (case lists),
                            dataset path + fingerprint, resolved runtime (jit, strategy,
-                           replicas, store), versions of tensorflow/keras/numpy; a fine-tune
+                           replicas, store), versions of tensorflow/keras/numpy, the
+                           checkpoint rule and the epoch it kept ("checkpoint"); a fine-tune
                            (``init_from``) also its parent and ancestors (``init_from``,
                            ``lineage``: :mod:`bonemets_tf.lineage`); ``review_set``: the
                            training and validation cases that came from readers' reviews
                            (the cohort's ``reviews.json``, written by ``import-reviews``)
     RUN/model.keras        best model by the validation monitor (val_dice for segmenters,
-                           val_auc for detectors); loads with ``keras.models.load_model``
-                           after ``import bonemets_tf.layers`` (custom layers/losses)
+                           val_auc for detectors), or the last epoch's when the validation
+                           cases hold no lesion (``config.json["checkpoint"]``, see
+                           :class:`bonemets_tf.checkpoint.CheckpointRule`); loads with
+                           ``keras.models.load_model`` after ``import bonemets_tf.layers``
     RUN/history.csv        one row per completed epoch: epoch (1-based), losses, metrics
     RUN/checkpoints/       state.json (commit point: completed epochs, best value and
                            epoch, history rows) + epoch-NNNN.weights.h5 (model weights and
@@ -58,13 +61,13 @@ from analysis.imaging.orientation import CANONICAL
 from analysis.imaging.records import versions
 from bonemets_tf import cache
 from bonemets_tf.cache import CachedCase
-from bonemets_tf.checkpoint import RunCheckpoint, RunState
+from bonemets_tf.checkpoint import CheckpointRule, RunCheckpoint, RunState, write_checkpoint
 from bonemets_tf.distribute import (STRATEGIES, is_chief, keras_multiworker_fixes, make_strategy, num_workers,
                                     strategy_name, worker_index, worker_scratch)
 from bonemets_tf.guard import GUARD_MAX_EVENTS, CollapseGuard, write_guard
 from bonemets_tf.models.catalog import CATALOG, DETECT
 from bonemets_tf.run import (CALIBRATION_FILE, CONFIG_FILE, EMPTY_LEVEL, HISTORY_FILE, LEARNED_MARGIN, LOGS_DIR,
-                             MODEL_FILE, learned)
+                             MODEL_FILE, MONITOR, learned)
 
 log = logging.getLogger(__name__)
 
@@ -294,15 +297,17 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
     cached_train = cache.ensure_cached(cohort, train_cases, cache_dir)
     cached_val = cache.ensure_cached(cohort, val_cases, cache_dir)
     _check_hard_slices(config, cached_train)
+    rule = _checkpoint_rule(config, cached_val)
     record = _record(config, splits=splits, train_cases=train_cases, val_cases=val_cases,
                      cached=cached_train + cached_val, strategy=strategy)
+    record["checkpoint"] = rule.record()
     record.update(_provenance(cohort, parent, train_cases, val_cases))
     run = out if chief else worker_scratch(out, resume=resume)
     try:
         if chief:
             _prepare_run(run, record, resume=resume, overwrite=overwrite)
         job = _Job(config=config, run=run, record=record, train_cases=cached_train, val_cases=cached_val,
-                   strategy=strategy)
+                   strategy=strategy, rule=rule)
         with _precision(config.precision):
             trained = _fit(job)  # every worker trains
         if chief and (trained or not (run / CALIBRATION_FILE).is_file()):
@@ -396,6 +401,16 @@ def _fold(config: TrainConfig) -> tuple[Cohort, dict[str, Any] | None, list[str]
     return cohort, splits, train_cases, val_cases
 
 
+def _checkpoint_rule(config: TrainConfig, val_cases: list[CachedCase]) -> CheckpointRule:
+    """The rule choosing ``model.keras``; says in one line when the validation cases hold no lesion."""
+    rule = CheckpointRule.for_validation(config.task, any(any(c.positive) for c in val_cases))
+    if rule.monitor is None:
+        log.warning("train %s fold %d: validation case(s) %s hold no lesion voxel; model.keras will be the last "
+                    "epoch's, not the best by validation %s, undefined without lesion (config.json \"checkpoint\")",
+                    config.arch, config.fold, ", ".join(c.case for c in val_cases), MONITOR[config.task][4:])
+    return rule
+
+
 @dataclass(frozen=True)
 class _Job:
     """What every worker fits.
@@ -407,6 +422,7 @@ class _Job:
         train_cases: cached training cases.
         val_cases: cached validation cases.
         strategy: the tf.distribute strategy (:func:`bonemets_tf.distribute.make_strategy`).
+        rule: which epoch becomes ``model.keras``.
     """
 
     config: TrainConfig
@@ -415,6 +431,7 @@ class _Job:
     train_cases: list[CachedCase]
     val_cases: list[CachedCase]
     strategy: Any
+    rule: CheckpointRule
 
 
 def _fit(job: _Job) -> bool:
@@ -442,17 +459,16 @@ def _fit(job: _Job) -> bool:
     with job.strategy.scope():
         model, trainer = _build(job, state, stream)
     _record_params(job.run, model)
-    monitor = "val_auc" if config.task == DETECT else "val_dice"
-    guard = CollapseGuard(config.task, monitor) if config.guard else None
+    guard = CollapseGuard(config.task, job.rule.monitor) if config.guard else None
     if guard is not None and state.epoch == 0:
         state.save_good(trainer, 0)
     log.info("training %s (%s) for epochs %d..%d, %d steps of %d", config.arch, config.task,
              state.epoch + 1, config.epochs, config.steps_per_epoch, config.batch_size)
-    fitting = _Fitting(job=job, state=state, model=model, trainer=trainer, guard=guard, monitor=monitor,
-                       stream=stream, val_ds=val_ds)
+    fitting = _Fitting(job=job, state=state, model=model, trainer=trainer, guard=guard, stream=stream, val_ds=val_ds)
     fitting.fit_epochs()
     if guard is not None:
         fitting.judge()
+    write_checkpoint(job.run, job.rule, state)
     return True
 
 
@@ -520,7 +536,6 @@ class _Fitting:
         model: the probability model (``model.keras``).
         trainer: the Keras model that is fitted (``model`` or its logit view).
         guard: the collapse guard (None: off).
-        monitor: validation log key of the best model (``val_dice``/``val_auc``).
         stream: this worker's training stream from an element index (see :func:`_pipelines`).
         val_ds: the validation dataset.
     """
@@ -530,7 +545,6 @@ class _Fitting:
     model: Any
     trainer: Any
     guard: CollapseGuard | None
-    monitor: str
     stream: Callable[..., Any]
     val_ds: Any
 
@@ -551,7 +565,7 @@ class _Fitting:
         import keras
 
         config, run, state = self.job.config, self.job.run, self.state
-        callbacks = [RunCheckpoint(run, state, self.monitor, model=self.model, guard=self.guard)]
+        callbacks = [RunCheckpoint(run, state, self.job.rule, model=self.model, guard=self.guard)]
         if importlib.util.find_spec("tensorboard") is not None:
             callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run / LOGS_DIR), write_graph=False,
                                                          profile_batch=0))
@@ -591,18 +605,19 @@ class _Fitting:
 
         Raises:
             TrainingFailed: the guard acted and the best validation value is not above the
-                empty-prediction level (:func:`bonemets_tf.run.learned`).
+                empty-prediction level (:func:`bonemets_tf.run.learned`; not judged when the
+                validation cases hold no lesion).
         """
-        config, run, state = self.job.config, self.job.run, self.state
-        ok = learned(config.task, state.best)
+        config, run, state, monitor = self.job.config, self.job.run, self.state, self.job.rule.monitor
+        ok = monitor is None or learned(config.task, state.best)  # without lesion in validation: not judged
         if state.guard_events and not ok:
             best = "none" if state.best is None else f"{state.best:.4f}"
-            _fail(run, state, config, f"validation {self.monitor[4:]} never rose above its empty-prediction level "
+            _fail(run, state, config, f"validation {monitor[4:]} never rose above its empty-prediction level "
                                       f"{EMPTY_LEVEL[config.task]:g} (best {best})")
         write_guard(run, state.guard_events, state.lr_scale, "recovered" if state.guard_events else "ok")
         if not ok:
             log.warning("%s did not learn: best %s %s, not above its empty-prediction level %g + %g "
-                        "(too short for the collapse guard to act)", config.arch, self.monitor, state.best,
+                        "(too short for the collapse guard to act)", config.arch, monitor, state.best,
                         EMPTY_LEVEL[config.task], LEARNED_MARGIN[config.task])
 
 

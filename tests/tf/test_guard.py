@@ -17,7 +17,7 @@ import cli  # noqa: E402
 from analysis.imaging.orientation import CANONICAL  # noqa: E402
 from bonemets_tf import guard as guard_mod  # noqa: E402
 from bonemets_tf import run as run_mod  # noqa: E402
-from bonemets_tf.checkpoint import RunCheckpoint, RunState  # noqa: E402
+from bonemets_tf.checkpoint import CheckpointRule, RunCheckpoint, RunState  # noqa: E402
 from bonemets_tf.guard import CollapseGuard  # noqa: E402
 from bonemets_tf.losses import DiceBCELoss, PositiveFraction, WarmupSchedule, WeightedBCELoss  # noqa: E402
 from bonemets_tf.run import learned, read_run, training_status  # noqa: E402
@@ -110,6 +110,27 @@ def test_guard_rule_golden():
     assert g.val_empty({"val_dice": float("nan")})
     d = CollapseGuard("detect", "val_auc")
     assert d.val_empty({"val_auc": 0.51}) and not d.val_empty({"val_auc": 0.6})
+    # validation without lesion (issue #31): no empty level; only the constant-calls rule acts
+    n = CollapseGuard("segment", None)
+    assert not n.val_empty({"val_dice": 1.0}) and not n.val_empty({"val_dice": 0.0}) and not n.val_empty({})
+    assert n.check({"pos_frac": 0.0, "val_dice": 1.0}, 0) == "training calls all background"
+    assert n.check({"pos_frac": 0.01, "val_dice": 0.0}, 0) is None
+
+
+def test_checkpoint_rule_golden():
+    best = CheckpointRule.for_validation("segment", True)
+    assert (best.monitor, best.record()["mode"]) == ("val_dice", "max")
+    assert CheckpointRule.for_validation("detect", True).monitor == "val_auc"
+    assert best.improved(0.1, None, None, guard_event=False)  # the first epoch
+    assert best.improved(float("nan"), None, None, guard_event=False)
+    assert best.improved(0.3, 0.2, 1, guard_event=True) and not best.improved(0.2, 0.2, 1, guard_event=False)
+    assert not best.improved(float("nan"), 0.2, 1, guard_event=False)
+    assert best.improved(0.0, float("-inf"), 1, guard_event=False)
+    last = CheckpointRule.for_validation("detect", False)
+    assert last.record() == {"monitor": None, "mode": "last", "reason": last.reason} and "no lesion" in last.reason
+    assert last.improved(float("nan"), None, None, guard_event=False)
+    assert last.improved(float("nan"), None, 5, guard_event=False)  # every later epoch replaces it
+    assert not last.improved(float("nan"), None, 5, guard_event=True)  # but never one where the guard acted
 
 
 def test_learned_is_the_one_rule_golden():
@@ -200,6 +221,13 @@ def test_training_status_flags_a_model_that_did_not_learn(tmp_path):
     assert status["reason"].startswith("did not learn")
     (run / "history.csv").write_text("epoch,val_dice\n1,0.0\n2,0.35\n", encoding="utf-8")
     assert training_status(read_run(run))["learned"] is True
+    # validation without lesion: Dice 1 of an empty prediction says nothing (issue #31)
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    config["checkpoint"] = {"monitor": None, "mode": "last", "reason": "...", "epoch": 2, "value": None}
+    (run / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    (run / "history.csv").write_text("epoch,val_dice\n1,1.0\n2,1.0\n", encoding="utf-8")
+    status = training_status(read_run(run))
+    assert status["learned"] is None and status["best_val"] is None and "epoch 2" in status["reason"]
 
 
 def test_rank_auc_matches_the_rank_formula_where_keras_auc_reads_one_half():

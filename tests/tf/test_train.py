@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,11 @@ keras = pytest.importorskip("keras")
 from click.testing import CliRunner  # noqa: E402
 
 import cli  # noqa: E402
+from analysis.cohort.layout import Cohort  # noqa: E402
 from analysis.errors import InputError  # noqa: E402
+from analysis.imaging.io import read_array, write_mask  # noqa: E402
+from bonemets_tf.checkpoint import RunCheckpoint  # noqa: E402
+from bonemets_tf.run import read_run, training_status  # noqa: E402
 from bonemets_tf.train import TrainConfig, train  # noqa: E402
 
 
@@ -144,3 +149,38 @@ def test_eager_steps_compute_what_traced_steps_compute(cohort_dir, tmp_path):
     assert (eager / "calibration.json").is_file()
     with pytest.raises(InputError, match="--run-eagerly and --jit"):
         _config(cohort_dir, run_eagerly=True, jit=True).check()
+
+
+def test_validation_without_lesion_keeps_the_last_epoch_and_says_so(cohort_dir, tmp_path, monkeypatch, caplog):
+    """Issue #31: fold 0 validates on case_00 alone; without its lesions, validation Dice reads 1 for
+    a model that predicts nothing, so the old rule kept epoch 1 (at the lesion prior) for good."""
+    cohort = Cohort(cohort_dir)
+    mask, geometry = read_array(cohort.label_path("case_00"))
+    write_mask(np.zeros_like(mask), geometry, cohort.label_path("case_00"))
+    seen = {}
+    on_epoch_end = RunCheckpoint.on_epoch_end
+
+    def spy(self, epoch, logs=None):
+        on_epoch_end(self, epoch, logs)
+        seen[epoch + 1] = [w.copy() for w in self.inference.get_weights()]
+
+    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", spy)
+    with caplog.at_level(logging.WARNING, logger="bonemets_tf"):
+        run = train(_config(cohort_dir, epochs=3, guard=True), tmp_path / "RUN", cache_dir=tmp_path / "cache")
+    said = [r.getMessage() for r in caplog.records if "hold no lesion voxel" in r.getMessage()]
+    assert len(said) == 1 and "validation case(s) case_00" in said[0] and "last epoch" in said[0]
+    record = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    assert record["split"]["val"] == ["case_00"]
+    checkpoint = record["checkpoint"]
+    assert {k: checkpoint[k] for k in ("monitor", "mode", "epoch", "value")} == \
+        {"monitor": None, "mode": "last", "epoch": 3, "value": None}
+    assert "no lesion voxel" in checkpoint["reason"] and record["guard"]["outcome"] == "ok"
+    assert [r["epoch"] for r in _history(run)] == ["1", "2", "3"]
+    kept = keras.models.load_model(run / "model.keras").get_weights()
+    for a, b in zip(kept, seen[3]):
+        np.testing.assert_array_equal(a, b)  # the last epoch's model
+    assert any(not np.array_equal(a, b) for a, b in zip(kept, seen[1]))  # not the first epoch's
+    calibration = json.loads((run / "calibration.json").read_text(encoding="utf-8"))
+    assert calibration["n_slices"] == 0 and calibration["threshold"] == 0.5 and calibration["dice"] is None
+    status = training_status(read_run(run))
+    assert status["learned"] is None and status["reason"].startswith("unknown")
