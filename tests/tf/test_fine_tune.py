@@ -90,6 +90,17 @@ def test_init_from_keeps_weights_architecture_and_records_its_parent(parent, tmp
     keras.utils.set_random_seed(0)
     fresh = build_model("unet", width=0.25, image_size=32)
     assert abs(_first_batch_loss(fresh, dataset, cache_dir, config) - parent_loss) > 1e-3
+    # the name shows the lineage where the model is named: predict.json and analyze's model table
+    pred = tmp_path / "PRED" / "child"
+    result = CliRunner().invoke(cli.main, ["predict", "--model", str(child), "--dataset", str(dataset), "--out",
+                                           str(pred), "--cases", "case_04", "--no-preview"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((pred / "predict.json").read_text(encoding="utf-8"))["model"]
+    assert record["name"] == after.name and record["lineage"][0]["fingerprint"] == before.fingerprint()
+    from analysis.evaluation.settings import MODEL_COLUMNS, model_rows
+
+    row = dict(zip(MODEL_COLUMNS, model_rows(pred.parent, ["child"], {})[0]))
+    assert (row["network"], row["fingerprint"]) == (after.name, after.fingerprint())
     # a grandchild carries the whole lineage, oldest first
     grandchild = tmp_path / "GRANDCHILD"
     code, output = _train("--dataset", str(dataset), "--init-from", str(child), "--out", str(grandchild),
