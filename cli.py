@@ -562,19 +562,36 @@ def _node_options(command):
     return command
 
 
-def _series_predictor(model: str | None, nnunet_work: str | None, options: dict):
-    """``predict_series(series_dir, out_dir)`` of the one wing asked for: the same prediction as
-    ``predict --images series_dir --dicom-seg --sr`` (or ``nnunet predict``); only that wing is imported."""
+def _node_model_loader(model: str | None, nnunet_work: str | None, options: dict):
+    """``load_model() -> NodeModel`` of the one wing asked for: each call reads the model at
+    ``--model``/``--nnunet-work`` again (resolved once: a later switch of a symbolic link needs the
+    next SIGHUP) and predicts a series as ``predict --images series_dir --dicom-seg --sr`` (or
+    ``nnunet predict``) does; only that wing is imported."""
+    from analysis.node.server import NodeModel
+
     shared = {**options, "dicom_seg": True, "sr": True, "preview": False}
     if model is not None:
         from bonemets_tf.predict import PredictOptions, predict
+        from bonemets_tf.run import read_run
 
         opts = PredictOptions.from_options(shared)
-        return lambda series_dir, out: predict(model, None, out, options=opts, images=series_dir)
-    from nnunet_bridge.predict import PredictOptions, predict
+
+        def load_keras() -> NodeModel:
+            run = read_run(model, savedmodel=True)
+            return NodeModel(lambda series_dir, out: predict(run.path, None, out, options=opts, images=series_dir),
+                             name=run.name, fingerprint=run.fingerprint(), source=str(run.path))
+
+        return load_keras
+    from nnunet_bridge.predict import PredictOptions, model_identity, predict
 
     opts = PredictOptions.from_options({k: v for k, v in shared.items() if k not in ("threshold", "precision")})
-    return lambda series_dir, out: predict(None, nnunet_work, out, opts, images=series_dir)
+
+    def load_nnunet() -> NodeModel:
+        work, name, fingerprint = model_identity(nnunet_work, opts.folds)
+        return NodeModel(lambda series_dir, out: predict(None, work, out, opts, images=series_dir),
+                         name=name, fingerprint=fingerprint, source=str(work))
+
+    return load_nnunet
 
 
 @main.command("serve")
@@ -612,7 +629,8 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
               ae_title: str, allow: str | None, idle_seconds: float, workers: int, no_dicom_seg: bool, no_sr: bool,
               min_free_gb: float, retries: int, retry_seconds: float, once: bool, resend: bool, **options) -> None:
     """A DICOM node: receive CT (C-STORE) from a PACS, predict each complete series as
-    `predict --images` does, and send the SEG and the TID 1500 report back (C-STORE or STOW-RS)."""
+    `predict --images` does, and send the SEG and the TID 1500 report back (C-STORE or STOW-RS).
+    SIGHUP reads the model again (after the running predictions); SIGTERM stops."""
     import signal
     from pathlib import Path
 
@@ -630,8 +648,10 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
     if resend:
         moved = Spool(config.spool).resend()
         log.info("serve --resend: %d result folder(s) to deliver again", len(moved))
-    node = Node(config, _series_predictor(model, nnunet_work, options))
+    load_model = _node_model_loader(model, nnunet_work, options)
+    node = Node(config, load_model(), load_model=load_model)
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
+    signal.signal(signal.SIGHUP, lambda *_: node.reload())
     done = node.run(once=once)
     click.echo(f"serve: {done} series predicted; spool {spool}")
 # ---- END serve ----

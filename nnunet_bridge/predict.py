@@ -177,6 +177,18 @@ def _network(layout: WorkLayout, folds: list[int], device: Any, options: Predict
                       crop=options.crop)
 
 
+def model_identity(work: str | Path, folds: Sequence[int] | None = None) -> tuple[Path, str, str]:
+    """The work folder (resolved), the model's name and its weights' fingerprint, as ``predict``
+    records them (``serve`` names each result's model with them).
+
+    Raises:
+        InputError: no trained folds (or not the ones asked for) in ``work``.
+    """
+    layout = WorkLayout(Path(work).resolve())
+    chosen = check_folds(layout, folds)
+    return layout.work, "nnunet", layout_fingerprint(layout, chosen)
+
+
 def layout_fingerprint(layout: WorkLayout, folds: Sequence[int]) -> str:
     """sha256 (16 hex digits) of the folds' checkpoints: identifies the trained weights."""
     import hashlib

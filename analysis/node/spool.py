@@ -10,6 +10,7 @@ Layout of ``SPOOL/``::
     jobs/<job>.outbox/                    results to deliver (appears whole: renamed from .tmp)
     jobs/<job>.outbox/sent/               results delivered (moved there after each success)
     jobs/<job>.outbox/delivery.json       attempts, next attempt time, last error
+    jobs/<job>.outbox/model.json          the model that made the results (name, fingerprint, source)
     done/<job>/                           delivered results (the series' input is removed)
     failed/<job>/                         a series that could not be predicted + reason.txt
     undelivered/<job>/                    results whose delivery gave up + delivery.json
@@ -124,14 +125,17 @@ class Spool:
         """Claimed jobs whose results are not yet in an outbox (a kill during prediction included)."""
         return [j for j in self.jobs("input") if not self.job_path(j, "outbox").exists()]
 
-    def open_outbox(self, job: str, results: list[Path]) -> Path:
-        """Copy ``results`` into ``jobs/<job>.outbox`` (appears whole, one rename)."""
+    def open_outbox(self, job: str, results: list[Path], *, record: dict[str, dict] | None = None) -> Path:
+        """Copy ``results`` into ``jobs/<job>.outbox`` (appears whole, one rename), with the JSON
+        files ``record`` names (e.g. ``model.json``) beside them."""
         final = self.job_path(job, "outbox")
         tmp = self.job_path(job, "outbox.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / SENT).mkdir(parents=True)
         for path in results:  # dicom_seg/<case>.dcm, sr/<case>.dcm: one name each
             shutil.copy2(path, tmp / f"{path.parent.name}-{path.name}")
+        for name, content in (record or {}).items():
+            atomic_write_json(tmp / name, content)
         atomic_write_json(tmp / DELIVERY, {"attempts": 0, "next_at": 0.0, "last_error": None})
         os.rename(tmp, final)
         return final
