@@ -14,7 +14,12 @@ import sys
 
 import click
 
+from analysis.cohort.bone_maps import BONE_MAP_KINDS
 from analysis.errors import DataProblems, InputError
+# the option vocabularies, from their owners: plain data, no TensorFlow, torch or image readers
+from bonemets_tf import choices as tf_choices
+from bonemets_tf.models.catalog import TASKS
+from nnunet_bridge.device import DEVICES as NNUNET_DEVICES
 
 log = logging.getLogger("bonemets")
 
@@ -293,7 +298,7 @@ def models_cmd(as_json: bool) -> None:
 
 @main.command("train")
 @click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False), help="Cohort folder.")
-@click.option("--task", default=None, type=click.Choice(["detect", "segment"]),
+@click.option("--task", default=None, type=click.Choice(TASKS),
               help="Detection or segmentation (required unless --init-from).")
 @click.option("--arch", default=None, type=click.Choice(_arch_names()),
               help="Registered model (see `models`; required unless --init-from).")
@@ -313,7 +318,7 @@ def models_cmd(as_json: bool) -> None:
               help="Filter-count multiplier (segmenters and resnet34).")
 @click.option("--context", default=1, show_default=True, type=click.IntRange(min=1), help="Adjacent slices as channels (odd).")
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Adam learning rate.")
-@click.option("--lr-schedule", default="constant", show_default=True, type=click.Choice(["constant", "cosine"]),
+@click.option("--lr-schedule", default="constant", show_default=True, type=click.Choice(tf_choices.LR_SCHEDULES),
               help="cosine: decay from --lr to 1% of it over all training steps.")
 @click.option("--positive-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Share of lesion slices among the training samples.")
@@ -322,8 +327,8 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--jit/--no-jit", default=None, help="XLA-compile the train step [default: on when a GPU is visible].")
 @click.option("--precision", default="float32", show_default=True,
-              type=click.Choice(["float32", "mixed_bfloat16", "mixed_float16"]))
-@click.option("--strategy", default="auto", show_default=True, type=click.Choice(["auto", "mirrored", "multiworker"]),
+              type=click.Choice(tf_choices.TRAIN_PRECISIONS))
+@click.option("--strategy", default="auto", show_default=True, type=click.Choice(tf_choices.STRATEGIES),
               help="auto: one device; mirrored: all local GPUs; multiworker: TF_CONFIG cluster (chief writes RUN).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out after its last completed epoch.")
 @click.option("--deterministic", is_flag=True, help="Enable TensorFlow op determinism (slower).")
@@ -393,7 +398,7 @@ def prediction_options(command):
         click.option("--bones", default=None, type=click.Path(path_type=str),
                      help="Folder of bone maps <case>.nii.gz for the lesion table's bone and weight-bearing columns."),
         click.option("--bones-from", default="project", show_default=True,
-                     type=click.Choice(["project", "totalsegmentator"]),
+                     type=click.Choice(BONE_MAP_KINDS),
                      help="Bone maps hold the cohort's bone codes, or TotalSegmentator 'total' ids."),
         click.option("--overwrite", is_flag=True, help="Replace a --out written with other settings, or redo its cases."),
     ]
@@ -423,7 +428,7 @@ def _threshold_or_auto(ctx, param, value: str) -> float | str:
 @click.option("--detector-threshold", default=0.5, show_default=True, type=float,
               help="Cascade: segment slices whose detector probability is >= this.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Slices per network call.")
-@click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "mixed_bfloat16"]),
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(tf_choices.PREDICT_PRECISIONS),
               help="mixed_bfloat16: faster on CPUs and GPUs with bf16 units (RUN folders only).")
 @click.option("--mirror", is_flag=True,
               help="Average the segmenter over the slice and its mirror images along rows, cols and both "
@@ -450,7 +455,7 @@ def predict_cmd(model: str, dataset: str | None, images: str | None, out: str, d
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Output folder (written atomically).")
 @click.option("--cases", default="test", show_default=True, help=CASES_HELP)
 @click.option("--max-slices", default=4, show_default=True, type=int, help="Overlays per case (its most confident slices).")
-@click.option("--method", default="gradcam", show_default=True, type=click.Choice(["gradcam", "gradcam++"]))
+@click.option("--method", default="gradcam", show_default=True, type=click.Choice(tf_choices.GRADCAM_METHODS))
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Slices per network call.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 def gradcam_cmd(model: str, dataset: str | None, images: str | None, out: str, cases: str, max_slices: int, method: str, batch_size: int,
@@ -477,7 +482,6 @@ def export_cmd(model: str, out: str, overwrite: bool) -> None:
 
 # ==== nnU-Net / PyTorch (nnunet_bridge) =============================================
 # ---- BEGIN nnunet ----
-NNUNET_DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def _nnunet_folds(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -623,7 +627,7 @@ def _node_model_loader(model: str | None, nnunet_work: str | None, options: dict
 @_node_options
 @click.option("--threshold", default="0.5", show_default=True, callback=_threshold_or_auto, metavar="P|auto",
               help="Keras: as predict --threshold.")
-@click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "mixed_bfloat16"]),
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(tf_choices.PREDICT_PRECISIONS),
               help="Keras: as predict --precision.")
 def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destination: str, port: int, host: str,
               ae_title: str, allow: str | None, idle_seconds: float, workers: int, no_dicom_seg: bool, no_sr: bool,
@@ -721,12 +725,12 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
                         predictor=predictor, model=model or nnunet_work, baseline_bones=baseline_bones,
                         followup_bones=followup_bones, settings=settings, series=series, overwrite=overwrite,
                         sr=sr)
-    from analysis.imaging.records import read_csv
+    from analysis.lesions.change import describe_counts
+    from analysis.monitoring.followup import read_summary
 
-    summary = read_csv(path / "summary.csv")[0]
+    summary = read_summary(path)
     click.echo(f"wrote {path}: {summary['baseline_lesions']} -> {summary['followup_lesions']} lesions; "
-               f"{summary['new']} new, {summary['resolved']} resolved, {summary['grown']} grown, "
-               f"{summary['shrunk']} shrunk, {summary['stable']} stable")
+               f"{describe_counts(summary)}")
 # ---- END followup ----
 
 # ==== whole study ===================================================================

@@ -9,7 +9,9 @@ proves the order):
   input discovery, the display window, DICOM-SEG and TID 1500 SR writing, DICOM-SEG and
   RTSTRUCT labels;
 * :mod:`analysis.lesions`: lesion instances and their attributes (bone identity, diffuse,
-  neighbours), the domain primitives of everything above;
+  neighbours), how two masks or two sets of lesions overlap (the one Dice and its rule for empty
+  masks, the one pairing of overlapping lesions) and how a lesion changed (the one vocabulary of
+  follow-up statuses): the domain primitives of everything above;
 * :mod:`analysis.cohort`: the cohort layout, reading one case, splits, validation and its
   quality-control report, imports (one case or a whole DICOM export), the phantom and its
   follow-up scans, examples;

@@ -58,6 +58,8 @@ def project(gt, pred, bones, geo) -> tuple[int, int, int]:
 
 def baseline(gt, pred, bones, geo) -> tuple[int, int, int]:
     """The same quantities the straightforward way: one full-volume mask per lesion."""
+    from analysis.lesions.overlap import dice
+
     bone_px = bones > 0
     voxel_ml = float(np.prod(geo.spacing)) / 1000.0
     out = []
@@ -76,9 +78,8 @@ def baseline(gt, pred, bones, geo) -> tuple[int, int, int]:
         out.append((n, rows))
     (ng, grows), (np_, _) = out
     tp = sum(1 for r in grows if r[-1] > 0)
-    inter = np.logical_and(gt, pred).sum()
-    _dice = 2 * inter / max(gt.sum() + pred.sum(), 1)
-    _slices = [(2 * (gt[z] & pred[z]).sum(), gt[z].sum() + pred[z].sum()) for z in range(gt.shape[0])]
+    dice(pred, gt)
+    [dice(pred[z], gt[z]) for z in range(gt.shape[0])]  # per slice, one call each
     return ng, np_, tp
 
 

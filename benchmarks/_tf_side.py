@@ -188,10 +188,13 @@ def infer(args) -> None:
     _emit(metrics, device="gpu" if _gpu(tf) else "cpu", tensorflow=tf.__version__, **info)
 
 
-def _dice(a, b) -> float:
-    a, b = a != 0, b != 0
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+def _agreement(a, b) -> float:
+    """The project's Dice of two variants' masks; 1.0 where both are empty (the metric's NaN): two
+    variants that both find nothing agree."""
+    from analysis.lesions.overlap import dice
+
+    value = dice(a, b)
+    return 1.0 if np.isnan(value) else value
 
 
 def bf16_units(tf) -> str | None:
@@ -281,7 +284,7 @@ def newpatients(args) -> None:
                 masks[name] = [read_array(m)[0] for m in sorted(out.glob("*.nii.gz"))]
             for name in masks:
                 if name != "nocrop_f32" and "nocrop_f32" in masks:
-                    metrics[f"{arch}_{name}_dice"] = min(_dice(a, b) for a, b in zip(masks[name], masks["nocrop_f32"]))
+                    metrics[f"{arch}_{name}_dice"] = min(_agreement(a, b) for a, b in zip(masks[name], masks["nocrop_f32"]))
     _emit(metrics, device="gpu" if _gpu(tf) else "cpu", tensorflow=tf.__version__, **info)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.cohort.layout import Cohort  # noqa: E402
-from analysis.evaluation.metrics.overlap import dice  # noqa: E402
+from analysis.lesions.overlap import dice  # noqa: E402
 from analysis.imaging.io import read_array  # noqa: E402
 from analysis.imaging.orientation import Reorientation  # noqa: E402
 from analysis.prediction.runner import SLAB, BODY_MARGIN_MM, Network, segment_canonical  # noqa: E402

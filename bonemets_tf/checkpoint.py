@@ -15,9 +15,6 @@ Importing this module imports Keras (:class:`RunCheckpoint` is a Keras callback)
 """
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import logging
 import math
 import os
@@ -28,7 +25,8 @@ from typing import Any, Callable
 
 import keras
 
-from analysis.imaging.io import atomic_write_json, atomic_write_text, read_json
+from analysis.imaging.io import atomic_file, atomic_write_json, atomic_write_text, read_json
+from analysis.imaging.records import csv_text
 from bonemets_tf.guard import GUARD_LR_FACTOR, CollapseGuard
 from bonemets_tf.run import CHECKPOINTS_DIR, CONFIG_FILE, HISTORY_FILE, MODEL_FILE, MONITOR, STATE_FILE
 
@@ -192,15 +190,14 @@ class RunState:
             "empty_run": self.empty_run, "varied": self.varied, "pending_event": self.pending_event})
 
     def write_history(self) -> None:
-        """Rewrite ``history.csv`` from the committed rows (nothing before the first epoch)."""
+        """Rewrite ``history.csv`` from the committed rows (nothing before the first epoch), in the
+        project's one CSV format (:mod:`analysis.imaging.records`) with Keras's values in full; a
+        column an epoch did not log is empty there."""
         if not self.history:
             return
         keys = ["epoch"] + sorted({k for row in self.history for k in row} - {"epoch"})
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write_text(self.run / HISTORY_FILE, buf.getvalue())
+        rows = ([row.get(k) for k in keys] for row in self.history)
+        atomic_write_text(self.run / HISTORY_FILE, csv_text(keys, rows, digits=None))
 
 
 class RunCheckpoint(keras.callbacks.Callback):
@@ -268,11 +265,7 @@ class RunCheckpoint(keras.callbacks.Callback):
 
 
 def _save_atomic(save: Callable[[str], Any], path: Path) -> None:
-    """Write ``path`` through ``save(temporary path)`` and an atomic rename."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    """Write ``path`` through ``save(temporary path)`` (:func:`analysis.imaging.io.atomic_file`; the
+    temporary name keeps the endings, ``.keras`` or ``.weights.h5``, by which Keras picks the format)."""
+    with atomic_file(path, suffix="".join(path.suffixes)) as tmp:
         save(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()

@@ -20,10 +20,9 @@ from typing import Any, Iterator
 from analysis.errors import InputError
 from analysis.imaging.io import read_json
 from bonemets_tf.checkpoint import RunState
+from bonemets_tf.choices import STRATEGIES
 
 log = logging.getLogger(__name__)
-
-STRATEGIES = ("auto", "mirrored", "multiworker")
 
 
 def make_strategy(name: str) -> Any:
@@ -34,7 +33,7 @@ def make_strategy(name: str) -> Any:
     ``tf.config.set_logical_device_configuration`` before any TF op, as the tests do).
 
     Args:
-        name: one of :data:`STRATEGIES`.
+        name: one of :data:`bonemets_tf.choices.STRATEGIES`.
     """
     import tensorflow as tf
 

@@ -37,16 +37,16 @@ from analysis.errors import DataProblems, InputError
 from analysis.imaging.display import BONE_WINDOW, window
 from analysis.imaging.inputs import read_input
 from analysis.imaging.io import (Geometry, atomic_directory, atomic_write_json, atomic_write_text, check_output_folder,
-                                 read_array, write_array)
+                                 read_array, require_finite, write_array)
 from analysis.imaging.orientation import CANONICAL, Reorientation
 from analysis.prediction.runner import plan_inputs
 from analysis.imaging.records import csv_text
+from bonemets_tf.choices import GRADCAM_METHODS
 from bonemets_tf.models.catalog import DETECT
 from bonemets_tf.run import read_run
 
 log = logging.getLogger(__name__)
 
-METHODS = ("gradcam", "gradcam++")
 CSV_NAME = "gradcam.csv"
 
 
@@ -228,8 +228,8 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
             non-empty ``out`` without ``overwrite``.
     """
     run = read_run(model, task=DETECT)
-    if method not in METHODS:
-        raise InputError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    if method not in GRADCAM_METHODS:
+        raise InputError(f"--method {method!r}: expected one of {', '.join(GRADCAM_METHODS)}")
     if max_slices < 1 or batch_size < 1:
         raise InputError(f"--max-slices {max_slices} / --batch-size {batch_size}: expected >= 1")
     out = Path(out)
@@ -258,7 +258,9 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
             if reo.perm[2] != 2:
                 raise InputError(f"{source.describe()}: stored with axis 0 not head-to-feet; Grad-CAM of a slice "
                                  f"detector needs axial slices along the file's third index")
-            native = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+            native = sitk.GetArrayFromImage(image)
+            require_finite(source.path, native, where=source.describe())  # predict's check of a CT
+            native = native.astype(np.float32, copy=False)
             volume = np.ascontiguousarray(reo.forward(native))
             label = np.ascontiguousarray(reo.forward(read_array(labels[case])[0])) if case in labels else None
             probs = detect_volume(predictor, volume, batch_size)

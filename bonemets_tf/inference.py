@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from bonemets_tf.choices import PREDICT_PRECISIONS
 from bonemets_tf.models.catalog import DETECT, SEGMENT
 from bonemets_tf.run import RunInfo
 
@@ -57,11 +58,6 @@ def context_batch(volume: np.ndarray, z: Sequence[int], context: int) -> np.ndar
     return np.ascontiguousarray(np.moveaxis(volume[idx], 1, -1), dtype=np.float32)
 
 
-#: Inference precisions: ``mixed_bfloat16`` computes in bfloat16 with float32 weights (CPUs and
-#: GPUs with bf16 units); outputs are float32 either way.
-PRECISIONS = ("float32", "mixed_bfloat16")
-
-
 def _with_policy(model, policy: str):
     """A copy of ``model`` whose every layer computes under dtype ``policy``, with its weights."""
     import keras
@@ -86,7 +82,7 @@ class Predictor:
     Args:
         run: the model's RUN (or SavedModel, ``run.kind == "savedmodel"``).
         model: the loaded ``keras.Model`` (None: load it from ``run``).
-        precision: one of :data:`PRECISIONS` (RUN folders only).
+        precision: one of :data:`bonemets_tf.choices.PREDICT_PRECISIONS` (RUN folders only).
     """
 
     def __init__(self, run: RunInfo, model=None, precision: str = "float32") -> None:
@@ -94,8 +90,8 @@ class Predictor:
 
         from analysis.errors import InputError
 
-        if precision not in PRECISIONS:
-            raise InputError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+        if precision not in PREDICT_PRECISIONS:
+            raise InputError(f"--precision {precision}: expected one of {', '.join(PREDICT_PRECISIONS)}")
         self.run = run
         self.precision = precision
         if run.kind == "savedmodel":

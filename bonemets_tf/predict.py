@@ -46,7 +46,8 @@ from analysis.errors import InputError
 from analysis.prediction.folder import DETECTOR_CSV, SLICES_CSV
 from analysis.prediction.request import PredictRequest, WingRun, plan_request, predict_folder, raise_failures
 from analysis.prediction.runner import InputPlan, Network
-from bonemets_tf.inference import (PRECISIONS, Predictor, check_memory, crop_context, detect_volume,
+from bonemets_tf.choices import PREDICT_PRECISIONS
+from bonemets_tf.inference import (Predictor, check_memory, crop_context, detect_volume,
                                    estimate_case_bytes, slice_probabilities)
 from bonemets_tf.models.catalog import DETECT, SEGMENT
 from bonemets_tf.run import RunInfo, calibrated_threshold, read_run, training_status
@@ -93,8 +94,8 @@ class PredictOptions(PredictRequest):
             raise InputError(f"--detector-threshold {self.detector_threshold}: expected a finite value >= 0")
         if self.batch_size < 1:
             raise InputError(f"--batch-size {self.batch_size}: expected >= 1")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        if self.precision not in PREDICT_PRECISIONS:
+            raise InputError(f"--precision {self.precision}: expected one of {', '.join(PREDICT_PRECISIONS)}")
 
 
 # --- the command ----------------------------------------------------------------------

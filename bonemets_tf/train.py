@@ -62,7 +62,8 @@ from analysis.imaging.records import versions
 from bonemets_tf import cache
 from bonemets_tf.cache import CachedCase
 from bonemets_tf.checkpoint import CheckpointRule, RunCheckpoint, RunState, write_checkpoint
-from bonemets_tf.distribute import (STRATEGIES, is_chief, keras_multiworker_fixes, make_strategy, num_workers,
+from bonemets_tf.choices import LR_SCHEDULES, STRATEGIES, TRAIN_PRECISIONS
+from bonemets_tf.distribute import (is_chief, keras_multiworker_fixes, make_strategy, num_workers,
                                     strategy_name, worker_index, worker_scratch)
 from bonemets_tf.guard import GUARD_MAX_EVENTS, CollapseGuard, write_guard
 from bonemets_tf.models.catalog import CATALOG, DETECT
@@ -71,14 +72,11 @@ from bonemets_tf.run import (CALIBRATION_FILE, CONFIG_FILE, EMPTY_LEVEL, HISTORY
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-
 #: Settings that must match when resuming a run (the others, e.g. epochs, may change).
 RESUME_MUST_MATCH = ("dataset", "task", "arch", "fold", "batch_size", "steps_per_epoch", "image_size",
                      "width", "context", "lr", "seed", "precision", "positive_fraction", "lesion_crop_p", "bn_momentum",
                      "lr_schedule", "warmup_steps", "clip_norm", "logit_loss", "batch_dice", "init_from",
                      "hard_negative_fraction")
-LR_SCHEDULES = ("constant", "cosine")
 
 #: Lesion-pixel prior bounds for the segmenters' initial logit bias.
 PRIOR_RANGE = (1e-4, 0.5)
@@ -245,8 +243,8 @@ class TrainConfig:
             raise InputError(f"--hard-negative-fraction {self.hard_negative_fraction}: expected a value in [0, 1)")
         if self.init_from is not None and self.weights is not None:
             raise InputError("--init-from and --weights exclude each other (a fine-tune starts from its parent's weights)")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise InputError(f"--precision {self.precision}: expected one of {', '.join(TRAIN_PRECISIONS)}")
         if self.strategy not in STRATEGIES:
             raise InputError(f"--strategy {self.strategy}: expected one of {', '.join(STRATEGIES)}")
         if self.run_eagerly and self.jit:

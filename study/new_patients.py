@@ -3,23 +3,22 @@ given as a new team would (a RAS-stored NIfTI file and a DICOM series beside a l
 their previews and patient rows, and the check against the phantoms' known lesions."""
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from analysis.evaluation.metrics import overlap
 from analysis.imaging.io import read_array
+from analysis.imaging.records import read_csv
+from analysis.lesions import overlap
 from analysis.prediction.folder import read_record
+from analysis.prediction.tables import PATIENTS_CSV
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    """The rows of a patient table as text (the report shows them as written), [] without one."""
+    return read_csv(path) if path.is_file() else []
 
 
 def new_patients_section(out: Path, figures: Path, table) -> list[str]:
@@ -27,7 +26,7 @@ def new_patients_section(out: Path, figures: Path, table) -> list[str]:
     the previews into ``figures``. ``table(header, rows)`` renders a Markdown table."""
     root = out / "new_patients"
     folders = [root / "nifti", root / "dicom"]
-    if not any((f / "patients.csv").is_file() for f in folders):
+    if not any((f / PATIENTS_CSV).is_file() for f in folders):
         return []
     md = ["## New patients", "",
           "The best Keras segmenter on two phantom patients that are not in the cohort, given as new CT "
@@ -41,12 +40,12 @@ def new_patients_section(out: Path, figures: Path, table) -> list[str]:
     rows: list[list[Any]] = []
     for folder in folders:
         record = read_record(folder, missing_ok=True) or {}
-        for p in _rows(folder / "patients.csv"):
+        for p in _rows(folder / PATIENTS_CSV):
             case = p["case"]
             truth = root / "inputs" / "truth" / f"{case}.nii.gz"  # the phantom's lesions, in the input's geometry
             dice = ""
             if truth.is_file() and (folder / f"{case}.nii.gz").is_file():
-                # the project's Dice (analysis.evaluation.metrics.overlap): NaN, shown "-", when both are empty
+                # the project's Dice (analysis.lesions.overlap): NaN, shown "-", when both are empty
                 value = overlap.dice(read_array(folder / f"{case}.nii.gz")[0], read_array(truth)[0])
                 dice = "-" if np.isnan(value) else f"{value:.2f}"
             seg = record.get("per_case", {}).get(case, {}).get("dicom_seg")
@@ -58,7 +57,7 @@ def new_patients_section(out: Path, figures: Path, table) -> list[str]:
                 shutil.copy(preview, figures / f"new_patient_{folder.name}_{case}.png")
     md += table(header, rows)
     for folder in folders:
-        for p in _rows(folder / "patients.csv"):
+        for p in _rows(folder / PATIENTS_CSV):
             name = f"new_patient_{folder.name}_{p['case']}.png"
             if (figures / name).is_file():
                 md += [f"Preview of `{p['case']}` ({folder.name} input): coronal and sagittal bone-window MIPs, "

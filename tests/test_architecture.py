@@ -127,6 +127,18 @@ def test_core_rooms_import_only_from_below():
     assert _upward_imports(_graph()) == []
 
 
+def test_the_lesions_room_stands_on_imaging_and_the_floor_only():
+    graph = _graph()
+    lesions = ROOMS.index(("analysis.lesions",))
+    modules = sorted(m for m in graph if _room(m) == lesions)
+    assert modules == ["analysis.lesions", "analysis.lesions.change", "analysis.lesions.instances",
+                       "analysis.lesions.overlap"]
+    for module in modules:
+        core = {t for t in graph[module] if _room(t) is not None}
+        assert all(_room(t) <= lesions for t in core), f"{module} imports {sorted(core)}"
+        assert not {t for t in graph[module] if t.split(".")[0] in ("bonemets_tf", "nnunet_bridge", "study", "cli")}
+
+
 def test_the_room_check_sees_an_upward_import():
     graph = {"analysis.imaging.io": {"analysis.prediction.folder"}, "analysis.evaluation.analyze": {"analysis.lesions"}}
     assert _upward_imports(graph) == ["analysis.imaging.io (room 1) imports analysis.prediction.folder (room 4)"]

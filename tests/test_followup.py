@@ -16,7 +16,8 @@ import pytest
 from analysis.cohort.followup_phantom import ORIENTATIONS, TRANSFORMS_CSV, TRUTH_CSV, Followups
 from analysis.cohort.phantom import generate_cohort
 from analysis.imaging.io import Geometry, read_array, write_array
-from analysis.monitoring.followup import LESION_COLUMNS, SUMMARY_COLUMNS
+from analysis.lesions.change import GROWN, NEW, NEW_LESIONS_FLAG, SHRUNK, STABLE, STATUSES
+from analysis.monitoring.followup import LESION_COLUMNS, LESIONS_CSV, SUMMARY_COLUMNS, read_summary
 from analysis.monitoring.registration import rotation_angle_deg
 from analysis.imaging.records import read_csv
 from tests.badinput import assert_clean_error, invoke, snapshot
@@ -59,7 +60,7 @@ def _corners(geometry: Geometry) -> np.ndarray:
 def test_the_phantom_follow_ups_cover_every_status_orientation_and_spacing(cohort):
     truth = read_csv(cohort / TRUTH_CSV)
     transforms = read_csv(cohort / TRANSFORMS_CSV)
-    assert {r["status"] for r in truth} == {"new", "resolved", "grown", "shrunk", "stable"}
+    assert {r["status"] for r in truth} == set(STATUSES)
     assert len({r["orientation"] for r in transforms}) >= 4 and {r["orientation"] for r in transforms} <= set(ORIENTATIONS)
     assert len({(r["spacing_x"], r["spacing_z"]) for r in transforms}) >= 4
     _, g = read_array(cohort / "followup" / "imagesTr" / "case_005_0000.nii.gz")
@@ -72,7 +73,7 @@ def test_every_lesion_status_equals_the_truth_and_the_motion_is_recovered(cohort
     out = tmp_path / "out"
     result = invoke(_args(cohort, case, out, "--baseline-bones", cohort / "bonesTr" / f"{case}.nii.gz"))
     assert result.exit_code == 0, result.output
-    rows = read_csv(out / "lesions.csv")
+    rows = read_csv(out / LESIONS_CSV)
     truth = [r for r in read_csv(cohort / TRUTH_CSV) if r["case"] == case]
     assert truth
     got = [(r["lesion"], r["status"], r["baseline_id"], r["followup_id"]) for r in rows]
@@ -87,11 +88,11 @@ def test_every_lesion_status_equals_the_truth_and_the_motion_is_recovered(cohort
     rotation, shift = _transform_errors(record["registration"], motion, _corners(g))
     assert rotation < 1.0 and shift < 1.0, (rotation, shift)
     assert record["registration"]["bone_dice"] >= 0.7
-    summary = read_csv(out / "summary.csv")[0]
+    summary = read_summary(out)
     assert list(summary) == list(SUMMARY_COLUMNS) and list(rows[0]) == list(LESION_COLUMNS)
-    for status in ("new", "resolved", "grown", "shrunk", "stable"):
+    for status in STATUSES:
         assert int(summary[status]) == sum(r["status"] == status for r in truth)
-    assert summary["new_lesions_flag"] == str(int(int(summary["new"]) >= 2))
+    assert summary["new_lesions_flag"] == str(int(int(summary[NEW]) >= NEW_LESIONS_FLAG))
     status, sg = read_array(out / "status.nii.gz")
     assert sg.mismatch(g) is None and set(np.unique(status).tolist()) <= {0, 1, 2, 3, 4, 5}
     _, rg = read_array(out / "followup_registered.nii.gz")
@@ -103,9 +104,9 @@ def test_a_pair_without_lesions_gives_an_all_zero_summary(cohort, tmp_path):
     out = tmp_path / "out"
     result = invoke(_args(cohort, "case_000", out))
     assert result.exit_code == 0, result.output
-    summary = read_csv(out / "summary.csv")[0]
+    summary = read_summary(out)
     assert all(float(v) == 0 for v in summary.values()), summary
-    assert read_csv(out / "lesions.csv") == []
+    assert read_csv(out / LESIONS_CSV) == []
     status, _ = read_array(out / "status.nii.gz")
     assert not status.any()
 
@@ -184,11 +185,11 @@ def test_splits_merges_and_centroid_matches_are_recorded(tmp_path):
     out = tmp_path / "out"
     result = invoke([*_tiny_pair(tmp_path, base, fu), "--min-change-ml", "0.02", "--out", out])
     assert result.exit_code == 0, result.output
-    rows = read_csv(out / "lesions.csv")
+    rows = read_csv(out / LESIONS_CSV)
     # voxels of 2 mm^3: A 240 -> 96 + 72 (0.48 -> 0.336 ml, ratio 0.7); B + C 2 x 24 -> 64 (0.096 -> 0.128 ml,
     # ratio 1.33, +0.032 ml >= the 0.02 ml floor); D 8 -> 8 voxels
     assert [(r["baseline_id"], r["followup_id"], r["status"]) for r in rows] == [
-        ("1", "1;2", "shrunk"), ("2;3", "3", "grown"), ("4", "4", "stable")]
+        ("1", "1;2", SHRUNK), ("2;3", "3", GROWN), ("4", "4", STABLE)]
     assert [float(r["change_ml"]) for r in rows] == pytest.approx([-0.144, 0.032, 0.0])
     assert float(rows[0]["change_pct"]) == pytest.approx(-30.0)
     record = json.loads((out / "followup.json").read_text(encoding="utf-8"))
@@ -196,6 +197,33 @@ def test_splits_merges_and_centroid_matches_are_recorded(tmp_path):
     assert float(rows[2]["distance_mm"]) == pytest.approx(6.0)
     assert "PCWG3" in record["definitions"]["new_lesions_flag"]
     assert record["registration"]["registered"] is False
+
+
+def test_a_float_ct_holding_nan_is_refused_with_predicts_message(tmp_path):
+    args = _tiny_pair(tmp_path, [(4, 8, 6, 12, 6, 12)], [(4, 8, 6, 12, 6, 12)])
+    ct_path = tmp_path / "f_ct.nii.gz"
+    ct, g = read_array(ct_path)
+    ct = ct.astype(np.float32)
+    ct[3, 10, 10] = ct[4, 11, 12] = np.nan
+    write_array(ct, g, ct_path)
+    import SimpleITK as sitk
+
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(ct_path)))).all()  # ITK decodes NaN as 0
+    line = assert_clean_error(invoke([*args, "--out", tmp_path / "out"]),
+                              [str(ct_path), "2 voxel(s) are NaN or infinite; expected finite values (HU)"])
+    assert not (tmp_path / "out").exists()
+    # predict's per-case pipeline (both wings run it) refuses the same file with the same line
+    from analysis.prediction.folder import PredictionFolder
+    from analysis.prediction.runner import Network, Outputs, plan_inputs, run_cases
+
+    def never(volume, z, spacing):
+        raise AssertionError("the network ran on a CT holding NaN")
+
+    plan = plan_inputs(None, ct_path)
+    folder = PredictionFolder(tmp_path / "pred", {"test": "pred"}, overwrite=False)
+    _, failures, _ = run_cases(folder, plan.cases, Network(name="p", fingerprint="0", segment=never), Outputs(),
+                               strict=False)
+    assert [f"error: {f}" for f in failures] == [line]
 
 
 def _as_dicom(nifti: Path, folder: Path, patient_id: str, series_uid: str) -> Path:
@@ -224,7 +252,7 @@ def test_dicom_series_work_and_two_patient_ids_are_refused(cohort, tmp_path):
     result = invoke(["followup", "--baseline", base, "--followup", fu, *masks, "--out", tmp_path / "out"])
     assert result.exit_code == 0, result.output
     truth = [(r["status"], r["baseline_id"], r["followup_id"]) for r in read_csv(cohort / TRUTH_CSV) if r["case"] == case]
-    assert [(r["status"], r["baseline_id"], r["followup_id"]) for r in read_csv(tmp_path / "out" / "lesions.csv")] == truth
+    assert [(r["status"], r["baseline_id"], r["followup_id"]) for r in read_csv(tmp_path / "out" / LESIONS_CSV)] == truth
     record = json.loads((tmp_path / "out" / "followup.json").read_text(encoding="utf-8"))
     assert record["inputs"]["followup"]["dicom"]["series_uid"] == "1.2.3.4.5.2"
     other = _as_dicom(cohort / "followup" / "imagesTr" / f"{case}_0000.nii.gz", tmp_path / "dicom" / "other", "P8",

@@ -15,7 +15,9 @@ import pydicom
 import pytest
 
 from analysis.cohort.examples import write_dicom_series
-from analysis.imaging.dicom_sr import PRIVATE_SCHEME, STATUS, read_followup_report
+from analysis.lesions.change import GROWN, NEW, RESOLVED, SHRUNK, STABLE, STATUSES
+from analysis.monitoring.followup import LESIONS_CSV, read_summary
+from analysis.monitoring.followup_sr import PRIVATE_SCHEME, STATUS, read_followup_report
 from analysis.imaging.io import Geometry, write_array
 from analysis.imaging.records import read_csv
 from tests.badinput import assert_clean_error, invoke, snapshot
@@ -72,8 +74,8 @@ def written(tmp_path_factory) -> Path:
 
 
 def test_every_tracked_lesion_is_one_group_with_its_status_volumes_and_change(written):
-    rows = read_csv(written / "lesions.csv")
-    assert sorted(r["status"] for r in rows) == ["grown", "new", "new", "resolved", "shrunk", "stable"]
+    rows = read_csv(written / LESIONS_CSV)
+    assert sorted(r["status"] for r in rows) == sorted([*STATUSES, NEW])  # every status, two new lesions
     back = read_followup_report(written / "followup_sr.dcm")
     assert [g["lesion"] for g in back["lesions"]] == [int(r["lesion"]) for r in rows]
     for row, group in zip(rows, back["lesions"]):
@@ -83,9 +85,9 @@ def test_every_tracked_lesion_is_one_group_with_its_status_volumes_and_change(wr
         assert group["change_pct"] == (None if row["change_pct"] == "" else pytest.approx(float(row["change_pct"])))
         assert group["time_point"] == "follow-up"
     by_status = {g["status"]: g for g in back["lesions"]}
-    assert by_status["grown"]["change_ml"] == pytest.approx(0.144)
-    assert by_status["grown"]["change_pct"] == pytest.approx(100)
-    assert by_status["shrunk"]["followup_ml"] == pytest.approx(0.4) and by_status["resolved"]["followup_ml"] == 0
+    assert by_status[GROWN]["change_ml"] == pytest.approx(0.144)
+    assert by_status[GROWN]["change_pct"] == pytest.approx(100)
+    assert by_status[SHRUNK]["followup_ml"] == pytest.approx(0.4) and by_status[RESOLVED]["followup_ml"] == 0
     # the coded statuses: SNOMED CT where one fits, the private scheme for "resolved"
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(written / "followup_sr.dcm"))
     values = set()
@@ -96,16 +98,16 @@ def test_every_tracked_lesion_is_one_group_with_its_status_volumes_and_change(wr
 
 
 def test_the_patient_group_equals_summary_csv(written):
-    summary = read_csv(written / "summary.csv")[0]
+    summary = read_summary(written)
     back = read_followup_report(written / "followup_sr.dcm")["summary"]
     assert list(back) == list(summary)
     for key, value in summary.items():
         assert back[key] == pytest.approx(float(value)), key
-    assert (back["new"], back["resolved"], back["new_lesions_flag"]) == (2, 1, 1)
+    assert (back[NEW], back[RESOLVED], back["new_lesions_flag"]) == (2, 1, 1)
 
 
 def test_the_seg_holds_the_lesions_in_the_baseline_frame_and_the_report_references_it(written):
-    rows = read_csv(written / "lesions.csv")
+    rows = read_csv(written / LESIONS_CSV)
     seg = pydicom.dcmread(written / "followup_seg.dcm")
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == SERIES_UID
     outside = next(r for r in rows if r["followup_id"] == "5")  # the lesion beyond the baseline's field of view
@@ -120,7 +122,7 @@ def test_the_seg_holds_the_lesions_in_the_baseline_frame_and_the_report_referenc
         else:
             assert (group["segment"], group["tracking_uid"]) == segments[f"lesion {group['lesion']}"]
     # each segment's voxels are its tracked lesion's: the stable box is the first baseline lesion's voxels
-    stable = next(r for r in rows if r["status"] == "stable")
+    stable = next(r for r in rows if r["status"] == STABLE)
     volume = hd.seg.segread(written / "followup_seg.dcm").get_volume(combine_segments=True)
     assert int((np.asarray(volume.array) == segments[f"lesion {stable['lesion']}"][0]).sum()) == 144
     sr = pydicom.dcmread(written / "followup_sr.dcm")
@@ -149,3 +151,18 @@ def test_a_nifti_baseline_with_sr_is_refused_with_one_line_and_nothing_written(t
     assert_clean_error(invoke([*args, "--sr", "--out", tmp_path / "out"]),
                        ["--sr", "b_ct.nii.gz", "not a DICOM series"])
     assert snapshot(tmp_path) == before
+
+
+def test_the_report_keys_off_the_one_status_vocabulary():
+    from analysis.lesions.change import NEW_LESIONS_FLAG
+    from analysis.monitoring.followup_sr import NEW_LESIONS_RULE, STATUS_COUNTS, STATUS_VALUES
+
+    assert list(STATUS_VALUES) == list(STATUS_COUNTS) == list(STATUSES)
+    assert len({(c.scheme_designator, c.value) for c in STATUS_VALUES.values()}) == len(STATUSES)
+    assert NEW_LESIONS_RULE.meaning.startswith(f"At least {NEW_LESIONS_FLAG} new lesions")
+    # the preview's colours too, in the order of the status.nii.gz codes (its legend's order)
+    from analysis.lesions.change import STATUS_CODES
+    from analysis.monitoring.preview import STATUS_COLOURS
+
+    assert list(STATUS_COLOURS) == sorted(STATUSES, key=STATUS_CODES.__getitem__)
+    assert sorted(STATUS_CODES.values()) == list(range(1, len(STATUSES) + 1))

@@ -25,6 +25,7 @@ from analysis.errors import InputError
 from analysis.imaging.dicom import read_dicom
 from analysis.imaging.dicom_seg import write_dicom_seg
 from analysis.imaging.io import read_array, write_mask
+from analysis.lesions.overlap import dice
 from analysis.cohort.phantom import generate_case
 from cli import main
 from tests.dicom_rt import write_rtstruct, write_seg
@@ -55,10 +56,6 @@ def _enhanced(folder: Path, hu: np.ndarray) -> None:
 
 
 GEOMETRIES = {"standard": _standard, "columns-anterior": _columns_anterior, "enhanced-multiframe": _enhanced}
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float(np.count_nonzero(a & b)) / float(np.count_nonzero(a) + np.count_nonzero(b))
 
 
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))

@@ -4,7 +4,8 @@ import numpy as np
 import SimpleITK as sitk
 from click.testing import CliRunner
 
-from analysis.cohort.imports import TOTALSEG_TO_BONE, totalseg_lookup
+from analysis.cohort.bone_maps import TOTALSEG_TO_BONE
+from analysis.cohort.imports import totalseg_lookup
 from analysis.cohort.layout import Cohort
 from analysis.imaging.io import Geometry, read_array, write_array
 from cli import main

@@ -11,8 +11,8 @@ from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
 from analysis.evaluation.metrics.lesionwise import (SIZE_BINS, LesionCounts, case_lesion_counts, lesionwise_metrics,
-                                                    overlap_pairs, panoptic_matches, size_bin_counts, size_bin_index)
-from analysis.lesions import lesion_instances
+                                                    panoptic_matches, size_bin_counts, size_bin_index)
+from analysis.lesions import lesion_instances, overlap_pairs
 
 
 def case_a() -> tuple[np.ndarray, np.ndarray]:

@@ -18,8 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from analysis.evaluation.metrics.overlap import dice, precision, recall
-from analysis.lesions import count_neighbours, lesion_instances, lesion_table, match_lesions
+from analysis.lesions import count_neighbours, dice, lesion_instances, lesion_table, match_lesions, precision, recall
 
 shapes = st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 6))
 masks = arrays(bool, shapes)

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from analysis.evaluation.metrics.overlap import case_overlap, dice, precision, recall, slice_overlap
+from analysis.evaluation.metrics.overlap import case_overlap, slice_overlap
+from analysis.lesions.overlap import dice, precision, recall
 
 
 def test_golden_values_on_tiny_masks():

@@ -1,4 +1,4 @@
-"""The demo report's New patients Dice is the project's Dice (analysis.evaluation.metrics.overlap)."""
+"""The demo report's New patients Dice is the project's Dice (analysis.lesions.overlap)."""
 from __future__ import annotations
 
 import csv

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from analysis.cohort.bone_maps import BONE_MAP_KINDS, PROJECT, TOTALSEG_TO_BONE, TOTALSEGMENTATOR
 from analysis.cohort.layout import MAX_BONE_CODE, Cohort, check_case_id, write_dataset_json
 from analysis.errors import InputError
 from analysis.imaging.dicom import read_dicom
@@ -15,20 +16,9 @@ from analysis.imaging.io import Geometry, read_array, read_image, write_array, w
 
 log = logging.getLogger(__name__)
 
-# TotalSegmentator v2, task "total" class ids -> bonesTr codes (see analysis.cohort.layout.BONE_CODES).
-# Ids from TotalSegmentator's class map (map_to_binary.py, "total" task, v2):
-# sacrum 25; vertebrae S1..C1 26-50; humerus 69/70; scapula 71/72; clavicula 73/74;
-# femur 75/76; hip 77/78; skull 91; ribs 92-115; sternum 116; costal cartilages 117.
-TOTALSEG_TO_BONE: dict[int, int] = {25: 4}
-TOTALSEG_TO_BONE.update({i: 2 for i in range(26, 51)})
-TOTALSEG_TO_BONE.update({i: 5 for i in range(69, 75)})
-TOTALSEG_TO_BONE.update({75: 6, 76: 6, 77: 4, 78: 4, 91: 1})
-TOTALSEG_TO_BONE.update({i: 3 for i in range(92, 116)})
-TOTALSEG_TO_BONE.update({116: 7, 117: 7})
-
-
 def totalseg_lookup(max_id: int = 255) -> np.ndarray:
-    """Lookup table ``lut[id] -> bone code`` for TotalSegmentator v2 "total" ids (others -> 0)."""
+    """Lookup table ``lut[id] -> bone code`` for TotalSegmentator v2 "total" ids (others -> 0;
+    :data:`analysis.cohort.bone_maps.TOTALSEG_TO_BONE`)."""
     lut = np.zeros(max(max_id, max(TOTALSEG_TO_BONE)) + 1, dtype=np.uint8)
     for src, dst in TOTALSEG_TO_BONE.items():
         lut[src] = dst
@@ -40,7 +30,7 @@ def bones_from(path: str | os.PathLike, kind: str, geometry: Geometry) -> np.nda
 
     Args:
         path: the bone map file (e.g. ``DIR/<case>.nii.gz``).
-        kind: ``"project"`` for project codes 0..7 (``bonesTr``, see
+        kind: one of :data:`analysis.cohort.bone_maps.BONE_MAP_KINDS`: ``"project"`` for project codes 0..7 (``bonesTr``, see
             :data:`analysis.cohort.layout.BONE_CODES`); ``"totalsegmentator"`` for a
             TotalSegmentator v2 "total" multilabel map (mapped through
             :func:`analysis.cohort.imports.totalseg_lookup`; non-bone classes become 0).
@@ -53,8 +43,8 @@ def bones_from(path: str | os.PathLike, kind: str, geometry: Geometry) -> np.nda
         InputError: unreadable file, geometry unlike the CT's, non-integer or negative
             labels, codes above 7 in a project map, or an unknown ``kind``.
     """
-    if kind not in ("project", "totalsegmentator"):
-        raise InputError(f"bone map kind {kind!r}: expected 'project' or 'totalsegmentator'")
+    if kind not in BONE_MAP_KINDS:
+        raise InputError(f"bone map kind {kind!r}: expected one of {', '.join(BONE_MAP_KINDS)}")
     labels, geom = read_array(path)
     mismatch = geometry.mismatch(geom)
     if mismatch:
@@ -66,10 +56,10 @@ def bones_from(path: str | os.PathLike, kind: str, geometry: Geometry) -> np.nda
     low, high = int(labels.min()), int(labels.max())
     if low < 0:
         raise InputError(f"{path}: holds negative labels (min {low}); expected bone labels >= 0")
-    if kind == "project":
+    if kind == PROJECT:
         if high > MAX_BONE_CODE:
             raise InputError(f"{path}: holds code {high}; expected project bone codes 0..{MAX_BONE_CODE} "
-                             f"(a TotalSegmentator map? pass kind 'totalsegmentator')")
+                             f"(a TotalSegmentator map? pass kind '{TOTALSEGMENTATOR}')")
         return labels.astype(np.uint8, copy=False)
     return totalseg_lookup(high)[labels.astype(np.int64, copy=False)]
 
@@ -94,7 +84,7 @@ def import_bones(seg: str | os.PathLike, dataset: str | os.PathLike, case: str) 
     if not ct_path.is_file():
         raise InputError(f"{ct_path}: not found; import the case's CT before its bone map")
     ct_geom = Geometry.of(read_image(ct_path))
-    return write_array(bones_from(seg, "totalsegmentator", ct_geom), ct_geom, cohort.bones_path(case))
+    return write_array(bones_from(seg, TOTALSEGMENTATOR, ct_geom), ct_geom, cohort.bones_path(case))
 
 
 def import_dicom(dicom_dir: str | os.PathLike, dataset: str | os.PathLike, case: str, *,

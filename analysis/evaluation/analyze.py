@@ -45,14 +45,14 @@ from analysis.evaluation.metrics.detection import roc_auc, slice_detection
 from analysis.evaluation.metrics.froc import (DEFAULT_FROC_FLOOR, FROC_RATES, FrocCase, froc_case, froc_curve,
                                               froc_summary)
 from analysis.evaluation.metrics.lesionwise import (SIZE_BINS, LesionCounts, case_lesion_counts, lesionwise_metrics,
-                                                    overlap_pairs, size_bin_counts)
+                                                    size_bin_counts)
 from analysis.evaluation.metrics.overlap import case_overlap, slice_overlap
 from analysis.evaluation.settings import MODEL_COLUMNS, differences, model_rows
 from analysis.evaluation.stats import holm, paired_ttest
 from analysis.imaging.io import (Geometry, atomic_directory, atomic_write_json, check_output_folder, read_array,
                                  read_header)
 from analysis.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone_identity, count_neighbours, diffuse_fractions,
-                              lesion_instances, lesion_table, match_lesions)
+                              lesion_instances, lesion_table, match_lesions, overlap_pairs)
 from analysis.prediction.folder import (PROBABILITIES, RECORD, SLICES_CSV, check_ct, discover_models, mask_path,
                                        read_record, read_slices_csv)
 from analysis.prediction.probabilities import read_probability

@@ -29,10 +29,8 @@ frame ``k`` is pixel for pixel the source slice at mask slice ``k``'s position.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -48,7 +46,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from analysis import __version__
 from analysis.errors import InputError
 from analysis.imaging.dicom import DicomSeries
-from analysis.imaging.io import umask_mode
+from analysis.imaging.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -294,11 +292,7 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
     seg = _build(mask, series, headers, model_name=model_name, model_version=model_version,
                  series_number=series_number, series_description=series_description or f"bonemets {model_name}",
                  per_lesion=labels is not None, uids=uids, lesion_ids=lesion_ids)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out_path) as tmp:  # moved into place only when it reads back equal
         seg.save_as(tmp)
         back = _read_back(tmp, series)
         if back.shape != mask.shape or not np.array_equal(back, mask):
@@ -308,12 +302,6 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
         misaligned = _frames_aligned(tmp, series)
         if misaligned:
             raise InputError(f"{out_path}: a SEG frame is not at its source image's position ({misaligned}); not written")
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     seconds = time.perf_counter() - start
     log.info("%s: SEG of %d lesion voxels, %d frames, %.2f s", out_path, voxels, int(seg.NumberOfFrames), seconds)
     return {

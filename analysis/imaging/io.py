@@ -276,41 +276,54 @@ def nonfinite_error(where: str | os.PathLike, bad: int) -> InputError:
     return InputError(f"{where}: {bad} voxel(s) are NaN or infinite; expected finite values (HU)")
 
 
-def require_finite(values: np.ndarray, where: str | os.PathLike) -> None:
-    """Refuse a decoded floating-point volume holding NaN or infinite voxels (integers pass).
+def require_finite(path: str | os.PathLike, values: np.ndarray | None = None, *,
+                   where: str | os.PathLike | None = None) -> None:
+    """Refuse an image holding NaN or infinite voxels, with one message (:func:`nonfinite_error`):
+    the one finite check of every CT the project reads (``predict``, ``followup``, ``gradcam``,
+    ``analyze``, ``validate``) and of every image :func:`read_array` reads.
+
+    Two places can hide them: the decoded voxels (a floating-point volume: an NRRD file, a DICOM
+    series with a fractional rescale), and a NIfTI file itself, whose NaN ITK's reader silently
+    decodes as 0 (:func:`count_nonfinite` reads the stored values with nibabel).
+
+    Args:
+        path: the image file, or a DICOM series folder (then only ``values`` are checked).
+        values: the decoded voxels when they are read already; None checks the file alone (its
+            header and, for a floating-point NIfTI file, one nibabel decode; no ITK decode).
+        where: what the message names for ``values`` (default ``path``, e.g. a DICOM case with
+            its series UID).
 
     Raises:
         InputError: :func:`nonfinite_error`.
     """
-    if np.issubdtype(values.dtype, np.floating):
+    if values is not None:
+        if not np.issubdtype(values.dtype, np.floating):
+            return  # ITK decodes a floating-point file to floating point: integer voxels came from integers
         bad = int(values.size - np.count_nonzero(np.isfinite(values)))
         if bad:
-            raise nonfinite_error(where, bad)
+            raise nonfinite_error(path if where is None else where, bad)
+    bad = count_nonfinite(path)  # 0 for anything but a floating-point NIfTI file
+    if bad:
+        raise nonfinite_error(path, bad)
 
 
-def read_array(path: str | os.PathLike, *, ndim: int | None = 3,
-               require_finite: bool = True) -> tuple[np.ndarray, Geometry]:
+def read_array(path: str | os.PathLike, *, ndim: int | None = 3) -> tuple[np.ndarray, Geometry]:
     """Read an image as a numpy array ``(slices, rows, cols)`` and its :class:`Geometry`.
 
     Args:
         path: image file.
         ndim: required dimension (None accepts any).
-        require_finite: refuse floating-point files holding NaN or infinite values
-            (ITK would silently read NaN as 0).
 
     Raises:
-        InputError: see :func:`read_image`; NaN/infinite values; pixel data that cannot
-            be decoded.
+        InputError: see :func:`read_image`; NaN/infinite values (:func:`require_finite`); pixel
+            data that cannot be decoded.
     """
     image = read_image(path, ndim=ndim)
-    if require_finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        bad = count_nonfinite(path)
-        if bad:
-            raise nonfinite_error(path, bad)
     try:
         array = sitk.GetArrayFromImage(image)
     except RuntimeError as exc:
         raise InputError(f"{path}: pixel data cannot be decoded ({_first_line(str(exc))})") from None
+    require_finite(path, array)
     return array, Geometry.of(image)
 
 

@@ -3,8 +3,8 @@
 * :func:`format_value` / :func:`csv_text` / :func:`read_csv`: every CSV bonemets writes
   (``analyze``'s tables, ``lesions.csv``, ``patients.csv``, ``slices.csv``, training
   histories) has one format: empty cells for None and NaN, ``true``/``false`` for booleans,
-  integers as integers, floats to 10 significant digits (unless a table asks for fewer),
-  ``\\n`` line ends, UTF-8.
+  integers as integers, floats to 10 significant digits (unless a table asks for fewer, or for
+  full precision: a training history keeps Keras's values as they were), ``\\n`` line ends, UTF-8.
 * :func:`versions`: the ``versions`` record written beside every result.
 
 Imports nothing from the rest of the core (only the package version).
@@ -29,11 +29,14 @@ CORE_DISTRIBUTIONS = ("numpy", "scipy", "connected-components-3d", "SimpleITK", 
                       "pyradiomics", "matplotlib", "pandas")
 
 
-def format_value(value: Any, digits: int = 10) -> str:
-    """One CSV cell.
+def format_value(value: Any, digits: int | None = 10) -> str:
+    """One CSV cell; a float to ``digits`` significant digits, or with ``digits=None`` in full
+    (the shortest text that reads back to the same float, Python's ``repr``).
 
     >>> [format_value(v) for v in (None, float("nan"), True, 3, 0.1 + 0.2, "a")]
     ['', '', 'true', '3', '0.3', 'a']
+    >>> format_value(0.1 + 0.2, digits=None)
+    '0.30000000000000004'
     """
     if value is None:
         return ""
@@ -42,11 +45,14 @@ def format_value(value: Any, digits: int = 10) -> str:
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
-        return "" if math.isnan(value) else format(float(value), f".{digits}g")
+        if math.isnan(value):
+            return ""
+        return repr(float(value)) if digits is None else format(float(value), f".{digits}g")
     return str(value)
 
 
-def csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any] | Mapping[str, Any]], *, digits: int = 10) -> str:
+def csv_text(columns: Sequence[str], rows: Iterable[Sequence[Any] | Mapping[str, Any]], *,
+             digits: int | None = 10) -> str:
     """CSV text: a header of ``columns``, then one line per row (a sequence in column order, or a
     mapping read by column name), each cell through :func:`format_value`.
 

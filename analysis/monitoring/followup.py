@@ -43,16 +43,26 @@ from analysis.imaging.io import (
     write_image,
 )
 from analysis.lesions import (
-    CHANGE_CODES,
     DEFAULT_BONE_HU,
     DEFAULT_CHANGE,
     DEFAULT_MIN_CHANGE_ML,
+    MERGE,
+    NEW_LESIONS_FLAG,
+    SPLIT,
+    SPLIT_MERGE,
+    STATUS_CODES,
+    STATUSES,
     Group,
     bone_identity,
+    describe_counts,
     group_lesions,
     lesion_table,
+    new_lesions_flag,
+    overlap_pairs,
+    status_counts,
+    status_rule,
 )
-from analysis.monitoring.matching import DEFAULT_MATCH_MM, ScanLesions, match, overlap_pairs, scan_lesions
+from analysis.monitoring.matching import DEFAULT_MATCH_MM, ScanLesions, match, scan_lesions
 from analysis.monitoring.preview import STATUS_COLOURS, write_followup_preview
 from analysis.monitoring.registration import (
     DICE_FLOOR,
@@ -64,22 +74,40 @@ from analysis.monitoring.registration import (
 )
 from analysis.prediction.folder import mask_path, read_record
 from analysis.prediction.runner import sha256_of
-from analysis.imaging.records import csv_text, versions
+from analysis.imaging.records import csv_text, read_csv, versions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FollowupSettings", "Comparison", "compare", "run_followup", "LESION_COLUMNS", "SUMMARY_COLUMNS",
-           "DEFINITIONS", "NEW_LESIONS_FLAG"]
+__all__ = ["FollowupSettings", "Comparison", "compare", "run_followup", "LESIONS_CSV", "SUMMARY_CSV", "LESION_COLUMNS",
+           "SUMMARY_COLUMNS", "DEFINITIONS", "read_summary"]
 
+#: The tracked lesions of a follow-up (one row per tracked lesion, :data:`LESION_COLUMNS`) and its
+#: patient-level summary (one row, :data:`SUMMARY_COLUMNS`). Not predict's lesions.csv: a row here
+#: links lesions of two scans (:data:`analysis.prediction.tables.LESION_COLUMNS` is one scan's).
+LESIONS_CSV = "lesions.csv"
+SUMMARY_CSV = "summary.csv"
 LESION_COLUMNS = ("lesion", "status", "baseline_id", "followup_id", "baseline_ml", "followup_ml", "change_ml",
                   "change_pct", "x_mm", "y_mm", "z_mm", "distance_mm", "bone")
-SUMMARY_COLUMNS = ("baseline_lesions", "followup_lesions", "new", "resolved", "grown", "shrunk", "stable",
-                   "baseline_ml", "followup_ml", "change_ml", "change_pct", "new_lesions_flag")
-#: ``new_lesions_flag``: at least this many new lesions.
-NEW_LESIONS_FLAG = 2
-OUTPUTS = ("lesions.csv", "summary.csv", "status.nii.gz", "followup_registered.nii.gz", "preview.png",
+SUMMARY_COLUMNS = ("baseline_lesions", "followup_lesions", *STATUSES, "baseline_ml", "followup_ml", "change_ml",
+                   "change_pct", "new_lesions_flag")
+OUTPUTS = (LESIONS_CSV, SUMMARY_CSV, "status.nii.gz", "followup_registered.nii.gz", "preview.png",
            "followup.json")
 
+
+
+def read_summary(out: str | os.PathLike) -> dict[str, str]:
+    """The row of a follow-up's :data:`SUMMARY_CSV` as text (``{column: text}``, :data:`SUMMARY_COLUMNS`).
+
+    Raises:
+        InputError: no table, or one whose header is not :data:`SUMMARY_COLUMNS` or without one row.
+    """
+    path = Path(out) / SUMMARY_CSV
+    if not path.is_file():
+        raise InputError(f"{path}: not found; expected a followup output folder")
+    rows = read_csv(path)
+    if len(rows) != 1 or tuple(rows[0]) != SUMMARY_COLUMNS:
+        raise InputError(f"{path}: expected one row of the columns {','.join(SUMMARY_COLUMNS)}")
+    return rows[0]
 
 @dataclass(frozen=True)
 class FollowupSettings:
@@ -125,10 +153,8 @@ def definitions(settings: FollowupSettings) -> dict[str, str]:
                     f"scans match when their centroids are within {s.match_mm:g} mm (nearest first, one to one); "
                     "linked lesions form one tracked lesion (a split: one baseline lesion, several follow-up "
                     "lesions; a merge: the reverse)",
-        "status": f"new: no baseline lesion; resolved: no follow-up lesion; grown: follow-up/baseline volume >= "
-                  f"{1 + s.change:g} and an increase >= {s.min_change_ml:g} ml; shrunk: ratio <= {1 - s.change:g} "
-                  f"and a decrease >= {s.min_change_ml:g} ml; stable otherwise",
-        "status_codes": ", ".join(f"{code} {name}" for name, code in CHANGE_CODES.items()) + " (status.nii.gz)",
+        "status": status_rule(s.change, s.min_change_ml),
+        "status_codes": ", ".join(f"{code} {name}" for name, code in STATUS_CODES.items()) + " (status.nii.gz)",
         "new_lesions_flag": f"1 when at least {NEW_LESIONS_FLAG} new lesions: the lesion-count rule prostate-cancer "
                             "trials apply to bone scans (PCWG3, Scher et al., J Clin Oncol 2016), stated as such; "
                             "not a diagnosis, and PCWG3 also asks for confirmation on a later scan",
@@ -248,11 +274,11 @@ def _rows(groups: list[Group], base: ScanLesions, fu: ScanLesions, fu_centroids:
 
 
 def _summary(groups: list[Group], base: ScanLesions, fu: ScanLesions) -> dict[str, Any]:
-    counts = {name: sum(g.status == name for g in groups) for name in ("new", "resolved", "grown", "shrunk", "stable")}
+    counts = status_counts([g.status for g in groups])
     bml, fml = float(base.volume_ml.sum()), float(fu.volume_ml.sum())
     return {"baseline_lesions": base.n, "followup_lesions": fu.n, **counts, "baseline_ml": bml, "followup_ml": fml,
             "change_ml": fml - bml, "change_pct": 100.0 * (fml - bml) / bml if bml > 0 else (0.0 if fml == 0 else None),
-            "new_lesions_flag": int(counts["new"] >= NEW_LESIONS_FLAG)}
+            "new_lesions_flag": new_lesions_flag(counts)}
 
 
 def compare(baseline: Scan, followup: Scan, settings: FollowupSettings, *, where: str = "follow-up") -> Comparison:
@@ -284,7 +310,8 @@ def compare(baseline: Scan, followup: Scan, settings: FollowupSettings, *, where
     fu_image = array_to_image(fu.labels.astype(np.uint32), followup.geometry)
     moved = sitk.GetArrayFromImage(resample_to(fu_image, baseline.image, reg.transform, labels=True))
     fu_centroids = reg.to_baseline(fu.centroid_mm) if fu.n else np.zeros((0, 3))
-    pairs = match(overlap_pairs(base.labels, moved), base.centroid_mm, fu_centroids, settings.match_mm)
+    shared_b, shared_f, _ = overlap_pairs(base.labels, moved)
+    pairs = match(zip(shared_b, shared_f), base.centroid_mm, fu_centroids, settings.match_mm)
     groups = group_lesions(pairs, base.volume_ml, fu.volume_ml, change=settings.change,
                            min_change_ml=settings.min_change_ml)
     base_bones = _lesion_bones(base, baseline.bones)
@@ -296,7 +323,7 @@ def compare(baseline: Scan, followup: Scan, settings: FollowupSettings, *, where
     num_b = np.zeros(base.n + 1, np.uint16)
     num_f = np.zeros(fu.n + 1, np.uint16)
     for k, g in enumerate(groups, start=1):
-        code = CHANGE_CODES[g.status]
+        code = STATUS_CODES[g.status]
         lut_b[list(g.baseline)] = code
         num_b[list(g.baseline)] = k
         lut_f[list(g.followup)] = code
@@ -315,7 +342,7 @@ def _load(case: InputCase, mask: str, bones: str | None, *, what: str) -> Scan:
     if case.series is not None:
         record["patient_id"] = case.series.patient_id
     ct = sitk.GetArrayFromImage(image)
-    require_finite(ct, path)
+    require_finite(case.path, ct, where=case.describe())  # predict's check: a float NIfTI's NaN too
     geometry = Geometry.of(image)
     m = _read_map(mask, geometry, path, f"{what} mask")
     b = _read_map(bones, geometry, path, f"{what} bone map") if bones else None
@@ -418,14 +445,13 @@ def _write(tmp: Path, c: Comparison, base: Scan, fu: Scan, settings: FollowupSet
            model_record: dict[str, Any] | None, seconds_so_far: float, t0: float,
            dicom: DicomSeries | None = None) -> None:
     g = base.geometry
-    atomic_write_text(tmp / "lesions.csv", csv_text(LESION_COLUMNS, c.rows))
-    atomic_write_text(tmp / "summary.csv", csv_text(SUMMARY_COLUMNS, [c.summary]))
+    atomic_write_text(tmp / LESIONS_CSV, csv_text(LESION_COLUMNS, c.rows))
+    atomic_write_text(tmp / SUMMARY_CSV, csv_text(SUMMARY_COLUMNS, [c.summary]))
     write_image(array_to_image(c.status, g), tmp / "status.nii.gz")
     registered = np.clip(np.rint(c.registered_ct), -32768, 32767).astype(np.int16)
     write_image(array_to_image(registered, g), tmp / "followup_registered.nii.gz")
     s = c.summary
-    title = (f"follow-up: {s['baseline_lesions']} -> {s['followup_lesions']} lesions; {s['new']} new, "
-             f"{s['resolved']} resolved, {s['grown']} grown, {s['shrunk']} shrunk, {s['stable']} stable")
+    title = f"follow-up: {s['baseline_lesions']} -> {s['followup_lesions']} lesions; {describe_counts(s)}"
     write_followup_preview(tmp / "preview.png", base.ct, registered, g, c.panels, title=title)
     outputs = list(OUTPUTS)
     dicom_record = None
@@ -451,8 +477,8 @@ def _write(tmp: Path, c: Comparison, base: Scan, fu: Scan, settings: FollowupSet
         "summary": c.summary,
         "groups": [{"lesion": r["lesion"], "event": r["event"], "baseline_id": r["baseline_id"],
                     "followup_id": r["followup_id"]} for r in c.rows],
-        "splits": [r["lesion"] for r in c.rows if r["event"] in ("split", "split-merge")],
-        "merges": [r["lesion"] for r in c.rows if r["event"] in ("merge", "split-merge")],
+        "splits": [r["lesion"] for r in c.rows if r["event"] in (SPLIT, SPLIT_MERGE)],
+        "merges": [r["lesion"] for r in c.rows if r["event"] in (MERGE, SPLIT_MERGE)],
         "outputs": outputs,
         "dicom": dicom_record,
         "versions": versions(core=True),

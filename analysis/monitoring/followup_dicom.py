@@ -7,7 +7,7 @@
   segment numbers run 1..M in lesion order (a lesion without voxels in the baseline frame, e.g. a
   new lesion outside its field of view, has no segment);
 - ``followup_sr.dcm``: the TID 1500 report of lesions.csv and summary.csv referencing those
-  segments (:func:`analysis.imaging.dicom_sr.write_followup_report`).
+  segments (:func:`analysis.monitoring.followup_sr.write_followup_report`).
 
 Both carry UIDs derived from the baseline SeriesInstanceUID and the follow-up's sha256, so
 writing the same comparison again gives the same objects (a PACS replaces, not duplicates).
@@ -22,7 +22,7 @@ import numpy as np
 from analysis import __version__
 from analysis.imaging.dicom import DicomSeries
 from analysis.imaging.dicom_seg import write_dicom_seg
-from analysis.imaging.dicom_sr import write_followup_report
+from analysis.monitoring.followup_sr import write_followup_report
 
 __all__ = ["SEG_NAME", "SR_NAME", "write_followup_dicom"]
 

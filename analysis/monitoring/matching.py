@@ -19,13 +19,14 @@ Definitions (also in the README's "Follow-up" section and in every ``followup.js
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
 from analysis.imaging.io import Geometry
 from analysis.lesions import lesion_instances
 
-__all__ = ["ScanLesions", "scan_lesions", "overlap_pairs", "match", "DEFAULT_MATCH_MM"]
+__all__ = ["ScanLesions", "scan_lesions", "match", "DEFAULT_MATCH_MM"]
 
 #: Centroids of two otherwise unmatched lesions at most this far apart (mm) match (``--match-mm``).
 DEFAULT_MATCH_MM = 10.0
@@ -69,29 +70,14 @@ def scan_lesions(mask: np.ndarray, geometry: Geometry) -> ScanLesions:
     return ScanLesions(labels=labels, n=n, volume_ml=count * geometry.voxel_volume_ml, centroid_mm=centroid.reshape(n, 3))
 
 
-def overlap_pairs(baseline_labels: np.ndarray, registered_labels: np.ndarray) -> set[tuple[int, int]]:
-    """``(baseline_id, followup_id)`` pairs that share a voxel on the baseline grid.
-
-    Args:
-        baseline_labels: the baseline's lesion ids ``(slices, rows, cols)``.
-        registered_labels: the follow-up's lesion ids resampled (nearest neighbour) onto the
-            baseline grid through the registration.
-    """
-    both = (baseline_labels != 0) & (registered_labels != 0)
-    a = baseline_labels[both].astype(np.int64)
-    b = registered_labels[both].astype(np.int64)
-    if a.size == 0:
-        return set()
-    pairs = np.unique(np.stack([a, b], axis=1), axis=0)
-    return {(int(i), int(j)) for i, j in pairs}
-
-
-def match(overlaps: set[tuple[int, int]], baseline_centroids: np.ndarray, followup_centroids: np.ndarray,
+def match(overlaps: Iterable[tuple[int, int]], baseline_centroids: np.ndarray, followup_centroids: np.ndarray,
           match_mm: float = DEFAULT_MATCH_MM) -> set[tuple[int, int]]:
     """All matched ``(baseline_id, followup_id)`` pairs (see the module docstring).
 
     Args:
-        overlaps: pairs sharing a voxel (:func:`overlap_pairs`).
+        overlaps: ``(baseline_id, followup_id)`` pairs sharing a voxel on the baseline grid: the
+            ids of :func:`analysis.lesions.overlap.overlap_pairs` of the baseline's lesion ids and the
+            follow-up's resampled (nearest neighbour) onto the baseline grid through the registration.
         baseline_centroids: ``(n_b, 3)`` baseline centroids, LPS mm.
         followup_centroids: ``(n_f, 3)`` follow-up centroids mapped into the baseline frame.
         match_mm: largest centroid distance for lesions that overlap nothing.
@@ -103,7 +89,7 @@ def match(overlaps: set[tuple[int, int]], baseline_centroids: np.ndarray, follow
         >>> sorted(match({(1, 1)}, b, f, 10.0))
         [(1, 1), (2, 2)]
     """
-    pairs = set(overlaps)
+    pairs = {(int(i), int(j)) for i, j in overlaps}
     taken_b = {i for i, _ in pairs}
     taken_f = {j for _, j in pairs}
     free_b = [i for i in range(1, len(baseline_centroids) + 1) if i not in taken_b]

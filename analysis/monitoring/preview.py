@@ -19,15 +19,15 @@ import numpy as np
 from analysis.imaging.display import window
 from analysis.imaging.io import Geometry
 from analysis.imaging.orientation import Reorientation
-from analysis.lesions import CHANGE_CODES
+from analysis.lesions import GROWN, NEW, RESOLVED, SHRUNK, STABLE, STATUS_CODES
 from analysis.prediction.preview import DPI, pyplot, save_png
 
 __all__ = ["STATUS_COLOURS", "write_followup_preview", "coronal_panel"]
 
-#: Outline colour of each status (RGB in [0, 1]).
+#: Outline colour of each status (RGB in [0, 1]), in the order of their codes (the legend's order).
 STATUS_COLOURS: dict[str, tuple[float, float, float]] = {
-    "stable": (1.0, 1.0, 0.0), "grown": (1.0, 0.5, 0.0), "shrunk": (0.0, 0.8, 1.0),
-    "new": (1.0, 0.0, 0.0), "resolved": (0.0, 0.9, 0.0)}
+    STABLE: (1.0, 1.0, 0.0), GROWN: (1.0, 0.5, 0.0), SHRUNK: (0.0, 0.8, 1.0), NEW: (1.0, 0.0, 0.0),
+    RESOLVED: (0.0, 0.9, 0.0)}
 PANEL_HEIGHT_IN = 7.0
 
 
@@ -69,13 +69,13 @@ def write_followup_preview(path: str | os.PathLike, baseline_ct: np.ndarray, reg
         geometry: the baseline's geometry.
         panels: for the baseline and the follow-up panel, ``(status_codes, lesion_numbers)``:
             two ``(slices, rows, cols)`` maps on the baseline grid, the status code
-            (:data:`analysis.lesions.CHANGE_CODES`) and the ``lesions.csv`` number of each voxel.
+            (:data:`analysis.lesions.change.STATUS_CODES`) and the ``lesions.csv`` number of each voxel.
         title: one line above the panels.
     """
     plt = pyplot()
     from matplotlib import patheffects
 
-    names = {code: name for name, code in CHANGE_CODES.items()}
+    names = {code: name for name, code in STATUS_CODES.items()}
     images = [coronal_panel(baseline_ct, geometry), coronal_panel(registered_ct, geometry)]
     (h, w), (col_mm, row_mm) = images[0][0].shape, images[0][1]
     panel_w = PANEL_HEIGHT_IN * (w * col_mm) / (h * row_mm)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from analysis.lesions import DEFAULT_BONE_HU
+from analysis.lesions import DEFAULT_BONE_HU, dice
 
 log = logging.getLogger(__name__)
 
@@ -220,14 +220,13 @@ def bone_dice(baseline: np.ndarray, registered: np.ndarray, footprint: np.ndarra
         bone_hu: bone threshold in HU.
 
     Returns:
-        ``2 |A & B| / (|A| + |B|)`` in [0, 1]; 0.0 when neither has bone there.
+        :func:`analysis.lesions.overlap.dice` of the two bone masks, in [0, 1]; 0.0 (not the metric's
+        NaN) when neither has bone there: no bone to align is a registration to refuse.
 
     Examples:
         >>> a = np.array([[[0, 200, 200, 0]]]); b = np.array([[[0, 0, 200, 200]]])
         >>> bone_dice(a, b, np.ones(a.shape, bool))
         0.5
     """
-    a = (np.asarray(baseline) >= bone_hu) & footprint
-    b = (np.asarray(registered) >= bone_hu) & footprint
-    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return 0.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
+    value = dice((np.asarray(registered) >= bone_hu) & footprint, (np.asarray(baseline) >= bone_hu) & footprint)
+    return 0.0 if math.isnan(value) else value  # no bone in either: not aligned (see Returns)

@@ -34,12 +34,15 @@ from typing import Any, Callable
 
 from analysis.errors import DataProblems, InputError
 from analysis.node.deliver import DeliveryError, Destination, deliver
-from analysis.node.spool import Spool
+from analysis.node.spool import INPUT, OUTBOX, PRED, SENT, Spool, parse_job
+from analysis.prediction.folder import DICOM_SEG, SR
+from analysis.prediction.tables import LESIONS_CSV, read_lesions
 
 log = logging.getLogger(__name__)
 
 #: ``predict_series(series_dir, out_dir)``: predict one series folder into the PRED folder
-#: ``out_dir`` (``dicom_seg/`` and ``sr/`` inside); raises InputError/DataProblems with predict's reason.
+#: ``out_dir`` (:data:`~analysis.prediction.folder.DICOM_SEG` and :data:`~analysis.prediction.folder.SR`
+#: inside); raises InputError/DataProblems with predict's reason.
 PredictSeries = Callable[[Path, Path], Any]
 #: The spool's record of the model that made a job's results (beside them, ``done/<job>/model.json``).
 MODEL_RECORD = "model.json"
@@ -295,9 +298,9 @@ class Node:
     def _predict(self, job: str, model: NodeModel) -> int:
         spool = self.spool
         t0 = time.perf_counter()
-        out = spool.job_path(job, "pred")
+        out = spool.job_path(job, PRED)
         try:
-            model.predict_series(spool.job_path(job, "input"), out)
+            model.predict_series(spool.job_path(job, INPUT), out)
         except DataProblems as exc:
             self._failed(job, "; ".join(exc.problems))
             return 0
@@ -306,24 +309,24 @@ class Node:
             return 0
         results = []
         if self.config.deliver_seg:
-            results += sorted((out / "dicom_seg").glob("*.dcm"))
+            results += sorted((out / DICOM_SEG).glob("*.dcm"))
         if self.config.deliver_sr:
-            results += sorted((out / "sr").glob("*.dcm"))
-        lesions = _count_lesions(out)
+            results += sorted((out / SR).glob("*.dcm"))
+        lesions = len(read_lesions(out)) if (out / LESIONS_CSV).is_file() else 0  # a detector writes none
         spool.open_outbox(job, results, record={MODEL_RECORD: model.record()})
         log.info("series %s: predicted by %s (%s) in %.1f s, %d lesion(s), %d result(s) to deliver",
-                 job.rsplit("-", 1)[0], model.name, model.fingerprint, time.perf_counter() - t0, lesions, len(results))
+                 parse_job(job)[0], model.name, model.fingerprint, time.perf_counter() - t0, lesions, len(results))
         return 1
 
     def _failed(self, job: str, reason: str) -> None:
         target = self.spool.fail(job, reason)
-        log.error("series %s: not predicted (%s); kept in %s", job.rsplit("-", 1)[0], reason, target)
+        log.error("series %s: not predicted (%s); kept in %s", parse_job(job)[0], reason, target)
 
     def _deliver_due(self) -> float | None:
         """Deliver every outbox whose next attempt is due; seconds until the next one (None: none waits)."""
         spool, cfg = self.spool, self.config
         wait = None
-        for job in spool.jobs("outbox"):
+        for job in spool.jobs(OUTBOX):
             record = spool.delivery(job)
             now = time.time()
             if record["next_at"] > now:
@@ -338,22 +341,15 @@ class Node:
                 if attempts > cfg.retries:
                     target = spool.give_up(job)
                     log.error("series %s: delivery to %s failed %d times (%s); results kept in %s (serve --resend)",
-                              job.rsplit("-", 1)[0], cfg.destination, attempts, exc, target)
+                              parse_job(job)[0], cfg.destination, attempts, exc, target)
                     continue
                 delay = cfg.retry_seconds * 2 ** (attempts - 1)
                 spool.set_delivery(job, {"attempts": attempts, "next_at": now + delay, "last_error": str(exc)})
-                log.warning("series %s: delivery to %s failed (%s); retry %d/%d in %.0f s", job.rsplit("-", 1)[0],
+                log.warning("series %s: delivery to %s failed (%s); retry %d/%d in %.0f s", parse_job(job)[0],
                             cfg.destination, exc, attempts, cfg.retries, delay)
                 wait = min(wait if wait is not None else float("inf"), delay)
                 continue
-            sent = len(list((spool.job_path(job, "outbox") / "sent").glob("*.dcm")))
+            sent = len(list((spool.job_path(job, OUTBOX) / SENT).glob("*.dcm")))
             spool.finish(job)
-            log.info("series %s: delivered %d result(s) to %s", job.rsplit("-", 1)[0], sent, cfg.destination)
+            log.info("series %s: delivered %d result(s) to %s", parse_job(job)[0], sent, cfg.destination)
         return wait
-
-
-def _count_lesions(pred: Path) -> int:
-    table = pred / "lesions.csv"
-    if not table.is_file():
-        return 0
-    return max(0, len(table.read_text(encoding="utf-8").strip().splitlines()) - 1)

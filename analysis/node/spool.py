@@ -30,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-from analysis.imaging.io import atomic_write_json, atomic_write_text, read_json, umask_mode
+from analysis.imaging.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,24 @@ SENT = "sent"
 DELIVERY = "delivery.json"
 REASON = "reason.txt"
 _UID = re.compile(r"^[0-9.]{1,64}$")
+#: The parts of a job in ``jobs/``: ``<job>.input``, ``<job>.pred``, ``<job>.outbox`` (and its ``.tmp``).
+INPUT, PRED, OUTBOX, OUTBOX_TMP = "input", "pred", "outbox", "outbox.tmp"
+
+
+def job_id(series_uid: str, ns: int | None = None) -> str:
+    """A new job's id, ``<SeriesInstanceUID>-<nanoseconds>`` (the time of the claim by default).
+
+    Examples:
+        >>> job_id("1.2.3", 42), parse_job("1.2.3-42")
+        ('1.2.3-42', ('1.2.3', 42))
+    """
+    return f"{series_uid}-{time.time_ns() if ns is None else ns}"
+
+
+def parse_job(job: str) -> tuple[str, int]:
+    """``(SeriesInstanceUID, nanoseconds)`` of a job id (:func:`job_id`)."""
+    series, _, ns = job.rpartition("-")
+    return series, int(ns)
 
 
 def safe_uid(uid: str, what: str) -> str:
@@ -72,16 +90,8 @@ class Spool:
         folder = self.root / INCOMING / safe_uid(study, "StudyInstanceUID") / safe_uid(series, "SeriesInstanceUID")
         path = folder / f"{safe_uid(sop, 'SOPInstanceUID')}.dcm"
         for _ in range(3):  # the series folder may be claimed (renamed) while we write: write again
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
             try:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.chmod(tmp, umask_mode())
-                os.replace(tmp, path)  # also moves the folder's mtime: the series' idle clock
-                return path
+                return atomic_write_bytes(path, data)  # the rename also moves the folder's mtime: its idle clock
             except FileNotFoundError:
                 continue
         raise OSError(f"{path}: the series folder kept moving while the instance was written")
@@ -102,10 +112,10 @@ class Spool:
 
     def claim(self, series_dir: Path) -> str:
         """Move a complete series into ``jobs/<job>.input`` (one rename) and return ``<job>``."""
-        job = f"{series_dir.name}-{time.time_ns()}"
-        target = self.root / JOBS / f"{job}.input"
+        job = job_id(series_dir.name)
+        target = self.job_path(job, INPUT)
         os.rename(series_dir, target)
-        for tmp in target.glob(".*.tmp"):  # an instance write cut off by a kill
+        for tmp in target.glob(".*.tmp"):  # an instance write cut off by a kill (atomic_file's temporary name)
             tmp.unlink()
         with contextlib.suppress(OSError):
             series_dir.parent.rmdir()  # the study folder, when it was its last series
@@ -114,22 +124,23 @@ class Spool:
     # --- jobs -------------------------------------------------------------------------------
 
     def job_path(self, job: str, part: str) -> Path:
+        """``jobs/<job>.<part>``, ``part`` one of :data:`INPUT`, :data:`PRED`, :data:`OUTBOX`, :data:`OUTBOX_TMP`."""
         return self.root / JOBS / f"{job}.{part}"
 
     def jobs(self, part: str) -> list[str]:
-        """Jobs that have ``jobs/<job>.<part>`` (``input``, ``outbox``), oldest first."""
+        """Jobs that have ``jobs/<job>.<part>`` (:data:`INPUT`, :data:`OUTBOX`), oldest first."""
         names = [p.name[: -len(part) - 1] for p in (self.root / JOBS).iterdir() if p.name.endswith(f".{part}")]
-        return sorted(names, key=lambda n: int(n.rsplit("-", 1)[-1]))
+        return sorted(names, key=lambda n: parse_job(n)[1])
 
     def to_predict(self) -> list[str]:
         """Claimed jobs whose results are not yet in an outbox (a kill during prediction included)."""
-        return [j for j in self.jobs("input") if not self.job_path(j, "outbox").exists()]
+        return [j for j in self.jobs(INPUT) if not self.job_path(j, OUTBOX).exists()]
 
     def open_outbox(self, job: str, results: list[Path], *, record: dict[str, dict] | None = None) -> Path:
         """Copy ``results`` into ``jobs/<job>.outbox`` (appears whole, one rename), with the JSON
         files ``record`` names (e.g. ``model.json``) beside them."""
-        final = self.job_path(job, "outbox")
-        tmp = self.job_path(job, "outbox.tmp")
+        final = self.job_path(job, OUTBOX)
+        tmp = self.job_path(job, OUTBOX_TMP)
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / SENT).mkdir(parents=True)
         for path in results:  # dicom_seg/<case>.dcm, sr/<case>.dcm: one name each
@@ -142,39 +153,39 @@ class Spool:
 
     def pending(self, job: str) -> list[Path]:
         """Results of ``job`` not yet delivered."""
-        return sorted(p for p in self.job_path(job, "outbox").glob("*.dcm"))
+        return sorted(p for p in self.job_path(job, OUTBOX).glob("*.dcm"))
 
     def mark_sent(self, path: Path) -> None:
         os.replace(path, path.parent / SENT / path.name)
 
     def delivery(self, job: str) -> dict:
-        return read_json(self.job_path(job, "outbox") / DELIVERY, what="delivery record")
+        return read_json(self.job_path(job, OUTBOX) / DELIVERY, what="delivery record")
 
     def set_delivery(self, job: str, record: dict) -> None:
-        atomic_write_json(self.job_path(job, "outbox") / DELIVERY, record)
+        atomic_write_json(self.job_path(job, OUTBOX) / DELIVERY, record)
 
     def _drop_work(self, job: str) -> None:
-        for part in ("input", "pred", "outbox.tmp"):
+        for part in (INPUT, PRED, OUTBOX_TMP):
             shutil.rmtree(self.job_path(job, part), ignore_errors=True)
 
     def finish(self, job: str) -> Path:
         """All results delivered: the outbox becomes ``done/<job>``, the input goes."""
         target = self.root / DONE / job
-        os.rename(self.job_path(job, "outbox"), target)
+        os.rename(self.job_path(job, OUTBOX), target)
         self._drop_work(job)
         return target
 
     def give_up(self, job: str) -> Path:
         """Delivery gave up: the outbox becomes ``undelivered/<job>`` (``serve --resend``)."""
         target = self.root / UNDELIVERED / job
-        os.rename(self.job_path(job, "outbox"), target)
+        os.rename(self.job_path(job, OUTBOX), target)
         self._drop_work(job)
         return target
 
     def fail(self, job: str, reason: str) -> Path:
         """The series could not be predicted: its input becomes ``failed/<job>`` with ``reason.txt``."""
         target = self.root / FAILED / job
-        os.rename(self.job_path(job, "input"), target)
+        os.rename(self.job_path(job, INPUT), target)
         atomic_write_text(target / REASON, reason.rstrip("\n") + "\n")
         self._drop_work(job)
         return target
@@ -187,11 +198,11 @@ class Spool:
                 continue
             atomic_write_json(folder / DELIVERY, {"attempts": 0, "next_at": 0.0, "last_error": None})
             (folder / SENT).mkdir(exist_ok=True)
-            os.rename(folder, self.job_path(folder.name, "outbox"))
+            os.rename(folder, self.job_path(folder.name, OUTBOX))
             jobs.append(folder.name)
         return jobs
 
     def is_empty(self) -> bool:
         """Nothing received, claimed or waiting for delivery."""
         return not any((self.root / INCOMING).iterdir()) and not any(
-            p.name.endswith((".input", ".outbox")) for p in (self.root / JOBS).iterdir())
+            p.name.endswith((f".{INPUT}", f".{OUTBOX}")) for p in (self.root / JOBS).iterdir())

@@ -38,8 +38,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from analysis.errors import InputError
-from analysis.imaging.io import (Geometry, atomic_write_json, atomic_write_text, check_output_folder, count_nonfinite,
-                                 nonfinite_error, read_header, remove_stale_partials)
+from analysis.imaging.io import (Geometry, atomic_write_json, atomic_write_text, check_output_folder, read_header,
+                                 remove_stale_partials, require_finite)
 from analysis.prediction.shards import Shard, shard_cases
 from analysis.imaging.records import csv_text
 
@@ -107,9 +107,7 @@ def check_ct(path: str | os.PathLike) -> Geometry:
     geometry = read_header(path, ndim=None)
     if len(geometry.size) != 3:
         raise InputError(f"{path}: is a {len(geometry.size)}D image, expected a 3D CT")
-    bad = count_nonfinite(path)  # decodes float files only; integer CTs are finite
-    if bad:
-        raise nonfinite_error(path, bad)
+    require_finite(path)  # the file alone: decodes float NIfTI files only (ITK would read NaN as 0)
     return geometry
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping
 
+from analysis.cohort.bone_maps import BONE_MAP_KINDS, PROJECT
 from analysis.errors import DataProblems, InputError
 from analysis.imaging.orientation import CANONICAL
 from analysis.prediction.folder import PredictionFolder
@@ -35,11 +36,9 @@ from analysis.imaging.records import versions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BONES_FROM", "CONNECTIVITY", "PredictRequest", "WingRun", "PredictResult", "plan_request", "predict_folder",
+__all__ = ["CONNECTIVITY", "PredictRequest", "WingRun", "PredictResult", "plan_request", "predict_folder",
            "raise_failures"]
 
-#: What a bone map holds: the cohort's own bone codes, or TotalSegmentator "total" ids.
-BONES_FROM = ("project", "totalsegmentator")
 #: Connectivity of the 3D lesions (``--min-size``, lesion tables).
 CONNECTIVITY = 26
 
@@ -62,7 +61,8 @@ class PredictRequest:
             Off by default in both wings: whole slices give the exact result; the crop is a
             shortcut whose masks differ near the box's edge (BENCHMARKS.md, "New patients").
         bones: folder of bone maps ``<case>.nii.gz`` for the lesion table's bone columns.
-        bones_from: ``project`` (the cohort's bone codes) or ``totalsegmentator`` ("total" ids).
+        bones_from: what the bone maps hold, one of :data:`analysis.cohort.bone_maps.BONE_MAP_KINDS`:
+            ``project`` (the cohort's bone codes) or ``totalsegmentator`` ("total" ids).
         min_size: remove 3D lesions (26-connected) smaller than this many voxels; 0 keeps all.
         overwrite: replace a folder written with other settings, or redo finished cases.
     """
@@ -76,7 +76,7 @@ class PredictRequest:
     preview: bool = True
     crop: bool = False
     bones: str | None = None
-    bones_from: str = "project"
+    bones_from: str = PROJECT
     min_size: int = 0
     overwrite: bool = False
 
@@ -101,8 +101,8 @@ class PredictRequest:
             raise InputError(f"--min-size {self.min_size}: expected >= 0 voxels (0 disables it)")
         if self.shard is not None:
             check_shard(self.shard)
-        if self.bones_from not in BONES_FROM:
-            raise InputError(f"--bones-from {self.bones_from}: expected project or totalsegmentator")
+        if self.bones_from not in BONE_MAP_KINDS:
+            raise InputError(f"--bones-from {self.bones_from}: expected one of {', '.join(BONE_MAP_KINDS)}")
         if self.bones is not None and not Path(self.bones).is_dir():
             raise InputError(f"--bones {self.bones}: not a folder; expected DIR/<case>.nii.gz bone maps")
 

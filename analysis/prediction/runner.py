@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -39,10 +40,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from analysis.cohort.bone_maps import PROJECT
 from analysis.errors import DataProblems, InputError
 from analysis.imaging.inputs import InputCase, discover_inputs, read_input
 from analysis.imaging.io import Geometry, read_header
 from analysis.imaging.orientation import CANONICAL, Reorientation
+from analysis.lesions.overlap import dice
 from analysis.prediction.folder import (DICOM_SEG, PREVIEW, PROBABILITIES, SR, PredictionFolder, check_ct, mask_path,
                                         remove_small_components, select_cases)
 from analysis.prediction.probabilities import LEVELS, quantise, write_stored
@@ -135,7 +138,7 @@ class Outputs:
     preview: bool = True
     lesions: bool = True
     bones: Path | None = None
-    bones_from: str = "project"
+    bones_from: str = PROJECT
 
 
 @dataclass(frozen=True)
@@ -382,11 +385,10 @@ def segment_canonical(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float]
     if net.crop:
         z = todo[todo.size // 2: todo.size // 2 + 1]
         a, b = prob[z[0]], _whole_slice(net, ct, spacing_zyx, z)
-        ma, mb = a >= threshold, b >= threshold
-        both = int(ma.sum() + mb.sum())
+        agreement = dice(a >= threshold, b >= threshold)
         info["check"] = {"slice": int(z[0]), "max_abs_diff": round(float(np.abs(a - b).max()), 6),
-                         # None: both masks empty on that slice (Dice undefined; see overlap.dice)
-                         "dice": None if both == 0 else round(2.0 * int((ma & mb).sum()) / both, 6)}
+                         # null: both masks empty on that slice (the metric's NaN, undefined), not a number
+                         "dice": None if math.isnan(agreement) else round(agreement, 6)}
     return prob, seen, info
 
 
@@ -414,7 +416,7 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     t0 = time.perf_counter()
     import SimpleITK as sitk
 
-    from analysis.imaging.io import count_nonfinite, nonfinite_error, require_finite, write_mask
+    from analysis.imaging.io import require_finite, write_mask
 
     image, record = read_input(case)
     geometry = Geometry.of(image)
@@ -422,11 +424,7 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
         raise InputError(f"{case.describe()}: is a {len(geometry.size)}D image, expected a 3D CT")
     native = sitk.GetArrayFromImage(image)  # its stored type: the networks cast each batch (memory)
     del image
-    require_finite(native, case.describe())
-    if case.kind == "image" and np.issubdtype(native.dtype, np.floating):
-        bad = count_nonfinite(case.path)  # ITK reads NaN in NIfTI as 0: ask nibabel
-        if bad:
-            raise nonfinite_error(case.path, bad)
+    require_finite(case.path, native, where=case.describe())
     bones = _bones(outputs, case.case_id, geometry)
     reo = Reorientation.of(geometry)
     ct = reo.forward(native)

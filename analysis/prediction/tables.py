@@ -43,8 +43,10 @@ from analysis.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone_identit
 from analysis.imaging.records import csv_text
 
 __all__ = ["LESION_COLUMNS", "PATIENT_COLUMNS", "REGION_COLUMNS", "lesion_rows", "patient_row", "bones_from",
-           "csv_text", "write_rows", "read_rows", "LESIONS_CSV", "PATIENTS_CSV"]
+           "csv_text", "write_rows", "read_rows", "read_lesions", "read_patients", "LESIONS_CSV", "PATIENTS_CSV"]
 
+#: The lesion table of a PRED folder (one row per lesion, :data:`LESION_COLUMNS`) and its patient
+#: table (one row per case, :data:`PATIENT_COLUMNS`).
 LESIONS_CSV = "lesions.csv"
 PATIENTS_CSV = "patients.csv"
 
@@ -282,3 +284,20 @@ def read_rows(path: str | os.PathLike, columns: Sequence[str]) -> list[dict[str,
             rows.append({c: _parse(p, c, v, lesion) for c, v in zip(columns, cells)})
     return rows
 
+
+def read_lesions(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The typed rows of a PRED folder's :data:`LESIONS_CSV` (:func:`read_rows`, :data:`LESION_COLUMNS`).
+
+    Raises:
+        InputError: no table, or one that does not fit :data:`LESION_COLUMNS`.
+    """
+    return read_rows(Path(folder) / LESIONS_CSV, LESION_COLUMNS)
+
+
+def read_patients(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The typed rows of a PRED folder's :data:`PATIENTS_CSV` (:func:`read_rows`, :data:`PATIENT_COLUMNS`).
+
+    Raises:
+        InputError: no table, or one that does not fit :data:`PATIENT_COLUMNS`.
+    """
+    return read_rows(Path(folder) / PATIENTS_CSV, PATIENT_COLUMNS)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 DETECT = "detect"
 SEGMENT = "segment"
+#: The tasks a model does (``train --task``): slice detection or pixel segmentation.
+TASKS: tuple[str, ...] = (DETECT, SEGMENT)
 
 
 @dataclass(frozen=True)

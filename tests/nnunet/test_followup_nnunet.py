@@ -11,7 +11,8 @@ import pytest
 from analysis.cohort.followup_phantom import Followups
 from analysis.cohort.phantom import generate_cohort
 from analysis.cohort.splits import write_splits
-from analysis.imaging.records import read_csv
+from analysis.monitoring.followup import read_summary
+from analysis.prediction.tables import read_lesions
 from tests.badinput import invoke
 from tests.conftest import write_tiny_cohort
 
@@ -33,11 +34,11 @@ def test_followup_with_nnunet_runs_end_to_end(tmp_path, one_thread):
     record = json.loads((out / "followup.json").read_text(encoding="utf-8"))
     assert record["model"]["model"] == str(work)
     assert record["model"]["predict"]["followup"]["model"]["framework"] == "nnU-Net v2"
-    summary = read_csv(out / "summary.csv")[0]
+    summary = read_summary(out)
     pred = tmp_path / "pred"  # the baseline alone: each nnU-Net pass costs a minute on a small CPU
     r = invoke(["nnunet", "predict", "--images", baseline, "--work", work, "--out", pred, "--no-preview"])
     assert r.exit_code == 0, r.output
-    lesions = read_csv(pred / "lesions.csv")
+    lesions = read_lesions(pred)
     assert int(summary["baseline_lesions"]) == len(lesions)
     assert float(summary["baseline_ml"]) == pytest.approx(sum(float(x["volume_ml"]) for x in lesions), rel=1e-6)
     assert "tensorflow" not in sys.modules

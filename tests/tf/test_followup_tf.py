@@ -9,7 +9,8 @@ import pytest
 
 from analysis.cohort.followup_phantom import Followups
 from analysis.cohort.phantom import generate_cohort
-from analysis.imaging.records import read_csv
+from analysis.monitoring.followup import read_summary
+from analysis.prediction.tables import read_lesions
 from bonemets_tf.predict import PredictOptions, predict
 from tests.badinput import invoke
 from tests.tf.infer_runs import shared_runs
@@ -32,12 +33,12 @@ def test_followup_with_a_keras_model_runs_end_to_end(runs, tmp_path):
     assert record["model"]["model"] == str(runs.segmenter)
     assert record["model"]["predict"]["baseline"]["model"]["arch"] == "unet"
     assert record["registration"]["bone_dice"] >= 0.7
-    summary = read_csv(out / "summary.csv")[0]
+    summary = read_summary(out)
     for name, ct in (("baseline", baseline), ("followup", followup)):
         pred = tmp_path / f"pred_{name}"
         predict(str(runs.segmenter), None, str(pred), options=PredictOptions(cases="all", preview=False),
                 images=str(ct))
-        lesions = read_csv(pred / "lesions.csv")
+        lesions = read_lesions(pred)
         assert int(summary[f"{name}_lesions"]) == len(lesions)
         assert float(summary[f"{name}_ml"]) == pytest.approx(sum(float(r["volume_ml"]) for r in lesions), rel=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["DS", "out", "pred_baseline", "pred_followup"]

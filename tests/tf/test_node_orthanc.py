@@ -17,7 +17,7 @@ import pytest
 from analysis.cohort.examples import write_dicom_series
 from analysis.imaging.dicom_sr import read_measurement_report
 from analysis.imaging.io import Geometry, read_array
-from analysis.prediction.tables import LESION_COLUMNS, read_rows
+from analysis.prediction.tables import read_lesions
 from tests.badinput import invoke
 from tests.orthanc import Orthanc, free_port, require_orthanc
 from tests.tf.test_new_patients import lively, runs  # noqa: F401  (fixtures)
@@ -150,7 +150,7 @@ def test_round_trip_through_orthanc_matches_predict_images(orthanc, lively, thre
     assert seg.SOPInstanceUID == ref.SOPInstanceUID  # deterministic: series UID + model fingerprint
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     report = read_measurement_report(tmp_path / "sr.dcm")
-    rows = read_rows(tmp_path / "ref" / "lesions.csv", LESION_COLUMNS)
+    rows = read_lesions(tmp_path / "ref")
     assert report["count"] == len(rows) == len(seg.SegmentSequence) > 0
     for lesion, row in zip(report["lesions"], rows):
         assert lesion["volume_ml"] == pytest.approx(row["volume_ml"]) and lesion["segment"] == row["lesion_id"]

@@ -29,8 +29,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from analysis.evaluation.metrics.lesionwise import overlap_pairs
-from analysis.lesions import lesion_instances
+from analysis.lesions import lesion_instances, overlap_pairs
 
 __all__ = ["FrocCase", "FrocCurve", "FROC_RATES", "DEFAULT_FROC_FLOOR", "froc_case", "froc_curve", "froc_summary"]
 

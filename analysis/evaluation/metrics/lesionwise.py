@@ -55,7 +55,9 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["LesionCounts", "SIZE_BINS", "PQ_IOU_THRESHOLD", "overlap_pairs", "any_overlap", "panoptic_matches",
+from analysis.lesions.overlap import OverlapCounts, dice_from_counts, overlap_pairs
+
+__all__ = ["LesionCounts", "SIZE_BINS", "PQ_IOU_THRESHOLD", "any_overlap", "panoptic_matches",
            "brats_lesion_dice", "case_lesion_counts", "lesionwise_metrics", "size_bin_index", "size_bin_counts"]
 
 #: GT lesion volume bins in ml: (name, lower bound inclusive, upper bound exclusive).
@@ -103,39 +105,12 @@ class LesionCounts:
         return self.n_gt - self.tp
 
 
-def overlap_pairs(gt_labels: np.ndarray, pred_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every (GT lesion, predicted lesion) pair that shares voxels, with the shared count.
-
-    Args:
-        gt_labels, pred_labels: ``(slices, rows, cols)`` label volumes of one shape
-            (0 = background, lesions ``1..n``).
-
-    Returns:
-        ``(gt_ids, pred_ids, shared)``: int64 arrays, one entry per overlapping pair,
-        sorted by GT id then predicted id.
-
-    Raises:
-        ValueError: the shapes differ.
-    """
-    if gt_labels.shape != pred_labels.shape:
-        raise ValueError(f"GT labels shape {gt_labels.shape} differs from prediction labels shape {pred_labels.shape}")
-    both = (gt_labels != 0) & (pred_labels != 0)
-    g = gt_labels[both].astype(np.int64)
-    p = pred_labels[both].astype(np.int64)
-    if g.size == 0:
-        empty = np.zeros(0, np.int64)
-        return empty, empty.copy(), empty.copy()
-    base = int(p.max()) + 1
-    keys, shared = np.unique(g * base + p, return_counts=True)
-    return keys // base, keys % base, shared.astype(np.int64)
-
-
 def any_overlap(n_gt: int, n_pred: int, gt_ids: np.ndarray, pred_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Any-overlap rule: which GT lesions are found and which predicted lesions hit a GT lesion.
 
     Args:
         n_gt, n_pred: lesion counts.
-        gt_ids, pred_ids: the overlapping pairs from :func:`overlap_pairs`.
+        gt_ids, pred_ids: the overlapping pairs from :func:`analysis.lesions.overlap.overlap_pairs`.
 
     Returns:
         ``(gt_found, pred_hit)``: bool per GT lesion and per predicted lesion (index ``id - 1``).
@@ -157,7 +132,7 @@ def panoptic_matches(gt_voxels: np.ndarray, pred_voxels: np.ndarray, gt_ids: np.
 
     Args:
         gt_voxels, pred_voxels: voxel count of each lesion (index ``id - 1``).
-        gt_ids, pred_ids, shared: overlapping pairs from :func:`overlap_pairs`.
+        gt_ids, pred_ids, shared: overlapping pairs from :func:`analysis.lesions.overlap.overlap_pairs`.
         iou_threshold: smallest IoU of a match.
 
     Returns:
@@ -183,7 +158,7 @@ def panoptic_matches(gt_voxels: np.ndarray, pred_voxels: np.ndarray, gt_ids: np.
         used_pred.add(p)
         keep.append(k)
     keep_arr = np.array(keep, np.int64)
-    dice = 2 * inter[keep_arr] / (a[keep_arr] + b[keep_arr]) if keep else np.zeros(0)
+    dice = dice_from_counts(OverlapCounts(inter[keep_arr], b[keep_arr], a[keep_arr]))  # never empty lesions
     return gt_ids[keep_arr], pred_ids[keep_arr], dice
 
 
@@ -214,7 +189,8 @@ def brats_lesion_dice(gt_labels: np.ndarray, n_gt: int, pred_labels: np.ndarray,
         ``(dice, n_fp)``: float64 Dice per GT lesion (0 without a match) and the number of
         predicted components touching no dilated GT lesion.
     """
-    dice = np.zeros(n_gt, np.float64)
+    union = np.zeros(n_gt, np.int64)
+    matched = np.zeros(n_gt, bool)
     touched = np.zeros(n_pred, bool)
     pred_voxels = np.asarray(pred_voxels, np.int64)
     for i in range(n_gt):
@@ -222,9 +198,10 @@ def brats_lesion_dice(gt_labels: np.ndarray, n_gt: int, pred_labels: np.ndarray,
         if ids.size == 0:
             continue
         touched[ids - 1] = True
-        union = int(pred_voxels[ids - 1].sum())
-        dice[i] = 2.0 * float(gt_covered[i]) / (float(gt_voxels[i]) + union)
-    return dice, int(n_pred - touched.sum())
+        matched[i] = True
+        union[i] = int(pred_voxels[ids - 1].sum())
+    dice = dice_from_counts(OverlapCounts(np.asarray(gt_covered), union, np.asarray(gt_voxels, np.int64)))
+    return np.where(matched, dice, 0.0), int(n_pred - touched.sum())  # BraTS: 0 without a match
 
 
 def _boxes(labels: np.ndarray, n: int) -> list[tuple[slice, ...]]:
@@ -244,7 +221,7 @@ def case_lesion_counts(gt_labels: np.ndarray, n_gt: int, pred_labels: np.ndarray
         n_gt, n_pred: their lesion counts.
         gt_voxels, pred_voxels, gt_boxes: lesion sizes and GT bounding boxes when already
             known (e.g. from :func:`analysis.lesions.lesion_table`); computed otherwise.
-        pairs: :func:`overlap_pairs` of the two volumes when already known.
+        pairs: :func:`analysis.lesions.overlap.overlap_pairs` of the two volumes when already known.
 
     Returns:
         ``(counts, gt_found)``: the case's :class:`LesionCounts` and, per GT lesion, whether

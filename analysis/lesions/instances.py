@@ -1,5 +1,5 @@
-"""Lesion instances and their attributes: extent, volume, neighbours, matching,
-bone identity, and diffuse versus focal involvement.
+"""Lesion instances and their attributes: extent, volume, neighbours, bone identity, and
+diffuse versus focal involvement.
 
 Lesions are 3D connected components of a binary mask ``(slices, rows, cols)``
 (26-connectivity by default, as in BraTS 2023 and panoptica; autoPET uses 18).
@@ -8,7 +8,8 @@ deterministic for a given mask.
 
 Everything here works on whole label volumes with vectorised numpy (``bincount``,
 ``unique`` over label pairs, ``find_objects`` bounding boxes); per-lesion work only
-touches a lesion's bounding box.
+touches a lesion's bounding box. How two sets of lesions overlap is :mod:`analysis.lesions.overlap`,
+how a lesion changed between two scans :mod:`analysis.lesions.change`.
 """
 from __future__ import annotations
 
@@ -18,13 +19,10 @@ from dataclasses import dataclass
 import cc3d
 import numpy as np
 from scipy import ndimage
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
-__all__ = ["LesionTable", "lesion_instances", "lesion_table", "count_neighbours", "match_lesions",
-           "bone_identity", "diffuse_fractions", "BONE_NAMES", "WEIGHT_BEARING_CODES",
-           "LOCATION_CATEGORIES", "DEFAULT_BONE_HU", "IN_PLANE_DILATION", "CHANGE_CODES", "change_status",
-           "DEFAULT_CHANGE", "DEFAULT_MIN_CHANGE_ML", "Group", "group_lesions"]
+__all__ = ["LesionTable", "lesion_instances", "lesion_table", "count_neighbours", "bone_identity",
+           "diffuse_fractions", "seg_lesion_centroids", "BONE_NAMES", "UNKNOWN", "WEIGHT_BEARING_CODES",
+           "LOCATION_CATEGORIES", "DEFAULT_BONE_HU", "IN_PLANE_DILATION"]
 
 #: Paper's words for the ``bonesTr`` codes (see ``analysis.cohort.layout.BONE_CODES``).
 #: Upper and lower extremity (5, 6) are both "extremity"; 7 is "other".
@@ -167,44 +165,6 @@ def count_neighbours(z_first: np.ndarray, z_last: np.ndarray, cluster_slices: in
     return near.sum(axis=1).astype(np.int64)
 
 
-def match_lesions(gt_labels: np.ndarray, n_gt: int, pred_labels: np.ndarray, n_pred: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Match predicted to ground-truth lesions by shared voxels.
-
-    A predicted lesion matches a ground-truth lesion when they share at least one voxel
-    (the BraTS/autoPET/MedPy hit rule). A ground-truth lesion's match is the overlapping
-    predicted lesion with the most shared voxels, and a predicted lesion's is the
-    overlapping ground-truth lesion with the most shared voxels; ties go to the lower id.
-
-    Args:
-        gt_labels, pred_labels: label volumes of one shape (0 = background).
-        n_gt, n_pred: their lesion counts.
-
-    Returns:
-        ``(gt_match, gt_shared, pred_match)``: for each ground-truth lesion the id of its
-        predicted match (0 = none) and the shared voxel count; for each predicted lesion
-        the id of its ground-truth match (0 = overlaps no ground-truth lesion).
-    """
-    both = (gt_labels != 0) & (pred_labels != 0)
-    g = gt_labels[both].astype(np.int64)
-    p = pred_labels[both].astype(np.int64)
-    gt_match = np.zeros(n_gt, np.int64)
-    gt_shared = np.zeros(n_gt, np.int64)
-    pred_match = np.zeros(n_pred, np.int64)
-    if g.size == 0:
-        return gt_match, gt_shared, pred_match
-    pairs, counts = np.unique(g * (n_pred + 1) + p, return_counts=True)
-    pg, pp = pairs // (n_pred + 1), pairs % (n_pred + 1)
-    # best partner per gt lesion: sort by (gt, -count, pred) and keep the first of each gt
-    order = np.lexsort((pp, -counts, pg))
-    first = order[np.r_[True, pg[order][1:] != pg[order][:-1]]]
-    gt_match[pg[first] - 1] = pp[first]
-    gt_shared[pg[first] - 1] = counts[first]
-    order = np.lexsort((pg, -counts, pp))
-    first = order[np.r_[True, pp[order][1:] != pp[order][:-1]]]
-    pred_match[pp[first] - 1] = pg[first]
-    return gt_match, gt_shared, pred_match
-
-
 def _argmax_codes(lesion_ids: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
     """Most frequent non-zero code per lesion id (ties: lower code); 0 where none."""
     keep = codes != 0
@@ -325,114 +285,3 @@ def seg_lesion_centroids(seg_path: str | os.PathLike) -> list[tuple[float, float
         k, i, j = np.nonzero(labels == lesion)
         out.append(tuple(float(v) for v in seg.points(k, i, j).mean(axis=0)))
     return out  # type: ignore[return-value]
-
-
-#: Status of a lesion between a baseline and a follow-up scan, with its code in the follow-up's
-#: label map (``status.nii.gz``, :mod:`analysis.monitoring.followup`).
-CHANGE_CODES: dict[str, int] = {"stable": 1, "grown": 2, "shrunk": 3, "new": 4, "resolved": 5}
-#: Relative volume change that counts as growth or shrinkage (``--change``).
-DEFAULT_CHANGE = 0.2
-#: Smallest absolute volume change (ml) that counts (``--min-change-ml``): below it a change is
-#: within what a voxel grid and a threshold can move by themselves.
-DEFAULT_MIN_CHANGE_ML = 0.1
-
-
-def change_status(baseline_ml: float, followup_ml: float, *, change: float = DEFAULT_CHANGE,
-                  min_change_ml: float = DEFAULT_MIN_CHANGE_ML) -> str:
-    """The follow-up status of one tracked lesion from its volumes at the two time points.
-
-    Rule: **new** without a baseline volume, **resolved** without a follow-up volume;
-    otherwise **grown** when ``followup / baseline >= 1 + change`` and the volume rose by at
-    least ``min_change_ml``, **shrunk** when ``followup / baseline <= 1 - change`` and it fell by
-    at least ``min_change_ml``, **stable** otherwise. (A volume rule in the spirit of the
-    volumetric criteria used for bone lesions, not RECIST's diameters; the thresholds are options.)
-
-    Args:
-        baseline_ml: the lesion's (or its matched group's) volume on the baseline, ml; 0 if absent.
-        followup_ml: the same on the follow-up, ml; 0 if absent.
-        change: relative change threshold (0.2 = 20 %).
-        min_change_ml: absolute change floor in ml.
-
-    Examples:
-        >>> [change_status(1.0, v) for v in (0.0, 0.5, 0.9, 1.3)]
-        ['resolved', 'shrunk', 'stable', 'grown']
-        >>> change_status(0.0, 0.2), change_status(0.1, 0.15)
-        ('new', 'stable')
-    """
-    if baseline_ml <= 0 and followup_ml <= 0:
-        raise ValueError("a lesion needs a volume at one time point at least")
-    if baseline_ml <= 0:
-        return "new"
-    if followup_ml <= 0:
-        return "resolved"
-    ratio, delta = followup_ml / baseline_ml, followup_ml - baseline_ml
-    if ratio >= 1 + change and delta >= min_change_ml:
-        return "grown"
-    if ratio <= 1 - change and -delta >= min_change_ml:
-        return "shrunk"
-    return "stable"
-
-
-@dataclass(frozen=True)
-class Group:
-    """One tracked lesion: the baseline and follow-up lesions linked by matches.
-
-    Attributes:
-        baseline: baseline lesion ids (empty: new).
-        followup: follow-up lesion ids (empty: resolved).
-        baseline_ml, followup_ml: summed volumes, each from its scan's grid.
-        status: ``new``, ``resolved``, ``grown``, ``shrunk`` or ``stable``.
-    """
-
-    baseline: tuple[int, ...]
-    followup: tuple[int, ...]
-    baseline_ml: float
-    followup_ml: float
-    status: str
-
-    @property
-    def event(self) -> str:
-        """``one-to-one``, ``split``, ``merge``, ``split-merge``, ``new`` or ``resolved``."""
-        nb, nf = len(self.baseline), len(self.followup)
-        if nb == 0 or nf == 0:
-            return self.status
-        return {(True, True): "one-to-one", (True, False): "split", (False, True): "merge"}.get(
-            (nb == 1, nf == 1), "split-merge")
-
-
-def group_lesions(pairs: set[tuple[int, int]], baseline_ml: np.ndarray, followup_ml: np.ndarray, *,
-                  change: float = DEFAULT_CHANGE, min_change_ml: float = DEFAULT_MIN_CHANGE_ML) -> list[Group]:
-    """Tracked lesions: the connected groups of baseline and follow-up lesions linked by ``pairs``
-    (how pairs are found is the caller's: :func:`analysis.monitoring.matching.match`, or the
-    follow-up phantom's exact frame), each with its status from its summed volumes
-    (:func:`change_status`). Order: groups holding baseline lesions by their lowest baseline
-    id, then new lesions by follow-up id.
-
-    Args:
-        pairs: ``(baseline_id, followup_id)`` links, ids ``1..n`` of each scan.
-        baseline_ml, followup_ml: ``(n_b,)`` and ``(n_f,)`` lesion volumes (ml), each on its own grid.
-        change, min_change_ml: the status thresholds of :func:`change_status`.
-
-    Examples:
-        >>> gs = group_lesions({(1, 1), (1, 2)}, np.array([1.0, 0.5]), np.array([0.9, 0.9, 0.3]))
-        >>> [(g.baseline, g.followup, g.status, g.event) for g in gs]
-        [((1,), (1, 2), 'grown', 'split'), ((2,), (), 'resolved', 'resolved'), ((), (3,), 'new', 'new')]
-    """
-    nb, nf = len(baseline_ml), len(followup_ml)
-    rows = [i - 1 for i, _ in pairs]
-    cols = [nb + j - 1 for _, j in pairs]
-    graph = coo_matrix((np.ones(len(pairs)), (rows, cols)), shape=(nb + nf, nb + nf))
-    _, comp = connected_components(graph, directed=False)
-    members: dict[int, tuple[list[int], list[int]]] = {}
-    for i in range(nb):
-        members.setdefault(int(comp[i]), ([], []))[0].append(i + 1)
-    for j in range(nf):
-        members.setdefault(int(comp[nb + j]), ([], []))[1].append(j + 1)
-    ordered = sorted(members.values(), key=lambda m: (0, m[0][0]) if m[0] else (1, m[1][0]))
-    groups = []
-    for b, f in ordered:
-        bml = float(sum(baseline_ml[i - 1] for i in b))
-        fml = float(sum(followup_ml[j - 1] for j in f))
-        groups.append(Group(tuple(b), tuple(f), bml, fml,
-                            change_status(bml, fml, change=change, min_change_ml=min_change_ml)))
-    return groups

@@ -1,0 +1,179 @@
+"""How a lesion changed between two scans of one patient: the one vocabulary of follow-up
+statuses, the change rule, and the grouping of matched lesions (splits and merges).
+
+Every place that names a status (``followup``'s tables, ``status.nii.gz``, the preview's colours,
+the follow-up's DICOM report) keys off :data:`STATUSES` and :data:`STATUS_CODES`; how the
+lesions of two scans are paired is the caller's (:mod:`analysis.monitoring.matching` on
+:func:`analysis.lesions.overlap.overlap_pairs`, or the follow-up phantom's exact frame).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+__all__ = ["NEW", "RESOLVED", "GROWN", "SHRUNK", "STABLE", "STATUSES", "STATUS_CODES", "ONE_TO_ONE", "SPLIT",
+           "MERGE", "SPLIT_MERGE", "DEFAULT_CHANGE", "DEFAULT_MIN_CHANGE_ML", "NEW_LESIONS_FLAG", "change_status",
+           "status_rule", "status_counts", "new_lesions_flag", "describe_counts", "Group", "group_lesions"]
+
+NEW, RESOLVED, GROWN, SHRUNK, STABLE = "new", "resolved", "grown", "shrunk", "stable"
+#: The status of a tracked lesion between a baseline and a follow-up scan (:func:`change_status`), in
+#: the order ``followup`` reports them: summary.csv's count columns, the report's counts.
+STATUSES: tuple[str, ...] = (NEW, RESOLVED, GROWN, SHRUNK, STABLE)
+#: Each status's code in the follow-up's label map ``status.nii.gz`` (0: no lesion;
+#: :mod:`analysis.monitoring.followup`); the preview's legend runs in this order.
+STATUS_CODES: dict[str, int] = {STABLE: 1, GROWN: 2, SHRUNK: 3, NEW: 4, RESOLVED: 5}
+#: How a tracked lesion's baseline and follow-up lesions are linked (:attr:`Group.event`; a group
+#: without lesions on one side has its status, new or resolved, as its event).
+ONE_TO_ONE, SPLIT, MERGE, SPLIT_MERGE = "one-to-one", "split", "merge", "split-merge"
+#: Relative volume change that counts as growth or shrinkage (``--change``).
+DEFAULT_CHANGE = 0.2
+#: Smallest absolute volume change (ml) that counts (``--min-change-ml``): below it a change is
+#: within what a voxel grid and a threshold can move by themselves.
+DEFAULT_MIN_CHANGE_ML = 0.1
+
+
+def change_status(baseline_ml: float, followup_ml: float, *, change: float = DEFAULT_CHANGE,
+                  min_change_ml: float = DEFAULT_MIN_CHANGE_ML) -> str:
+    """The follow-up status of one tracked lesion from its volumes at the two time points.
+
+    Rule: **new** without a baseline volume, **resolved** without a follow-up volume;
+    otherwise **grown** when ``followup / baseline >= 1 + change`` and the volume rose by at
+    least ``min_change_ml``, **shrunk** when ``followup / baseline <= 1 - change`` and it fell by
+    at least ``min_change_ml``, **stable** otherwise. (A volume rule in the spirit of the
+    volumetric criteria used for bone lesions, not RECIST's diameters; the thresholds are options.)
+
+    Args:
+        baseline_ml: the lesion's (or its matched group's) volume on the baseline, ml; 0 if absent.
+        followup_ml: the same on the follow-up, ml; 0 if absent.
+        change: relative change threshold (0.2 = 20 %).
+        min_change_ml: absolute change floor in ml.
+
+    Examples:
+        >>> [change_status(1.0, v) for v in (0.0, 0.5, 0.9, 1.3)]
+        ['resolved', 'shrunk', 'stable', 'grown']
+        >>> change_status(0.0, 0.2), change_status(0.1, 0.15)
+        ('new', 'stable')
+    """
+    if baseline_ml <= 0 and followup_ml <= 0:
+        raise ValueError("a lesion needs a volume at one time point at least")
+    if baseline_ml <= 0:
+        return NEW
+    if followup_ml <= 0:
+        return RESOLVED
+    ratio, delta = followup_ml / baseline_ml, followup_ml - baseline_ml
+    if ratio >= 1 + change and delta >= min_change_ml:
+        return GROWN
+    if ratio <= 1 - change and -delta >= min_change_ml:
+        return SHRUNK
+    return STABLE
+
+
+def status_rule(change: float = DEFAULT_CHANGE, min_change_ml: float = DEFAULT_MIN_CHANGE_ML) -> str:
+    """:func:`change_status`'s rule in one line with its thresholds (the records' definition).
+
+    Examples:
+        >>> status_rule().split("; ")[2]
+        'grown: follow-up/baseline volume >= 1.2 and an increase >= 0.1 ml'
+    """
+    return (f"{NEW}: no baseline lesion; {RESOLVED}: no follow-up lesion; {GROWN}: follow-up/baseline volume >= "
+            f"{1 + change:g} and an increase >= {min_change_ml:g} ml; {SHRUNK}: ratio <= {1 - change:g} "
+            f"and a decrease >= {min_change_ml:g} ml; {STABLE} otherwise")
+
+
+#: A patient's follow-up is flagged when it holds at least this many new lesions: the lesion-count
+#: rule prostate-cancer trials apply to bone scans (PCWG3, Scher et al., J Clin Oncol 2016), stated
+#: as such; not a diagnosis (PCWG3 also asks for confirmation on a later scan).
+NEW_LESIONS_FLAG = 2
+
+
+def status_counts(statuses: Sequence[str]) -> dict[str, int]:
+    """How many tracked lesions have each status, in :data:`STATUSES` order.
+
+    Examples:
+        >>> status_counts([NEW, STABLE, NEW])
+        {'new': 2, 'resolved': 0, 'grown': 0, 'shrunk': 0, 'stable': 1}
+        >>> new_lesions_flag(status_counts([NEW, STABLE, NEW])), describe_counts(status_counts([GROWN]))
+        (1, '0 new, 0 resolved, 1 grown, 0 shrunk, 0 stable')
+    """
+    return {name: sum(s == name for s in statuses) for name in STATUSES}
+
+
+def new_lesions_flag(counts: Mapping[str, int]) -> int:
+    """1 when ``counts`` (per status, :func:`status_counts`) hold at least :data:`NEW_LESIONS_FLAG`
+    new lesions, else 0."""
+    return int(counts[NEW] >= NEW_LESIONS_FLAG)
+
+
+def describe_counts(counts: Mapping[str, int]) -> str:
+    """``"2 new, 1 resolved, ..."``: the counts per status in :data:`STATUSES` order (messages)."""
+    return ", ".join(f"{counts[name]} {name}" for name in STATUSES)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One tracked lesion: the baseline and follow-up lesions linked by matches.
+
+    Attributes:
+        baseline: baseline lesion ids (empty: new).
+        followup: follow-up lesion ids (empty: resolved).
+        baseline_ml, followup_ml: summed volumes, each from its scan's grid.
+        status: one of :data:`STATUSES`.
+    """
+
+    baseline: tuple[int, ...]
+    followup: tuple[int, ...]
+    baseline_ml: float
+    followup_ml: float
+    status: str
+
+    @property
+    def event(self) -> str:
+        """:data:`ONE_TO_ONE`, :data:`SPLIT`, :data:`MERGE`, :data:`SPLIT_MERGE`, or the status
+        (:data:`NEW`, :data:`RESOLVED`) of a group with lesions on one side only."""
+        nb, nf = len(self.baseline), len(self.followup)
+        if nb == 0 or nf == 0:
+            return self.status
+        return {(True, True): ONE_TO_ONE, (True, False): SPLIT, (False, True): MERGE}.get((nb == 1, nf == 1),
+                                                                                        SPLIT_MERGE)
+
+
+def group_lesions(pairs: set[tuple[int, int]], baseline_ml: np.ndarray, followup_ml: np.ndarray, *,
+                  change: float = DEFAULT_CHANGE, min_change_ml: float = DEFAULT_MIN_CHANGE_ML) -> list[Group]:
+    """Tracked lesions: the connected groups of baseline and follow-up lesions linked by ``pairs``
+    (how pairs are found is the caller's: :func:`analysis.monitoring.matching.match`, or the
+    follow-up phantom's exact frame), each with its status from its summed volumes
+    (:func:`change_status`). Order: groups holding baseline lesions by their lowest baseline
+    id, then new lesions by follow-up id.
+
+    Args:
+        pairs: ``(baseline_id, followup_id)`` links, ids ``1..n`` of each scan.
+        baseline_ml, followup_ml: ``(n_b,)`` and ``(n_f,)`` lesion volumes (ml), each on its own grid.
+        change, min_change_ml: the status thresholds of :func:`change_status`.
+
+    Examples:
+        >>> gs = group_lesions({(1, 1), (1, 2)}, np.array([1.0, 0.5]), np.array([0.9, 0.9, 0.3]))
+        >>> [(g.baseline, g.followup, g.status, g.event) for g in gs]
+        [((1,), (1, 2), 'grown', 'split'), ((2,), (), 'resolved', 'resolved'), ((), (3,), 'new', 'new')]
+    """
+    nb, nf = len(baseline_ml), len(followup_ml)
+    rows = [i - 1 for i, _ in pairs]
+    cols = [nb + j - 1 for _, j in pairs]
+    graph = coo_matrix((np.ones(len(pairs)), (rows, cols)), shape=(nb + nf, nb + nf))
+    _, comp = connected_components(graph, directed=False)
+    members: dict[int, tuple[list[int], list[int]]] = {}
+    for i in range(nb):
+        members.setdefault(int(comp[i]), ([], []))[0].append(i + 1)
+    for j in range(nf):
+        members.setdefault(int(comp[nb + j]), ([], []))[1].append(j + 1)
+    ordered = sorted(members.values(), key=lambda m: (0, m[0][0]) if m[0] else (1, m[1][0]))
+    groups = []
+    for b, f in ordered:
+        bml = float(sum(baseline_ml[i - 1] for i in b))
+        fml = float(sum(followup_ml[j - 1] for j in f))
+        groups.append(Group(tuple(b), tuple(f), bml, fml,
+                            change_status(bml, fml, change=change, min_change_ml=min_change_ml)))
+    return groups
