@@ -204,3 +204,24 @@ def test_hard_negative_fraction_needs_maps_and_refuses_overlap(tmp_path):
     assert code == 0, output
     saved = json.loads((tmp_path / "C" / "config.json").read_text(encoding="utf-8"))
     assert saved["settings"]["hard_negative_fraction"] == 0.3
+
+
+def test_a_fine_tune_inherits_the_recorded_spacing_and_the_lineage(tmp_path):
+    """lineage_record: the parent's training spacing (config.json "spacing", when recorded) passes to
+    the child, the ancestors come first, and the parent's name shows its own lineage."""
+    from bonemets_tf.lineage import lineage_record
+    from bonemets_tf.run import RunInfo
+
+    (tmp_path / "model.keras").write_bytes(b"weights")
+    grand = {"run": "/runs/g", "fingerprint": "0" * 16, "name": "unet", "arch": "unet", "dataset": "/d"}
+    config = {"settings": {"arch": "unet", "dataset": "/d2"}, "init_from": grand, "lineage": [grand],
+              "spacing": {"in_plane_xy_mm": [0.8, 0.8], "source": "median over the 4 training cases"}}
+    parent = RunInfo(path=tmp_path, config=config, arch="unet", task="segment", context=1, image_size=64, stride=8)
+    assert parent.name == "unet fine-tuned from 00000000"
+    record = lineage_record(parent)
+    assert record["spacing"]["in_plane_xy_mm"] == [0.8, 0.8]
+    assert record["spacing"]["source"].startswith(f"inherited from --init-from {tmp_path}")
+    assert [a["fingerprint"] for a in record["lineage"]] == ["0" * 16, parent.fingerprint()]
+    assert record["init_from"] == record["lineage"][-1] and record["init_from"]["name"] == parent.name
+    del config["spacing"]
+    assert "spacing" not in lineage_record(parent)  # nothing recorded: the child's own median stands
