@@ -63,7 +63,8 @@ def main(debug: bool, verbose: int) -> None:
     Data commands (phantom, validate, split, import-dicom, import-bones, analyze, and
     followup with masks) need neither TensorFlow nor PyTorch; Keras commands (models,
     train, predict, gradcam, export) use TensorFlow; `nnunet` commands use PyTorch;
-    serve and followup use the wing of the model they are given. Never both in one process.
+    serve and followup use the wing of the model they are given; review (the reader's web
+    application) uses neither. Never both in one process.
     """
     level = logging.DEBUG if verbose >= 2 or debug else logging.INFO if verbose == 1 else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -659,6 +660,75 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
     done = node.run(once=once)
     click.echo(f"serve: {done} series predicted; spool {spool}")
 # ---- END serve ----
+
+# ---- BEGIN review ----
+@main.group("review", invoke_without_command=True)
+@click.option("--spool", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="A node's spool (serve --spool): review the studies it predicted.")
+@click.option("--pred", "preds", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="A PRED/NAME folder of predict --images on DICOM (repeatable).")
+@click.option("--users", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="The readers and their password hashes (review add-user NAME --users FILE).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; put a TLS proxy in front of anything but 127.0.0.1 (docs/review.md).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--destination", default=None, metavar="AE@HOST:PORT|dicomweb:URL",
+              help="Where signed results go (as serve); without it they wait in the review outbox.")
+@click.option("--ae-title", default="BONEMETS", show_default=True, help="Calling AE title of a C-STORE.")
+@click.option("--retries", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Delivery retries before a signed result goes to review/outbox/undelivered/.")
+@click.option("--retry-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="Wait before the first retry; doubled for each next one.")
+@click.option("--resend", is_flag=True, help="First move undelivered signed results back to be delivered again.")
+@click.option("--secure-cookies", is_flag=True, help="Mark the session cookie Secure (served through HTTPS by a proxy).")
+@click.option("--idle-minutes", default=30.0, show_default=True, type=click.FloatRange(min=1),
+              help="A reader's session ends after this long without a request.")
+@click.pass_context
+def review_cmd(ctx: click.Context, spool: str | None, preds: tuple[str, ...], users: str | None, host: str, port: int,
+               destination: str | None, ae_title: str, retries: int, retry_seconds: float, resend: bool,
+               secure_cookies: bool, idle_minutes: float) -> None:
+    """A web application for the reader: accept or reject each predicted lesion, add missed ones,
+    sign; the final SEG and verified report go to the PACS (docs/review.md)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import signal
+    from pathlib import Path
+
+    from analysis.node.deliver import Destination, Retries
+    from analysis.review.server import ReviewConfig, resend as resend_undelivered, serve
+
+    if users is None:
+        raise InputError("review: --users FILE is required (create it with `review add-user NAME --users FILE`)")
+    config = ReviewConfig(spool=Path(spool) if spool else None, preds=tuple(Path(p) for p in preds),
+                          users=Path(users), host=host, port=port,
+                          destination=Destination.parse(destination) if destination else None, ae_title=ae_title,
+                          retries=Retries(retries, retry_seconds), secure_cookies=secure_cookies,
+                          idle_minutes=idle_minutes)
+    if resend:
+        log.info("review --resend: %d signed result(s) to deliver again", len(resend_undelivered(config)))
+
+    def _end(*_):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _end)
+    serve(config)
+
+
+@review_cmd.command("add-user")
+@click.argument("name")
+@click.option("--users", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="The users file (created if missing; mode 0600).")
+def review_add_user_cmd(name: str, users: str) -> None:
+    """Add reader NAME (or set a new password); the password is asked for, or read from standard input."""
+    from analysis.review.auth import add_user
+
+    if sys.stdin.isatty():
+        password = click.prompt(f"password for {name}", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    new = add_user(users, name, password)
+    click.echo(f"{'added' if new else 'updated'} reader {name} in {users}")
+# ---- END review ----
 
 # ---- BEGIN followup ----
 @main.command("followup")

@@ -22,7 +22,9 @@ proves the order):
 * :mod:`analysis.monitoring` (beside evaluation): two scans of one patient compared lesion by
   lesion (rigid registration, matching, status, the ``followup`` outputs);
 * :mod:`analysis.node` (beside evaluation): the DICOM node of ``serve`` (spool, delivery, the
-  storage SCP), calling a wing's prediction on each complete series.
+  storage SCP), calling a wing's prediction on each complete series;
+* :mod:`analysis.review` (beside evaluation): the reader's review of ``review`` (decisions
+  journal, sign-in, the web application, signing and delivering the final SEG and report).
 """
 from __future__ import annotations
 

@@ -95,7 +95,8 @@ def test_the_cycle_finder_finds_a_cycle():
 #: The core's rooms, bottom to top (analysis/__init__.py). A module may import its own room
 #: and the rooms below it, never one above.
 ROOMS = (("analysis.errors", "analysis.resources"), ("analysis.imaging",), ("analysis.lesions",),
-         ("analysis.cohort",), ("analysis.prediction",), ("analysis.evaluation", "analysis.node", "analysis.monitoring"))
+         ("analysis.cohort",), ("analysis.prediction",),
+         ("analysis.evaluation", "analysis.node", "analysis.monitoring", "analysis.review"))
 
 
 def _room(module: str) -> int | None:

@@ -99,7 +99,8 @@ def section(text: str, title: str) -> str:
 
 
 def registered_commands() -> set[str]:
-    """Every command cli.py registers, a subgroup's as 'group command' (e.g. 'nnunet train')."""
+    """Every command cli.py registers, a subgroup's as 'group command' (e.g. 'nnunet train'); a group
+    that runs itself without a subcommand (``review``) is a command too."""
     import click
 
     import cli
@@ -109,6 +110,8 @@ def registered_commands() -> set[str]:
         for name, command in group.commands.items():
             if isinstance(command, click.Group):
                 names |= walk(command, f"{prefix}{name} ")
+                if command.invoke_without_command:
+                    names.add(prefix + name)
             else:
                 names.add(prefix + name)
         return names

@@ -35,7 +35,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -165,18 +165,31 @@ def _check_mask(mask: np.ndarray, series: DicomSeries) -> np.ndarray:
 
 def _build(mask: np.ndarray, series: DicomSeries, headers: list[pydicom.Dataset], *, model_name: str,
            model_version: str, series_number: int, series_description: str, per_lesion: bool,
-           uids: tuple[str, str], lesion_ids: Sequence[int] | None = None) -> hd.seg.Segmentation:
+           uids: tuple[str, str], lesion_ids: Sequence[int] | None = None,
+           tracking_uids: Mapping[int, str] | None = None,
+           semiautomatic: Mapping[int, tuple[str, str]] | None = None) -> hd.seg.Segmentation:
     """``mask``: 0/1 (one segment) or segment numbers 1..N (``per_lesion``: segment i is lesion
     ``lesion_ids[i - 1]``, default lesion i)."""
     algorithm = hd.AlgorithmIdentificationSequence(name=model_name, family=ALGORITHM_FAMILY, version=model_version)
     n = int(mask.max()) if per_lesion else 1
     ids = list(lesion_ids) if lesion_ids is not None else list(range(1, n + 1))
+    tracking_uids = tracking_uids or {}
+    semiautomatic = semiautomatic or {}
+
+    def how(lesion: int) -> dict[str, Any]:
+        if lesion not in semiautomatic:
+            return {"algorithm_type": hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, "algorithm_identification": algorithm}
+        name, version = semiautomatic[lesion]
+        return {"algorithm_type": hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,
+                "algorithm_identification": hd.AlgorithmIdentificationSequence(name=name, family=ALGORITHM_FAMILY,
+                                                                               version=version)}
+
     segments = [hd.seg.SegmentDescription(
         segment_number=i, segment_label=f"{SEGMENT_LABEL} {ids[i - 1]}" if per_lesion else SEGMENT_LABEL,
-        segmented_property_category=CATEGORY, segmented_property_type=PROPERTY_TYPE,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+        segmented_property_category=CATEGORY, segmented_property_type=PROPERTY_TYPE, **how(ids[i - 1]),
         tracking_id=f"lesion {ids[i - 1]}" if per_lesion else None,
-        tracking_uid=result_uid(uids[0], f"lesion {ids[i - 1]}") if per_lesion else None) for i in range(1, n + 1)]
+        tracking_uid=(tracking_uids.get(ids[i - 1]) or result_uid(uids[0], f"lesion {ids[i - 1]}")) if per_lesion
+        else None) for i in range(1, n + 1)]
     row_spacing, col_spacing = series.pixel_spacing
     thickness = series.slice_thickness if series.slice_thickness else series.slice_spacing
     measures = hd.PixelMeasuresSequence(pixel_spacing=(row_spacing, col_spacing), slice_thickness=thickness,
@@ -231,7 +244,9 @@ def _frames_aligned(path: Path, series: DicomSeries) -> str | None:
 def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.PathLike, *, model_name: str,
                     model_version: str, series_number: int = 9900,
                     series_description: str | None = None, labels: np.ndarray | None = None,
-                    uid_seed: str | None = None, lesion_ids: Sequence[int] | None = None) -> dict[str, Any]:
+                    uid_seed: str | None = None, lesion_ids: Sequence[int] | None = None,
+                    tracking_uids: Mapping[int, str] | None = None,
+                    semiautomatic: Mapping[int, tuple[str, str]] | None = None) -> dict[str, Any]:
     """Write a lesion mask as a DICOM SEG of its source series, verified before it is moved into place.
 
     The SEG is written to a temporary file in ``out_path``'s folder, read back with
@@ -257,6 +272,11 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
             (its label "bone metastasis K", TrackingID "lesion K" and TrackingUID), for lesion ids
             that are not 1..N (e.g. ``followup``'s tracked lesions absent from the baseline
             frame); None: segment i is lesion i.
+        tracking_uids: with ``labels``: the TrackingUID of some lesions by lesion id (a reviewed
+            SEG keeps the preliminary one's); the others derive from the SEG's series UID.
+        semiautomatic: with ``labels``: lesions drawn with a reader's help, by lesion id, each with
+            the ``(name, version)`` of the tool (e.g. the review's region growing): their segments
+            are SEMIAUTOMATIC with that algorithm; the others AUTOMATIC with the model.
 
     Returns:
         A JSON-able record. With lesion voxels::
@@ -294,7 +314,8 @@ def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.Pa
     uids = (result_uid(uid_seed, "seg-series"), result_uid(uid_seed, "seg")) if uid_seed else (hd.UID(), hd.UID())
     seg = _build(mask, series, headers, model_name=model_name, model_version=model_version,
                  series_number=series_number, series_description=series_description or f"bonemets {model_name}",
-                 per_lesion=labels is not None, uids=uids, lesion_ids=lesion_ids)
+                 per_lesion=labels is not None, uids=uids, lesion_ids=lesion_ids, tracking_uids=tracking_uids,
+                 semiautomatic=semiautomatic)
     with atomic_file(out_path) as tmp:  # moved into place only when it reads back equal
         seg.save_as(tmp)
         back = _read_back(tmp, series)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -104,10 +105,20 @@ def referenced_segment(seg: pydicom.Dataset, item: pydicom.Dataset) -> hd.sr.Ref
         source_series=hd.sr.SourceSeriesForSegmentation(str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)))
 
 
+def _segment_of(seg: pydicom.Dataset, lesion: int) -> pydicom.Dataset | None:
+    """The segment item of lesion ``lesion``: TrackingID "lesion N" (a reviewed SEG numbers its
+    segments 1..K but keeps the lesion ids), else segment number N (a SEG without tracking ids)."""
+    items = list(seg.SegmentSequence)
+    tracked = next((s for s in items if s.get("TrackingID") == f"lesion {lesion}"), None)
+    if tracked is not None:
+        return tracked
+    return next((s for s in items if "TrackingID" not in s and int(s.SegmentNumber) == lesion), None)
+
+
 def _lesion_group(row: Mapping[str, Any], seg: pydicom.Dataset | None, algorithm: hd.sr.AlgorithmIdentification,
                   uid_seed: str) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     n = int(row["lesion_id"])
-    item = None if seg is None else next(s for s in seg.SegmentSequence if int(s.SegmentNumber) == n)
+    item = None if seg is None else _segment_of(seg, n)
     tracking = tracking_identifier(item, uid_seed, f"lesion {n}")
     measurements = [
         hd.sr.Measurement(name=VOLUME, value=float(row["volume_ml"]), unit=CM3, algorithm_id=algorithm),
@@ -159,10 +170,14 @@ def measurement_value(group: Any, name: Any, derivation: Any = None) -> float | 
     return None
 
 
-def report_identity(sr: pydicom.Dataset) -> dict[str, str]:
-    """The report's SOP Instance, Series and Study UIDs (the records' keys)."""
+def report_identity(sr: pydicom.Dataset) -> dict[str, Any]:
+    """The report's SOP Instance, Series and Study UIDs (the records' keys), its series description
+    and its verification (flag and verifying observer, None when unverified)."""
+    observers = sr.get("VerifyingObserverSequence") or []
     return {"sop_instance_uid": str(sr.SOPInstanceUID), "series_instance_uid": str(sr.SeriesInstanceUID),
-            "study_uid": str(sr.StudyInstanceUID)}
+            "study_uid": str(sr.StudyInstanceUID), "series_description": str(sr.get("SeriesDescription", "")),
+            "verification_flag": str(sr.get("VerificationFlag", "")),
+            "verifying_observer": str(observers[0].VerifyingObserverName) if observers else None}
 
 
 def read_measurement_report(path: str | os.PathLike) -> dict[str, Any]:
@@ -193,7 +208,8 @@ def read_measurement_report(path: str | os.PathLike) -> dict[str, Any]:
             "total_volume_ml": None if total is None else value(total, VOLUME), **report_identity(sr)}
 
 
-def _verify(path: Path, rows: Sequence[Mapping[str, Any]], with_seg: bool) -> None:
+def _verify(path: Path, rows: Sequence[Mapping[str, Any]], segments: Mapping[int, int] | None,
+            observer: str | None) -> None:
     back = read_measurement_report(path)
     got = {r["lesion_id"]: r for r in back["lesions"]}
     if sorted(got) != sorted(int(r["lesion_id"]) for r in rows) or back["count"] != len(rows):
@@ -204,8 +220,12 @@ def _verify(path: Path, rows: Sequence[Mapping[str, Any]], with_seg: bool) -> No
         for key in ("volume_ml", "hu_mean", "hu_max"):
             if not math.isclose(got[n][key], float(row[key]), rel_tol=RTOL, abs_tol=1e-9):
                 raise InputError(f"{path}: lesion {n} {key} read back {got[n][key]}, expected {row[key]}; not written")
-        if with_seg and got[n]["segment"] != n:
-            raise InputError(f"{path}: lesion {n} references segment {got[n]['segment']}; not written")
+        if segments is not None and got[n]["segment"] != segments[n]:
+            raise InputError(f"{path}: lesion {n} references segment {got[n]['segment']}, expected {segments[n]}; "
+                             f"not written")
+    if back["verifying_observer"] != observer:
+        raise InputError(f"{path}: verifying observer read back {back['verifying_observer']!r}, expected {observer!r}; "
+                         f"not written")
     total = sum(float(r["volume_ml"]) for r in rows)
     if not math.isclose(back["total_volume_ml"], total, rel_tol=RTOL, abs_tol=1e-9):
         raise InputError(f"{path}: total volume read back {back['total_volume_ml']}, expected {total}; not written")
@@ -214,9 +234,15 @@ def _verify(path: Path, rows: Sequence[Mapping[str, Any]], with_seg: bool) -> No
 def write_measurement_report(series: DicomSeries, out_path: str | os.PathLike, *,
                              lesions: Sequence[Mapping[str, Any]], seg_path: str | os.PathLike | None,
                              model_name: str, model_version: str, uid_seed: str,
-                             series_number: int = 9901) -> dict[str, Any]:
+                             series_number: int = 9901, series_description: str | None = None,
+                             verifying_observer: str | None = None,
+                             verifying_organization: str = "bonemets review") -> dict[str, Any]:
     """Write the lesions of one series as a TID 1500 report (module docstring), read back before
     it is moved into place.
+
+    A report verified by a reader (``verifying_observer``) is final: CompletionFlag COMPLETE,
+    VerificationFlag VERIFIED, the reader in VerifyingObserverSequence (PS3.3 C.17.2); without one
+    it is the model's preliminary report (UNVERIFIED).
 
     Args:
         series: the source series (its files are the report's evidence).
@@ -224,17 +250,22 @@ def write_measurement_report(series: DicomSeries, out_path: str | os.PathLike, *
         lesions: one mapping per lesion with ``lesion_id`` (1..N), ``volume_ml``, ``hu_mean``,
             ``hu_max`` and optionally ``bone`` (a region name of ``lesions.csv``, or None) and
             ``weight_bearing`` (rows of ``lesions.csv``).
-        seg_path: the DICOM SEG of the same lesions, one segment per lesion (segment N = lesion
-            N), or None (no lesion voxels: no SEG; the report then says 0 lesions).
+        seg_path: the DICOM SEG of the same lesions, one segment per lesion (TrackingID "lesion N";
+            segment N = lesion N in a SEG without tracking ids), or None (no lesion voxels: no SEG;
+            the report then says 0 lesions).
         model_name: AlgorithmName and the device observer's name.
         model_version: AlgorithmVersion (the model's fingerprint).
         uid_seed: the Series/SOP Instance UIDs (and tracking UIDs without a SEG) derive from it
             (:func:`analysis.imaging.dicom_seg.result_uid`): a resend replaces.
         series_number: SeriesNumber of the report.
+        series_description: SeriesDescription; default ``"bonemets <model_name> report"``.
+        verifying_observer: the reader who verified the report (VerifyingObserverName), or None.
+        verifying_organization: the reader's organisation (VerifyingOrganization, required with one).
 
     Returns:
         ``{"written": True, "path", "bytes", "sop_instance_uid", "series_instance_uid",
-        "study_uid", "lesions", "total_volume_ml", "referenced_seg", "verified"}``.
+        "study_uid", "series_description", "verification_flag", "verifying_observer", "lesions",
+        "total_volume_ml", "referenced_seg", "verified"}``.
 
     Raises:
         InputError: unreadable source headers or SEG, a SEG without a lesion's segment, or a
@@ -244,17 +275,21 @@ def write_measurement_report(series: DicomSeries, out_path: str | os.PathLike, *
     if lesions and seg_path is None:
         raise InputError(f"{out_path}: {len(lesions)} lesion(s) but no SEG to reference; write the SEG first")
     seg = None if seg_path is None else read_seg(seg_path)
+    segments = None
     if seg is not None:
-        numbers = {int(item.SegmentNumber) for item in seg.SegmentSequence}
-        missing = sorted({int(r["lesion_id"]) for r in lesions} - numbers)
+        found = {int(r["lesion_id"]): _segment_of(seg, int(r["lesion_id"])) for r in lesions}
+        missing = sorted(n for n, item in found.items() if item is None)
         if missing:
             raise InputError(f"{seg_path}: the SEG has no segment {missing[0]} (of {len(missing)} lesion(s) without "
                              f"one); expected one segment per lesion (write_dicom_seg(labels=...))")
+        segments = {n: int(item.SegmentNumber) for n, item in found.items()}
     algorithm, context = observer(model_name, model_version)
     rows = sorted(lesions, key=lambda r: int(r["lesion_id"]))
     groups = [_lesion_group(r, seg, algorithm, uid_seed) for r in rows] + [_total_group(rows, algorithm, uid_seed)]
-    sr = save_report(out_path, report_evidence(series, seg), groups, context, uid_seed=uid_seed, series_number=series_number,
-               description=f"bonemets {model_name} report", verify=lambda tmp: _verify(tmp, rows, seg is not None))
+    verification = None if verifying_observer is None else (verifying_observer, verifying_organization)
+    sr = save_report(out_path, report_evidence(series, seg), groups, context, uid_seed=uid_seed,
+                     series_number=series_number, description=series_description or f"bonemets {model_name} report",
+                     verification=verification, verify=lambda tmp: _verify(tmp, rows, segments, verifying_observer))
     total = sum(float(r["volume_ml"]) for r in rows)
     log.info("%s: TID 1500 report of %d lesion(s), %.3f ml", out_path, len(rows), total)
     return {"written": True, "path": str(out_path), "bytes": out_path.stat().st_size, **report_identity(sr),
@@ -297,15 +332,21 @@ def observer(model_name: str, model_version: str) -> tuple[hd.sr.AlgorithmIdenti
 
 def save_report(out_path: Path, evidence: list[pydicom.Dataset], groups: list[Any], context: hd.sr.ObservationContext, *,
           uid_seed: str, series_number: int, description: str,
-          verify: Callable[[Path], None]) -> hd.sr.Comprehensive3DSR:
-    """Build the TID 1500 report, save it to a temporary file, ``verify`` it and move it into place."""
+          verify: Callable[[Path], None], verification: tuple[str, str] | None = None) -> hd.sr.Comprehensive3DSR:
+    """Build the TID 1500 report, save it to a temporary file, ``verify`` it and move it into place;
+    ``verification``: ``(observer, organisation)`` of a verified, final report."""
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
                                      imaging_measurements=groups)
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence, content=report, series_instance_uid=result_uid(uid_seed, "sr-series"),
-        series_number=series_number, sop_instance_uid=result_uid(uid_seed, "sr"), instance_number=1,
-        manufacturer="bonemets", is_complete=True, series_description=description[:64],
-        software_versions=f"bonemets {__version__}")
+    verified = {} if verification is None else {
+        "is_final": True, "is_verified": True, "verifying_observer_name": verification[0][:64],
+        "verifying_organization": verification[1][:64]}
+    with warnings.catch_warnings():  # a reader's user name is one PN component, as it is meant to be
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence, content=report, series_instance_uid=result_uid(uid_seed, "sr-series"),
+            series_number=series_number, sop_instance_uid=result_uid(uid_seed, "sr"), instance_number=1,
+            manufacturer="bonemets", is_complete=True, series_description=description[:64],
+            software_versions=f"bonemets {__version__}", **verified)
     with atomic_file(out_path, suffix=".dcm") as tmp:
         sr.save_as(tmp, enforce_file_format=True)
         verify(tmp)

@@ -1,13 +1,16 @@
 """Sending results to the destination: C-STORE to a DICOM node (pynetdicom's SCU) or STOW-RS to
-a DICOMweb server (dicomweb-client)."""
+a DICOMweb server (dicomweb-client), and the delivery of an outbox's due jobs with bounded,
+growing back-off (:func:`deliver_due`, the node's and the review's)."""
 from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.errors import InputError
+from analysis.node.spool import OUTBOX, SENT, Outbox, parse_job
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +114,58 @@ def _c_store(ds, destination: Destination, calling_ae: str, timeout: float) -> N
     code = int(status.Status) if status and "Status" in status else None
     if code is None or (code != 0 and code not in (0x0001, 0xB000, 0xB007, 0xB006)):
         raise DeliveryError(f"C-STORE to {destination}: status {'none' if code is None else hex(code)}")
+
+
+@dataclass(frozen=True)
+class Retries:
+    """How often and how patiently an outbox is delivered: at most ``retries`` retries,
+    ``seconds`` x 2^k apart, then the job goes to ``undelivered/``."""
+
+    retries: int = 5
+    seconds: float = 5.0
+
+
+def deliver_due(outbox: Outbox, destination: Destination, *, calling_ae: str, retries: Retries,
+                what: str = "series", command: str = "serve") -> float | None:
+    """Deliver every job of ``outbox`` whose next attempt is due, each result once.
+
+    A result is moved to ``sent/`` after its destination accepted it; a job whose results
+    are all sent is finished (``done/``); a failure schedules the next attempt, and after
+    ``retries.retries`` retries the job goes to ``undelivered/`` with one log line.
+
+    Args:
+        what: how the log names a job (``series`` for the node's, ``review`` for signed reviews).
+        command: the command whose ``--resend`` sends undelivered jobs again (for the log line).
+
+    Returns:
+        Seconds until the next attempt of a waiting job (None: none waits).
+    """
+    wait = None
+    for job in outbox.jobs(OUTBOX):
+        record = outbox.delivery(job)
+        now = time.time()
+        name = parse_job(job)[0]
+        if record["next_at"] > now:
+            wait = min(wait if wait is not None else float("inf"), record["next_at"] - now)
+            continue
+        try:
+            for path in outbox.pending(job):
+                deliver(path, destination, calling_ae=calling_ae)
+                outbox.mark_sent(path)
+        except (DeliveryError, OSError) as exc:
+            attempts = record["attempts"] + 1
+            if attempts > retries.retries:
+                target = outbox.give_up(job)
+                log.error("%s %s: delivery to %s failed %d times (%s); results kept in %s (%s --resend)",
+                          what, name, destination, attempts, exc, target, command)
+                continue
+            delay = retries.seconds * 2 ** (attempts - 1)
+            outbox.set_delivery(job, {"attempts": attempts, "next_at": now + delay, "last_error": str(exc)})
+            log.warning("%s %s: delivery to %s failed (%s); retry %d/%d in %.0f s", what, name, destination, exc,
+                        attempts, retries.retries, delay)
+            wait = min(wait if wait is not None else float("inf"), delay)
+            continue
+        sent = len(list((outbox.job_path(job, OUTBOX) / SENT).glob("*.dcm")))
+        outbox.finish(job)
+        log.info("%s %s: delivered %d result(s) to %s", what, name, sent, destination)
+    return wait

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from analysis.errors import DataProblems, InputError
-from analysis.node.deliver import DeliveryError, Destination, deliver
-from analysis.node.spool import INPUT, OUTBOX, PRED, SENT, Spool, parse_job
+from analysis.node.deliver import Destination, Retries, deliver_due
+from analysis.node.spool import INPUT, PRED, Spool, parse_job
 from analysis.prediction.folder import DICOM_SEG, SR
 from analysis.prediction.tables import LESIONS_CSV, read_lesions
 
@@ -324,32 +324,6 @@ class Node:
 
     def _deliver_due(self) -> float | None:
         """Deliver every outbox whose next attempt is due; seconds until the next one (None: none waits)."""
-        spool, cfg = self.spool, self.config
-        wait = None
-        for job in spool.jobs(OUTBOX):
-            record = spool.delivery(job)
-            now = time.time()
-            if record["next_at"] > now:
-                wait = min(wait if wait is not None else float("inf"), record["next_at"] - now)
-                continue
-            try:
-                for path in spool.pending(job):
-                    deliver(path, cfg.destination, calling_ae=cfg.ae_title)
-                    spool.mark_sent(path)
-            except (DeliveryError, OSError) as exc:
-                attempts = record["attempts"] + 1
-                if attempts > cfg.retries:
-                    target = spool.give_up(job)
-                    log.error("series %s: delivery to %s failed %d times (%s); results kept in %s (serve --resend)",
-                              parse_job(job)[0], cfg.destination, attempts, exc, target)
-                    continue
-                delay = cfg.retry_seconds * 2 ** (attempts - 1)
-                spool.set_delivery(job, {"attempts": attempts, "next_at": now + delay, "last_error": str(exc)})
-                log.warning("series %s: delivery to %s failed (%s); retry %d/%d in %.0f s", parse_job(job)[0],
-                            cfg.destination, exc, attempts, cfg.retries, delay)
-                wait = min(wait if wait is not None else float("inf"), delay)
-                continue
-            sent = len(list((spool.job_path(job, OUTBOX) / SENT).glob("*.dcm")))
-            spool.finish(job)
-            log.info("series %s: delivered %d result(s) to %s", parse_job(job)[0], sent, cfg.destination)
-        return wait
+        cfg = self.config
+        return deliver_due(self.spool, cfg.destination, calling_ae=cfg.ae_title,
+                           retries=Retries(cfg.retries, cfg.retry_seconds))

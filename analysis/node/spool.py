@@ -11,12 +11,19 @@ Layout of ``SPOOL/``::
     jobs/<job>.outbox/sent/               results delivered (moved there after each success)
     jobs/<job>.outbox/delivery.json       attempts, next attempt time, last error
     jobs/<job>.outbox/model.json          the model that made the results (name, fingerprint, source)
-    done/<job>/                           delivered results (the series' input is removed)
+    jobs/<job>.outbox/input/, pred/       the series and its prediction, moved in once the outbox is open
+    done/<job>/                           delivered results, with input/ and pred/ (kept for ``review``)
     failed/<job>/                         a series that could not be predicted + reason.txt
-    undelivered/<job>/                    results whose delivery gave up + delivery.json
+    undelivered/<job>/                    results whose delivery gave up + delivery.json, input/, pred/
 
 ``<job>`` is ``<SeriesInstanceUID>-<nanoseconds>``: a series sent again after it was claimed
-is a new job. A result delivered just before a kill, but not yet moved to ``sent/``, is sent
+is a new job. The series and its prediction stay with the job's results (``done/<job>/input``,
+``pred/``) so that a reader can review them (``python cli.py review --spool``); removing
+``done/<job>`` folders of reviewed studies is the site's retention policy.
+
+:class:`Outbox` is the delivery half of the journal (``jobs/<job>.outbox``, ``done/``,
+``undelivered/``, ``--resend``) on its own, for results made elsewhere: the reader's signed
+review (:mod:`analysis.review.signing`) goes through one. A result delivered just before a kill, but not yet moved to ``sent/``, is sent
 once more after the restart; its UIDs are those of the first send (derived from the source
 series and the model, :func:`analysis.imaging.dicom_seg.result_uid`), so the PACS keeps one.
 """
@@ -71,13 +78,95 @@ def safe_uid(uid: str, what: str) -> str:
     return uid
 
 
-class Spool:
-    """The spool folder (module docstring)."""
+class Outbox:
+    """Results waiting for delivery and delivered: ``jobs/<job>.outbox``, ``done/<job>``,
+    ``undelivered/<job>`` under ``root`` (module docstring). Each step is one rename."""
+
+    PARTS: tuple[str, ...] = (JOBS, DONE, UNDELIVERED)
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
-        for name in (INCOMING, JOBS, DONE, FAILED, UNDELIVERED):
+        for name in self.PARTS:
             (self.root / name).mkdir(parents=True, exist_ok=True)
+
+    def job_path(self, job: str, part: str) -> Path:
+        """``jobs/<job>.<part>``, ``part`` one of :data:`INPUT`, :data:`PRED`, :data:`OUTBOX`, :data:`OUTBOX_TMP`."""
+        return self.root / JOBS / f"{job}.{part}"
+
+    def jobs(self, part: str) -> list[str]:
+        """Jobs that have ``jobs/<job>.<part>`` (:data:`INPUT`, :data:`OUTBOX`), oldest first."""
+        names = [p.name[: -len(part) - 1] for p in (self.root / JOBS).iterdir() if p.name.endswith(f".{part}")]
+        return sorted(names, key=lambda n: parse_job(n)[1])
+
+    def open_outbox(self, job: str, results: list[Path], *, record: dict[str, dict] | None = None) -> Path:
+        """Copy ``results`` into ``jobs/<job>.outbox`` (appears whole, one rename), with the JSON
+        files ``record`` names (e.g. ``model.json``) beside them."""
+        final = self.job_path(job, OUTBOX)
+        tmp = self.job_path(job, OUTBOX_TMP)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / SENT).mkdir(parents=True)
+        for path in results:  # dicom_seg/<case>.dcm, sr/<case>.dcm: one name each
+            shutil.copy2(path, tmp / f"{path.parent.name}-{path.name}")
+        for name, content in (record or {}).items():
+            atomic_write_json(tmp / name, content)
+        atomic_write_json(tmp / DELIVERY, {"attempts": 0, "next_at": 0.0, "last_error": None})
+        os.rename(tmp, final)
+        return final
+
+    def where(self, job: str) -> Path | None:
+        """The folder holding ``job``'s results now (its outbox, ``done/`` or ``undelivered/``), or None."""
+        for path in (self.job_path(job, OUTBOX), self.root / DONE / job, self.root / UNDELIVERED / job):
+            if path.is_dir():
+                return path
+        return None
+
+    def pending(self, job: str) -> list[Path]:
+        """Results of ``job`` not yet delivered."""
+        return sorted(p for p in self.job_path(job, OUTBOX).glob("*.dcm"))
+
+    def mark_sent(self, path: Path) -> None:
+        os.replace(path, path.parent / SENT / path.name)
+
+    def delivery(self, job: str) -> dict:
+        return read_json(self.job_path(job, OUTBOX) / DELIVERY, what="delivery record")
+
+    def set_delivery(self, job: str, record: dict) -> None:
+        atomic_write_json(self.job_path(job, OUTBOX) / DELIVERY, record)
+
+    def _settle(self, job: str) -> None:
+        """What happens to a job's other folders when its outbox closes (nothing here)."""
+
+    def finish(self, job: str) -> Path:
+        """All results delivered: the outbox becomes ``done/<job>``."""
+        self._settle(job)
+        target = self.root / DONE / job
+        os.rename(self.job_path(job, OUTBOX), target)
+        return target
+
+    def give_up(self, job: str) -> Path:
+        """Delivery gave up: the outbox becomes ``undelivered/<job>`` (``--resend``)."""
+        self._settle(job)
+        target = self.root / UNDELIVERED / job
+        os.rename(self.job_path(job, OUTBOX), target)
+        return target
+
+    def resend(self) -> list[str]:
+        """Move every undelivered result back to its outbox with a fresh attempt count."""
+        jobs = []
+        for folder in sorted((self.root / UNDELIVERED).iterdir()):
+            if not folder.is_dir():
+                continue
+            atomic_write_json(folder / DELIVERY, {"attempts": 0, "next_at": 0.0, "last_error": None})
+            (folder / SENT).mkdir(exist_ok=True)
+            os.rename(folder, self.job_path(folder.name, OUTBOX))
+            jobs.append(folder.name)
+        return jobs
+
+
+class Spool(Outbox):
+    """The spool folder (module docstring)."""
+
+    PARTS = (INCOMING, JOBS, DONE, FAILED, UNDELIVERED)
 
     def free_gb(self) -> float:
         """Free space (GB, 1e9 bytes) on the spool's disk."""
@@ -123,84 +212,53 @@ class Spool:
 
     # --- jobs -------------------------------------------------------------------------------
 
-    def job_path(self, job: str, part: str) -> Path:
-        """``jobs/<job>.<part>``, ``part`` one of :data:`INPUT`, :data:`PRED`, :data:`OUTBOX`, :data:`OUTBOX_TMP`."""
-        return self.root / JOBS / f"{job}.{part}"
-
-    def jobs(self, part: str) -> list[str]:
-        """Jobs that have ``jobs/<job>.<part>`` (:data:`INPUT`, :data:`OUTBOX`), oldest first."""
-        names = [p.name[: -len(part) - 1] for p in (self.root / JOBS).iterdir() if p.name.endswith(f".{part}")]
-        return sorted(names, key=lambda n: parse_job(n)[1])
-
     def to_predict(self) -> list[str]:
         """Claimed jobs whose results are not yet in an outbox (a kill during prediction included)."""
         return [j for j in self.jobs(INPUT) if not self.job_path(j, OUTBOX).exists()]
 
     def open_outbox(self, job: str, results: list[Path], *, record: dict[str, dict] | None = None) -> Path:
-        """Copy ``results`` into ``jobs/<job>.outbox`` (appears whole, one rename), with the JSON
-        files ``record`` names (e.g. ``model.json``) beside them."""
-        final = self.job_path(job, OUTBOX)
-        tmp = self.job_path(job, OUTBOX_TMP)
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / SENT).mkdir(parents=True)
-        for path in results:  # dicom_seg/<case>.dcm, sr/<case>.dcm: one name each
-            shutil.copy2(path, tmp / f"{path.parent.name}-{path.name}")
-        for name, content in (record or {}).items():
-            atomic_write_json(tmp / name, content)
-        atomic_write_json(tmp / DELIVERY, {"attempts": 0, "next_at": 0.0, "last_error": None})
-        os.rename(tmp, final)
+        """Open the job's outbox (:meth:`Outbox.open_outbox`, with ``record``'s JSON files such as
+        ``model.json``), then move the series and its prediction into it (``input/``, ``pred/``),
+        where they stay with the results."""
+        final = super().open_outbox(job, results, record=record)
+        self._settle(job)
         return final
 
-    def pending(self, job: str) -> list[Path]:
-        """Results of ``job`` not yet delivered."""
-        return sorted(p for p in self.job_path(job, OUTBOX).glob("*.dcm"))
+    def _settle(self, job: str) -> None:
+        """Move ``jobs/<job>.input`` and ``.pred`` into the open outbox (each one rename; a kill
+        between leaves the rest for the next call) and drop a half-made ``outbox.tmp``."""
+        outbox = self.job_path(job, OUTBOX)
+        for part in (INPUT, PRED):
+            source = self.job_path(job, part)
+            if source.is_dir() and not (outbox / part).exists():
+                os.rename(source, outbox / part)
+            else:
+                shutil.rmtree(source, ignore_errors=True)
+        shutil.rmtree(self.job_path(job, OUTBOX_TMP), ignore_errors=True)
 
-    def mark_sent(self, path: Path) -> None:
-        os.replace(path, path.parent / SENT / path.name)
-
-    def delivery(self, job: str) -> dict:
-        return read_json(self.job_path(job, OUTBOX) / DELIVERY, what="delivery record")
-
-    def set_delivery(self, job: str, record: dict) -> None:
-        atomic_write_json(self.job_path(job, OUTBOX) / DELIVERY, record)
-
-    def _drop_work(self, job: str) -> None:
-        for part in (INPUT, PRED, OUTBOX_TMP):
-            shutil.rmtree(self.job_path(job, part), ignore_errors=True)
-
-    def finish(self, job: str) -> Path:
-        """All results delivered: the outbox becomes ``done/<job>``, the input goes."""
-        target = self.root / DONE / job
-        os.rename(self.job_path(job, OUTBOX), target)
-        self._drop_work(job)
-        return target
-
-    def give_up(self, job: str) -> Path:
-        """Delivery gave up: the outbox becomes ``undelivered/<job>`` (``serve --resend``)."""
-        target = self.root / UNDELIVERED / job
-        os.rename(self.job_path(job, OUTBOX), target)
-        self._drop_work(job)
-        return target
+    def kept(self) -> list[tuple[str, Path, Path]]:
+        """``(job, pred, input)`` of every job whose prediction is complete and kept (an open
+        outbox, ``done/`` or ``undelivered/``): where its PRED folder and series folder are now,
+        oldest first. They move (into the outbox, then with it): look again before each use."""
+        found = []
+        for job in self.jobs(OUTBOX):
+            outbox = self.job_path(job, OUTBOX)
+            found.append((job, *(self.job_path(job, part) if self.job_path(job, part).is_dir() else outbox / part
+                                 for part in (PRED, INPUT))))
+        for part in (DONE, UNDELIVERED):
+            for folder in (self.root / part).iterdir():
+                if folder.is_dir() and (folder / PRED).is_dir():
+                    found.append((folder.name, folder / PRED, folder / INPUT))
+        return sorted(found, key=lambda item: parse_job(item[0])[1])
 
     def fail(self, job: str, reason: str) -> Path:
         """The series could not be predicted: its input becomes ``failed/<job>`` with ``reason.txt``."""
         target = self.root / FAILED / job
         os.rename(self.job_path(job, INPUT), target)
         atomic_write_text(target / REASON, reason.rstrip("\n") + "\n")
-        self._drop_work(job)
+        for part in (PRED, OUTBOX_TMP):
+            shutil.rmtree(self.job_path(job, part), ignore_errors=True)
         return target
-
-    def resend(self) -> list[str]:
-        """Move every undelivered result back to its outbox with a fresh attempt count."""
-        jobs = []
-        for folder in sorted((self.root / UNDELIVERED).iterdir()):
-            if not folder.is_dir():
-                continue
-            atomic_write_json(folder / DELIVERY, {"attempts": 0, "next_at": 0.0, "last_error": None})
-            (folder / SENT).mkdir(exist_ok=True)
-            os.rename(folder, self.job_path(folder.name, OUTBOX))
-            jobs.append(folder.name)
-        return jobs
 
     def is_empty(self) -> bool:
         """Nothing received, claimed or waiting for delivery."""

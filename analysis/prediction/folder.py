@@ -10,7 +10,9 @@ meaning of a prediction folder cannot drift between them. A folder ``PRED/<model
   ``slices.csv`` so that ``analyze`` scores the folder as the segmenter it is);
 * ``predict.json``: the record of the runs that wrote the folder (every case listed);
 * sub-folders that belong to the model and are never models or cases:
-  :data:`SUBFOLDERS` (``probabilities/``, ``dicom_seg/``, ``preview/``);
+  :data:`SUBFOLDERS` (``probabilities/``, ``dicom_seg/``, ``sr/``, ``preview/``, and ``review/``,
+  the reader's review of the folder's cases: :mod:`analysis.review`);
+* ``reviews.csv``: every decision readers made on the folder's lesions (:data:`REVIEWS_CSV`);
 * a hidden ``.parts/`` folder: one record per finished case (see
   :class:`PredictionFolder`). Every reader ignores hidden names.
 
@@ -46,7 +48,7 @@ from analysis.imaging.records import csv_text
 log = logging.getLogger(__name__)
 
 __all__ = ["MASK_SUFFIX", "SLICES_CSV", "DETECTOR_CSV", "RECORD", "PROBABILITIES", "DICOM_SEG", "SR", "PREVIEW",
-           "SUBFOLDERS", "SLICES_COLUMNS", "PARTS", "mask_path", "check_output_folder", "select_cases",
+           "REVIEW", "REVIEWS_CSV", "SUBFOLDERS", "SLICES_COLUMNS", "PARTS", "mask_path", "check_output_folder", "select_cases",
            "check_ct", "remove_small_components", "format_slices_csv", "read_slices_csv", "discover_models",
            "PredictionFolder", "settings_fingerprint", "read_record"]
 
@@ -59,8 +61,12 @@ DICOM_SEG = "dicom_seg"
 #: TID 1500 measurement reports (DICOM SR) of DICOM input, ``sr/<case>.dcm``.
 SR = "sr"
 PREVIEW = "preview"
+#: The readers' review of the folder's cases (per-study journals, signed results, their outbox).
+REVIEW = "review"
+#: Every review decision on the folder's lesions, one row each (:mod:`analysis.review.journal`).
+REVIEWS_CSV = "reviews.csv"
 #: Sub-folders of a model folder: parts of the model's output, never models or cases.
-SUBFOLDERS = (PROBABILITIES, DICOM_SEG, SR, PREVIEW)
+SUBFOLDERS = (PROBABILITIES, DICOM_SEG, SR, PREVIEW, REVIEW)
 SLICES_COLUMNS = ("case", "slice", "probability")
 #: Hidden folder of per-case part records (ignored by every reader).
 PARTS = ".parts"

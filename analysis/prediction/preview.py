@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from analysis.imaging.orientation import Reorientation
 from analysis.lesions import lesion_instances
 
 __all__ = ["write_preview", "preview_panels", "label_positions", "panel_layout",
-           "radiological_axial", "PreviewPanels", "pyplot", "save_png"]
+           "radiological_axial", "radiological_planes", "plane_pixel_mm", "PreviewPanels", "pyplot", "save_png"]
 
 #: Colour of lesion outlines and numbers (pure red is absent from a grey CT, so tests find it).
 OUTLINE = (1.0, 0.0, 0.0)
@@ -145,16 +146,51 @@ def preview_panels(ct: np.ndarray, mask: np.ndarray, geometry: Geometry,
     r = Reorientation.of(geometry)
     ct_c = r.forward(ct)
     m_c = r.forward(np.asarray(mask) != 0)
-    sx, sy, sz = r.canonical_geometry.spacing
     # canonical axes (z up the body, y to posterior, x to the patient's left):
     # coronal = MIP along y, sagittal = MIP along x; flip z so superior is row 0
-    coronal = ct_c.max(axis=1)[::-1].astype(np.float32)
-    sagittal = ct_c.max(axis=2)[::-1].astype(np.float32)
+    coronal = _superior_up(ct_c.max(axis=1)).astype(np.float32)
+    sagittal = _superior_up(ct_c.max(axis=2)).astype(np.float32)
+    pixel_mm = plane_pixel_mm(r.canonical_geometry.spacing)
     return PreviewPanels(
         coronal=coronal, sagittal=sagittal,
-        coronal_mask=m_c.any(axis=1)[::-1].copy(), sagittal_mask=m_c.any(axis=2)[::-1].copy(),
-        pixel_mm={"coronal": (sx, sz), "sagittal": (sy, sz)},
+        coronal_mask=_superior_up(m_c.any(axis=1)).copy(), sagittal_mask=_superior_up(m_c.any(axis=2)).copy(),
+        pixel_mm={"coronal": pixel_mm["coronal"], "sagittal": pixel_mm["sagittal"]},
         labels=label_positions(lesion_ids, geometry))
+
+
+def _superior_up(plane: np.ndarray) -> np.ndarray:
+    """A coronal or sagittal plane of a canonical volume (axis 0 from feet to head) with superior at row 0."""
+    return plane[::-1]
+
+
+def plane_pixel_mm(spacing_xyz: Sequence[float]) -> dict[str, tuple[float, float]]:
+    """``(col_mm, row_mm)`` of the pixels of each displayed plane of a canonical volume with voxel
+    size ``spacing_xyz`` (ITK order: the canonical geometry's spacing).
+
+    >>> plane_pixel_mm((0.8, 0.7, 2.5))
+    {'axial': (0.8, 0.7), 'coronal': (0.8, 2.5), 'sagittal': (0.7, 2.5)}
+    """
+    sx, sy, sz = (float(v) for v in spacing_xyz)
+    return {"axial": (sx, sy), "coronal": (sx, sz), "sagittal": (sy, sz)}
+
+
+def radiological_planes(canonical: np.ndarray, centre: Sequence[int]) -> dict[str, np.ndarray]:
+    """The axial, coronal and sagittal planes of a canonical volume through voxel ``centre``,
+    oriented for display as the module docstring says (row 0 at the top): axial anterior up and
+    the patient's right on the viewer's left; coronal superior up, the patient's right on the
+    left; sagittal superior up, anterior on the left.
+
+    Args:
+        canonical: ``(slices, rows, cols)`` in the canonical view (:class:`Reorientation`), any
+            trailing axes (e.g. colour) kept.
+        centre: canonical ``(k, j, i)`` voxel index.
+
+    Returns:
+        ``{"axial", "coronal", "sagittal"}`` views (no copies); pixel sizes from :func:`plane_pixel_mm`.
+    """
+    k, j, i = (int(v) for v in centre)
+    return {"axial": canonical[k], "coronal": _superior_up(canonical[:, j, :]),
+            "sagittal": _superior_up(canonical[:, :, i])}
 
 
 def panel_layout(panels: PreviewPanels) -> tuple[tuple[float, float], list[tuple[float, float, float, float]]]:
