@@ -217,6 +217,22 @@ def import_dicom_cmd(dicom_dir: str, dataset: str, case: str | None, label: str 
     click.echo(f"wrote {path}")
 
 
+@main.command("import-reviews")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--dataset", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Cohort folder to add the reviewed studies to (created when missing).")
+def import_reviews_cmd(root: str, dataset: str) -> None:
+    """Add every signed or viewer-reviewed study of a spool or PRED folder to a cohort: the CT, the
+    kept lesions as label, the rejected ones as hard negatives (negativesTr/); resumable."""
+    from analysis.review.import_reviews import import_reviews
+
+    summary = import_reviews(root, dataset, progress=lambda done, total, o: log.info(
+        "[%d/%d] study %s: %s", done, total, o.study_uid, o.status))
+    click.echo(summary.table())
+    if summary.failed:
+        raise DataProblems([f"study {o.study_uid}: {o.message}" for o in summary.failed])
+
+
 @main.command("import-bones")
 @click.argument("seg", type=click.Path(exists=True, dir_okay=False, path_type=str))
 @click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=str))

@@ -1,7 +1,12 @@
 """The node's storage SCP (pynetdicom) and the loop that completes, predicts and delivers series.
 
 - C-ECHO is answered; C-STORE of CT (CT Image, Enhanced CT Image) is written to the spool
-  (:mod:`analysis.node.spool`); other instances are acknowledged and ignored with a log line.
+  (:mod:`analysis.node.spool`); a SEG is kept too (``viewer/``): a reader's edit of a result in
+  a viewer is a review (:mod:`analysis.review.viewer`: compared lesion by lesion with the
+  prediction, rows in ``reviews.csv`` with source ``viewer``); the node's own SEGs and SEGs of
+  series it did not predict are dropped with a log line, one that arrives while its series is
+  still being predicted waits for the result; other instances are acknowledged and ignored
+  with a log line.
 - A malformed instance (undecodable, no UIDs, pixel data shorter than its rows x columns x
   frames) is answered 0xC210 / 0xA900 (failure) and logged; the rest of its series still goes.
 - With less than ``min_free_gb`` free on the spool's disk an instance is refused with 0xA700
@@ -31,6 +36,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from pydicom.uid import SegmentationStorage
 
 from analysis.errors import DataProblems, InputError
 from analysis.node.deliver import Destination, Retries, deliver_due
@@ -203,6 +210,10 @@ class Node:
             ds = event.dataset
             ds.file_meta = event.file_meta
             sop_class = str(ds.get("SOPClassUID", event.request.AffectedSOPClassUID))
+            if sop_class == SegmentationStorage:
+                self.spool.store_viewer(ds.SOPInstanceUID, event.encoded_dataset(include_meta=True))
+                self._count(event, "stored")
+                return 0x0000
             if sop_class not in CT_STORAGE:
                 log.info("ignored an instance of SOP class %s (%s): not CT", sop_class, ds.get("Modality", "?"))
                 self._count(event, "ignored")
@@ -285,6 +296,7 @@ class Node:
                         if job not in running and len(running) < self.config.workers:
                             running[job] = pool.submit(self._predict, job, self.model)
                 waiting = self._deliver_due()
+                self._read_viewer_segs()
                 if self._stop.is_set() and not running:
                     break
                 if once and not running and not self.spool.to_predict() and waiting is None:
@@ -317,6 +329,24 @@ class Node:
         log.info("series %s: predicted by %s (%s) in %.1f s, %d lesion(s), %d result(s) to deliver",
                  parse_job(job)[0], model.name, model.fingerprint, time.perf_counter() - t0, lesions, len(results))
         return 1
+
+    def _read_viewer_segs(self) -> None:
+        """Take each received SEG as a viewer's review (module docstring); one that cannot be
+        read goes to ``failed/`` with its reason."""
+        for path in self.spool.viewer_segs():
+            from analysis.review.viewer import ViewerIgnored, referenced_series, review_viewer_seg
+
+            try:
+                if any(self.spool.predicting(uid) for uid in referenced_series(path)):
+                    continue  # its series' result is not there yet: read it after
+                review_viewer_seg(path, self.spool.root)
+            except ViewerIgnored as exc:
+                log.info("viewer SEG %s: ignored: %s", path.stem, exc)
+                path.unlink(missing_ok=True)
+            except (InputError, DataProblems, OSError, ValueError) as exc:
+                reason = "; ".join(exc.problems) if isinstance(exc, DataProblems) else str(exc)
+                target = self.spool.fail_viewer(path, reason)
+                log.error("viewer SEG %s: not read (%s); kept in %s", path.stem, reason.splitlines()[0][:300], target)
 
     def _failed(self, job: str, reason: str) -> None:
         target = self.spool.fail(job, reason)

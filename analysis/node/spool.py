@@ -5,6 +5,7 @@ complete series once and delivers each result once.
 Layout of ``SPOOL/``::
 
     incoming/<study>/<series>/<sop>.dcm   instances as received (each written atomically)
+    viewer/<sop>.dcm                      SEGs received (a viewer's edit: analysis.review.viewer), until read
     jobs/<job>.input/                     a complete series, claimed (renamed from incoming)
     jobs/<job>.pred/                      its prediction folder (predict resumes a killed run)
     jobs/<job>.outbox/                    results to deliver (appears whole: renamed from .tmp)
@@ -41,7 +42,7 @@ from analysis.imaging.io import atomic_write_bytes, atomic_write_json, atomic_wr
 
 log = logging.getLogger(__name__)
 
-INCOMING, JOBS, DONE, FAILED, UNDELIVERED = "incoming", "jobs", "done", "failed", "undelivered"
+INCOMING, JOBS, DONE, FAILED, UNDELIVERED, VIEWER = "incoming", "jobs", "done", "failed", "undelivered", "viewer"
 SENT = "sent"
 DELIVERY = "delivery.json"
 REASON = "reason.txt"
@@ -166,7 +167,7 @@ class Outbox:
 class Spool(Outbox):
     """The spool folder (module docstring)."""
 
-    PARTS = (INCOMING, JOBS, DONE, FAILED, UNDELIVERED)
+    PARTS = (INCOMING, JOBS, DONE, FAILED, UNDELIVERED, VIEWER)
 
     def free_gb(self) -> float:
         """Free space (GB, 1e9 bytes) on the spool's disk."""
@@ -184,6 +185,29 @@ class Spool(Outbox):
             except FileNotFoundError:
                 continue
         raise OSError(f"{path}: the series folder kept moving while the instance was written")
+
+    def store_viewer(self, sop: str, data: bytes) -> Path:
+        """Write a received SEG atomically to ``viewer/<sop>.dcm``."""
+        return atomic_write_bytes(self.root / VIEWER / f"{safe_uid(sop, 'SOPInstanceUID')}.dcm", data)
+
+    def viewer_segs(self) -> list[Path]:
+        """Received SEGs not read yet, oldest first."""
+        found = [p for p in (self.root / VIEWER).glob("*.dcm") if not p.name.startswith(".")]
+        return sorted(found, key=lambda p: p.stat().st_mtime)
+
+    def fail_viewer(self, path: Path, reason: str) -> Path:
+        """A received SEG that could not be read: ``failed/viewer-<sop>/`` with ``reason.txt``."""
+        target = self.root / FAILED / f"viewer-{path.stem}"
+        target.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target / path.name)
+        atomic_write_text(target / REASON, reason.rstrip("\n") + "\n")
+        return target
+
+    def predicting(self, series_uid: str) -> bool:
+        """Whether series ``series_uid`` is still being received or predicted (not in an outbox yet)."""
+        if any((study / series_uid).is_dir() for study in (self.root / INCOMING).iterdir()):
+            return True
+        return any(parse_job(j)[0] == series_uid for j in self.to_predict())
 
     def complete_series(self, idle_seconds: float, since: float, now: float | None = None) -> list[Path]:
         """Incoming series folders without a new instance for ``idle_seconds``, counted from
@@ -263,4 +287,4 @@ class Spool(Outbox):
     def is_empty(self) -> bool:
         """Nothing received, claimed or waiting for delivery."""
         return not any((self.root / INCOMING).iterdir()) and not any(
-            p.name.endswith((f".{INPUT}", f".{OUTBOX}")) for p in (self.root / JOBS).iterdir())
+            p.name.endswith((f".{INPUT}", f".{OUTBOX}")) for p in (self.root / JOBS).iterdir()) and not self.viewer_segs()
