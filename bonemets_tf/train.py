@@ -357,33 +357,16 @@ def _provenance(cohort: Cohort, parent, train_cases: list[str], val_cases: list[
     """``config.json``'s ``init_from``/``lineage`` (a fine-tune) and ``review_set`` entries."""
     from bonemets_tf.lineage import lineage_record
 
+    import hashlib
+
     out: dict[str, Any] = lineage_record(parent) if parent is not None else {}
-    reviews = review_set(cohort)
-    if reviews is not None:
-        cases = set(reviews["cases"])
-        out["review_set"] = {"file": str(cohort.reviews_path.resolve()), "sha256": reviews["sha256"],
+    cases = set(cohort.review_set())
+    if cases:
+        out["review_set"] = {"file": str(cohort.reviews_path.resolve()),
+                             "sha256": hashlib.sha256(cohort.reviews_path.read_bytes()).hexdigest(),
                              "cases": len(cases), "train": sorted(cases & set(train_cases)),
                              "val": sorted(cases & set(val_cases))}
     return out
-
-
-def review_set(cohort: Cohort) -> dict[str, Any] | None:
-    """The cohort's review set: the cases ``import-reviews`` made from reviewed studies and the
-    sha256 of ``reviews.json``; None when the cohort has none.
-
-    Raises:
-        InputError: ``reviews.json`` is not an object with a ``cases`` object.
-    """
-    import hashlib
-
-    path = cohort.reviews_path
-    if not path.is_file():
-        return None
-    record = read_json(path, what="review set")
-    cases = record.get("cases") if isinstance(record, dict) else None
-    if not isinstance(cases, dict):
-        raise InputError(f"{path}: expected an object with 'cases' (written by import-reviews)")
-    return {"cases": sorted(cases), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def _fold(config: TrainConfig) -> tuple[Cohort, dict[str, Any] | None, list[str], list[str]]:

@@ -27,8 +27,6 @@ from tests.badinput import invoke
 
 def _ids(root: Path) -> dict[str, int]:
     """The lesion id of each designed lesion the model found (by centroid)."""
-    from analysis.prediction.tables import LESION_COLUMNS, read_rows
-
     store = StudyStore([Source.spool(root) if (root / "done").is_dir() else Source.pred(root)])
     (study,) = store.studies()
     rows = store.rows(study)
@@ -37,12 +35,12 @@ def _ids(root: Path) -> dict[str, int]:
         centre = np.array(fx.centre_mm(name))
         out[name] = int(min(rows, key=lambda r: np.linalg.norm(np.array([r["x_mm"], r["y_mm"], r["z_mm"]]) - centre))
                         ["lesion_id"])
-    assert sorted(out.values()) == [1, 2, 3] and LESION_COLUMNS
+    assert sorted(out.values()) == [1, 2, 3]
     return out
 
 
 def viewer_seg(series_files: list[Path], mask: np.ndarray, path: Path, *, creator: str | None = "Reader^Jane",
-               manufacturer: str = "Slicer") -> Path:
+               manufacturer: str = "Slicer", sop: str | None = None) -> Path:
     """A SEG as a viewer saves it after an edit: one segment holding every lesion, its own
     Manufacturer and series, the reader as content creator (highdicom, as 3D Slicer's writer)."""
     import highdicom as hd
@@ -56,7 +54,8 @@ def viewer_seg(series_files: list[Path], mask: np.ndarray, path: Path, *, creato
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=mask.astype(np.uint8), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment], series_instance_uid=hd.UID(), series_number=77, sop_instance_uid=hd.UID(),
+        segment_descriptions=[segment], series_instance_uid=hd.UID(), series_number=77,
+        sop_instance_uid=hd.UID(sop) if sop else hd.UID(),
         instance_number=1, manufacturer=manufacturer, manufacturer_model_name="Segment Editor",
         software_versions="5.6", device_serial_number="1", content_creator_name=creator)
     seg.save_as(path)
@@ -264,6 +263,9 @@ def test_a_second_viewer_seg_adds_its_rows_and_a_page_signature_is_final(spool, 
     second = review_viewer_seg(viewer_seg(files, fx.box("hot") | fx.box("warm") | fx.box("missed"),
                                           tmp_path / "b.dcm", creator="Reader^Max"), root)
     assert first["changes"]["added"] == [4] and second["changes"]["added"] == [5]  # numbered after every id used
+    with pytest.raises(ViewerIgnored, match="read before"):  # the same SEG sent again adds nothing
+        review_viewer_seg(viewer_seg(files, fx.box("hot"), tmp_path / "b2.dcm", sop=second["seg"]["sop_instance_uid"]),
+                          root)
     rows = Journal(root).rows()
     assert [r["decision"] for r in rows].count("sign") == 2 and rows[-1]["reader"] == "Reader^Max"
     # the review page shows the study as reviewed by the first viewer, and refuses a signature on top

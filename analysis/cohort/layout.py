@@ -169,6 +169,21 @@ class Cohort:
             raise InputError(f"{self.dataset_json_path}: {problems[0]}")
         return data
 
+    def review_set(self) -> dict[str, dict[str, Any]]:
+        """The cases ``import-reviews`` made from reviewed studies (``reviews.json``'s ``cases``:
+        case id -> its study, reader and review record); empty when the cohort has none.
+
+        Raises:
+            InputError: ``reviews.json`` is not an object with a ``cases`` object.
+        """
+        if not self.reviews_path.is_file():
+            return {}
+        record = read_json(self.reviews_path, what="review set")
+        cases = record.get("cases") if isinstance(record, dict) else None
+        if not isinstance(cases, dict):
+            raise InputError(f"{self.reviews_path}: expected an object with 'cases' (written by import-reviews)")
+        return dict(cases)
+
     def splits(self) -> dict[str, Any] | None:
         """Read and check ``splits.json``; None when the cohort has none.
 

@@ -30,7 +30,6 @@ One study that cannot be imported is reported and skipped; the others are import
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -40,9 +39,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from analysis.cohort.layout import Cohort, splits_problems
+from analysis.cohort.layout import Cohort
 from analysis.errors import DataProblems, InputError
-from analysis.imaging.io import atomic_write_json, read_json, write_mask
+from analysis.imaging.io import atomic_write_json, write_mask
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +181,9 @@ def _clear(cohort: Cohort, case: str) -> None:
 
 def _add_to_splits(cohort: Cohort, cases: list[str]) -> None:
     """New cases join every fold's training side in ``splits.json`` (when the cohort has one)."""
-    if not cohort.splits_path.is_file() or not cases:
+    splits = cohort.splits() if cases else None
+    if splits is None:
         return
-    splits = read_json(cohort.splits_path, what="splits.json")
-    problems = splits_problems(splits, cohort.cases())
-    if problems:
-        raise InputError(f"{cohort.splits_path}: {problems[0]}")
     placed = set(splits["test"]) | {c for f in splits["folds"] for c in f["train"] + f["val"]}
     new = [c for c in cases if c not in placed]
     if new:
@@ -221,7 +217,7 @@ def import_reviews(root: str | os.PathLike, dataset: str | os.PathLike, *,
     journal = Journal(root)
     cohort = Cohort(dataset)
     cohort.root.mkdir(parents=True, exist_ok=True)
-    known = _read_review_set(cohort)
+    known = cohort.review_set()
     store = StudyStore([source], rescan_seconds=0.0)
     studies = {s.uid: s for s in store.studies()}
     summary = ImportSummary(dataset=cohort.root)
@@ -261,12 +257,3 @@ def import_reviews(root: str | os.PathLike, dataset: str | os.PathLike, *,
     _add_to_splits(cohort, new_cases)
     return summary
 
-
-def _read_review_set(cohort: Cohort) -> dict[str, Any]:
-    if not cohort.reviews_path.is_file():
-        return {}
-    record = read_json(cohort.reviews_path, what="review set")
-    cases = record.get("cases") if isinstance(record, dict) else None
-    if not isinstance(cases, dict):
-        raise InputError(f"{cohort.reviews_path}: expected an object with 'cases' (written by import-reviews)")
-    return dict(cases)

@@ -178,13 +178,13 @@ def review_viewer_seg(path: str | Path, root: str | Path, *, kept_dice: float = 
 
     Raises:
         ViewerIgnored: not a reader's review of this node's prediction (our own SEG, another
-            series, not a SEG).
+            series, not a SEG), a SEG read before (sent again), or a study signed on the page.
         InputError: the SEG cannot be read onto the series, or the prediction cannot be read.
     """
     from analysis.imaging.dicom_seg import MANUFACTURER
     from analysis.imaging.seg_labels import read_seg_label
     from analysis.review.growing import encode_voxels
-    from analysis.review.journal import Decision, Journal, now, signature
+    from analysis.review.journal import Decision, Journal, now, signature, valid_uid
     from analysis.review.store import Source, StudyStore
 
     path, root = Path(path), Path(root)
@@ -194,12 +194,17 @@ def review_viewer_seg(path: str | Path, root: str | Path, *, kept_dice: float = 
     if str(ds.get("Manufacturer", "")).strip() == MANUFACTURER:
         raise ViewerIgnored(f"SEG {ds.get('SOPInstanceUID')} (series {ds.get('SeriesInstanceUID')}) was written by "
                             f"{MANUFACTURER} itself")
+    sop = str(ds.get("SOPInstanceUID", ""))
+    if not valid_uid(sop):
+        raise ViewerIgnored(f"{path.name}: SOPInstanceUID {sop!r} is not a DICOM UID")
     store = StudyStore([Source.spool(root)], rescan_seconds=0.0)
     study = _study_of(store, ds)
+    keep = viewer_folder(root, study.uid) / f"{sop}.dcm"
+    if keep.is_file():
+        raise ViewerIgnored(f"SEG {sop} was read before (sent again); its decisions are in the journal once")
     volume = store.volume(study)
     viewer = read_seg_label(path, volume.series, "all")
-    reader, sop = _reader(ds), str(ds.SOPInstanceUID)
-    keep = viewer_folder(root, study.uid) / f"{sop}.dcm"
+    reader = _reader(ds)
     seg = {"sop_instance_uid": sop, "series_uid": str(ds.SeriesInstanceUID), "file": str(keep.relative_to(root)),
            "manufacturer": str(ds.get("Manufacturer", "")), "software": str(ds.get("SoftwareVersions", ""))}
 

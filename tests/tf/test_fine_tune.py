@@ -198,12 +198,16 @@ def test_hard_negative_fraction_needs_maps_and_refuses_overlap(tmp_path):
     code, output = _train(*common, "--out", str(tmp_path / "B"))
     assert code == 2 and f"{cohort.negatives_path('case_01')}: {int(label.sum())} voxel(s) are also lesion" in output
     assert not (tmp_path / "B").exists()
-    # with a proper map the run trains, and its config records the fraction
+    # with a proper map the run trains, and its config records the fraction and the cohort's review set
     _add_negatives(dataset, ["case_01"])
+    (dataset / "reviews.json").write_text(json.dumps({"cases": {"case_01": {"reader": "alice"},
+                                                                "case_00": {"reader": "bob"}}}), encoding="utf-8")
     code, output = _train(*common, "--out", str(tmp_path / "C"), "--no-guard")
     assert code == 0, output
     saved = json.loads((tmp_path / "C" / "config.json").read_text(encoding="utf-8"))
     assert saved["settings"]["hard_negative_fraction"] == 0.3
+    assert {k: saved["review_set"][k] for k in ("cases", "train", "val")} == {"cases": 2, "train": ["case_01"],
+                                                                              "val": ["case_00"]}
 
 
 def test_a_fine_tune_inherits_the_recorded_spacing_and_the_lineage(tmp_path):
