@@ -9,8 +9,16 @@ inside the commands that need them, so ``--help``, ``phantom``, ``validate`` and
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.machinery
 import logging
+import os
+import re
 import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
 
 import click
 
@@ -24,6 +32,13 @@ from nnunet_bridge.device import DEVICES as NNUNET_DEVICES
 log = logging.getLogger("bonemets")
 
 CASES_HELP = "Cases: 'test' (splits.json's test set; all when there is none), 'all', or ID,ID,..."
+
+#: Is it CT? Declared once; predict, nnunet predict, serve, followup, validate and analyze share it
+#: (the check: analysis.imaging.hounsfield.ct_problem).
+CT_CHECK = click.option(
+    "--no-ct-check", "ct_check", is_flag=True, flag_value=False, default=True,
+    help="Accept volumes that do not look like CT in Hounsfield units (no air near -1000 HU in the field of "
+         "view, nothing denser than air, values beyond CT's range), e.g. a genuine CT cropped tightly.")
 
 
 class BonemetsGroup(click.Group):
@@ -53,6 +68,107 @@ class BonemetsGroup(click.Group):
             sys.exit(130)
 
 
+# ---- BEGIN tensorflow start-up output ----
+#: TensorFlow's C++ log level for the CLI's process (and its children) unless the user set one:
+#: 1 hides INFO; warnings and errors show.
+TF_LOG_LEVEL = "1"
+#: An absl log line: severity, date, time, thread, ``file:line]``, message.
+_ABSL_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:[\d.]+\s+\d+ \S+:\d+\] (.*)$")
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+#: Messages of a machine without an NVIDIA driver: the CUDA platform of a GPU build of TensorFlow
+#: (TF 2.21: ``cuda_platform.cc``: E "failed call to cuInit: ... UNKNOWN ERROR (303)" when the
+#: devices are first listed; ``cudart_stub.cc``: I "Could not find cuda drivers").
+_NO_DRIVER = ("failed call to cuInit", "Could not find cuda drivers")
+
+
+def nvidia_driver() -> bool:
+    """Whether an NVIDIA kernel driver is loaded (Linux: ``/proc/driver/nvidia/version``)."""
+    return Path("/proc/driver/nvidia/version").exists()
+
+
+def tensorflow_output(lines: Iterable[str], *, driver: bool, show_info: bool) -> list[str]:
+    """The lines of TensorFlow's start-up output worth showing.
+
+    Dropped: absl INFO lines (and the lines continuing them) unless ``show_info`` (TF 2.21 prints
+    them before it reads ``TF_CPP_MIN_LOG_LEVEL``), absl's preamble about that, and, on a machine
+    without an NVIDIA driver, the CUDA platform's failure to find one. Every other line, errors
+    included, is kept.
+
+    >>> tensorflow_output(["E0000 00:00:17.5 8123 cuda_platform.cc:52] failed call to cuInit: INTERNAL: x",
+    ...                    "E0000 00:00:17.6 8123 op.cc:1] a real error"], driver=False, show_info=False)
+    ['E0000 00:00:17.6 8123 op.cc:1] a real error']
+    """
+    keep, dropping = [], False
+    for line in lines:
+        match = _ABSL_LINE.match(line)
+        if match:
+            severity, message = match.groups()
+            dropping = (severity == "I" and not show_info) or (not driver and any(n in message for n in _NO_DRIVER))
+        elif line.startswith(_ABSL_PREAMBLE):
+            continue
+        elif re.match(r"^\S+:\d+: \w*Warning:", line) or line.startswith("Traceback"):
+            dropping = False  # a Python warning or traceback is its own message
+        if not dropping:
+            keep.append(line)
+    return keep
+
+
+@contextlib.contextmanager
+def _filtered_stderr() -> Iterator[None]:
+    """Collect what is written to file descriptor 2 (C++ and Python) during the block, then write
+    back the lines :func:`tensorflow_output` keeps."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines = tmp.read().decode("utf-8", "replace").splitlines()
+            show_info = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0").strip() in ("", "0")
+            for line in tensorflow_output(lines, driver=nvidia_driver(), show_info=show_info):
+                sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+
+class QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """On the process's first ``import tensorflow``: import it and list its devices (where the
+    CUDA platform starts) with stderr filtered by :func:`tensorflow_output`, then step aside.
+
+    Installed by the CLI only (``main``); commands that never import TensorFlow pay nothing.
+    """
+
+    def find_spec(self, fullname: str, path, target=None):  # noqa: D102 - importlib API
+        if fullname != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def quietly(module) -> None:
+            with _filtered_stderr():
+                exec_module(module)
+                module.config.list_physical_devices()
+
+        spec.loader.exec_module = quietly
+        return spec
+
+
+def quiet_tensorflow() -> None:
+    """Set TensorFlow's log level (:data:`TF_LOG_LEVEL`, unless set) and filter its start-up
+    output (:class:`QuietTensorFlowImport`), before TensorFlow is imported; the CLI only."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", TF_LOG_LEVEL)
+    if "tensorflow" not in sys.modules and not any(isinstance(f, QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, QuietTensorFlowImport())
+# ---- END tensorflow start-up output ----
+
+
 @click.group(cls=BonemetsGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
@@ -72,6 +188,7 @@ def main(debug: bool, verbose: int) -> None:
     logging.getLogger("bonemets").setLevel(min(level, logging.INFO))
     for name in ("analysis", "bonemets_tf", "nnunet_bridge", "study"):
         logging.getLogger(name).setLevel(min(level, logging.INFO))
+    quiet_tensorflow()
 
 
 def _version() -> str:
@@ -147,13 +264,12 @@ def phantom(out: str, cases: int, seed: int, shape, spacing, scale: str | None, 
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=str),
               help="Also write a quality-control report (index.html and PNGs, one row and overlay per case) here.")
 @click.option("--overwrite", is_flag=True, help="With --report: replace an existing non-empty report folder.")
-def validate(dataset: str, report_dir: str | None, overwrite: bool) -> None:
+@CT_CHECK
+def validate(dataset: str, report_dir: str | None, overwrite: bool, ct_check: bool) -> None:
     """Check a cohort folder and print a summary table (exit 2 on any problem)."""
     from analysis.cohort.validate import validate_dataset
 
-    report = validate_dataset(dataset)
-    for warning in report.warnings:
-        click.echo(f"warning: {warning}", err=True)
+    report = validate_dataset(dataset, ct_check=ct_check)
     if report.cases:
         click.echo(report.table())
     if report_dir is not None:
@@ -269,9 +385,10 @@ def import_bones_cmd(seg: str, dataset: str, case: str) -> None:
               help="Patient-level bootstrap resamples for 95% intervals (0: none).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the bootstrap.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUT.")
+@CT_CHECK
 def analyze_cmd(dataset: str, predictions: str, out: str, cases: str, no_radiomics: bool, jobs: int, connectivity: str,
                 cluster_slices: int, diffuse_fraction: float, threshold: float, bone_hu: float | None, froc_floor: float,
-                bootstrap: int, seed: int, overwrite: bool) -> None:
+                bootstrap: int, seed: int, overwrite: bool, ct_check: bool) -> None:
     """Segmentation, detection, clinical lesion metrics, t-tests and radiomics ICC into OUT."""
     from analysis.evaluation.analyze import run_analysis
     from analysis.lesions import DEFAULT_BONE_HU
@@ -280,7 +397,7 @@ def analyze_cmd(dataset: str, predictions: str, out: str, cases: str, no_radiomi
                         connectivity=int(connectivity), cluster_slices=cluster_slices,
                         diffuse_fraction=diffuse_fraction, threshold=threshold,
                         bone_hu=DEFAULT_BONE_HU if bone_hu is None else bone_hu, froc_floor=froc_floor,
-                        bootstrap=bootstrap, seed=seed, overwrite=overwrite)
+                        bootstrap=bootstrap, seed=seed, overwrite=overwrite, ct_check=ct_check)
     click.echo(f"wrote {path / 'report.md'}")
 # ---- END analyze ----
 
@@ -418,6 +535,7 @@ def prediction_options(command):
                      type=click.Choice(BONE_MAP_KINDS),
                      help="Bone maps hold the cohort's bone codes, or TotalSegmentator 'total' ids."),
         click.option("--overwrite", is_flag=True, help="Replace a --out written with other settings, or redo its cases."),
+        CT_CHECK,
     ]
     for option in reversed(shared):
         command = option(command)
@@ -450,6 +568,10 @@ def _threshold_or_auto(ctx, param, value: str) -> float | str:
 @click.option("--mirror", is_flag=True,
               help="Average the segmenter over the slice and its mirror images along rows, cols and both "
                    "(4 passes): nnU-Net's 2D test-time mirroring, for a like-for-like comparison.")
+@click.option("--resample/--no-resample", default=True, show_default=True,
+              help="Run the model on slices resampled in-plane to the pixel spacing it was trained at "
+                   "(config.json) and bring the probabilities back linearly; --no-resample: at each input's "
+                   "own spacing (lesions then scale with the scanner's pixel size).")
 def predict_cmd(model: str, dataset: str | None, images: str | None, out: str, detector: str | None,
                 **options) -> None:
     """Segment volumes to PRED/NAME/<case>.nii.gz (plus lesions.csv, patients.csv, previews),
@@ -475,13 +597,14 @@ def predict_cmd(model: str, dataset: str | None, images: str | None, out: str, d
 @click.option("--method", default="gradcam", show_default=True, type=click.Choice(tf_choices.GRADCAM_METHODS))
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Slices per network call.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@CT_CHECK
 def gradcam_cmd(model: str, dataset: str | None, images: str | None, out: str, cases: str, max_slices: int, method: str, batch_size: int,
-                overwrite: bool) -> None:
+                overwrite: bool, ct_check: bool) -> None:
     """Grad-CAM overlays (PNG), heat-map volumes (NIfTI) and gradcam.csv for a detector."""
     from bonemets_tf.gradcam import gradcam
 
     path = gradcam(model, dataset, out, cases=cases, max_slices=max_slices, method=method, batch_size=batch_size,
-                   overwrite=overwrite, images=images)
+                   overwrite=overwrite, images=images, ct_check=ct_check)
     click.echo(f"wrote {path}")
 
 
@@ -578,7 +701,7 @@ def _node_options(command):
     its input comes from the network and its output goes to the spool, so not the others."""
     before = list(getattr(command, "__click_params__", []))
     command = prediction_options(command)
-    keep = {"crop", "min_size", "bones", "bones_from"}
+    keep = {"crop", "min_size", "bones", "bones_from", "ct_check"}
     command.__click_params__ = [p for p in command.__click_params__ if p.name in keep or p in before]
     return command
 
@@ -771,16 +894,22 @@ def review_add_user_cmd(name: str, users: str) -> None:
               help="Relative volume change for grown / shrunk (0.2 = 20 %).")
 @click.option("--min-change-ml", default=0.1, show_default=True, type=float,
               help="Smallest absolute volume change for grown / shrunk (ml).")
+@click.option("--min-lesion-ml", default=None, type=float, metavar="ML",
+              help="A lesion on one scan only is new or resolved from this volume up; smaller ones are "
+                   "'indeterminate' and do not count toward the new-lesion flag [default: 0.1, a 5.8 mm sphere: "
+                   "the Fleischner Society's smallest CT finding that is followed; 0: every one counts].")
 @click.option("--no-registration", is_flag=True, help="The scans are already aligned: skip the registration and its check.")
 @click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID.")
 @click.option("--sr", is_flag=True, help="DICOM baseline: also write followup_sr.dcm (TID 1500 report of the "
               "statuses and changes) and followup_seg.dcm (the tracked lesions) on the baseline series.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@CT_CHECK
 def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, nnunet_work: str | None,
                  baseline_mask: str | None, followup_mask: str | None, baseline_bones: str | None,
                  followup_bones: str | None, match_mm: float, change: float, min_change_ml: float,
-                 no_registration: bool, series: str | None, sr: bool, overwrite: bool) -> None:
-    """Compare two CTs of one patient lesion by lesion: new, resolved, grown, shrunk, stable.
+                 min_lesion_ml: float | None, no_registration: bool, series: str | None, sr: bool, overwrite: bool,
+                 ct_check: bool) -> None:
+    """Compare two CTs of one patient lesion by lesion: new, resolved, grown, shrunk, stable, indeterminate.
 
     The follow-up is registered rigidly to the baseline (refused when their bones do not align),
     lesions are matched in the baseline frame, and OUT gets lesions.csv, summary.csv,
@@ -797,20 +926,21 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
         from bonemets_tf.predict import PredictOptions, predict
 
         def predictor(images: str, folder) -> None:
-            predict(model, None, str(folder), options=PredictOptions(cases="all", series=series, preview=False),
-                    images=images)
+            predict(model, None, str(folder), options=PredictOptions(cases="all", series=series, preview=False,
+                                                                     ct_check=ct_check), images=images)
     elif nnunet_work is not None:
         from nnunet_bridge.predict import PredictOptions as NnunetOptions, predict as nnunet_predict
 
         def predictor(images: str, folder) -> None:
-            nnunet_predict(None, nnunet_work, str(folder), NnunetOptions(cases="all", series=series, preview=False),
-                           images=images)
+            nnunet_predict(None, nnunet_work, str(folder), NnunetOptions(cases="all", series=series, preview=False,
+                                                                         ct_check=ct_check), images=images)
     settings = FollowupSettings(match_mm=match_mm, change=change, min_change_ml=min_change_ml,
-                                register=not no_registration)
+                                register=not no_registration,
+                                **({} if min_lesion_ml is None else {"min_lesion_ml": min_lesion_ml}))
     path = run_followup(baseline, followup_ct, out, baseline_mask=baseline_mask, followup_mask=followup_mask,
                         predictor=predictor, model=model or nnunet_work, baseline_bones=baseline_bones,
                         followup_bones=followup_bones, settings=settings, series=series, overwrite=overwrite,
-                        sr=sr)
+                        sr=sr, ct_check=ct_check)
     from analysis.lesions.change import describe_counts
     from analysis.monitoring.followup import read_summary
 
@@ -844,6 +974,52 @@ def demo(out: str, quick: bool, cases: int | None, seed: int) -> None:
     click.echo(f"report (HTML, figures embedded): {report.with_suffix('.html')}")
 # ---- END demo ----
 
+# ---- BEGIN doctor ----
+@main.command("doctor")
+@click.option("--require-gpu", is_flag=True, help="A machine without a GPU is an error too (benchmarks/gpu.sh).")
+def doctor_cmd(require_gpu: bool) -> None:
+    """What each framework sees (each in its own process, with its wing's interpreter): versions,
+    devices, CUDA/cuDNN, XLA, CPU bf16. Exit 1 when a GPU is present that a framework cannot use."""
+    from study.doctor import run_doctor
+
+    report = run_doctor(require_gpu=require_gpu)
+    click.echo("\n".join(report.lines))
+    sys.exit(0 if report.ok else 1)
+# ---- END doctor ----
+
+# ---- BEGIN wings ----
+#: Commands that run one wing's framework (serve and followup: the wing of the model option given).
+WING_OF = {"models": "tf", "train": "tf", "predict": "tf", "gradcam": "tf", "export": "tf", "nnunet": "torch"}
+MODEL_OPTION_WING = {"--model": "tf", "--nnunet-work": "torch"}
+
+
+def command_wing(args: list[str]) -> str | None:
+    """The wing whose framework the command line ``args`` (without the program) runs, or None."""
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command in ("serve", "followup"):
+        return next((MODEL_OPTION_WING[a.split("=")[0]] for a in args if a.split("=")[0] in MODEL_OPTION_WING), None)
+    return WING_OF.get(command)
+
+
+def run() -> None:
+    """Entry point: a wing's command runs with that wing's interpreter (study.wings; two
+    environments after `make setup GPU=1`), everything else in this one."""
+    import os
+
+    from study.wings import runs_here, wing_python
+
+    wing = command_wing(sys.argv[1:])
+    if wing and not os.environ.get("BONEMETS_WING"):  # set below: a handed-over command is never handed on
+        try:
+            python = wing_python(wing)
+        except InputError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        if not runs_here(python):
+            os.execve(python, [python, os.path.abspath(__file__), *sys.argv[1:]], {**os.environ, "BONEMETS_WING": wing})
+    main()
+# ---- END wings ----
+
 
 if __name__ == "__main__":  # nnU-Net's worker pools use "spawn": keep this guard
-    main()
+    run()

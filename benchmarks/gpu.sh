@@ -22,13 +22,12 @@ fi
 if [ "${BENCH_DEVICE:-cuda}" = "cpu" ]; then
     export CUDA_VISIBLE_DEVICES=""
 else
-    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    "$PY" - <<'PY'
-import sys, torch
-if not torch.cuda.is_available():
-    sys.exit("gpu.sh: torch sees no CUDA device; for a CPU dry run use BENCH_DEVICE=cpu benchmarks/gpu.sh --dry-run")
-print("torch CUDA:", torch.cuda.get_device_name(0))
-PY
+    # Each framework, with its wing's interpreter, must see the GPU: a benchmark that quietly
+    # falls back to the CPU measures nothing (docs/gpu.md). The doctor's report heads the log.
+    if ! "$PY" cli.py doctor --require-gpu; then
+        echo "gpu.sh: stopped: a framework would run on the CPU (see the error lines above); for a CPU dry run use BENCH_DEVICE=cpu benchmarks/gpu.sh --dry-run" >&2
+        exit 1
+    fi
 fi
 export TF_FORCE_GPU_ALLOW_GROWTH=true   # TF and torch run in turns; never let TF grab all memory
 echo "gpu.sh: mode $MODE, results $OUT"

@@ -46,6 +46,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from study.wings import wing_python  # noqa: E402
 from unet_flops import unet_forward_flops  # noqa: E402
 
 CACHE = HERE / ".cache"
@@ -198,7 +199,7 @@ def ensure_runs() -> Path:
     out = CACHE / "runs"
     if all((out / n / "config.json").is_file() for n in ("unet", "resunet", "resattunet", "resnet34", "unet_tiny")):
         return out
-    run_side([PY, str(HERE / "_tf_side.py"), "--case", "make-runs", "--out", str(out)])
+    run_side(tf_side("--case", "make-runs", "--out", out))
     return out
 
 
@@ -228,11 +229,12 @@ def ensure_nnunet() -> Path:
 
 
 def tf_side(*args: Any) -> list[str]:
-    return [PY, str(HERE / "_tf_side.py"), *map(str, args)]
+    """A Keras side's command, with the tf wing's interpreter (study.wings: .venv-tf after make setup GPU=1)."""
+    return [wing_python("tf"), str(HERE / "_tf_side.py"), *map(str, args)]
 
 
 def torch_side(*args: Any) -> list[str]:
-    return [PY, str(HERE / "_torch_side.py"), *map(str, args)]
+    return [wing_python("torch"), str(HERE / "_torch_side.py"), *map(str, args)]
 
 
 def case_pipeline(s: Settings) -> dict[str, Any]:

@@ -39,7 +39,9 @@ from analysis.imaging.inputs import read_input
 from analysis.imaging.io import (Geometry, atomic_directory, atomic_write_json, atomic_write_text, check_output_folder,
                                  read_array, require_finite, write_array)
 from analysis.imaging.orientation import CANONICAL, Reorientation
-from analysis.prediction.runner import plan_inputs
+from analysis.imaging.hounsfield import require_ct
+from analysis.imaging.resample import resample_in_plane
+from analysis.prediction.runner import network_grid, plan_inputs, to_network_grid
 from analysis.imaging.records import csv_text
 from bonemets_tf.choices import GRADCAM_METHODS
 from bonemets_tf.models.catalog import DETECT
@@ -200,14 +202,17 @@ def overlay_png(ct_slice: np.ndarray, cam: np.ndarray, label_slice: np.ndarray |
 
 def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: str | os.PathLike, *,
             cases: str = "test", max_slices: int = 4, method: str = "gradcam", batch_size: int = 8,
-            overwrite: bool = False, images: str | os.PathLike | None = None) -> Path:
+            overwrite: bool = False, images: str | os.PathLike | None = None, ct_check: bool = True) -> Path:
     """Write Grad-CAM overlays, heat-map volumes and ``gradcam.csv`` for a detector RUN.
 
     The detector sees each CT in the canonical orientation it was trained in (LPS,
     :mod:`analysis.imaging.orientation`), so the overlays are drawn in radiological convention
     (anterior up, the patient's right on the viewer's left) whatever the file's storage;
     slice numbers (file names, ``gradcam.csv``) are the stored file's axis-0 indices, and
-    the heat-map volumes have each input's exact geometry.
+    the heat-map volumes have each input's exact geometry. As in ``predict``, the detector runs on
+    slices resampled in-plane to the pixel spacing it was trained at
+    (:func:`analysis.prediction.runner.network_grid`); its maps come back onto the input's grid
+    linearly.
 
     Args:
         model: a detector RUN folder.
@@ -219,6 +224,7 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
         batch_size: slices per network call.
         overwrite: replace a non-empty ``out``.
         images: ``--images`` PATH (:mod:`analysis.imaging.inputs`) instead of a cohort (no outlines then).
+        ct_check: refuse a case that does not look like CT in HU (``--no-ct-check``).
 
     Returns:
         ``out``.
@@ -247,6 +253,9 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
     from bonemets_tf.inference import Predictor, context_batch, detect_volume
 
     predictor = Predictor(run)
+    trained_xy, source = run.training_spacing()
+    if trained_xy is None:
+        log.warning("gradcam: %s: training pixel spacing %s; running at each input's own spacing", run.path, source)
     rows: list[tuple[str, int, float, str]] = []
     backends: set[str] = set()
     with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -260,18 +269,22 @@ def gradcam(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
                                  f"detector needs axial slices along the file's third index")
             native = sitk.GetArrayFromImage(image)
             require_finite(source.path, native, where=source.describe())  # predict's check of a CT
+            require_ct(native, source.describe(), check=ct_check)           # and its "is it CT?"
             native = native.astype(np.float32, copy=False)
             volume = np.ascontiguousarray(reo.forward(native))
             label = np.ascontiguousarray(reo.forward(read_array(labels[case])[0])) if case in labels else None
-            probs = detect_volume(predictor, volume, batch_size)
+            spacing_zyx = reo.canonical_spacing_zyx
+            grid = network_grid(volume.shape, spacing_zyx, trained_xy)
+            seen = to_network_grid(volume, grid)
+            probs = detect_volume(predictor, seen, batch_size)
             top = np.sort(np.argsort(-probs, kind="stable")[:max_slices])
             heat = np.zeros(volume.shape, np.float32)
             for start in range(0, len(top), batch_size):
                 z = top[start:start + batch_size]
-                maps, used = class_activation_maps(predictor.model, context_batch(volume, z, run.context), method=method)
+                maps, used = class_activation_maps(predictor.model, context_batch(seen, z, run.context), method=method)
                 backends.add(used)
-                heat[z] = maps
-            spacing_zyx = reo.canonical_spacing_zyx
+                heat[z] = resample_in_plane(maps, volume.shape[1:]) if grid.resampled else maps
+            del seen
             aspect = spacing_zyx[1] / spacing_zyx[2]
             for z in top:
                 stored = int(reo.stored_slices(z))  # the file's own slice number

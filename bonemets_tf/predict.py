@@ -74,6 +74,10 @@ class PredictOptions(PredictRequest):
         precision: ``float32`` or ``mixed_bfloat16`` (CPUs and GPUs with bf16 units).
         mirror: average the segmenter's logits over the slice and its mirror images along
             rows, cols and both (4 passes), the test-time mirroring nnU-Net applies in 2D.
+        resample: run each model on slices resampled in-plane to the pixel spacing it was
+            trained at (:meth:`bonemets_tf.run.RunInfo.training_spacing`) and bring its
+            probabilities back onto the input's grid, so that a lesion's mask does not depend
+            on the scanner's pixel size; False (``--no-resample``): at the input's own spacing.
     """
 
     threshold: float | str = 0.5
@@ -81,6 +85,7 @@ class PredictOptions(PredictRequest):
     batch_size: int = 8
     precision: str = "float32"
     mirror: bool = False
+    resample: bool = True
 
     def check(self) -> None:
         """Raise :class:`InputError` for out-of-range values."""
@@ -187,13 +192,14 @@ def predict(model: str | os.PathLike, dataset: str | os.PathLike | None, out: st
         settings={"model": str(models.main.path), "detector": str(models.det.path) if models.mode == "cascade" else None,
                   "threshold": options.threshold if seg else None,
                   "detector_threshold": options.detector_threshold if models.mode == "cascade" else None,
-                  "precision": options.precision, "mirror": options.mirror if seg else None},
+                  "precision": options.precision, "mirror": options.mirror if seg else None,
+                  "resample": options.resample},
         network=lambda plan: _network(models, plan),
         outputs=options.outputs(threshold=float(options.threshold), detector_threshold=options.detector_threshold),
         record=lambda: _record(models),
         inference=lambda: {"precision": options.precision, "threshold": options.threshold if seg else None,
                            "threshold_source": models.threshold_source, "folds": None, "tile_step": None,
-                           "batch_size": options.batch_size},
+                           "batch_size": options.batch_size, "spacing": _spacing_record(models)},
         versions=("tensorflow", "keras"),
         slices_name=None if models.det is None else (DETECTOR_CSV if seg else SLICES_CSV),
         summary=_summary,
@@ -222,6 +228,7 @@ def _network(models: _Models, inputs: InputPlan) -> Iterator[Network]:
         check_memory(need, f"case {biggest[0]} {tuple(biggest[1])} with {p.run.arch}")
         p.warm_up()
     main = seg or det
+    spacing = {role: _model_spacing(p.run, options.resample) if p else None for role, p in (("seg", seg), ("det", det))}
     crop, context = options.crop and seg is not None, None
     if crop:
         context = crop_context(seg)
@@ -237,7 +244,35 @@ def _network(models: _Models, inputs: InputPlan) -> Iterator[Network]:
     yield Network(name=main.run.name, fingerprint=main.run.fingerprint(),
                   segment=None if seg is None else (lambda v, z, _: slice_probabilities(seg, v, z, options.batch_size)),
                   detect=None if det is None else (lambda v: detect_volume(det, v, options.batch_size)),
-                  stride=main.run.stride, crop=crop, context=context, mirror=options.mirror and seg is not None)
+                  stride=main.run.stride, crop=crop, context=context, mirror=options.mirror and seg is not None,
+                  spacing_xy=spacing["seg"], detect_spacing_xy=spacing["det"])
+
+
+def _model_spacing(run: RunInfo, resample: bool) -> tuple[float, float] | None:
+    """The pixel spacing a model runs at: its training spacing, or None (each input's own) with
+    ``--no-resample`` or when it is unknown (said once, here)."""
+    if not resample:
+        return None
+    spacing, source = run.training_spacing()
+    if spacing is None:
+        log.warning("predict: %s (%s): training pixel spacing %s; running at each input's own spacing "
+                    "(as with --no-resample)", run.path, run.arch, source)
+    else:
+        log.info("predict: %s runs at %.4g x %.4g mm pixels (%s)", run.arch, spacing[0], spacing[1], source)
+    return spacing
+
+
+def _spacing_record(models: _Models) -> dict[str, Any]:
+    """``predict.json["inference"]["spacing"]``: whether slices were resampled and to what (per case:
+    ``per_case.<case>.spacing``)."""
+    options = models.options
+    out: dict[str, Any] = {"resample": options.resample}
+    for role, run in (("model", models.seg or models.det), ("detector", models.det if models.seg else None)):
+        if run is not None:
+            spacing, source = run.training_spacing()
+            out[role] = {"xy_mm": None if spacing is None else list(spacing), "source": source,
+                         "used": "input's own" if spacing is None or not options.resample else "model's"}
+    return out
 
 
 def _summary(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -110,9 +110,39 @@ class RunInfo:
     def describe(self) -> dict[str, Any]:
         """Summary for provenance records (``predict.json``, exports)."""
         settings = self.config.get("settings", {})
+        spacing, source = self.training_spacing()
         return {"run": str(self.path), "kind": self.kind, "name": self.name, "arch": self.arch, "task": self.task,
                 "context": self.context, "image_size": self.image_size, "width": settings.get("width"),
-                "fold": settings.get("fold"), "seed": settings.get("seed"), "lineage": self.lineage}
+                "fold": settings.get("fold"), "seed": settings.get("seed"), "lineage": self.lineage,
+                "spacing_xy_mm": None if spacing is None else list(spacing), "spacing_source": source}
+
+    def training_spacing(self) -> tuple[tuple[float, float] | None, str]:
+        """The in-plane pixel spacing ``(x, y)`` mm this model was trained at, and where it comes from.
+
+        ``config.json["spacing"]`` (:func:`bonemets_tf.train.training_spacing`); for a RUN trained
+        before it was recorded, the median over its training cases (``split.train``) in the
+        dataset its config names, when that folder is still there; else None (the model then runs
+        at each input's own spacing, and ``predict`` says so once).
+        """
+        recorded = self.config.get("spacing")
+        xy = recorded.get("in_plane_xy_mm") if isinstance(recorded, dict) else None
+        if isinstance(xy, list) and len(xy) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in xy):
+            return (float(xy[0]), float(xy[1])), f"{CONFIG_FILE}: {recorded.get('source', 'recorded')}"
+        dataset = self.config.get("settings", {}).get("dataset")
+        cases = self.config.get("split", {}).get("train") or []
+        if dataset and cases:
+            from analysis.cohort.layout import Cohort
+            from analysis.imaging.resample import median_spacing_xy
+
+            paths = [Cohort(dataset).image_path(c) for c in cases]
+            if all(p.is_file() for p in paths):
+                try:
+                    xy = median_spacing_xy(paths)
+                except InputError:
+                    xy = None
+                if xy is not None:
+                    return xy, f"median over the {len(paths)} training cases in {dataset} ({CONFIG_FILE} records none)"
+        return None, f"not recorded in {CONFIG_FILE} and its training cases are not at {dataset or 'a known dataset'}"
 
     def fingerprint(self) -> str:
         """sha256 (16 hex digits) of the model file (``model.keras`` or ``saved_model.pb``) and its config."""

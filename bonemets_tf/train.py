@@ -3,7 +3,9 @@
 RUN layout (read by ``predict``/``gradcam``/``export``; the names are :mod:`bonemets_tf.run`'s)::
 
     RUN/config.json        every setting (TrainConfig), the split used (case lists),
-                           dataset path + fingerprint, resolved runtime (jit, strategy,
+                           dataset path + fingerprint, the in-plane pixel spacing trained at
+                           (``spacing``: the training cases' median, which ``predict``
+                           resamples every CT to), resolved runtime (jit, strategy,
                            replicas, store), versions of tensorflow/keras/numpy, the
                            checkpoint rule and the epoch it kept ("checkpoint"); a fine-tune
                            (``init_from``) also its parent and ancestors (``init_from``,
@@ -702,11 +704,24 @@ def _record(config: TrainConfig, *, splits: dict[str, Any] | None, train_cases: 
         # the slice cache holds every case in this orientation (bonemets_tf.cache); predict
         # reorients its input the same way and refuses RUNs without this record
         "orientation": CANONICAL,
+        "spacing": training_spacing(Cohort(config.dataset), train_cases),
         "runtime": _runtime(config, strategy),
         "model": {"stride": CATALOG[config.arch].stride, "input": "raw HU (batch, rows, cols, context)",
                   "output": "sigmoid probability " + ("(batch, 1)" if config.task == DETECT else "(batch, rows, cols, 1)")},
         "versions": versions("tensorflow", "keras", "numpy"),
     }
+
+
+def training_spacing(cohort: Cohort, cases: list[str]) -> dict[str, Any]:
+    """``config.json["spacing"]``: the in-plane pixel spacing a model is trained at, the median over
+    its training cases' canonical views (``(x, y)`` mm), which ``predict`` resamples each CT to
+    (:func:`analysis.prediction.runner.network_grid`). Slices are fed at their own spacing in
+    training, so a cohort of mixed spacings trains at its median (nnU-Net's plans take the
+    median spacing as the target too)."""
+    from analysis.imaging.resample import median_spacing_xy
+
+    xy = median_spacing_xy([cohort.image_path(c) for c in cases])
+    return {"in_plane_xy_mm": [round(v, 6) for v in xy], "source": f"median over the {len(cases)} training cases"}
 
 
 def _runtime(config: TrainConfig, strategy) -> dict[str, Any]:

@@ -29,6 +29,8 @@ from typing import Any, Sequence
 from analysis.errors import InputError
 from analysis.imaging.io import atomic_write_json
 from bonemets_tf.models.catalog import DETECT, SEGMENT, names
+from study.stages import stage_wing
+from study.wings import wing_python
 
 log = logging.getLogger("bonemets.demo")
 
@@ -215,12 +217,13 @@ class Demo:
         out: the demo folder.
         budget: what to spend (:data:`QUICK` or :data:`DEFAULT`).
         seed: seed of the phantom, the split and every training run.
-        python: interpreter for the stage processes (this one by default).
+        python: interpreter for every stage process; by default each framework group runs with
+            its wing's interpreter (:func:`study.wings.wing_python`), data and analysis with this one.
     """
 
     def __init__(self, out: Path, budget: Budget, seed: int = 0, python: str | None = None) -> None:
         self.out, self.budget, self.seed = Path(out), budget, seed
-        self.python = python or sys.executable
+        self.python = python
         self.dataset = self.out / "dataset"
         self.runs = self.out / "runs"
         self.preds = self.out / "predictions"
@@ -276,7 +279,12 @@ class Demo:
         if len(pending) > 1:
             log.info("stages %d-%d (%s) share one process", pending[0][0], pending[-1][0],
                      ", ".join(stage.name for _, stage, _ in pending))
-        cmd = [self.python, "-m", "study.batch", str(plan_path)]
+        wings = {stage_wing(stage.kind) for _, stage, _ in pending}
+        if len(wings) > 1:
+            raise ValueError(f"one process would run stages of several wings: {sorted(map(str, wings))}")
+        wing = wings.pop()
+        python = self.python or (wing_python(wing) if wing else sys.executable)
+        cmd = [python, "-m", "study.batch", str(plan_path)]
         try:
             proc = subprocess.run(cmd, cwd=ROOT)
         finally:

@@ -124,6 +124,18 @@ KINDS: dict[str, Callable[[dict[str, Any], bool], None]] = {
     "analyze": _analyze,
 }
 
+#: The wing whose framework each kind imports (its group runs with that wing's interpreter,
+#: :mod:`study.wings`); the other kinds need neither framework.
+WING_OF_KIND = {"train": "tf", "predict": "tf", "gradcam": "tf", "export": "tf", "nnunet-train": "torch",
+                "nnunet-predict": "torch"}
+
+
+def stage_wing(kind: str) -> str | None:
+    """``"tf"``, ``"torch"`` or None (data and analysis kinds) for a stage kind."""
+    if kind not in KINDS:
+        raise KeyError(f"unknown stage kind {kind!r}")
+    return WING_OF_KIND.get(kind)
+
 
 def run_stage(kind: str, params: dict[str, Any]) -> None:
     """Run one stage: build its options and call the library.

@@ -22,9 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _case(seed: int):
-    """CT (z, y, x) with a spine block and a rib block, two lesions, and the bone map."""
+    """CT (z, y, x) with air along the last column, a spine block and a rib block, two lesions, and the bone map."""
     rng = np.random.default_rng(seed)
     ct = rng.normal(40, 10, GEO.shape).astype(np.int16)
+    ct[:, :, -1] = -1000                         # air beside the patient: a CT's field of view holds some
     bones = np.zeros(GEO.shape, np.uint8)
     bones[:, 2:8, 2:8] = 2                       # spine block 6x6 in every slice
     bones[:, 10:14, 10:15] = 3                   # rib block 4x5
@@ -194,6 +195,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     ("csv_range", "slices.csv: line 2: probability 1.5 outside [0, 1]"),
     ("csv_slice", "slices.csv: case case_01 has no probability for 1 slice(s) (7)"),
     ("nonbinary", "perfect/case_00.nii.gz: not a binary mask"),
+    ("not_ct", "case_00_0000.nii.gz: values 0..3000 with nothing below 0: not CT in Hounsfield units"),
 ])
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path, damage, needle):
     ds, pred = make_cohort(tmp_path)
@@ -211,6 +213,9 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, damage, needle):
         (pred / "detector" / "slices.csv").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
     elif damage == "nonbinary":
         write_array(np.full(GEO.shape, 2, np.uint8), GEO, pred / "perfect" / "case_00.nii.gz")
+    elif damage == "not_ct":  # an MR-like image in the cohort
+        mr = np.linspace(0, 3000, int(np.prod(GEO.shape)), dtype=np.float32).reshape(GEO.shape)
+        write_array(mr, GEO, ds / "imagesTr" / "case_00_0000.nii.gz")
     out = tmp_path / "OUT"
     args = ["analyze", "--dataset", str(ds), "--predictions", str(pred), "--out", str(out), "--cases", "all",
             "--no-radiomics"]

@@ -109,3 +109,23 @@ def test_paste_inverts_crop() -> None:
         np.testing.assert_array_equal(out[b], two[b])
     with pytest.raises(ValueError, match="does not match"):
         paste(c[:, 1:], box, SHAPE)
+
+
+def test_air_the_body_encloses_is_body() -> None:
+    """Lungs (-850 HU) and a bowel gas bubble (-1000 HU) inside the ellipse are body; the air
+    around the patient, and a notch open to it, are not."""
+    ct = _phantom()
+    rr, cc = np.mgrid[:SHAPE[1], :SHAPE[2]]
+    lung = ((rr - 65) / 15.0) ** 2 + ((cc - 70) / 15.0) ** 2 <= 1
+    ct[4:20, lung] = -850
+    ct[10, 80:84, 115:120] = -1000                  # gas, one slice
+    ct[2:22, 68:72, 130:141] = -1000                # a notch reaching the ellipse's edge (col 140)
+    mask = body_mask(ct, pool=1)
+    assert mask[4:20][:, lung].all() and mask[10, 80:84, 115:120].all()
+    assert not mask[2:22, 68:72, 131:141].any() and not mask[:, 0, :].any()
+    assert not mask[0].any() and not mask[23].any()  # slices without body stay empty
+    # without filling: only voxels above -500 HU; the same boxes either way
+    bare = body_mask(ct, pool=1, fill_holes=False)
+    assert not bare[4:20][:, lung].any() and (bare <= mask).all()
+    assert body_box(ct, spacing_xy=SPACING_XY, stride=1, pool=1) == \
+        body_box(np.where(mask, 40, -1000).astype(np.int16), spacing_xy=SPACING_XY, stride=1, pool=1)

@@ -51,7 +51,45 @@ def test_dockerignore_keeps_the_venv_and_outputs_out():
         assert entry in ignored
 
 
-def test_gpu_image_adds_tensorflow_cuda_libraries_of_the_locked_version():
+def _lock(name: str) -> dict[str, str]:
+    lines = (ROOT / name).read_text(encoding="utf-8").split()
+    return {line.split("==")[0].lower(): line.split("==")[1] for line in lines}
+
+
+def test_the_gpu_image_keeps_one_cuda_major_per_environment():
     text = (ROOT / "docker" / "Dockerfile.gpu").read_text(encoding="utf-8")
-    assert "tensorflow[and-cuda]==" in text
-    assert re.search(r"^tensorflow==", (ROOT / "requirements.lock").read_text(encoding="utf-8"), re.M | re.I)
+    assert "/opt/venv-tf/bin/pip install -r requirements-gpu-tf.lock" in text
+    assert "tensorflow[and-cuda]" not in text  # its CUDA 12 wheels come pinned from the lock
+    assert "python -m study.wings --tf /opt/venv-tf/bin/python --torch /usr/local/bin/python" in text
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_install_is_followed_by_the_record_check(dockerfile):
+    runs = re.findall(r"^RUN (?:.*\\\n)*.*$", dockerfile.read_text(encoding="utf-8"), re.M)
+    installs = [run for run in runs if "pip install" in run]
+    assert installs
+    for run in installs:
+        for python in re.findall(r"(\S*?)(?:python -m pip|pip) install", run):
+            interpreter = python.replace("bin/", "bin/python") if python else "python"
+            assert f" {interpreter} tools/check_wheels.py" in run, (dockerfile.name, run)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_index_and_ca_come_as_build_secrets_and_stay_out_of_the_image(dockerfile):
+    text = dockerfile.read_text(encoding="utf-8")
+    for run in re.findall(r"^RUN (?:.*\\\n)*.*$", text, re.M):
+        if "pip install -r" in run:
+            assert "--mount=type=secret,id=pipconf,target=/etc/pip.conf --mount=type=secret,id=cabundle" in run
+    assert "ARG" not in text and "COPY pip.conf" not in text
+
+
+def test_the_tensorflow_lock_pins_cuda_12_only_and_agrees_with_the_main_lock():
+    tf, main = _lock("requirements-gpu-tf.lock"), _lock("requirements.lock")
+    assert tf["tensorflow"] == main["tensorflow"]
+    cuda = {name: version for name, version in tf.items() if name.startswith("nvidia-")}
+    assert {"nvidia-cudnn-cu12", "nvidia-nccl-cu12", "nvidia-cublas-cu12", "nvidia-cuda-runtime-cu12"} <= set(cuda)
+    assert all(name.endswith("-cu12") for name in cuda), cuda
+    assert not {"torch", "torchvision", "triton", "nnunetv2", "cuda-toolkit"} & set(tf)
+    assert not [name for name in main if name.startswith("nvidia-") and name.endswith("-cu12")]
+    differ = {name: (tf[name], main[name]) for name in set(tf) & set(main) if tf[name] != main[name]}
+    assert differ == {}, differ

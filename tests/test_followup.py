@@ -60,7 +60,7 @@ def _corners(geometry: Geometry) -> np.ndarray:
 def test_the_phantom_follow_ups_cover_every_status_orientation_and_spacing(cohort):
     truth = read_csv(cohort / TRUTH_CSV)
     transforms = read_csv(cohort / TRANSFORMS_CSV)
-    assert {r["status"] for r in truth} == set(STATUSES)
+    assert {r["status"] for r in truth} == set(STATUSES) - {"indeterminate"}  # the phantom's changes, any size
     assert len({r["orientation"] for r in transforms}) >= 4 and {r["orientation"] for r in transforms} <= set(ORIENTATIONS)
     assert len({(r["spacing_x"], r["spacing_z"]) for r in transforms}) >= 4
     _, g = read_array(cohort / "followup" / "imagesTr" / "case_005_0000.nii.gz")
@@ -70,8 +70,10 @@ def test_the_phantom_follow_ups_cover_every_status_orientation_and_spacing(cohor
 
 @pytest.mark.parametrize("case", [f"case_{i:03d}" for i in range(1, CASES)])
 def test_every_lesion_status_equals_the_truth_and_the_motion_is_recovered(cohort, tmp_path, case):
+    """The phantom's own changes, whatever their size: --min-lesion-ml 0 (the default test is below)."""
     out = tmp_path / "out"
-    result = invoke(_args(cohort, case, out, "--baseline-bones", cohort / "bonesTr" / f"{case}.nii.gz"))
+    result = invoke(_args(cohort, case, out, "--baseline-bones", cohort / "bonesTr" / f"{case}.nii.gz",
+                          "--min-lesion-ml", "0"))
     assert result.exit_code == 0, result.output
     rows = read_csv(out / LESIONS_CSV)
     truth = [r for r in read_csv(cohort / TRUTH_CSV) if r["case"] == case]
@@ -98,6 +100,37 @@ def test_every_lesion_status_equals_the_truth_and_the_motion_is_recovered(cohort
     _, rg = read_array(out / "followup_registered.nii.gz")
     assert rg.mismatch(g) is None
     assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("case", ["case_003", "case_004"])
+def test_new_and_resolved_lesions_below_the_floor_are_indeterminate_and_do_not_raise_the_flag(cohort, tmp_path, case):
+    """With the default --min-lesion-ml (0.1 ml) a new or resolved lesion of the phantom smaller than
+    that is 'indeterminate' (status code 6) and left out of the new-lesion count; every other status
+    is the truth's; a floor of 1 ml makes every new lesion indeterminate and lowers the flag."""
+    from analysis.lesions.change import DEFAULT_MIN_LESION_ML, INDETERMINATE, RESOLVED, STATUS_CODES
+
+    truth = [r for r in read_csv(cohort / TRUTH_CSV) if r["case"] == case]
+    expected = []
+    for t in truth:
+        size = max(float(t["baseline_ml"]), float(t["followup_ml"]))
+        small = t["status"] in (NEW, RESOLVED) and size < DEFAULT_MIN_LESION_ML
+        expected.append(INDETERMINATE if small else t["status"])
+    assert INDETERMINATE in expected and NEW in expected  # both kinds in these two pairs (seed 0)
+    out = tmp_path / "out"
+    assert invoke(_args(cohort, case, out)).exit_code == 0
+    rows = read_csv(out / LESIONS_CSV)
+    assert [r["status"] for r in rows] == expected
+    summary = read_summary(out)
+    assert int(summary[INDETERMINATE]) == expected.count(INDETERMINATE) and int(summary[NEW]) == expected.count(NEW)
+    assert summary["new_lesions_flag"] == str(int(expected.count(NEW) >= NEW_LESIONS_FLAG))
+    status, _ = read_array(out / "status.nii.gz")
+    assert STATUS_CODES[INDETERMINATE] == 6 and 6 in np.unique(status)
+    record = json.loads((out / "followup.json").read_text(encoding="utf-8"))
+    assert "indeterminate: a lesion on one scan only, below 0.1 ml" in record["definitions"]["status"]
+    out = tmp_path / "floor1"
+    assert invoke(_args(cohort, case, out, "--min-lesion-ml", "1")).exit_code == 0
+    summary = read_summary(out)
+    assert summary[NEW] == "0" and summary["new_lesions_flag"] == "0"
 
 
 def test_a_pair_without_lesions_gives_an_all_zero_summary(cohort, tmp_path):
@@ -166,6 +199,7 @@ def _tiny_pair(tmp: Path, baseline_boxes, followup_boxes) -> list:
     g = Geometry((40, 40, 20), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     ct = np.full((20, 40, 40), 40, np.int16)
     ct[2:18, 5:35, 5:35] = 400
+    ct[:, :3, :] = -1000  # air in front of the patient (a CT's field of view holds some)
     paths = []
     for name, boxes in (("b", baseline_boxes), ("f", followup_boxes)):
         mask = np.zeros(ct.shape, np.uint8)
@@ -249,7 +283,8 @@ def test_dicom_series_work_and_two_patient_ids_are_refused(cohort, tmp_path):
                    "1.2.3.4.5.2")
     masks = ["--baseline-mask", cohort / "labelsTr" / f"{case}.nii.gz",
              "--followup-mask", cohort / "followup" / "labelsTr" / f"{case}.nii.gz"]
-    result = invoke(["followup", "--baseline", base, "--followup", fu, *masks, "--out", tmp_path / "out"])
+    result = invoke(["followup", "--baseline", base, "--followup", fu, *masks, "--out", tmp_path / "out",
+                     "--min-lesion-ml", "0"])
     assert result.exit_code == 0, result.output
     truth = [(r["status"], r["baseline_id"], r["followup_id"]) for r in read_csv(cohort / TRUTH_CSV) if r["case"] == case]
     assert [(r["status"], r["baseline_id"], r["followup_id"]) for r in read_csv(tmp_path / "out" / LESIONS_CSV)] == truth
@@ -261,3 +296,35 @@ def test_dicom_series_work_and_two_patient_ids_are_refused(cohort, tmp_path):
     assert_clean_error(invoke(["followup", "--baseline", base, "--followup", other, *masks, "--out", tmp_path / "o2"]),
                        ["PatientID 'P8'", "'P7'", "same patient"])
     assert snapshot(tmp_path) == before
+
+
+def test_a_real_ct_moved_rigidly_raises_no_flag(tmp_path):
+    """The real head CT of Debian's invesalius-examples (24 slices) against itself moved by 4 degrees and
+    (5, -3, 2) mm, each with a mask drawn the same way on its own scan (dense skull, >= 1200 HU: a
+    thresholded finding that the interpolation of the motion redraws, as a model's noise is): without a
+    minimum size a few 'new' lesions raise the flag on an unchanged patient; with the default 0.1 ml they
+    are indeterminate and the flag stays 0. (With a trained model on the whole head: BENCHMARKS.md.)"""
+    from analysis.imaging.io import write_mask
+    from analysis.lesions.change import DEFAULT_MIN_LESION_ML, INDETERMINATE, RESOLVED
+    from tests.real_ct import head_ct, moved
+
+    ct, g = head_ct()
+    ct = ct[36:60]
+    g = Geometry(size=(256, 256, 24), spacing=g.spacing, origin=g.origin, direction=g.direction)
+    mv = np.rint(moved(ct.astype(np.float32), g, 4.0, (5.0, -3.0, 2.0))).astype(np.int16)
+    for name, volume in (("head", ct), ("moved", mv)):
+        write_array(volume, g, tmp_path / f"{name}.nii.gz")
+        write_mask((volume >= 1200).astype(np.uint8), g, tmp_path / f"{name}_mask.nii.gz")
+    args = ["followup", "--baseline", tmp_path / "head.nii.gz", "--followup", tmp_path / "moved.nii.gz",
+            "--baseline-mask", tmp_path / "head_mask.nii.gz", "--followup-mask", tmp_path / "moved_mask.nii.gz"]
+    assert invoke([*args, "--out", tmp_path / "all", "--min-lesion-ml", "0"]).exit_code == 0
+    every = read_summary(tmp_path / "all")
+    assert int(every[NEW]) >= NEW_LESIONS_FLAG and every["new_lesions_flag"] == "1"  # the rule is needed
+    assert invoke([*args, "--out", tmp_path / "out"]).exit_code == 0
+    summary = read_summary(tmp_path / "out")
+    assert summary[NEW] == "0" and summary[RESOLVED] == "0" and summary["new_lesions_flag"] == "0"
+    assert int(summary[INDETERMINATE]) == int(every[NEW]) + int(every[RESOLVED])
+    record = json.loads((tmp_path / "out" / "followup.json").read_text(encoding="utf-8"))
+    assert record["registration"]["bone_dice"] >= 0.9
+    small = [r for r in read_csv(tmp_path / "out" / LESIONS_CSV) if r["status"] == INDETERMINATE]
+    assert all(max(float(r["baseline_ml"] or 0), float(r["followup_ml"] or 0)) < DEFAULT_MIN_LESION_ML for r in small)

@@ -107,6 +107,27 @@ def test_segments_chosen_by_number_label_or_all(tmp_path):
         assert np.array_equal(label, expected), segment
 
 
+def test_many_overlapping_segments_merge_and_a_refusal_lists_ten(tmp_path):
+    """--segment all is the union of every segment, overlaps included (read combined, one volume);
+    without --segment the one-line refusal names ten segments and the count."""
+    ct, mask = phantom(3)
+    _standard(tmp_path / "ct", ct)
+    _, series = read_dicom(tmp_path / "ct")
+    segments = {}
+    for i in range(12):
+        m = np.zeros_like(mask)
+        m[i % PHANTOM_SHAPE[0], 2 * i:2 * i + 6, 4:10] = 1       # each overlaps the next
+        segments[f"vertebra {i + 1}"] = m
+    segments["lesion"] = mask
+    seg = write_seg(tmp_path / "many.dcm", segments, series)
+    line = _refused(tmp_path, ["--label", str(seg)], "13 segments (1 'vertebra 1', 2 'vertebra 2',",
+                    "10 'vertebra 10' and 3 more)")
+    assert "'lesion'" not in line and len(line) - len(str(seg)) < 300
+    import_dicom(tmp_path / "ct", tmp_path / "ds", "all", label=seg, segment="all")
+    label, _ = read_array(tmp_path / "ds" / "labelsTr" / "all.nii.gz")
+    assert np.array_equal(label, np.any(np.stack(list(segments.values())), axis=0).astype(np.uint8))
+
+
 # --- refusals: one line naming what is there, nothing written -----------------------------------
 
 

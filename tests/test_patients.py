@@ -78,6 +78,8 @@ def test_lesion_rows_agree_with_an_independent_computation() -> None:
     assert (pelvis["bone"], pelvis["weight_bearing"]) == ("pelvis", True)
     assert (arm["bone"], arm["weight_bearing"]) == ("extremity", False)
     assert thin["bone"] == "unknown" and thin["weight_bearing"] is False
+    # off bone: less than half of the voxels on the bone map (the thin one: none; the spine one: 28 of 28)
+    assert thin["off_bone"] is True and not any(r["off_bone"] for r in (spine, pelvis, arm))
     # slice ranges [1,4], [8,10], [10,11], [0,0]: every gap is <= 10 slices
     assert [r["n_neighbours"] for r in rows] == [3, 3, 3, 3]
     # the thin lesion lies outside bone: it is the whole of its 2D region -> diffuse
@@ -99,7 +101,8 @@ def test_neighbours_follow_analyze_with_a_small_cluster_gap() -> None:
 def test_without_bones_and_probability_columns_are_empty() -> None:
     mask, ct, _, _, geom = _case()
     rows = lesion_rows("c1", mask, ct, geom)
-    assert rows and all(r["bone"] is None and r["weight_bearing"] is None and r["score"] is None for r in rows)
+    assert rows and all(r["bone"] is None and r["weight_bearing"] is None and r["score"] is None
+                        and r["off_bone"] is None for r in rows)
     # the diffuse rule takes bone pixels from CT >= 150 HU then (here identical to the bone map)
     with_map = lesion_rows("c1", mask, ct, geom, bones=_case()[3])
     assert [r["diffuse"] for r in rows] == [r["diffuse"] for r in with_map]

@@ -190,3 +190,19 @@ def test_report_renders_in_chromium_and_shows_every_case(cohort, tmp_path):
     for r in report.rows:                                                   # every case's images are on screen
         for suffix in ("_views.png", "_mip.png"):
             assert _found(shot, tmp_path / "qc" / f"{r.case}{suffix}") > 0.95, (r.case, suffix)
+
+
+def test_a_lesion_in_the_lung_is_in_air_but_inside_the_body():
+    """Aerated lung is enclosed by the chest wall: a label there is 'in air' (its median HU), and
+    not 'leaves body' (the body mask fills each slice's enclosed air)."""
+    ct = np.full((6, 40, 40), -1000, np.int16)
+    yy, xx = np.mgrid[:40, :40]
+    ct[:, ((yy - 20) / 15.0) ** 2 + ((xx - 20) / 18.0) ** 2 <= 1] = 40
+    ct[:, ((yy - 20) / 8.0) ** 2 + ((xx - 14) / 5.0) ** 2 <= 1] = -850   # a lung
+    label = np.zeros(ct.shape, np.uint8)
+    label[2:4, 19:22, 13:16] = 1
+    flags, _ = case_flags(ct, label, None)
+    assert flags == ["in air: lesion #1 (-850 HU) median below -500 HU"]
+    label[2:4, 0:2, 0:2] = 1                         # and one truly outside the patient
+    flags, _ = case_flags(ct, label, None)
+    assert "leaves body: 8 label voxel(s) outside the body" in flags

@@ -223,7 +223,8 @@ def test_lesions_csv_against_scipy_and_simpleitk(tmp_path):
     out, _, _ = _run(tmp_path, images, net, Outputs(probabilities=True))
     rows = list(csv.DictReader(open(out / "lesions.csv", encoding="utf-8")))
     assert list(rows[0]) == ["case", "lesion_id", "voxels", "volume_ml", "x_mm", "y_mm", "z_mm", "z_first", "z_last",
-                             "hu_mean", "hu_max", "score", "n_neighbours", "diffuse", "bone", "weight_bearing"]
+                             "hu_mean", "hu_max", "score", "n_neighbours", "diffuse", "bone", "weight_bearing",
+                             "long_axis_mm", "short_axis_mm", "off_bone"]  # added columns last: readers of the others are unchanged
     mask, geometry = read_array(out / "pt.nii.gz")
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
     assert n == len(rows) == 3
@@ -239,7 +240,7 @@ def test_lesions_csv_against_scipy_and_simpleitk(tmp_path):
         assert g[0] == e[0] and g[4:] == e[4:]
         np.testing.assert_allclose(g[1:4], e[1:4], atol=1e-6)
     assert all(float(r["score"]) == pytest.approx(0.9, abs=1 / 255) for r in rows)
-    assert all(r["bone"] == "" and r["weight_bearing"] == "" for r in rows)
+    assert all(r["bone"] == "" and r["weight_bearing"] == "" and r["off_bone"] == "" for r in rows)
     patients = list(csv.DictReader(open(out / "patients.csv", encoding="utf-8")))
     assert patients[0]["case"] == "pt" and patients[0]["lesions"] == "3" and patients[0]["spine"] == ""
     prob = read_probability(out / "probabilities" / "pt.nii.gz")
@@ -376,3 +377,29 @@ def test_lesion_scores_are_probabilities_exactly(tmp_path):
     assert stored.get_fdata().max() > 1.0  # the float32 slope applied in float64 overshoots
     assert int(np.asarray(stored.dataobj.get_unscaled()).max()) == 255  # the stored level, as the README says
     assert read_probability(out / "probabilities" / "pt.nii.gz").max() == 1.0  # the project's reader clips
+
+
+def test_components_in_air_or_lung_are_removed_and_counted(tmp_path):
+    """A network that also calls an air pocket inside the body (and the air around it) lesion: the
+    components whose median HU is below -500 are dropped from the mask and counted in predict.json."""
+    from analysis.prediction.request import removed_in_air
+
+    ct = phantom_ct()
+    ct[2:5, 18:24, 20:28] = -850.0  # lung-like air inside the body: 3 x 6 x 8 voxels
+
+    def bright_or_air(volume, z, spacing_zyx):
+        return np.where((volume[z] > 500) | ((volume[z] < -800) & (volume[z] > -900)), 0.9, 0.05).astype(np.float32)
+
+    images = tmp_path / "images"
+    write_array(ct, LPS, images / "pt.nii.gz")
+    out, done, failures = _run(tmp_path, images, Network(name="air", fingerprint="0", segment=bright_or_air,
+                                                          crop=False), Outputs(preview=False))
+    assert failures == []
+    mask = read_array(out / "pt.nii.gz")[0]
+    assert np.array_equal(mask, (ct > 500).astype(np.uint8))
+    voxel_ml = 0.9 * 0.8 * 3.0 / 1000
+    assert done[0]["removed_in_air"] == {"lesions": 1, "ml": pytest.approx(3 * 6 * 8 * voxel_ml)}
+    summary = removed_in_air({p["case"]: p for p in done})
+    assert summary["lesions"] == 1 and summary["cases"] == ["pt"]
+    rows = list(csv.DictReader((out / "lesions.csv").open(encoding="utf-8")))
+    assert len(rows) == 3 and all(float(r["hu_mean"]) > 500 for r in rows)

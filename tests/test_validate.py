@@ -85,3 +85,20 @@ def test_nan_hu_and_4d_and_bone_codes(tiny_cohort):
 def test_missing_dataset_folder():
     r = run_validate("/nonexistent/ds")
     assert r.exit_code == 2 and "dataset folder not found" in r.output
+
+
+def test_an_image_that_is_not_ct_is_a_problem_unless_the_check_is_off(tiny_cohort):
+    """An MR-like image (values 0..3000, no air) in a cohort: one problem naming it; --no-ct-check
+    (a cohort of tightly cropped CT) accepts it."""
+    geom = make_geometry()
+    mr = np.random.default_rng(0).uniform(0, 3000, (6, 16, 20)).astype(np.float32)
+    mr[0, 0, 0], mr[0, 0, 1] = 0.0, 3000.0
+    path = tiny_cohort / "imagesTr" / "case_001_0000.nii.gz"
+    write_array(mr, geom, path)
+    r = CliRunner().invoke(main, ["validate", str(tiny_cohort)])
+    assert r.exit_code == 2
+    lines = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: {path}: values 0..3000 with nothing below 0: not CT in Hounsfield units (air is -1000 HU); "
+                     f"--no-ct-check accepts it (a CT cropped tightly)"]
+    r = CliRunner().invoke(main, ["validate", str(tiny_cohort), "--no-ct-check"])
+    assert r.exit_code == 0, r.output

@@ -17,7 +17,9 @@ The truth is measured, not assumed: lesions are 26-connected components of each 
 mask, and a baseline and a follow-up lesion are the same lesion when they share a voxel in the
 exact (known) frame; each group of linked lesions gets its status from its volumes on each
 scan's own grid by :func:`analysis.lesions.group_lesions` (so a lesion that a bone edge kept
-from growing is truthfully "stable").
+from growing is truthfully "stable"). A lesion the phantom made new or resolved is so in the truth
+whatever its size (``min_lesion_ml=0``): many are smaller than ``followup``'s default floor for
+calling one (0.1 ml), below which it reports them ``indeterminate``.
 
 Layout added to the cohort folder::
 
@@ -206,7 +208,7 @@ def _truth(base_labels: np.ndarray, moved0: np.ndarray, own: np.ndarray, under: 
     inside = own > 0
     pairs = {(a, int(j)) for j, k in set(zip(own[inside].tolist(), under[inside].tolist()))
              for a in frame_to_base.get(int(k), ())}
-    groups = group_lesions(pairs, base_ml, own_ml)
+    groups = group_lesions(pairs, base_ml, own_ml, min_lesion_ml=0.0)  # the phantom's own changes, any size
     return [{"lesion": k, "status": g.status, "baseline_id": ";".join(map(str, g.baseline)),
              "followup_id": ";".join(map(str, g.followup)), "baseline_ml": g.baseline_ml, "followup_ml": g.followup_ml}
             for k, g in enumerate(groups, start=1)]

@@ -33,6 +33,7 @@ from analysis.cohort.imports import import_dicom
 from analysis.cohort.layout import Cohort, check_case_id
 from analysis.errors import InputError
 from analysis.imaging.dicom import DicomSeries, find_series, series_folders
+from analysis.imaging.io import require_writable
 from analysis.imaging.records import read_csv
 
 log = logging.getLogger(__name__)
@@ -233,11 +234,13 @@ def import_all(root: str | os.PathLike, dataset: str | os.PathLike, *, labels_cs
         The :class:`ImportSummary`; its ``failed`` cases were reported and skipped.
 
     Raises:
-        InputError: ``root`` is not a folder, or the labels CSV is unreadable. A bad case
+        InputError: ``root`` is not a folder, ``dataset`` cannot be written, or the labels CSV is
+            unreadable. A bad case
             never raises: it is a failed row.
     """
     root, dataset = Path(root), Path(dataset)
     folders = patient_folders(root)
+    require_writable(dataset)  # one line, not the same failure for every case
     labels = read_labels_csv(labels_csv) if labels_csv is not None else {}
     cohort = Cohort(dataset)
     summary = ImportSummary(root=str(root), dataset=str(dataset))

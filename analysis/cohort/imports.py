@@ -12,7 +12,7 @@ from analysis.cohort.bone_maps import BONE_MAP_KINDS, PROJECT, TOTALSEG_TO_BONE,
 from analysis.cohort.layout import MAX_BONE_CODE, Cohort, check_case_id, write_dataset_json
 from analysis.errors import InputError
 from analysis.imaging.dicom import read_dicom
-from analysis.imaging.io import Geometry, read_array, read_image, write_array, write_image
+from analysis.imaging.io import Geometry, read_array, read_image, require_writable, write_array, write_image
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,12 @@ def import_bones(seg: str | os.PathLike, dataset: str | os.PathLike, case: str) 
         Path of the written bone map.
 
     Raises:
-        InputError: unreadable map, non-integer or negative labels, or geometry unlike the CT.
+        InputError: unreadable map, non-integer or negative labels, geometry unlike the CT, or a
+            dataset that cannot be written.
     """
     check_case_id(case)
     cohort = Cohort(dataset)
+    require_writable(cohort.root)
     ct_path = cohort.image_path(case)
     if not ct_path.is_file():
         raise InputError(f"{ct_path}: not found; import the case's CT before its bone map")
@@ -117,7 +119,7 @@ def import_dicom(dicom_dir: str | os.PathLike, dataset: str | os.PathLike, case:
     Raises:
         InputError: no CT series, only localizers, equally large series (pick one with
             ``series``), one slice, gaps or uneven spacing, gantry tilt, an existing case,
-            or a bad label. Nothing is written then.
+            a bad label, or a dataset that cannot be written. Nothing is written then.
 
     The label is written before the image, so a case whose image exists is complete
     (what :func:`analysis.cohort.import_all.import_all` resumes by).
@@ -127,6 +129,7 @@ def import_dicom(dicom_dir: str | os.PathLike, dataset: str | os.PathLike, case:
     cohort = Cohort(dataset)
     if cohort.root.exists() and not cohort.root.is_dir():
         raise InputError(f"{cohort.root}: exists and is not a folder")
+    require_writable(cohort.root)
     img_path, lab_path = cohort.image_path(case), cohort.label_path(case)
     if img_path.exists() and not overwrite:
         raise InputError(f"{img_path}: case {case} already exists; pass --overwrite to replace it")

@@ -18,8 +18,9 @@ or does not fit its image makes the case a problem row), and flags for what
 usually is a mistake (:func:`case_flags`, :func:`spacing_flags`):
 
 - ``empty label``: no lesion voxel (a lesion-free patient, or a label that was lost);
-- ``off bone``: a lesion with less than :data:`MIN_ON_BONE` of its voxels on the bone map;
-- ``in air``: a lesion whose median HU is below :data:`AIR_HU`;
+- ``off bone``: a lesion with less than :data:`analysis.lesions.MIN_ON_BONE` of its voxels on the bone map;
+- ``in air``: a lesion whose median HU is below
+  :data:`analysis.imaging.hounsfield.AIR_OR_LUNG_HU` (air or aerated lung, -500 HU);
 - ``leaves body``: label voxels outside the body (:func:`analysis.imaging.body.body_mask`);
 - ``spacing``: an axis' spacing more than :data:`SPACING_FACTOR` times off the cohort's median;
 - ``left-right flip?``: the label lies on the bone map only when mirrored about the body's
@@ -43,19 +44,16 @@ from analysis.cohort.layout import Cohort
 from analysis.errors import InputError
 from analysis.imaging.body import body_mask
 from analysis.imaging.display import window
+from analysis.imaging.hounsfield import AIR_OR_LUNG_HU
 from analysis.imaging.io import Geometry, atomic_directory, read_array
 from analysis.imaging.orientation import Reorientation
-from analysis.lesions import DEFAULT_BONE_HU, lesion_instances
+from analysis.lesions import DEFAULT_BONE_HU, MIN_ON_BONE, lesion_instances, on_bone_fractions
 from analysis.imaging.records import csv_text
 
 log = logging.getLogger(__name__)
 
 __all__ = ["QcRow", "QcReport", "case_flags", "spacing_flags", "orientation_code", "mirror_lr", "write_qc_report"]
 
-#: A lesion with less than this share of its voxels on the bone map is "off bone".
-MIN_ON_BONE = 0.5
-#: A lesion whose median HU is below this is "in air" (air -1000 HU, lung -900..-700 HU).
-AIR_HU = -500.0
 #: An axis whose spacing is more than this factor above or below the cohort's median is flagged.
 SPACING_FACTOR = 1.5
 #: A left-right flip is suspected when the mirrored label's share on bone exceeds the stored
@@ -185,13 +183,13 @@ def case_flags(ct: np.ndarray, label: np.ndarray, bones: np.ndarray | None) -> t
     order = np.argsort(lesion_ids, kind="stable")
     groups = np.split(ct[lesion][order], np.cumsum(np.bincount(lesion_ids, minlength=n + 1)[1:])[:-1])
     in_air = [f"#{i} ({float(np.median(g)):.0f} HU)" for i, g in enumerate(groups, start=1)
-              if float(np.median(g)) < AIR_HU]
+              if float(np.median(g)) < AIR_OR_LUNG_HU]
     if in_air:
-        flags.append(f"in air: lesion {_listed(in_air)} median below {AIR_HU:.0f} HU")
+        flags.append(f"in air: lesion {_listed(in_air)} median below {AIR_OR_LUNG_HU:.0f} HU")
     if bones is None:
         return flags, figures
     bone = bones != 0
-    on = np.bincount(ids[lesion & bone], minlength=n + 1)[1:] / np.bincount(lesion_ids, minlength=n + 1)[1:]
+    on = on_bone_fractions(ids, n, bone)
     off = [f"#{i} ({100 * s:.0f}% on bone)" for i, s in enumerate(on.tolist(), start=1) if s < MIN_ON_BONE]
     if off:
         flags.append(f"off bone: lesion {_listed(off)}")

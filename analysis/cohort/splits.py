@@ -20,7 +20,7 @@ import numpy as np
 
 from analysis.cohort.layout import Cohort
 from analysis.errors import InputError
-from analysis.imaging.io import atomic_write_json, read_array
+from analysis.imaging.io import atomic_write_json, read_array, require_writable
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,11 @@ def write_splits(dataset: str | os.PathLike, *, test_fraction: float = 0.2, fold
     set) left without a lesion-bearing case when the cohort has too few.
 
     Raises:
-        InputError: the cohort is missing or has too few cases.
+        InputError: the cohort is missing, has too few cases, or cannot be written (a read-only mount).
     """
     cohort = Cohort(dataset)
     cohort.require_exists()
+    require_writable(cohort.root)
     cases = cohort.cases()
     if not cases:
         raise InputError(f"{cohort.root}: no case has both imagesTr/<case>_0000.nii.gz and labelsTr/<case>.nii.gz")

@@ -14,11 +14,9 @@ from analysis.cohort.case import label_problems, negatives_problems
 from analysis.cohort.layout import (FILE_ENDING, IMAGE_SUFFIX, MAX_BONE_CODE, Cohort, dataset_json_problems,
                                     splits_problems)
 from analysis.errors import InputError
+from analysis.imaging.hounsfield import require_ct
 from analysis.imaging.io import read_array, read_json
 
-#: A CT in HU has air near -1000. An image whose minimum is at or above this value was
-#: probably stored without its DICOM rescale intercept; reported as a warning, not an error.
-HU_MIN_WARN = 0.0
 
 
 @dataclass
@@ -42,7 +40,6 @@ class ValidationReport:
     root: str
     cases: list[CaseSummary] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -65,11 +62,12 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def validate_dataset(dataset: str | os.PathLike) -> ValidationReport:
+def validate_dataset(dataset: str | os.PathLike, *, ct_check: bool = True) -> ValidationReport:
     """Check a cohort folder in the project's layout.
 
     Checks: dataset.json fields; every image has a label and vice versa; images are 3D
-    and scalar with finite HU; labels share their image's geometry and hold only 0/1
+    and scalar with finite HU and look like CT in HU (:func:`analysis.imaging.hounsfield.require_ct`,
+    unless ``ct_check`` is False: ``--no-ct-check``); labels share their image's geometry and hold only 0/1
     (:func:`analysis.cohort.case.label_problems`, the rule every reader of a case applies;
     here each case's problems are all listed and checking goes on); bone maps
     (optional) share the geometry and hold codes 0..7; hard-negative maps (optional,
@@ -79,6 +77,7 @@ def validate_dataset(dataset: str | os.PathLike) -> ValidationReport:
 
     Args:
         dataset: the cohort folder.
+        ct_check: refuse images that do not look like CT in HU (an MR, a CT without its rescale).
 
     Returns:
         A :class:`ValidationReport`; ``problems`` is empty when the cohort is usable.
@@ -124,7 +123,7 @@ def validate_dataset(dataset: str | os.PathLike) -> ValidationReport:
     if not cases and cohort.images_dir.is_dir():
         p.append(f"{cohort.root}: no case has both an image and a label")
     for case in cases:
-        summary = _check_case(cohort, case, p, report.warnings)
+        summary = _check_case(cohort, case, p, ct_check)
         if summary is not None:
             report.cases.append(summary)
 
@@ -157,17 +156,17 @@ def _check_stray_files(cohort: Cohort, problems: list[str]) -> None:
                 problems.append(f"{f}: unexpected file name; expected <case>{FILE_ENDING}")
 
 
-def _check_case(cohort: Cohort, case: str, problems: list[str], warnings: list[str]) -> CaseSummary | None:
+def _check_case(cohort: Cohort, case: str, problems: list[str], ct_check: bool) -> CaseSummary | None:
     img_path, lab_path = cohort.image_path(case), cohort.label_path(case)
     try:
         ct, geom = read_array(img_path)
     except InputError as exc:
         problems.append(str(exc))
         return None
-    lo, hi = float(ct.min()), float(ct.max())
-    if lo >= HU_MIN_WARN:
-        warnings.append(f"{img_path}: HU range [{lo:g}, {hi:g}] has no air (about -1000 HU); "
-                        f"was the rescale slope/intercept applied?")
+    try:
+        require_ct(ct, img_path, check=ct_check)
+    except InputError as exc:
+        problems.append(str(exc))
     del ct
 
     lesion_voxels = 0

@@ -48,6 +48,7 @@ from analysis.evaluation.metrics.lesionwise import (SIZE_BINS, LesionCounts, cas
                                                     size_bin_counts)
 from analysis.evaluation.metrics.overlap import case_overlap, slice_overlap
 from analysis.evaluation.settings import MODEL_COLUMNS, differences, model_rows
+from analysis.imaging.hounsfield import require_ct
 from analysis.evaluation.stats import holm, paired_ttest
 from analysis.imaging.io import (Geometry, atomic_directory, atomic_write_json, check_output_folder, read_array,
                                  read_header)
@@ -113,6 +114,8 @@ class AnalysisConfig:
         froc_floor: FROC candidates are components of voxel probability >= this, in (0, 1].
         bootstrap: patient-level bootstrap replicates for ``bootstrap.csv`` (0: none).
         seed: seed of the bootstrap's ``numpy.random.default_rng``.
+        ct_check: refuse a cohort image that does not look like CT in HU
+            (:func:`analysis.imaging.hounsfield.require_ct`; ``--no-ct-check`` turns it off).
     """
 
     cases: str = "test"
@@ -126,6 +129,7 @@ class AnalysisConfig:
     froc_floor: float = DEFAULT_FROC_FLOOR
     bootstrap: int = 1000
     seed: int = 0
+    ct_check: bool = True
 
     def check(self) -> None:
         """Raise :class:`InputError` for out-of-range settings."""
@@ -195,6 +199,8 @@ def _validate(dataset: Path, predictions: Path, config: AnalysisConfig) -> _Inpu
     for case in cases:
         image = cohort.image_path(case)
         geo = check_ct(image)  # whatever the flags: a CT holding NaN is refused (ITK would read NaN as 0)
+        if config.ct_check:  # decodes the image once more: an MR or a CT without its rescale is no cohort CT
+            require_ct(read_array(image)[0], image)
         geometry[case] = geo
         for path in (cohort.label_path(case), cohort.bones_path(case) if cohort.has_bones(case) else None):
             if path is None:
@@ -703,7 +709,7 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
                  cases: str = "test", radiomics: bool = True, jobs: int = 1, connectivity: int = 26,
                  cluster_slices: int = 10, diffuse_fraction: float = 0.6, threshold: float = 0.5,
                  bone_hu: float = DEFAULT_BONE_HU, froc_floor: float = DEFAULT_FROC_FLOOR, bootstrap: int = 1000,
-                 seed: int = 0, overwrite: bool = False, synthetic: bool | None = None) -> Path:
+                 seed: int = 0, overwrite: bool = False, synthetic: bool | None = None, ct_check: bool = True) -> Path:
     """Run every analysis of the paper on one set of predictions and write ``OUT``.
 
     Args:
@@ -711,7 +717,7 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
         predictions: ``PRED`` with one folder per model.
         out: output folder (created atomically).
         cases, radiomics, jobs, connectivity, cluster_slices, diffuse_fraction, threshold,
-            bone_hu, froc_floor, bootstrap, seed: see :class:`AnalysisConfig`.
+            bone_hu, froc_floor, bootstrap, seed, ct_check: see :class:`AnalysisConfig`.
         overwrite: replace an existing non-empty ``out``.
         synthetic: the cohort is a phantom, so the report and every figure say it is not
             patient data; None decides from ``dataset.json`` (a ``name`` or ``description``
@@ -727,7 +733,7 @@ def run_analysis(dataset: str | os.PathLike, predictions: str | os.PathLike, out
     config = AnalysisConfig(cases=cases, radiomics=radiomics, jobs=jobs, connectivity=connectivity,
                             cluster_slices=cluster_slices, diffuse_fraction=diffuse_fraction,
                             threshold=threshold, bone_hu=bone_hu, froc_floor=froc_floor, bootstrap=bootstrap,
-                            seed=seed)
+                            seed=seed, ct_check=ct_check)
     config.check()
     dataset, predictions, out = Path(dataset), Path(predictions), Path(out)
     check_output_folder(out, overwrite=overwrite)

@@ -6,6 +6,9 @@ the largest 3D connected region of voxels above ``threshold_hu`` (-500 HU by def
 air is about -1000, lung about -850 to -500, fat -100): the scanner table, cushions,
 cables and noise form separate, smaller regions and are left out. (A table that touches
 the patient through a dense mattress joins the body; the box is then wider, never wrong.)
+Air the body encloses in an axial slice (aerated lung, bowel gas, the trachea, the sinuses)
+is body too (:func:`body_mask` fills each slice's holes): "inside the body" means what it
+says for a lesion in the lung. Holes do not change the body's extent, so the boxes skip it.
 
 The body is found on a 2x max-pooled volume (a block of 2x2x2 voxels is "above" when any
 voxel in it is): the box is the same or up to one voxel larger than at full resolution,
@@ -34,11 +37,15 @@ from typing import Sequence
 
 import cc3d
 import numpy as np
+from scipy import ndimage
 
-__all__ = ["body_mask", "body_box", "slab_boxes", "crop", "paste", "box_from_extent", "BODY_HU", "POOL"]
+from analysis.imaging.hounsfield import AIR_OR_LUNG_HU
 
-#: Voxels above this many HU can be body (air and most lung lie below).
-BODY_HU = -500.0
+__all__ = ["body_mask", "fill_slice_holes", "body_box", "slab_boxes", "crop", "paste", "box_from_extent", "BODY_HU", "POOL"]
+
+#: Voxels above this many HU can be body (air and aerated lung lie below: the one constant of
+#: :mod:`analysis.imaging.hounsfield`).
+BODY_HU = AIR_OR_LUNG_HU
 #: Max-pooling factor along each axis before labelling.
 POOL = 2
 
@@ -62,13 +69,46 @@ def _pool_any(above: np.ndarray, factor: int) -> np.ndarray:
     return out
 
 
-def body_mask(ct: np.ndarray, *, threshold_hu: float = BODY_HU, pool: int = POOL) -> np.ndarray:
-    """The body: the largest 26-connected region of voxels above ``threshold_hu``, pooled.
+def fill_slice_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with the holes of each axial slice filled: background that the slice's mask
+    encloses in-plane (4-connected to nothing on the slice's border) becomes True.
+
+    Args:
+        mask: bool ``(slices, rows, cols)``.
+
+    Returns:
+        A new bool array of the same shape.
+
+    Examples:
+        A ring encloses its centre; a U open to the edge does not:
+
+        >>> ring = np.zeros((1, 5, 5), bool)
+        >>> ring[0, 1:4, 1:4] = True
+        >>> ring[0, 2, 2] = False
+        >>> bool(fill_slice_holes(ring)[0, 2, 2])
+        True
+        >>> cup = np.zeros((1, 4, 3), bool)
+        >>> cup[0, :, 0] = cup[0, :, 2] = cup[0, 3, :] = True
+        >>> int(fill_slice_holes(cup).sum()) == int(cup.sum())
+        True
+    """
+    out = np.empty(mask.shape, bool)
+    for k in range(mask.shape[0]):
+        out[k] = ndimage.binary_fill_holes(mask[k]) if mask[k].any() else False
+    return out
+
+
+def body_mask(ct: np.ndarray, *, threshold_hu: float = BODY_HU, pool: int = POOL,
+              fill_holes: bool = True) -> np.ndarray:
+    """The body: the largest 26-connected region of voxels above ``threshold_hu``, pooled, with
+    the air it encloses in each axial slice (lung, bowel gas, airways) filled in.
 
     Args:
         ct: ``(slices, rows, cols)`` HU.
         threshold_hu: body voxels are above this.
         pool: max-pooling factor along every axis (1 = full resolution).
+        fill_holes: fill each slice's enclosed air (:func:`fill_slice_holes`); False gives
+            only the voxels above the threshold (the same extent, for boxes).
 
     Returns:
         bool ``(ceil(slices/pool), ceil(rows/pool), ceil(cols/pool))``; all False when no
@@ -84,10 +124,12 @@ def body_mask(ct: np.ndarray, *, threshold_hu: float = BODY_HU, pool: int = POOL
     if n == 0:
         return np.zeros(pooled.shape, bool)
     if n == 1:
-        return labels != 0
-    counts = np.bincount(labels.ravel(), minlength=n + 1)
-    counts[0] = 0
-    return labels == int(np.argmax(counts))
+        body = labels != 0
+    else:
+        counts = np.bincount(labels.ravel(), minlength=n + 1)
+        counts[0] = 0
+        body = labels == int(np.argmax(counts))
+    return fill_slice_holes(body) if fill_holes else body
 
 
 def box_from_extent(lo: int, hi: int, size: int, *, margin: int, stride: int) -> slice:
@@ -171,7 +213,7 @@ def body_box(ct: np.ndarray, *, threshold_hu: float = BODY_HU, margin_mm: Sequen
         >>> body_box(ct, margin_mm=(1.0, 1.0), spacing_xy=(1.0, 1.0), stride=2, pool=1)
         (slice(1, 7, None), slice(2, 8, None))
     """
-    mask = body_mask(ct, threshold_hu=threshold_hu, pool=pool)
+    mask = body_mask(ct, threshold_hu=threshold_hu, pool=pool, fill_holes=False)
     margins = _margins(margin_mm, spacing_xy)
     return _box(mask.any(axis=(0, 2)), mask.any(axis=(0, 1)), ct.shape[1:], pool, margins, stride)
 
@@ -197,7 +239,7 @@ def slab_boxes(ct: np.ndarray, slab: int, *, threshold_hu: float = BODY_HU,
     """
     if slab < 1:
         raise ValueError(f"slab must be >= 1, got {slab}")
-    mask = body_mask(ct, threshold_hu=threshold_hu, pool=pool)
+    mask = body_mask(ct, threshold_hu=threshold_hu, pool=pool, fill_holes=False)
     margins = _margins(margin_mm, spacing_xy)
     rows_any = mask.any(axis=2)          # (pooled slices, pooled rows)
     cols_any = mask.any(axis=1)

@@ -29,10 +29,12 @@ frame ``k`` is pixel for pixel the source slice at mask slice ``k``'s position.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -58,6 +60,11 @@ MANUFACTURER = "bonemets"
 CATEGORY = codes.cid7150.MorphologicallyAbnormalStructure
 #: CID 7151: Neoplasm, Secondary (SCT 14799000, SNOMED CT "Neoplasm, metastatic").
 PROPERTY_TYPE = codes.cid7151.NeoplasmSecondary
+#: Recommended display colours of the segments (RecommendedDisplayCIELabValue, PS3.3 C.8.20.2), by
+#: lesion id in turn: eight of Trubetskoy's "20 distinct colours" in CIE L*a*b* (D65), so a viewer
+#: shows neighbouring lesions apart (OHIF otherwise warns that the SEG has none and picks its own).
+DISPLAY_COLOURS = ((49.5, 73.3, 28.1), (65.0, -54.7, 43.3), (89.5, -6.7, 86.4), (52.0, -3.8, -44.5),
+                   (66.2, 38.7, 60.7), (38.3, 65.3, -54.4), (87.0, -41.7, -12.5), (58.5, 86.0, -49.9))
 #: CID 7162: Artificial Intelligence (DCM 123110).
 ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence
 #: Type 2 attributes highdicom copies from the source; anonymised exports may lack them.
@@ -65,6 +72,23 @@ _PATIENT_STUDY_DEFAULTS = ("PatientName", "PatientID", "PatientBirthDate", "Pati
                            "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
 #: Largest distance (mm) between a mask slice's position and its source image's.
 POSITION_TOL_MM = 1e-3
+
+
+@contextlib.contextmanager
+def names_from_source() -> Any:
+    """Silence highdicom's person-name check while it copies names from the source headers.
+
+    highdicom (``base.py``, ``check_person_name``) warns when PatientName or
+    ReferringPhysicianName has no ``^`` ("unlikely to represent the intended person name"),
+    which an anonymised export's "Anonymous" has; the name is the source series' own, copied
+    unchanged as the standard requires, so the warning says nothing the user can act on (nor does
+    it for a verifying reader's user name, one PN component as it is meant to be). Other
+    warnings pass.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name",
+                                category=UserWarning)
+        yield
 
 
 def _code_record(code: Any) -> dict[str, str]:
@@ -189,7 +213,8 @@ def _build(mask: np.ndarray, series: DicomSeries, headers: list[pydicom.Dataset]
         segmented_property_category=CATEGORY, segmented_property_type=PROPERTY_TYPE, **how(ids[i - 1]),
         tracking_id=f"lesion {ids[i - 1]}" if per_lesion else None,
         tracking_uid=(tracking_uids.get(ids[i - 1]) or result_uid(uids[0], f"lesion {ids[i - 1]}")) if per_lesion
-        else None) for i in range(1, n + 1)]
+        else None, display_color=hd.color.CIELabColor(*DISPLAY_COLOURS[(ids[i - 1] - 1) % len(DISPLAY_COLOURS)]))
+        for i in range(1, n + 1)]
     row_spacing, col_spacing = series.pixel_spacing
     thickness = series.slice_thickness if series.slice_thickness else series.slice_spacing
     measures = hd.PixelMeasuresSequence(pixel_spacing=(row_spacing, col_spacing), slice_thickness=thickness,
@@ -202,15 +227,16 @@ def _build(mask: np.ndarray, series: DicomSeries, headers: list[pydicom.Dataset]
             pixels[num - 1] = mask[k]
     else:
         pixels = mask
-    return hd.seg.Segmentation(
-        source_images=[_with_defaults(ds, thickness) for ds in headers], pixel_array=pixels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
-        series_instance_uid=uids[0], series_number=series_number, sop_instance_uid=uids[1], instance_number=1,
-        manufacturer=MANUFACTURER, manufacturer_model_name=model_name[:64],
-        software_versions=f"bonemets {__version__}", device_serial_number=model_version[:64],
-        transfer_syntax_uid=ExplicitVRLittleEndian, pixel_measures=measures,
-        content_label="BONEMETS", content_description=f"{SEGMENT_LABEL} ({model_name})"[:64],
-        series_description=series_description[:64], omit_empty_frames=True)
+    with names_from_source():  # Patient/Study are the source's own
+        return hd.seg.Segmentation(
+            source_images=[_with_defaults(ds, thickness) for ds in headers], pixel_array=pixels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
+            series_instance_uid=uids[0], series_number=series_number, sop_instance_uid=uids[1], instance_number=1,
+            manufacturer=MANUFACTURER, manufacturer_model_name=model_name[:64],
+            software_versions=f"bonemets {__version__}", device_serial_number=model_version[:64],
+            transfer_syntax_uid=ExplicitVRLittleEndian, pixel_measures=measures,
+            content_label="BONEMETS", content_description=f"{SEGMENT_LABEL} ({model_name})"[:64],
+            series_description=series_description[:64], omit_empty_frames=True)
 
 
 def _read_back(path: Path, series: DicomSeries) -> np.ndarray:

@@ -8,6 +8,7 @@ index used everywhere in the project (``slices.csv``, ``z_first``/``z_last``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import io
 import json
@@ -385,6 +386,44 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~current
 
 
+#: What the system answers when a folder cannot be written into: a read-only file system (a
+#: `docker run -v ...:ro` mount), or permissions.
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def not_writable(folder: str | os.PathLike, reason: str) -> InputError:
+    """The one-line error for an output that would go into a folder that cannot be written."""
+    return InputError(f"{folder}: cannot write into this folder ({reason}); the command writes its output here, "
+                      f"so give a writable folder (a read-only mount, or another user's folder?)")
+
+
+def require_writable(folder: str | os.PathLike) -> None:
+    """Refuse before any work when this process cannot create files in ``folder`` (or, when it
+    does not exist yet, in its nearest existing parent): a read-only mount, or permissions.
+    ``os.access`` asks the kernel with the real user's rights, so root passes a ``chmod a-w``
+    folder (root can write there) but not a read-only mount.
+
+    Raises:
+        InputError: the folder cannot be written.
+    """
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        raise not_writable(folder, os.strerror(errno.EROFS if read_only else errno.EACCES))
+
+
+@contextlib.contextmanager
+def _writing_into(folder: Path) -> Iterator[None]:
+    """Turn the failure to create a file or folder in ``folder`` into :func:`not_writable`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _NOT_WRITABLE:
+            raise not_writable(folder, exc.strerror or str(exc)) from None
+        raise
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it gets the umask's mode
@@ -396,8 +435,9 @@ def atomic_file(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
         suffix: ending of the temporary name (writers that choose a format by it need it).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    with _writing_into(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -531,9 +571,11 @@ def atomic_directory(final: str | os.PathLike, *, overwrite: bool = False) -> It
     """
     final = Path(final)
     check_output_folder(final, overwrite=overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_HOST}.{os.getpid()}.", suffix=".partial", dir=final.parent))
+    with _writing_into(final.parent):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_HOST}.{os.getpid()}.", suffix=".partial",
+                                    dir=final.parent))
     os.chmod(tmp, umask_mode(0o777))
     try:
         yield tmp

@@ -15,17 +15,19 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-__all__ = ["NEW", "RESOLVED", "GROWN", "SHRUNK", "STABLE", "STATUSES", "STATUS_CODES", "ONE_TO_ONE", "SPLIT",
+__all__ = ["NEW", "RESOLVED", "GROWN", "SHRUNK", "STABLE", "INDETERMINATE", "DEFAULT_MIN_LESION_ML", "STATUSES", "STATUS_CODES", "ONE_TO_ONE", "SPLIT",
            "MERGE", "SPLIT_MERGE", "DEFAULT_CHANGE", "DEFAULT_MIN_CHANGE_ML", "NEW_LESIONS_FLAG", "change_status",
            "status_rule", "status_counts", "new_lesions_flag", "describe_counts", "Group", "group_lesions"]
 
 NEW, RESOLVED, GROWN, SHRUNK, STABLE = "new", "resolved", "grown", "shrunk", "stable"
+#: A lesion on one scan only that is too small to call new or resolved (:data:`DEFAULT_MIN_LESION_ML`).
+INDETERMINATE = "indeterminate"
 #: The status of a tracked lesion between a baseline and a follow-up scan (:func:`change_status`), in
 #: the order ``followup`` reports them: summary.csv's count columns, the report's counts.
-STATUSES: tuple[str, ...] = (NEW, RESOLVED, GROWN, SHRUNK, STABLE)
+STATUSES: tuple[str, ...] = (NEW, RESOLVED, GROWN, SHRUNK, STABLE, INDETERMINATE)
 #: Each status's code in the follow-up's label map ``status.nii.gz`` (0: no lesion;
 #: :mod:`analysis.monitoring.followup`); the preview's legend runs in this order.
-STATUS_CODES: dict[str, int] = {STABLE: 1, GROWN: 2, SHRUNK: 3, NEW: 4, RESOLVED: 5}
+STATUS_CODES: dict[str, int] = {STABLE: 1, GROWN: 2, SHRUNK: 3, NEW: 4, RESOLVED: 5, INDETERMINATE: 6}
 #: How a tracked lesion's baseline and follow-up lesions are linked (:attr:`Group.event`; a group
 #: without lesions on one side has its status, new or resolved, as its event).
 ONE_TO_ONE, SPLIT, MERGE, SPLIT_MERGE = "one-to-one", "split", "merge", "split-merge"
@@ -34,13 +36,22 @@ DEFAULT_CHANGE = 0.2
 #: Smallest absolute volume change (ml) that counts (``--min-change-ml``): below it a change is
 #: within what a voxel grid and a threshold can move by themselves.
 DEFAULT_MIN_CHANGE_ML = 0.1
+#: A lesion seen on one scan only is called new or resolved from this volume (ml) up
+#: (``--min-lesion-ml``); below it the status is :data:`INDETERMINATE` and it does not count toward
+#: the new-lesion flag. 0.1 ml is a sphere of 5.8 mm: the Fleischner Society's size below which a
+#: solid CT finding is not followed (MacMahon et al., Radiology 2017;284:228-243: < 6 mm, < 100
+#: mm^3), and well under RECIST 1.1's 10 mm, below which a lesion is non-measurable and a new one
+#: must be unequivocal before it counts (Eisenhauer et al., Eur J Cancer 2009;45:228-247). The same
+#: CT moved rigidly gave a phantom-trained model 36 "new" lesions of 0.016-0.071 ml (BENCHMARKS.md).
+DEFAULT_MIN_LESION_ML = 0.1
 
 
 def change_status(baseline_ml: float, followup_ml: float, *, change: float = DEFAULT_CHANGE,
-                  min_change_ml: float = DEFAULT_MIN_CHANGE_ML) -> str:
+                  min_change_ml: float = DEFAULT_MIN_CHANGE_ML, min_lesion_ml: float = DEFAULT_MIN_LESION_ML) -> str:
     """The follow-up status of one tracked lesion from its volumes at the two time points.
 
-    Rule: **new** without a baseline volume, **resolved** without a follow-up volume;
+    Rule: **new** without a baseline volume, **resolved** without a follow-up volume, each only
+    from ``min_lesion_ml`` up (smaller: **indeterminate**, too small to call);
     otherwise **grown** when ``followup / baseline >= 1 + change`` and the volume rose by at
     least ``min_change_ml``, **shrunk** when ``followup / baseline <= 1 - change`` and it fell by
     at least ``min_change_ml``, **stable** otherwise. (A volume rule in the spirit of the
@@ -51,19 +62,23 @@ def change_status(baseline_ml: float, followup_ml: float, *, change: float = DEF
         followup_ml: the same on the follow-up, ml; 0 if absent.
         change: relative change threshold (0.2 = 20 %).
         min_change_ml: absolute change floor in ml.
+        min_lesion_ml: a lesion on one scan only is new or resolved from this volume up, else
+            indeterminate (0: every one counts).
 
     Examples:
         >>> [change_status(1.0, v) for v in (0.0, 0.5, 0.9, 1.3)]
         ['resolved', 'shrunk', 'stable', 'grown']
         >>> change_status(0.0, 0.2), change_status(0.1, 0.15)
         ('new', 'stable')
+        >>> change_status(0.0, 0.05), change_status(0.05, 0.0), change_status(0.0, 0.05, min_lesion_ml=0)
+        ('indeterminate', 'indeterminate', 'new')
     """
     if baseline_ml <= 0 and followup_ml <= 0:
         raise ValueError("a lesion needs a volume at one time point at least")
     if baseline_ml <= 0:
-        return NEW
+        return NEW if followup_ml >= min_lesion_ml else INDETERMINATE
     if followup_ml <= 0:
-        return RESOLVED
+        return RESOLVED if baseline_ml >= min_lesion_ml else INDETERMINATE
     ratio, delta = followup_ml / baseline_ml, followup_ml - baseline_ml
     if ratio >= 1 + change and delta >= min_change_ml:
         return GROWN
@@ -72,7 +87,8 @@ def change_status(baseline_ml: float, followup_ml: float, *, change: float = DEF
     return STABLE
 
 
-def status_rule(change: float = DEFAULT_CHANGE, min_change_ml: float = DEFAULT_MIN_CHANGE_ML) -> str:
+def status_rule(change: float = DEFAULT_CHANGE, min_change_ml: float = DEFAULT_MIN_CHANGE_ML,
+                min_lesion_ml: float = DEFAULT_MIN_LESION_ML) -> str:
     """:func:`change_status`'s rule in one line with its thresholds (the records' definition).
 
     Examples:
@@ -81,7 +97,8 @@ def status_rule(change: float = DEFAULT_CHANGE, min_change_ml: float = DEFAULT_M
     """
     return (f"{NEW}: no baseline lesion; {RESOLVED}: no follow-up lesion; {GROWN}: follow-up/baseline volume >= "
             f"{1 + change:g} and an increase >= {min_change_ml:g} ml; {SHRUNK}: ratio <= {1 - change:g} "
-            f"and a decrease >= {min_change_ml:g} ml; {STABLE} otherwise")
+            f"and a decrease >= {min_change_ml:g} ml; {STABLE} otherwise; {INDETERMINATE}: a lesion on one scan "
+            f"only, below {min_lesion_ml:g} ml (too small to call {NEW} or {RESOLVED})")
 
 
 #: A patient's follow-up is flagged when it holds at least this many new lesions: the lesion-count
@@ -94,10 +111,10 @@ def status_counts(statuses: Sequence[str]) -> dict[str, int]:
     """How many tracked lesions have each status, in :data:`STATUSES` order.
 
     Examples:
-        >>> status_counts([NEW, STABLE, NEW])
-        {'new': 2, 'resolved': 0, 'grown': 0, 'shrunk': 0, 'stable': 1}
-        >>> new_lesions_flag(status_counts([NEW, STABLE, NEW])), describe_counts(status_counts([GROWN]))
-        (1, '0 new, 0 resolved, 1 grown, 0 shrunk, 0 stable')
+        >>> status_counts([NEW, STABLE, NEW, INDETERMINATE])
+        {'new': 2, 'resolved': 0, 'grown': 0, 'shrunk': 0, 'stable': 1, 'indeterminate': 1}
+        >>> new_lesions_flag(status_counts([NEW, INDETERMINATE, INDETERMINATE])), describe_counts(status_counts([GROWN]))
+        (0, '0 new, 0 resolved, 1 grown, 0 shrunk, 0 stable, 0 indeterminate')
     """
     return {name: sum(s == name for s in statuses) for name in STATUSES}
 
@@ -133,7 +150,7 @@ class Group:
     @property
     def event(self) -> str:
         """:data:`ONE_TO_ONE`, :data:`SPLIT`, :data:`MERGE`, :data:`SPLIT_MERGE`, or the status
-        (:data:`NEW`, :data:`RESOLVED`) of a group with lesions on one side only."""
+        (:data:`NEW`, :data:`RESOLVED`, :data:`INDETERMINATE`) of a group with lesions on one side only."""
         nb, nf = len(self.baseline), len(self.followup)
         if nb == 0 or nf == 0:
             return self.status
@@ -142,7 +159,8 @@ class Group:
 
 
 def group_lesions(pairs: set[tuple[int, int]], baseline_ml: np.ndarray, followup_ml: np.ndarray, *,
-                  change: float = DEFAULT_CHANGE, min_change_ml: float = DEFAULT_MIN_CHANGE_ML) -> list[Group]:
+                  change: float = DEFAULT_CHANGE, min_change_ml: float = DEFAULT_MIN_CHANGE_ML,
+                  min_lesion_ml: float = DEFAULT_MIN_LESION_ML) -> list[Group]:
     """Tracked lesions: the connected groups of baseline and follow-up lesions linked by ``pairs``
     (how pairs are found is the caller's: :func:`analysis.monitoring.matching.match`, or the
     follow-up phantom's exact frame), each with its status from its summed volumes
@@ -152,7 +170,7 @@ def group_lesions(pairs: set[tuple[int, int]], baseline_ml: np.ndarray, followup
     Args:
         pairs: ``(baseline_id, followup_id)`` links, ids ``1..n`` of each scan.
         baseline_ml, followup_ml: ``(n_b,)`` and ``(n_f,)`` lesion volumes (ml), each on its own grid.
-        change, min_change_ml: the status thresholds of :func:`change_status`.
+        change, min_change_ml, min_lesion_ml: the status thresholds of :func:`change_status`.
 
     Examples:
         >>> gs = group_lesions({(1, 1), (1, 2)}, np.array([1.0, 0.5]), np.array([0.9, 0.9, 0.3]))
@@ -175,5 +193,6 @@ def group_lesions(pairs: set[tuple[int, int]], baseline_ml: np.ndarray, followup
         bml = float(sum(baseline_ml[i - 1] for i in b))
         fml = float(sum(followup_ml[j - 1] for j in f))
         groups.append(Group(tuple(b), tuple(f), bml, fml,
-                            change_status(bml, fml, change=change, min_change_ml=min_change_ml)))
+                            change_status(bml, fml, change=change, min_change_ml=min_change_ml,
+                                          min_lesion_ml=min_lesion_ml)))
     return groups

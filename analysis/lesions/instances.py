@@ -1,5 +1,6 @@
-"""Lesion instances and their attributes: extent, volume, neighbours, bone identity, and
-diffuse versus focal involvement.
+"""Lesion instances and their attributes: extent, volume, largest cross-section with its long and
+short axis (the outline a report draws there), neighbours, bone identity, and diffuse versus focal
+involvement.
 
 Lesions are 3D connected components of a binary mask ``(slices, rows, cols)``
 (26-connectivity by default, as in BraTS 2023 and panoptica; autoPET uses 18).
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 import cc3d
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import ConvexHull
 
 __all__ = ["LesionTable", "lesion_instances", "lesion_table", "count_neighbours", "bone_identity",
+           "CrossSection", "cross_sections", "bidirectional", "outline",
            "diffuse_fractions", "seg_lesion_centroids", "BONE_NAMES", "UNKNOWN", "WEIGHT_BEARING_CODES",
-           "LOCATION_CATEGORIES", "DEFAULT_BONE_HU", "IN_PLANE_DILATION"]
+           "LOCATION_CATEGORIES", "DEFAULT_BONE_HU", "IN_PLANE_DILATION", "MIN_ON_BONE", "on_bone_fractions"]
 
 #: Paper's words for the ``bonesTr`` codes (see ``analysis.cohort.layout.BONE_CODES``).
 #: Upper and lower extremity (5, 6) are both "extremity"; 7 is "other".
@@ -40,6 +43,31 @@ WEIGHT_BEARING_CODES = frozenset({2, 4, 6})
 DEFAULT_BONE_HU = 150.0
 #: Fallback for bone identity: chessboard (8-neighbour) dilation by this many voxels in-plane.
 IN_PLANE_DILATION = 2
+#: A lesion with less than this share of its voxels on the bone map is "off bone": mostly where a
+#: bone metastasis cannot be (the QC report's ``off bone`` flag, predict's ``lesions.csv`` column).
+MIN_ON_BONE = 0.5
+
+
+def on_bone_fractions(labels: np.ndarray, n: int, bone: np.ndarray) -> np.ndarray:
+    """Each lesion's share of voxels on the bone map.
+
+    Args:
+        labels: ``(slices, rows, cols)`` lesion labels ``0..n`` (:func:`lesion_instances`).
+        n: the number of lesions.
+        bone: bool (or non-zero) bone voxels, same shape.
+
+    Returns:
+        float64 ``(n,)``, index ``id - 1``.
+
+    Examples:
+        >>> labels = np.array([[[1, 1, 0, 2]]])
+        >>> on_bone_fractions(labels, 2, np.array([[[1, 0, 0, 0]]])).tolist()
+        [0.5, 0.0]
+    """
+    inside = labels != 0
+    voxels = np.bincount(labels[inside].ravel(), minlength=n + 1)[1:]
+    on = np.bincount(labels[inside & (np.asarray(bone) != 0)].ravel(), minlength=n + 1)[1:]
+    return on / np.maximum(voxels, 1)
 
 
 def lesion_instances(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
@@ -133,6 +161,204 @@ def lesion_table(labels: np.ndarray, n: int, *, spacing_mm: tuple[float, float, 
     z_first, z_last = lows[0].astype(np.int64), highs[0].astype(np.int64)
     volume = voxels * (float(np.prod(spacing_mm)) / 1000.0)
     return LesionTable(z_first, z_last, voxels, volume, list(boxes))
+
+
+# --- the largest cross-section of a lesion and its bidirectional measurement ---------------------
+
+#: In-plane connectivity of the part of a cross-section that is outlined (4: pixels sharing an edge).
+_EDGE = ndimage.generate_binary_structure(2, 1)
+
+
+@dataclass(frozen=True)
+class CrossSection:
+    """A lesion's largest axial cross-section: where a reader measures it and where a report draws it.
+
+    Coordinates are in-plane pixel coordinates ``(col, row)`` of slice ``z`` with ``(0, 0)`` the top
+    left corner of the first pixel (a pixel's centre is at ``+0.5``): the convention of DICOM
+    SCOORD (PS3.3 C.18.6.1.1).
+
+    Attributes:
+        z: slice index (array axis 0) holding the most lesion pixels; ties: the lowest index.
+        pixels: the lesion's pixels in slice ``z``.
+        long_axis_mm: the maximum Feret diameter of those pixels (the squares, not their centres).
+        short_axis_mm: the longest extent of those pixels along a line perpendicular to the long axis.
+        long_axis, short_axis: their end points ``((col, row), (col, row))``.
+        outline: ``(k, 2)`` closed ring (its first point repeated last) along pixel edges around the
+            largest 4-connected part of those pixels, holes filled; the other parts, if any, are
+            not outlined (a closed polyline draws one region).
+    """
+
+    z: int
+    pixels: int
+    long_axis_mm: float
+    short_axis_mm: float
+    long_axis: tuple[tuple[float, float], tuple[float, float]]
+    short_axis: tuple[tuple[float, float], tuple[float, float]]
+    outline: np.ndarray
+
+
+def _pixel_corners(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``(4 * n, 2)``: the four corners ``(col, row)`` of each pixel."""
+    c = cols[:, None] + np.array([0, 1, 1, 0])
+    r = rows[:, None] + np.array([0, 0, 1, 1])
+    return np.stack([c.ravel(), r.ravel()], axis=1).astype(np.float64)
+
+
+def outline(pixels: np.ndarray) -> np.ndarray:
+    """The boundary, along pixel edges, of the largest 4-connected part of a slice's pixels with its
+    holes filled: a closed ring of ``(col, row)`` corners (first point repeated last), clockwise as
+    the image is shown (rows downwards), one point per corner where the boundary turns.
+
+    Filling the holes (``scipy.ndimage.binary_fill_holes``, background 4-connected) leaves a part
+    whose boundary is one simple ring, so each corner is left by one edge. The pixels whose
+    centres lie inside the ring (even-odd rule) are exactly that part.
+
+    Args:
+        pixels: ``(rows, cols)`` bool, at least one True.
+
+    Returns:
+        ``(k, 2)`` float64.
+
+    Raises:
+        ValueError: an empty slice.
+
+    Examples:
+        >>> ring = outline(np.array([[0, 1, 1], [0, 1, 0]], bool))
+        >>> ring.tolist()
+        [[1.0, 0.0], [3.0, 0.0], [3.0, 1.0], [2.0, 1.0], [2.0, 2.0], [1.0, 2.0], [1.0, 0.0]]
+    """
+    parts, n = ndimage.label(pixels, structure=_EDGE)
+    if n == 0:
+        raise ValueError("outline: the slice has no lesion pixel")
+    part = ndimage.binary_fill_holes(parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:])))
+    padded = np.pad(part, 1)
+    rows, cols = np.nonzero(part)
+    step: dict[tuple[int, int], tuple[int, int]] = {}
+    # each edge with the part on its right: the top edge left to right, the right one downwards, ...
+    for dr, dc, start, end in ((-1, 0, (0, 0), (1, 0)), (0, 1, (1, 0), (1, 1)), (1, 0, (1, 1), (0, 1)),
+                               (0, -1, (0, 1), (0, 0))):
+        open_side = ~padded[rows + 1 + dr, cols + 1 + dc]
+        for r, c in zip(rows[open_side].tolist(), cols[open_side].tolist()):
+            step[(c + start[0], r + start[1])] = (c + end[0], r + end[1])
+    first = min(step)
+    ring = [first]
+    point = step[first]
+    while point != first:
+        ring.append(point)
+        point = step[point]
+    points = np.asarray(ring, np.float64)
+    before, after = points - np.roll(points, 1, axis=0), np.roll(points, -1, axis=0) - points
+    turns = points[before[:, 0] * after[:, 1] != before[:, 1] * after[:, 0]]
+    return np.concatenate([turns, turns[:1]])
+
+
+def _perpendicular_extent(lo: np.ndarray, hi: np.ndarray, u: np.ndarray, offsets: np.ndarray) -> tuple[float, ...]:
+    """The longest extent of the union of the boxes ``[lo, hi]`` (mm, ``(m, 2)``) along a line
+    ``{p : p . u = s}``, over the offsets ``s``: ``(extent, s, t_first, t_last)``, the line's points
+    being ``s u + t v`` with ``v`` = ``u`` turned by 90 degrees."""
+    v = np.array([-u[1], u[0]])
+    best = (-1.0, 0.0, 0.0, 0.0)
+    parallel = np.abs(v) < 1e-12
+    for chunk in np.array_split(offsets, max(1, offsets.size // 256)):
+        base = chunk[:, None, None] * u                                   # (k, 1, 2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t0, t1 = (lo[None] - base) / v, (hi[None] - base) / v         # (k, m, 2)
+        enter, leave = np.minimum(t0, t1), np.maximum(t0, t1)
+        if parallel.any():  # the line runs along an axis: inside that slab everywhere, or nowhere
+            within = (lo[None] - 1e-9 <= base) & (base <= hi[None] + 1e-9)
+            enter = np.where(parallel, np.where(within, -np.inf, np.inf), enter)
+            leave = np.where(parallel, np.where(within, np.inf, -np.inf), leave)
+        start, stop = enter.max(axis=2), leave.min(axis=2)                # (k, m): each box's stretch
+        hit = start <= stop + 1e-9
+        first = np.where(hit, start, np.inf).min(axis=1)
+        last = np.where(hit, stop, -np.inf).max(axis=1)
+        k = int(np.argmax(last - first))
+        if last[k] - first[k] > best[0] + 1e-12:
+            best = (float(last[k] - first[k]), float(chunk[k]), float(first[k]), float(last[k]))
+    return best
+
+
+def bidirectional(pixels: np.ndarray, pixel_spacing_mm: tuple[float, float]) -> tuple[float, float, tuple, tuple]:
+    """The long and short axis of a lesion's cross-section in one slice, in mm: the bidirectional
+    measurement of RECIST 1.1's axial plane (Eisenhauer et al., Eur J Cancer 2009;45:228-247) and
+    of the WHO criteria before it (longest diameter and the longest diameter perpendicular to it).
+
+    - long axis: the maximum Feret diameter, the largest distance between two points of the
+      pixels taken as squares (the largest distance between two corners of their convex hull);
+    - short axis: among the lines perpendicular to the long axis, the longest extent of the pixels
+      along one (from the first to the last lesion point on the line). Its maximum lies on a line
+      through a corner (the extent is piecewise linear between such lines), so those are tried.
+
+    Args:
+        pixels: ``(rows, cols)`` bool, at least one True.
+        pixel_spacing_mm: ``(between rows, between columns)`` mm, DICOM PixelSpacing's order.
+
+    Returns:
+        ``(long_mm, short_mm, long_axis, short_axis)``, the axes as end points ``(col, row)``.
+
+    Examples:
+        A 3 x 5 rectangle: the long axis is its diagonal, the short axis the chord through its
+        centre perpendicular to the diagonal (3 x diagonal / 5):
+
+        >>> m = np.zeros((6, 8), bool)
+        >>> m[1:4, 2:7] = True
+        >>> long_mm, short_mm, _, _ = bidirectional(m, (1.0, 1.0))
+        >>> round(long_mm, 4), round(float(np.sqrt(34)), 4), round(short_mm, 4), round(3 * float(np.sqrt(34)) / 5, 4)
+        (5.831, 5.831, 3.4986, 3.4986)
+    """
+    row_mm, col_mm = (float(s) for s in pixel_spacing_mm)
+    scale = np.array([col_mm, row_mm])
+    rows, cols = np.nonzero(pixels)
+    corners = _pixel_corners(rows, cols) * scale
+    hull = corners[ConvexHull(corners).vertices]
+    distance = np.linalg.norm(hull[:, None, :] - hull[None, :, :], axis=2)
+    i, j = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    a, b = sorted([tuple(hull[i]), tuple(hull[j])])
+    a, b = np.asarray(a), np.asarray(b)
+    long_mm = float(np.linalg.norm(b - a))
+    u = (b - a) / long_mm
+    # the first and the last lesion point on a line lie on the edge pixels (a 4-neighbour outside)
+    edge = pixels & ~ndimage.binary_erosion(pixels, structure=_EDGE, border_value=0)
+    er, ec = np.nonzero(edge)
+    lo = np.stack([ec * col_mm, er * row_mm], axis=1).astype(np.float64)
+    offsets = np.unique(np.round(_pixel_corners(er, ec) * scale @ u, 9))
+    short_mm, s, t0, t1 = _perpendicular_extent(lo, lo + scale, u, offsets)
+    v = np.array([-u[1], u[0]])
+
+    def pixel(p: np.ndarray) -> tuple[float, float]:
+        return float(p[0] / col_mm), float(p[1] / row_mm)
+
+    return long_mm, short_mm, (pixel(a), pixel(b)), (pixel(s * u + t0 * v), pixel(s * u + t1 * v))
+
+
+def cross_sections(labels: np.ndarray, table: LesionTable, *,
+                   pixel_spacing_mm: tuple[float, float]) -> list[CrossSection]:
+    """Each lesion's largest cross-section along array axis 0 (:class:`CrossSection`).
+
+    Args:
+        labels: ``(slices, rows, cols)`` lesion labels ``1..n``.
+        table: their :class:`LesionTable` (bounding boxes).
+        pixel_spacing_mm: ``(between rows, between columns)`` mm.
+
+    Returns:
+        One :class:`CrossSection` per lesion, in id order.
+    """
+    out = []
+    for i, (zs, ys, xs) in enumerate(table.boxes):
+        inside = labels[zs, ys, xs] == i + 1
+        areas = inside.sum(axis=(1, 2))
+        k = int(np.argmax(areas))
+        pixels = inside[k]
+        long_mm, short_mm, long_axis, short_axis = bidirectional(pixels, pixel_spacing_mm)
+        shift = np.array([xs.start, ys.start], np.float64)
+
+        def moved(axis: tuple) -> tuple:
+            return tuple((p[0] + xs.start, p[1] + ys.start) for p in axis)
+
+        out.append(CrossSection(z=zs.start + k, pixels=int(areas[k]), long_axis_mm=long_mm, short_axis_mm=short_mm,
+                                long_axis=moved(long_axis), short_axis=moved(short_axis),
+                                outline=outline(pixels) + shift))
+    return out
 
 
 def count_neighbours(z_first: np.ndarray, z_last: np.ndarray, cluster_slices: int = 10) -> np.ndarray:

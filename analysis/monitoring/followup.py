@@ -46,6 +46,7 @@ from analysis.lesions import (
     DEFAULT_BONE_HU,
     DEFAULT_CHANGE,
     DEFAULT_MIN_CHANGE_ML,
+    DEFAULT_MIN_LESION_ML,
     MERGE,
     NEW_LESIONS_FLAG,
     SPLIT,
@@ -62,6 +63,7 @@ from analysis.lesions import (
     status_counts,
     status_rule,
 )
+from analysis.imaging.hounsfield import require_ct
 from analysis.monitoring.matching import DEFAULT_MATCH_MM, ScanLesions, match, scan_lesions
 from analysis.monitoring.preview import STATUS_COLOURS, write_followup_preview
 from analysis.monitoring.registration import (
@@ -117,6 +119,9 @@ class FollowupSettings:
         match_mm: centroids of otherwise unmatched lesions within this many mm match.
         change: relative volume change for grown / shrunk.
         min_change_ml: smallest absolute volume change (ml) for grown / shrunk.
+        min_lesion_ml: a lesion on one scan only is new or resolved from this volume (ml) up, else
+            indeterminate and not counted toward the new-lesion flag
+            (:data:`analysis.lesions.change.DEFAULT_MIN_LESION_ML`).
         register: register the follow-up (False: the scans are already aligned).
         bone_hu: CT >= this is bone (registration and its Dice check).
         dice_floor: smallest bone Dice after registration that is accepted.
@@ -125,6 +130,7 @@ class FollowupSettings:
     match_mm: float = DEFAULT_MATCH_MM
     change: float = DEFAULT_CHANGE
     min_change_ml: float = DEFAULT_MIN_CHANGE_ML
+    min_lesion_ml: float = DEFAULT_MIN_LESION_ML
     register: bool = True
     bone_hu: float = DEFAULT_BONE_HU
     dice_floor: float = DICE_FLOOR
@@ -137,6 +143,8 @@ class FollowupSettings:
             raise InputError(f"--change {self.change}: expected a fraction between 0 and 1 (0.2 = 20 %)")
         if not self.min_change_ml >= 0:
             raise InputError(f"--min-change-ml {self.min_change_ml}: expected a volume >= 0 ml")
+        if not self.min_lesion_ml >= 0:
+            raise InputError(f"--min-lesion-ml {self.min_lesion_ml}: expected a volume >= 0 ml")
 
 
 def definitions(settings: FollowupSettings) -> dict[str, str]:
@@ -153,9 +161,10 @@ def definitions(settings: FollowupSettings) -> dict[str, str]:
                     f"scans match when their centroids are within {s.match_mm:g} mm (nearest first, one to one); "
                     "linked lesions form one tracked lesion (a split: one baseline lesion, several follow-up "
                     "lesions; a merge: the reverse)",
-        "status": status_rule(s.change, s.min_change_ml),
+        "status": status_rule(s.change, s.min_change_ml, s.min_lesion_ml),
         "status_codes": ", ".join(f"{code} {name}" for name, code in STATUS_CODES.items()) + " (status.nii.gz)",
-        "new_lesions_flag": f"1 when at least {NEW_LESIONS_FLAG} new lesions: the lesion-count rule prostate-cancer "
+        "new_lesions_flag": f"1 when at least {NEW_LESIONS_FLAG} new lesions (indeterminate ones do not count): the "
+                            "lesion-count rule prostate-cancer "
                             "trials apply to bone scans (PCWG3, Scher et al., J Clin Oncol 2016), stated as such; "
                             "not a diagnosis, and PCWG3 also asks for confirmation on a later scan",
         "centroid": "x_mm, y_mm, z_mm: the tracked lesion's volume-weighted centroid in the baseline's patient "
@@ -313,7 +322,7 @@ def compare(baseline: Scan, followup: Scan, settings: FollowupSettings, *, where
     shared_b, shared_f, _ = overlap_pairs(base.labels, moved)
     pairs = match(zip(shared_b, shared_f), base.centroid_mm, fu_centroids, settings.match_mm)
     groups = group_lesions(pairs, base.volume_ml, fu.volume_ml, change=settings.change,
-                           min_change_ml=settings.min_change_ml)
+                           min_change_ml=settings.min_change_ml, min_lesion_ml=settings.min_lesion_ml)
     base_bones = _lesion_bones(base, baseline.bones)
     fu_bones = _lesion_bones(fu, followup.bones)
     rows = _rows(groups, base, fu, fu_centroids, base_bones, fu_bones)
@@ -336,13 +345,14 @@ def compare(baseline: Scan, followup: Scan, settings: FollowupSettings, *, where
                       panels=[(codes_b, num_b[base.labels]), (codes_f, num_f[moved])], status=status, seconds=seconds)
 
 
-def _load(case: InputCase, mask: str, bones: str | None, *, what: str) -> Scan:
+def _load(case: InputCase, mask: str, bones: str | None, *, what: str, ct_check: bool = True) -> Scan:
     path = str(case.path)
     image, record = read_input(case)
     if case.series is not None:
         record["patient_id"] = case.series.patient_id
     ct = sitk.GetArrayFromImage(image)
     require_finite(case.path, ct, where=case.describe())  # predict's check: a float NIfTI's NaN too
+    require_ct(ct, case.describe(), check=ct_check)  # and its "is it CT?"
     geometry = Geometry.of(image)
     m = _read_map(mask, geometry, path, f"{what} mask")
     b = _read_map(bones, geometry, path, f"{what} bone map") if bones else None
@@ -362,7 +372,7 @@ def run_followup(baseline: str, followup: str, out: str | os.PathLike, *, baseli
                  followup_mask: str | None = None, predictor: Predictor | None = None, model: str | None = None,
                  baseline_bones: str | None = None, followup_bones: str | None = None,
                  settings: FollowupSettings = FollowupSettings(), series: str | None = None,
-                 overwrite: bool = False, sr: bool = False) -> Path:
+                 overwrite: bool = False, sr: bool = False, ct_check: bool = True) -> Path:
     """Compare two CTs of one patient and write OUT (see the module docstring).
 
     Args:
@@ -378,6 +388,8 @@ def run_followup(baseline: str, followup: str, out: str | os.PathLike, *, baseli
         overwrite: replace an existing OUT.
         sr: also write the DICOM SEG and TID 1500 report on the baseline series
             (:mod:`analysis.monitoring.followup_dicom`); the baseline must be a DICOM series.
+        ct_check: refuse a CT that does not look like CT in HU
+            (:func:`analysis.imaging.hounsfield.require_ct`; a predictor checks its own input).
 
     Returns:
         OUT.
@@ -406,8 +418,8 @@ def run_followup(baseline: str, followup: str, out: str | os.PathLike, *, baseli
         if predictor is not None:
             (baseline_mask, followup_mask), model_record = _predict_masks(predictor, cases, Path(tmp))
         t_read = time.perf_counter()
-        base = _load(cases[0], baseline_mask, baseline_bones, what="baseline")
-        fu = _load(cases[1], followup_mask, followup_bones, what="follow-up")
+        base = _load(cases[0], baseline_mask, baseline_bones, what="baseline", ct_check=ct_check)
+        fu = _load(cases[1], followup_mask, followup_bones, what="follow-up", ct_check=ct_check)
         reading = time.perf_counter() - t_read
         if predictor is not None:
             base.record["mask"] = fu.record["mask"] = "predicted"

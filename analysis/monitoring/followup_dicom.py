@@ -22,6 +22,7 @@ import numpy as np
 from analysis import __version__
 from analysis.imaging.dicom import DicomSeries
 from analysis.imaging.dicom_seg import write_dicom_seg
+from analysis.lesions import cross_sections, lesion_table
 from analysis.monitoring.followup_sr import write_followup_report
 
 __all__ = ["SEG_NAME", "SR_NAME", "write_followup_dicom"]
@@ -74,8 +75,12 @@ def write_followup_dicom(out: Path, series: DicomSeries, numbers: np.ndarray, *,
                           model_version=__version__, series_number=9910,
                           series_description="bonemets follow-up lesions", labels=labels, uid_seed=seed,
                           lesion_ids=lesion_ids)
+    # each segment drawn on its largest cross-section (the baseline series' slices)
+    table = lesion_table(labels, len(lesion_ids), spacing_mm=(1.0, 1.0, 1.0))
+    sections = cross_sections(labels, table, pixel_spacing_mm=series.pixel_spacing)
     sr = write_followup_report(series, out / SR_NAME, lesions=rows, summary=summary,
                                seg_path=seg["path"] if seg["written"] else None,
+                               anchors=dict(zip(lesion_ids, sections)),
                                followup_id=followup_id, model_name=ALGORITHM,
                                model_version=__version__, uid_seed=seed)
     if seg["written"]:

@@ -19,7 +19,7 @@ import numpy as np
 from analysis.imaging.display import window
 from analysis.imaging.io import Geometry
 from analysis.imaging.orientation import Reorientation
-from analysis.lesions import GROWN, NEW, RESOLVED, SHRUNK, STABLE, STATUS_CODES
+from analysis.lesions import GROWN, INDETERMINATE, NEW, RESOLVED, SHRUNK, STABLE, STATUS_CODES
 from analysis.prediction.preview import DPI, pyplot, save_png
 
 __all__ = ["STATUS_COLOURS", "write_followup_preview", "coronal_panel"]
@@ -27,7 +27,7 @@ __all__ = ["STATUS_COLOURS", "write_followup_preview", "coronal_panel"]
 #: Outline colour of each status (RGB in [0, 1]), in the order of their codes (the legend's order).
 STATUS_COLOURS: dict[str, tuple[float, float, float]] = {
     STABLE: (1.0, 1.0, 0.0), GROWN: (1.0, 0.5, 0.0), SHRUNK: (0.0, 0.8, 1.0), NEW: (1.0, 0.0, 0.0),
-    RESOLVED: (0.0, 0.9, 0.0)}
+    RESOLVED: (0.0, 0.9, 0.0), INDETERMINATE: (0.7, 0.7, 0.7)}
 PANEL_HEIGHT_IN = 7.0
 
 

@@ -38,8 +38,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from analysis.errors import InputError
+from analysis.imaging.hounsfield import AIR_OR_LUNG_HU
 from analysis.imaging.io import (Geometry, atomic_write_json, atomic_write_text, check_output_folder, read_header,
                                  remove_stale_partials, require_finite)
 from analysis.prediction.shards import Shard, shard_cases
@@ -49,7 +51,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MASK_SUFFIX", "SLICES_CSV", "DETECTOR_CSV", "RECORD", "PROBABILITIES", "DICOM_SEG", "SR", "PREVIEW",
            "REVIEW", "REVIEWS_CSV", "SUBFOLDERS", "SLICES_COLUMNS", "PARTS", "mask_path", "check_output_folder", "select_cases",
-           "check_ct", "remove_small_components", "format_slices_csv", "read_slices_csv", "discover_models",
+           "check_ct", "remove_small_components", "remove_components_in_air", "format_slices_csv", "read_slices_csv", "discover_models",
            "PredictionFolder", "settings_fingerprint", "read_record"]
 
 MASK_SUFFIX = ".nii.gz"
@@ -136,6 +138,45 @@ def remove_small_components(mask: np.ndarray, min_size: int, connectivity: int =
     keep = np.bincount(labels.ravel()) >= min_size
     keep[0] = False
     return keep[labels].astype(np.uint8)
+
+
+def remove_components_in_air(mask: np.ndarray, ct: np.ndarray, *, below_hu: float = AIR_OR_LUNG_HU,
+                             connectivity: int = 26) -> tuple[np.ndarray, np.ndarray]:
+    """Drop 3D components whose median HU is that of air or aerated lung, where no bone metastasis
+    can be: below :data:`analysis.imaging.hounsfield.AIR_OR_LUNG_HU` (-500 HU; lung parenchyma is
+    about -900..-500 HU, air -1000), the rule of the QC report's ``in air`` flag.
+
+    Args:
+        mask: ``(slices, rows, cols)``, non-zero is lesion.
+        ct: HU, same shape.
+
+    Returns:
+        ``(mask, removed)``: uint8 0/1 without those components, and the voxel count of each one
+        removed (int64, in label order).
+
+    Examples:
+        >>> ct = np.full((2, 4, 4), -1000.0)
+        >>> ct[:, :, 2:] = 700.0
+        >>> mask = np.zeros((2, 4, 4), np.uint8)
+        >>> mask[:, 0, 0] = mask[:, 3, 3] = 1
+        >>> kept, removed = remove_components_in_air(mask, ct)
+        >>> kept[:, 3, 3].tolist(), int(kept.sum()), removed.tolist()
+        ([1, 1], 2, [2])
+    """
+    from analysis.lesions import lesion_instances
+
+    mask = (np.asarray(mask) != 0).astype(np.uint8)
+    if not mask.any():
+        return mask, np.zeros(0, np.int64)
+    labels, n = lesion_instances(mask, connectivity)
+    index = np.arange(1, n + 1)
+    median = np.asarray(ndimage.median(np.asarray(ct, np.float32), labels, index), np.float64).reshape(-1)
+    gone = index[median < below_hu]
+    if gone.size == 0:
+        return mask, np.zeros(0, np.int64)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    mask[np.isin(labels, gone)] = 0
+    return mask, sizes[gone].astype(np.int64)
 
 
 # --- slices.csv --------------------------------------------------------------------------

@@ -65,6 +65,9 @@ class PredictRequest:
             ``project`` (the cohort's bone codes) or ``totalsegmentator`` ("total" ids).
         min_size: remove 3D lesions (26-connected) smaller than this many voxels; 0 keeps all.
         overwrite: replace a folder written with other settings, or redo finished cases.
+        ct_check: refuse a case that does not look like CT in HU
+            (:func:`analysis.imaging.hounsfield.require_ct`); False (``--no-ct-check``) for genuine
+            CT without air, such as a tightly cropped volume.
     """
 
     cases: str = "test"
@@ -79,6 +82,7 @@ class PredictRequest:
     bones_from: str = PROJECT
     min_size: int = 0
     overwrite: bool = False
+    ct_check: bool = True
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "PredictRequest":
@@ -120,7 +124,8 @@ class PredictRequest:
         """What the runner writes per case besides the mask."""
         return Outputs(threshold=float(threshold), min_size=self.min_size, detector_threshold=detector_threshold,
                        probabilities=self.probabilities, dicom_seg=self.dicom_seg, sr=self.sr, preview=self.preview,
-                       lesions=True, bones=None if self.bones is None else Path(self.bones), bones_from=self.bones_from)
+                       lesions=True, bones=None if self.bones is None else Path(self.bones), bones_from=self.bones_from,
+                       ct_check=self.ct_check)
 
     def to_json(self) -> dict[str, Any]:
         """The request as JSON (``predict.json["request"]``)."""
@@ -231,6 +236,7 @@ def predict_folder(request: PredictRequest, wing: WingRun, out: str | os.PathLik
 
     def summary(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {**(wing.summary(parts) if wing.summary else {}),
+                **({"removed_in_air": removed_in_air(parts)} if wing.segments else {}),
                 **({"crop_agreement": crop_agreement(parts)} if wing.segments and request.crop else {})}
 
     written = folder.finish(record, slices_name=wing.slices_name,
@@ -277,6 +283,21 @@ def crop_agreement(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     dice = [c["dice"] for c in checks if c.get("dice") is not None]
     return {"cases": len(checks), "max_abs_diff": max((c["max_abs_diff"] for c in checks), default=None),
             "min_dice": min(dice, default=None)}
+
+
+def removed_in_air(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The predicted components removed for lying in air or lung over every finished case
+    (:func:`analysis.prediction.folder.remove_components_in_air`): how many, their ml, the rule.
+
+    >>> removed_in_air({"a": {"removed_in_air": {"lesions": 2, "ml": 0.5}}, "b": {}})
+    {'lesions': 2, 'ml': 0.5, 'cases': ['a'], 'rule': 'median HU below -500 (air or aerated lung)'}
+    """
+    from analysis.imaging.hounsfield import AIR_OR_LUNG_HU
+
+    hits = {c: p["removed_in_air"] for c, p in sorted(parts.items()) if p.get("removed_in_air", {}).get("lesions")}
+    return {"lesions": sum(int(h["lesions"]) for h in hits.values()),
+            "ml": round(sum(float(h["ml"]) for h in hits.values()), 6), "cases": list(hits),
+            "rule": f"median HU below {AIR_OR_LUNG_HU:.0f} (air or aerated lung)"}
 
 
 def raise_failures(result: PredictResult) -> None:

@@ -14,9 +14,15 @@ columns the patient's right to left); everything around it is done here, once:
    output (an ``exact`` crop; without a known radius, as for nnU-Net's sliding window, the
    crop is ``approximate``). Outside the kept part the probability is 0. Every crop is checked
    on one slice per case against the whole slice. With ``mirror`` the logits of the image and
-   its three mirror images are averaged (nnU-Net's 2D test-time mirroring);
+   its three mirror images are averaged (nnU-Net's 2D test-time mirroring). A network that
+   states the pixel spacing it was trained at (``Network.spacing_xy``) runs on each slice
+   resampled in-plane to that spacing (:mod:`analysis.imaging.resample`), and its
+   probabilities come back onto the input's grid linearly (:func:`network_grid`); the crop and
+   the mirror passes happen on the network's grid, where the crop stays exact;
 3. the probabilities go back to the input's exact storage order and geometry; the mask is
-   ``probability >= threshold``, then 3D components smaller than ``min_size`` are removed;
+   ``probability >= threshold``, then 3D components smaller than ``min_size`` are removed, and
+   those whose median HU is that of air or lung (:func:`analysis.prediction.folder.remove_components_in_air`:
+   no bone metastasis lies there; counted in the case's record, ``removed_in_air``);
 4. the case's outputs are written into its staging folder of the
    :class:`analysis.prediction.folder.PredictionFolder` (the PRED contract): ``<case>.nii.gz``,
    optionally ``probabilities/<case>.nii.gz`` (:mod:`analysis.prediction.probabilities`),
@@ -47,7 +53,7 @@ from analysis.imaging.io import Geometry, read_header
 from analysis.imaging.orientation import CANONICAL, Reorientation
 from analysis.lesions.overlap import dice
 from analysis.prediction.folder import (DICOM_SEG, PREVIEW, PROBABILITIES, SR, PredictionFolder, check_ct, mask_path,
-                                        remove_small_components, select_cases)
+                                        remove_components_in_air, remove_small_components, select_cases)
 from analysis.prediction.probabilities import LEVELS, quantise, write_stored
 from analysis.prediction.shards import Shard, shard_cases
 
@@ -90,6 +96,11 @@ class Network:
         mirror: average the network's logits over the image and its mirror images along rows,
             cols and both (4 passes), as nnU-Net's 2D test-time mirroring does; for a network that
             does not mirror itself.
+        spacing_xy: the in-plane pixel spacing ``(x, y)`` mm (canonical cols, rows) the segmenter
+            was trained at: each case runs resampled to it (:func:`network_grid`). None: at the
+            input's own spacing (a network that resamples itself, as nnU-Net does, or
+            ``--no-resample``).
+        detect_spacing_xy: the same for the detector (a cascade's two RUNs may differ).
     """
 
     name: str
@@ -100,6 +111,8 @@ class Network:
     crop: bool = True
     context: int | None = None
     mirror: bool = False
+    spacing_xy: tuple[float, float] | None = None
+    detect_spacing_xy: tuple[float, float] | None = None
 
     @property
     def crop_mode(self) -> str | None:
@@ -127,6 +140,8 @@ class Outputs:
         lesions: compute the case's lesion and patient rows.
         bones: ``DIR`` of bone maps ``DIR/<case>.nii.gz``; None: none.
         bones_from: ``project`` codes or ``totalsegmentator`` "total" ids.
+        ct_check: refuse a case that does not look like CT in HU
+            (:func:`analysis.imaging.hounsfield.require_ct`).
     """
 
     threshold: float = 0.5
@@ -139,6 +154,7 @@ class Outputs:
     lesions: bool = True
     bones: Path | None = None
     bones_from: str = PROJECT
+    ct_check: bool = True
 
 
 @dataclass(frozen=True)
@@ -392,6 +408,71 @@ def segment_canonical(net: Network, ct: np.ndarray, spacing_zyx: Sequence[float]
     return prob, seen, info
 
 
+@dataclass(frozen=True)
+class NetworkGrid:
+    """Where a network runs on one canonical volume: its own grid or the input's.
+
+    Attributes:
+        shape_rc: ``(rows, cols)`` of the network's slices.
+        spacing_zyx: their voxel size in mm (the slice spacing is the input's).
+        resampled: whether the slices are resampled (else the network sees the input as it is).
+    """
+
+    shape_rc: tuple[int, int]
+    spacing_zyx: tuple[float, float, float]
+    resampled: bool
+
+    def record(self, input_zyx: Sequence[float], model_xy: Sequence[float] | None) -> dict[str, Any]:
+        """``predict.json``'s spacing of one case: the input's, the model's and the one used, ``(x, y)`` mm."""
+        return {"input_xy_mm": [round(float(input_zyx[2]), 6), round(float(input_zyx[1]), 6)],
+                "model_xy_mm": None if model_xy is None else [float(v) for v in model_xy],
+                "network_xy_mm": [round(float(self.spacing_zyx[2]), 6), round(float(self.spacing_zyx[1]), 6)],
+                "resampled": self.resampled, "network_shape_rc": list(self.shape_rc)}
+
+
+def network_grid(shape_zyx: Sequence[int], spacing_zyx: Sequence[float],
+                 target_xy: Sequence[float] | None) -> NetworkGrid:
+    """The grid a network trained at ``target_xy`` mm runs on for a canonical volume: the input's own
+    when no target is known or the spacings agree (:func:`analysis.imaging.resample.needs_resampling`),
+    else the slice's extent in pixels of (about) the target size.
+
+    >>> network_grid((4, 128, 128), (3.0, 0.6, 0.6), (1.0, 1.0))
+    NetworkGrid(shape_rc=(77, 77), spacing_zyx=(3.0, 0.9974025974025974, 0.9974025974025974), resampled=True)
+    """
+    from analysis.imaging.resample import in_plane_shape, needs_resampling, spacing_after
+
+    spacing_rc = (float(spacing_zyx[1]), float(spacing_zyx[2]))
+    shape_rc = (int(shape_zyx[1]), int(shape_zyx[2]))
+    target_rc = None if target_xy is None else (float(target_xy[1]), float(target_xy[0]))
+    if not needs_resampling(spacing_rc, target_rc):
+        return NetworkGrid(shape_rc, tuple(float(s) for s in spacing_zyx), False)  # type: ignore[arg-type]
+    new = in_plane_shape(shape_rc, spacing_rc, target_rc)
+    after = spacing_after(shape_rc, spacing_rc, new)
+    return NetworkGrid(new, (float(spacing_zyx[0]), *after), True)  # type: ignore[arg-type]
+
+
+def to_network_grid(ct: np.ndarray, grid: NetworkGrid) -> np.ndarray:
+    """The canonical volume on the network's grid (linear, anti-aliased, float32 whatever the stored
+    type: an int16 DICOM series and its float NIfTI copy give one answer)."""
+    from analysis.imaging.resample import resample_in_plane
+
+    if not grid.resampled:
+        return ct
+    return resample_in_plane(ct, grid.shape_rc, order=1, antialias=True)
+
+
+def from_network_grid(prob: np.ndarray, seen: np.ndarray, shape_rc: Sequence[int],
+               grid: NetworkGrid) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (linear) and the looked-at voxels (nearest) back onto the input's grid."""
+    from analysis.imaging.resample import resample_in_plane
+
+    if not grid.resampled:
+        return prob, seen
+    back = resample_in_plane(prob, shape_rc, order=1)
+    np.clip(back, 0.0, 1.0, out=back)
+    return back, resample_in_plane(seen.view(np.uint8), shape_rc, order=0, dtype=np.uint8).view(bool)
+
+
 def _bones(outputs: Outputs, case: str, geometry: Geometry) -> np.ndarray | None:
     if outputs.bones is None:
         return None
@@ -410,12 +491,14 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     ``part`` receives the case's record (input, orientation, slices, timing, lesion rows).
 
     Raises:
-        InputError: the case cannot be read, holds non-finite HU, or is not stored with
-            axial slices along axis 0 (detectors only), or its bone map is missing/unlike it.
+        InputError: the case cannot be read, holds non-finite HU, does not look like CT in HU
+            (unless ``outputs.ct_check`` is off), or is not stored with axial slices along axis 0
+            (detectors only), or its bone map is missing/unlike it.
     """
     t0 = time.perf_counter()
     import SimpleITK as sitk
 
+    from analysis.imaging.hounsfield import require_ct
     from analysis.imaging.io import require_finite, write_mask
 
     image, record = read_input(case)
@@ -425,6 +508,7 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     native = sitk.GetArrayFromImage(image)  # its stored type: the networks cast each batch (memory)
     del image
     require_finite(case.path, native, where=case.describe())
+    require_ct(native, case.describe(), check=outputs.ct_check)
     bones = _bones(outputs, case.case_id, geometry)
     reo = Reorientation.of(geometry)
     ct = reo.forward(native)
@@ -438,15 +522,22 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
         if reo.perm[2] != 2:
             raise InputError(f"{case.describe()}: stored with axis 0 not head-to-feet ({reo.perm}); slice detection "
                              f"needs axial slices along the file's third index")
-        det_c = np.asarray(net.detect(np.ascontiguousarray(ct)), np.float32)
+        det_grid = network_grid(ct.shape, spacing_zyx, net.detect_spacing_xy)
+        det_c = np.asarray(net.detect(np.ascontiguousarray(to_network_grid(ct, det_grid))), np.float32)
         det_probs = det_c[reo.canonical_slices(np.arange(det_c.size))]  # stored slice s: canonical one's value
         part["slice_probabilities"] = [float(p) for p in det_probs]
+        part["detector_spacing"] = det_grid.record(spacing_zyx, net.detect_spacing_xy)
     if net.segment is None:
         part["seconds_network"] = round(time.perf_counter() - t_net, 3)
         part["seconds"] = round(time.perf_counter() - t0, 3)
         return
     chosen = det_c_chosen(det_probs, outputs, reo)
-    prob_c, seen, crop = segment_canonical(net, ct, spacing_zyx, chosen, threshold=outputs.threshold)
+    grid = network_grid(ct.shape, spacing_zyx, net.spacing_xy)
+    part["spacing"] = grid.record(spacing_zyx, net.spacing_xy)
+    prob_n, seen_n, crop = segment_canonical(net, to_network_grid(ct, grid), grid.spacing_zyx, chosen,
+                                             threshold=outputs.threshold)
+    prob_c, seen = from_network_grid(prob_n, seen_n, ct.shape[1:], grid)
+    del prob_n, seen_n
     part["seconds_network"] = round(time.perf_counter() - t_net, 3)
     raw = reo.backward(seen & (prob_c >= outputs.threshold))  # never lesion where the network did not look
     del seen
@@ -454,16 +545,17 @@ def predict_case(case: InputCase, net: Network, outputs: Outputs, staging: Path,
     # a quarter of the float map's memory from here on
     stored = quantise(reo.backward(prob_c), outputs.threshold, above=raw)
     del prob_c
-    mask = remove_small_components(raw, outputs.min_size)
+    mask, in_air = remove_components_in_air(remove_small_components(raw, outputs.min_size), native)
+    part["removed_in_air"] = {"lesions": int(in_air.size), "ml": round(float(in_air.sum()) * geometry.voxel_volume_ml, 6)}
     segmented = int(native.shape[0] if chosen is None else len(chosen))
     part.update(segmented=segmented, skipped=int(native.shape[0]) - segmented, crop=crop,
                 lesion_voxels=int(mask.sum()))
     write_mask(mask, geometry, mask_path(staging, case.case_id))
-    labels = _case_lesions(case, mask, native, geometry, stored, bones, outputs, part)
+    labels, sections = _case_lesions(case, mask, native, geometry, stored, bones, outputs, part)
     if outputs.probabilities:
         write_stored(stored, geometry, staging / PROBABILITIES / f"{case.case_id}.nii.gz")
     del stored
-    _case_figures(case, mask, native, geometry, labels, outputs, staging, part, net)
+    _case_figures(case, mask, native, geometry, labels, sections, outputs, staging, part, net)
     part["seconds"] = round(time.perf_counter() - t0, 3)
 
 
@@ -476,25 +568,28 @@ def det_c_chosen(det_probs: np.ndarray | None, outputs: Outputs, reo: Reorientat
 
 
 def _case_lesions(case: InputCase, mask: np.ndarray, native: np.ndarray, geometry: Geometry, stored: np.ndarray,
-                  bones: np.ndarray | None, outputs: Outputs, part: dict[str, Any]) -> np.ndarray | None:
+                  bones: np.ndarray | None, outputs: Outputs,
+                  part: dict[str, Any]) -> tuple[np.ndarray | None, list[Any]]:
     """The case's lesion and patient rows into ``part`` (``score`` from the stored map, 1/255
-    steps); returns the lesion labels (or None)."""
+    steps); returns the lesion labels (or None) and each lesion's largest cross-section (the
+    report draws it)."""
     if not outputs.lesions:
-        return None
+        return None, []
     from analysis.lesions import lesion_instances
-    from analysis.prediction.tables import lesion_rows, patient_row
+    from analysis.prediction.tables import lesion_rows, lesion_sections, patient_row
 
     labels = lesion_instances(mask)
+    sections = lesion_sections(labels, geometry)
     rows = lesion_rows(case.case_id, mask, native, geometry, probability=stored, bones=bones, labels=labels,
-                       probability_scale=1.0 / LEVELS)  # float64: level 255 scores 1.0 exactly
+                       sections=sections, probability_scale=1.0 / LEVELS)  # float64: level 255 scores 1.0 exactly
     part["lesion_rows"] = rows
     part["patient"] = patient_row(case.case_id, rows, has_bones=bones is not None)
     part["lesions"] = len(rows)
-    return labels[0]
+    return labels[0], sections
 
 
 def _case_figures(case: InputCase, mask: np.ndarray, native: np.ndarray, geometry: Geometry,
-                  labels: np.ndarray | None, outputs: Outputs, staging: Path, part: dict[str, Any],
+                  labels: np.ndarray | None, sections: list[Any], outputs: Outputs, staging: Path, part: dict[str, Any],
                   net: Network) -> None:
     if outputs.preview:
         from analysis.prediction.preview import write_preview
@@ -514,6 +609,7 @@ def _case_figures(case: InputCase, mask: np.ndarray, native: np.ndarray, geometr
 
             part["sr"] = write_measurement_report(case.series, staging / SR / f"{case.case_id}.dcm",
                                                   lesions=part.get("lesion_rows", []), seg_path=seg["path"],
+                                                  anchors={i + 1: c for i, c in enumerate(sections)},
                                                   model_name=net.name, model_version=net.fingerprint, uid_seed=seed)
 
 

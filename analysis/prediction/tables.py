@@ -13,7 +13,14 @@
   ``diffuse_fraction`` (:func:`~analysis.lesions.diffuse_fractions`), bone
   pixels from the bone map when one is given, else CT >= ``bone_hu``;
 * ``bone``, ``weight_bearing``: :func:`~analysis.lesions.bone_identity` on the
-  bone map (project codes, :data:`analysis.cohort.layout.BONE_CODES`); empty without one.
+  bone map (project codes, :data:`analysis.cohort.layout.BONE_CODES`); empty without one;
+* ``long_axis_mm``, ``short_axis_mm``: the bidirectional measurement of the lesion's largest
+  cross-section along array axis 0 (:func:`~analysis.lesions.cross_sections`: the maximum Feret
+  diameter in that slice and the longest extent perpendicular to it, RECIST 1.1's axial long and
+  short axis); the two last columns, so that readers of the earlier columns are unchanged.
+* ``off_bone``: less than :data:`~analysis.lesions.MIN_ON_BONE` of the lesion's voxels on the
+  bone map (mostly where a bone metastasis cannot be; the QC report's ``off bone`` rule); empty
+  without a bone map; the last column.
 
 Everything is computed on the arrays in the stored file's order, as ``analyze`` does,
 so ``z_first``/``z_last`` and the slice-based definitions (neighbours, diffuse) follow
@@ -38,11 +45,13 @@ import numpy as np
 from analysis.cohort.imports import bones_from  # noqa: F401  (part of this module's API)
 from analysis.errors import InputError
 from analysis.imaging.io import Geometry, atomic_write_text
-from analysis.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, bone_identity, count_neighbours, diffuse_fractions,
-                              lesion_instances, lesion_table)
+from analysis.lesions import (DEFAULT_BONE_HU, LOCATION_CATEGORIES, MIN_ON_BONE, CrossSection, bone_identity,
+                              count_neighbours, cross_sections, diffuse_fractions, lesion_instances, lesion_table,
+                              on_bone_fractions)
 from analysis.imaging.records import csv_text
 
-__all__ = ["LESION_COLUMNS", "PATIENT_COLUMNS", "REGION_COLUMNS", "lesion_rows", "patient_row", "bones_from",
+__all__ = ["LESION_COLUMNS", "PATIENT_COLUMNS", "REGION_COLUMNS", "lesion_rows", "lesion_sections", "patient_row",
+           "bones_from",
            "csv_text", "write_rows", "read_rows", "read_lesions", "read_patients", "LESIONS_CSV", "PATIENTS_CSV"]
 
 #: The lesion table of a PRED folder (one row per lesion, :data:`LESION_COLUMNS`) and its patient
@@ -53,7 +62,7 @@ PATIENTS_CSV = "patients.csv"
 #: Columns of ``lesions.csv`` (other tools read these: do not rename).
 LESION_COLUMNS: tuple[str, ...] = ("case", "lesion_id", "voxels", "volume_ml", "x_mm", "y_mm", "z_mm", "z_first",
                                    "z_last", "hu_mean", "hu_max", "score", "n_neighbours", "diffuse", "bone",
-                                   "weight_bearing")
+                                   "weight_bearing", "long_axis_mm", "short_axis_mm", "off_bone")
 #: Bone regions counted per patient (``bone`` values of :data:`LESION_COLUMNS`).
 REGION_COLUMNS: tuple[str, ...] = (*LOCATION_CATEGORIES, "other", "unknown")
 #: Columns of ``patients.csv``.
@@ -61,8 +70,9 @@ PATIENT_COLUMNS: tuple[str, ...] = ("case", "lesions", "volume_ml", "largest_ml"
                                     *REGION_COLUMNS)
 
 _INT = {"lesion_id", "voxels", "z_first", "z_last", "n_neighbours", "lesions", *REGION_COLUMNS}
-_FLOAT = {"volume_ml", "x_mm", "y_mm", "z_mm", "hu_mean", "hu_max", "score", "largest_ml"}
-_BOOL_LESION = {"diffuse", "weight_bearing"}          # bools in lesions.csv, counts in patients.csv
+_FLOAT = {"volume_ml", "x_mm", "y_mm", "z_mm", "hu_mean", "hu_max", "score", "largest_ml", "long_axis_mm",
+          "short_axis_mm"}
+_BOOL_LESION = {"diffuse", "weight_bearing", "off_bone"}          # bools in lesions.csv, counts in patients.csv
 
 
 
@@ -115,6 +125,7 @@ def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry,
                 cluster_slices: int = 10, diffuse_fraction: float = 0.6,
                 bone_hu: float = DEFAULT_BONE_HU,
                 labels: tuple[np.ndarray, int] | None = None,
+                sections: Sequence[CrossSection] | None = None,
                 probability_scale: float = 1.0) -> list[dict[str, Any]]:
     """One row per lesion of a predicted mask, columns :data:`LESION_COLUMNS`.
 
@@ -134,6 +145,7 @@ def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry,
         bone_hu: HU threshold for bone pixels without a bone map.
         labels: ``lesion_instances(mask, 26)`` when the caller has it already (saves a
             labelling of a large volume).
+        sections: :func:`lesion_sections` of those labels when the caller has them already.
         probability_scale: ``probability`` holds stored values times this (e.g. the uint8
             map of :mod:`analysis.prediction.probabilities`: pass the float64 ``1 / 255``, not
             the file's float32 slope, whose 255 x float32(1/255) = 1.0000000591 is above 1;
@@ -145,7 +157,8 @@ def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry,
         index mapped to ITK physical space: LPS mm), ``z_first``/``z_last`` array axis 0
         indices, ``hu_mean``/``hu_max`` HU over the lesion's voxels, ``score`` float or
         None, ``n_neighbours`` int, ``diffuse`` bool, ``bone`` str or None,
-        ``weight_bearing`` bool or None. An empty mask gives no rows.
+        ``weight_bearing`` bool or None, ``long_axis_mm``/``short_axis_mm`` mm, ``off_bone`` bool
+        or None. An empty mask gives no rows.
 
     Raises:
         ValueError: an array whose shape differs from the geometry's.
@@ -164,6 +177,8 @@ def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry,
     diffuse = diffuse_fractions(labels, n, bone_px) >= diffuse_fraction
     neighbours = count_neighbours(table.z_first, table.z_last, cluster_slices)
     names, wb = bone_identity(labels, table, bones) if bones is not None else (None, None)
+    sections = lesion_sections((labels, n), geometry, table=table) if sections is None else sections
+    off = on_bone_fractions(labels, n, bones) < MIN_ON_BONE if bones is not None else None
     rows = []
     for i in range(n):
         rows.append({
@@ -176,8 +191,25 @@ def lesion_rows(case: str, mask: np.ndarray, ct: np.ndarray, geometry: Geometry,
             "n_neighbours": int(neighbours[i]), "diffuse": bool(diffuse[i]),
             "bone": None if names is None else names[i],
             "weight_bearing": None if wb is None else bool(wb[i]),
+            "long_axis_mm": float(sections[i].long_axis_mm), "short_axis_mm": float(sections[i].short_axis_mm),
+            "off_bone": None if off is None else bool(off[i]),
         })
     return rows
+
+
+def lesion_sections(labels: tuple[np.ndarray, int], geometry: Geometry, *,
+                    table: Any = None) -> list[CrossSection]:
+    """Each lesion's largest cross-section along array axis 0 with its long and short axis
+    (:func:`analysis.lesions.cross_sections`), in the pixel spacing of ``geometry``.
+
+    Args:
+        labels: ``(labels, n)`` of :func:`~analysis.lesions.lesion_instances`, ``(slices, rows, cols)``.
+        geometry: their geometry (ITK ``(x, y, z)`` spacing: columns are x, rows y).
+        table: their :func:`~analysis.lesions.lesion_table` when the caller has it already.
+    """
+    array, n = labels
+    table = lesion_table(array, n, spacing_mm=geometry.spacing) if table is None else table
+    return cross_sections(array, table, pixel_spacing_mm=(float(geometry.spacing[1]), float(geometry.spacing[0])))
 
 
 def patient_row(case: str, lesion_rows: Sequence[dict[str, Any]], *, has_bones: bool | None = None) -> dict[str, Any]:

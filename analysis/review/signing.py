@@ -137,9 +137,12 @@ def write_final(volume: Volume, entries: list[Entry], reader: str, pred: Path, o
     """
     from analysis.imaging.dicom_seg import write_dicom_seg
     from analysis.imaging.dicom_sr import write_measurement_report
+    from analysis.prediction.tables import lesion_sections
 
     study = volume.study
     ids, segments, rows = final_lesions(volume, entries)
+    # each kept lesion drawn on its largest cross-section, as in the model's report
+    anchors = dict(zip(ids, lesion_sections((segments, len(ids)), volume.geometry))) if ids else {}
     seed = review_seed(study, ids, entries, reader)
     added = {e.decision.lesion_id for e in entries if e.decision.decision == "add"}
     seg = {"written": False}
@@ -149,7 +152,7 @@ def write_final(volume: Volume, entries: list[Entry], reader: str, pred: Path, o
                               series_number=SEG_SERIES_NUMBER, series_description=DESCRIPTION, labels=segments,
                               uid_seed=seed, lesion_ids=ids, tracking_uids=_tracking_uids(pred, study.case),
                               semiautomatic={lid: GROWING for lid in ids if lid in added})
-    sr = write_measurement_report(volume.series, out / SR_FILE, lesions=rows,
+    sr = write_measurement_report(volume.series, out / SR_FILE, lesions=rows, anchors=anchors,
                                   seg_path=seg["path"] if seg["written"] else None, model_name=study.model_name,
                                   model_version=study.model_fingerprint, uid_seed=seed,
                                   series_number=SR_SERIES_NUMBER, series_description=f"{DESCRIPTION} report",

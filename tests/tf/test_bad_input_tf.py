@@ -276,3 +276,34 @@ def test_deterministic_cpu_training_is_reproducible(tmp_path):
     assert wa.is_file() and wb.is_file()
     assert hashlib.sha256(b"".join(w.tobytes() for w in ma.get_weights())).hexdigest() == \
         hashlib.sha256(b"".join(w.tobytes() for w in mb.get_weights())).hexdigest()
+
+
+def test_predict_refuses_what_is_not_ct_and_accepts_a_real_ct(world):
+    """An MR-like volume (no air at -1000 HU) is refused with one line naming it; --no-ct-check lets it
+    through; the real head CT of Debian's invesalius-examples is accepted (and resampled to the RUN's
+    1 mm pixels from its 0.957 mm)."""
+    from analysis.imaging.io import read_array
+    from tests.real_ct import head_ct
+
+    ct, geometry = read_array(image(world))
+    mr = world["tmp"] / "mr" / "mr.nii.gz"
+    write_array(np.clip(ct.astype(np.float32) + 1000.0, 0, None), geometry, mr)
+    r = invoke(["predict", "--model", world["seg"], "--images", mr, "--out", world["out"]])
+    assert_clean_error(r, [str(mr), "with nothing below 0: not CT in Hounsfield units", "--no-ct-check"])
+    assert not (world["out"] / "mr.nii.gz").exists()
+    r = invoke(["predict", "--model", world["seg"], "--images", mr, "--out", world["tmp"] / "forced", "--no-ct-check"])
+    assert r.exit_code == 0, r.output
+    assert (world["tmp"] / "forced" / "mr.nii.gz").is_file()
+    head, head_geometry = head_ct()
+    real = world["tmp"] / "real" / "head.nii.gz"
+    from analysis.imaging.io import Geometry
+
+    slab = Geometry(size=(256, 256, 8), spacing=head_geometry.spacing, origin=head_geometry.origin,
+                    direction=head_geometry.direction)
+    write_array(head[40:48], slab, real)  # 8 slices through the skull keep the test short
+    r = invoke(["predict", "--model", world["seg"], "--images", real, "--out", world["tmp"] / "head", "--no-preview"])
+    assert r.exit_code == 0, r.output
+    record = json.loads((world["tmp"] / "head" / "predict.json").read_text(encoding="utf-8"))
+    spacing = record["per_case"]["head"]["spacing"]
+    assert spacing["resampled"] is True and spacing["model_xy_mm"] == [1.0, 1.0]
+    assert spacing["input_xy_mm"] == pytest.approx([0.957031, 0.957031]) and spacing["network_shape_rc"] == [245, 245]

@@ -14,7 +14,7 @@ from analysis.cohort.layout import Cohort, write_dataset_json
 from analysis.errors import InputError
 from analysis.imaging.io import read_array, read_header, write_array
 from analysis.imaging.orientation import Reorientation
-from analysis.prediction.folder import remove_small_components
+from analysis.prediction.folder import remove_components_in_air, remove_small_components
 from analysis.prediction.shards import parse_shard, shard_cases
 from bonemets_tf.inference import Predictor, check_memory, context_batch, context_indices, estimate_case_bytes
 from bonemets_tf.predict import PredictOptions, predict
@@ -119,7 +119,7 @@ def test_memory_estimate_refuses_what_cannot_fit():
 
 def test_segmenter_masks_keep_the_ct_geometry_and_match_the_model(runs, seg, tmp_path):
     out = predict(runs.segmenter, runs.oblique_dataset, tmp_path / "PRED" / "unet",
-                  options=PredictOptions(cases="all", batch_size=3, crop=False))
+                  options=PredictOptions(cases="all", batch_size=3, crop=False, resample=False))
     cohort = Cohort(runs.oblique_dataset)
     geometry = oblique_geometry()
     for case, volume in _volumes(runs.oblique_dataset).items():
@@ -135,22 +135,54 @@ def test_segmenter_masks_keep_the_ct_geometry_and_match_the_model(runs, seg, tmp
     assert record["timing"]["network_slices"] == 10 and record["timing"]["slices_per_s"] > 0
 
 
+def test_the_model_runs_at_its_training_spacing(runs, seg, tmp_path):
+    """The segmenter RUN was trained on 1 mm pixels (config.json records it); the oblique cohort's
+    canonical slices have 0.7-0.9 mm pixels: predict resamples each slice to 1 mm, runs the model
+    there and brings the probabilities back linearly (the runner's own steps, redone here by hand)."""
+    from analysis.prediction.runner import from_network_grid, network_grid, to_network_grid
+    from bonemets_tf.run import read_run
+
+    spacing, source = read_run(runs.segmenter).training_spacing()
+    assert spacing == (1.0, 1.0) and source.startswith("config.json: median over the")
+    out = predict(runs.segmenter, runs.oblique_dataset, tmp_path / "r", options=PredictOptions(cases="all"))
+    record = json.loads((out / "predict.json").read_text(encoding="utf-8"))
+    assert record["model"]["spacing_xy_mm"] == [1.0, 1.0]
+    assert record["inference"]["spacing"]["resample"] is True
+    assert record["inference"]["spacing"]["model"]["used"] == "model's"
+    for case, volume in _volumes(runs.oblique_dataset).items():
+        header = read_header(Cohort(runs.oblique_dataset).image_path(case))
+        zyx = Reorientation.of(header).canonical_spacing_zyx
+        grid = network_grid(volume.shape, zyx, spacing)
+        assert grid.resampled and record["per_case"][case]["spacing"]["resampled"] is True
+        on_grid = to_network_grid(volume, grid)
+        probs, seen = from_network_grid(seg(context_batch(on_grid, range(volume.shape[0]), 3)),
+                                        np.ones(on_grid.shape, bool), volume.shape[1:], grid)
+        assert seen.all()
+        mask = read_array(out / f"{case}.nii.gz")[0]
+        np.testing.assert_array_equal(mask, _stored(runs.oblique_dataset, case, probs >= 0.5))
+
+
 def test_threshold_and_min_size_shape_the_mask(runs, seg, tmp_path):
     case = Cohort(runs.oblique_dataset).cases()[0]
     volume = _volumes(runs.oblique_dataset)[case]
     probs = seg(context_batch(volume, range(volume.shape[0]), 3))
     threshold = float(np.quantile(probs, 0.9))  # about 10% of voxels are lesion
     out = predict(runs.segmenter, runs.oblique_dataset, tmp_path / "p",
-                  options=PredictOptions(cases=case, threshold=threshold, min_size=4, crop=False))
+                  options=PredictOptions(cases=case, threshold=threshold, min_size=4, crop=False,
+                                         resample=False))
     mask = read_array(out / f"{case}.nii.gz")[0]
-    np.testing.assert_array_equal(mask, _stored(runs.oblique_dataset, case,
-                                                remove_small_components(probs >= threshold, 4)))
+    # --min-size, then the components whose median HU is air's (the cohort's HU are random, -1000..1500)
+    kept, in_air = remove_components_in_air(remove_small_components(probs >= threshold, 4), volume)
+    np.testing.assert_array_equal(mask, _stored(runs.oblique_dataset, case, kept))
     assert 0 < mask.sum() <= (probs >= threshold).sum()
+    record = json.loads((out / "predict.json").read_text(encoding="utf-8"))
+    assert record["per_case"][case]["removed_in_air"]["lesions"] == in_air.size
+    assert record["removed_in_air"]["lesions"] == in_air.size
 
 
 def test_detector_slices_csv_covers_every_slice(runs, det, tmp_path):
     out = predict(runs.detector, runs.oblique_dataset, tmp_path / "PRED" / "resnet34",
-                  options=PredictOptions(cases="all", batch_size=4))
+                  options=PredictOptions(cases="all", batch_size=4, resample=False))
     rows = list(csv.DictReader((out / "slices.csv").open(encoding="utf-8")))
     volumes = _volumes(runs.oblique_dataset)
     assert list(rows[0]) == ["case", "slice", "probability"]
@@ -166,7 +198,7 @@ def test_cascade_segments_only_detected_slices(runs, seg, det, tmp_path):
     volumes = _volumes(runs.oblique_dataset)
     det_probs = {c: det(context_batch(v, range(v.shape[0]), 1)) for c, v in volumes.items()}
     cut = float(np.median(np.concatenate(list(det_probs.values()))))
-    common = dict(cases="all", threshold=0.0, crop=False)  # threshold 0: every segmented pixel is 1
+    common = dict(cases="all", threshold=0.0, crop=False, resample=False)  # threshold 0: every segmented pixel is 1
     out = predict(runs.segmenter, runs.oblique_dataset, tmp_path / "cascade", detector=runs.detector,
                   options=PredictOptions(detector_threshold=cut, **common))
     skipped = 0
