@@ -200,8 +200,6 @@ def review_viewer_seg(path: str | Path, root: str | Path, *, kept_dice: float = 
     store = StudyStore([Source.spool(root)], rescan_seconds=0.0)
     study = _study_of(store, ds)
     keep = viewer_folder(root, study.uid) / f"{sop}.dcm"
-    if keep.is_file():
-        raise ViewerIgnored(f"SEG {sop} was read before (sent again); its decisions are in the journal once")
     volume = store.volume(study)
     viewer = read_seg_label(path, volume.series, "all")
     reader = _reader(ds)
@@ -218,6 +216,9 @@ def review_viewer_seg(path: str | Path, root: str | Path, *, kept_dice: float = 
         if signed is not None and signed.decision.source == "page":
             raise ViewerIgnored(f"study {study.uid} is signed on the review page by {signed.decision.reader} at "
                                 f"{signed.decision.time}; SEG {sop} stays in the PACS only")
+        if any(e.decision.decision == "sign" and (e.detail.get("viewer_seg") or {}).get("sop_instance_uid") == sop
+               for e in journal.entries):  # its signature is written last: a kill before it reads it again
+            raise ViewerIgnored(f"SEG {sop} was read before (sent again); its decisions are in the journal once")
         used = [e.decision.lesion_id for e in journal.entries if e.decision.lesion_id is not None]
         changes = compare(volume.labels, len(volume.rows), viewer, kept_dice=kept_dice,
                           first_added=max([len(volume.rows), *used]) + 1)
