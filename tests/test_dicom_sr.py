@@ -195,7 +195,8 @@ def test_an_anonymised_name_from_the_source_raises_no_person_name_warning(tmp_pa
                               labels=labels, uid_seed="S|v")
         rows = [{"lesion_id": i, "volume_ml": 1.0, "hu_mean": 1.0, "hu_max": 1.0} for i in (1, 2)]
         write_measurement_report(case.series, tmp_path / "sr.dcm", lesions=rows, seg_path=seg["path"],
-                                 model_name="m", model_version="v", uid_seed="S|v")
+                                 anchors=_sections(labels, 2, case.series), model_name="m", model_version="v",
+                                 uid_seed="S|v")
         warnings.warn("another warning")
     assert [str(w.message) for w in caught] == ["another warning"]
     assert pydicom.dcmread(seg["path"]).PatientName == "Anonymous"
