@@ -41,7 +41,7 @@ Usage::
 
 Stages keep their outputs under ``--out`` (default ``benchmarks/.cache/review_loop``); each
 TensorFlow stage runs as a ``cli.py`` subprocess, the review and the scores in this process
-(no TensorFlow). This is a benchmark, not a test: about 15-30 minutes on a 2-core CPU.
+(no TensorFlow). This is a benchmark, not a test: about 10-30 minutes on a 2-core CPU.
 """
 from __future__ import annotations
 
@@ -438,7 +438,9 @@ def score(work: Path, models: list[str]) -> dict[str, Any]:
 
 
 def _ci(x: dict[str, Any], fmt: str = "{:.2f}") -> str:
-    return f"{fmt.format(x['estimate'])} ({fmt.format(x['low'])}-{fmt.format(x['high'])})"
+    """``estimate (low-high)``; ``(low to high)`` when the interval reaches below zero."""
+    sep = " to " if x["low"] < 0 else "-"
+    return f"{fmt.format(x['estimate'])} ({fmt.format(x['low'])}{sep}{fmt.format(x['high'])})"
 
 
 def table(record: dict[str, Any]) -> str:
