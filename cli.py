@@ -342,6 +342,22 @@ def import_dicom_cmd(dicom_dir: str, dataset: str, case: str | None, label: str 
     click.echo(f"wrote {path}")
 
 
+@main.command("import-reviews")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--dataset", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Cohort folder to add the reviewed studies to (created when missing).")
+def import_reviews_cmd(root: str, dataset: str) -> None:
+    """Add every signed or viewer-reviewed study of a spool or PRED folder to a cohort: the CT, the
+    kept lesions as label, the rejected ones as hard negatives (negativesTr/); resumable."""
+    from analysis.review.import_reviews import import_reviews
+
+    summary = import_reviews(root, dataset, progress=lambda done, total, o: log.info(
+        "[%d/%d] study %s: %s", done, total, o.study_uid, o.status))
+    click.echo(summary.table())
+    if summary.failed:
+        raise DataProblems([f"study {o.study_uid}: {o.message}" for o in summary.failed])
+
+
 @main.command("import-bones")
 @click.argument("seg", type=click.Path(exists=True, dir_okay=False, path_type=str))
 @click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=str))
@@ -425,8 +441,15 @@ def models_cmd(as_json: bool) -> None:
 
 @main.command("train")
 @click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False), help="Cohort folder.")
-@click.option("--task", required=True, type=click.Choice(TASKS), help="Detection or segmentation.")
-@click.option("--arch", required=True, type=click.Choice(_arch_names()), help="Registered model (see `models`).")
+@click.option("--task", default=None, type=click.Choice(TASKS),
+              help="Detection or segmentation (required unless --init-from).")
+@click.option("--arch", default=None, type=click.Choice(_arch_names()),
+              help="Registered model (see `models`; required unless --init-from).")
+@click.option("--init-from", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Fine-tune a RUN: start from its weights, with its architecture (task, arch, width, context) "
+                   "and spacing; config.json records it as the parent.")
+@click.option("--hard-negative-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of training crops centred on hard negatives (negativesTr/, from import-reviews).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="RUN folder to write.")
 @click.option("--fold", default=0, show_default=True, type=click.IntRange(min=0), help="Fold of splits.json.")
 @click.option("--epochs", default=50, show_default=True, type=click.IntRange(min=1))
@@ -468,11 +491,21 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
               help="Slice cache folder [default: ~/.cache/bonemets/slices].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
-def train_cmd(out: str, resume: bool, overwrite: bool, cache_dir: str | None, **settings) -> None:
+@click.pass_context
+def train_cmd(ctx: click.Context, out: str, resume: bool, overwrite: bool, cache_dir: str | None, **settings) -> None:
     """Train a Keras detector or segmenter and write a RUN folder (model.keras, config.json,
-    history.csv, checkpoints/, logs/)."""
+    history.csv, checkpoints/, logs/); --init-from fine-tunes a RUN."""
     from bonemets_tf.train import TrainConfig, train
 
+    if settings["init_from"] is not None:
+        from bonemets_tf.lineage import inherited_settings, parent_run
+
+        given = {k: v for k, v in settings.items()
+                 if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+        defaults = {k: v for k, v in settings.items() if k not in given}
+        settings = {**defaults, **inherited_settings(parent_run(settings["init_from"]), given)}
+    elif settings["task"] is None or settings["arch"] is None:
+        raise click.UsageError("--task and --arch are required (unless --init-from RUN)")
     path = train(TrainConfig(**settings), out, resume=resume, overwrite=overwrite, cache_dir=cache_dir)
     click.echo(f"wrote {path}")
 # ---- END tf ----
@@ -682,19 +715,36 @@ def _node_options(command):
     return command
 
 
-def _series_predictor(model: str | None, nnunet_work: str | None, options: dict):
-    """``predict_series(series_dir, out_dir)`` of the one wing asked for: the same prediction as
-    ``predict --images series_dir --dicom-seg --sr`` (or ``nnunet predict``); only that wing is imported."""
+def _node_model_loader(model: str | None, nnunet_work: str | None, options: dict):
+    """``load_model() -> NodeModel`` of the one wing asked for: each call reads the model at
+    ``--model``/``--nnunet-work`` again (resolved once: a later switch of a symbolic link needs the
+    next SIGHUP) and predicts a series as ``predict --images series_dir --dicom-seg --sr`` (or
+    ``nnunet predict``) does; only that wing is imported."""
+    from analysis.node.server import NodeModel
+
     shared = {**options, "dicom_seg": True, "sr": True, "preview": False}
     if model is not None:
         from bonemets_tf.predict import PredictOptions, predict
+        from bonemets_tf.run import read_run
 
         opts = PredictOptions.from_options(shared)
-        return lambda series_dir, out: predict(model, None, out, options=opts, images=series_dir)
-    from nnunet_bridge.predict import PredictOptions, predict
+
+        def load_keras() -> NodeModel:
+            run = read_run(model, savedmodel=True)
+            return NodeModel(lambda series_dir, out: predict(run.path, None, out, options=opts, images=series_dir),
+                             name=run.name, fingerprint=run.fingerprint(), source=str(run.path))
+
+        return load_keras
+    from nnunet_bridge.predict import PredictOptions, model_identity, predict
 
     opts = PredictOptions.from_options({k: v for k, v in shared.items() if k not in ("threshold", "precision")})
-    return lambda series_dir, out: predict(None, nnunet_work, out, opts, images=series_dir)
+
+    def load_nnunet() -> NodeModel:
+        work, name, fingerprint = model_identity(nnunet_work, opts.folds)
+        return NodeModel(lambda series_dir, out: predict(None, work, out, opts, images=series_dir),
+                         name=name, fingerprint=fingerprint, source=str(work))
+
+    return load_nnunet
 
 
 @main.command("serve")
@@ -737,7 +787,8 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
               min_free_gb: float, retries: int, retry_seconds: float, priors: int, once: bool, resend: bool,
               **options) -> None:
     """A DICOM node: receive CT (C-STORE) from a PACS, predict each complete series as
-    `predict --images` does, and send the SEG and the TID 1500 report back (C-STORE or STOW-RS)."""
+    `predict --images` does, and send the SEG and the TID 1500 report back (C-STORE or STOW-RS).
+    SIGHUP reads the model again (after the running predictions); SIGTERM stops."""
     import signal
     from pathlib import Path
 
@@ -756,8 +807,10 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
     if resend:
         moved = Spool(config.spool).resend()
         log.info("serve --resend: %d result folder(s) to deliver again", len(moved))
-    node = Node(config, _series_predictor(model, nnunet_work, options))
+    load_model = _node_model_loader(model, nnunet_work, options)
+    node = Node(config, load_model(), load_model=load_model)
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
+    signal.signal(signal.SIGHUP, lambda *_: node.reload())
     done = node.run(once=once)
     click.echo(f"serve: {done} series predicted; spool {spool}")
 # ---- END serve ----

@@ -240,7 +240,7 @@ def _network(models: _Models, inputs: InputPlan) -> Iterator[Network]:
     log.info("predict: %d case(s) with %s%s%s (tensorflow %s)", len(inputs.cases), main.run.arch,
              f" after detector {det.run.arch}" if seg and det else "", ", mirrored" if options.mirror else "",
              tf.__version__)
-    yield Network(name=main.run.arch, fingerprint=main.run.fingerprint(),
+    yield Network(name=main.run.name, fingerprint=main.run.fingerprint(),
                   segment=None if seg is None else (lambda v, z, _: slice_probabilities(seg, v, z, options.batch_size)),
                   detect=None if det is None else (lambda v: detect_volume(det, v, options.batch_size)),
                   stride=main.run.stride, crop=crop, context=context, mirror=options.mirror and seg is not None,

@@ -25,7 +25,7 @@ __all__ = ["MODEL_COLUMNS", "model_rows", "differences"]
 #: Columns of ``models.csv``.
 MODEL_COLUMNS = ("model", "task", "framework", "crop", "crop_mode", "crop_context_px", "crop_max_abs_diff",
                  "crop_min_dice", "mirroring", "mirror_passes", "precision", "threshold", "threshold_source",
-                 "folds", "tile_step", "min_size_voxels")
+                 "folds", "tile_step", "min_size_voxels", "network", "fingerprint")
 
 
 def _framework(record: dict[str, Any]) -> str:
@@ -37,7 +37,9 @@ def _framework(record: dict[str, Any]) -> str:
 
 def model_rows(predictions: Path, models: Sequence[str], tasks: dict[str, str]) -> list[tuple]:
     """One ``models.csv`` row per model from ``PRED/<model>/predict.json`` (empty cells where a
-    record is missing or older than the setting)."""
+    record is missing or older than the setting). ``network`` is the model's own name, which
+    shows a fine-tune's lineage (``unet fine-tuned from 1a2b3c4d``: ``train --init-from``);
+    ``fingerprint`` identifies its weights."""
     rows = []
     for model in models:
         record = read_record(predictions / model, missing_ok=True) or {}
@@ -53,6 +55,7 @@ def model_rows(predictions: Path, models: Sequence[str], tasks: dict[str, str]) 
             inf.get("threshold_source", record.get("threshold_source")),
             None if folds is None else ";".join(str(f) for f in folds), inf.get("tile_step"),
             inf.get("min_size_voxels", record.get("min_size_voxels")),
+            (record.get("model") or {}).get("name"), (record.get("model") or {}).get("fingerprint"),
         ))
     return rows
 

@@ -180,7 +180,8 @@ def recover(root: Path, journal_studies: dict[str, list[Entry]]) -> list[str]:
     outbox = outbox_of(root)
     opened = []
     for uid, entries in journal_studies.items():
-        sign = next((e for e in entries if e.decision.decision == "sign"), None)
+        # a viewer's review (analysis.review.viewer) delivers nothing: its SEG is in the study already
+        sign = next((e for e in entries if e.decision.decision == "sign" and e.decision.source == "page"), None)
         if sign is None or outbox.where(sign.detail["job"]) is not None:
             continue
         files = [signed_folder(root, uid) / f for f in sign.detail["files"]]

@@ -134,6 +134,18 @@ class Volume:
         box = self.boxes[lesion_id - 1]
         return np.argwhere(self.labels[box] == lesion_id) + np.array([s.start for s in box])
 
+    def lesion_row(self, voxels: np.ndarray) -> dict[str, Any]:
+        """The measurements of a lesion given by its flat voxel indices (a reader's addition on the
+        page or in a viewer), as ``lesions.csv`` measures a predicted one
+        (:func:`analysis.prediction.tables.lesion_rows`): voxels, volume, centroid, HU, score, bone."""
+        from analysis.prediction.tables import lesion_rows
+
+        single = np.zeros(self.labels.shape, np.uint8)
+        single.flat[voxels] = 1
+        (row,) = lesion_rows(self.study.case, single, self.ct, self.geometry, labels=(single.astype(np.int32), 1))
+        return {k: row[k] for k in ("voxels", "volume_ml", "x_mm", "y_mm", "z_mm", "hu_mean", "hu_max", "score",
+                                    "bone")}
+
 
 def _header(folder: Path) -> dict[str, str]:
     """PatientID, StudyDate and StudyTime of the first readable DICOM file in ``folder``."""
