@@ -335,7 +335,7 @@ class Node:
 
             report = timeline_report(spool.root, job, spool.job_path(job, "input"), out, limit=self.config.priors,
                                      destination=self.config.destination, calling_ae=self.config.ae_title,
-                                     predict=self.predict_series)
+                                     predict=model.predict_series)
             if report:
                 results = [r for r in report if (self.config.deliver_seg if "_seg" in r.name else self.config.deliver_sr)]
         lesions = len(read_lesions(out)) if (out / LESIONS_CSV).is_file() else 0  # a detector writes none
