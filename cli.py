@@ -235,8 +235,12 @@ def _triple(kind: type, name: str, order: str):
 @click.option("--followup", is_flag=True,
               help="Also a second CT per patient, moved and with known lesion changes: followup/ (a cohort "
                    "layout), followup_truth.csv and followup_transforms.csv.")
+@click.option("--timepoints", type=click.IntRange(2, 4), default=None,
+              help="Also N CTs per patient over time (2-4) with a stated schedule of lesion events: timeline/t0.. "
+                   "(cohort layouts), timeline_scans.csv (dates, motion, PCWG3 states), timeline_truth.csv (tracks) "
+                   "and timeline_schedule.csv.")
 def phantom(out: str, cases: int, seed: int, shape, spacing, scale: str | None, overwrite: bool,
-            followup: bool) -> None:
+            followup: bool, timepoints: int | None) -> None:
     """Write a synthetic CT cohort with lesion masks and bone maps (no patient data needed)."""
     from analysis.cohort.phantom import DEFAULT_SHAPE, DEFAULT_SPACING, generate_cohort
 
@@ -246,16 +250,21 @@ def phantom(out: str, cases: int, seed: int, shape, spacing, scale: str | None, 
     def progress(done: int, total: int, case: str) -> None:
         log.info("phantom: wrote %s (%d/%d)", case, done, total)
 
-    companion = None
+    companions = []
     if followup:
         from analysis.cohort.followup_phantom import Followups
 
-        companion = Followups()
+        companions.append(Followups())
+    if timepoints:
+        from analysis.monitoring.timeline_phantom import Timelines
+
+        companions.append(Timelines(timepoints))
     root = generate_cohort(out, cases=cases, seed=seed, shape=shape or DEFAULT_SHAPE,
                            spacing=spacing or DEFAULT_SPACING, scale=scale, overwrite=overwrite, progress=progress,
-                           companion=companion)
+                           companion=companions)
     click.echo(f"wrote {cases} cases (imagesTr, labelsTr, bonesTr, dataset.json"
-               f"{', followup/, followup_truth.csv' if followup else ''}) to {root}")
+               f"{', followup/, followup_truth.csv' if followup else ''}"
+               f"{', timeline/, timeline_scans.csv, timeline_truth.csv' if timepoints else ''}) to {root}")
 # ---- END phantom ----
 
 # ---- BEGIN validate/split/import ----
@@ -331,6 +340,22 @@ def import_dicom_cmd(dicom_dir: str, dataset: str, case: str | None, label: str 
     path = import_dicom(dicom_dir, dataset, case, label=label, series=series, overwrite=overwrite,
                         segment=segment, rois=rois)
     click.echo(f"wrote {path}")
+
+
+@main.command("import-reviews")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--dataset", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Cohort folder to add the reviewed studies to (created when missing).")
+def import_reviews_cmd(root: str, dataset: str) -> None:
+    """Add every signed or viewer-reviewed study of a spool or PRED folder to a cohort: the CT, the
+    kept lesions as label, the rejected ones as hard negatives (negativesTr/); resumable."""
+    from analysis.review.import_reviews import import_reviews
+
+    summary = import_reviews(root, dataset, progress=lambda done, total, o: log.info(
+        "[%d/%d] study %s: %s", done, total, o.study_uid, o.status))
+    click.echo(summary.table())
+    if summary.failed:
+        raise DataProblems([f"study {o.study_uid}: {o.message}" for o in summary.failed])
 
 
 @main.command("import-bones")
@@ -416,8 +441,15 @@ def models_cmd(as_json: bool) -> None:
 
 @main.command("train")
 @click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False), help="Cohort folder.")
-@click.option("--task", required=True, type=click.Choice(TASKS), help="Detection or segmentation.")
-@click.option("--arch", required=True, type=click.Choice(_arch_names()), help="Registered model (see `models`).")
+@click.option("--task", default=None, type=click.Choice(TASKS),
+              help="Detection or segmentation (required unless --init-from).")
+@click.option("--arch", default=None, type=click.Choice(_arch_names()),
+              help="Registered model (see `models`; required unless --init-from).")
+@click.option("--init-from", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Fine-tune a RUN: start from its weights, with its architecture (task, arch, width, context) "
+                   "and spacing; config.json records it as the parent.")
+@click.option("--hard-negative-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of training crops centred on hard negatives (negativesTr/, from import-reviews).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="RUN folder to write.")
 @click.option("--fold", default=0, show_default=True, type=click.IntRange(min=0), help="Fold of splits.json.")
 @click.option("--epochs", default=50, show_default=True, type=click.IntRange(min=1))
@@ -459,11 +491,21 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
               help="Slice cache folder [default: ~/.cache/bonemets/slices].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
-def train_cmd(out: str, resume: bool, overwrite: bool, cache_dir: str | None, **settings) -> None:
+@click.pass_context
+def train_cmd(ctx: click.Context, out: str, resume: bool, overwrite: bool, cache_dir: str | None, **settings) -> None:
     """Train a Keras detector or segmenter and write a RUN folder (model.keras, config.json,
-    history.csv, checkpoints/, logs/)."""
+    history.csv, checkpoints/, logs/); --init-from fine-tunes a RUN."""
     from bonemets_tf.train import TrainConfig, train
 
+    if settings["init_from"] is not None:
+        from bonemets_tf.lineage import inherited_settings, parent_run
+
+        given = {k: v for k, v in settings.items()
+                 if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+        defaults = {k: v for k, v in settings.items() if k not in given}
+        settings = {**defaults, **inherited_settings(parent_run(settings["init_from"]), given)}
+    elif settings["task"] is None or settings["arch"] is None:
+        raise click.UsageError("--task and --arch are required (unless --init-from RUN)")
     path = train(TrainConfig(**settings), out, resume=resume, overwrite=overwrite, cache_dir=cache_dir)
     click.echo(f"wrote {path}")
 # ---- END tf ----
@@ -714,19 +756,36 @@ def _node_options(command):
     return command
 
 
-def _series_predictor(model: str | None, nnunet_work: str | None, options: dict):
-    """``predict_series(series_dir, out_dir)`` of the one wing asked for: the same prediction as
-    ``predict --images series_dir --dicom-seg --sr`` (or ``nnunet predict``); only that wing is imported."""
+def _node_model_loader(model: str | None, nnunet_work: str | None, options: dict):
+    """``load_model() -> NodeModel`` of the one wing asked for: each call reads the model at
+    ``--model``/``--nnunet-work`` again (resolved once: a later switch of a symbolic link needs the
+    next SIGHUP) and predicts a series as ``predict --images series_dir --dicom-seg --sr`` (or
+    ``nnunet predict``) does; only that wing is imported."""
+    from analysis.node.server import NodeModel
+
     shared = {**options, "dicom_seg": True, "sr": True, "preview": False}
     if model is not None:
         from bonemets_tf.predict import PredictOptions, predict
+        from bonemets_tf.run import read_run
 
         opts = PredictOptions.from_options(shared)
-        return lambda series_dir, out: predict(model, None, out, options=opts, images=series_dir)
-    from nnunet_bridge.predict import PredictOptions, predict
+
+        def load_keras() -> NodeModel:
+            run = read_run(model, savedmodel=True)
+            return NodeModel(lambda series_dir, out: predict(run.path, None, out, options=opts, images=series_dir),
+                             name=run.name, fingerprint=run.fingerprint(), source=str(run.path))
+
+        return load_keras
+    from nnunet_bridge.predict import PredictOptions, model_identity, predict
 
     opts = PredictOptions.from_options({k: v for k, v in shared.items() if k not in ("threshold", "precision")})
-    return lambda series_dir, out: predict(None, nnunet_work, out, opts, images=series_dir)
+
+    def load_nnunet() -> NodeModel:
+        work, name, fingerprint = model_identity(nnunet_work, opts.folds)
+        return NodeModel(lambda series_dir, out: predict(None, work, out, opts, images=series_dir),
+                         name=name, fingerprint=fingerprint, source=str(work))
+
+    return load_nnunet
 
 
 @main.command("serve")
@@ -753,6 +812,10 @@ def _series_predictor(model: str | None, nnunet_work: str | None, options: dict)
               help="Delivery retries before a result goes to the spool's undelivered/ folder.")
 @click.option("--retry-seconds", default=5.0, show_default=True, type=float,
               help="Wait before the first retry; doubled for each next one.")
+@click.option("--priors", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Per new CT series, up to this many earlier CT studies of the patient (the node's archive, then "
+                   "the destination by C-FIND/C-GET or QIDO/WADO-RS; newest first) make a timeline whose report is "
+                   "delivered in place of predict's; 0: none, nothing archived.")
 @click.option("--once", is_flag=True, help="Process what is in the spool (no listening) and exit.")
 @click.option("--resend", is_flag=True, help="First move undelivered results back to be delivered again.")
 @_node_options
@@ -762,9 +825,11 @@ def _series_predictor(model: str | None, nnunet_work: str | None, options: dict)
               help="Keras: as predict --precision.")
 def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destination: str, port: int, host: str,
               ae_title: str, allow: str | None, idle_seconds: float, workers: int, no_dicom_seg: bool, no_sr: bool,
-              min_free_gb: float, retries: int, retry_seconds: float, once: bool, resend: bool, **options) -> None:
+              min_free_gb: float, retries: int, retry_seconds: float, priors: int, once: bool, resend: bool,
+              **options) -> None:
     """A DICOM node: receive CT (C-STORE) from a PACS, predict each complete series as
-    `predict --images` does, and send the SEG and the TID 1500 report back (C-STORE or STOW-RS)."""
+    `predict --images` does, and send the SEG and the TID 1500 report back (C-STORE or STOW-RS).
+    SIGHUP reads the model again (after the running predictions); SIGTERM stops."""
     import signal
     from pathlib import Path
 
@@ -777,13 +842,16 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
     config = NodeConfig(spool=Path(spool), destination=Destination.parse(destination), ae_title=ae_title, host=host,
                         port=port, allow=tuple(a.strip() for a in allow.split(",") if a.strip()) if allow else (),
                         idle_seconds=idle_seconds, workers=workers, min_free_gb=min_free_gb, retries=retries,
-                        retry_seconds=retry_seconds, deliver_seg=not no_dicom_seg, deliver_sr=not no_sr)
+                        retry_seconds=retry_seconds, deliver_seg=not no_dicom_seg, deliver_sr=not no_sr,
+                        priors=priors)
     config.check()
     if resend:
         moved = Spool(config.spool).resend()
         log.info("serve --resend: %d result folder(s) to deliver again", len(moved))
-    node = Node(config, _series_predictor(model, nnunet_work, options))
+    load_model = _node_model_loader(model, nnunet_work, options)
+    node = Node(config, load_model(), load_model=load_model)
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
+    signal.signal(signal.SIGHUP, lambda *_: node.reload())
     done = node.run(once=once)
     click.echo(f"serve: {done} series predicted; spool {spool}")
 # ---- END serve ----
@@ -858,6 +926,53 @@ def review_add_user_cmd(name: str, users: str) -> None:
 # ---- END review ----
 
 # ---- BEGIN followup ----
+def _comparison_options(command):
+    """The matching, status and registration options followup and timeline share (one declaration)."""
+    for option in reversed([
+        click.option("--match-mm", default=10.0, show_default=True, type=float,
+                     help="Lesions that overlap nothing match when their centroids are this close (mm, after "
+                          "registration)."),
+        click.option("--change", default=0.2, show_default=True, type=float,
+                     help="Relative volume change for grown / shrunk (0.2 = 20 %)."),
+        click.option("--min-change-ml", default=0.1, show_default=True, type=float,
+                     help="Smallest absolute volume change for grown / shrunk (ml)."),
+        click.option("--min-lesion-ml", default=None, type=float, metavar="ML",
+                     help="A lesion on one scan only is new or resolved from this volume up; smaller ones are "
+                          "'indeterminate' and do not count toward the new-lesion flag (nor as new for PCWG3) "
+                          "[default: 0.1, a 5.8 mm sphere: the Fleischner Society's smallest CT finding that is "
+                          "followed; 0: every one counts]."),
+        click.option("--no-registration", is_flag=True,
+                     help="The scans are already aligned: skip the registration and its check."),
+        click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing --out."),
+        CT_CHECK,
+    ]):
+        command = option(command)
+    return command
+
+
+def _scan_predictor(model: str | None, nnunet_work: str | None, series: str | None, ct_check: bool = True):
+    """``predictor(images, folder)``: one CT predicted into a PRED folder by the one wing asked for
+    (followup and timeline); None without a model. Only that wing is imported."""
+    if model is not None:  # the Keras wing only: TensorFlow and torch never share a process
+        from bonemets_tf.predict import PredictOptions, predict
+
+        def predictor(images: str, folder) -> None:
+            predict(model, None, str(folder), options=PredictOptions(cases="all", series=series, preview=False,
+                                                                     ct_check=ct_check), images=images)
+
+        return predictor
+    if nnunet_work is not None:
+        from nnunet_bridge.predict import PredictOptions as NnunetOptions, predict as nnunet_predict
+
+        def predictor(images: str, folder) -> None:
+            nnunet_predict(None, nnunet_work, str(folder), NnunetOptions(cases="all", series=series, preview=False,
+                                                                         ct_check=ct_check), images=images)
+
+        return predictor
+    return None
+
+
 @main.command("followup")
 @click.option("--baseline", required=True, type=click.Path(exists=True, path_type=str),
               help="Baseline CT: a NIfTI/NRRD/MHA file or a DICOM series folder (as predict --images).")
@@ -876,22 +991,9 @@ def review_add_user_cmd(name: str, users: str) -> None:
               help="Baseline bone map (project codes) for the bone column.")
 @click.option("--followup-bones", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="Follow-up bone map (project codes), for new lesions.")
-@click.option("--match-mm", default=10.0, show_default=True, type=float,
-              help="Lesions that overlap nothing match when their centroids are this close (mm, after registration).")
-@click.option("--change", default=0.2, show_default=True, type=float,
-              help="Relative volume change for grown / shrunk (0.2 = 20 %).")
-@click.option("--min-change-ml", default=0.1, show_default=True, type=float,
-              help="Smallest absolute volume change for grown / shrunk (ml).")
-@click.option("--min-lesion-ml", default=None, type=float, metavar="ML",
-              help="A lesion on one scan only is new or resolved from this volume up; smaller ones are "
-                   "'indeterminate' and do not count toward the new-lesion flag [default: 0.1, a 5.8 mm sphere: "
-                   "the Fleischner Society's smallest CT finding that is followed; 0: every one counts].")
-@click.option("--no-registration", is_flag=True, help="The scans are already aligned: skip the registration and its check.")
-@click.option("--series", default=None, metavar="UID", help="DICOM: use this SeriesInstanceUID.")
+@_comparison_options
 @click.option("--sr", is_flag=True, help="DICOM baseline: also write followup_sr.dcm (TID 1500 report of the "
               "statuses and changes) and followup_seg.dcm (the tracked lesions) on the baseline series.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@CT_CHECK
 def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, nnunet_work: str | None,
                  baseline_mask: str | None, followup_mask: str | None, baseline_bones: str | None,
                  followup_bones: str | None, match_mm: float, change: float, min_change_ml: float,
@@ -909,19 +1011,7 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
     if (model is not None) + (nnunet_work is not None) + (masks > 0) != 1 or masks == 1:
         raise InputError("followup: give exactly one of --model RUN|SAVEDMODEL, --nnunet-work WORK, or both "
                          "--baseline-mask and --followup-mask")
-    predictor = None
-    if model is not None:  # the Keras wing only: TensorFlow and torch never share a process
-        from bonemets_tf.predict import PredictOptions, predict
-
-        def predictor(images: str, folder) -> None:
-            predict(model, None, str(folder), options=PredictOptions(cases="all", series=series, preview=False,
-                                                                     ct_check=ct_check), images=images)
-    elif nnunet_work is not None:
-        from nnunet_bridge.predict import PredictOptions as NnunetOptions, predict as nnunet_predict
-
-        def predictor(images: str, folder) -> None:
-            nnunet_predict(None, nnunet_work, str(folder), NnunetOptions(cases="all", series=series, preview=False,
-                                                                         ct_check=ct_check), images=images)
+    predictor = _scan_predictor(model, nnunet_work, series, ct_check)
     settings = FollowupSettings(match_mm=match_mm, change=change, min_change_ml=min_change_ml,
                                 register=not no_registration,
                                 **({} if min_lesion_ml is None else {"min_lesion_ml": min_lesion_ml}))
@@ -935,6 +1025,63 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
     summary = read_summary(path)
     click.echo(f"wrote {path}: {summary['baseline_lesions']} -> {summary['followup_lesions']} lesions; "
                f"{describe_counts(summary)}")
+
+
+@main.command("timeline")
+@click.argument("cts", nargs=-1, required=True, type=click.Path(exists=True, path_type=str))
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Folder to write (refused if it exists).")
+@click.option("--masks", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="A lesion mask per CT, in the same order (repeat the option), instead of a model.")
+@click.option("--model", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Keras RUN or SavedModel: predict every CT (as `predict`).")
+@click.option("--nnunet-work", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="nnU-Net work folder: predict every CT (as `nnunet predict`).")
+@click.option("--dates", default=None, metavar="YYYY-MM-DD,...",
+              help="Each CT's date, in the same order (default: DICOM StudyDate; image files carry none).")
+@click.option("--bones", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
+              help="A bone map (project codes) per CT, in the same order, for tracks.csv's bone column.")
+@_comparison_options
+@click.option("--pcwg3-new", default=2, show_default=True, type=int,
+              help="New lesions that make a scan unconfirmed (PCWG3: 2).")
+@click.option("--pcwg3-additional", default=2, show_default=True, type=int,
+              help="Additional new lesions the confirming scan of t1 must show (PCWG3: 2).")
+@click.option("--pcwg3-persist", default=2, show_default=True, type=int,
+              help="New lesions of a later scan that must persist on its confirming scan (PCWG3: 2).")
+@click.option("--pcwg3-interval-days", default=42, show_default=True, type=int,
+              help="A confirming scan is at least this many days after the scan it confirms (PCWG3: 6 weeks).")
+@click.option("--sr", is_flag=True, help="DICOM series: also a SEG and a TID 1500 report per follow-up study in "
+              "OUT/dicom/ (one tracking identifier and UID per track in every study, the PCWG3 state).")
+def timeline_cmd(cts: tuple[str, ...], out: str, masks: tuple[str, ...], model: str | None, nnunet_work: str | None,
+                 dates: str | None, bones: tuple[str, ...], match_mm: float, change: float, min_change_ml: float,
+                 min_lesion_ml: float | None, no_registration: bool, series: str | None, overwrite: bool,
+                 ct_check: bool, pcwg3_new: int, pcwg3_additional: int, pcwg3_persist: int, pcwg3_interval_days: int,
+                 sr: bool) -> None:
+    """Track a patient's CTs over time: one id per lesion for life, the PCWG3 bone rule per scan.
+
+    CTs in date order (image files or DICOM series folders); every scan is registered rigidly and
+    directly to the first. OUT gets timeline.csv, tracks.csv, timeline.png, a preview per scan,
+    index.html and timeline.json.
+    """
+    from analysis.monitoring.timeline import TimelineSettings, run_timeline
+
+    if (model is not None) + (nnunet_work is not None) + bool(masks) != 1:
+        raise InputError("timeline: give exactly one of --model RUN|SAVEDMODEL, --nnunet-work WORK, or --masks "
+                         "(one per CT)")
+    settings = TimelineSettings(match_mm=match_mm, change=change, min_change_ml=min_change_ml,
+                                register=not no_registration, min_new=pcwg3_new, min_additional=pcwg3_additional,
+                                min_persist=pcwg3_persist, interval_days=pcwg3_interval_days,
+                                **({} if min_lesion_ml is None else {"min_lesion_ml": min_lesion_ml}))
+    path = run_timeline(list(cts), out, masks=list(masks) or None,
+                        predictor=_scan_predictor(model, nnunet_work, series, ct_check),
+                        model=model or nnunet_work, dates=dates.split(",") if dates else None,
+                        bones=list(bones) or None, settings=settings, series=series, overwrite=overwrite, sr=sr,
+                        ct_check=ct_check)
+    from analysis.imaging.records import read_csv
+
+    rows = read_csv(path / "timeline.csv")
+    tracks = {r["track"] for r in read_csv(path / "tracks.csv")}
+    click.echo(f"wrote {path}: {len(rows)} scans, {len(tracks)} lesion tracks; last scan {rows[-1]['date']}: "
+               f"{rows[-1]['state']}")
 # ---- END followup ----
 
 # ==== whole study ===================================================================
@@ -984,7 +1131,7 @@ MODEL_OPTION_WING = {"--model": "tf", "--nnunet-work": "torch"}
 def command_wing(args: list[str]) -> str | None:
     """The wing whose framework the command line ``args`` (without the program) runs, or None."""
     command = next((a for a in args if not a.startswith("-")), None)
-    if command in ("serve", "followup"):
+    if command in ("serve", "followup", "timeline"):
         return next((MODEL_OPTION_WING[a.split("=")[0]] for a in args if a.split("=")[0] in MODEL_OPTION_WING), None)
     return WING_OF.get(command)
 

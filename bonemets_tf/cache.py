@@ -1,15 +1,17 @@
 """Slice cache: each case's CT and lesion mask decoded once into memory-mappable ``.npy``.
 
 Training never decompresses NIfTI in its loop: :func:`ensure_cached` writes, per case,
-``ct.npy`` (int16 HU, ``(slices, rows, cols)``), ``mask.npy`` (uint8 0/1, same layout)
-and ``meta.json`` (shape, spacing, which slices hold lesion), both in the canonical
+``ct.npy`` (int16 HU, ``(slices, rows, cols)``), ``mask.npy`` (uint8 0/1, same layout),
+``negatives.npy`` (uint8 0/1, the hard-negative map, only for a case with
+``negativesTr/<case>.nii.gz``) and ``meta.json`` (shape, spacing, which slices hold lesion
+and which hard negatives), all in the canonical
 orientation (LPS, :mod:`analysis.imaging.orientation`) whatever the files' storage order. Cases are built one at a
 time, so memory stays bounded by the largest case.
 
 Location: ``CACHE/<case>.<key>/`` where ``CACHE`` is ``--cache`` or, by default,
 ``~/.cache/bonemets/slices``. The cache never goes inside the dataset (inputs are never
 modified). ``key`` hashes the resolved paths, sizes and modification times of the
-case's image and label, so editing or replacing a file yields a new key and the stale
+case's image and label (and hard-negative map, when it has one), so editing or replacing a file yields a new key and the stale
 entry is simply not used (delete old entries by hand to reclaim space). Only the cases
 asked for are read: building a training cache never opens a test case's files.
 """
@@ -54,6 +56,9 @@ class CachedCase:
         folder: folder holding ``ct.npy``, ``mask.npy`` and ``meta.json``.
         shape: ``(slices, rows, cols)``.
         positive: per-slice flag, True where the mask has any lesion voxel.
+        hard: per-slice flag, True where the hard-negative map has a voxel (all False
+            without a map).
+        has_negatives: the case has a hard-negative map (``negatives.npy``).
     """
 
     case: str
@@ -61,6 +66,8 @@ class CachedCase:
     folder: Path
     shape: tuple[int, int, int]
     positive: tuple[bool, ...]
+    hard: tuple[bool, ...] = ()
+    has_negatives: bool = False
 
     @property
     def ct_path(self) -> Path:
@@ -78,15 +85,25 @@ class CachedCase:
         """Mask as a read-only uint8 memmap ``(slices, rows, cols)``."""
         return np.load(self.mask_path, mmap_mode="r")
 
+    def negatives(self) -> np.ndarray:
+        """The hard-negative map as a read-only uint8 memmap ``(slices, rows, cols)``; zeros
+        (in memory) for a case without one."""
+        if not self.has_negatives:
+            return np.zeros(self.shape, np.uint8)
+        return np.load(self.folder / "negatives.npy", mmap_mode="r")
+
 
 def case_key(cohort: Cohort, case: str) -> str:
-    """Fingerprint of a case's image and label files (path, size, mtime), 16 hex digits.
+    """Fingerprint of a case's image and label files (path, size, mtime), and its hard-negative
+    map's when it has one (so a case without one keeps the key it had before maps existed),
+    16 hex digits.
 
     Raises:
         InputError: a file is missing.
     """
     h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
-    for path in (cohort.image_path(case), cohort.label_path(case)):
+    extra = [cohort.negatives_path(case)] if cohort.has_negatives(case) else []
+    for path in (cohort.image_path(case), cohort.label_path(case), *extra):
         if not path.is_file():
             raise InputError(f"{path}: file not found (case {case})")
         st = path.stat()
@@ -137,22 +154,27 @@ def ensure_cached(cohort: Cohort, cases: Sequence[str], cache_dir: str | os.Path
 def _build(cohort: Cohort, case: str, key: str, folder: Path) -> None:
     # the networks train (and predict, analysis.prediction.runner) on the canonical view: the same patient
     # stored LPS, RAS or as a DICOM series gives the same slices
-    source = read_case(cohort, case, canonical=True)
-    ct, mask, spacing = source.image, source.label, source.geometry.spacing
+    source = read_case(cohort, case, canonical=True, negatives=True)
+    ct, mask, spacing, negatives = source.image, source.label, source.geometry.spacing, source.negatives
     del source  # the file's CT is freed once converted
     ct = ct if ct.dtype == np.int16 else np.clip(np.rint(ct), -32768, 32767).astype(np.int16)
     positive = mask.reshape(mask.shape[0], -1).any(axis=1)
+    hard = np.zeros_like(positive) if negatives is None else negatives.reshape(negatives.shape[0], -1).any(axis=1)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
     os.chmod(tmp, umask_mode(0o777))
     try:
         np.save(tmp / "ct.npy", ct)
         np.save(tmp / "mask.npy", mask)
+        if negatives is not None:
+            np.save(tmp / "negatives.npy", negatives)
         atomic_write_json(tmp / "meta.json", {
             "version": CACHE_VERSION, "case": case, "key": key,
             "image": str(cohort.image_path(case).resolve()), "label": str(cohort.label_path(case).resolve()),
             "shape": list(ct.shape), "orientation": CANONICAL,
             "spacing_xyz_mm": list(spacing),
             "positive_slices": [int(z) for z in np.flatnonzero(positive)],
+            "negatives": None if negatives is None else str(cohort.negatives_path(case).resolve()),
+            "hard_negative_slices": [int(z) for z in np.flatnonzero(hard)],
         })
         try:
             os.replace(tmp, folder)
@@ -168,4 +190,7 @@ def _load_meta(case: str, key: str, folder: Path) -> CachedCase:
     shape = tuple(int(s) for s in meta["shape"])
     positive = np.zeros(shape[0], bool)
     positive[meta["positive_slices"]] = True
-    return CachedCase(case=case, key=key, folder=folder, shape=shape, positive=tuple(bool(p) for p in positive))
+    hard = np.zeros(shape[0], bool)
+    hard[meta.get("hard_negative_slices", [])] = True
+    return CachedCase(case=case, key=key, folder=folder, shape=shape, positive=tuple(bool(p) for p in positive),
+                      hard=tuple(bool(h) for h in hard), has_negatives=(folder / "negatives.npy").is_file())

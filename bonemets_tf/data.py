@@ -17,6 +17,15 @@ stream at ``start = completed_steps * batch_size`` instead of replaying it, and 
 multi-worker worker draws its own ``stream``. Slices are drawn with replacement: a
 positive (lesion) slice with probability ``positive_fraction``, else a negative one.
 
+Hard negatives (``hard_negative_fraction`` F > 0): each element is, with probability F, a
+slice holding hard-negative voxels (``negativesTr``: regions a model called lesion and a
+reader rejected), its crop centred on one of those voxels drawn uniformly; the other
+elements are drawn as above. The mask there is 0 (the maps never overlap the label:
+:func:`analysis.cohort.case.negatives_problems`), so the loss treats them as background
+like any other background pixel: they are sampled more often, not weighted. With F = 0
+the stream is the same element for element as without hard negatives (their random draws
+come from a separate fold of each element's seed).
+
 Storage trade-off (``store="auto"``): when all cases share rows/cols and their voxels
 fit in ``memory_limit_bytes`` (default 2 GiB), the volumes are stacked into host-memory
 ``tf.Variable``s and slices are gathered by pure TF ops (fastest; the phantom and small
@@ -40,6 +49,8 @@ log = logging.getLogger(__name__)
 
 AIR_HU = -1024.0
 MEMORY_LIMIT_BYTES = 2 * 1024 ** 3
+#: Hard-negative draws use this fold of each element's seed, so F = 0 leaves the other draws unchanged.
+HARD_NEGATIVE_STREAM = 7
 
 
 @dataclass(frozen=True)
@@ -71,10 +82,12 @@ class SliceStore:
         context: slices per sample (odd).
         store: ``"memory"``, ``"memmap"`` or ``"auto"`` (see module docstring).
         memory_limit_bytes: the ``auto`` threshold.
+        negatives: also hold the cases' hard-negative maps (:meth:`read_negatives`; zeros for
+            a case without one).
     """
 
     def __init__(self, cases: Sequence[CachedCase], *, context: int = 1, store: str = "auto",
-                 memory_limit_bytes: int = MEMORY_LIMIT_BYTES) -> None:
+                 memory_limit_bytes: int = MEMORY_LIMIT_BYTES, negatives: bool = False) -> None:
         if not cases:
             raise ValueError("SliceStore needs at least one case")
         self.cases = list(cases)
@@ -85,9 +98,11 @@ class SliceStore:
         self.lo = self.start[self.case_of]
         self.hi = (self.start + sizes - 1)[self.case_of]
         self.positive = np.concatenate([np.asarray(c.positive, bool) for c in self.cases])
+        self.hard = np.concatenate([np.asarray(c.hard or (False,) * c.shape[0], bool) for c in self.cases])
+        self.negatives = bool(negatives)
         planes = {c.shape[1:] for c in self.cases}
         self.plane = next(iter(planes)) if len(planes) == 1 else (None, None)
-        nbytes = int(sizes.sum()) * 3 * (math.prod(self.plane) if None not in self.plane else 0)
+        nbytes = int(sizes.sum()) * (4 if negatives else 3) * (math.prod(self.plane) if None not in self.plane else 0)
         if store == "auto":
             store = "memory" if None not in self.plane and nbytes <= memory_limit_bytes else "memmap"
         if store == "memory" and None in self.plane:
@@ -98,9 +113,13 @@ class SliceStore:
             with tf.device("/cpu:0"):
                 self._ct = tf.Variable(np.concatenate([c.ct() for c in self.cases]), trainable=False, name="ct_slices")
                 self._mask = tf.Variable(np.concatenate([c.mask() for c in self.cases]), trainable=False, name="mask_slices")
+                if negatives:
+                    self._hard = tf.Variable(np.concatenate([c.negatives() for c in self.cases]), trainable=False,
+                                             name="hard_negative_slices")
         else:
             self._cts = [c.ct() for c in self.cases]
             self._masks = [c.mask() for c in self.cases]
+            self._hards = [c.negatives() for c in self.cases] if negatives else []
         log.info("slice store: %d cases, %d slices (%d with lesion), %s mode",
                  len(self.cases), len(self.positive), int(self.positive.sum()), self.mode)
 
@@ -112,6 +131,27 @@ class SliceStore:
         """Global indices of all slices, or only positive / negative ones."""
         ids = np.arange(self.num_slices, dtype=np.int64)
         return ids if positive is None else ids[self.positive == positive]
+
+    def hard_slice_ids(self) -> np.ndarray:
+        """Global indices of the slices holding hard-negative voxels."""
+        return np.flatnonzero(self.hard).astype(np.int64)
+
+    def _read_negatives_numpy(self, g: np.ndarray) -> np.ndarray:
+        g = int(g)
+        c = int(self.case_of[g])
+        return np.ascontiguousarray(self._hards[c][g - self.start[c]][..., None])
+
+    def read_negatives(self, g: tf.Tensor) -> tf.Tensor:
+        """The hard-negative map of slice ``g``: ``(rows, cols, 1)`` float32 0/1 (the store
+        must hold them: ``negatives=True``)."""
+        if not self.negatives:
+            raise ValueError("SliceStore built without negatives=True")
+        if self.mode == "memory":
+            hard = tf.gather(self._hard, g)[..., None]
+        else:
+            hard = tf.numpy_function(self._read_negatives_numpy, [g], tf.uint8, stateful=False)
+        rows, cols = self.plane
+        return tf.ensure_shape(tf.cast(hard, tf.float32), (rows, cols, 1))
 
     def _read_numpy(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         g = int(g)
@@ -211,19 +251,21 @@ def _pad_to(x: tf.Tensor, size: int, value: float) -> tf.Tensor:
 
 
 def lesion_biased_crop(image: tf.Tensor, mask: tf.Tensor, size: int, seed: tf.Tensor,
-                       lesion_p: float) -> tuple[tf.Tensor, tf.Tensor]:
+                       lesion_p: float | tf.Tensor, focus: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
     """Crop ``size x size`` from image and mask at the same place.
 
     With probability ``lesion_p`` (when the slice has lesion) the crop is centred on a
     lesion pixel drawn uniformly, else its position is uniform. Slices smaller than
-    ``size`` are padded first (air / 0).
+    ``size`` are padded first (air / 0). ``focus`` (``(rows, cols, 1)`` 0/1, e.g. a
+    hard-negative map) replaces the mask as what the crop centres on.
     """
     k = _keys(seed, 4)
     image = _pad_to(image, size, AIR_HU)
     mask = _pad_to(mask, size, 0.0)
+    focus = mask if focus is None else _pad_to(focus, size, 0.0)
     shape = tf.shape(mask)
     max_r, max_c = shape[0] - size, shape[1] - size
-    lesion = tf.where(mask[..., 0] > 0.5)
+    lesion = tf.where(focus[..., 0] > 0.5)
     n = tf.shape(lesion, out_type=tf.int64)[0]
     use_lesion = tf.logical_and(n > 0, _uniform(k[0], 0.0, 1.0) < lesion_p)
     pick = tf.random.stateless_uniform([], k[1], minval=0, maxval=tf.maximum(n, 1), dtype=tf.int64)
@@ -257,6 +299,8 @@ class Sampling:
         positive_fraction: probability of drawing a lesion slice (class balance).
         lesion_crop_p: segmenters: probability of centring a positive slice's crop on lesion.
         augmentation: augmentation ranges.
+        hard_negative_fraction: share of elements drawn from slices with hard negatives,
+            segmenters' crops centred on them (module docstring); the store must hold the maps.
     """
 
     task: str
@@ -264,6 +308,7 @@ class Sampling:
     positive_fraction: float = 0.5
     lesion_crop_p: float = 0.7
     augmentation: Augmentation = Augmentation()
+    hard_negative_fraction: float = 0.0
 
 
 def training_dataset(store: SliceStore, sampling: Sampling, *, batch_size: int, seed: int,
@@ -280,7 +325,16 @@ def training_dataset(store: SliceStore, sampling: Sampling, *, batch_size: int, 
 
     Returns:
         Batches of ``(image, label (B, 1))`` (detect) or ``(image, mask (B, S, S, 1))``.
+
+    Raises:
+        ValueError: ``hard_negative_fraction`` > 0 with a store without hard-negative maps or
+            without a slice holding one.
     """
+    hard_frac = sampling.hard_negative_fraction
+    hard = store.hard_slice_ids()
+    if hard_frac > 0 and (not store.negatives or len(hard) == 0):
+        raise ValueError("hard_negative_fraction > 0 needs a SliceStore with negatives=True and hard-negative voxels")
+    hard_t = tf.constant(hard if len(hard) else np.zeros(1, np.int64))
     pos = store.slice_ids(True)
     neg = store.slice_ids(False)
     frac = sampling.positive_fraction
@@ -299,12 +353,23 @@ def training_dataset(store: SliceStore, sampling: Sampling, *, batch_size: int, 
         ip = tf.random.stateless_uniform([], k[1], minval=0, maxval=tf.size(pos_t, tf.int64), dtype=tf.int64)
         ineg = tf.random.stateless_uniform([], k[2], minval=0, maxval=tf.size(neg_t, tf.int64), dtype=tf.int64)
         g = tf.where(take_pos, tf.gather(pos_t, ip), tf.gather(neg_t, ineg))
+        take_hard = tf.constant(False)
+        if hard_frac > 0:
+            kh = _keys(tf.random.experimental.stateless_fold_in(key, HARD_NEGATIVE_STREAM), 2)
+            take_hard = _uniform(kh[0], 0.0, 1.0) < hard_frac
+            ih = tf.random.stateless_uniform([], kh[1], minval=0, maxval=tf.size(hard_t, tf.int64), dtype=tf.int64)
+            g = tf.where(take_hard, tf.gather(hard_t, ih), g)
         image, mask = store.read(g)
         if sampling.task == "detect":
             label = tf.cast(tf.reduce_max(mask) > 0.5, tf.float32)[None]
             image, _ = augment(resize(image, size), tf.zeros((size, size, 1)), k[3], sampling.augmentation)
             return image, label
-        image, mask = lesion_biased_crop(image, mask, size, k[4], sampling.lesion_crop_p)
+        if hard_frac > 0:
+            focus = tf.cond(take_hard, lambda: store.read_negatives(g), lambda: mask)
+            lesion_p = tf.where(take_hard, 1.0, sampling.lesion_crop_p)
+            image, mask = lesion_biased_crop(image, mask, size, k[4], lesion_p, focus)
+        else:
+            image, mask = lesion_biased_crop(image, mask, size, k[4], sampling.lesion_crop_p)
         return augment(image, mask, k[3], sampling.augmentation)
 
     ds = tf.data.Dataset.counter(start=start, dtype=tf.int64)

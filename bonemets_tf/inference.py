@@ -262,19 +262,27 @@ def detect_volume(predictor: Predictor, volume: np.ndarray, batch_size: int) -> 
 
 
 def estimate_case_bytes(shape: Sequence[int], *, task: str, context: int, batch_size: int, first_filters: int,
-                        image_size: int, stride: int, params: int) -> int:
+                        image_size: int, stride: int, params: int,
+                        network_rc: Sequence[int] | None = None) -> int:
     """Rough upper estimate of the memory one case needs, in bytes.
 
     The volume as float32 plus its native copy and the uint8 mask (9 bytes a voxel), the
     input batch, ``ACTIVATION_FACTOR * first_filters`` float32 activations per network
     pixel (the padded slice for segmenters, ``image_size**2`` for detectors) and the
-    weights. It is meant to catch volumes that obviously cannot fit, not to be exact.
+    weights; when the slices are resampled to the model's pixel spacing, also the resampled
+    volume (float32) and probabilities (float32). It is meant to catch volumes that obviously
+    cannot fit, not to be exact.
 
     Args:
-        shape: ``(slices, rows, cols)``.
+        shape: ``(slices, rows, cols)`` as stored.
+        network_rc: ``(rows, cols)`` of a slice as the network sees it after in-plane
+            resampling (:func:`analysis.imaging.resample.in_plane_shape`); None: as stored.
     """
     z, rows, cols = (int(s) for s in shape)
     volume = 9 * z * rows * cols
+    if network_rc is not None and tuple(int(n) for n in network_rc) != (rows, cols):
+        rows, cols = (int(n) for n in network_rc)
+        volume += 8 * z * rows * cols
     batch_input = 4 * batch_size * rows * cols * context
     if task == SEGMENT:
         pixels = (-(-rows // stride) * stride) * (-(-cols // stride) * stride)

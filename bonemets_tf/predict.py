@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from analysis.errors import InputError
+from analysis.imaging.resample import in_plane_shape, needs_resampling
 from analysis.prediction.folder import DETECTOR_CSV, SLICES_CSV
 from analysis.prediction.request import PredictRequest, WingRun, plan_request, predict_folder, raise_failures
 from analysis.prediction.runner import InputPlan, Network
@@ -218,17 +219,15 @@ def _network(models: _Models, inputs: InputPlan) -> Iterator[Network]:
     options = models.options
     seg = Predictor(models.seg, precision=options.precision) if models.seg else None
     det = Predictor(models.det, precision=options.precision) if models.det else None
-    biggest = max(inputs.shapes.items(), key=lambda kv: math.prod(kv[1]))
-    for p in (seg, det):
+    spacing = {role: _model_spacing(p.run, options.resample) if p else None for role, p in (("seg", seg), ("det", det))}
+    for role, p in (("seg", seg), ("det", det)):
         if p is None:
             continue
-        need = estimate_case_bytes(biggest[1], task=p.run.task, context=p.run.context,
-                                   batch_size=options.batch_size, first_filters=p.first_filters(),
-                                   image_size=p.run.image_size, stride=p.run.stride, params=p.count_params())
-        check_memory(need, f"case {biggest[0]} {tuple(biggest[1])} with {p.run.arch}")
+        need, case = max((_case_bytes(p, shape, inputs.pixel_mm.get(c), spacing[role], options.batch_size), c)
+                         for c, shape in inputs.shapes.items())
+        check_memory(need, f"case {case} {tuple(inputs.shapes[case])} with {p.run.arch}")
         p.warm_up()
     main = seg or det
-    spacing = {role: _model_spacing(p.run, options.resample) if p else None for role, p in (("seg", seg), ("det", det))}
     crop, context = options.crop and seg is not None, None
     if crop:
         context = crop_context(seg)
@@ -241,11 +240,24 @@ def _network(models: _Models, inputs: InputPlan) -> Iterator[Network]:
     log.info("predict: %d case(s) with %s%s%s (tensorflow %s)", len(inputs.cases), main.run.arch,
              f" after detector {det.run.arch}" if seg and det else "", ", mirrored" if options.mirror else "",
              tf.__version__)
-    yield Network(name=main.run.arch, fingerprint=main.run.fingerprint(),
+    yield Network(name=main.run.name, fingerprint=main.run.fingerprint(),
                   segment=None if seg is None else (lambda v, z, _: slice_probabilities(seg, v, z, options.batch_size)),
                   detect=None if det is None else (lambda v: detect_volume(det, v, options.batch_size)),
                   stride=main.run.stride, crop=crop, context=context, mirror=options.mirror and seg is not None,
                   spacing_xy=spacing["seg"], detect_spacing_xy=spacing["det"])
+
+
+def _case_bytes(p: Predictor, shape: tuple[int, int, int], pixel_mm: tuple[float, float] | None,
+                spacing_xy: tuple[float, float] | None, batch_size: int) -> int:
+    """:func:`estimate_case_bytes` of one case for one model, at the slice size the model sees:
+    resampled to its pixel spacing ``spacing_xy`` when it runs at one (a 0.5 mm CT for a 1 mm
+    model: a quarter of the pixels; a 2 mm CT: four times as many)."""
+    network_rc = None
+    if spacing_xy is not None and pixel_mm is not None and needs_resampling(pixel_mm, spacing_xy[::-1]):
+        network_rc = in_plane_shape(shape[1:], pixel_mm, spacing_xy[::-1])
+    return estimate_case_bytes(shape, task=p.run.task, context=p.run.context, batch_size=batch_size,
+                               first_filters=p.first_filters(), image_size=p.run.image_size, stride=p.run.stride,
+                               params=p.count_params(), network_rc=network_rc)
 
 
 def _model_spacing(run: RunInfo, resample: bool) -> tuple[float, float] | None:

@@ -36,6 +36,8 @@ LOGS_DIR = "logs"
 MONITOR = {SEGMENT: "val_dice", DETECT: "val_auc"}
 #: The collapse guard: validation within this much of :data:`EMPTY_LEVEL` is "at the empty level".
 EMPTY_MARGIN = {SEGMENT: 0.01, DETECT: 0.02}
+#: Characters of the parent's fingerprint shown in a fine-tuned model's name (:attr:`RunInfo.name`).
+NAME_DIGITS = 8
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,30 @@ class RunInfo:
     def model_path(self) -> Path:
         return self.path / MODEL_FILE
 
+    @property
+    def name(self) -> str:
+        """The model's name: its arch, and for a fine-tune (``train --init-from``,
+        :mod:`bonemets_tf.lineage`) the parent it was fine-tuned from, e.g. ``unet fine-tuned
+        from 1a2b3c4d`` (the start of the parent's fingerprint; ASCII, within the 64 characters
+        of a DICOM AlgorithmName)."""
+        parent = self.config.get("init_from")
+        if isinstance(parent, dict) and isinstance(parent.get("fingerprint"), str):
+            return f"{self.arch} fine-tuned from {parent['fingerprint'][:NAME_DIGITS]}"
+        return self.arch
+
+    @property
+    def lineage(self) -> list[dict[str, Any]]:
+        """The RUNs this one was fine-tuned from, oldest first (empty for a model trained from scratch)."""
+        lineage = self.config.get("lineage")
+        return [a for a in lineage if isinstance(a, dict)] if isinstance(lineage, list) else []
+
     def describe(self) -> dict[str, Any]:
         """Summary for provenance records (``predict.json``, exports)."""
         settings = self.config.get("settings", {})
         spacing, source = self.training_spacing()
-        return {"run": str(self.path), "kind": self.kind, "arch": self.arch, "task": self.task, "context": self.context,
-                "image_size": self.image_size, "width": settings.get("width"),
-                "fold": settings.get("fold"), "seed": settings.get("seed"),
+        return {"run": str(self.path), "kind": self.kind, "name": self.name, "arch": self.arch, "task": self.task,
+                "context": self.context, "image_size": self.image_size, "width": settings.get("width"),
+                "fold": settings.get("fold"), "seed": settings.get("seed"), "lineage": self.lineage,
                 "spacing_xy_mm": None if spacing is None else list(spacing), "spacing_source": source}
 
     def training_spacing(self) -> tuple[tuple[float, float] | None, str]:

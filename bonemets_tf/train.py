@@ -7,7 +7,11 @@ RUN layout (read by ``predict``/``gradcam``/``export``; the names are :mod:`bone
                            (``spacing``: the training cases' median, which ``predict``
                            resamples every CT to), resolved runtime (jit, strategy,
                            replicas, store), versions of tensorflow/keras/numpy, the
-                           checkpoint rule and the epoch it kept ("checkpoint")
+                           checkpoint rule and the epoch it kept ("checkpoint"); a fine-tune
+                           (``init_from``) also its parent and ancestors (``init_from``,
+                           ``lineage``: :mod:`bonemets_tf.lineage`); ``review_set``: the
+                           training and validation cases that came from readers' reviews
+                           (the cohort's ``reviews.json``, written by ``import-reviews``)
     RUN/model.keras        best model by the validation monitor (val_dice for segmenters,
                            val_auc for detectors), or the last epoch's when the validation
                            cases hold no lesion (``config.json["checkpoint"]``, see
@@ -73,7 +77,8 @@ log = logging.getLogger(__name__)
 #: Settings that must match when resuming a run (the others, e.g. epochs, may change).
 RESUME_MUST_MATCH = ("dataset", "task", "arch", "fold", "batch_size", "steps_per_epoch", "image_size",
                      "width", "context", "lr", "seed", "precision", "positive_fraction", "lesion_crop_p", "bn_momentum",
-                     "lr_schedule", "warmup_steps", "clip_norm", "logit_loss", "batch_dice")
+                     "lr_schedule", "warmup_steps", "clip_norm", "logit_loss", "batch_dice", "init_from",
+                     "hard_negative_fraction")
 
 #: Lesion-pixel prior bounds for the segmenters' initial logit bias.
 PRIOR_RANGE = (1e-4, 0.5)
@@ -129,6 +134,12 @@ class TrainConfig:
         logit_loss: compute the losses from logits (see :mod:`bonemets_tf.losses`).
         batch_dice: segmenters: one soft Dice over each batch instead of one per sample.
         guard: the collapse guard (module docstring).
+        init_from: a RUN folder to fine-tune: its weights start this run, its architecture is
+            this run's (:mod:`bonemets_tf.lineage`; the settings must already agree with it:
+            :func:`bonemets_tf.lineage.inherited_settings` makes them so).
+        hard_negative_fraction: share of training elements drawn from slices with hard
+            negatives (``negativesTr``), segmenters' crops centred on them
+            (:mod:`bonemets_tf.data`); 0: none.
         rank_auc: detectors: exact rank AUC (:class:`bonemets_tf.losses.RankAUC`) as the
             ``auc``/``val_auc`` metric instead of Keras's 200-bucket ``AUC``, which reads 0.5
             for outputs confined to one bucket (one replica only).
@@ -169,6 +180,8 @@ class TrainConfig:
     batch_dice: bool = True
     guard: bool = True
     rank_auc: bool = True
+    init_from: str | None = None
+    hard_negative_fraction: float = 0.0
 
     @property
     def warmup(self) -> int:
@@ -228,6 +241,10 @@ class TrainConfig:
         """The sampling, runtime and optimizer settings."""
         if not 0.0 <= self.positive_fraction <= 1.0:
             raise InputError(f"positive_fraction {self.positive_fraction}: expected a value in [0, 1]")
+        if not 0.0 <= self.hard_negative_fraction < 1.0:
+            raise InputError(f"--hard-negative-fraction {self.hard_negative_fraction}: expected a value in [0, 1)")
+        if self.init_from is not None and self.weights is not None:
+            raise InputError("--init-from and --weights exclude each other (a fine-tune starts from its parent's weights)")
         if self.precision not in TRAIN_PRECISIONS:
             raise InputError(f"--precision {self.precision}: expected one of {', '.join(TRAIN_PRECISIONS)}")
         if self.strategy not in STRATEGIES:
@@ -273,14 +290,18 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
     if chief:  # other workers never touch RUN (with a shared RUN path, the chief may already be writing it)
         check_output_folder(out, overwrite=resume or overwrite, what="run folder",
                             hint="pass --resume to continue it or --overwrite to replace it")
+    parent = _parent(config)
     strategy = make_strategy(config.strategy)  # the first TF call (multi-worker needs that)
     cohort, splits, train_cases, val_cases = _fold(config)
+    _check_negatives_folder(config, cohort, train_cases)
     cached_train = cache.ensure_cached(cohort, train_cases, cache_dir)
     cached_val = cache.ensure_cached(cohort, val_cases, cache_dir)
+    _check_hard_slices(config, cached_train)
     rule = _checkpoint_rule(config, cached_val)
     record = _record(config, splits=splits, train_cases=train_cases, val_cases=val_cases,
                      cached=cached_train + cached_val, strategy=strategy)
     record["checkpoint"] = rule.record()
+    record.update(_provenance(cohort, parent, train_cases, val_cases))
     run = out if chief else worker_scratch(out, resume=resume)
     try:
         if chief:
@@ -297,6 +318,57 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
     finally:
         if not chief:
             shutil.rmtree(run, ignore_errors=True)
+
+
+def _parent(config: TrainConfig):
+    """The ``init_from`` RUN (None without one), checked against ``config``'s architecture.
+
+    Raises:
+        InputError: not a RUN folder, or settings that differ from its architecture.
+    """
+    if config.init_from is None:
+        return None
+    from bonemets_tf.lineage import inherited_settings, parent_run
+
+    parent = parent_run(config.init_from)
+    given = {k: getattr(config, k) for k in ("task", "arch", "width", "context", "image_size", "weights")}
+    inherited_settings(parent, given)  # raises on a difference
+    return parent
+
+
+def _check_negatives_folder(config: TrainConfig, cohort: Cohort, train_cases: list[str]) -> None:
+    """Refuse ``hard_negative_fraction`` without hard-negative maps for the training cases."""
+    if config.hard_negative_fraction <= 0:
+        return
+    option = f"--hard-negative-fraction {config.hard_negative_fraction:g}"
+    if not cohort.negatives_dir.is_dir():
+        raise InputError(f"{option}: {cohort.negatives_dir} not found; expected hard-negative maps "
+                         f"negativesTr/<case>.nii.gz (written by import-reviews)")
+    if not any(cohort.has_negatives(c) for c in train_cases):
+        raise InputError(f"{option}: none of fold {config.fold}'s {len(train_cases)} training cases has a "
+                         f"hard-negative map in {cohort.negatives_dir}")
+
+
+def _check_hard_slices(config: TrainConfig, cached: list[CachedCase]) -> None:
+    if config.hard_negative_fraction > 0 and not any(any(c.hard) for c in cached):
+        raise InputError(f"--hard-negative-fraction {config.hard_negative_fraction:g}: the hard-negative maps of "
+                         f"fold {config.fold}'s training cases are empty; expected some voxels marked 1")
+
+
+def _provenance(cohort: Cohort, parent, train_cases: list[str], val_cases: list[str]) -> dict[str, Any]:
+    """``config.json``'s ``init_from``/``lineage`` (a fine-tune) and ``review_set`` entries."""
+    from bonemets_tf.lineage import lineage_record
+
+    import hashlib
+
+    out: dict[str, Any] = lineage_record(parent) if parent is not None else {}
+    cases = set(cohort.review_set())
+    if cases:
+        out["review_set"] = {"file": str(cohort.reviews_path.resolve()),
+                             "sha256": hashlib.sha256(cohort.reviews_path.read_bytes()).hexdigest(),
+                             "cases": len(cases), "train": sorted(cases & set(train_cases)),
+                             "val": sorted(cases & set(val_cases))}
+    return out
 
 
 def _fold(config: TrainConfig) -> tuple[Cohort, dict[str, Any] | None, list[str], list[str]]:
@@ -390,8 +462,10 @@ def _pipelines(job: _Job) -> tuple[Callable[..., Any], Any]:
 
     config = job.config
     sampling = data.Sampling(config.task, image_size=config.image_size,
-                             positive_fraction=config.positive_fraction, lesion_crop_p=config.lesion_crop_p)
-    train_store = data.SliceStore(job.train_cases, context=config.context)
+                             positive_fraction=config.positive_fraction, lesion_crop_p=config.lesion_crop_p,
+                             hard_negative_fraction=config.hard_negative_fraction)
+    train_store = data.SliceStore(job.train_cases, context=config.context,
+                                  negatives=config.hard_negative_fraction > 0)
     val_store = data.SliceStore(job.val_cases, context=config.context)
 
     def stream(start: int = 0):
@@ -414,11 +488,16 @@ def _build(job: _Job, state: RunState, stream: Callable[..., Any]) -> tuple[Any,
     config = job.config
     model = build_model(config.arch, context=config.context, width=config.width,
                         image_size=config.image_size, weights=config.weights)
+    if config.init_from is not None and state.epoch == 0:  # a resumed fine-tune restores its own checkpoint
+        from bonemets_tf.models.registry import load_weights
+
+        load_weights(model, Path(config.init_from) / MODEL_FILE, option="--init-from")
     if config.bn_momentum is not None:
         for layer in model.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = config.bn_momentum
-    if state.epoch == 0 and config.prior_bias and config.task != DETECT and config.weights is None:
+    if (state.epoch == 0 and config.prior_bias and config.task != DETECT and config.weights is None
+            and config.init_from is None):
         _set_prior_bias(model, _lesion_prior(stream()))
     trainer = _training_view(model, config.task) if config.logit_loss else model
     _compile(trainer, config, job.record, state.lr_scale)

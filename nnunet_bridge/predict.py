@@ -143,8 +143,8 @@ def predict(dataset: str | Path | None, work: str | Path, out: str | Path, optio
         settings={"model": str(layout.model_folder.resolve()), "folds": folds, "mirroring": options.mirroring},
         network=lambda plan: _network(layout, folds, device, options, plan, fingerprint),
         outputs=options.outputs(threshold=NNUNET_THRESHOLD),
-        record=lambda: {"model": {"work": str(layout.work), "model_folder": str(layout.model_folder), "folds": folds,
-                                  "plans": layout.plans_identifier, "framework": "nnU-Net v2",
+        record=lambda: {"model": {"name": "nnunet", "work": str(layout.work), "model_folder": str(layout.model_folder),
+                                  "folds": folds, "plans": layout.plans_identifier, "framework": "nnU-Net v2",
                                   "fingerprint": fingerprint, "spacing_xy_mm": training.get("spacing_xy_mm"),
                                   "spacing_source": _spacing_source(layout)},
                         "training": training, "folds": folds, "mirroring": options.mirroring,
@@ -196,6 +196,18 @@ def _network(layout: WorkLayout, folds: list[int], device: Any, options: Predict
         yield Network(name="nnunet", fingerprint=fingerprint,
                       segment=lambda volume, z, spacing_zyx: lesion_probability(predictor, volume[z], spacing_zyx),
                       crop=options.crop)
+
+
+def model_identity(work: str | Path, folds: Sequence[int] | None = None) -> tuple[Path, str, str]:
+    """The work folder (resolved), the model's name and its weights' fingerprint, as ``predict``
+    records them (``serve`` names each result's model with them).
+
+    Raises:
+        InputError: no trained folds (or not the ones asked for) in ``work``.
+    """
+    layout = WorkLayout(Path(work).resolve())
+    chosen = check_folds(layout, folds)
+    return layout.work, "nnunet", layout_fingerprint(layout, chosen)
 
 
 def layout_fingerprint(layout: WorkLayout, folds: Sequence[int]) -> str:

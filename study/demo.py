@@ -481,12 +481,20 @@ class StageFailed(RuntimeError):
 
 
 def best_run(runs: Path, archs: Sequence[str], monitor: str) -> str:
-    """The architecture whose RUN reached the highest ``monitor`` in ``history.csv``."""
+    """The architecture whose RUN reached the highest ``monitor`` in ``history.csv``.
+
+    A RUN whose validation cases hold no lesion (``config.json["checkpoint"]["monitor"]`` null,
+    see :class:`bonemets_tf.checkpoint.CheckpointRule`) ranks last: its validation Dice rewards
+    an empty prediction (1.0), so it cannot say which model is best.
+    """
     scores = {}
     for arch in archs:
         path = runs / arch / "history.csv"
         best = -math.inf
-        if path.is_file():
+        if _validation_blind(runs / arch):
+            log.warning("best %s: %s's validation cases hold no lesion; its %s cannot rank it", monitor, arch,
+                        monitor)
+        elif path.is_file():
             with open(path, newline="", encoding="utf-8") as fh:
                 for row in csv.DictReader(fh):
                     try:
@@ -497,6 +505,16 @@ def best_run(runs: Path, archs: Sequence[str], monitor: str) -> str:
                         best = max(best, value)
         scores[arch] = best
     return max(archs, key=lambda a: (scores[a], -archs.index(a)))
+
+
+def _validation_blind(run: Path) -> bool:
+    """Whether ``run``'s config.json says its validation held no lesion (checkpoint monitor null)."""
+    try:
+        with open(run / "config.json", encoding="utf-8") as fh:
+            checkpoint = json.load(fh).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(checkpoint, dict) and "monitor" in checkpoint and checkpoint["monitor"] is None
 
 
 def run_demo(out: str | os.PathLike, *, quick: bool = False, cases: int | None = None, seed: int = 0) -> Path:

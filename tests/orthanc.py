@@ -60,9 +60,10 @@ class Orthanc:
         self.stop()
         raise RuntimeError(f"Orthanc did not start; see {folder / 'orthanc.log'}")
 
-    def set_modality(self, name: str, ae: str, port: int) -> None:
-        requests.put(f"{self.url}/modalities/{name}", json={"AET": ae, "Host": "127.0.0.1", "Port": port},
-                     timeout=10).raise_for_status()
+    def set_modality(self, name: str, ae: str, port: int, **permissions: bool) -> None:
+        """Declare (or change) a modality; ``permissions`` e.g. ``AllowGet=False`` (Orthanc's keys)."""
+        requests.put(f"{self.url}/modalities/{name}", json={"AET": ae, "Host": "127.0.0.1", "Port": port,
+                                                            **permissions}, timeout=10).raise_for_status()
 
     def upload(self, files) -> str:
         """POST each file to /instances; returns the Orthanc id of their study."""

@@ -50,6 +50,17 @@ def centre_mm(name: str) -> tuple[float, float, float]:
     return (o[0] + i * s[0], o[1] + j * s[1], o[2] + k * s[2])
 
 
+def lesion_ids(lesions: list[dict]) -> dict[str, int]:
+    """The lesion id the model gave each designed lesion ("hot", "island", "warm"), by the
+    lesion whose centroid (``x_mm, y_mm, z_mm``) lies nearest the designed centre."""
+    out = {}
+    for name in ("hot", "island", "warm"):
+        centre = np.array(centre_mm(name))
+        out[name] = min(lesions, key=lambda l: np.linalg.norm(np.array([l["x_mm"], l["y_mm"], l["z_mm"]]) - centre))["id"]
+    assert sorted(out.values()) == [1, 2, 3]
+    return out
+
+
 def phantom_ct(seed: int = 0) -> np.ndarray:
     """HU ``(slices, rows, cols)``: air, a soft-tissue body, a block of trabecular bone with the lesions."""
     rng = np.random.default_rng(seed)

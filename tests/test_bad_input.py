@@ -50,6 +50,18 @@ def pred(w, case=CASE):
     return w["pred"] / "m" / f"{case}.nii.gz"
 
 
+def negatives(w, case=CASE):
+    return w["ds"] / "negativesTr" / f"{case}.nii.gz"
+
+
+def negatives_on_label(w):
+    """A hard-negative map that marks the label's lesion voxels too."""
+    from analysis.imaging.io import read_array
+
+    lab, geometry = read_array(label(w))
+    write_array((lab > 0).astype(np.uint8), geometry, negatives(w))
+
+
 ARGS = {
     "validate": lambda w: ["validate", w["ds"]],
     "split": lambda w: ["split", w["ds"], "--folds", "2"],
@@ -58,6 +70,7 @@ ARGS = {
     "analyze-test": lambda w: ["analyze", "--dataset", w["ds"], "--predictions", w["pred"], "--out", w["out"],
                                "--no-radiomics"],
     "import-bones": lambda w: ["import-bones", w["seg"], "--dataset", w["ds"], "--case", CASE],
+    "import-reviews": lambda w: ["import-reviews", w["pred"] / "m", "--dataset", w["out"]],
     "import-dicom": lambda w: ["import-dicom", w["dicom"], "--dataset", w["ds"], "--case", "new"],
     "import-dicom-label": lambda w: ["import-dicom", w["dicom"], "--dataset", w["ds"], "--case", "new",
                                      "--label", w["mask"]],
@@ -157,6 +170,7 @@ def low_memory(monkeypatch, n_bytes):
 
 GOOD_SPLITS = {"seed": 0, "test": ["case_000"], "folds": [{"train": ["case_001"], "val": ["case_002"]}]}
 L, I, P = "labelsTr/case_001.nii.gz", "imagesTr/case_001_0000.nii.gz", "m/case_001.nii.gz"
+N = "negativesTr/case_001.nii.gz"
 
 # (command, kind, damage, needles in the one error line)
 CASES = [
@@ -239,6 +253,11 @@ CASES = [
     ("import-dicom", "several series", lambda w: two_series(w),
      ["dicom", "holds 2 DICOM series", "1.2.3.99", "--series"]),
     ("import-dicom", "missing slice", lambda w: dicom(w, skip=(2,)), ["dicom", "uneven slice spacing", "expected 2.5 mm"]),
+    # hard-negative maps (negativesTr): their image's geometry, 0/1, never on a lesion voxel
+    ("validate", "hard negatives on the label", negatives_on_label, [N, "voxel(s) are also lesion in the label"]),
+    ("validate", "hard-negative map size", lambda w: size(w, negatives), [N, "size (21, 16, 6) differs"]),
+    ("validate", "hard-negative map values", lambda w: multilabel(w, negatives), [N, "values {2} found"]),
+    ("import-reviews", "not a review root", lambda w: None, ["PRED/m", "neither a node's spool", "nor a PRED folder"]),
     # other
     ("validate", "dataset folder missing", lambda w: shutil.rmtree(w["ds"]), ["ds", "dataset folder not found"]),
     ("phantom-small", "grid too small", lambda w: None, ["shape (4, 32, 32)", "at least 8"]),

@@ -43,3 +43,22 @@ def test_unet_flops_by_hand():
     enc = 2 * 64 * 9 * 2 + 2 * 16 * 9 * 2 + 2 * 4 * 9 * 2 + 2 * 1 * 9 * 2
     dec = sum(2 * (s // 2) ** 2 * 4 + s * s * 2 * 9 * 2 for s in (2, 4, 8))
     assert unet_forward_flops(8, filters=(1, 1, 1, 1)) == enc + dec + 64 * 2
+
+
+def test_review_loop_reads_fp_per_case_at_a_sensitivity_off_the_froc_curve():
+    """benchmarks/review_loop.py's target: the lowest FP per case among the operating points that
+    reach a sensitivity, and the highest threshold doing so (hand-computed curve)."""
+    import numpy as np
+
+    from analysis.evaluation.metrics.froc import froc_case, froc_curve
+    from benchmarks.review_loop import _fp_at, _threshold_at
+
+    gt = np.zeros((1, 1, 9), np.int64)
+    gt[0, 0, 0], gt[0, 0, 4] = 1, 2  # two true lesions
+    prob = np.zeros((1, 1, 9))
+    prob[0, 0, 0], prob[0, 0, 2], prob[0, 0, 4], prob[0, 0, 6] = 0.9, 0.8, 0.5, 0.3  # hit, FP, hit, FP
+    curve = froc_curve([froc_case(prob, gt, 2), froc_case(np.zeros((1, 1, 9)), np.zeros((1, 1, 9), np.int64), 0)])
+    assert curve.fp_per_case.tolist() == [0.0, 0.5, 0.5, 1.0] and curve.sensitivity.tolist() == [0.5, 0.5, 1.0, 1.0]
+    assert (_fp_at(curve, 0.5), _threshold_at(curve, 0.5)) == (0.0, 0.9)
+    assert (_fp_at(curve, 1.0), _threshold_at(curve, 1.0)) == (0.5, 0.5)
+    assert np.isnan(_fp_at(curve, 1.01)) and np.isnan(_threshold_at(curve, 1.01))

@@ -66,6 +66,12 @@ def test_best_run_reads_the_monitor_from_history(tmp_path):
         rows = "".join(f"{i + 1},{v}\n" for i, v in enumerate(values))
         (tmp_path / arch / "history.csv").write_text("epoch,val_dice\n" + rows, encoding="utf-8")
     assert best_run(tmp_path, SEGMENTERS, "val_dice") == "resunet"
+    # a RUN that validated on lesion-free cases (Dice 1.0 for an empty mask) cannot win
+    (tmp_path / "resunet" / "config.json").write_text(json.dumps({"checkpoint": {"monitor": None, "epoch": 2}}),
+                                                      encoding="utf-8")
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"checkpoint": {"monitor": "val_dice", "epoch": 2}}),
+                                                   encoding="utf-8")
+    assert best_run(tmp_path, SEGMENTERS, "val_dice") == "unet"
 
 
 def test_demo_refuses_a_folder_made_with_other_settings(tmp_path):

@@ -98,3 +98,70 @@ def test_low_disk_refuses_with_out_of_resources_and_a_failed_series_is_kept(tmp_
     (reason,) = (tmp_path / "spool" / "failed").glob("*/reason.txt")
     assert "a reason predict gives" in reason.read_text(encoding="utf-8") and len(calls) == 1 and len(calls[0]) == 6
     assert not runner.is_alive()
+
+
+def test_reload_lets_the_running_series_finish_then_switches_and_each_result_names_its_model(tmp_path, caplog):
+    """SIGHUP's effect (Node.reload; the signal itself: tests/tf/test_node_orthanc.py): a reload asked
+    while series 1 is being predicted waits for it; series 2 then goes to the new model."""
+    import json
+    import logging
+
+    from analysis.node.server import MODEL_RECORD, NodeModel
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def model(name: str, *, block: bool = False) -> NodeModel:
+        def predict_series(series_dir: Path, out: Path) -> None:
+            calls.append((name, series_dir.name.split("-")[0], "start"))
+            started.set()
+            if block:
+                assert release.wait(30)
+            out.mkdir(parents=True, exist_ok=True)
+            calls.append((name, series_dir.name.split("-")[0], "end"))
+
+        return NodeModel(predict_series, name=name, fingerprint=f"fp-{name}", source=f"/runs/{name}")
+
+    loads = iter([model("new"), InputError("never read")])
+
+    def load_model() -> NodeModel:
+        loaded = next(loads)
+        if isinstance(loaded, Exception):
+            raise loaded
+        return loaded
+
+    node = Node(NodeConfig(spool=tmp_path / "spool", destination=Destination.parse("X@127.0.0.1:1"), port=0,
+                           idle_seconds=0.0, min_free_gb=0.0), model("old", block=True), load_model=load_model)
+    spool = Spool(tmp_path / "spool")
+    spool.store("1.2", "1.2.1", "1.2.1.1", b"DICM")
+    runner = threading.Thread(target=node.run, kwargs={"once": False, "poll": 0.05})
+    caplog.set_level(logging.INFO, logger="analysis.node.server")
+    node.listen()  # nothing is sent to it: the spool is filled directly
+    runner.start()
+    try:
+        assert started.wait(30)
+        node.reload()  # while series 1 is running
+        spool.store("1.2", "1.2.2", "1.2.2.1", b"DICM")
+        threading.Event().wait(0.5)  # series 2 is complete now, but must wait for the switch
+        assert [c for c in calls if c[1] == "1.2.2"] == []
+        release.set()
+        for _ in range(200):
+            if len(list((tmp_path / "spool" / "done").iterdir())) == 2:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        release.set()
+        node.stop()
+        runner.join(30)
+    assert calls == [("old", "1.2.1", "start"), ("old", "1.2.1", "end"), ("new", "1.2.2", "start"),
+                     ("new", "1.2.2", "end")]
+    records = {job.name.split("-")[0]: json.loads((job / MODEL_RECORD).read_text(encoding="utf-8"))
+               for job in (tmp_path / "spool" / "done").iterdir()}
+    assert records == {"1.2.1": {"name": "old", "fingerprint": "fp-old", "source": "/runs/old"},
+                       "1.2.2": {"name": "new", "fingerprint": "fp-new", "source": "/runs/new"}}
+    text = caplog.text
+    assert "series 1.2.1: predicted by old (fp-old)" in text and "series 1.2.2: predicted by new (fp-new)" in text
+    assert "SIGHUP: now predicting with new (fp-new) from /runs/new; before: old (fp-old)" in text
+    # a model that cannot be read is refused in one line and the node keeps the one it has
+    node.reload()
+    node._swap_model()
+    assert node.model.name == "new" and "the model could not be read (never read); still predicting with new" in caplog.text

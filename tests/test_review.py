@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -249,13 +248,7 @@ def _service(pred: Path) -> tuple[ReviewService, str]:
 
 def _ids(service: ReviewService, uid: str) -> dict[str, int]:
     """The lesion id of each designed lesion the model found (by centroid)."""
-    lesions = service.study(uid, with_slices=False)["lesions"]
-    out = {}
-    for name in ("hot", "island", "warm"):
-        centre = np.array(fx.centre_mm(name))
-        out[name] = min(lesions, key=lambda l: np.linalg.norm(np.array([l["x_mm"], l["y_mm"], l["z_mm"]]) - centre))["id"]
-    assert sorted(out.values()) == [1, 2, 3]
-    return out
+    return fx.lesion_ids(service.study(uid, with_slices=False)["lesions"])
 
 
 def _seg_segments(path: Path, series_files: list[Path]) -> dict[str, np.ndarray]:

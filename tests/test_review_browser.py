@@ -128,13 +128,8 @@ def _wait_decision(page, lesion: int, decision: str) -> None:
 
 
 def _ids(page, uid: str) -> dict[str, int]:
-    lesions = page.evaluate("async uid => (await (await fetch('/api/studies/' + uid)).json()).lesions", uid)
-    out = {}
-    for name in ("hot", "island", "warm"):
-        centre = np.array(fx.centre_mm(name))
-        out[name] = min(lesions, key=lambda l: np.linalg.norm(np.array([l["x_mm"], l["y_mm"], l["z_mm"]]) - centre))["id"]
-    assert sorted(out.values()) == [1, 2, 3]
-    return out
+    """The lesion id of each designed lesion, as the page's API gives the lesions."""
+    return fx.lesion_ids(page.evaluate("async uid => (await (await fetch('/api/studies/' + uid)).json()).lesions", uid))
 
 
 def _click_missed_lesion(page) -> None:
@@ -254,7 +249,7 @@ def test_a_reader_reviews_and_signs_in_a_browser_and_the_pacs_gets_the_result_on
         # a second reader sees the first's decisions
         bob = browser.new_context().new_page()
         _sign_in(bob, f"{server.url}/studies/{uid}", "bob")
-        bob.wait_for_selector(f'.card[data-lesion-id="4"][data-added="true"]')
+        bob.wait_for_selector('.card[data-lesion-id="4"][data-added="true"]')
         _wait_decision(bob, ids["island"], "reject")
         # sign, and kill the server as soon as the page says so
         page.click('button[data-action="sign"]')

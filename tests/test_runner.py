@@ -281,6 +281,17 @@ def test_dicom_seg_for_dicom_input_matches_lesions_csv(tmp_path, layout):
         assert np.abs(np.subtract(c, r)).max() <= spacing / 2
 
 
+def test_the_plan_knows_each_inputs_pixel_size_from_its_headers(tmp_path):
+    # predict's memory check sizes a resampled case by it: (between rows, between columns) mm
+    images = tmp_path / "images"
+    write_ct(images / "pt1", hu_volume(), spacing=(0.7, 0.6))
+    write_array(np.zeros(LPS.shape, np.int16), LPS, images / "pt2.nii.gz")
+    plan = plan_inputs(None, images)
+    assert plan.shapes["pt2"] == LPS.shape
+    assert plan.pixel_mm["pt2"] == pytest.approx((0.8, 0.9))  # NIfTI spacing is (x, y, z)
+    assert plan.pixel_mm["pt1"] == pytest.approx((0.7, 0.6))  # DICOM PixelSpacing is (row, column)
+
+
 def test_dicom_seg_refused_for_nifti_input_before_any_work(tmp_path):
     write_array(phantom_ct(), LPS, tmp_path / "images" / "a.nii.gz")
     with pytest.raises(InputError, match="--dicom-seg: .* holds no DICOM series"):

@@ -87,7 +87,9 @@ def test_a_missing_interpreter_is_one_line_and_exit_2(tmp_path):
     (["train", "--dataset", "D"], "tf"), (["--debug", "predict"], "tf"), (["models"], "tf"), (["gradcam"], "tf"),
     (["export"], "tf"), (["nnunet", "predict"], "torch"), (["serve", "--model", "R"], "tf"),
     (["serve", "--nnunet-work=W"], "torch"), (["followup", "--baseline", "a", "--nnunet-work", "W"], "torch"),
-    (["followup", "--baseline-mask", "m"], None), (["validate", "D"], None), (["demo"], None), (["doctor"], None),
+    (["followup", "--baseline-mask", "m"], None), (["timeline", "a", "b", "--model", "R"], "tf"),
+    (["timeline", "a", "b", "--nnunet-work=W"], "torch"), (["timeline", "a", "b", "--masks", "m"], None),
+    (["validate", "D"], None), (["demo"], None), (["doctor"], None),
     ([], None)])
 def test_command_wing(args, wing):
     assert command_wing(args) == wing
@@ -127,7 +129,7 @@ except StageFailed as exc:
 
 def test_the_wing_table_covers_every_command_that_imports_a_wing():
     """cli.py's WING_OF cannot drift from the commands: a command whose code imports a wing is
-    handed to that wing (serve and followup import both and go by their model option)."""
+    handed to that wing (serve, followup and timeline import both and go by their model option)."""
     import inspect
 
     import click
@@ -138,14 +140,14 @@ def test_the_wing_table_covers_every_command_that_imports_a_wing():
         if isinstance(command, click.Group):
             return "".join(sources(c) for c in command.commands.values())
         text = inspect.getsource(command.callback)
-        helpers = [h for h in ("_series_predictor",) if h in text]  # code the command calls in cli.py
+        helpers = [h for h in ("_series_predictor", "_scan_predictor") if h in text]  # code it calls in cli.py
         return text + "".join(inspect.getsource(getattr(cli, h)) for h in helpers)
 
     for name, command in cli.main.commands.items():
         text = sources(command)
         wings = {wing for wing, package in (("tf", "bonemets_tf"), ("torch", "nnunet_bridge")) if package in text}
         if len(wings) == 2:
-            assert name in ("serve", "followup"), name
+            assert name in ("serve", "followup", "timeline"), name
             assert command_wing([name, "--model", "M"]) == "tf" and command_wing([name, "--nnunet-work", "W"]) == "torch"
         else:
             assert command_wing([name]) == (wings.pop() if wings else None), name

@@ -40,7 +40,7 @@ def _ras(array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Geometry]:
 
 def write_dicom_series(ct: np.ndarray, geometry: Geometry, folder: str | os.PathLike, *, patient_id: str,
                        description: str = "Phantom CT", series_number: int = 2, localizer: bool = True,
-                       seed: int = 0) -> list[Path]:
+                       seed: int = 0, study_date: str = "20261201", study_uid: str | None = None) -> list[Path]:
     """Write an identity-direction (LPS) CT volume as a DICOM CT series with pydicom.
 
     Args:
@@ -49,6 +49,8 @@ def write_dicom_series(ct: np.ndarray, geometry: Geometry, folder: str | os.Path
         folder: the series folder (created).
         patient_id: PatientID and PatientName.
         localizer: also write one localizer image (ImageType LOCALIZER, another series).
+        study_date: StudyDate (YYYYMMDD).
+        study_uid: StudyInstanceUID (default: a new one).
 
     Returns:
         The files written (slices in random name order, then the localizer).
@@ -62,7 +64,7 @@ def write_dicom_series(ct: np.ndarray, geometry: Geometry, folder: str | os.Path
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    study, frame = generate_uid(), generate_uid()
+    study, frame = study_uid or generate_uid(), generate_uid()
 
     def base(series_uid: str, number: int, text: str) -> Dataset:
         ds = Dataset()
@@ -73,7 +75,7 @@ def write_dicom_series(ct: np.ndarray, geometry: Geometry, folder: str | os.Path
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.Modality, ds.Manufacturer = "CT", "bonemets phantom"
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"{patient_id}^", patient_id, "", "O"
-        ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study, "20261201", "120000", "1"
+        ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study, study_date, "120000", "1"
         ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
         ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = series_uid, number, text
         ds.FrameOfReferenceUID = frame

@@ -46,7 +46,8 @@ from analysis.lesions import group_lesions, lesion_instances
 from analysis.imaging.records import csv_text
 
 __all__ = ["Followups", "FollowupCase", "generate_followup", "VARIANTS", "TRUTH_CSV", "TRANSFORMS_CSV",
-           "TRUTH_COLUMNS", "TRANSFORM_COLUMNS", "ORIENTATIONS"]
+           "TRUTH_COLUMNS", "TRANSFORM_COLUMNS", "ORIENTATIONS", "followup_grid", "random_motion", "resample_onto",
+           "scaled_lesion", "physical_box", "nominal_mm", "transform_row", "motion_row"]
 
 TRUTH_CSV = "followup_truth.csv"
 TRANSFORMS_CSV = "followup_transforms.csv"
@@ -99,12 +100,13 @@ class FollowupCase:
     truth: list[dict[str, Any]]
 
 
-def _physical(plan: Any, point: tuple[float, float, float]) -> np.ndarray:
+def nominal_mm(plan: Any, point: tuple[float, float, float]) -> np.ndarray:
+    """A plan point (nominal mm) in physical mm along each axis (for distances between lesions)."""
     f = plan.frame
     return np.array([point[0] * f.mm_xy, point[1] * f.mm_xy, point[2] * f.mm_z])
 
 
-def _scaled(lesion: Any, s: float) -> Any:
+def scaled_lesion(lesion: Any, s: float) -> Any:
     """The lesion scaled by ``s`` about its main lobe's centre (lobes and radii alike)."""
     c0 = np.asarray(lesion.prims[0].c)
     prims = []
@@ -121,7 +123,7 @@ def _change_lesions(rng: np.random.Generator):
     def edit(plan: Any) -> None:
         if not plan.lesions:
             return
-        centres = [_physical(plan, les.prims[0].c) for les in plan.lesions]
+        centres = [nominal_mm(plan, les.prims[0].c) for les in plan.lesions]
 
         def isolated(point: np.ndarray, skip: int | None = None) -> bool:
             return all(np.linalg.norm(point - c) >= ISOLATION_MM for k, c in enumerate(centres) if k != skip)
@@ -136,7 +138,7 @@ def _change_lesions(rng: np.random.Generator):
         for i, les in enumerate(plan.lesions):
             if i == resolved:
                 continue
-            lesions.append(_scaled(les, GROW) if i == grown else _scaled(les, SHRINK) if i == shrunk else les)
+            lesions.append(scaled_lesion(les, GROW) if i == grown else scaled_lesion(les, SHRINK) if i == shrunk else les)
         sites = [s for s in plan.sites if ph._in_scan(plan, s[2])]
         wanted = int(rng.integers(1, 3))
         for _ in range(200):
@@ -144,20 +146,22 @@ def _change_lesions(rng: np.random.Generator):
                 break
             _, _, bone = sites[int(rng.integers(len(sites)))]
             centre, fit = ph._site_point(bone, rng)
-            if not isolated(_physical(plan, centre)):
+            if not isolated(nominal_mm(plan, centre)):
                 continue
             radius = min(float(rng.uniform(3.0, 8.0)) / plan.frame.mm_xy, 1.5 * fit)
             rz = radius * plan.frame.mm_xy / plan.frame.mm_z
             hu = float(np.clip(rng.normal(690, 130), 480, 1000))
             lesions.append(ph._Lesion(ph._blob(plan, rng, centre, radius, rz), hu, diffuse=False))
-            centres.append(_physical(plan, centre))
+            centres.append(nominal_mm(plan, centre))
             wanted -= 1
         plan.lesions[:] = lesions
 
     return edit
 
 
-def _motion(rng: np.random.Generator, centre: np.ndarray) -> sitk.Euler3DTransform:
+def random_motion(rng: np.random.Generator, centre: np.ndarray) -> sitk.Euler3DTransform:
+    """A rigid motion about ``centre`` (LPS mm): up to :data:`MAX_ROTATION_DEG` about each axis and
+    :data:`MAX_SHIFT_MM` along each, drawn from ``rng``."""
     t = sitk.Euler3DTransform()
     t.SetCenter(tuple(float(c) for c in centre))
     t.SetRotation(*(math.radians(float(a)) for a in rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, 3)))
@@ -165,7 +169,7 @@ def _motion(rng: np.random.Generator, centre: np.ndarray) -> sitk.Euler3DTransfo
     return t
 
 
-def _box(geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+def physical_box(geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
     """Physical (LPS mm) low and high corners of the voxel centres of an axis-aligned geometry."""
     d = np.asarray(geometry.direction).reshape(3, 3)
     far = np.asarray(geometry.origin) + d @ ((np.asarray(geometry.size) - 1) * np.asarray(geometry.spacing))
@@ -175,7 +179,7 @@ def _box(geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
 def followup_grid(baseline: Geometry, orientation: str, factors: tuple[float, float, float]) -> Geometry:
     """The follow-up's grid: the baseline's physical box, :data:`Z_MARGIN_MM` shorter at both ends,
     sampled with ``factors`` x the baseline's spacing and stored in ``orientation``."""
-    lo, hi = _box(baseline)
+    lo, hi = physical_box(baseline)
     lo[2] += Z_MARGIN_MM
     hi[2] -= Z_MARGIN_MM
     spacing = tuple(float(s * f) for s, f in zip(baseline.spacing, factors))
@@ -186,8 +190,10 @@ def followup_grid(baseline: Geometry, orientation: str, factors: tuple[float, fl
     return Geometry(size=size, spacing=spacing, origin=origin, direction=direction)
 
 
-def _resample(array: np.ndarray, source: Geometry, target: Geometry, to_source: sitk.Transform, *,
-              labels: bool) -> np.ndarray:
+def resample_onto(array: np.ndarray, source: Geometry, target: Geometry, to_source: sitk.Transform, *,
+                  labels: bool) -> np.ndarray:
+    """``array`` on ``source`` resampled onto ``target`` through ``to_source`` (a target point -> the
+    source point): nearest neighbour for ``labels`` (0 outside), else linear (air outside), float32."""
     image = array_to_image(array, source)
     reference = sitk.Image(target.size, image.GetPixelID())
     target.apply_to(reference)
@@ -232,15 +238,15 @@ def generate_followup(seed: int, baseline: ph.PhantomCase, *, index: int = 0, in
     shape = g0.shape
     frame = ph.generate_case(seed, shape, g0.spacing, include_head=include_head, lesion_free=lesion_free,
                              edit=_change_lesions(rng))
-    lo, hi = _box(g0)
-    motion = _motion(rng, (lo + hi) / 2)
+    lo, hi = physical_box(g0)
+    motion = random_motion(rng, (lo + hi) / 2)
     orientation, factors = VARIANTS[index % len(VARIANTS)]
     grid = followup_grid(g0, orientation, factors)
     back = motion.GetInverse()                     # follow-up point -> baseline point
-    ct = np.clip(np.rint(_resample(frame.ct, g0, grid, back, labels=False)), ph.HU_MIN, ph.HU_MAX).astype(np.int16)
+    ct = np.clip(np.rint(resample_onto(frame.ct, g0, grid, back, labels=False)), ph.HU_MIN, ph.HU_MAX).astype(np.int16)
     moved0, _ = lesion_instances(frame.label, 26)
-    under = _resample(moved0.astype(np.uint32), g0, grid, back, labels=True)
-    bones = _resample(frame.bones, g0, grid, back, labels=True).astype(np.uint8)
+    under = resample_onto(moved0.astype(np.uint32), g0, grid, back, labels=True)
+    bones = resample_onto(frame.bones, g0, grid, back, labels=True).astype(np.uint8)
     label = (under > 0).astype(np.uint8)
     base_labels, n_base = lesion_instances(baseline.label, 26)
     own, n_own = lesion_instances(label, 26)
@@ -253,12 +259,16 @@ def generate_followup(seed: int, baseline: ph.PhantomCase, *, index: int = 0, in
 
 def transform_row(case: str, fc: FollowupCase) -> dict[str, Any]:
     """One row of ``followup_transforms.csv`` (:data:`TRANSFORM_COLUMNS`)."""
-    t = fc.transform
+    return motion_row(case, fc.orientation, fc.geometry, fc.transform)
+
+
+def motion_row(case: str, orientation: str, geometry: Geometry, t: sitk.Euler3DTransform) -> dict[str, Any]:
+    """A scan's storage and motion as a row of :data:`TRANSFORM_COLUMNS`."""
     m = np.asarray(t.GetMatrix()).reshape(3, 3)
     c, tr = np.asarray(t.GetCenter()), np.asarray(t.GetTranslation())
     offset = tr + c - m @ c
-    row: dict[str, Any] = {"case": case, "orientation": fc.orientation}
-    row.update(zip(("spacing_x", "spacing_y", "spacing_z"), fc.geometry.spacing))
+    row: dict[str, Any] = {"case": case, "orientation": orientation}
+    row.update(zip(("spacing_x", "spacing_y", "spacing_z"), geometry.spacing))
     row.update(zip(("rotation_x_deg", "rotation_y_deg", "rotation_z_deg"),
                    (math.degrees(a) for a in (t.GetAngleX(), t.GetAngleY(), t.GetAngleZ()))))
     row.update(zip(("translation_x_mm", "translation_y_mm", "translation_z_mm"), tr))

@@ -8,6 +8,12 @@ Layout (nnU-Net v2 raw style; one case is one patient)::
     DATASET/imagesTr/<case>_0000.nii.gz  CT in Hounsfield units
     DATASET/labelsTr/<case>.nii.gz       binary lesion mask (0/1), same geometry as its image
     DATASET/bonesTr/<case>.nii.gz        optional bone map (codes in :data:`BONE_CODES`)
+    DATASET/negativesTr/<case>.nii.gz    optional hard-negative map (0/1), same geometry as its image:
+                                         regions a model called lesion and a reader rejected
+                                         (``import-reviews``); they are background in the label and
+                                         never overlap it (``train --hard-negative-fraction``)
+    DATASET/reviews.json                 optional: the cases ``import-reviews`` made from reviewed
+                                         studies (:data:`REVIEWS_FILE`)
     DATASET/splits.json                  {"seed": S, "test": [...], "folds": [{"train": [...], "val": [...]}, ...]}
 """
 from __future__ import annotations
@@ -37,6 +43,12 @@ BONE_CODES: dict[int, str] = {
     7: "other",
 }
 MAX_BONE_CODE = max(BONE_CODES)
+
+#: Hard-negative maps: ``negativesTr/<case>.nii.gz``.
+NEGATIVES_DIR = "negativesTr"
+#: The review set: ``{"cases": {case: {study_uid, series_uid, source, reader, ...}}}`` written by
+#: ``import-reviews`` (:mod:`analysis.cohort.reviews`).
+REVIEWS_FILE = "reviews.json"
 
 
 def dataset_json_content(num_training: int) -> dict[str, Any]:
@@ -72,6 +84,14 @@ class Cohort:
         return self.root / "bonesTr"
 
     @property
+    def negatives_dir(self) -> Path:
+        return self.root / NEGATIVES_DIR
+
+    @property
+    def reviews_path(self) -> Path:
+        return self.root / REVIEWS_FILE
+
+    @property
     def dataset_json_path(self) -> Path:
         return self.root / "dataset.json"
 
@@ -90,6 +110,12 @@ class Cohort:
 
     def has_bones(self, case: str) -> bool:
         return self.bones_path(case).is_file()
+
+    def negatives_path(self, case: str) -> Path:
+        return self.negatives_dir / f"{case}{FILE_ENDING}"
+
+    def has_negatives(self, case: str) -> bool:
+        return self.negatives_path(case).is_file()
 
     # --- contents ------------------------------------------------------------
     def require_exists(self) -> None:
@@ -142,6 +168,21 @@ class Cohort:
         if problems:
             raise InputError(f"{self.dataset_json_path}: {problems[0]}")
         return data
+
+    def review_set(self) -> dict[str, dict[str, Any]]:
+        """The cases ``import-reviews`` made from reviewed studies (``reviews.json``'s ``cases``:
+        case id -> its study, reader and review record); empty when the cohort has none.
+
+        Raises:
+            InputError: ``reviews.json`` is not an object with a ``cases`` object.
+        """
+        if not self.reviews_path.is_file():
+            return {}
+        record = read_json(self.reviews_path, what="review set")
+        cases = record.get("cases") if isinstance(record, dict) else None
+        if not isinstance(cases, dict):
+            raise InputError(f"{self.reviews_path}: expected an object with 'cases' (written by import-reviews)")
+        return dict(cases)
 
     def splits(self) -> dict[str, Any] | None:
         """Read and check ``splits.json``; None when the cohort has none.

@@ -943,7 +943,7 @@ def generate_cohort(out: str | os.PathLike, *, cases: int = 8, seed: int = 0, sh
             replacing ``shape`` and ``spacing``; None keeps them.
         overwrite: replace an existing non-empty ``out``.
         progress: called as ``progress(done, total, case_id)`` after each case is written.
-        companion: writes more files per case into the folder being built: its
+        companion: writes more files per case into the folder being built (one, or a list): its
             ``add(root, case, seed, include_head, lesion_free, phantom_case)`` is called after
             each case and ``finish(root)`` at the end (the follow-up phantom,
             :class:`analysis.cohort.followup_phantom.Followups`).
@@ -964,6 +964,7 @@ def generate_cohort(out: str | os.PathLike, *, cases: int = 8, seed: int = 0, sh
     require_memory(PHANTOM_BYTES_PER_VOXEL * voxels(shape_), f"{out}: a phantom case of {shape_} voxels (slices, rows, cols)",
                    hint="use a smaller --shape" if scale is None else "use --shape instead of --scale paper")
     design = cohort_design(seed, int(cases))
+    companions = [] if companion is None else list(companion) if isinstance(companion, (list, tuple)) else [companion]
     with atomic_directory(out, overwrite=overwrite) as tmp:
         cohort = Cohort(tmp)
         for done, (case, cseed, head, free) in enumerate(design, start=1):
@@ -972,12 +973,12 @@ def generate_cohort(out: str | os.PathLike, *, cases: int = 8, seed: int = 0, sh
             write_array(pc.label, pc.geometry, cohort.label_path(case))
             write_array(pc.bones, pc.geometry, cohort.bones_path(case))
             log.debug("%s: %d lesion voxels, head=%s", case, int(pc.label.sum()), head)
-            if companion is not None:
-                companion.add(tmp, case, cseed, head, free, pc)
+            for c in companions:
+                c.add(tmp, case, cseed, head, free, pc)
             del pc
             if progress is not None:
                 progress(done, len(design), case)
         write_dataset_json(tmp, len(design), description=PHANTOM_DESCRIPTION)
-        if companion is not None:
-            companion.finish(tmp)
+        for c in companions:
+            c.finish(tmp)
     return Path(out)

@@ -12,7 +12,9 @@ left; sagittal superior up, anterior on the left. The CT is shown in the display
 of :mod:`analysis.imaging.display`, pixels at their physical aspect ratio.
 
 One row per case: size, spacing, storage orientation, HU range, lesion count and volume,
-bone volume and how much of the label lies on the bone map ("on bone"), and flags for what
+bone volume and how much of the label lies on the bone map ("on bone"), the volume of the
+hard-negative map (``negativesTr``, outlined in cyan on the views; a map that overlaps the label
+or does not fit its image makes the case a problem row), and flags for what
 usually is a mistake (:func:`case_flags`, :func:`spacing_flags`):
 
 - ``empty label``: no lesion voxel (a lesion-free patient, or a label that was lost);
@@ -37,7 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis.cohort.case import label_problems
+from analysis.cohort.case import label_problems, negatives_problems
 from analysis.cohort.layout import Cohort
 from analysis.errors import InputError
 from analysis.imaging.body import body_mask
@@ -61,6 +63,8 @@ FLIP_GAIN = 0.3
 PANEL_PX = 240
 DPI = 100
 FILL = (1.0, 0.0, 0.0)
+#: Hard negatives (``negativesTr``) are outlined in this colour.
+NEGATIVE = (0.0, 0.8, 1.0)
 NUMBER = (1.0, 1.0, 0.0)
 #: Lesions numbered on a MIP at most (the outline shows them all).
 MAX_NUMBERS = 40
@@ -78,6 +82,7 @@ class QcRow:
         lesions: lesion count (26-connected); lesion_ml: their total volume.
         bone_ml: volume of the bone map (None without one).
         on_bone: share of lesion voxels on the bone map (None without a bone map or lesion).
+        negatives_ml: volume of the hard-negative map (``negativesTr``; None without one).
         flags: what looks wrong, one short line each.
         problem: why the case could not be read (then only ``case`` and ``problem`` are set).
     """
@@ -92,6 +97,7 @@ class QcRow:
     lesion_ml: float = 0.0
     bone_ml: float | None = None
     on_bone: float | None = None
+    negatives_ml: float | None = None
     flags: list[str] = field(default_factory=list)
     problem: str = ""
 
@@ -268,12 +274,12 @@ def _show(ax, img: np.ndarray, marks: tuple[str, str], name: str) -> None:
     ax.text(0.5, 1.01, name, transform=ax.transAxes, color="white", fontsize=8, ha="center", va="bottom")
 
 
-def _overlay(ax, mask: np.ndarray) -> None:
+def _overlay(ax, mask: np.ndarray, colour: tuple[float, float, float] = FILL) -> None:
     if mask.any():
         rgba = np.zeros(mask.shape + (4,), np.float32)
-        rgba[mask] = (*FILL, 0.35)
+        rgba[mask] = (*colour, 0.35)
         ax.imshow(rgba, aspect="auto", interpolation="nearest")
-        ax.contour(mask.astype(np.float32), levels=[0.5], colors=[FILL], linewidths=0.8)
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=0.8)
 
 
 def _save(fig, path: Path) -> None:
@@ -285,18 +291,21 @@ def _save(fig, path: Path) -> None:
 
 
 def write_views(path: Path, ct: np.ndarray, label: np.ndarray, ids: np.ndarray, n: int,
-                spacing_zyx: tuple[float, float, float]) -> None:
-    """``<case>_views.png``: axial, coronal, sagittal through the largest lesion (canonical arrays)."""
+                spacing_zyx: tuple[float, float, float], negatives: np.ndarray | None = None) -> None:
+    """``<case>_views.png``: axial, coronal, sagittal through the largest lesion (canonical arrays);
+    the lesions in red, hard negatives (``negatives``, when given) in cyan."""
     k, i, j = _focus(ids, n, ct.shape)
     sz, sy, sx = spacing_zyx
     lesion = label != 0
-    panels = [(ct[k], sy / sx, f"axial {k}", lesion[k], ("R", "L")),
-              (ct[:, i, :][::-1], sz / sx, f"coronal {i}", lesion[:, i, :][::-1], ("R", "L")),
-              (ct[:, :, j][::-1], sz / sy, f"sagittal {j}", lesion[:, :, j][::-1], ("A", "P"))]
-    fig, axes = _figure([(img, aspect, name) for img, aspect, name, _, _ in panels])
-    for ax, (img, _, name, mask, marks) in zip(axes, panels):
-        _show(ax, img, marks, name)
-        _overlay(ax, mask)
+    hard = np.zeros_like(lesion) if negatives is None else negatives != 0
+    cuts = [(lambda v: v[k], sy / sx, f"axial {k}", ("R", "L")),
+            (lambda v: v[:, i, :][::-1], sz / sx, f"coronal {i}", ("R", "L")),
+            (lambda v: v[:, :, j][::-1], sz / sy, f"sagittal {j}", ("A", "P"))]
+    fig, axes = _figure([(cut(ct), aspect, name) for cut, aspect, name, _ in cuts])
+    for ax, (cut, _, name, marks) in zip(axes, cuts):
+        _show(ax, cut(ct), marks, name)
+        _overlay(ax, cut(lesion))
+        _overlay(ax, cut(hard), NEGATIVE)
     _save(fig, path)
 
 
@@ -330,6 +339,12 @@ def _case_row(cohort: Cohort, case: str, out: Path) -> QcRow:
         bones, bone_geometry = read_array(cohort.bones_path(case))
         if geometry.mismatch(bone_geometry):
             raise InputError(f"{cohort.bones_path(case)}: {geometry.mismatch(bone_geometry)} of its image")
+    negatives = None
+    if cohort.has_negatives(case):
+        negatives, negatives_geometry = read_array(cohort.negatives_path(case))
+        problems = negatives_problems(cohort.negatives_path(case), negatives, negatives_geometry, geometry, label)
+        if problems:
+            raise InputError(problems[0])
     try:
         r = Reorientation.of(geometry)
     except ValueError as exc:
@@ -339,18 +354,20 @@ def _case_row(cohort: Cohort, case: str, out: Path) -> QcRow:
     ids, n = lesion_instances(label_c, 26)
     flags, figures = case_flags(ct_c, label_c, bones_c)
     spacing_zyx = r.canonical_spacing_zyx
-    write_views(out / f"{case}_views.png", ct_c, label_c, ids, n, spacing_zyx)
+    negatives_c = None if negatives is None else r.forward(negatives != 0)
+    write_views(out / f"{case}_views.png", ct_c, label_c, ids, n, spacing_zyx, negatives_c)
     write_mip(out / f"{case}_mip.png", ct_c, ids, n, spacing_zyx)
     voxel_ml = geometry.voxel_volume_ml
     return QcRow(case=case, size=geometry.size, spacing=geometry.spacing, orientation=orientation_code(geometry),
                  hu_min=float(ct.min()), hu_max=float(ct.max()), lesions=n,
                  lesion_ml=float(np.count_nonzero(label_c)) * voxel_ml,
                  bone_ml=None if bones_c is None else float(np.count_nonzero(bones_c)) * voxel_ml,
-                 on_bone=figures["on_bone"], flags=flags)
+                 on_bone=figures["on_bone"], flags=flags,
+                 negatives_ml=None if negatives_c is None else float(np.count_nonzero(negatives_c)) * voxel_ml)
 
 
 CSV_COLUMNS = ("case", "size", "spacing_mm", "orientation", "hu_min", "hu_max", "lesions", "lesion_ml", "bone_ml",
-               "on_bone", "flags", "problem")
+               "on_bone", "hard_negatives_ml", "flags", "problem")
 
 
 def _fmt(values: Sequence[float], digits: int = 3) -> str:
@@ -363,7 +380,8 @@ def _csv_row(r: QcRow) -> dict[str, object]:
             "hu_max": None if r.problem else r.hu_max, "lesions": None if r.problem else r.lesions,
             "lesion_ml": None if r.problem else round(r.lesion_ml, 3),
             "bone_ml": None if r.bone_ml is None else round(r.bone_ml, 3),
-            "on_bone": None if r.on_bone is None else round(r.on_bone, 4), "flags": "; ".join(r.flags) or None,
+            "on_bone": None if r.on_bone is None else round(r.on_bone, 4),
+            "hard_negatives_ml": None if r.negatives_ml is None else round(r.negatives_ml, 3), "flags": "; ".join(r.flags) or None,
             "problem": r.problem or None}
 
 
@@ -385,19 +403,20 @@ a { color: #8cf; }
 def _html(cohort: Cohort, rows: list[QcRow], problems: Sequence[str], sizes: dict[str, tuple[int, int]]) -> str:
     e = html.escape
     head = ("<tr><th>case</th><th>size x,y,z</th><th>spacing mm</th><th>orient.</th><th>HU range</th>"
-            "<th>lesions</th><th>lesion ml</th><th>bone ml</th><th>on bone</th><th>flags</th></tr>")
+            "<th>lesions</th><th>lesion ml</th><th>bone ml</th><th>on bone</th><th>hard neg. ml</th><th>flags</th></tr>")
     body = []
     for r in rows:
         if r.problem:
-            body.append(f'<tr class="flagged"><td class="case">{e(r.case)}</td><td colspan="8"></td>'
+            body.append(f'<tr class="flagged"><td class="case">{e(r.case)}</td><td colspan="9"></td>'
                         f'<td class="flags">{e(r.problem)}</td></tr>')
             continue
         on_bone = "" if r.on_bone is None else f"{100 * r.on_bone:.0f}%"
         bone_ml = "" if r.bone_ml is None else f"{r.bone_ml:.1f}"
+        negatives_ml = "" if r.negatives_ml is None else f"{r.negatives_ml:.2f}"
         body.append(f'<tr class="{"flagged" if r.flags else "ok"}"><td class="case"><a href="#{e(r.case)}">{e(r.case)}</a></td>'
                     f"<td>{_fmt(r.size, 6)}</td><td>{_fmt(r.spacing)}</td><td>{e(r.orientation)}</td>"
                     f"<td>{r.hu_min:.0f} .. {r.hu_max:.0f}</td><td>{r.lesions}</td><td>{r.lesion_ml:.2f}</td>"
-                    f'<td>{bone_ml}</td><td>{on_bone}</td><td class="flags">{e("; ".join(r.flags))}</td></tr>')
+                    f'<td>{bone_ml}</td><td>{on_bone}</td><td>{negatives_ml}</td><td class="flags">{e("; ".join(r.flags))}</td></tr>')
     blocks = []
     for r in rows:
         if r.problem:
@@ -412,7 +431,7 @@ def _html(cohort: Cohort, rows: list[QcRow], problems: Sequence[str], sizes: dic
             f"<title>QC report: {e(cohort.root.name)}</title><style>{_STYLE}</style></head><body>\n"
             f"<h1>Quality control: {e(str(cohort.root))}</h1>\n"
             f"<p>{len(rows)} cases, {sum(1 for r in rows if r.flags or r.problem)} flagged. Views: radiological "
-            f"(axial seen from the feet, patient's right on the left), bone window; label in red.</p>\n"
+            f"(axial seen from the feet, patient's right on the left), bone window; label in red, hard negatives (negativesTr) in cyan.</p>\n"
             + (f'<ul class="problems">{problem_list}</ul>\n' if problem_list else "")
             + f"<table>{head}{''.join(body)}</table>\n{''.join(blocks)}\n</body></html>\n")
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis.cohort.case import label_problems
+from analysis.cohort.case import label_problems, negatives_problems
 from analysis.cohort.layout import (FILE_ENDING, IMAGE_SUFFIX, MAX_BONE_CODE, Cohort, dataset_json_problems,
                                     splits_problems)
 from analysis.errors import InputError
@@ -30,6 +30,7 @@ class CaseSummary:
     spacing: tuple[float, float, float]
     lesion_voxels: int
     has_bones: bool
+    negative_voxels: int | None = None
 
 
 @dataclass
@@ -47,12 +48,13 @@ class ValidationReport:
     def table(self) -> str:
         """A plain-text summary table (one row per case, then totals)."""
         head = (f"{'case':<20} {'slices':>6} {'rows':>5} {'cols':>5} {'spacing x,y,z (mm)':>22} "
-                f"{'lesion voxels':>13} {'bones':>5}")
+                f"{'lesion voxels':>13} {'bones':>5} {'hard negatives':>14}")
         lines = [head, "-" * len(head)]
         for c in self.cases:
             sp = ",".join(f"{s:.3g}" for s in c.spacing)
+            negatives = "-" if c.negative_voxels is None else str(c.negative_voxels)
             lines.append(f"{c.case:<20} {c.slices:>6} {c.rows:>5} {c.cols:>5} {sp:>22} {c.lesion_voxels:>13} "
-                         f"{'yes' if c.has_bones else 'no':>5}")
+                         f"{'yes' if c.has_bones else 'no':>5} {negatives:>14}")
         n_les = sum(1 for c in self.cases if c.lesion_voxels > 0)
         lines.append("-" * len(head))
         lines.append(f"{len(self.cases)} cases, {sum(c.slices for c in self.cases)} slices, "
@@ -68,7 +70,9 @@ def validate_dataset(dataset: str | os.PathLike, *, ct_check: bool = True) -> Va
     unless ``ct_check`` is False: ``--no-ct-check``); labels share their image's geometry and hold only 0/1
     (:func:`analysis.cohort.case.label_problems`, the rule every reader of a case applies;
     here each case's problems are all listed and checking goes on); bone maps
-    (optional) share the geometry and hold codes 0..7; splits.json (optional) names only
+    (optional) share the geometry and hold codes 0..7; hard-negative maps (optional,
+    ``negativesTr``) share the geometry, hold only 0/1 and mark no lesion voxel
+    (:func:`analysis.cohort.case.negatives_problems`); splits.json (optional) names only
     known cases, with disjoint folds free of test cases.
 
     Args:
@@ -109,10 +113,11 @@ def validate_dataset(dataset: str | os.PathLike, *, ct_check: bool = True) -> Va
         p.append(f"{cohort.image_path(case)}: image without a label; expected {cohort.label_path(case)}")
     for case in sorted(labels - images):
         p.append(f"{cohort.label_path(case)}: label without an image; expected {cohort.image_path(case)}")
-    if cohort.bones_dir.is_dir():
-        for f in sorted(cohort.bones_dir.iterdir()):
-            if f.name.endswith(FILE_ENDING) and f.name[: -len(FILE_ENDING)] not in images:
-                p.append(f"{f}: bone map without an image")
+    for folder, what in ((cohort.bones_dir, "bone map"), (cohort.negatives_dir, "hard-negative map")):
+        if folder.is_dir():
+            for f in sorted(folder.iterdir()):
+                if f.name.endswith(FILE_ENDING) and f.name[: -len(FILE_ENDING)] not in images:
+                    p.append(f"{f}: {what} without an image")
 
     cases = sorted(images & labels)
     if not cases and cohort.images_dir.is_dir():
@@ -173,7 +178,8 @@ def _check_case(cohort: Cohort, case: str, problems: list[str], ct_check: bool) 
     if label is not None:
         problems.extend(label_problems(lab_path, label, lgeom, geom))
         lesion_voxels = int(np.count_nonzero(label == 1))
-        del label
+    negative_voxels = _check_negatives(cohort, case, geom, label, problems)
+    del label
 
     has_bones = cohort.has_bones(case)
     if has_bones:
@@ -190,4 +196,19 @@ def _check_case(cohort: Cohort, case: str, problems: list[str], ct_check: bool) 
         except InputError as exc:
             problems.append(str(exc))
     return CaseSummary(case=case, slices=geom.size[2], rows=geom.size[1], cols=geom.size[0],
-                       spacing=geom.spacing, lesion_voxels=lesion_voxels, has_bones=has_bones)
+                       spacing=geom.spacing, lesion_voxels=lesion_voxels, has_bones=has_bones,
+                       negative_voxels=negative_voxels)
+
+
+def _check_negatives(cohort: Cohort, case: str, geom, label: np.ndarray | None, problems: list[str]) -> int | None:
+    """The case's hard-negative voxels (None without a map), its problems appended to ``problems``."""
+    if not cohort.has_negatives(case):
+        return None
+    path = cohort.negatives_path(case)
+    try:
+        negatives, ngeom = read_array(path)
+    except InputError as exc:
+        problems.append(str(exc))
+        return None
+    problems.extend(negatives_problems(path, negatives, ngeom, geom, label))
+    return int(np.count_nonzero(negatives == 1))

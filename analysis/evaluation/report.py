@@ -341,11 +341,12 @@ def _settings_section(rows: Sequence[Sequence[Any]], compared: Sequence[str]) ->
         if r[3] and r[6] is not None:
             crop += f"; checked: max |Δp| {r[6]:.3g}" + (f", Dice {r[7]:.4f}" if r[7] is not None else "")
         mirror = cell(r[8]) + (f" ({r[9]} passes)" if r[8] else "")
-        spacing = r[23] if len(r) > 23 else None
-        spacing = cell(None if spacing is None else "training (" + (r[22] or "?").replace("x", "×") + " mm)"
+        network = cell(r[16] if len(r) > 16 else None) + (f" ({r[17]})" if len(r) > 17 and r[17] else "")
+        spacing = r[25] if len(r) > 25 else None
+        spacing = cell(None if spacing is None else "training (" + (r[24] or "?").replace("x", "×") + " mm)"
                        if spacing == "training" else spacing)
-        table.append((r[0], r[2] or "–", crop, mirror, cell(r[10]), cell(r[11], "{:g}"), cell(r[12]), cell(r[13]),
-                      cell(r[14], "{:g}"), cell(r[15]), spacing))
+        table.append((r[0], network, r[2] or "–", crop, mirror, cell(r[10]), cell(r[11], "{:g}"), cell(r[12]),
+                      cell(r[13]), cell(r[14], "{:g}"), cell(r[15]), spacing))
     lines = differences(rows, compared)
     verdict = (["**Not like for like.** " + "; ".join(lines) + ". Differences between these models' rows below "
                 "may come from how they were run, not only from the models."] if lines else
@@ -355,8 +356,9 @@ def _settings_section(rows: Sequence[Sequence[Any]], compared: Sequence[str]) ->
             "Inference settings from each model's `predict.json` (`models.csv`). Whole slices and the exact crop "
             "give the same masks; mirroring averages the logits of the slice and its mirror images; pixel spacing: "
             "each slice resampled to the spacing the model was trained at (the Keras RUN's recorded one, "
-            "nnU-Net's plan's) or run at the input's own.", "",
-            _table(["model", "framework", "crop", "mirroring", "precision", "threshold", "threshold source",
+            "nnU-Net's plan's) or run at the input's own. The network column names each model with its weights' "
+            "fingerprint; a fine-tune (`train --init-from`) is named after its parent.", "",
+            _table(["model", "network", "framework", "crop", "mirroring", "precision", "threshold", "threshold source",
                     "folds", "tile step", "min size (voxels)", "pixel spacing"], table), "", *verdict, ""]
 
 

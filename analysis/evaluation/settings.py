@@ -33,8 +33,8 @@ __all__ = ["MODEL_COLUMNS", "model_rows", "differences", "budget_sentence", "SAM
 #: Columns of ``models.csv``.
 MODEL_COLUMNS = ("model", "task", "framework", "crop", "crop_mode", "crop_context_px", "crop_max_abs_diff",
                  "crop_min_dice", "mirroring", "mirror_passes", "precision", "threshold", "threshold_source",
-                 "folds", "tile_step", "min_size_voxels", "train_width", "train_steps", "train_batch",
-                 "train_samples", "train_patch", "plan", "train_spacing_mm", "spacing_used")
+                 "folds", "tile_step", "min_size_voxels", "network", "fingerprint", "train_width", "train_steps",
+                 "train_batch", "train_samples", "train_patch", "plan", "train_spacing_mm", "spacing_used")
 #: Training budgets count as comparable when the samples seen differ by at most this fraction
 #: of the largest (and width, crop/patch and training pixel spacing are equal).
 SAMPLES_TOLERANCE = 0.1
@@ -49,7 +49,9 @@ def _framework(record: dict[str, Any]) -> str:
 
 def model_rows(predictions: Path, models: Sequence[str], tasks: dict[str, str]) -> list[tuple]:
     """One ``models.csv`` row per model from ``PRED/<model>/predict.json`` (empty cells where a
-    record is missing or older than the setting)."""
+    record is missing or older than the setting). ``network`` is the model's own name, which
+    shows a fine-tune's lineage (``unet fine-tuned from 1a2b3c4d``: ``train --init-from``);
+    ``fingerprint`` identifies its weights."""
     rows = []
     for model in models:
         record = read_record(predictions / model, missing_ok=True) or {}
@@ -67,6 +69,7 @@ def model_rows(predictions: Path, models: Sequence[str], tasks: dict[str, str]) 
             inf.get("threshold_source", record.get("threshold_source")),
             None if folds is None else ";".join(str(f) for f in folds), inf.get("tile_step"),
             inf.get("min_size_voxels", record.get("min_size_voxels")),
+            (record.get("model") or {}).get("name"), (record.get("model") or {}).get("fingerprint"),
             budget.get("width"), budget.get("steps"), budget.get("batch_size"), budget.get("samples"),
             None if not patch else "x".join(str(int(p)) for p in patch), budget.get("plan"),
             _spacing_text(budget.get("spacing_xy_mm")), _spacing_used(inf),
@@ -123,7 +126,7 @@ def differences(rows: Sequence[tuple], compared: Sequence[str]) -> list[str]:
 
     say("mirroring", {r[0]: r[8] for r in chosen}, lambda v: "on" if v else "off")
     say("the threshold", {r[0]: _threshold_kind(r) for r in chosen}, str)
-    say("the pixel spacing run at", {r[0]: r[23] if len(r) > 23 else None for r in chosen},
+    say("the pixel spacing run at", {r[0]: _cell(r, 25) for r in chosen},
         lambda v: "each model's training spacing" if v == "training" else "each input's own")
     approximate = sorted(r[0] for r in chosen if r[4] == "approximate")
     if approximate:
@@ -133,7 +136,7 @@ def differences(rows: Sequence[tuple], compared: Sequence[str]) -> list[str]:
 
 
 def _budget_phrase(row: tuple) -> str:
-    width, steps, batch, samples, patch, plan = row[16:22]
+    width, steps, batch, samples, patch, plan = row[18:24]
     if samples is None and width is None:
         return f"{row[0]}: training budget not recorded"
     unit = "patches" if plan else "crops"
@@ -143,7 +146,7 @@ def _budget_phrase(row: tuple) -> str:
                      + (f" of {patch.replace('x', chr(215))}" if patch else "") + ")")
     if plan:
         parts.append(f"plan {plan}")
-    spacing = _cell(row, 22)
+    spacing = _cell(row, 24)
     if spacing:
         parts.append(f"trained at {spacing.replace('x', chr(215))} mm pixels")
     return f"{row[0]}: " + ", ".join(parts)
@@ -160,8 +163,8 @@ def budget_sentence(rows: Sequence[tuple], compared: Sequence[str]) -> str:
     pixel spacing, and samples seen within :data:`SAMPLES_TOLERANCE` of the largest. Empty when
     no compared model is in ``rows``.
 
-    >>> rows = [("unet",) + (None,) * 15 + (0.25, 240, 16, 3840, "64x64", None, "1x1", "training"),
-    ...         ("nnunet",) + (None,) * 15 + (0.25, 240, 16, 3840, "64x64", "nnUNetPlans_w0.25_b16_p64x64", "1x1",
+    >>> rows = [("unet",) + (None,) * 17 + (0.25, 240, 16, 3840, "64x64", None, "1x1", "training"),
+    ...         ("nnunet",) + (None,) * 17 + (0.25, 240, 16, 3840, "64x64", "nnUNetPlans_w0.25_b16_p64x64", "1x1",
     ...                                      "training")]
     >>> print(budget_sentence(rows, ["unet", "nnunet"]))
     Training budgets: unet: width 0.25, 3,840 samples seen (240 steps of 16 crops of 64×64), trained at 1×1 mm pixels; nnunet: width 0.25, 3,840 samples seen (240 steps of 16 patches of 64×64), plan nnUNetPlans_w0.25_b16_p64x64, trained at 1×1 mm pixels. Comparable: the same width, crop, pixel spacing and samples seen.
@@ -171,16 +174,16 @@ def budget_sentence(rows: Sequence[tuple], compared: Sequence[str]) -> str:
         return ""
     text = "Training budgets: " + "; ".join(_budget_phrase(r) for r in chosen) + "."
     problems = []
-    for what, i in (("width", 16), ("crop", 20), ("pixel spacing", 22)):
+    for what, i in (("width", 18), ("crop", 22), ("pixel spacing", 24)):
         values = {_cell(r, i) for r in chosen}
         if None in values or len(values) > 1:
             problems.append(f"{what} differs" if None not in values else f"{what} not recorded for every model")
-    samples = [r[19] for r in chosen]
+    samples = [r[21] for r in chosen]
     if any(s is None for s in samples):
         problems.append("samples seen not recorded for every model")
     elif max(samples) > 0 and (max(samples) - min(samples)) / max(samples) > SAMPLES_TOLERANCE:
-        low, high = min(chosen, key=lambda r: r[19]), max(chosen, key=lambda r: r[19])
-        problems.append(f"samples seen differ ({high[0]} {high[19]:,} vs {low[0]} {low[19]:,})")
+        low, high = min(chosen, key=lambda r: r[21]), max(chosen, key=lambda r: r[21])
+        problems.append(f"samples seen differ ({high[0]} {high[21]:,} vs {low[0]} {low[21]:,})")
     if problems:
         return text + " **Not comparable budgets**: " + "; ".join(problems) + "."
     return text + " Comparable: the same width, crop, pixel spacing and samples seen."

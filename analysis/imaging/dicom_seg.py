@@ -53,6 +53,9 @@ from analysis.imaging.io import atomic_file
 log = logging.getLogger(__name__)
 
 SEGMENT_LABEL = "bone metastasis"
+#: Manufacturer of every SEG this project writes: how the node tells its own SEGs from a viewer's
+#: (:mod:`analysis.review.viewer`).
+MANUFACTURER = "bonemets"
 #: CID 7150: Morphologically Abnormal Structure (SCT 49755003).
 CATEGORY = codes.cid7150.MorphologicallyAbnormalStructure
 #: CID 7151: Neoplasm, Secondary (SCT 14799000, SNOMED CT "Neoplasm, metastatic").
@@ -229,7 +232,7 @@ def _build(mask: np.ndarray, series: DicomSeries, headers: list[pydicom.Dataset]
             source_images=[_with_defaults(ds, thickness) for ds in headers], pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
             series_instance_uid=uids[0], series_number=series_number, sop_instance_uid=uids[1], instance_number=1,
-            manufacturer="bonemets", manufacturer_model_name=model_name[:64],
+            manufacturer=MANUFACTURER, manufacturer_model_name=model_name[:64],
             software_versions=f"bonemets {__version__}", device_serial_number=model_version[:64],
             transfer_syntax_uid=ExplicitVRLittleEndian, pixel_measures=measures,
             content_label="BONEMETS", content_description=f"{SEGMENT_LABEL} ({model_name})"[:64],
@@ -262,6 +265,19 @@ def _frames_aligned(path: Path, series: DicomSeries) -> str | None:
         if expected is None or np.linalg.norm(expected - got) > POSITION_TOL_MM:
             return f"frame {i} at {tuple(got)} references {src.ReferencedSOPInstanceUID} at {expected}"
     return None
+
+
+def segment_tracking_uids(path: str | os.PathLike) -> dict[int, str]:
+    """``{lesion id: TrackingUID}`` of the segments of a SEG whose TrackingID is "lesion N" (as
+    :func:`write_dicom_seg` writes them with ``labels``): what a later object about the same lesions
+    reuses (the reviewed SEG, a timeline's tracks)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    out = {}
+    for item in ds.SegmentSequence:
+        ident = str(item.get("TrackingID", ""))
+        if ident.startswith("lesion ") and item.get("TrackingUID"):
+            out[int(ident.split()[-1])] = str(item.TrackingUID)
+    return out
 
 
 def write_dicom_seg(mask: np.ndarray, series: DicomSeries, out_path: str | os.PathLike, *, model_name: str,

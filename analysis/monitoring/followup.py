@@ -56,15 +56,13 @@ from analysis.lesions import (
     Group,
     bone_identity,
     describe_counts,
-    group_lesions,
     lesion_table,
     new_lesions_flag,
-    overlap_pairs,
     status_counts,
     status_rule,
 )
 from analysis.imaging.hounsfield import require_ct
-from analysis.monitoring.matching import DEFAULT_MATCH_MM, ScanLesions, match, scan_lesions
+from analysis.monitoring.matching import DEFAULT_MATCH_MM, ScanLesions, scan_lesions
 from analysis.monitoring.preview import STATUS_COLOURS, write_followup_preview
 from analysis.monitoring.registration import (
     DICE_FLOOR,
@@ -74,14 +72,15 @@ from analysis.monitoring.registration import (
     register_rigid,
     resample_to,
 )
+from analysis.monitoring.tracking import PlacedScan, followup_groups, track_lesions
 from analysis.prediction.folder import mask_path, read_record
 from analysis.prediction.runner import sha256_of
 from analysis.imaging.records import csv_text, read_csv, versions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FollowupSettings", "Comparison", "compare", "run_followup", "LESIONS_CSV", "SUMMARY_CSV", "LESION_COLUMNS",
-           "SUMMARY_COLUMNS", "DEFINITIONS", "read_summary"]
+__all__ = ["FollowupSettings", "Comparison", "Placement", "place", "compare", "run_followup", "LESIONS_CSV",
+           "SUMMARY_CSV", "LESION_COLUMNS", "SUMMARY_COLUMNS", "DEFINITIONS", "read_summary"]
 
 #: The tracked lesions of a follow-up (one row per tracked lesion, :data:`LESION_COLUMNS`) and its
 #: patient-level summary (one row, :data:`SUMMARY_COLUMNS`). Not predict's lesions.csv: a row here
@@ -243,7 +242,7 @@ def _read_map(path: str | os.PathLike, geometry: Geometry, ct_path: str, what: s
     return array
 
 
-def _lesion_bones(lesions: ScanLesions, bones: np.ndarray | None) -> list[str] | None:
+def lesion_bones(lesions: ScanLesions, bones: np.ndarray | None) -> list[str] | None:
     if bones is None:
         return None
     table = lesion_table(lesions.labels, lesions.n, spacing_mm=(1.0, 1.0, 1.0))
@@ -290,41 +289,79 @@ def _summary(groups: list[Group], base: ScanLesions, fu: ScanLesions) -> dict[st
             "new_lesions_flag": new_lesions_flag(counts)}
 
 
+@dataclass
+class Placement:
+    """A scan registered to a reference scan and its lesions placed in the reference's frame.
+
+    Attributes:
+        registration: reference mm -> scan mm (checked by the bone Dice).
+        bone_dice: the Dice of the bone masks after registration, where the scan covers the reference.
+        registered_ct: the scan's CT resampled onto the reference grid, ``(slices, rows, cols)`` HU.
+        lesions: the scan's lesions on its own grid.
+        moved: the scan's lesion ids resampled (nearest neighbour) onto the reference grid.
+        centroids: the scan's lesion centroids mapped into the reference frame, ``(n, 3)`` LPS mm.
+    """
+
+    registration: Registration
+    bone_dice: float
+    registered_ct: np.ndarray
+    lesions: ScanLesions
+    moved: np.ndarray
+    centroids: np.ndarray
+
+
+def place(reference: Scan, scan: Scan, settings: FollowupSettings, *, where: str,
+          against: str = "the baseline") -> Placement:
+    """Register ``scan`` rigidly to ``reference`` (refused below the bone Dice floor) and place its lesions
+    in the reference's frame: ``followup``'s step, and ``timeline``'s for every scan against the first.
+
+    Raises:
+        InputError: the bone Dice after registration is below the floor (not with ``settings.register``
+            False), naming ``where`` and ``against``.
+    """
+    reg = register_rigid(reference.image, scan.image, bone_hu=settings.bone_hu) if settings.register else identity()
+    registered_ct = sitk.GetArrayFromImage(resample_to(scan.image, reference.image, reg.transform))
+    ones = sitk.Image(scan.image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(scan.image)
+    covered = resample_to(ones, reference.image, reg.transform, labels=True)
+    footprint = sitk.GetArrayViewFromImage(covered) > 0  # a view: `covered` must outlive it
+    del ones
+    dice = bone_dice(reference.ct, registered_ct, footprint, bone_hu=settings.bone_hu)
+    del footprint, covered
+    log.info("%s: bone Dice %.3f after registration to %s", where, dice, against)
+    if settings.register and dice < settings.dice_floor:
+        raise InputError(f"{where}: could not be aligned with {against} (bone Dice {dice:.2f} after rigid "
+                         f"registration, below {settings.dice_floor:g}); expected a CT of the same patient and body "
+                         f"region (--no-registration for scans already aligned)")
+    lesions = scan_lesions(scan.mask, scan.geometry)
+    image = array_to_image(lesions.labels.astype(np.uint32), scan.geometry)
+    moved = sitk.GetArrayFromImage(resample_to(image, reference.image, reg.transform, labels=True))
+    centroids = reg.to_baseline(lesions.centroid_mm) if lesions.n else np.zeros((0, 3))
+    return Placement(reg, dice, registered_ct, lesions, moved, centroids)
+
+
 def compare(baseline: Scan, followup: Scan, settings: FollowupSettings, *, where: str = "follow-up") -> Comparison:
-    """Register, match and grade two scans (nothing is written).
+    """Register, match and grade two scans (nothing is written): the two-scan case of ``timeline``'s
+    tracks (:func:`analysis.monitoring.tracking.track_lesions`, its groups at t1).
 
     Raises:
         InputError: the bone Dice after registration is below the floor (not with
             ``settings.register`` False).
     """
     seconds: dict[str, float] = {}
-    reg = register_rigid(baseline.image, followup.image, bone_hu=settings.bone_hu) if settings.register else identity()
-    seconds["registration"] = reg.seconds
     t0 = time.perf_counter()
-    registered = resample_to(followup.image, baseline.image, reg.transform)
-    registered_ct = sitk.GetArrayFromImage(registered)
-    ones = sitk.Image(followup.image.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(followup.image)
-    covered = resample_to(ones, baseline.image, reg.transform, labels=True)
-    footprint = sitk.GetArrayViewFromImage(covered) > 0  # a view: `covered` must outlive it
-    del ones, covered
-    dice = bone_dice(baseline.ct, registered_ct, footprint, bone_hu=settings.bone_hu)
-    log.info("followup: bone Dice %.3f after registration", dice)
-    if settings.register and dice < settings.dice_floor:
-        raise InputError(f"{where}: could not be aligned with the baseline (bone Dice {dice:.2f} after rigid "
-                         f"registration, below {settings.dice_floor:g}); expected a CT of the same patient and body "
-                         f"region (--no-registration for scans already aligned)")
+    p = place(baseline, followup, settings, where=where)
+    reg, dice, registered_ct, moved, fu_centroids, fu = (p.registration, p.bone_dice, p.registered_ct, p.moved,
+                                                         p.centroids, p.lesions)
+    seconds["registration"] = reg.seconds
     base = scan_lesions(baseline.mask, baseline.geometry)
-    fu = scan_lesions(followup.mask, followup.geometry)
-    fu_image = array_to_image(fu.labels.astype(np.uint32), followup.geometry)
-    moved = sitk.GetArrayFromImage(resample_to(fu_image, baseline.image, reg.transform, labels=True))
-    fu_centroids = reg.to_baseline(fu.centroid_mm) if fu.n else np.zeros((0, 3))
-    shared_b, shared_f, _ = overlap_pairs(base.labels, moved)
-    pairs = match(zip(shared_b, shared_f), base.centroid_mm, fu_centroids, settings.match_mm)
-    groups = group_lesions(pairs, base.volume_ml, fu.volume_ml, change=settings.change,
-                           min_change_ml=settings.min_change_ml, min_lesion_ml=settings.min_lesion_ml)
-    base_bones = _lesion_bones(base, baseline.bones)
-    fu_bones = _lesion_bones(fu, followup.bones)
+    tracking = track_lesions([PlacedScan(base.labels, base.centroid_mm, base.volume_ml),
+                              PlacedScan(moved, fu_centroids, fu.volume_ml)], match_mm=settings.match_mm,
+                             change=settings.change, min_change_ml=settings.min_change_ml,
+                             min_lesion_ml=settings.min_lesion_ml)
+    groups = followup_groups(tracking, base.volume_ml)
+    base_bones = lesion_bones(base, baseline.bones)
+    fu_bones = lesion_bones(fu, followup.bones)
     rows = _rows(groups, base, fu, fu_centroids, base_bones, fu_bones)
     # per-voxel status and lesion number on the baseline grid: baseline lesions and registered follow-up lesions
     lut_b = np.zeros(base.n + 1, np.uint8)
@@ -339,13 +376,13 @@ def compare(baseline: Scan, followup: Scan, settings: FollowupSettings, *, where
         num_f[list(g.followup)] = k
     codes_b, codes_f = lut_b[base.labels], lut_f[moved]
     status = np.where(codes_b > 0, codes_b, codes_f).astype(np.uint8)
-    seconds["resampling_and_matching"] = time.perf_counter() - t0
+    seconds["resampling_and_matching"] = time.perf_counter() - t0 - reg.seconds
     return Comparison(registration=reg, bone_dice=dice, baseline=base, followup=fu, groups=groups, rows=rows,
                       summary=_summary(groups, base, fu), registered_ct=registered_ct,
                       panels=[(codes_b, num_b[base.labels]), (codes_f, num_f[moved])], status=status, seconds=seconds)
 
 
-def _load(case: InputCase, mask: str, bones: str | None, *, what: str, ct_check: bool = True) -> Scan:
+def load_scan(case: InputCase, mask: str, bones: str | None, *, what: str, ct_check: bool = True) -> Scan:
     path = str(case.path)
     image, record = read_input(case)
     if case.series is not None:
@@ -418,8 +455,8 @@ def run_followup(baseline: str, followup: str, out: str | os.PathLike, *, baseli
         if predictor is not None:
             (baseline_mask, followup_mask), model_record = _predict_masks(predictor, cases, Path(tmp))
         t_read = time.perf_counter()
-        base = _load(cases[0], baseline_mask, baseline_bones, what="baseline", ct_check=ct_check)
-        fu = _load(cases[1], followup_mask, followup_bones, what="follow-up", ct_check=ct_check)
+        base = load_scan(cases[0], baseline_mask, baseline_bones, what="baseline", ct_check=ct_check)
+        fu = load_scan(cases[1], followup_mask, followup_bones, what="follow-up", ct_check=ct_check)
         reading = time.perf_counter() - t_read
         if predictor is not None:
             base.record["mask"] = fu.record["mask"] = "predicted"

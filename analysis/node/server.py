@@ -1,7 +1,12 @@
 """The node's storage SCP (pynetdicom) and the loop that completes, predicts and delivers series.
 
 - C-ECHO is answered; C-STORE of CT (CT Image, Enhanced CT Image) is written to the spool
-  (:mod:`analysis.node.spool`); other instances are acknowledged and ignored with a log line.
+  (:mod:`analysis.node.spool`); a SEG is kept too (``viewer/``): a reader's edit of a result in
+  a viewer is a review (:mod:`analysis.review.viewer`: compared lesion by lesion with the
+  prediction, rows in ``reviews.csv`` with source ``viewer``); the node's own SEGs and SEGs of
+  series it did not predict are dropped with a log line, one that arrives while its series is
+  still being predicted waits for the result; other instances are acknowledged and ignored
+  with a log line.
 - A malformed instance (undecodable, no UIDs, pixel data shorter than its rows x columns x
   frames) is answered 0xC210 / 0xA900 (failure) and logged; the rest of its series still goes.
 - With less than ``min_free_gb`` free on the spool's disk an instance is refused with 0xA700
@@ -11,7 +16,19 @@
   ``predict_series(series_dir, out_dir)``, the same prediction as ``predict --images``; its
   SEG and SR go to the destination, with at most ``retries`` retries ``retry_seconds`` x 2^k
   apart, then to ``undelivered/`` with one log line.
+- With ``priors`` > 0 the predicted series is archived and, when the patient has earlier CT
+  studies (the archive, then the destination's query/retrieve), its timeline's SEG and report
+  replace predict's (:mod:`analysis.node.history`).
 - SIGTERM (:meth:`Node.stop`) lets the running predictions finish, then the node exits.
+- SIGHUP (:meth:`Node.reload`) reads the model again from where it was given (``serve --model
+  PATH``: e.g. a symbolic link now pointing at a fine-tuned RUN): no new series starts, the
+  running predictions finish with the model they started with, then the new model predicts
+  every later series. A model that cannot be read is refused with one log line and the node
+  goes on with the one it had. Between two SIGHUPs the model never changes, whatever happens to
+  the path (it is resolved once per load).
+- Each result names its model: the series' log line, ``predict.json`` in its PRED folder and
+  ``model.json`` beside its results in the spool (``done/<job>/model.json``: name, fingerprint,
+  source), so a study predicted before a switch and one after say which model made them.
 """
 from __future__ import annotations
 
@@ -22,6 +39,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from pydicom.uid import SegmentationStorage
 
 from analysis.errors import DataProblems, InputError
 from analysis.node.deliver import Destination, Retries, deliver_due
@@ -35,6 +54,34 @@ log = logging.getLogger(__name__)
 #: ``out_dir`` (:data:`~analysis.prediction.folder.DICOM_SEG` and :data:`~analysis.prediction.folder.SR`
 #: inside); raises InputError/DataProblems with predict's reason.
 PredictSeries = Callable[[Path, Path], Any]
+#: The spool's record of the model that made a job's results (beside them, ``done/<job>/model.json``).
+MODEL_RECORD = "model.json"
+
+
+@dataclass(frozen=True)
+class NodeModel:
+    """The model the node predicts with, as loaded.
+
+    Attributes:
+        predict_series: predicts one series with this model (:data:`PredictSeries`).
+        name: the model's name (a fine-tune's shows its parent: :attr:`bonemets_tf.run.RunInfo.name`).
+        fingerprint: identifies its weights (the hash ``predict.json`` and the SEG's UIDs use).
+        source: where it was loaded from (the resolved RUN or work folder).
+    """
+
+    predict_series: PredictSeries
+    name: str = "model"
+    fingerprint: str = ""
+    source: str = ""
+
+    def record(self) -> dict[str, str]:
+        """``model.json``: what identifies the model."""
+        return {"name": self.name, "fingerprint": self.fingerprint, "source": self.source}
+
+
+#: ``load_model() -> NodeModel``: reads the model from where ``serve`` was told to find it;
+#: raises InputError when it cannot.
+LoadModel = Callable[[], NodeModel]
 
 CT_STORAGE = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1")  # CT Image, Enhanced CT Image
 OUT_OF_RESOURCES, CANNOT_UNDERSTAND, DATASET_MISMATCH = 0xA700, 0xC210, 0xA900
@@ -57,6 +104,7 @@ class NodeConfig:
     retry_seconds: float = 5.0
     deliver_seg: bool = True
     deliver_sr: bool = True
+    priors: int = 0
 
     def check(self) -> None:
         """Raise :class:`InputError` (one line, naming the option) for an out-of-range value."""
@@ -70,6 +118,8 @@ class NodeConfig:
                 raise InputError(f"{name} {value}: expected >= 0")
         if self.workers < 1:
             raise InputError(f"--workers {self.workers}: expected >= 1")
+        if self.priors < 0:
+            raise InputError(f"--priors {self.priors}: expected >= 0")
 
 
 def _pixel_problem(ds) -> str | None:
@@ -90,12 +140,20 @@ def _pixel_problem(ds) -> str | None:
 class Node:
     """The node: call :meth:`run`; :meth:`stop` (e.g. from SIGTERM) ends it after the running work."""
 
-    def __init__(self, config: NodeConfig, predict_series: PredictSeries) -> None:
+    def __init__(self, config: NodeConfig, model: NodeModel | PredictSeries, *,
+                 load_model: LoadModel | None = None) -> None:
+        """Args:
+            config: the node's settings.
+            model: the model to start with (a bare ``predict_series`` is a model without a name).
+            load_model: reads the model again on :meth:`reload` (None: SIGHUP changes nothing).
+        """
         config.check()
         self.config = config
-        self.predict_series = predict_series
+        self.model = model if isinstance(model, NodeModel) else NodeModel(model)
+        self.load_model = load_model
         self.spool = Spool(config.spool)
         self._stop = threading.Event()
+        self._reload = threading.Event()
         self._assocs: dict[int, dict[str, int]] = {}
         self._lock = threading.Lock()
         self.server = None
@@ -158,6 +216,10 @@ class Node:
             ds = event.dataset
             ds.file_meta = event.file_meta
             sop_class = str(ds.get("SOPClassUID", event.request.AffectedSOPClassUID))
+            if sop_class == SegmentationStorage:
+                self.spool.store_viewer(ds.SOPInstanceUID, event.encoded_dataset(include_meta=True))
+                self._count(event, "stored")
+                return 0x0000
             if sop_class not in CT_STORAGE:
                 log.info("ignored an instance of SOP class %s (%s): not CT", sop_class, ds.get("Modality", "?"))
                 self._count(event, "ignored")
@@ -193,6 +255,27 @@ class Node:
         """Finish the running predictions and deliveries, then return from :meth:`run`."""
         self._stop.set()
 
+    def reload(self) -> None:
+        """Read the model again once the running predictions have finished (SIGHUP; module docstring)."""
+        self._reload.set()
+
+    def _swap_model(self) -> None:
+        """Load the model again (no prediction is running); keep the old one when that fails."""
+        self._reload.clear()
+        if self.load_model is None:
+            log.warning("serve: SIGHUP: this node has no model source to read again; still %s", self.model.name)
+            return
+        old = self.model
+        try:
+            new = self.load_model()
+        except (InputError, OSError) as exc:
+            log.error("serve: SIGHUP: the model could not be read (%s); still predicting with %s (%s)",
+                      str(exc).splitlines()[0][:300], old.name, old.fingerprint)
+            return
+        self.model = new
+        log.info("serve: SIGHUP: now predicting with %s (%s) from %s; before: %s (%s)", new.name, new.fingerprint,
+                 new.source, old.name, old.fingerprint)
+
     def run(self, *, once: bool = False, poll: float = 0.2) -> int:
         """Serve until :meth:`stop` (``once``: process the spool's content and return).
 
@@ -209,14 +292,17 @@ class Node:
                     if future.done():
                         running.pop(job)
                         done += future.result()
+                if self._reload.is_set() and not running:
+                    self._swap_model()
                 if not self._stop.is_set():
                     idle = 0.0 if once else self.config.idle_seconds
                     for series in self.spool.complete_series(idle, 0.0 if once else self.started):
                         self.spool.claim(series)
-                    for job in self.spool.to_predict():
+                    for job in self.spool.to_predict() if not self._reload.is_set() else []:
                         if job not in running and len(running) < self.config.workers:
-                            running[job] = pool.submit(self._predict, job)
+                            running[job] = pool.submit(self._predict, job, self.model)
                 waiting = self._deliver_due()
+                self._read_viewer_segs()
                 if self._stop.is_set() and not running:
                     break
                 if once and not running and not self.spool.to_predict() and waiting is None:
@@ -227,12 +313,12 @@ class Node:
             self.server = None
         return done
 
-    def _predict(self, job: str) -> int:
+    def _predict(self, job: str, model: NodeModel) -> int:
         spool = self.spool
         t0 = time.perf_counter()
         out = spool.job_path(job, PRED)
         try:
-            self.predict_series(spool.job_path(job, INPUT), out)
+            model.predict_series(spool.job_path(job, INPUT), out)
         except DataProblems as exc:
             self._failed(job, "; ".join(exc.problems))
             return 0
@@ -244,11 +330,37 @@ class Node:
             results += sorted((out / DICOM_SEG).glob("*.dcm"))
         if self.config.deliver_sr:
             results += sorted((out / SR).glob("*.dcm"))
+        if self.config.priors:  # with earlier studies: the timeline's SEG and report replace predict's
+            from analysis.node.history import timeline_report
+
+            report = timeline_report(spool.root, job, spool.job_path(job, "input"), out, limit=self.config.priors,
+                                     destination=self.config.destination, calling_ae=self.config.ae_title,
+                                     predict=model.predict_series)
+            if report:
+                results = [r for r in report if (self.config.deliver_seg if "_seg" in r.name else self.config.deliver_sr)]
         lesions = len(read_lesions(out)) if (out / LESIONS_CSV).is_file() else 0  # a detector writes none
-        spool.open_outbox(job, results)
-        log.info("series %s: predicted in %.1f s, %d lesion(s), %d result(s) to deliver", parse_job(job)[0],
-                 time.perf_counter() - t0, lesions, len(results))
+        spool.open_outbox(job, results, record={MODEL_RECORD: model.record()})
+        log.info("series %s: predicted by %s (%s) in %.1f s, %d lesion(s), %d result(s) to deliver",
+                 parse_job(job)[0], model.name, model.fingerprint, time.perf_counter() - t0, lesions, len(results))
         return 1
+
+    def _read_viewer_segs(self) -> None:
+        """Take each received SEG as a viewer's review (module docstring); one that cannot be
+        read goes to ``failed/`` with its reason."""
+        for path in self.spool.viewer_segs():
+            from analysis.review.viewer import ViewerIgnored, referenced_series, review_viewer_seg
+
+            try:
+                if any(self.spool.predicting(uid) for uid in referenced_series(path)):
+                    continue  # its series' result is not there yet: read it after
+                review_viewer_seg(path, self.spool.root)
+            except ViewerIgnored as exc:
+                log.info("viewer SEG %s: ignored: %s", path.stem, exc)
+                path.unlink(missing_ok=True)
+            except (InputError, DataProblems, OSError, ValueError) as exc:
+                reason = "; ".join(exc.problems) if isinstance(exc, DataProblems) else str(exc)
+                target = self.spool.fail_viewer(path, reason)
+                log.error("viewer SEG %s: not read (%s); kept in %s", path.stem, reason.splitlines()[0][:300], target)
 
     def _failed(self, job: str, reason: str) -> None:
         target = self.spool.fail(job, reason)

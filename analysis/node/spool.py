@@ -5,11 +5,13 @@ complete series once and delivers each result once.
 Layout of ``SPOOL/``::
 
     incoming/<study>/<series>/<sop>.dcm   instances as received (each written atomically)
+    viewer/<sop>.dcm                      SEGs received (a viewer's edit: analysis.review.viewer), until read
     jobs/<job>.input/                     a complete series, claimed (renamed from incoming)
     jobs/<job>.pred/                      its prediction folder (predict resumes a killed run)
     jobs/<job>.outbox/                    results to deliver (appears whole: renamed from .tmp)
     jobs/<job>.outbox/sent/               results delivered (moved there after each success)
     jobs/<job>.outbox/delivery.json       attempts, next attempt time, last error
+    jobs/<job>.outbox/model.json          the model that made the results (name, fingerprint, source)
     jobs/<job>.outbox/input/, pred/       the series and its prediction, moved in once the outbox is open
     done/<job>/                           delivered results, with input/ and pred/ (kept for ``review``)
     failed/<job>/                         a series that could not be predicted + reason.txt
@@ -40,7 +42,7 @@ from analysis.imaging.io import atomic_write_bytes, atomic_write_json, atomic_wr
 
 log = logging.getLogger(__name__)
 
-INCOMING, JOBS, DONE, FAILED, UNDELIVERED = "incoming", "jobs", "done", "failed", "undelivered"
+INCOMING, JOBS, DONE, FAILED, UNDELIVERED, VIEWER = "incoming", "jobs", "done", "failed", "undelivered", "viewer"
 SENT = "sent"
 DELIVERY = "delivery.json"
 REASON = "reason.txt"
@@ -97,14 +99,17 @@ class Outbox:
         names = [p.name[: -len(part) - 1] for p in (self.root / JOBS).iterdir() if p.name.endswith(f".{part}")]
         return sorted(names, key=lambda n: parse_job(n)[1])
 
-    def open_outbox(self, job: str, results: list[Path]) -> Path:
-        """Copy ``results`` into ``jobs/<job>.outbox`` (appears whole, one rename)."""
+    def open_outbox(self, job: str, results: list[Path], *, record: dict[str, dict] | None = None) -> Path:
+        """Copy ``results`` into ``jobs/<job>.outbox`` (appears whole, one rename), with the JSON
+        files ``record`` names (e.g. ``model.json``) beside them."""
         final = self.job_path(job, OUTBOX)
         tmp = self.job_path(job, OUTBOX_TMP)
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / SENT).mkdir(parents=True)
         for path in results:  # dicom_seg/<case>.dcm, sr/<case>.dcm: one name each
             shutil.copy2(path, tmp / f"{path.parent.name}-{path.name}")
+        for name, content in (record or {}).items():
+            atomic_write_json(tmp / name, content)
         atomic_write_json(tmp / DELIVERY, {"attempts": 0, "next_at": 0.0, "last_error": None})
         os.rename(tmp, final)
         return final
@@ -162,7 +167,7 @@ class Outbox:
 class Spool(Outbox):
     """The spool folder (module docstring)."""
 
-    PARTS = (INCOMING, JOBS, DONE, FAILED, UNDELIVERED)
+    PARTS = (INCOMING, JOBS, DONE, FAILED, UNDELIVERED, VIEWER)
 
     def free_gb(self) -> float:
         """Free space (GB, 1e9 bytes) on the spool's disk."""
@@ -180,6 +185,29 @@ class Spool(Outbox):
             except FileNotFoundError:
                 continue
         raise OSError(f"{path}: the series folder kept moving while the instance was written")
+
+    def store_viewer(self, sop: str, data: bytes) -> Path:
+        """Write a received SEG atomically to ``viewer/<sop>.dcm``."""
+        return atomic_write_bytes(self.root / VIEWER / f"{safe_uid(sop, 'SOPInstanceUID')}.dcm", data)
+
+    def viewer_segs(self) -> list[Path]:
+        """Received SEGs not read yet, oldest first."""
+        found = [p for p in (self.root / VIEWER).glob("*.dcm") if not p.name.startswith(".")]
+        return sorted(found, key=lambda p: p.stat().st_mtime)
+
+    def fail_viewer(self, path: Path, reason: str) -> Path:
+        """A received SEG that could not be read: ``failed/viewer-<sop>/`` with ``reason.txt``."""
+        target = self.root / FAILED / f"viewer-{path.stem}"
+        target.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target / path.name)
+        atomic_write_text(target / REASON, reason.rstrip("\n") + "\n")
+        return target
+
+    def predicting(self, series_uid: str) -> bool:
+        """Whether series ``series_uid`` is still being received or predicted (not in an outbox yet)."""
+        if any((study / series_uid).is_dir() for study in (self.root / INCOMING).iterdir()):
+            return True
+        return any(parse_job(j)[0] == series_uid for j in self.to_predict())
 
     def complete_series(self, idle_seconds: float, since: float, now: float | None = None) -> list[Path]:
         """Incoming series folders without a new instance for ``idle_seconds``, counted from
@@ -212,10 +240,11 @@ class Spool(Outbox):
         """Claimed jobs whose results are not yet in an outbox (a kill during prediction included)."""
         return [j for j in self.jobs(INPUT) if not self.job_path(j, OUTBOX).exists()]
 
-    def open_outbox(self, job: str, results: list[Path]) -> Path:
-        """Open the job's outbox (:meth:`Outbox.open_outbox`), then move the series and its
-        prediction into it (``input/``, ``pred/``), where they stay with the results."""
-        final = super().open_outbox(job, results)
+    def open_outbox(self, job: str, results: list[Path], *, record: dict[str, dict] | None = None) -> Path:
+        """Open the job's outbox (:meth:`Outbox.open_outbox`, with ``record``'s JSON files such as
+        ``model.json``), then move the series and its prediction into it (``input/``, ``pred/``),
+        where they stay with the results."""
+        final = super().open_outbox(job, results, record=record)
         self._settle(job)
         return final
 
@@ -258,4 +287,4 @@ class Spool(Outbox):
     def is_empty(self) -> bool:
         """Nothing received, claimed or waiting for delivery."""
         return not any((self.root / INCOMING).iterdir()) and not any(
-            p.name.endswith((f".{INPUT}", f".{OUTBOX}")) for p in (self.root / JOBS).iterdir())
+            p.name.endswith((f".{INPUT}", f".{OUTBOX}")) for p in (self.root / JOBS).iterdir()) and not self.viewer_segs()

@@ -40,7 +40,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -165,6 +165,8 @@ class InputPlan:
         source: the cohort folder or ``--images`` PATH (resolved).
         cases: the cases to predict (this shard's).
         shapes: ``(slices, rows, cols)`` of each case, from headers.
+        pixel_mm: ``(between rows, between columns)`` in mm of each case's stored slices, from
+            headers: with ``shapes``, what a network that resamples will see (memory estimates).
         failures: one line per ``--images`` input that failed its cheap checks (skipped).
         strict: cohort input: a bad case stops the run (all are checked up front).
     """
@@ -174,6 +176,7 @@ class InputPlan:
     shapes: dict[str, tuple[int, int, int]]
     failures: list[str]
     strict: bool
+    pixel_mm: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def describe(self, cases_option: str) -> dict[str, Any]:
         """The input fields of ``predict.json``."""
@@ -197,13 +200,16 @@ def plan_inputs(dataset: str | Path | None, images: str | Path | None, *, cases:
         raise InputError("give either --dataset (a cohort) or --images (image files or DICOM folders)")
     failures: list[str] = []
     shapes: dict[str, tuple[int, int, int]] = {}
+    pixel_mm: dict[str, tuple[float, float]] = {}
     if dataset is not None:
         cohort = Cohort(dataset)
         cohort.require_exists()
         found = [InputCase(case_id=c, kind="image", path=cohort.image_path(c))
                  for c in select_cases(cohort, cases, shard)]
         for case in found:
-            shapes[case.case_id] = tuple(check_ct(case.path).shape)
+            geometry = check_ct(case.path)
+            shapes[case.case_id] = tuple(geometry.shape)
+            pixel_mm[case.case_id] = (float(geometry.spacing[1]), float(geometry.spacing[0]))
         source = str(cohort.root.resolve())
     else:
         source = str(Path(images).resolve())
@@ -215,7 +221,7 @@ def plan_inputs(dataset: str | Path | None, images: str | Path | None, *, cases:
         found = []
         for case in (c for c in discovered if keep is None or c.case_id in keep):
             try:
-                shapes[case.case_id] = _input_shape(case)
+                shapes[case.case_id], pixel_mm[case.case_id] = _input_shape(case)
             except InputError as exc:
                 failures.append(str(exc))
                 continue
@@ -225,16 +231,19 @@ def plan_inputs(dataset: str | Path | None, images: str | Path | None, *, cases:
     if dicom_seg and not any(c.kind == "dicom" for c in found):
         raise InputError(f"--dicom-seg: {source} holds no DICOM series; a DICOM Segmentation references its "
                          f"source images (NIfTI input has none)")
-    return InputPlan(source=source, cases=found, shapes=shapes, failures=failures, strict=dataset is not None)
+    return InputPlan(source=source, cases=found, shapes=shapes, failures=failures, strict=dataset is not None,
+                     pixel_mm=pixel_mm)
 
 
-def _input_shape(case: InputCase) -> tuple[int, int, int]:
+def _input_shape(case: InputCase) -> tuple[tuple[int, int, int], tuple[float, float]]:
+    """``(slices, rows, cols)`` and the pixel size ``(between rows, between columns)`` mm, from headers."""
     if case.series is not None:
-        return (case.series.n_slices, case.series.rows, case.series.columns)
+        s = case.series
+        return (s.n_slices, s.rows, s.columns), (float(s.pixel_spacing[0]), float(s.pixel_spacing[1]))
     geometry = read_header(case.path, ndim=None)
     if len(geometry.size) != 3:
         raise InputError(f"{case.path}: is a {len(geometry.size)}D image, expected a 3D CT")
-    return tuple(geometry.shape)
+    return tuple(geometry.shape), (float(geometry.spacing[1]), float(geometry.spacing[0]))
 
 
 def sha256_of(case: InputCase) -> str:

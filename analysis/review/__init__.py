@@ -12,5 +12,9 @@ A room beside :mod:`analysis.node` (the top room), framework-neutral (no TensorF
 - :mod:`analysis.review.signing`: the final SEG and verified report, and their outbox;
 - :mod:`analysis.review.service`: decisions, additions and signatures, checked under the journal's lock;
 - :mod:`analysis.review.app`: the Flask application (pages, JSON API, sign-in, CSRF);
-- :mod:`analysis.review.server`: serving it with waitress, and delivering signed studies.
+- :mod:`analysis.review.server`: serving it with waitress, and delivering signed studies;
+- :mod:`analysis.review.viewer`: a viewer's edited SEG received by the node, compared lesion by
+  lesion with the prediction, as review decisions (source ``viewer``);
+- :mod:`analysis.review.import_reviews`: ``import-reviews``: reviewed studies become cohort cases
+  with hard negatives.
 """

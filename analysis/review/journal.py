@@ -145,7 +145,8 @@ def lesion_states(entries: list[Entry]) -> dict[int, Entry]:
 
 
 def signature(entries: list[Entry]) -> Entry | None:
-    """The study's ``sign`` entry (the first; a second is never written), or None."""
+    """The study's ``sign`` entry (the first; the page never writes a second: a viewer's later edits
+    of the study add theirs, :mod:`analysis.review.viewer`), or None."""
     return next((e for e in entries if e.decision.decision == "sign"), None)
 
 

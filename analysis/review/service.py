@@ -298,24 +298,13 @@ class ReviewService:
                 raise (Conflict if exc.lesion else Unprocessable)(str(exc)) from None
             lesion_id = int(max([len(volume.rows), *(e.decision.lesion_id for e in journal.entries
                                                        if e.decision.decision == "add")])) + 1
-            row = self._row_of(volume, grown.voxels)
+            row = volume.lesion_row(grown.voxels)
             journal.append(self._decision(study, lesion_id, "add", reader, note=note),
                            {"point_mm": [float(v) for v in point], "seed": list(grown.seed),
                             "voxels": encode_voxels(grown.voxels), "row": row})
             lesion = next(l for l in self._lesions(study, journal.entries) if l["id"] == lesion_id)
         log.info("study %s: lesion %d added by %s (%d voxels)", study.uid, lesion_id, reader, grown.voxels.size)
         return lesion
-
-    @staticmethod
-    def _row_of(volume: Volume, voxels: np.ndarray) -> dict[str, Any]:
-        from analysis.prediction.tables import lesion_rows
-
-        single = np.zeros(volume.labels.shape, np.uint8)
-        single.flat[voxels] = 1
-        (row,) = lesion_rows(volume.study.case, single, volume.ct, volume.geometry,
-                             labels=(single.astype(np.int32), 1))
-        return {k: row[k] for k in ("voxels", "volume_ml", "x_mm", "y_mm", "z_mm", "hu_mean", "hu_max", "score",
-                                    "bone")}
 
     def sign(self, uid: str, reader: str) -> dict[str, Any]:
         """Sign the study: the final SEG and report are written and put into the outbox."""

@@ -112,18 +112,10 @@ def review_seed(study: Study, ids: list[int], entries: list[Entry], reader: str)
 
 def _tracking_uids(pred: Path, case: str) -> dict[int, str]:
     """The preliminary SEG's TrackingUID of each lesion ("lesion N"), or {} without one."""
-    import pydicom
+    from analysis.imaging.dicom_seg import segment_tracking_uids
 
     path = pred / DICOM_SEG / f"{case}.dcm"
-    if not path.is_file():
-        return {}
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    out = {}
-    for item in ds.SegmentSequence:
-        ident = str(item.get("TrackingID", ""))
-        if ident.startswith("lesion ") and item.get("TrackingUID"):
-            out[int(ident.split()[-1])] = str(item.TrackingUID)
-    return out
+    return segment_tracking_uids(path) if path.is_file() else {}
 
 
 def write_final(volume: Volume, entries: list[Entry], reader: str, pred: Path, out: Path) -> dict[str, Any]:
@@ -188,7 +180,8 @@ def recover(root: Path, journal_studies: dict[str, list[Entry]]) -> list[str]:
     outbox = outbox_of(root)
     opened = []
     for uid, entries in journal_studies.items():
-        sign = next((e for e in entries if e.decision.decision == "sign"), None)
+        # a viewer's review (analysis.review.viewer) delivers nothing: its SEG is in the study already
+        sign = next((e for e in entries if e.decision.decision == "sign" and e.decision.source == "page"), None)
         if sign is None or outbox.where(sign.detail["job"]) is not None:
             continue
         files = [signed_folder(root, uid) / f for f in sign.detail["files"]]

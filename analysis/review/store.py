@@ -134,6 +134,18 @@ class Volume:
         box = self.boxes[lesion_id - 1]
         return np.argwhere(self.labels[box] == lesion_id) + np.array([s.start for s in box])
 
+    def lesion_row(self, voxels: np.ndarray) -> dict[str, Any]:
+        """The measurements of a lesion given by its flat voxel indices (a reader's addition on the
+        page or in a viewer), as ``lesions.csv`` measures a predicted one
+        (:func:`analysis.prediction.tables.lesion_rows`): voxels, volume, centroid, HU, score, bone."""
+        from analysis.prediction.tables import lesion_rows
+
+        single = np.zeros(self.labels.shape, np.uint8)
+        single.flat[voxels] = 1
+        (row,) = lesion_rows(self.study.case, single, self.ct, self.geometry, labels=(single.astype(np.int32), 1))
+        return {k: row[k] for k in ("voxels", "volume_ml", "x_mm", "y_mm", "z_mm", "hu_mean", "hu_max", "score",
+                                    "bone")}
+
 
 def _header(folder: Path) -> dict[str, str]:
     """PatientID, StudyDate and StudyTime of the first readable DICOM file in ``folder``."""
@@ -180,13 +192,17 @@ class StudyStore:
     def _record(self, pred: Path) -> tuple[dict[str, Any], float]:
         """``predict.json`` of a PRED folder and its modification time (read again when it changes)."""
         mtime = (pred / RECORD).stat().st_mtime
+        return self._fresh(self._records, pred, mtime, lambda: read_record(pred)), mtime
+
+    def _fresh(self, cache: dict, key: Any, mtime: float, load: Any) -> Any:
+        """``cache[key]``'s value while its file's ``mtime`` is unchanged, else ``load()`` again."""
         with self._lock:
-            known = self._records.get(pred)
+            known = cache.get(key)
         if known is None or known[0] != mtime:
-            known = (mtime, read_record(pred))
+            known = (mtime, load())
             with self._lock:
-                self._records[pred] = known
-        return known[1], mtime
+                cache[key] = known
+        return known[1]
 
     # --- finding studies ------------------------------------------------------------------
 
@@ -273,13 +289,7 @@ class StudyStore:
         pred, _ = self.folders(study)
         path = pred / LESIONS_CSV
         mtime = path.stat().st_mtime if path.is_file() else -1.0
-        with self._lock:
-            known = self._tables.get(path)
-        if known is None or known[0] != mtime:
-            known = (mtime, read_lesions(pred))
-            with self._lock:
-                self._tables[path] = known
-        return [r for r in known[1] if r["case"] == study.case]
+        return [r for r in self._fresh(self._tables, path, mtime, lambda: read_lesions(pred)) if r["case"] == study.case]
 
     def volume(self, study: Study) -> Volume:
         """The study's CT, lesion labels and rows (cached for the last few studies).

@@ -103,15 +103,20 @@ def build_model(name: str, *, context: int = 1, width: float = 1.0, image_size: 
     return model
 
 
-def load_weights(model: keras.Model, path: str | Path) -> None:
+def load_weights(model: keras.Model, path: str | Path, *, option: str = "--weights") -> None:
     """Load weights from a local file into ``model``.
+
+    Args:
+        model: the built model.
+        path: a ``.weights.h5`` file, or a ``.keras`` model of the same architecture.
+        option: the command-line option that named the file, for error messages.
 
     Raises:
         InputError: missing file or weights of a different architecture.
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"--weights {path}: file not found")
+        raise InputError(f"{option} {path}: file not found")
     try:
         if path.name.endswith(".keras"):
             source = keras.models.load_model(path, compile=False)
@@ -120,5 +125,5 @@ def load_weights(model: keras.Model, path: str | Path) -> None:
             model.load_weights(path)
     except (ValueError, KeyError, OSError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"--weights {path}: does not fit {model.name} ({first})") from None
+        raise InputError(f"{option} {path}: does not fit {model.name} ({first})") from None
     log.info("loaded weights from %s", path)

@@ -314,3 +314,25 @@ def _resume_then_interrupt(ds: Path, work: Path, layout: WorkLayout) -> None:
 def _logits(predictor, image: np.ndarray, spacing: list[float]) -> np.ndarray:
     _, probabilities = predictor.predict_single_npy_array(image, {"spacing": spacing}, None, None, True)
     return np.asarray(probabilities)
+
+
+def test_serve_names_an_nnunet_model_by_its_folds_checkpoints(tmp_path):
+    """serve --nnunet-work: the node's model is 'nnunet' with the fingerprint predict records (the
+    folds' checkpoints), read again on each load (SIGHUP); an untrained work folder is refused."""
+    import cli
+    from nnunet_bridge.predict import layout_fingerprint, model_identity
+
+    layout = WorkLayout(tmp_path / "work")
+    with pytest.raises(InputError, match="no trained nnU-Net fold"):
+        model_identity(layout.work)
+    for fold in (0, 1):
+        layout.checkpoint(fold).parent.mkdir(parents=True)
+        layout.checkpoint(fold).write_bytes(f"weights {fold}".encode())
+    work, name, fingerprint = model_identity(layout.work)
+    assert (work, name, fingerprint) == (layout.work.resolve(), "nnunet", layout_fingerprint(layout, [0, 1]))
+    load = cli._node_model_loader(None, str(layout.work), {"crop": False, "min_size": 0, "bones": None,
+                                                          "bones_from": "project"})
+    first = load()
+    assert (first.name, first.fingerprint, first.source) == ("nnunet", fingerprint, str(layout.work.resolve()))
+    layout.checkpoint(1).write_bytes(b"fine-tuned")
+    assert load().fingerprint != first.fingerprint and model_identity(layout.work, [0])[2] != fingerprint

@@ -264,3 +264,48 @@ def test_kill_9_and_restart_deliver_each_result_once(orthanc, lively, threshold,
     assert node.term() == 0
     assert len(list((spool / "done").iterdir())) == 1 and not list((spool / "failed").iterdir())
     assert [len(orthanc.series_of(study, m)[0]["Instances"]) for m in ("SEG", "SR")] == [1, 1]
+
+
+def test_sighup_switches_the_model_between_two_series_and_each_result_names_it(orthanc, lively, runs, threshold,
+                                                                                tmp_path):  # noqa: F811
+    """serve --model LINK: series 1 with the RUN the link names; the link moves to a fine-tune of it
+    and SIGHUP; series 2 with the fine-tune. The spool's records, the log and the SEGs in the PACS
+    each name the model that made them."""
+    import json
+
+    from bonemets_tf.run import read_run
+
+    child = tmp_path / "child"
+    r = invoke(["train", "--dataset", runs.train_dataset, "--init-from", lively, "--out", child, "--epochs", "1",
+                "--steps-per-epoch", "1", "--batch-size", "2", "--lr", "1e-7", "--no-guard", "--cache",
+                tmp_path / "cache"])
+    assert r.exit_code == 0, r.output
+    before, after = read_run(lively), read_run(child)
+    assert after.name == f"unet fine-tuned from {before.fingerprint()[:8]}"
+    link = tmp_path / "current"
+    link.symlink_to(lively, target_is_directory=True)
+    spool = tmp_path / "spool"
+    node = Node(link, spool, f"{orthanc.aet}@127.0.0.1:{orthanc.dicom}", threshold)
+    orthanc.set_modality("bonemets", "BONEMETS", node.port)
+    studies = []
+    for seed, model in ((11, before), (12, after)):
+        if model is after:
+            link.unlink()
+            link.symlink_to(child, target_is_directory=True)
+            node.proc.send_signal(signal.SIGHUP)
+            node.wait_log(f"SIGHUP: now predicting with {after.name} ({after.fingerprint()})")
+        files = _series(tmp_path / "in" / f"p{seed}", seed, localizer=False)
+        studies.append((orthanc.upload(files), str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)))
+        assert orthanc.send("bonemets", studies[-1][0]).ok
+        node.wait_log(f"predicted by {model.name} ({model.fingerprint()})")
+        orthanc.wait_for(studies[-1][0])
+    assert node.term() == 0
+    records = sorted((json.loads((job / "model.json").read_text(encoding="utf-8")) for job in (spool / "done").iterdir()),
+                     key=lambda rec: rec["name"])
+    assert [(rec["name"], rec["fingerprint"], rec["source"]) for rec in records] == [
+        (before.name, before.fingerprint(), str(before.path)), (after.name, after.fingerprint(), str(after.path))]
+    for (_, study_uid), model in zip(studies, (before, after)):
+        (seg,) = _dicomweb_series(orthanc, study_uid, "SEG")
+        assert seg.ManufacturerModelName == model.name
+        assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == \
+            model.fingerprint()

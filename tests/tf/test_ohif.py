@@ -230,3 +230,50 @@ def test_followup_report_opens_in_ohif(orthanc, viewer, browser, screens, tmp_pa
                           ("Volume change since baseline", "change_ml")):
             shown = _shown(labels, name, "cm3")
             assert shown == pytest.approx(float(row[key]), abs=0.005 + 1e-9), (row["lesion"], name)
+
+
+def test_timeline_report_opens_in_ohif(orthanc, viewer, browser, screens, tmp_path):
+    """``timeline --sr``'s report of a follow-up study: every track with a lesion there is one placed
+    measurement under the track's identifier and UID, outlined on its largest cross-section, with its
+    volume and the volume at the previous scan; the resolved track is no measurement (nothing to draw)."""
+    from tests.test_timeline import _tiny_study
+
+    a, b, c, d = (2, 6, 6, 12, 6, 12), (2, 6, 24, 30, 24, 30), (7, 10, 6, 12, 24, 30), (7, 10, 26, 32, 6, 12)
+    studies = [_tiny_study(tmp_path, "s0", [a], date="20250106"),
+               _tiny_study(tmp_path, "s1", [a, b, d], date="20250331"),
+               _tiny_study(tmp_path, "s2", [b, c, d], date="20250623")]
+    args = ["timeline", *(s[0] for s in studies)]
+    for s in studies:
+        args += ["--masks", s[1]]
+    out = tmp_path / "out"
+    r = invoke([*args, "--no-registration", "--sr", "--out", out])
+    assert r.exit_code == 0, r.output
+    files = sorted(studies[2][0].iterdir())
+    study = orthanc.upload([*files, out / "dicom" / "t2_seg.dcm", out / "dicom" / "t2_sr.dcm"])
+    seg = pydicom.dcmread(out / "dicom" / "t2_seg.dcm")
+    uids = _slice_uids(files)
+    segments = _segments(seg, uids)
+    segment_of = {str(s.TrackingID): (int(s.SegmentNumber), str(s.TrackingUID)) for s in seg.SegmentSequence}
+    tracks = read_csv(out / "tracks.csv")
+    present = [t for t in tracks if t["scan"] == "2" and t["present"] == "1"]
+    assert any(t["scan"] == "2" and t["status"] == "resolved" for t in tracks)
+    page = browser.open(viewer, str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID))
+    try:
+        measurements = page.open_sr(_series_of(orthanc, study, "SR"))
+        assert not page.boundary_errors()
+        page.screenshot(screens / "timeline-sr.png")
+    finally:
+        page.close()
+    by_id = {m["tracking_id"]: m for m in measurements}
+    assert sorted(by_id) == sorted(f"lesion {t['track']}" for t in present)
+    for t in present:
+        m = by_id[f"lesion {t['track']}"]
+        number, uid = segment_of[f"lesion {t['track']}"]
+        assert m["tracking_uid"] == uid
+        pixels = segments[number]
+        z = int(np.argmax(pixels.sum(axis=(1, 2))))
+        assert m["loaded"] and m["sop_instance_uid"] == uids[z]
+        np.testing.assert_array_equal(_raster(m["points"], pixels.shape[1:]), _largest_part(pixels[z]))
+        labels = dict(m["labels"])
+        assert _shown(labels, "Volume", "cm3") == pytest.approx(float(t["volume_ml"]), abs=0.005 + 1e-9)
+        assert "Volume at previous scan" in labels, labels

@@ -109,6 +109,13 @@ def test_memory_estimate_refuses_what_cannot_fit():
     assert small == 9 * 10 * 64 * 64 + 4 * 64 * 64 + 4 * 64 * 64 * 8 * 16
     assert estimate_case_bytes((10, 64, 64), task="segment", context=1, batch_size=4, first_filters=16,
                                image_size=32, stride=8, params=0) > small
+    # a 0.5 mm CT for a 1 mm model: the network sees a quarter of the pixels, plus the resampled copy
+    coarse = estimate_case_bytes((10, 64, 64), task="segment", context=1, batch_size=1, first_filters=16,
+                                 image_size=32, stride=8, params=0, network_rc=(32, 32))
+    assert coarse == 9 * 10 * 64 * 64 + 8 * 10 * 32 * 32 + 4 * 32 * 32 + 4 * 32 * 32 * 8 * 16
+    # a 2 mm CT for a 1 mm model: four times the pixels, so more than as stored
+    assert estimate_case_bytes((10, 64, 64), task="segment", context=1, batch_size=1, first_filters=16,
+                               image_size=32, stride=8, params=0, network_rc=(128, 128)) > 4 * small
     with pytest.raises(InputError, match="GiB"):
         check_memory(10 ** 16, "case x")
     check_memory(1, "case x")
