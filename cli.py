@@ -646,6 +646,36 @@ def _nnunet_folds(ctx: click.Context, param: click.Parameter, value: str | None)
     return folds
 
 
+def _nnunet_patch(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    """Parse --patch-size 64,64 into (rows, cols)."""
+    if value is None:
+        return None
+    try:
+        patch = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected ROWS,COLS like 64,64") from None
+    if len(patch) != 2 or min(patch) < 1:
+        raise click.BadParameter(f"{value!r}: expected two positive integers ROWS,COLS like 64,64")
+    return patch  # type: ignore[return-value]
+
+
+def _nnunet_plan_options(command):
+    """The scaled-plan options `nnunet train` and `nnunet prepare` share (nnunet_bridge.plans)."""
+    options = [
+        click.option("--width", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Feature-width multiplier of a plan derived from nnU-Net's (as the Keras --width; "
+                          "default: nnU-Net's own plan)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Batch of the derived plan (default: nnU-Net's planned batch)."),
+        click.option("--patch-size", default=None, callback=_nnunet_patch,
+                     help="2D patch ROWS,COLS of the derived plan; nnU-Net's topology for it (default: nnU-Net's "
+                          "planned patch)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.group("nnunet")
 def nnunet_group() -> None:
     """nnU-Net v2 (PyTorch, 2d configuration) on the cohort's patients and splits."""
@@ -663,27 +693,38 @@ def nnunet_group() -> None:
 @click.option("--num-gpus", type=click.IntRange(min=1), default=1, show_default=True,
               help="GPUs per fold (nnU-Net DDP when > 1).")
 @click.option("--resume", is_flag=True, help="Continue each fold from nnU-Net's latest checkpoint.")
+@_nnunet_plan_options
 def nnunet_train_cmd(dataset: str, work: str, folds: tuple[int, ...], epochs: int | None, iterations: int | None,
-                     val_iterations: int | None, device: str, num_gpus: int, resume: bool) -> None:
-    """Convert the training patients to 2D slices, plan/preprocess, and train nnU-Net folds."""
+                     val_iterations: int | None, device: str, num_gpus: int, resume: bool, width: float | None,
+                     batch_size: int | None, patch_size: tuple[int, int] | None) -> None:
+    """Convert the training patients to 2D slices, plan/preprocess, and train nnU-Net folds
+    (nnU-Net's own plan, or one derived from it with --width/--batch-size/--patch-size)."""
     from nnunet_bridge.train import TrainOptions, train
 
     report = train(dataset, work, TrainOptions(folds=folds, epochs=epochs, iterations=iterations,
                                                val_iterations=val_iterations, device=device, num_gpus=num_gpus,
-                                               resume=resume))
-    click.echo(f"trained fold(s) {','.join(map(str, report.folds))} in {work}; "
+                                               resume=resume, width=width, batch_size=batch_size,
+                                               patch_size=patch_size))
+    click.echo(f"trained fold(s) {','.join(map(str, report.folds))} of plan {report.plans} in {work}; "
                f"network parameters {report.parameters:,} (paper 30.6M)")
 
 
 @nnunet_group.command("prepare")
 @click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False), help="Cohort folder with splits.json.")
 @click.option("--work", required=True, type=click.Path(file_okay=False), help="Work folder for every nnU-Net file.")
-def nnunet_prepare_cmd(dataset: str, work: str) -> None:
+@_nnunet_plan_options
+def nnunet_prepare_cmd(dataset: str, work: str, width: float | None, batch_size: int | None,
+                       patch_size: tuple[int, int] | None) -> None:
     """Only convert, plan and preprocess into WORK (run once before training folds in parallel)."""
+    from nnunet_bridge.plans import PlanScale
     from nnunet_bridge.train import prepare_work
 
-    layout = prepare_work(dataset, work)
-    click.echo(f"prepared {layout.work}; train folds with `nnunet train --work {work} --folds K`")
+    layout = prepare_work(dataset, work, PlanScale(width=width, batch_size=batch_size, patch_size=patch_size))
+    same = "".join(f" --{k} {v}" for k, v in (("width", width), ("batch-size", batch_size),
+                                             ("patch-size", None if patch_size is None else
+                                              ",".join(map(str, patch_size)))) if v is not None)
+    click.echo(f"prepared {layout.work} (plan {layout.plans_identifier}); train folds with "
+               f"`nnunet train --work {work} --folds K{same}`")
 
 
 @nnunet_group.command("predict")

@@ -302,6 +302,7 @@ def _record(models: _Models) -> dict[str, Any]:
         "model": {**main.describe(), "fingerprint": main.fingerprint()},
         "detector": {**models.det.describe(), "fingerprint": models.det.fingerprint()} if cascade else None,
         "training": training_status(main),
+        "budget": main.budget(),
         "detector_training": training_status(models.det) if cascade else None,
         "threshold": options.threshold if seg else None,
         "threshold_source": models.threshold_source,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.errors import InputError
+from analysis.evaluation.learned import EMPTY_LEVEL, LEARNED_MARGIN, learned  # noqa: F401  (the rule both wings use)
 from analysis.imaging.io import read_json
 from bonemets_tf.models.catalog import CATALOG, DETECT, SEGMENT
 
@@ -33,32 +34,10 @@ LOGS_DIR = "logs"
 #: The validation metric whose highest value picks ``model.keras`` when validation holds
 #: lesion (``config.json["checkpoint"]``; see :class:`bonemets_tf.checkpoint.CheckpointRule`).
 MONITOR = {SEGMENT: "val_dice", DETECT: "val_auc"}
-#: What a model that predicts nothing (or one constant output) scores on validation: pooled
-#: Dice 0 on validation slices with lesion (segmenters), slice AUC 0.5 (detectors).
-EMPTY_LEVEL = {SEGMENT: 0.0, DETECT: 0.5}
 #: The collapse guard: validation within this much of :data:`EMPTY_LEVEL` is "at the empty level".
 EMPTY_MARGIN = {SEGMENT: 0.01, DETECT: 0.02}
-#: A model *learned* when its best validation value exceeds :data:`EMPTY_LEVEL` by more than
-#: this. It also clears the other trivial predictor: calling every pixel lesion scores Dice
-#: ``2 pi / (1 + pi)`` for a lesion-pixel share ``pi``, 0.01-0.02 on the phantoms; a model
-#: trained with ``--lr 1000`` reached validation Dice 0.017 calling a third of all pixels lesion.
-LEARNED_MARGIN = {SEGMENT: 0.05, DETECT: 0.05}
 #: Characters of the parent's fingerprint shown in a fine-tuned model's name (:attr:`RunInfo.name`).
 NAME_DIGITS = 8
-
-
-def learned(task: str, best_value: float | None) -> bool:
-    """Whether a model *learned*: its best validation value (Dice for segmenters, AUC for
-    detectors) exceeds :data:`EMPTY_LEVEL` by more than :data:`LEARNED_MARGIN`.
-
-    Args:
-        task: ``"detect"`` or ``"segment"``.
-        best_value: the best validation value, or None when none was recorded.
-
-    Returns:
-        False for None (nothing recorded) and for values at or below ``EMPTY_LEVEL + LEARNED_MARGIN``.
-    """
-    return best_value is not None and best_value > EMPTY_LEVEL[task] + LEARNED_MARGIN[task]
 
 
 @dataclass(frozen=True)
@@ -143,6 +122,19 @@ class RunInfo:
                 if xy is not None:
                     return xy, f"median over the {len(paths)} training cases in {dataset} ({CONFIG_FILE} records none)"
         return None, f"not recorded in {CONFIG_FILE} and its training cases are not at {dataset or 'a known dataset'}"
+
+    def budget(self) -> dict[str, Any]:
+        """What the model was trained with (:func:`analysis.prediction.request.training_budget`): width,
+        ``epochs * steps_per_epoch`` steps of ``batch_size`` crops (segmenters) or resized slices
+        (detectors) of ``image_size``^2, from ``config.json``'s settings, and the pixel spacing it was
+        trained at (:meth:`training_spacing`)."""
+        from analysis.prediction.request import training_budget
+
+        settings = self.config.get("settings", {})
+        epochs, per_epoch = settings.get("epochs"), settings.get("steps_per_epoch")
+        steps = None if epochs is None or per_epoch is None else int(epochs) * int(per_epoch)
+        return training_budget(width=settings.get("width"), steps=steps, batch_size=settings.get("batch_size"),
+                               patch=(self.image_size, self.image_size), spacing_xy=self.training_spacing()[0])
 
     def fingerprint(self) -> str:
         """sha256 (16 hex digits) of the model file (``model.keras`` or ``saved_model.pb``) and its config."""

@@ -8,9 +8,15 @@ Layout of a work folder (everything nnU-Net writes stays inside it)::
 
     WORK/nnUNet_raw/Dataset501_Bonemets/{dataset.json, imagesTr/, labelsTr/}
     WORK/nnUNet_preprocessed/Dataset501_Bonemets/{nnUNetPlans.json, splits_final.json, ...}
-    WORK/nnUNet_results/Dataset501_Bonemets/nnUNetTrainerBonemets__nnUNetPlans__2d/fold_K/
+        (and a scaled plan's ``<plans>.json`` beside nnU-Net's: :mod:`nnunet_bridge.plans`)
+    WORK/nnUNet_results/Dataset501_Bonemets/nnUNetTrainerBonemets__<plans>__2d/fold_K/
     WORK/prepared.json      what the raw/preprocessed data were built from (cohort, splits)
-    WORK/train_settings.json, WORK/params.json
+    WORK/train_settings.json  the last training's settings, with the plans identifier it trained
+    WORK/params.json        the trained network's parameter count and plan
+
+``<plans>`` is ``nnUNetPlans`` (nnU-Net's own plan) or a scaled plan's identifier; a
+:class:`WorkLayout` made without one reads it from ``train_settings.json``, so prediction
+finds the model that ``nnunet train`` trained last.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ log = logging.getLogger(__name__)
 DATASET_ID = 501
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_Bonemets"
 CONFIGURATION = "2d"
+#: nnU-Net's own plans identifier (``ExperimentPlanner(plans_name='nnUNetPlans')``).
 PLANS = "nnUNetPlans"
 TRAINER = "nnUNetTrainerBonemets"
 CHECKPOINT = "checkpoint_final.pth"
@@ -40,12 +47,38 @@ SCHEDULE_ENV = "BONEMETS_NNUNET_SCHEDULE"
 
 @dataclass(frozen=True)
 class WorkLayout:
-    """Paths inside a work folder (nothing is created or read on construction)."""
+    """Paths inside a work folder (nothing is created or read on construction).
+
+    Attributes:
+        work: the work folder (absolute).
+        plans: the plans identifier whose model folder this layout names; None: the one
+            ``train_settings.json`` records (nnU-Net's ``nnUNetPlans`` without a record).
+    """
 
     work: Path
+    plans: str | None = None
 
-    def __init__(self, work: str | os.PathLike) -> None:
+    def __init__(self, work: str | os.PathLike, plans: str | None = None) -> None:
         object.__setattr__(self, "work", Path(work).absolute())
+        object.__setattr__(self, "plans", plans)
+
+    def with_plans(self, plans: str) -> "WorkLayout":
+        """The same work folder, naming the model folder of ``plans``."""
+        return WorkLayout(self.work, plans)
+
+    @property
+    def plans_identifier(self) -> str:
+        """The plans identifier: given, else recorded by the last training in WORK, else ``nnUNetPlans``."""
+        if self.plans:
+            return self.plans
+        if self.train_settings_json.is_file():
+            try:
+                recorded = json.loads(self.train_settings_json.read_text(encoding="utf-8")).get("plans")
+            except (ValueError, OSError, AttributeError):
+                recorded = None
+            if isinstance(recorded, str) and recorded:
+                return recorded
+        return PLANS
 
     @property
     def raw(self) -> Path:
@@ -69,7 +102,7 @@ class WorkLayout:
 
     @property
     def model_folder(self) -> Path:
-        return self.results / DATASET_NAME / f"{TRAINER}__{PLANS}__{CONFIGURATION}"
+        return self.results / DATASET_NAME / f"{TRAINER}__{self.plans_identifier}__{CONFIGURATION}"
 
     def fold_folder(self, fold: int) -> Path:
         return self.model_folder / f"fold_{fold}"

@@ -21,7 +21,8 @@ import numpy as np
 
 from analysis.errors import InputError
 from analysis.prediction.folder import mask_path
-from analysis.prediction.request import PredictRequest, WingRun, plan_request, predict_folder, raise_failures
+from analysis.prediction.request import (PredictRequest, WingRun, plan_request, predict_folder, raise_failures,
+                                         training_budget)
 from analysis.prediction.runner import InputPlan, Network
 from nnunet_bridge.device import resolve_device
 from nnunet_bridge.env import CHECKPOINT, WorkLayout, nnunet_environment
@@ -143,20 +144,40 @@ def predict(dataset: str | Path | None, work: str | Path, out: str | Path, optio
         network=lambda plan: _network(layout, folds, device, options, plan, fingerprint),
         outputs=options.outputs(threshold=NNUNET_THRESHOLD),
         record=lambda: {"model": {"name": "nnunet", "work": str(layout.work), "model_folder": str(layout.model_folder),
-                                  "folds": folds,
-                                  "framework": "nnU-Net v2", "fingerprint": fingerprint},
+                                  "folds": folds, "plans": layout.plans_identifier, "framework": "nnU-Net v2",
+                                  "fingerprint": fingerprint, "spacing_xy_mm": training.get("spacing_xy_mm"),
+                                  "spacing_source": _spacing_source(layout)},
                         "training": training, "folds": folds, "mirroring": options.mirroring,
+                        "budget": training_budget(width=training.get("width"), steps=training.get("iterations"),
+                                                  batch_size=training.get("batch_size"),
+                                                  patch=training.get("patch_size"), plan=training.get("plans"),
+                                                  spacing_xy=training.get("spacing_xy_mm")),
                         "device": device.type, "threshold": NNUNET_THRESHOLD},
         inference=lambda: {"precision": "float32", "threshold": NNUNET_THRESHOLD,
                            "threshold_source": "nnU-Net: argmax of the two classes", "folds": folds,
                            "tile_step": TILE_STEP, "mirroring": options.mirroring,
-                           "mirror_passes": 4 if options.mirroring else 1},
+                           "mirror_passes": 4 if options.mirroring else 1,
+                           "spacing": _spacing_record(layout, training)},
         versions=("nnunetv2", "torch"),
     )
     result = predict_folder(options, wing, out, inputs=inputs)
     raise_failures(result)
     finished = set(result.record["cases"])
     return [mask_path(result.out, c.case_id) for c in inputs.cases if c.case_id in finished]
+
+
+def _spacing_source(layout: WorkLayout) -> str:
+    return f"nnU-Net plan {layout.plans_identifier}: its 2d configuration's spacing (the training slices' median)"
+
+
+def _spacing_record(layout: WorkLayout, training: dict[str, Any]) -> dict[str, Any]:
+    """``predict.json["inference"]["spacing"]``, as the Keras wing's: nnU-Net's preprocessing resamples
+    every slice to its plan's pixel spacing (the runner passes the input's grid; ``per_case.<case>.spacing``
+    therefore says the runner did not resample), so the model runs at the spacing it was trained at."""
+    xy = training.get("spacing_xy_mm")
+    return {"resample": True, "model": {"xy_mm": xy, "source": _spacing_source(layout),
+                                        "used": "model's (nnU-Net's preprocessing resamples each slice)"
+                                        if xy else "unknown (no trained plan recorded)"}}
 
 
 @contextlib.contextmanager

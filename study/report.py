@@ -52,24 +52,57 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return out + [""]
 
 
+def _samples(steps: Any, batch: Any, what: str) -> str:
+    """``3,840 (240 × 16 crops of 64×64)``, or – when the steps or the batch are unknown."""
+    try:
+        steps, batch = int(steps), int(batch)
+    except (TypeError, ValueError):
+        return "–"
+    return f"{steps * batch:,} ({steps} × {batch} {what})"
+
+
 def model_sizes(out: Path, models: list[str]) -> list[list[Any]]:
-    """Rows: model, parameters trained in this run, width, paper parameters."""
+    """Rows: model, parameters trained in this run, width, samples seen (steps x batch and the
+    crop, patch or resized slice), nnU-Net's plan, paper parameters."""
     rows = []
     for model in models:
-        trained, width = None, None
+        trained, width, samples, plan = None, None, "–", "–"
         cfg = out / "runs" / model / "config.json"
         if cfg.is_file():
             data = json.loads(cfg.read_text(encoding="utf-8"))
-            trained, width = data.get("model", {}).get("params"), data.get("settings", {}).get("width")
+            settings = data.get("settings", {})
+            trained, width = data.get("model", {}).get("params"), settings.get("width")
+            steps = (settings.get("epochs") or 0) * (settings.get("steps_per_epoch") or 0) or None
+            size = settings.get("image_size")
+            side = f"{size}×{size}" if size else "?"
+            what = f"crops of {side}" if settings.get("task") == "segment" else f"slices resized to {side}"
+            samples = _samples(steps, settings.get("batch_size"), what)
         if model == "nnunet":
-            pj = out / "nnunet_work" / "params.json"
-            if pj.is_file():
-                trained, width = json.loads(pj.read_text(encoding="utf-8")).get("parameters"), 1.0
+            trained, width, samples, plan = _nnunet_size(out / "nnunet_work")
         pname = paper.paper_name(model)
         pparams = paper.SEGMENTATION.get(pname, {}).get("parameters") if pname else None
         rows.append([model, "–" if trained is None else f"{trained / 1e6:.2f}M",
-                     "–" if width is None else f"{width:g}", pparams or "–"])
+                     "–" if width is None else f"{width:g}", samples, plan, pparams or "–"])
     return rows
+
+
+def _nnunet_size(work: Path) -> tuple[Any, Any, str, str]:
+    """nnU-Net's parameters, width, samples seen and plan from ``params.json`` and its training records."""
+    pj = work / "params.json"
+    if not pj.is_file():
+        return None, None, "–", "–"
+    params = json.loads(pj.read_text(encoding="utf-8"))
+    from nnunet_bridge.env import WorkLayout
+    from nnunet_bridge.train import training_status
+
+    status = training_status(WorkLayout(work))
+    patch = params.get("patch_size") or status.get("patch_size")
+    side = "×".join(str(p) for p in patch) if patch else "?"
+    samples = _samples(status.get("iterations"), status.get("batch_size"), f"patches of {side}")
+    plan = params.get("plans") or status.get("plans") or "nnUNetPlans"
+    features = params.get("features_per_stage")
+    return (params.get("parameters"), params.get("width", 1.0), samples,
+            f"`{plan}`" + (f" (features {'-'.join(map(str, features))})" if features else ""))
 
 
 def thresholds_section(out: Path, models: list[str]) -> list[str]:
@@ -119,16 +152,17 @@ def training_section(out: Path, keras_models: list[str]) -> list[str]:
         from nnunet_bridge.train import training_status as nnunet_status
 
         status = nnunet_status(WorkLayout(work))
-        word = {True: "trained", False: f"**not trained ({status['iterations']} iterations)**", None: "unknown"}
-        rows.append(["nnunet", "–", "–", word[status["learned"]], status["reason"]])
+        word = {True: "learned", False: f"**not trained ({status['iterations']} iterations)**", None: "unknown"}
+        rows.append(["nnunet", _num(status.get("validation_dice"), 3), "–", word[status["learned"]], status["reason"]])
     if not rows:
         return []
     return ["## Training", "",
             "Best validation score per Keras model (per-slice-pooled Dice for segmenters, slice AUC for "
             "detectors), the collapse guard's events (a restore of the last good epoch at half the learning "
             "rate; key `guard` of `runs/<model>/config.json`) and whether the model learned: a model that never "
-            "rose above the validation score of an empty prediction did not. nnU-Net counts as trained from "
-            "its minimum number of iterations on.", "",
+            "rose above the validation score of an empty prediction did not. nnU-Net is held to the same rule: "
+            "its validation score is nnU-Net's own validation of the fold at the end of training (Dice pooled "
+            "over the validation patients' slices).", "",
             *_table(["model", "best validation", "guard events", "status", "reason"], rows), ""]
 
 
@@ -183,7 +217,11 @@ def write_study_report(out: Path, *, best_detector: str, cascade: str, budget: A
               f"registry names; `{cascade}` is the detector-gated cascade (slices the best detector, "
               f"`{best_detector}`, calls negative are left empty, the rest segmented).", ""]
         md += ["## Model sizes (Table 2, parameters)", ""]
-        md += _table(["model", "parameters trained here", "width", "paper"], model_sizes(out, det + seg))
+        md += ["Parameters of the networks trained here (nnU-Net: sum of `p.numel()` of the network its plan "
+               "built), their width multiplier, the training samples seen and, for nnU-Net, the plan that ran "
+               "(`nnUNetPlans` is nnU-Net's own; a derived plan names its width, batch and patch).", ""]
+        md += _table(["model", "parameters trained here", "width", "samples seen", "plan", "paper"],
+                     model_sizes(out, det + seg))
         md += training_section(out, [m for m in det + seg if (out / "runs" / m).is_dir()])
         md += thresholds_section(out, seg)
         analysis_md = (analysis_dir / "report.md").read_text(encoding="utf-8") if (analysis_dir / "report.md").is_file() else ""

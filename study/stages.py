@@ -87,10 +87,13 @@ def _nnunet_train(p: dict[str, Any], run: bool) -> None:
 
     values = dict(_only_fields(TrainOptions, p["options"], "nnunet-train"))
     values["folds"] = tuple(values.get("folds", (0,)))
+    if values.get("patch_size") is not None:
+        values["patch_size"] = tuple(values["patch_size"])
     options = TrainOptions(**values)
     if run:
         report = train(p["dataset"], p["work"], options)
-        log.info("nnU-Net: trained fold(s) %s; network parameters %s", report.folds, f"{report.parameters:,}")
+        log.info("nnU-Net: trained fold(s) %s of plan %s; network parameters %s", report.folds, report.plans,
+                 f"{report.parameters:,}")
 
 
 def _nnunet_predict(p: dict[str, Any], run: bool) -> None:

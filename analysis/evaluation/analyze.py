@@ -472,7 +472,7 @@ def training_records(predictions: Path, models: Sequence[str]) -> dict[str, dict
     The predict commands copy it from the model's own records (``bonemets_tf.run.training_status``
     for Keras RUNs: ``learned``, ``reason``, ``best_val``, ``empty_level``, ``guard_events``;
     ``nnunet_bridge.train.training_status`` for nnU-Net: ``learned``, ``reason``,
-    ``iterations``, ``minimum_iterations``).
+    ``iterations``, ``validation_dice``, ``plans``, ``width``, ``batch_size``, ``samples``).
 
     Raises:
         InputError: a ``predict.json`` that is not JSON, or whose ``"training"`` is not an object.
@@ -523,13 +523,17 @@ def _threshold_rows(inputs: _Inputs, res: _Results, threshold: float) -> list[tu
 
 
 def model_flag(training: dict[str, Any] | None) -> str:
-    """The report's flag for a model's training record: "not trained (N iterations)" for an
-    nnU-Net model below its minimum, "did not learn" for a Keras model whose validation
-    never rose above its empty-prediction level, "" otherwise (absent record: unknown, no flag)."""
+    """The report's flag for a model's training record: "not trained (N iterations[; validation Dice
+    D])" for an nnU-Net model that did not learn (an unfinished fold, or validation Dice at the
+    empty level: :func:`nnunet_bridge.train.training_status`), "did not learn" for a Keras model
+    whose validation never rose above its empty-prediction level, "" otherwise (absent record:
+    unknown, no flag)."""
     if not training or training.get("learned") is not False:
         return ""
     if "iterations" in training:
-        return f"not trained ({int(training.get('iterations') or 0)} iterations)"
+        dice = training.get("validation_dice")
+        detail = f"; validation Dice {float(dice):.3f}" if isinstance(dice, (int, float)) else ""
+        return f"not trained ({int(training.get('iterations') or 0)} iterations{detail})"
     return "did not learn"
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from analysis.evaluation import paper
-from analysis.evaluation.settings import differences
+from analysis.evaluation.settings import budget_sentence, differences
 from analysis.imaging.display import window
 from analysis.lesions import DEFAULT_BONE_HU
 
@@ -287,6 +287,22 @@ def _lesion_section(fig_dir: Path, tables: dict[str, list[tuple]], settings: dic
     return md
 
 
+def paper_order(summary: Sequence[Sequence[Any]]) -> str:
+    """The paper's order of the segmenters by Dice beside ours (per-slice Dice of ``summary`` rows,
+    the models the paper has), whatever ours is.
+
+    >>> print(paper_order([("unet", 10, 0.55), ("nnunet", 10, 0.51), ("resunet", 10, 0.56)]))
+    Order by Dice: paper nnUNetv2 73.4 > ResAttUNet 61.6 > ResUNet 59.0 > UNet 55.9; here resunet 56.0 > unet 55.0 > nnunet 51.0.
+    """
+    ours = sorted(((r[0], r[2]) for r in summary if paper.paper_name(r[0]) in paper.SEGMENTATION
+                   and isinstance(r[2], (int, float)) and math.isfinite(r[2])), key=lambda mv: -mv[1])
+    theirs = sorted(paper.SEGMENTATION.items(), key=lambda kv: -kv[1]["dice"])
+    text = "Order by Dice: paper " + " > ".join(f"{n} {v['dice']:.1f}" for n, v in theirs)
+    if ours:
+        text += "; here " + " > ".join(f"{m} {100 * v:.1f}" for m, v in ours)
+    return text + "."
+
+
 def _status_section(rows: Sequence[Sequence[Any]]) -> list[str]:
     """The "Model training status" section: one row per flagged model (none: no section).
 
@@ -298,7 +314,8 @@ def _status_section(rows: Sequence[Sequence[Any]]) -> list[str]:
     return ["## Model training status", "",
             "These models are flagged: a model that **did not learn** never rose above the validation score "
             "of an empty prediction (Dice 0 / AUC 0.5), so its numbers below describe a model that predicts "
-            "nothing; **not trained** marks an nnU-Net run shorter than the minimum stated in its reason, left "
+            "nothing; **not trained** marks an nnU-Net run that did not learn by the same rule (nnU-Net's own "
+            "validation Dice at the end of training, or a fold left unfinished), left "
             "out of the t-tests and the radiomics agreement; a detector whose calls are **all one class** at "
             "the threshold separates nothing there (see its calibrated threshold).", "",
             _table(["model", "task", "flag", "reason", "in comparisons"],
@@ -325,20 +342,24 @@ def _settings_section(rows: Sequence[Sequence[Any]], compared: Sequence[str]) ->
             crop += f"; checked: max |Δp| {r[6]:.3g}" + (f", Dice {r[7]:.4f}" if r[7] is not None else "")
         mirror = cell(r[8]) + (f" ({r[9]} passes)" if r[8] else "")
         network = cell(r[16] if len(r) > 16 else None) + (f" ({r[17]})" if len(r) > 17 and r[17] else "")
+        spacing = r[25] if len(r) > 25 else None
+        spacing = cell(None if spacing is None else "training (" + (r[24] or "?").replace("x", "×") + " mm)"
+                       if spacing == "training" else spacing)
         table.append((r[0], network, r[2] or "–", crop, mirror, cell(r[10]), cell(r[11], "{:g}"), cell(r[12]),
-                      cell(r[13]), cell(r[14], "{:g}"), cell(r[15])))
+                      cell(r[13]), cell(r[14], "{:g}"), cell(r[15]), spacing))
     lines = differences(rows, compared)
     verdict = (["**Not like for like.** " + "; ".join(lines) + ". Differences between these models' rows below "
                 "may come from how they were run, not only from the models."] if lines else
                ["The compared segmenters were run alike in every setting that changes results (mirroring, "
-                "threshold, crop)."])
+                "threshold, crop, pixel spacing)."])
     return ["## How each model was run", "",
             "Inference settings from each model's `predict.json` (`models.csv`). Whole slices and the exact crop "
-            "give the same masks; mirroring averages the logits of the slice and its mirror images. The network "
-            "column names each model with its weights' fingerprint; a fine-tune (`train --init-from`) is named "
-            "after its parent.", "",
+            "give the same masks; mirroring averages the logits of the slice and its mirror images; pixel spacing: "
+            "each slice resampled to the spacing the model was trained at (the Keras RUN's recorded one, "
+            "nnU-Net's plan's) or run at the input's own. The network column names each model with its weights' "
+            "fingerprint; a fine-tune (`train --init-from`) is named after its parent.", "",
             _table(["model", "network", "framework", "crop", "mirroring", "precision", "threshold", "threshold source",
-                    "folds", "tile step", "min size (voxels)"], table), "", *verdict, ""]
+                    "folds", "tile step", "min size (voxels)", "pixel spacing"], table), "", *verdict, ""]
 
 
 def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str, Any] | None = None,
@@ -408,7 +429,11 @@ def write_report(out: Path, tables: dict[str, list[tuple]], *, figure: dict[str,
            "Per slice: over the slices where the ground truth has lesion voxels (the same slices for every model; "
            "an empty prediction there scores 0). Per case: 3D over the whole volume, left empty for a case with no "
            "ground-truth lesion. Values in %; per-slice Dice also as mean ± sd.", ""]
+    budgets = budget_sentence(tables.get("models.csv", []), [r[0] for r in summ])
+    if budgets:
+        md += [budgets, ""]
     if summ:
+        md += [paper_order(summ), ""]
         rows = []
         for r in summ:
             case_vals = np.array([c[2] for c in cases if c[0] == r[0]], float)

@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 from analysis.cohort.bone_maps import BONE_MAP_KINDS, PROJECT
 from analysis.errors import DataProblems, InputError
@@ -37,7 +37,7 @@ from analysis.imaging.records import versions
 log = logging.getLogger(__name__)
 
 __all__ = ["CONNECTIVITY", "PredictRequest", "WingRun", "PredictResult", "plan_request", "predict_folder",
-           "raise_failures"]
+           "raise_failures", "training_budget"]
 
 #: Connectivity of the 3D lesions (``--min-size``, lesion tables).
 CONNECTIVITY = 26
@@ -168,6 +168,36 @@ class WingRun:
     @property
     def segments(self) -> bool:
         return self.mode != "detect"
+
+
+def training_budget(*, width: float | None, steps: int | None, batch_size: int | None,
+                    patch: tuple[int, ...] | list[int] | None, plan: str | None = None,
+                    spacing_xy: Sequence[float] | None = None) -> dict[str, Any]:
+    """What a model was trained with, for ``predict.json["budget"]`` (both wings write one; ``analyze``
+    puts it in ``models.csv`` and says above its segmentation table whether the rows are comparable).
+
+    Args:
+        width: feature-width multiplier (1: the published width).
+        steps: training steps (iterations) over the whole run.
+        batch_size: samples per step.
+        patch: the training crop or patch, ``(rows, cols)`` voxels.
+        plan: nnU-Net's plans identifier (None for the Keras wing).
+        spacing_xy: the in-plane pixel spacing ``(x, y)`` mm the model was trained at, which
+            prediction resamples each slice to (the Keras RUN's ``config.json["spacing"]``,
+            nnU-Net's plan's ``spacing``); None when unknown.
+
+    Returns:
+        ``{"width", "steps", "batch_size", "samples", "patch", "plan", "spacing_xy_mm"}``; ``samples``
+        is ``steps * batch_size`` (None when either is unknown).
+
+    >>> training_budget(width=0.25, steps=240, batch_size=16, patch=(64, 64))["samples"]
+    3840
+    """
+    samples = None if steps is None or batch_size is None else int(steps) * int(batch_size)
+    return {"width": None if width is None else float(width), "steps": None if steps is None else int(steps),
+            "batch_size": None if batch_size is None else int(batch_size), "samples": samples,
+            "patch": None if patch is None else [int(p) for p in patch], "plan": plan,
+            "spacing_xy_mm": None if spacing_xy is None else [float(v) for v in spacing_xy]}
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ keras = pytest.importorskip("keras")
 from click.testing import CliRunner  # noqa: E402
 
 import cli  # noqa: E402
+from analysis.evaluation import learned as learned_mod  # noqa: E402
 from analysis.imaging.orientation import CANONICAL  # noqa: E402
 from bonemets_tf import guard as guard_mod  # noqa: E402
 from bonemets_tf import run as run_mod  # noqa: E402
@@ -83,7 +84,7 @@ def test_guard_restores_the_last_good_epoch_and_lowers_the_rate(cohort_dir, tmp_
         restored["weights"] = [w.copy() for w in model.get_weights()]
 
     monkeypatch.setattr(RunState, "restore_good", spy)
-    for module in (guard_mod, run_mod):  # every epoch is "good", and the model learned
+    for module in (guard_mod, run_mod, learned_mod):  # every epoch is "good", and the model learned
         monkeypatch.setattr(module, "EMPTY_LEVEL", {"segment": -1.0, "detect": -1.0})
     run = train(_config(cohort_dir, epochs=3, lr=1e-3), tmp_path / "RUN", cache_dir=tmp_path / "cache")
     guard = _guard(run)

@@ -154,6 +154,7 @@ def test_the_model_runs_at_its_training_spacing(runs, seg, tmp_path):
     out = predict(runs.segmenter, runs.oblique_dataset, tmp_path / "r", options=PredictOptions(cases="all"))
     record = json.loads((out / "predict.json").read_text(encoding="utf-8"))
     assert record["model"]["spacing_xy_mm"] == [1.0, 1.0]
+    assert record["budget"]["spacing_xy_mm"] == [1.0, 1.0]  # what analyze compares with nnU-Net's plan spacing
     assert record["inference"]["spacing"]["resample"] is True
     assert record["inference"]["spacing"]["model"]["used"] == "model's"
     for case, volume in _volumes(runs.oblique_dataset).items():
