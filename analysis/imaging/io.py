@@ -541,9 +541,13 @@ def remove_stale_partials(final: str | os.PathLike) -> list[Path]:
 
 
 def check_output_folder(out: str | os.PathLike, *, overwrite: bool, what: str = "output folder",
-                        hint: str = "pass --overwrite to replace it") -> None:
+                        hint: str = "pass --overwrite to replace it", allow_empty: bool = True) -> None:
     """The one rule for outputs a command owns whole: ``out`` may be missing or an empty
     folder; a non-empty folder only with ``overwrite``.
+
+    Args:
+        allow_empty: False: an existing folder, even empty, also needs ``overwrite`` (a
+            command that promises to refuse any existing OUT, e.g. followup and timeline).
 
     Raises:
         InputError: ``out`` is a file, or a non-empty folder without ``overwrite``.
@@ -551,8 +555,11 @@ def check_output_folder(out: str | os.PathLike, *, overwrite: bool, what: str = 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out}: {what} exists and is not empty; {hint}")
+    if out.is_dir() and not overwrite:
+        if not allow_empty:
+            raise InputError(f"{out}: exists; {hint}")
+        if any(out.iterdir()):
+            raise InputError(f"{out}: {what} exists and is not empty; {hint}")
 
 
 @contextlib.contextmanager

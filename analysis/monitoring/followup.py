@@ -38,6 +38,7 @@ from analysis.imaging.io import (
     atomic_directory,
     atomic_write_json,
     atomic_write_text,
+    check_output_folder,
     read_array,
     require_finite,
     write_image,
@@ -438,10 +439,7 @@ def run_followup(baseline: str, followup: str, out: str | os.PathLike, *, baseli
     start = time.perf_counter()
     settings.check()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
+    check_output_folder(out, overwrite=overwrite, allow_empty=False)
     if (predictor is None) == (baseline_mask is None or followup_mask is None):
         raise InputError("followup: give --model or --nnunet-work, or both --baseline-mask and --followup-mask")
     cases = (one_case(baseline, what="baseline", series=series), one_case(followup, what="follow-up", series=series))

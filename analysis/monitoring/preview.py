@@ -47,8 +47,9 @@ def coronal_panel(volume: np.ndarray, geometry: Geometry, *, reduce: str = "max"
     return np.ascontiguousarray(panel), (sx, sz)
 
 
-def _number_positions(codes: np.ndarray, numbers: np.ndarray, geometry: Geometry) -> list[tuple[int, float, float]]:
-    """``(lesion number, col, row)`` of each numbered lesion's projected centroid."""
+def number_positions(numbers: np.ndarray, geometry: Geometry) -> list[tuple[int, float, float]]:
+    """``(number, col, row)`` of each numbered lesion's (or track's) centroid projected on the
+    coronal panel."""
     r = Reorientation.of(geometry)
     canonical = r.forward(numbers)
     nz = canonical.shape[0]
@@ -91,7 +92,7 @@ def write_followup_preview(path: str | os.PathLike, baseline_ct: np.ndarray, reg
             for code in np.unique(projected[projected > 0]).tolist():
                 ax.contour((projected == code).astype(np.float32), levels=[0.5],
                            colors=[STATUS_COLOURS[names[code]]], linewidths=1.2)
-            for number, col, row in _number_positions(codes, numbers, geometry):
+            for number, col, row in number_positions(numbers, geometry):
                 ax.text(col, row, str(number), color="white", fontsize=8, ha="center", va="center",
                         fontweight="bold", path_effects=stroke)
             for x, mark, ha in ((0.01, "R", "left"), (0.99, "L", "right")):

@@ -39,7 +39,7 @@ import numpy as np
 
 from analysis.errors import InputError
 from analysis.imaging.inputs import InputCase
-from analysis.imaging.io import atomic_directory, atomic_write_json, atomic_write_text
+from analysis.imaging.io import atomic_directory, atomic_write_json, atomic_write_text, check_output_folder
 from analysis.imaging.records import csv_text, versions
 from analysis.lesions import INDETERMINATE, NEW, RESOLVED, STABLE
 from analysis.monitoring.followup import (
@@ -284,10 +284,7 @@ def run_timeline(cts: Sequence[str], out: str | os.PathLike, *, masks: Sequence[
     start = time.perf_counter()
     settings.check()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
+    check_output_folder(out, overwrite=overwrite, allow_empty=False)
     if len(cts) < 2:
         raise InputError(f"timeline: {len(cts)} CT given; expected at least two CTs of one patient")
     if (predictor is None) == (masks is None):

@@ -20,7 +20,7 @@ import numpy as np
 
 from analysis.imaging.display import window
 from analysis.imaging.io import Geometry, atomic_file
-from analysis.monitoring.preview import STATUS_COLOURS, coronal_panel
+from analysis.monitoring.preview import STATUS_COLOURS, coronal_panel, number_positions
 from analysis.prediction.preview import DPI, pyplot, save_png
 
 __all__ = ["COLOURS", "STATUS_NUMBERS", "write_scan_preview", "write_timeline_figure"]
@@ -33,19 +33,6 @@ COLOURS: dict[str, tuple[float, float, float]] = {**STATUS_COLOURS, "baseline": 
 STATUS_NUMBERS: dict[str, int] = {name: i for i, name in enumerate(COLOURS, start=1)}
 PANEL_HEIGHT_IN = 6.0
 MIN_WIDTH_IN = 4.5
-
-
-def _positions(numbers: np.ndarray, geometry: Geometry) -> list[tuple[int, float, float]]:
-    """``(track, col, row)`` of each numbered track's projected centroid on the coronal panel."""
-    from analysis.imaging.orientation import Reorientation
-
-    canonical = Reorientation.of(geometry).forward(numbers)
-    nz = canonical.shape[0]
-    out = []
-    for k in np.unique(canonical[canonical > 0]).tolist():
-        z, _, x = np.nonzero(canonical == k)
-        out.append((int(k), float(x.mean()), float(nz - 1 - z.mean())))
-    return out
 
 
 def write_scan_preview(path: str | os.PathLike, ct: np.ndarray, geometry: Geometry, codes: np.ndarray,
@@ -77,7 +64,7 @@ def write_scan_preview(path: str | os.PathLike, ct: np.ndarray, geometry: Geomet
         for code in np.unique(projected[projected > 0]).tolist():
             ax.contour((projected == code).astype(np.float32), levels=[0.5], colors=[COLOURS[names[code]]],
                        linewidths=1.2)
-        for number, col, row in _positions(numbers, geometry):
+        for number, col, row in number_positions(numbers, geometry):
             ax.text(col, row, str(number), color="white", fontsize=8, ha="center", va="center", fontweight="bold",
                     path_effects=stroke)
         for x, mark, ha in ((0.01, "R", "left"), (0.99, "L", "right")):
