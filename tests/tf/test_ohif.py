@@ -67,6 +67,20 @@ def _series_of(orthanc: Orthanc, study: str, modality: str) -> str:
     return series["MainDicomTags"]["SeriesInstanceUID"]
 
 
+def _report_measurements(browser, viewer, orthanc: Orthanc, study: str, files: list[Path], screens: Path,
+                         name: str) -> list[dict]:
+    """Open the study of ``files`` in OHIF, its SR series in the SR viewport (no boundary error), a
+    screenshot ``name``; the measurements OHIF placed."""
+    page = browser.open(viewer, str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID))
+    try:
+        measurements = page.open_sr(_series_of(orthanc, study, "SR"))
+        assert not page.boundary_errors()
+        page.screenshot(screens / name)
+    finally:
+        page.close()
+    return measurements
+
+
 def _segments(seg: pydicom.Dataset, sop_uids: list[str]) -> dict[int, np.ndarray]:
     """Each segment's pixels ``(slices, rows, cols)`` in the series' slice order, read with highdicom."""
     s = hd.seg.Segmentation.from_dataset(seg)
@@ -209,13 +223,7 @@ def test_followup_report_opens_in_ohif(orthanc, viewer, browser, screens, tmp_pa
     uids = _slice_uids(files)
     segments = _segments(seg, uids)
     segment_of = {str(s.TrackingID): int(s.SegmentNumber) for s in seg.SegmentSequence}
-    page = browser.open(viewer, str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID))
-    try:
-        measurements = page.open_sr(_series_of(orthanc, study, "SR"))
-        assert not page.boundary_errors()
-        page.screenshot(screens / "followup-sr.png")
-    finally:
-        page.close()
+    measurements = _report_measurements(browser, viewer, orthanc, study, files, screens, "followup-sr.png")
     by_id = {m["tracking_id"]: m for m in measurements}
     anchored = [r for r in rows if f"lesion {r['lesion']}" in segment_of]
     assert sorted(by_id) == sorted(f"lesion {r['lesion']}" for r in anchored)
@@ -257,13 +265,7 @@ def test_timeline_report_opens_in_ohif(orthanc, viewer, browser, screens, tmp_pa
     tracks = read_csv(out / "tracks.csv")
     present = [t for t in tracks if t["scan"] == "2" and t["present"] == "1"]
     assert any(t["scan"] == "2" and t["status"] == "resolved" for t in tracks)
-    page = browser.open(viewer, str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID))
-    try:
-        measurements = page.open_sr(_series_of(orthanc, study, "SR"))
-        assert not page.boundary_errors()
-        page.screenshot(screens / "timeline-sr.png")
-    finally:
-        page.close()
+    measurements = _report_measurements(browser, viewer, orthanc, study, files, screens, "timeline-sr.png")
     by_id = {m["tracking_id"]: m for m in measurements}
     assert sorted(by_id) == sorted(f"lesion {t['track']}" for t in present)
     for t in present:
