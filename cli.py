@@ -951,6 +951,17 @@ def _comparison_options(command):
     return command
 
 
+def _predictor_options(scans: str):
+    """``--model`` and ``--nnunet-work`` of followup and timeline: the model that predicts ``scans``."""
+    def decorate(command):
+        command = click.option("--nnunet-work", default=None,
+                               type=click.Path(exists=True, file_okay=False, path_type=str),
+                               help=f"nnU-Net work folder: predict {scans} (as `nnunet predict`).")(command)
+        return click.option("--model", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
+                            help=f"Keras RUN or SavedModel: predict {scans} (as `predict`).")(command)
+    return decorate
+
+
 def _scan_predictor(model: str | None, nnunet_work: str | None, series: str | None, ct_check: bool = True):
     """``predictor(images, folder)``: one CT predicted into a PRED folder by the one wing asked for
     (followup and timeline); None without a model. Only that wing is imported."""
@@ -979,10 +990,7 @@ def _scan_predictor(model: str | None, nnunet_work: str | None, series: str | No
 @click.option("--followup", "followup_ct", required=True, type=click.Path(exists=True, path_type=str),
               help="Follow-up CT of the same patient, in any of those forms.")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Folder to write (refused if it exists).")
-@click.option("--model", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
-              help="Keras RUN or SavedModel: predict both CTs (as `predict`).")
-@click.option("--nnunet-work", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
-              help="nnU-Net work folder: predict both CTs (as `nnunet predict`).")
+@_predictor_options("both CTs")
 @click.option("--baseline-mask", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="Baseline lesion mask (the CT's geometry) instead of a model.")
 @click.option("--followup-mask", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str),
@@ -1032,10 +1040,7 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Folder to write (refused if it exists).")
 @click.option("--masks", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
               help="A lesion mask per CT, in the same order (repeat the option), instead of a model.")
-@click.option("--model", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
-              help="Keras RUN or SavedModel: predict every CT (as `predict`).")
-@click.option("--nnunet-work", default=None, type=click.Path(exists=True, file_okay=False, path_type=str),
-              help="nnU-Net work folder: predict every CT (as `nnunet predict`).")
+@_predictor_options("every CT")
 @click.option("--dates", default=None, metavar="YYYY-MM-DD,...",
               help="Each CT's date, in the same order (default: DICOM StudyDate; image files carry none).")
 @click.option("--bones", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=str),
