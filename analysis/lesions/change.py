@@ -17,7 +17,8 @@ from scipy.sparse.csgraph import connected_components
 
 __all__ = ["NEW", "RESOLVED", "GROWN", "SHRUNK", "STABLE", "INDETERMINATE", "DEFAULT_MIN_LESION_ML", "STATUSES", "STATUS_CODES", "ONE_TO_ONE", "SPLIT",
            "MERGE", "SPLIT_MERGE", "DEFAULT_CHANGE", "DEFAULT_MIN_CHANGE_ML", "NEW_LESIONS_FLAG", "change_status",
-           "status_rule", "status_counts", "new_lesions_flag", "describe_counts", "Group", "group_lesions"]
+           "status_rule", "status_counts", "new_lesions_flag", "describe_counts", "Group", "group_lesions",
+           "linked_components"]
 
 NEW, RESOLVED, GROWN, SHRUNK, STABLE = "new", "resolved", "grown", "shrunk", "stable"
 #: A lesion on one scan only that is too small to call new or resolved (:data:`DEFAULT_MIN_LESION_ML`).
@@ -158,6 +159,26 @@ class Group:
                                                                                         SPLIT_MERGE)
 
 
+def linked_components(pairs: set[tuple[int, int]], n_a: int, n_b: int) -> list[tuple[list[int], list[int]]]:
+    """Connected components of the bipartite graph of ``pairs`` on ids ``1..n_a`` and ``1..n_b``
+    (lesions of two scans, or tracks and a scan's lesions): ``(a ids, b ids)`` each, those holding
+    an ``a`` id first by their lowest ``a`` id, then the rest by ``b`` id.
+
+    >>> linked_components({(1, 2), (2, 2)}, 3, 2)
+    [([1, 2], [2]), ([3], []), ([], [1])]
+    """
+    rows = [i - 1 for i, _ in pairs]
+    cols = [n_a + j - 1 for _, j in pairs]
+    graph = coo_matrix((np.ones(len(pairs)), (rows, cols)), shape=(n_a + n_b, n_a + n_b))
+    _, comp = connected_components(graph, directed=False)
+    members: dict[int, tuple[list[int], list[int]]] = {}
+    for i in range(n_a):
+        members.setdefault(int(comp[i]), ([], []))[0].append(i + 1)
+    for j in range(n_b):
+        members.setdefault(int(comp[n_a + j]), ([], []))[1].append(j + 1)
+    return sorted(members.values(), key=lambda m: (0, m[0][0]) if m[0] else (1, m[1][0]))
+
+
 def group_lesions(pairs: set[tuple[int, int]], baseline_ml: np.ndarray, followup_ml: np.ndarray, *,
                   change: float = DEFAULT_CHANGE, min_change_ml: float = DEFAULT_MIN_CHANGE_ML,
                   min_lesion_ml: float = DEFAULT_MIN_LESION_ML) -> list[Group]:
@@ -177,19 +198,8 @@ def group_lesions(pairs: set[tuple[int, int]], baseline_ml: np.ndarray, followup
         >>> [(g.baseline, g.followup, g.status, g.event) for g in gs]
         [((1,), (1, 2), 'grown', 'split'), ((2,), (), 'resolved', 'resolved'), ((), (3,), 'new', 'new')]
     """
-    nb, nf = len(baseline_ml), len(followup_ml)
-    rows = [i - 1 for i, _ in pairs]
-    cols = [nb + j - 1 for _, j in pairs]
-    graph = coo_matrix((np.ones(len(pairs)), (rows, cols)), shape=(nb + nf, nb + nf))
-    _, comp = connected_components(graph, directed=False)
-    members: dict[int, tuple[list[int], list[int]]] = {}
-    for i in range(nb):
-        members.setdefault(int(comp[i]), ([], []))[0].append(i + 1)
-    for j in range(nf):
-        members.setdefault(int(comp[nb + j]), ([], []))[1].append(j + 1)
-    ordered = sorted(members.values(), key=lambda m: (0, m[0][0]) if m[0] else (1, m[1][0]))
     groups = []
-    for b, f in ordered:
+    for b, f in linked_components(pairs, len(baseline_ml), len(followup_ml)):
         bml = float(sum(baseline_ml[i - 1] for i in b))
         fml = float(sum(followup_ml[j - 1] for j in f))
         groups.append(Group(tuple(b), tuple(f), bml, fml,

@@ -42,8 +42,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from analysis.imaging.io import Geometry
 from analysis.lesions import (
@@ -58,6 +56,7 @@ from analysis.lesions import (
     SPLIT_MERGE,
     Group,
     change_status,
+    linked_components,
 )
 from analysis.monitoring.matching import DEFAULT_MATCH_MM, match
 
@@ -163,20 +162,6 @@ class _Footprint:
     volume_ml: float            # at the last scan showing it (0 after it went missing)
 
 
-def _components(pairs: set[tuple[int, int]], n_a: int, n_b: int) -> list[tuple[list[int], list[int]]]:
-    """Connected components of a bipartite graph on ``1..n_a`` and ``1..n_b``: ``(a ids, b ids)``."""
-    rows = [i - 1 for i, _ in pairs]
-    cols = [n_a + j - 1 for _, j in pairs]
-    graph = coo_matrix((np.ones(len(pairs)), (rows, cols)), shape=(n_a + n_b, n_a + n_b))
-    _, comp = connected_components(graph, directed=False)
-    members: dict[int, tuple[list[int], list[int]]] = {}
-    for i in range(n_a):
-        members.setdefault(int(comp[i]), ([], []))[0].append(i + 1)
-    for j in range(n_b):
-        members.setdefault(int(comp[n_a + j]), ([], []))[1].append(j + 1)
-    return sorted(members.values(), key=lambda m: (0, m[0][0]) if m[0] else (1, m[1][0]))
-
-
 def _link_event(n_tracks: int, n_lesions: int) -> str:
     """How tracks and lesions are linked, in :attr:`analysis.lesions.Group.event`'s words."""
     return {(True, True): ONE_TO_ONE, (True, False): SPLIT, (False, True): MERGE}.get(
@@ -264,7 +249,7 @@ class Tracker:
         pairs = match(overlaps, centroids, scan.centroid_mm.reshape(-1, 3), self.match_mm)
         previous = {t: foot[t].volume_ml for t in alive}
         updates: dict[int, _Footprint] = {}
-        for a_ids, lesions in _components(pairs, len(alive), scan.n):
+        for a_ids, lesions in linked_components(pairs, len(alive), scan.n):
             tracks = [alive[a - 1] for a in a_ids]
             volume = float(sum(scan.volume_ml[j - 1] for j in lesions))
             if not lesions:  # one track, absent here
