@@ -35,6 +35,14 @@ CASES_HELP = "Cases: 'test' (splits.json's test set; all when there is none), 'a
 
 #: Is it CT? Declared once; predict, nnunet predict, serve, followup, validate and analyze share it
 #: (the check: analysis.imaging.hounsfield.ct_problem).
+#: Keras wing: predict, serve, followup and timeline run a RUN at the pixel spacing it was trained at
+#: (bonemets_tf.predict); nnU-Net always resamples to its plan's spacing, so it has no such switch.
+RESAMPLE = click.option(
+    "--resample/--no-resample", default=True, show_default=True,
+    help="Keras: run the model on slices resampled in-plane to the pixel spacing it was trained at (config.json) "
+         "and bring the probabilities back linearly; --no-resample: at each input's own spacing (lesions then "
+         "scale with the scanner's pixel size).")
+
 CT_CHECK = click.option(
     "--no-ct-check", "ct_check", is_flag=True, flag_value=False, default=True,
     help="Accept volumes that do not look like CT in Hounsfield units (no air near -1000 HU in the field of "
@@ -577,10 +585,7 @@ def _threshold_or_auto(ctx, param, value: str) -> float | str:
 @click.option("--mirror", is_flag=True,
               help="Average the segmenter over the slice and its mirror images along rows, cols and both "
                    "(4 passes): nnU-Net's 2D test-time mirroring, for a like-for-like comparison.")
-@click.option("--resample/--no-resample", default=True, show_default=True,
-              help="Run the model on slices resampled in-plane to the pixel spacing it was trained at "
-                   "(config.json) and bring the probabilities back linearly; --no-resample: at each input's "
-                   "own spacing (lesions then scale with the scanner's pixel size).")
+@RESAMPLE
 def predict_cmd(model: str, dataset: str | None, images: str | None, out: str, detector: str | None,
                 **options) -> None:
     """Segment volumes to PRED/NAME/<case>.nii.gz (plus lesions.csv, patients.csv, previews),
@@ -778,7 +783,8 @@ def _node_model_loader(model: str | None, nnunet_work: str | None, options: dict
         return load_keras
     from nnunet_bridge.predict import PredictOptions, model_identity, predict
 
-    opts = PredictOptions.from_options({k: v for k, v in shared.items() if k not in ("threshold", "precision")})
+    opts = PredictOptions.from_options({k: v for k, v in shared.items()
+                                        if k not in ("threshold", "precision", "resample")})
 
     def load_nnunet() -> NodeModel:
         work, name, fingerprint = model_identity(nnunet_work, opts.folds)
@@ -823,6 +829,7 @@ def _node_model_loader(model: str | None, nnunet_work: str | None, options: dict
               help="Keras: as predict --threshold.")
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(tf_choices.PREDICT_PRECISIONS),
               help="Keras: as predict --precision.")
+@RESAMPLE
 def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destination: str, port: int, host: str,
               ae_title: str, allow: str | None, idle_seconds: float, workers: int, no_dicom_seg: bool, no_sr: bool,
               min_free_gb: float, retries: int, retry_seconds: float, priors: int, once: bool, resend: bool,
@@ -839,6 +846,7 @@ def serve_cmd(model: str | None, nnunet_work: str | None, spool: str, destinatio
 
     if (model is None) == (nnunet_work is None):
         raise InputError("give either --model (Keras RUN or SavedModel) or --nnunet-work (nnU-Net work folder)")
+    _refuse_no_resample(nnunet_work, options["resample"])
     config = NodeConfig(spool=Path(spool), destination=Destination.parse(destination), ae_title=ae_title, host=host,
                         port=port, allow=tuple(a.strip() for a in allow.split(",") if a.strip()) if allow else (),
                         idle_seconds=idle_seconds, workers=workers, min_free_gb=min_free_gb, retries=retries,
@@ -954,6 +962,7 @@ def _comparison_options(command):
 def _predictor_options(scans: str):
     """``--model`` and ``--nnunet-work`` of followup and timeline: the model that predicts ``scans``."""
     def decorate(command):
+        command = RESAMPLE(command)
         command = click.option("--nnunet-work", default=None,
                                type=click.Path(exists=True, file_okay=False, path_type=str),
                                help=f"nnU-Net work folder: predict {scans} (as `nnunet predict`).")(command)
@@ -962,19 +971,30 @@ def _predictor_options(scans: str):
     return decorate
 
 
-def _scan_predictor(model: str | None, nnunet_work: str | None, series: str | None, ct_check: bool = True):
+def _refuse_no_resample(nnunet_work: str | None, resample: bool) -> None:
+    """``--no-resample`` is the Keras wing's: nnU-Net always runs at its plan's spacing."""
+    if nnunet_work is not None and not resample:
+        raise InputError(f"--no-resample is for a Keras --model; nnU-Net (--nnunet-work {nnunet_work}) always "
+                         "resamples to its plan's spacing")
+
+
+def _scan_predictor(model: str | None, nnunet_work: str | None, series: str | None, ct_check: bool = True,
+                    resample: bool = True):
     """``predictor(images, folder)``: one CT predicted into a PRED folder by the one wing asked for
     (followup and timeline); None without a model. Only that wing is imported."""
     if model is not None:  # the Keras wing only: TensorFlow and torch never share a process
         from bonemets_tf.predict import PredictOptions, predict
 
+        options = PredictOptions(cases="all", series=series, preview=False, ct_check=ct_check, resample=resample)
+
         def predictor(images: str, folder) -> None:
-            predict(model, None, str(folder), options=PredictOptions(cases="all", series=series, preview=False,
-                                                                     ct_check=ct_check), images=images)
+            predict(model, None, str(folder), options=options, images=images)
 
         return predictor
     if nnunet_work is not None:
+        _refuse_no_resample(nnunet_work, resample)
         from nnunet_bridge.predict import PredictOptions as NnunetOptions, predict as nnunet_predict
+
 
         def predictor(images: str, folder) -> None:
             nnunet_predict(None, nnunet_work, str(folder), NnunetOptions(cases="all", series=series, preview=False,
@@ -1003,7 +1023,7 @@ def _scan_predictor(model: str | None, nnunet_work: str | None, series: str | No
 @click.option("--sr", is_flag=True, help="DICOM baseline: also write followup_sr.dcm (TID 1500 report of the "
               "statuses and changes) and followup_seg.dcm (the tracked lesions) on the baseline series.")
 def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, nnunet_work: str | None,
-                 baseline_mask: str | None, followup_mask: str | None, baseline_bones: str | None,
+                 resample: bool, baseline_mask: str | None, followup_mask: str | None, baseline_bones: str | None,
                  followup_bones: str | None, match_mm: float, change: float, min_change_ml: float,
                  min_lesion_ml: float | None, no_registration: bool, series: str | None, sr: bool, overwrite: bool,
                  ct_check: bool) -> None:
@@ -1019,7 +1039,7 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
     if (model is not None) + (nnunet_work is not None) + (masks > 0) != 1 or masks == 1:
         raise InputError("followup: give exactly one of --model RUN|SAVEDMODEL, --nnunet-work WORK, or both "
                          "--baseline-mask and --followup-mask")
-    predictor = _scan_predictor(model, nnunet_work, series, ct_check)
+    predictor = _scan_predictor(model, nnunet_work, series, ct_check, resample)
     settings = FollowupSettings(match_mm=match_mm, change=change, min_change_ml=min_change_ml,
                                 register=not no_registration,
                                 **({} if min_lesion_ml is None else {"min_lesion_ml": min_lesion_ml}))
@@ -1057,7 +1077,7 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
 @click.option("--sr", is_flag=True, help="DICOM series: also a SEG and a TID 1500 report per follow-up study in "
               "OUT/dicom/ (one tracking identifier and UID per track in every study, the PCWG3 state).")
 def timeline_cmd(cts: tuple[str, ...], out: str, masks: tuple[str, ...], model: str | None, nnunet_work: str | None,
-                 dates: str | None, bones: tuple[str, ...], match_mm: float, change: float, min_change_ml: float,
+                 resample: bool, dates: str | None, bones: tuple[str, ...], match_mm: float, change: float, min_change_ml: float,
                  min_lesion_ml: float | None, no_registration: bool, series: str | None, overwrite: bool,
                  ct_check: bool, pcwg3_new: int, pcwg3_additional: int, pcwg3_persist: int, pcwg3_interval_days: int,
                  sr: bool) -> None:
@@ -1077,7 +1097,7 @@ def timeline_cmd(cts: tuple[str, ...], out: str, masks: tuple[str, ...], model: 
                                 min_persist=pcwg3_persist, interval_days=pcwg3_interval_days,
                                 **({} if min_lesion_ml is None else {"min_lesion_ml": min_lesion_ml}))
     path = run_timeline(list(cts), out, masks=list(masks) or None,
-                        predictor=_scan_predictor(model, nnunet_work, series, ct_check),
+                        predictor=_scan_predictor(model, nnunet_work, series, ct_check, resample),
                         model=model or nnunet_work, dates=dates.split(",") if dates else None,
                         bones=list(bones) or None, settings=settings, series=series, overwrite=overwrite, sr=sr,
                         ct_check=ct_check)

@@ -152,6 +152,24 @@ def test_two_different_patients_are_refused_with_one_line_and_nothing_written(co
     assert snapshot(tmp_path) == before
 
 
+def test_no_resample_with_nnunet_is_refused_with_one_line_before_anything_runs(cohort, tmp_path):
+    """--no-resample is the Keras wing's switch; nnU-Net runs at its plan's spacing, so followup,
+    timeline and serve refuse it with --nnunet-work instead of ignoring it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    before = snapshot(tmp_path)
+    base = ["--baseline", cohort / "imagesTr" / "case_000_0000.nii.gz",
+            "--followup", cohort / "followup" / "imagesTr" / "case_000_0000.nii.gz"]
+    needles = ["--no-resample", "Keras --model", str(work), "plan's spacing"]
+    assert_clean_error(invoke(["followup", *base, "--nnunet-work", work, "--no-resample", "--out", tmp_path / "o"]),
+                       needles)
+    assert_clean_error(invoke(["timeline", base[1], base[3], "--nnunet-work", work, "--no-resample",
+                               "--dates", "2025-01-06,2025-03-31", "--out", tmp_path / "o"]), needles)
+    assert_clean_error(invoke(["serve", "--nnunet-work", work, "--no-resample", "--spool", tmp_path / "spool",
+                               "--destination", "PACS@127.0.0.1:4242", "--once"]), needles)
+    assert snapshot(tmp_path) == before
+
+
 def test_out_is_refused_when_it_exists_and_outputs_honour_the_umask(cohort, tmp_path, umask_022):
     out = tmp_path / "out"
     out.mkdir()

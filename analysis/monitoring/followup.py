@@ -74,7 +74,7 @@ from analysis.monitoring.registration import (
     resample_to,
 )
 from analysis.monitoring.tracking import PlacedScan, followup_groups, track_lesions
-from analysis.prediction.folder import mask_path, read_record
+from analysis.prediction.folder import mask_path, model_fields, read_record
 from analysis.prediction.runner import sha256_of
 from analysis.imaging.records import csv_text, read_csv, versions
 
@@ -482,9 +482,7 @@ def _predict_masks(predictor: Predictor, cases: tuple[InputCase, InputCase],
         if not found.is_file():
             raise InputError(f"{case.path}: the model wrote no mask for case {case.case_id}")
         masks.append(str(found))
-        record = read_record(folder)
-        records[what] = {k: record[k] for k in ("model", "training", "threshold", "threshold_source", "folds",
-                                                "mirroring", "device", "precision", "settings") if k in record}
+        records[what] = model_fields(read_record(folder))
     return (masks[0], masks[1]), records
 
 

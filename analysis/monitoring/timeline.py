@@ -58,7 +58,7 @@ from analysis.monitoring.registration import Registration, identity
 from analysis.monitoring.timeline_dicom import track_uid, write_study_report, write_study_seg
 from analysis.monitoring.timeline_figures import STATUS_NUMBERS, write_scan_preview, write_timeline_figure
 from analysis.monitoring.tracking import PlacedScan, Tracker, TrackStep, field_of_view
-from analysis.prediction.folder import mask_path, read_record
+from analysis.prediction.folder import mask_path, model_fields, read_record
 
 log = logging.getLogger(__name__)
 
@@ -327,9 +327,7 @@ def _predict_all(predictor: Predictor, cases: Sequence[InputCase], tmp: Path) ->
             raise InputError(f"{case.path}: the model wrote no mask for case {case.case_id}")
         masks.append(str(found))
         if not record:
-            rec = read_record(folder)
-            record = {k2: rec[k2] for k2 in ("model", "training", "threshold", "threshold_source", "folds",
-                                             "mirroring", "device", "precision", "settings") if k2 in rec}
+            record = model_fields(read_record(folder))
     return masks, record
 
 

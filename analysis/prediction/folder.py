@@ -305,6 +305,17 @@ def read_record(folder: str | os.PathLike, *, missing_ok: bool = False) -> dict[
     return record
 
 
+#: The fields of a prediction record that say which model ran and how (not what it found): what
+#: followup and timeline keep of the records of the PRED folders they predict into.
+MODEL_FIELDS = ("model", "training", "threshold", "threshold_source", "folds", "mirroring", "device", "precision",
+                "settings", "inference")
+
+
+def model_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """``record``'s :data:`MODEL_FIELDS` that it has (a wing writes some of them only)."""
+    return {k: record[k] for k in MODEL_FIELDS if k in record}
+
+
 # --- one folder filled by one or many runs -------------------------------------------------
 
 
