@@ -1,6 +1,7 @@
-"""`followup --nnunet-work`: both CTs predicted through `nnunet predict`'s one path (a one-fold nnU-Net
-trained for two iterations; the check is that the comparison sees exactly the masks `nnunet predict
---images` writes for each CT, and that this process never imports TensorFlow)."""
+"""`followup --nnunet-work` and `timeline --nnunet-work`: the CTs predicted through `nnunet predict`'s one
+path (a one-fold nnU-Net trained for two iterations; the check is that the comparison sees exactly the
+masks `nnunet predict --images` writes for each CT, that a timeline of the same two CTs counts what
+followup counts, and that this process never imports TensorFlow)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import pytest
 from analysis.cohort.followup_phantom import Followups
 from analysis.cohort.phantom import generate_cohort
 from analysis.cohort.splits import write_splits
+from analysis.imaging.records import read_csv
 from analysis.monitoring.followup import read_summary
 from analysis.prediction.tables import read_lesions
 from tests.badinput import invoke
@@ -41,4 +43,14 @@ def test_followup_with_nnunet_runs_end_to_end(tmp_path, one_thread):
     lesions = read_lesions(pred)
     assert int(summary["baseline_lesions"]) == len(lesions)
     assert float(summary["baseline_ml"]) == pytest.approx(sum(float(x["volume_ml"]) for x in lesions), rel=1e-6)
+    timeline = tmp_path / "timeline"
+    result = invoke(["timeline", baseline, followup, "--nnunet-work", work, "--dates", "2025-01-06,2025-03-31",
+                     "--out", timeline])
+    assert result.exit_code == 0, result.output
+    record = json.loads((timeline / "timeline.json").read_text(encoding="utf-8"))
+    assert record["model"]["model"] == str(work)
+    assert record["model"]["predict"]["model"]["framework"] == "nnU-Net v2"
+    rows = read_csv(timeline / "timeline.csv")
+    assert [int(r["lesions"]) for r in rows] == [int(summary["baseline_lesions"]), int(summary["followup_lesions"])]
+    assert int(rows[1]["new"]) == int(summary["new"]) and int(rows[1]["resolved"]) == int(summary["resolved"])
     assert "tensorflow" not in sys.modules
