@@ -35,6 +35,11 @@ CASES_HELP = "Cases: 'test' (splits.json's test set; all when there is none), 'a
 
 #: Is it CT? Declared once; predict, nnunet predict, serve, followup, validate and analyze share it
 #: (the check: analysis.imaging.hounsfield.ct_problem).
+CT_CHECK = click.option(
+    "--no-ct-check", "ct_check", is_flag=True, flag_value=False, default=True,
+    help="Accept volumes that do not look like CT in Hounsfield units (no air near -1000 HU in the field of "
+         "view, nothing denser than air, values beyond CT's range), e.g. a genuine CT cropped tightly.")
+
 #: Keras wing: predict, serve, followup and timeline run a RUN at the pixel spacing it was trained at
 #: (bonemets_tf.predict); nnU-Net always resamples to its plan's spacing, so it has no such switch.
 RESAMPLE = click.option(
@@ -42,11 +47,6 @@ RESAMPLE = click.option(
     help="Keras: run the model on slices resampled in-plane to the pixel spacing it was trained at (config.json) "
          "and bring the probabilities back linearly; --no-resample: at each input's own spacing (lesions then "
          "scale with the scanner's pixel size).")
-
-CT_CHECK = click.option(
-    "--no-ct-check", "ct_check", is_flag=True, flag_value=False, default=True,
-    help="Accept volumes that do not look like CT in Hounsfield units (no air near -1000 HU in the field of "
-         "view, nothing denser than air, values beyond CT's range), e.g. a genuine CT cropped tightly.")
 
 
 class BonemetsGroup(click.Group):
@@ -995,7 +995,6 @@ def _scan_predictor(model: str | None, nnunet_work: str | None, series: str | No
         _refuse_no_resample(nnunet_work, resample)
         from nnunet_bridge.predict import PredictOptions as NnunetOptions, predict as nnunet_predict
 
-
         def predictor(images: str, folder) -> None:
             nnunet_predict(None, nnunet_work, str(folder), NnunetOptions(cases="all", series=series, preview=False,
                                                                          ct_check=ct_check), images=images)
@@ -1077,8 +1076,8 @@ def followup_cmd(baseline: str, followup_ct: str, out: str, model: str | None, n
 @click.option("--sr", is_flag=True, help="DICOM series: also a SEG and a TID 1500 report per follow-up study in "
               "OUT/dicom/ (one tracking identifier and UID per track in every study, the PCWG3 state).")
 def timeline_cmd(cts: tuple[str, ...], out: str, masks: tuple[str, ...], model: str | None, nnunet_work: str | None,
-                 resample: bool, dates: str | None, bones: tuple[str, ...], match_mm: float, change: float, min_change_ml: float,
-                 min_lesion_ml: float | None, no_registration: bool, series: str | None, overwrite: bool,
+                 resample: bool, dates: str | None, bones: tuple[str, ...], match_mm: float, change: float,
+                 min_change_ml: float, min_lesion_ml: float | None, no_registration: bool, series: str | None, overwrite: bool,
                  ct_check: bool, pcwg3_new: int, pcwg3_additional: int, pcwg3_persist: int, pcwg3_interval_days: int,
                  sr: bool) -> None:
     """Track a patient's CTs over time: one id per lesion for life, the PCWG3 bone rule per scan.
