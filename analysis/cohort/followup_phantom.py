@@ -19,7 +19,10 @@ exact (known) frame; each group of linked lesions gets its status from its volum
 scan's own grid by :func:`analysis.lesions.group_lesions` (so a lesion that a bone edge kept
 from growing is truthfully "stable"). A lesion the phantom made new or resolved is so in the truth
 whatever its size (``min_lesion_ml=0``): many are smaller than ``followup``'s default floor for
-calling one (0.1 ml), below which it reports them ``indeterminate``.
+calling one (0.1 ml), below which it reports them ``indeterminate``. A baseline lesion without a
+follow-up lesion whose place the exact motion puts outside the follow-up's shorter field of view
+(less than :data:`analysis.lesions.SEEN_FRACTION` of its voxels inside the box of the follow-up's
+voxel centres) is ``indeterminate``, not resolved: the follow-up cannot tell.
 
 Layout added to the cohort folder::
 
@@ -42,7 +45,7 @@ import SimpleITK as sitk
 from analysis.cohort import phantom as ph
 from analysis.cohort.layout import Cohort, write_dataset_json
 from analysis.imaging.io import Geometry, array_to_image, atomic_write_text, write_array
-from analysis.lesions import group_lesions, lesion_instances
+from analysis.lesions import INDETERMINATE, SEEN_FRACTION, group_lesions, lesion_instances
 from analysis.imaging.records import csv_text
 
 __all__ = ["Followups", "FollowupCase", "generate_followup", "VARIANTS", "TRUTH_CSV", "TRANSFORMS_CSV",
@@ -202,11 +205,31 @@ def resample_onto(array: np.ndarray, source: Geometry, target: Geometry, to_sour
     return sitk.GetArrayFromImage(out)
 
 
+def _in_view(base_labels: np.ndarray, g0: Geometry, grid: Geometry, motion: sitk.Euler3DTransform) -> np.ndarray:
+    """Per baseline lesion id (index 0 unused): whether the exact ``motion`` (baseline mm -> follow-up
+    mm) puts at least :data:`~analysis.lesions.SEEN_FRACTION` of its voxels inside ``grid``'s voxel
+    centres' box, half a voxel beyond the outer centres."""
+    n = int(base_labels.max())
+    z, y, x = np.nonzero(base_labels)
+    ids = base_labels[z, y, x]
+    d0, d1 = np.asarray(g0.direction, float).reshape(3, 3), np.asarray(grid.direction, float).reshape(3, 3)
+    points = np.asarray(g0.origin) + (np.stack([x, y, z], 1) * np.asarray(g0.spacing)) @ d0.T
+    m = np.asarray(motion.GetMatrix(), float).reshape(3, 3)
+    c, t = np.asarray(motion.GetCenter()), np.asarray(motion.GetTranslation())
+    moved = (points - c) @ m.T + c + t
+    index = ((moved - np.asarray(grid.origin)) @ d1) / np.asarray(grid.spacing)
+    inside = np.all((index >= -0.5) & (index <= np.asarray(grid.size) - 0.5), axis=1)
+    total = np.bincount(ids, minlength=n + 1)
+    seen = np.bincount(ids, weights=inside.astype(float), minlength=n + 1)
+    return seen >= SEEN_FRACTION * np.maximum(total, 1)
+
+
 def _truth(base_labels: np.ndarray, moved0: np.ndarray, own: np.ndarray, under: np.ndarray,
-           base_ml: np.ndarray, own_ml: np.ndarray) -> list[dict[str, Any]]:
+           base_ml: np.ndarray, own_ml: np.ndarray, in_view: np.ndarray) -> list[dict[str, Any]]:
     """The tracked lesions: a baseline lesion and a follow-up lesion are one when the follow-up's
     lesion was resampled from a lesion of the exact frame (``under``, on the follow-up's grid)
-    that shares a voxel with the baseline lesion (``moved0``, on the baseline grid)."""
+    that shares a voxel with the baseline lesion (``moved0``, on the baseline grid); a baseline
+    lesion left alone outside the follow-up's view (``in_view``) is indeterminate."""
     both = (base_labels > 0) & (moved0 > 0)
     frame_to_base: dict[int, set[int]] = {}
     for a, b in set(zip(base_labels[both].tolist(), moved0[both].tolist())):
@@ -215,9 +238,10 @@ def _truth(base_labels: np.ndarray, moved0: np.ndarray, own: np.ndarray, under: 
     pairs = {(a, int(j)) for j, k in set(zip(own[inside].tolist(), under[inside].tolist()))
              for a in frame_to_base.get(int(k), ())}
     groups = group_lesions(pairs, base_ml, own_ml, min_lesion_ml=0.0)  # the phantom's own changes, any size
-    return [{"lesion": k, "status": g.status, "baseline_id": ";".join(map(str, g.baseline)),
+    unseen = [not g.followup and not any(in_view[i] for i in g.baseline) for g in groups]
+    return [{"lesion": k, "status": INDETERMINATE if out else g.status, "baseline_id": ";".join(map(str, g.baseline)),
              "followup_id": ";".join(map(str, g.followup)), "baseline_ml": g.baseline_ml, "followup_ml": g.followup_ml}
-            for k, g in enumerate(groups, start=1)]
+            for k, (g, out) in enumerate(zip(groups, unseen), start=1)]
 
 
 def generate_followup(seed: int, baseline: ph.PhantomCase, *, index: int = 0, include_head: bool | None = None,
@@ -252,7 +276,7 @@ def generate_followup(seed: int, baseline: ph.PhantomCase, *, index: int = 0, in
     own, n_own = lesion_instances(label, 26)
     base_ml = np.bincount(base_labels.ravel(), minlength=n_base + 1)[1:] * g0.voxel_volume_ml
     own_ml = np.bincount(own.ravel(), minlength=n_own + 1)[1:] * grid.voxel_volume_ml
-    truth = _truth(base_labels, moved0, own, under, base_ml, own_ml)
+    truth = _truth(base_labels, moved0, own, under, base_ml, own_ml, _in_view(base_labels, g0, grid, motion))
     return FollowupCase(ct=ct, label=label, bones=bones, geometry=grid, transform=motion, orientation=orientation,
                         truth=truth)
 

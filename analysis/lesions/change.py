@@ -18,11 +18,18 @@ from scipy.sparse.csgraph import connected_components
 __all__ = ["NEW", "RESOLVED", "GROWN", "SHRUNK", "STABLE", "INDETERMINATE", "DEFAULT_MIN_LESION_ML", "STATUSES", "STATUS_CODES", "ONE_TO_ONE", "SPLIT",
            "MERGE", "SPLIT_MERGE", "DEFAULT_CHANGE", "DEFAULT_MIN_CHANGE_ML", "NEW_LESIONS_FLAG", "change_status",
            "status_rule", "status_counts", "new_lesions_flag", "describe_counts", "Group", "group_lesions",
-           "linked_components"]
+           "linked_components", "OUTSIDE_FOV", "SEEN_FRACTION"]
 
 NEW, RESOLVED, GROWN, SHRUNK, STABLE = "new", "resolved", "grown", "shrunk", "stable"
-#: A lesion on one scan only that is too small to call new or resolved (:data:`DEFAULT_MIN_LESION_ML`).
+#: A lesion on one scan only that is too small to call new or resolved (:data:`DEFAULT_MIN_LESION_ML`),
+#: or a baseline lesion whose place the follow-up scan did not cover (:data:`OUTSIDE_FOV`).
 INDETERMINATE = "indeterminate"
+#: The event of a lesion whose place lies outside a later scan's field of view (less than half of its
+#: voxels inside): that scan cannot tell whether it is still there, so it is not called resolved.
+OUTSIDE_FOV = "outside field of view"
+#: A lesion's place is in a scan's field of view when at least this fraction of its voxels lie within
+#: the box of the scan's voxel centres (half a voxel beyond the outer ones).
+SEEN_FRACTION = 0.5
 #: The status of a tracked lesion between a baseline and a follow-up scan (:func:`change_status`), in
 #: the order ``followup`` reports them: summary.csv's count columns, the report's counts.
 STATUSES: tuple[str, ...] = (NEW, RESOLVED, GROWN, SHRUNK, STABLE, INDETERMINATE)
@@ -99,7 +106,8 @@ def status_rule(change: float = DEFAULT_CHANGE, min_change_ml: float = DEFAULT_M
     return (f"{NEW}: no baseline lesion; {RESOLVED}: no follow-up lesion; {GROWN}: follow-up/baseline volume >= "
             f"{1 + change:g} and an increase >= {min_change_ml:g} ml; {SHRUNK}: ratio <= {1 - change:g} "
             f"and a decrease >= {min_change_ml:g} ml; {STABLE} otherwise; {INDETERMINATE}: a lesion on one scan "
-            f"only, below {min_lesion_ml:g} ml (too small to call {NEW} or {RESOLVED})")
+            f"only, below {min_lesion_ml:g} ml (too small to call {NEW} or {RESOLVED}), or a baseline lesion "
+            f"{OUTSIDE_FOV} of the follow-up (it cannot tell)")
 
 
 #: A patient's follow-up is flagged when it holds at least this many new lesions: the lesion-count
@@ -140,6 +148,8 @@ class Group:
         followup: follow-up lesion ids (empty: resolved).
         baseline_ml, followup_ml: summed volumes, each from its scan's grid.
         status: one of :data:`STATUSES`.
+        outside: a baseline lesion (no follow-up lesion) whose place lies outside the follow-up's
+            field of view: :data:`INDETERMINATE`, event :data:`OUTSIDE_FOV`.
     """
 
     baseline: tuple[int, ...]
@@ -147,12 +157,15 @@ class Group:
     baseline_ml: float
     followup_ml: float
     status: str
+    outside: bool = False
 
     @property
     def event(self) -> str:
         """:data:`ONE_TO_ONE`, :data:`SPLIT`, :data:`MERGE`, :data:`SPLIT_MERGE`, or the status
         (:data:`NEW`, :data:`RESOLVED`, :data:`INDETERMINATE`) of a group with lesions on one side only."""
         nb, nf = len(self.baseline), len(self.followup)
+        if self.outside:
+            return OUTSIDE_FOV
         if nb == 0 or nf == 0:
             return self.status
         return {(True, True): ONE_TO_ONE, (True, False): SPLIT, (False, True): MERGE}.get((nb == 1, nf == 1),

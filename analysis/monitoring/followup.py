@@ -73,7 +73,7 @@ from analysis.monitoring.registration import (
     register_rigid,
     resample_to,
 )
-from analysis.monitoring.tracking import PlacedScan, followup_groups, track_lesions
+from analysis.monitoring.tracking import PlacedScan, field_of_view, followup_groups, track_lesions
 from analysis.prediction.folder import mask_path, model_fields, read_record
 from analysis.prediction.runner import sha256_of
 from analysis.imaging.records import csv_text, read_csv, versions
@@ -89,7 +89,7 @@ __all__ = ["FollowupSettings", "Comparison", "Placement", "place", "compare", "r
 LESIONS_CSV = "lesions.csv"
 SUMMARY_CSV = "summary.csv"
 LESION_COLUMNS = ("lesion", "status", "baseline_id", "followup_id", "baseline_ml", "followup_ml", "change_ml",
-                  "change_pct", "x_mm", "y_mm", "z_mm", "distance_mm", "bone")
+                  "change_pct", "x_mm", "y_mm", "z_mm", "distance_mm", "bone", "event")
 SUMMARY_COLUMNS = ("baseline_lesions", "followup_lesions", *STATUSES, "baseline_ml", "followup_ml", "change_ml",
                    "change_pct", "new_lesions_flag")
 OUTPUTS = (LESIONS_CSV, SUMMARY_CSV, "status.nii.gz", "followup_registered.nii.gz", "preview.png",
@@ -356,8 +356,9 @@ def compare(baseline: Scan, followup: Scan, settings: FollowupSettings, *, where
                                                          p.centroids, p.lesions)
     seconds["registration"] = reg.seconds
     base = scan_lesions(baseline.mask, baseline.geometry)
+    sees = field_of_view(baseline.geometry, followup.geometry, reg.to_followup)
     tracking = track_lesions([PlacedScan(base.labels, base.centroid_mm, base.volume_ml),
-                              PlacedScan(moved, fu_centroids, fu.volume_ml)], match_mm=settings.match_mm,
+                              PlacedScan(moved, fu_centroids, fu.volume_ml, sees)], match_mm=settings.match_mm,
                              change=settings.change, min_change_ml=settings.min_change_ml,
                              min_lesion_ml=settings.min_lesion_ml)
     groups = followup_groups(tracking, base.volume_ml)

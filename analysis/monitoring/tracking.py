@@ -48,7 +48,10 @@ from analysis.lesions import (
     DEFAULT_CHANGE,
     DEFAULT_MIN_CHANGE_ML,
     DEFAULT_MIN_LESION_ML,
+    INDETERMINATE,
     MERGE,
+    OUTSIDE_FOV,
+    SEEN_FRACTION,
     NEW,
     ONE_TO_ONE,
     RESOLVED,
@@ -68,9 +71,7 @@ __all__ = ["PlacedScan", "TrackStep", "Tracking", "track_lesions", "followup_gro
 #: vanished before and came back, one that merged into another (``merged into N``), one absent
 #: at this scan and the one before.
 BASELINE_EVENT, REAPPEARED, MERGED_INTO, ABSENT = "baseline", "reappeared", "merged into", "absent"
-OUTSIDE = "outside field of view"
-#: A track is outside a scan's field of view when less than this fraction of its footprint lies in it.
-SEEN_FRACTION = 0.5
+OUTSIDE = OUTSIDE_FOV
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,8 @@ def track_lesions(scans: Sequence[PlacedScan], *, match_mm: float = DEFAULT_MATC
 def followup_groups(tracking: Tracking, baseline_ml: np.ndarray) -> list[Group]:
     """``followup``'s tracked lesions (two scans): the components at t1 as
     :class:`analysis.lesions.Group`, in its order (groups holding baseline lesions by their lowest
-    baseline id, then new lesions by follow-up id).
+    baseline id, then new lesions by follow-up id). A baseline lesion outside the follow-up's field of
+    view is :data:`analysis.lesions.INDETERMINATE` there (event ``outside field of view``), not resolved.
 
     Args:
         tracking: :func:`track_lesions` of exactly two scans.
@@ -346,8 +348,9 @@ def followup_groups(tracking: Tracking, baseline_ml: np.ndarray) -> list[Group]:
         if s.event.startswith(MERGED_INTO):
             continue
         baseline = tuple(sorted([s.track, *merged.get(s.track, [])])) if s.track < len(baseline_ml) + 1 else ()
+        outside = s.event == OUTSIDE  # the follow-up cannot tell: not resolved
         groups.append(Group(baseline, s.lesions, float(sum(baseline_ml[i - 1] for i in baseline)), s.volume_ml,
-                            s.status))
+                            INDETERMINATE if outside else s.status, outside=outside))
     return sorted(groups, key=lambda g: (0, g.baseline[0]) if g.baseline else (1, g.followup[0]))
 
 
