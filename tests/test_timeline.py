@@ -255,6 +255,14 @@ def _tiny_study(tmp: Path, name: str, boxes, *, date: str, patient: str = "P1") 
     return folder, tmp / f"{name}_mask.nii.gz"
 
 
+def _tiny_timeline_args(studies) -> list:
+    """``timeline CT... --masks M...`` of :func:`_tiny_study` results, in their order."""
+    args: list = ["timeline", *(s[0] for s in studies)]
+    for s in studies:
+        args += ["--masks", s[1]]
+    return args
+
+
 def test_dicom_dates_studies_and_one_patient(tmp_path):
     a = (2, 6, 6, 12, 6, 12)
     b = (2, 6, 24, 30, 24, 30)
@@ -310,9 +318,7 @@ def test_sr_one_report_per_follow_up_study_with_one_uid_per_track(tmp_path):
     studies = [_tiny_study(tmp_path, "s0", [a], date="20250106"),
                _tiny_study(tmp_path, "s1", [a, b, d], date="20250331"),
                _tiny_study(tmp_path, "s2", [b, c, d, e, tiny], date="20250623")]
-    args = ["timeline", *(s[0] for s in studies)]
-    for s in studies:
-        args += ["--masks", s[1]]
+    args = _tiny_timeline_args(studies)
     out = tmp_path / "out"
     result = invoke([*args, "--no-registration", "--sr", "--out", out])
     assert result.exit_code == 0, result.output

@@ -244,15 +244,13 @@ def test_timeline_report_opens_in_ohif(orthanc, viewer, browser, screens, tmp_pa
     """``timeline --sr``'s report of a follow-up study: every track with a lesion there is one placed
     measurement under the track's identifier and UID, outlined on its largest cross-section, with its
     volume and the volume at the previous scan; the resolved track is no measurement (nothing to draw)."""
-    from tests.test_timeline import _tiny_study
+    from tests.test_timeline import _tiny_study, _tiny_timeline_args
 
     a, b, c, d = (2, 6, 6, 12, 6, 12), (2, 6, 24, 30, 24, 30), (7, 10, 6, 12, 24, 30), (7, 10, 26, 32, 6, 12)
     studies = [_tiny_study(tmp_path, "s0", [a], date="20250106"),
                _tiny_study(tmp_path, "s1", [a, b, d], date="20250331"),
                _tiny_study(tmp_path, "s2", [b, c, d], date="20250623")]
-    args = ["timeline", *(s[0] for s in studies)]
-    for s in studies:
-        args += ["--masks", s[1]]
+    args = _tiny_timeline_args(studies)
     out = tmp_path / "out"
     r = invoke([*args, "--no-registration", "--sr", "--out", out])
     assert r.exit_code == 0, r.output
